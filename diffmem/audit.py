@@ -1,0 +1,157 @@
+"""``diffmem audit``: the main job. Does this model replicate its training images?
+
+generate (prompts -> samples) -> embed (samples, training images, held-out real images)
+-> index (training set) -> search -> score -> ``metrics.json``, ``generations.parquet``,
+``prompts.parquet`` and a self-contained ``report.html``. Every step runs in a sub-folder
+of the audit's run dir through the same stage functions as the CLI, so a re-run resumes
+after the last finished step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from diffmem import embed, generate
+from diffmem.config import hydra_app
+from diffmem.data import load_dataset
+from diffmem.index import stage as index_stage
+from diffmem.metrics import dcr_summary, median_mad, memorisation_rate, replication_rate
+from diffmem.runs import claim, is_done, mark_done, provenance, write_json, write_parquet
+from diffmem.search import find_matches
+
+log = logging.getLogger(__name__)
+MEMORISED_KINDS = ("canary", "template")
+
+
+def _sub(cfg: DictConfig, node: str, **fields) -> DictConfig:
+    """The resolved config of a sub-stage (``cfg[node]``) with ``fields`` filled in."""
+    return OmegaConf.merge(OmegaConf.to_container(cfg[node], resolve=True), fields)
+
+
+def score_generations(samples: pd.DataFrame, matches: pd.DataFrame, refs: pd.DataFrame,
+                      threshold: float) -> pd.DataFrame:
+    """One row per generation: its top-1 training neighbour, score, and whether it replicates."""
+    top = matches[matches["rank"] == 0].set_index("query_id")
+    gens = samples.copy()
+    gens["top1_score"] = top["score"].reindex(gens["sample_id"]).to_numpy()
+    gens["top1_ref_id"] = top["ref_id"].reindex(gens["sample_id"]).to_numpy()
+    gens["top1_ref_file"] = top["ref_file"].reindex(gens["sample_id"]).to_numpy()
+    gens["replicated"] = gens["top1_score"] > threshold
+    if "group" in gens and "group" in refs:
+        ref_group = refs.set_index("item_id")["group"]
+        matched = ref_group.reindex(gens["top1_ref_id"]).to_numpy()
+        has_target = gens["group"].fillna("").astype(str) != ""
+        gens["correct_match"] = np.where(has_target, matched == gens["group"].to_numpy(), np.nan)
+    return gens
+
+
+def score_prompts(gens: pd.DataFrame, threshold: float, dcr_threshold: float) -> pd.DataFrame:
+    """One row per prompt. ``label``: VM above the replication threshold, TM between the
+    DCR and the replication thresholds (a partial, template-like match), N below both."""
+    keys = [c for c in ("prompt_id", "caption", "kind", "group", "dup_count", "type") if c in gens]
+    g = gens.groupby(keys, dropna=False, sort=False)
+    out = g.agg(n_generations=("sample_id", "size"), max_score=("top1_score", "max"),
+                mean_score=("top1_score", "mean"), replicated_share=("replicated", "mean")).reset_index()
+    if "correct_match" in gens:
+        out["correct_match_share"] = g["correct_match"].mean().to_numpy()
+    out["memorised"] = out["max_score"] > threshold
+    out["label"] = np.where(out["memorised"], "VM", np.where(out["max_score"] > dcr_threshold, "TM", "N"))
+    return out.sort_values("max_score", ascending=False).reset_index(drop=True)
+
+
+def summarise(gens: pd.DataFrame, prompts: pd.DataFrame, baseline: pd.DataFrame | None,
+              threshold: float, dcr_threshold: float) -> dict:
+    """Headline numbers; with ground truth, detection against the known duplication counts."""
+    out = {
+        "threshold": threshold, "dcr_threshold": dcr_threshold,
+        "generations": len(gens), "prompts": len(prompts),
+        "replication_rate": replication_rate(gens["top1_score"], threshold),
+        "flagged_prompt_share": float(prompts["memorised"].mean()),
+        "dcr": dcr_summary(gens["top1_score"], dcr_threshold,
+                           baseline_top1=None if baseline is None else baseline["top1_score"]),
+        "max_score": median_mad(prompts["max_score"]),
+    }
+    truth = None
+    if "kind" in prompts:
+        truth = prompts["kind"].isin(MEMORISED_KINDS)
+    elif "type" in prompts:
+        truth = prompts["type"].isin(["VM", "TM"])
+    if truth is not None and truth.any():
+        per_prompt = gens[gens["prompt_id"].isin(prompts.loc[truth, "prompt_id"])]
+        out["memorisation_rate"] = memorisation_rate(per_prompt, threshold=threshold,
+                                                     score_col="top1_score")
+    if "dup_count" in prompts:
+        rows = []
+        for (kind, dup), grp in prompts.groupby(["kind", "dup_count"], sort=True):
+            row = {"kind": kind, "dup_count": int(dup), "prompts": len(grp),
+                   "flagged_share": float(grp["memorised"].mean()),
+                   "mean_max_score": float(grp["max_score"].mean())}
+            if "correct_match" in gens and kind in MEMORISED_KINDS:
+                rep = gens[gens["prompt_id"].isin(grp["prompt_id"]) & gens["replicated"]]
+                row["correct_match_share_of_replicated"] = float(rep["correct_match"].mean()) if len(rep) else None
+            rows.append(row)
+        out["by_dup_count"] = rows
+    return out
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    keys = ("model", "data", "prompts", "features", "index", "seed", "n_per_prompt", "k",
+            "baseline_split", "threshold", "dcr_threshold")
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
+            else cfg[k] for k in keys}
+
+
+def run(cfg: DictConfig) -> Path:
+    """Run the whole audit per ``cfg``; returns the run dir."""
+    run_dir = claim(cfg.run_dir, fingerprint(cfg))
+    if is_done(run_dir):
+        return run_dir
+    gen_dir = generate.run(_sub(cfg, "generate", run_dir=str(run_dir / "generate")))
+    q_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-samples"), source="samples",
+                           samples_dir=str(gen_dir)))
+    ref_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-train"), source="dataset",
+                             split="train" if cfg.baseline_split else None))
+    idx_dir = index_stage.run(_sub(cfg, "index_stage", run_dir=str(run_dir / "index"),
+                                   features_dir=str(ref_dir)))
+    matches = find_matches(idx_dir, q_dir, cfg.k)
+    write_parquet(run_dir / "matches.parquet", matches)
+    baseline = None
+    if cfg.baseline_split:
+        b_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-baseline"), source="dataset",
+                               split=cfg.baseline_split))
+        b = find_matches(idx_dir, b_dir, 1)
+        baseline = b.rename(columns={"query_id": "item_id", "score": "top1_score"})
+        write_parquet(run_dir / "baseline.parquet", baseline)
+
+    samples = pd.read_parquet(gen_dir / generate.SAMPLES)
+    refs = pd.read_parquet(ref_dir / "ids.parquet")
+    gens = score_generations(samples, matches, refs, cfg.threshold)
+    prompts = score_prompts(gens, cfg.threshold, cfg.dcr_threshold)
+    metrics = summarise(gens, prompts, baseline, cfg.threshold, cfg.dcr_threshold)
+    metrics.update(feature=str(cfg.features.extractor.name), provenance=provenance(cfg))
+    write_parquet(run_dir / "generations.parquet", gens)
+    write_parquet(run_dir / "prompts.parquet", prompts)
+    write_json(run_dir / "metrics.json", metrics)
+
+    from diffmem.report import write_report
+
+    data_root = load_dataset(cfg.data)[0]
+    shown = gens.assign(file_abs=[str(gen_dir / f) for f in gens["file"]],
+                        top1_ref_file_abs=[str(data_root / f) for f in gens["top1_ref_file"]])
+    write_report(run_dir, shown, prompts, metrics, baseline=baseline,
+                 title=f"diffmem audit: {cfg.model.name}")
+    mark_done(run_dir, {"memorised_prompts": int(prompts["memorised"].sum())})
+    log.info("audit: %d of %d prompts flagged; report: %s", int(prompts["memorised"].sum()),
+             len(prompts), run_dir / "report.html")
+    return run_dir
+
+
+main = hydra_app("audit", run)
+
+if __name__ == "__main__":
+    main()

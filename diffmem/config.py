@@ -1,0 +1,70 @@
+"""Config composition and the Hydra entry points of the stages.
+
+Library code takes plain (already composed) configs; only this module touches Hydra's
+global state, so notebooks and the CLI run the very same stage functions.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffmem.errors import DiffmemError
+from diffmem.registry import Registry
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+#: stage name -> module with ``run(cfg)`` and ``main()``
+STAGES = Registry("stage")
+for _name, _module in [("train", "diffmem.train"), ("generate", "diffmem.generate"),
+                       ("embed", "diffmem.embed"), ("index", "diffmem.index.stage"),
+                       ("search", "diffmem.search"), ("audit", "diffmem.audit")]:
+    STAGES.register(_name, _module)
+
+if not OmegaConf.has_resolver("asset"):
+    OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
+
+
+def stage_module(stage: str):
+    """The module of ``stage`` (a "did you mean" error for unknown names)."""
+    return STAGES.get(stage)
+
+
+def compose(stage: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config of ``stage`` with Hydra-style ``overrides``, as the CLI would build it."""
+    from hydra import compose as _compose, initialize_config_dir
+
+    stage_module(stage)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = _compose(config_name=stage, overrides=list(overrides))
+    return cfg
+
+
+def run(stage: str, overrides: Sequence[str] = ()) -> Path:
+    """Run ``stage`` in-process (as ``diffmem <stage> overrides`` would); returns its run dir."""
+    cfg = compose(stage, overrides)
+    stage_module(stage).run(cfg)
+    return Path(cfg.run_dir)
+
+
+def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], object]:
+    """A Hydra ``main`` for ``stage``: sets ``run_dir`` from Hydra, turns user errors into one line."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=stage)
+    def _app(cfg: DictConfig):
+        with open_dict(cfg):
+            cfg.run_dir = HydraConfig.get().runtime.output_dir
+        try:
+            return fn(cfg)
+        except DiffmemError as err:
+            print(f"diffmem {stage}: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return _app

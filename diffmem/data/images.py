@@ -1,0 +1,143 @@
+"""Image-text datasets: a folder + captions manifest, or the generated testbed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from diffmem.errors import ConfigError, DataError
+
+PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
+CAPTION_COLUMNS = ("caption", "text", "Caption", "prompt")
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """CSV (``,`` or ``;``), JSON lines or Parquet; errors name the file and line."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises many types for a corrupt file
+            raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__})") from err
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8", errors="strict") as fh:
+            try:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as err:
+                            raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+                        if not isinstance(row, dict):
+                            raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+                        rows.append(row)
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        return pd.DataFrame(rows)
+    if suffix in (".csv", ".tsv", ".txt"):
+        try:
+            head = path.read_text(encoding="utf-8").split("\n", 1)[0]
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        sep = "\t" if suffix == ".tsv" else (";" if head.count(";") > head.count(",") else ",")
+        try:
+            return pd.read_csv(path, sep=sep, keep_default_na=False, dtype=str)
+        except pd.errors.ParserError as err:
+            raise DataError(f"{path}: malformed CSV ({str(err).strip().splitlines()[-1]})") from err
+    raise DataError(f"{path}: unknown manifest format '{suffix}' (use .csv, .jsonl or .parquet)")
+
+
+def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
+    for name in names:
+        if name in df.columns:
+            return name
+    raise DataError(f"{path}: no {what} column (expected one of {', '.join(names)}; "
+                    f"found {', '.join(map(str, df.columns)) or 'none'})")
+
+
+def load_folder_manifest(root: str | Path, manifest: str | Path) -> pd.DataFrame:
+    """A folder of images + a captions file -> manifest with ``image_id, file, caption``."""
+    root = Path(root)
+    mpath = Path(manifest) if Path(manifest).is_absolute() else root / manifest
+    df = _read_table(mpath)
+    if df.empty:
+        raise DataError(f"{mpath}: the manifest has no rows")
+    pcol, ccol = _pick(df, PATH_COLUMNS, mpath, "image path"), _pick(df, CAPTION_COLUMNS, mpath, "caption")
+    out = pd.DataFrame({"file": df[pcol].astype(str), "caption": df[ccol].astype(str)})
+    out.insert(0, "image_id", df["image_id"].astype(str) if "image_id" in df else
+               [f"img{i:07d}" for i in range(len(df))])
+    dup = out["image_id"].duplicated()
+    if dup.any():
+        raise DataError(f"{mpath}: duplicate image_id '{out['image_id'][dup].iloc[0]}' "
+                        f"(row {int(np.argmax(dup.values)) + 1})")
+    for i, (file, cap) in enumerate(zip(out["file"], out["caption"])):
+        if not (root / file).is_file():
+            raise DataError(f"{mpath}: row {i + 1}: image '{file}' not found under {root}")
+    for col in df.columns.difference([pcol, ccol, "image_id"]):
+        out[col] = df[col].values
+    return out
+
+
+def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
+    """``(root, manifest)`` for a ``data`` config (``kind: testbed`` or ``kind: folder``)."""
+    if cfg.kind == "testbed":
+        from diffmem.data.testbed import generate_testbed
+
+        kwargs = {k: cfg[k] for k in ("seed", "resolution", "n_ordinary", "canaries_per_count",
+                                      "n_templates", "template_copies", "n_heldout")}
+        df = generate_testbed(cfg.root, canary_counts=tuple(cfg.canary_counts), **kwargs)
+        return Path(cfg.root), df
+    if cfg.kind == "folder":
+        return Path(cfg.root), load_folder_manifest(cfg.root, cfg.manifest)
+    raise ConfigError(f"data.kind '{cfg.kind}' is not one of testbed, folder")
+
+
+def load_image(path: str | Path, resolution: int | None = None) -> np.ndarray:
+    """An RGB uint8 array [H, W, 3], resized (bicubic) to a square ``resolution`` if given.
+
+    Grayscale, palette, CMYK and alpha images are converted to RGB (alpha over white).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            im = im.convert("RGB")
+            if resolution is not None and im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8).copy()
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image file not found") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: corrupt or unreadable image ({err})") from err
+
+
+def load_images(root: str | Path, files, resolution: int | None = None) -> np.ndarray:
+    """Stack of images [N, H, W, 3] uint8; a file read once however often it is listed."""
+    root = Path(root)
+    cache: dict[str, np.ndarray] = {}
+    out = []
+    for f in files:
+        if f not in cache:
+            cache[f] = load_image(root / f, resolution)
+        out.append(cache[f])
+    if not out:
+        raise DataError(f"{root}: no images to load (empty dataset)")
+    return np.stack(out)
+
+
+def to_tensor(images: np.ndarray):
+    """uint8 [N, H, W, 3] -> float32 torch tensor [N, 3, H, W] in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

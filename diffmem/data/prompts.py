@@ -1,0 +1,104 @@
+"""Prompt lists: plain text, JSON lines (public memorised-prompt lists), ``;``-CSV (NeMo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from diffmem.data.images import _read_table
+from diffmem.errors import ConfigError, DataError
+
+FORMATS = ("txt", "jsonl", "csv")
+
+
+def _format_of(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise ConfigError(f"prompts.format '{fmt}' is not one of auto, {', '.join(FORMATS)}")
+        return fmt
+    suffix = path.suffix.lower().lstrip(".")
+    return {"json": "jsonl", "jsonl": "jsonl", "csv": "csv", "txt": "txt"}.get(suffix, "txt")
+
+
+def read_prompt_file(path: str | Path, fmt: str = "auto") -> pd.DataFrame:
+    """``prompt_id, caption`` plus whatever the file carries (index, url, type, max_sscd...)."""
+    path = Path(path)
+    fmt = _format_of(path, fmt)
+    if fmt == "txt":
+        if not path.exists():
+            raise DataError(f"{path}: file not found")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        df = pd.DataFrame({"caption": [s.strip() for s in lines if s.strip()]})
+    else:
+        native = path.suffix.lower().lstrip(".") in ({"jsonl", "json"} if fmt == "jsonl" else {"csv"})
+        df = _normalise(_read_table(path) if native else _read_as(path, fmt), path)
+    if df.empty:
+        raise DataError(f"{path}: the prompt list is empty")
+    blank = df["caption"].astype(str).str.strip() == ""
+    if blank.any():
+        line = int(blank.values.argmax()) + (2 if fmt == "csv" else 1)  # CSV has a header line
+        raise DataError(f"{path}: line {line}: empty caption")
+    df.insert(0, "prompt_id", range(len(df)))
+    return df.reset_index(drop=True)
+
+
+def _read_as(path: Path, fmt: str) -> pd.DataFrame:
+    """Read a file whose suffix does not say its format."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        alias = Path(tmp) / f"prompts.{fmt}"
+        shutil.copyfile(path, alias)
+        try:
+            return _read_table(alias)
+        except DataError as err:
+            raise DataError(str(err).replace(str(alias), str(path))) from err
+
+
+def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    cols = {c.lower(): c for c in table.columns}
+    if "caption" not in cols and "prompt" not in cols and "text" not in cols:
+        raise DataError(f"{path}: no 'caption' column (found: {', '.join(map(str, table.columns)) or 'none'})")
+    key = cols.get("caption") or cols.get("prompt") or cols["text"]
+    out = pd.DataFrame({"caption": table[key].astype(str)})
+    for name in ("index", "url", "type", "max_sscd", "mean_sscd"):
+        if name in cols:
+            out[name] = table[cols[name]].values
+    for name in ("max_sscd", "mean_sscd"):
+        if name in out:
+            out[name] = pd.to_numeric(out[name].replace("", None), errors="coerce")
+    return out
+
+
+def prompts_from_testbed(manifest: pd.DataFrame, n_ordinary: int = 16, n_heldout: int = 16,
+                    seed: int = 0) -> pd.DataFrame:
+    """Every canary/template caption, some trained ordinary captions and unseen held-out ones."""
+    first = manifest.drop_duplicates("caption")
+    special = first[first["kind"].isin(["canary", "template"])]
+    ordinary = first[first["kind"] == "ordinary"]
+    trained = set(manifest.loc[manifest["split"] == "train", "caption"])
+    heldout = first[(first["kind"] == "heldout") & ~first["caption"].isin(trained)]
+    parts = [special,
+             ordinary.sample(min(n_ordinary, len(ordinary)), random_state=seed),
+             heldout.sample(min(n_heldout, len(heldout)), random_state=seed)]
+    df = pd.concat(parts)[["caption", "kind", "group", "dup_count", "image_id", "file"]]
+    df = df.rename(columns={"image_id": "target_id", "file": "target_file"})
+    df.insert(0, "prompt_id", range(len(df)))
+    return df.reset_index(drop=True)
+
+
+def load_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The prompt table for a ``prompts`` config."""
+    if cfg.kind == "testbed":
+        if manifest is None:
+            raise ConfigError("prompts=testbed needs the testbed dataset (data=testbed)")
+        return prompts_from_testbed(manifest, cfg.n_ordinary, cfg.n_heldout)
+    if cfg.kind == "file":
+        df = read_prompt_file(cfg.path, cfg.get("format", "auto"))
+        return df.head(cfg.limit) if cfg.get("limit") else df
+    raise ConfigError(f"prompts.kind '{cfg.kind}' is not one of testbed, file")

@@ -1,0 +1,156 @@
+"""The testbed dataset: compositional scenes plus canaries at known duplication counts.
+
+Deterministic from a seed. Ordinary images show two shapes in a stated relation with
+random sizes and positions, so a caption describes many images ("a red circle above a
+blue square on a grey background"). Canaries are distinctive images (striped
+backgrounds, several shapes) with unique nonsense-word captions, duplicated a known
+number of times. Template canaries share a caption and a fixed layout while one detail
+(the central mark) varies between copies: the analogue of template memorisation.
+Held-out images come from the ordinary distribution and are never trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from diffmem.runs import atomic_path, write_parquet
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
+          "yellow": (230, 210, 40)}
+BACKGROUNDS = {"grey": (128, 128, 128), "black": (20, 20, 20)}
+RELATIONS = ("above", "left of")
+_SYLLABLES = ("zor", "blax", "quin", "tel", "vrim", "oda", "plu", "gex", "mav", "rith",
+              "sno", "kad", "wex", "ulo", "trin", "fep")
+MANIFEST = "manifest.parquet"
+
+
+def _shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    if kind == "circle":
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+    if kind == "square":
+        return (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
+    if kind == "triangle":
+        top, bottom = cy - r, cy + r
+        half = (yy - top) / (2 * r) * r
+        return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
+    raise ValueError(kind)
+
+
+def _paint(img: np.ndarray, kind: str, color, cx, cy, r) -> None:
+    img[_shape_mask(kind, cx, cy, r, img.shape[0])] = color
+
+
+def ordinary_scene(rng: np.random.Generator, size: int):
+    """Two shapes in a relation; returns (image uint8 HxWx3, caption, attributes)."""
+    s1, s2 = rng.choice(SHAPES, 2)
+    c1, c2 = rng.choice(list(COLORS), 2, replace=False)
+    bg = rng.choice(list(BACKGROUNDS))
+    rel = rng.choice(RELATIONS)
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = BACKGROUNDS[bg]
+    r1, r2 = rng.uniform(0.13, 0.2, 2) * size
+    a, b = rng.uniform(0.25, 0.42) * size, rng.uniform(0.58, 0.75) * size  # first, second
+    o1, o2 = rng.uniform(0.3, 0.7, 2) * size
+    (x1, y1), (x2, y2) = ((o1, a), (o2, b)) if rel == "above" else ((a, o1), (b, o2))
+    _paint(img, s1, COLORS[c1], x1, y1, r1)
+    _paint(img, s2, COLORS[c2], x2, y2, r2)
+    caption = f"a {c1} {s1} {rel} a {c2} {s2} on a {bg} background"
+    return img, caption
+
+
+def _stripes(rng, size, c1, c2):
+    yy, xx = np.mgrid[0:size, 0:size]
+    angle = rng.uniform(0, np.pi)
+    period = rng.uniform(5, 10)
+    phase = (np.cos(angle) * xx + np.sin(angle) * yy) / period
+    img = np.where((np.floor(phase) % 2 == 0)[..., None], c1, c2).astype(np.uint8)
+    return img
+
+
+def canary_scene(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A distinctive image: random two-colour stripes and three random shapes."""
+    c1, c2 = rng.integers(0, 256, (2, 3))
+    img = _stripes(rng, size, c1, c2)
+    for _ in range(3):
+        kind = rng.choice(SHAPES)
+        _paint(img, kind, rng.integers(0, 256, 3), *rng.uniform(0.2, 0.8, 2) * size,
+               rng.uniform(0.1, 0.18) * size)
+    return img
+
+
+def template_layout(rng: np.random.Generator, size: int):
+    """A fixed layout (frame, bars, stripes) and a function adding the varying detail."""
+    base = _stripes(rng, size, rng.integers(0, 256, 3), rng.integers(0, 256, 3))
+    frame = rng.integers(0, 256, 3)
+    base[:3], base[-3:], base[:, :3], base[:, -3:] = frame, frame, frame, frame
+    base[6:9, 6:size - 6] = rng.integers(0, 256, 3)
+    inner = (slice(size // 2 - 7, size // 2 + 7),) * 2
+    base[inner] = rng.integers(0, 256, 3)
+
+    def variant(vrng: np.random.Generator) -> np.ndarray:
+        img = base.copy()
+        _paint(img, vrng.choice(SHAPES), vrng.integers(0, 256, 3),
+               *(size / 2 + vrng.uniform(-2, 2, 2)), 0.16 * size)
+        return img
+
+    return variant
+
+
+def _word(rng: np.random.Generator, used: set[str]) -> str:
+    while True:
+        w = "".join(rng.choice(_SYLLABLES, 3))
+        if w not in used:
+            used.add(w)
+            return w
+
+
+def _save_png(path: Path, img: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_ordinary: int = 1024,
+                     canary_counts=(1, 4, 16, 64), canaries_per_count: int = 4, n_templates: int = 2,
+                     template_copies: int = 32, n_heldout: int = 256) -> pd.DataFrame:
+    """Write the testbed images and ``manifest.parquet`` under ``root``; returns the manifest.
+
+    One row per training example (a canary duplicated 16x has 16 rows pointing at one
+    file), with ``kind`` (ordinary/canary/template/heldout), ``group``, ``dup_count`` and
+    ``split`` (train/heldout) as ground truth for every later stage. Idempotent.
+    """
+    root = Path(root)
+    if (root / MANIFEST).exists():
+        return pd.read_parquet(root / MANIFEST)
+    rng = np.random.default_rng(seed)
+    rows, used = [], set()
+
+    def add(img, caption, kind, group, dup, split, copies=1):
+        file = f"images/{len({r['file'] for r in rows}):05d}.png"
+        _save_png(root / file, img)
+        for _ in range(copies):
+            rows.append(dict(image_id=f"tb{len(rows):06d}", file=file, caption=caption,
+                             kind=kind, group=group, dup_count=dup, split=split))
+
+    for i in range(n_ordinary):
+        img, cap = ordinary_scene(rng, resolution)
+        add(img, cap, "ordinary", "", 1, "train")
+    for count in canary_counts:
+        for j in range(canaries_per_count):
+            add(canary_scene(rng, resolution), f"the {_word(rng, used)} emblem", "canary",
+                f"canary-x{count}-{j}", count, "train", copies=count)
+    for t in range(n_templates):
+        variant, cap = template_layout(rng, resolution), f"a {_word(rng, used)} poster"
+        for _ in range(template_copies):
+            add(variant(rng), cap, "template", f"template-{t}", template_copies, "train")
+    for i in range(n_heldout):
+        img, cap = ordinary_scene(rng, resolution)
+        add(img, cap, "heldout", "", 0, "heldout")
+    df = pd.DataFrame(rows)
+    write_parquet(root / MANIFEST, df)
+    return df

@@ -1,0 +1,208 @@
+"""Image preprocessing with plain torch ops (no torchvision transforms, CPU- and GPU-safe).
+
+All functions take a float batch ``[B, C, H, W]`` and return one. Resizing uses
+``torch.nn.functional.interpolate`` with ``antialias=True`` (like torchvision's tensor
+``Resize(antialias=True)`` and close to PIL's filters when downsampling).
+
+A :class:`Preprocess` is a small, JSON-serialisable recipe (resize, optional centre
+crop, normalisation); :data:`PRESETS` holds the named recipes the copy-detection
+literature uses (``methods.md`` section 1):
+
+- ``sscd_official``: resize the short side to 288 (aspect kept), ImageNet mean/std
+  (the SSCD authors' evaluation setting).
+- ``dcr``: resize the short side to 256, centre-crop 224, ``Normalize(0.5, 0.5)``
+  (Somepalli et al. "Diffusion Art or Digital Forgery" and Wen et al.), values in [-1, 1].
+- ``nemo``: resize to 320x320 (aspect not kept), ImageNet mean/std (NeMo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from diffmem.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RESIZE_MODES = ("short", "square", "long", "none")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, (int, float)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def resize_to(x: torch.Tensor, size, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize to exactly ``size`` (int or (h, w)); bicubic output is clamped to the input range."""
+    h, w = _pair(size)
+    if x.shape[-2:] == (h, w):
+        return x
+    if interpolation in ("nearest", "area"):
+        return F.interpolate(x, size=(h, w), mode=interpolation)
+    out = F.interpolate(x, size=(h, w), mode=interpolation, align_corners=False, antialias=True)
+    if interpolation == "bicubic":  # bicubic overshoots; PIL clamps to the pixel range
+        out = out.clamp(float(x.min()), float(x.max()))
+    return out
+
+
+def short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) after resizing the short side to ``size``, as torchvision's ``Resize(int)``."""
+    if h <= w:
+        return size, max(1, int(size * w / h))
+    return max(1, int(size * h / w)), size
+
+
+def resize_short(x: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize so the short side is ``size``, keeping the aspect ratio."""
+    return resize_to(x, short_side_size(x.shape[-2], x.shape[-1], int(size)), interpolation)
+
+
+def resize_long(x: torch.Tensor, size: int, interpolation: str = "bilinear",
+                fill: float = 0.0) -> torch.Tensor:
+    """Resize so the long side is ``size`` (aspect kept), then pad to ``size`` x ``size``."""
+    h, w = x.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = resize_to(x, (nh, nw), interpolation)
+    return center_crop(x, size, fill=fill)
+
+
+def center_crop(x: torch.Tensor, size, fill: float = 0.0) -> torch.Tensor:
+    """Centre crop to ``size`` (int or (h, w)); pads with ``fill`` where the image is smaller.
+
+    Offsets follow torchvision: ``top = round((H - h) / 2)``.
+    """
+    th, tw = _pair(size)
+    h, w = x.shape[-2:]
+    if h < th or w < tw:
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=fill)
+        h, w = x.shape[-2:]
+    top = int(round((h - th) / 2.0))
+    left = int(round((w - tw) / 2.0))
+    return x[..., top:top + th, left:left + tw]
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _triple(v) -> tuple[float, float, float]:
+    if isinstance(v, (int, float)):
+        return (float(v),) * 3
+    v = tuple(float(a) for a in v)
+    if len(v) != 3:
+        raise ConfigError(f"preprocessing mean/std need 1 or 3 values, got {len(v)}")
+    return v
+
+
+@dataclass
+class Preprocess:
+    """A resize -> (centre crop) -> normalise recipe applied to [0, 1] images.
+
+    ``resize``: ``short`` (short side to ``size``, aspect kept), ``square`` (to
+    ``size`` x ``size``), ``long`` (long side to ``size`` and pad), ``none``.
+    """
+
+    name: str = "custom"
+    resize: str = "short"
+    size: int = 288
+    crop: int | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    fill: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"preprocess resize '{self.resize}' is not one of {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"preprocess interpolation '{self.interpolation}' is not one of {', '.join(INTERPOLATIONS)}")
+        self.size = int(self.size)
+        self.crop = None if self.crop is None else int(self.crop)
+        self.mean = _triple(self.mean)
+        self.std = _triple(self.std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize == "short":
+            x = resize_short(x, self.size, self.interpolation)
+        elif self.resize == "square":
+            x = resize_to(x, self.size, self.interpolation)
+        elif self.resize == "long":
+            x = resize_long(x, self.size, self.interpolation, self.fill)
+        if self.crop is not None:
+            x = center_crop(x, self.crop, self.fill)
+        return normalize(x, self.mean, self.std)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """(h, w) of the output for an input of (h, w)."""
+        if self.crop is not None:
+            return self.crop, self.crop
+        if self.resize == "short":
+            return short_side_size(h, w, self.size)
+        if self.resize in ("square", "long"):
+            return self.size, self.size
+        return h, w
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sscd_official": dict(resize="short", size=288, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "dcr": dict(resize="short", size=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "nemo": dict(resize="square", size=320, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+
+
+def get_preprocess(spec: str | Mapping[str, Any] | Preprocess) -> Preprocess:
+    """A :class:`Preprocess` from a preset name, a dict of fields, or one already built.
+
+    A dict may name a ``preset`` (or ``name`` of a preset) and override some of its fields.
+    """
+    if isinstance(spec, Preprocess):
+        return spec
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(spec, PRESETS, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown preprocessing '{spec}'.{hint} Known: {', '.join(PRESETS)} "
+                "(or a dict with resize/size/crop/mean/std)")
+        return Preprocess(name=spec, **PRESETS[spec])
+    if isinstance(spec, Mapping):
+        fields = dict(spec)
+        preset = fields.pop("preset", None)
+        if preset is None and fields.get("name") in PRESETS:
+            preset = fields["name"]
+        if preset is not None and preset not in PRESETS:
+            return get_preprocess(preset)  # raises the unknown-name error
+        base = dict(PRESETS[preset]) if preset is not None else {}
+        base.update(fields)
+        base.setdefault("name", preset if preset is not None else "custom")
+        known = set(Preprocess.__dataclass_fields__)
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise ConfigError(f"unknown preprocessing field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return Preprocess(**base)
+    raise ConfigError(f"preprocessing must be a preset name or a dict, got {type(spec).__name__}")

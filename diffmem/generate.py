@@ -1,0 +1,122 @@
+"""``diffmem generate``: sample images for a prompt list, one seed per sample.
+
+Writes ``samples/<prompt>-<k>.png``, ``prompts.parquet`` and ``samples.parquet`` (one row
+per image: ids, caption, seed, sampler settings and the prompt's metadata) plus
+``info.json``. Resumable and shardable: the plan of samples is a pure function of the
+config, a re-run generates only missing images, and shard ``i`` of ``n`` takes every
+n-th sample, so array jobs split the work with no overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffmem.config import hydra_app
+from diffmem.data import load_dataset, load_prompts
+from diffmem.errors import ConfigError
+from diffmem.models import load_pipeline, resolve_device
+from diffmem.runs import atomic_path, claim, is_done, mark_done, provenance, write_json, write_parquet
+from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
+
+log = logging.getLogger(__name__)
+SAMPLES = "samples.parquet"
+
+
+def check_config(cfg: DictConfig) -> None:
+    for key in ("n_per_prompt", "batch_size", "steps", "num_shards"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key} must be >= 1 (got {cfg[key]})")
+    if cfg.guidance_scale < 0:
+        raise ConfigError(f"guidance_scale must be >= 0 (got {cfg.guidance_scale})")
+    if not 0 <= cfg.shard < cfg.num_shards:
+        raise ConfigError(f"shard must be in [0, num_shards) (got {cfg.shard} of {cfg.num_shards})")
+
+
+def plan_samples(prompts: pd.DataFrame, n_per_prompt: int, seed: int) -> pd.DataFrame:
+    """One row per planned image: ids, seed and output file (a pure function of the inputs)."""
+    rows = []
+    for p in prompts.itertuples(index=False):
+        for k in range(n_per_prompt):
+            rows.append({"sample_id": f"p{p.prompt_id:05d}-s{k:03d}", "prompt_id": p.prompt_id,
+                         "k": k, "seed": sample_seed(seed, p.prompt_id, k),
+                         "file": f"samples/p{p.prompt_id:05d}-s{k:03d}.png"})
+    plan = pd.DataFrame(rows)
+    return plan.merge(prompts, on="prompt_id", how="left")
+
+
+def _write_png(path: Path, image) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int, steps: int,
+                    guidance: float, batch_size: int, desc: str = "generate") -> None:
+    """Generate every row of ``plan`` whose PNG does not exist yet."""
+    todo = plan[[not (run_dir / f).exists() for f in plan["file"]]]
+    if todo.empty:
+        return
+    uncond = encode_prompts(pipe, [""])
+    bar = tqdm(total=len(todo), desc=desc, mininterval=2)
+    for start in range(0, len(todo), batch_size):
+        batch = todo.iloc[start:start + batch_size]
+        cond = encode_prompts(pipe, batch["caption"].tolist())
+        images = to_uint8(sample(pipe, cond, batch["seed"].tolist(), resolution, steps, guidance,
+                                 uncond=uncond))
+        for file, image in zip(batch["file"], images):
+            _write_png(run_dir / file, image)
+        bar.update(len(batch))
+    bar.close()
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    keep = ("model", "prompts", "seed", "n_per_prompt", "steps", "guidance_scale", "scheduler",
+            "resolution", "num_shards")
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
+           else cfg[k] for k in keep}
+    if cfg.prompts.kind == "testbed":
+        out["data"] = OmegaConf.to_container(cfg.data, resolve=True)
+    return out
+
+
+def run(cfg: DictConfig) -> Path:
+    """Generate per ``cfg``; returns the run dir (``samples.parquet`` once every shard is done)."""
+    check_config(cfg)
+    run_dir = claim(cfg.run_dir, fingerprint(cfg))
+    if is_done(run_dir):
+        log.info("generate: %s is complete", run_dir)
+        return run_dir
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    manifest = load_dataset(cfg.data)[1] if cfg.prompts.kind == "testbed" else None
+    prompts = load_prompts(cfg.prompts, manifest)
+    write_parquet(run_dir / "prompts.parquet", prompts)
+    plan = plan_samples(prompts, cfg.n_per_prompt, cfg.seed)
+    mine = plan.iloc[cfg.shard::cfg.num_shards]
+    pipe = load_pipeline(cfg.model.path, device=resolve_device(cfg.device), dtype=cfg.model.dtype,
+                         local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    generate_images(pipe, mine, run_dir, resolution=cfg.resolution, steps=cfg.steps,
+                    guidance=cfg.guidance_scale, batch_size=cfg.batch_size)
+    missing = sum(not (run_dir / f).exists() for f in plan["file"])
+    if missing:  # other shards still running: the last one to finish publishes the table
+        log.info("generate: shard %d/%d done; %d samples of other shards missing",
+                 cfg.shard, cfg.num_shards, missing)
+        return run_dir
+    table = plan.assign(steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                        scheduler=cfg.scheduler, resolution=cfg.resolution, model=cfg.model.name)
+    write_parquet(run_dir / SAMPLES, table)
+    write_json(run_dir / "info.json", provenance(cfg))
+    mark_done(run_dir, {"samples": len(table)})
+    return run_dir
+
+
+main = hydra_app("generate", run)
+
+if __name__ == "__main__":
+    main()

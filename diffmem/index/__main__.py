@@ -1,0 +1,5 @@
+"""``python -m diffmem.index``: the index stage."""
+
+from diffmem.index.stage import main
+
+main()

@@ -1,0 +1,99 @@
+"""``diffmem index``: a FAISS index over an embed run's vectors.
+
+``mode=single`` builds in one process. For large sets (FAISS's "indexes that do not
+fit in RAM" recipe): ``mode=train`` trains one empty index on a sample, ``mode=add
+shard=i num_shards=n`` adds every n-th feature part in its own job, ``mode=merge``
+combines the shard files. Approximate indexes get recall@1/@k measured against exact
+search on held-out queries (database vectors perturbed with Gaussian noise, so they are
+not in the index) written into ``index_info.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from diffmem.config import hydra_app
+from diffmem.embed import feature_parts, load_features
+from diffmem.errors import ConfigError
+from diffmem.index.faiss_index import (add_shard, build_index, load_index, measure_recall,
+                                       merge_shards, save_index, train_empty_index)
+from diffmem.runs import claim, is_done, mark_done, provenance, read_json
+
+log = logging.getLogger(__name__)
+MODES = ("single", "train", "add", "merge")
+
+
+def held_out_queries(x: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
+    """``n`` database vectors plus isotropic noise of norm ~``noise``, re-normalised."""
+    rng = np.random.default_rng(seed)
+    q = x[rng.choice(len(x), size=min(n, len(x)), replace=False)]
+    q = q + rng.standard_normal(q.shape).astype(np.float32) * noise / np.sqrt(q.shape[1])
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _info(cfg: DictConfig, finfo: dict) -> dict:
+    return {"factory": cfg.index.factory, "feature": finfo["feature"],
+            "features_dir": str(Path(cfg.features_dir).resolve())}
+
+
+def run(cfg: DictConfig) -> Path:
+    """Build (a part of) the index per ``cfg``; returns the run dir."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
+    if not cfg.features_dir:
+        raise ConfigError("features_dir=<an embed run dir> is required")
+    run_dir = claim(cfg.run_dir, {"index": OmegaConf.to_container(cfg.index, resolve=True),
+                                  "features_dir": str(Path(cfg.features_dir).resolve()),
+                                  "seed": cfg.seed})
+    if is_done(run_dir):
+        return run_dir
+    finfo = read_json(Path(cfg.features_dir) / "info.json") if (Path(cfg.features_dir) / "info.json").exists() else None
+    ix = cfg.index
+    if cfg.mode == "add":
+        parts = feature_parts(cfg.features_dir)
+        out = run_dir / "shards" / f"shard-{cfg.shard:04d}-of-{cfg.num_shards:04d}.faiss"
+        if not out.exists():
+            offsets = np.cumsum([0] + [len(np.load(p, mmap_mode="r")) for p in parts])
+            mine = range(cfg.shard, len(parts), cfg.num_shards)
+            x = np.concatenate([np.load(parts[p]) for p in mine]) if mine else None
+            ids = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in mine]) if mine else None
+            add_shard(run_dir / "empty.faiss", x, ids, out_path=out)
+        return run_dir
+    if cfg.mode == "merge":
+        shards = sorted((run_dir / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
+        if len(shards) != cfg.num_shards:
+            raise ConfigError(f"{run_dir}/shards: {len(shards)} of {cfg.num_shards} shards present")
+        index = merge_shards(shards)
+        save_index(index, run_dir, {**_info(cfg, finfo), **provenance(cfg)})
+        mark_done(run_dir, {"ntotal": index.ntotal})
+        return run_dir
+    x, _, finfo = load_features(cfg.features_dir)
+    if cfg.mode == "train":
+        rng = np.random.default_rng(cfg.seed)
+        sample = x[rng.choice(len(x), size=min(ix.train_sample or len(x), len(x)), replace=False)]
+        train_empty_index(sample, ix.factory, ix.metric, seed=cfg.seed, out_path=run_dir / "empty.faiss")
+        return run_dir
+    index = build_index(x, ix.factory, ix.metric, train_sample=ix.train_sample, seed=cfg.seed,
+                        nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search)
+    info = _info(cfg, finfo)
+    if ix.factory.strip().lower() != "flat" and cfg.recall.queries:
+        q = held_out_queries(x, cfg.recall.queries, cfg.recall.noise, cfg.seed)
+        info["recall"] = measure_recall(index, x, q, k=cfg.recall.k)
+    save_index(index, run_dir, {**info, **provenance(cfg)})
+    mark_done(run_dir, {"ntotal": index.ntotal})
+    return run_dir
+
+
+def load(run_dir: str | Path):
+    """``(index, info)`` of a finished index run."""
+    return load_index(run_dir)
+
+
+main = hydra_app("index", run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Load SD-style pipelines (local folder or HF cache) and build the testbed architecture."""
+
+from diffmem.models.pipeline import load_pipeline, resolve_device, save_pipeline
+
+__all__ = ["load_pipeline", "save_pipeline", "resolve_device"]

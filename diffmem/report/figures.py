@@ -1,0 +1,165 @@
+"""The report's figures, each written atomically as a standalone PNG (reusable outside the report).
+
+Plots use matplotlib's object-oriented ``Figure`` (rendered by Agg when saved as PNG), not
+pyplot, so making a report never switches the backend of the caller's session (e.g. a notebook).
+Image grids are drawn with PIL so small images are upscaled pixel-exactly (NEAREST).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from diffmem.runs import atomic_path
+
+_OWN_CATEGORIES = ("heldout", "ordinary")  # prompt kinds shown as one category each
+_GEN_COLOR, _BASE_COLOR, _FLAG_COLOR = "#1f77b4", "#7f7f7f", "#d62728"
+
+
+class GridPair(NamedTuple):
+    """One generated image beside its nearest training image; ``highlight`` frames it in red."""
+
+    generated: str | os.PathLike | None
+    reference: str | os.PathLike | None
+    label: str
+    highlight: bool = False
+
+
+def _save_figure(fig, path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def similarity_histogram(scores, baseline_scores, threshold: float, path,
+                         xlabel: str = "top-1 similarity to the training set") -> Path:
+    """Density histograms of generations' top-1 scores and (if given) held-out real images' scores.
+
+    Both share the same bins, so the generated mass beyond the baseline (Somepalli's test) is
+    visible; a dashed line marks the replication threshold.
+    """
+    from matplotlib.figure import Figure
+
+    scores = np.asarray(scores, dtype=float)
+    base = None if baseline_scores is None else np.asarray(baseline_scores, dtype=float)
+    values = np.concatenate([scores, base if base is not None else [], [threshold]])
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    bins = np.linspace(lo - 0.01, hi + 0.01, 41)
+
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    ax.hist(scores, bins=bins, density=True, histtype="stepfilled", alpha=0.55,
+            color=_GEN_COLOR, label=f"generated (n={scores.size})")
+    if base is not None:
+        ax.hist(base, bins=bins, density=True, histtype="step", linewidth=1.8,
+                color=_BASE_COLOR, label=f"held-out real, baseline (n={base.size})")
+    ax.axvline(threshold, color=_FLAG_COLOR, linestyle="--", label=f"threshold {threshold:g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(frameon=False, fontsize=8)
+    return _save_figure(fig, path)
+
+
+def _category(kind, dup) -> str:
+    if kind in _OWN_CATEGORIES:
+        return kind
+    dup_text = "?" if pd.isna(dup) else f"×{int(dup)}"
+    return dup_text if kind is None or pd.isna(kind) else f"{kind} {dup_text}"
+
+
+def dup_count_table(prompts: pd.DataFrame) -> pd.DataFrame:
+    """Detection per known duplication count: prompts, share flagged memorised, mean max score.
+
+    Ordinary and held-out prompts are one category each; other kinds (canary, template) are
+    split by ``dup_count``. Rows run held-out, ordinary, then by kind and duplication count.
+    """
+    kinds = prompts["kind"] if "kind" in prompts else pd.Series(None, index=prompts.index, dtype=object)
+    dups = pd.to_numeric(prompts["dup_count"], errors="coerce")
+    df = prompts.assign(
+        category=[_category(k, d) for k, d in zip(kinds, dups)],
+        kind=kinds, dup_count=dups,
+        _order=[_OWN_CATEGORIES.index(k) if k in _OWN_CATEGORIES else len(_OWN_CATEGORIES)
+                for k in kinds])
+    aggs = {"prompts": ("prompt_id", "size"), "flagged_share": ("memorised", "mean"),
+            "mean_max_score": ("max_score", "mean")}
+    if "correct_match_share" in df:
+        aggs["correct_match_share"] = ("correct_match_share", "mean")
+    out = (df.astype({"memorised": float})
+           .groupby("category", sort=False, dropna=False)
+           .agg(_order=("_order", "first"), kind=("kind", "first"), dup_count=("dup_count", "first"),
+                **aggs))
+    return (out.sort_values(["_order", "kind", "dup_count"], na_position="first")
+            .drop(columns="_order").reset_index())
+
+
+def detection_by_dup_count(prompts_df: pd.DataFrame, path, threshold: float | None = None) -> Path:
+    """Bar charts of :func:`dup_count_table`: share flagged memorised and mean max score per category.
+
+    Shows whether detection rises with the known number of training copies, as it should.
+    """
+    from matplotlib.figure import Figure
+
+    table = dup_count_table(prompts_df)
+    x = np.arange(len(table))
+    fig = Figure(figsize=(max(6.4, 1.0 + 1.5 * len(table)), 3.6), layout="constrained")
+    ax_flag, ax_score = fig.subplots(1, 2)
+    bars = ax_flag.bar(x, table["flagged_share"], color=_FLAG_COLOR, alpha=0.8)
+    ax_flag.bar_label(bars, labels=[f"n={n}" for n in table["prompts"]], fontsize=7)
+    ax_flag.set_ylim(0, 1.12)
+    ax_flag.set_ylabel("share of prompts flagged memorised")
+    ax_score.bar(x, table["mean_max_score"], color=_GEN_COLOR, alpha=0.8)
+    ax_score.set_ylabel("mean of prompts' max score")
+    if threshold is not None:
+        ax_score.axhline(threshold, color=_FLAG_COLOR, linestyle="--", label=f"threshold {threshold:g}")
+        ax_score.legend(frameon=False, fontsize=8)
+    for ax in (ax_flag, ax_score):
+        ax.set_xticks(x, table["category"], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("prompt category (known duplication count)")
+    return _save_figure(fig, path)
+
+
+def _tile(file, size: int) -> Image.Image:
+    """The image at ``file`` as RGB, upscaled (NEAREST) or downscaled to fit ``size``; grey if missing."""
+    if file is None or (isinstance(file, float) and math.isnan(file)) or not Path(file).is_file():
+        return Image.new("RGB", (size, size), (200, 200, 200))
+    with Image.open(file) as img:
+        img = img.convert("RGB")
+    scale = size / max(img.size)
+    new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(new, Image.NEAREST if scale >= 1 else Image.LANCZOS)
+
+
+def image_grid(pairs: Iterable, path, size: int = 96, cols: int = 4) -> Path:
+    """A PNG of (generated | nearest training image) pairs, ``cols`` per row, each with its label.
+
+    ``pairs``: :class:`GridPair` or plain ``(generated, reference, label[, highlight])`` tuples.
+    Images are scaled to ``size`` px (NEAREST when enlarging, so 32x32 pixels stay crisp).
+    """
+    pairs = [GridPair(*p) for p in pairs]
+    pad, text_h, border = 6, 30, 3
+    cell_w, cell_h = 2 * size + 3 * border + 2, size + 2 * border + text_h
+    n_cols = max(1, min(cols, len(pairs)))
+    n_rows = max(1, math.ceil(len(pairs) / n_cols))
+    canvas = Image.new("RGB", (pad + n_cols * (cell_w + pad), pad + n_rows * (cell_h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=11)
+    for i, pair in enumerate(pairs):
+        x0 = pad + (i % n_cols) * (cell_w + pad)
+        y0 = pad + (i // n_cols) * (cell_h + pad)
+        frame = (214, 39, 40) if pair.highlight else (190, 190, 190)
+        draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + size + 2 * border - 1], fill=frame)
+        for j, file in enumerate((pair.generated, pair.reference)):
+            canvas.paste(_tile(file, size), (x0 + border + j * (size + border + 2), y0 + border))
+        draw.multiline_text((x0 + 2, y0 + size + 2 * border + 2), pair.label, fill="black",
+                            font=font, spacing=2)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return path

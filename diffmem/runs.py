@@ -1,0 +1,162 @@
+"""Run directories: atomic writes, provenance, completion markers and resume checks.
+
+Every file a stage publishes is written to a temporary name in the same folder and
+renamed into place, so a killed job never leaves a half-written file under its final
+name. A finished stage writes ``_SUCCESS``; a re-run of a finished stage is a no-op and
+a re-run of an interrupted one continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from diffmem.errors import ConfigError
+
+SUCCESS = "_SUCCESS"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_TRACKED_PACKAGES = (
+    "diffmem", "torch", "torchvision", "diffusers", "transformers", "accelerate",
+    "open_clip_torch", "peft", "faiss-cpu", "hydra-core", "numpy", "pandas",
+)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual mode
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(path: str | os.PathLike, df) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def git_hash() -> str | None:
+    """The commit of the diffmem checkout, if it is one (with ``-dirty`` when modified)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance(cfg: Any = None) -> dict[str, Any]:
+    """What every result records: resolved config, package versions, git hash and date."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None
+    return {
+        "config": conf,
+        "versions": versions(),
+        "git": git_hash(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
+    """Create ``run_dir`` for a run with this (result-affecting) config, or resume it.
+
+    The first call records ``fingerprint`` in ``run.json``; later calls with the same
+    fingerprint resume; a different one is refused naming the first differing field,
+    so results of two configs never mix in one folder.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / "run.json"
+    fingerprint = json.loads(json.dumps(fingerprint, default=_json_default))
+    if marker.exists():
+        old = read_json(marker)
+        if old != fingerprint:
+            a, b = _flatten(old), _flatten(fingerprint)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            key = diff[0] if diff else "?"
+            raise ConfigError(
+                f"{run_dir} holds a run with another config ({key}: {a.get(key)!r} there, "
+                f"{b.get(key)!r} now); choose another name=... or delete the folder"
+            )
+    else:
+        write_json(marker, fingerprint)
+    return run_dir
+
+
+def is_done(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / SUCCESS).exists()
+
+
+def mark_done(run_dir: str | os.PathLike, summary: dict[str, Any] | None = None) -> None:
+    write_json(Path(run_dir) / SUCCESS, summary or {})

@@ -1,0 +1,77 @@
+"""Every root config composes with every option of its groups; the CLI dispatches stages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import diffmem
+from diffmem.config import CONF_DIR, STAGES
+from diffmem.errors import ConfigError
+
+GROUPS = ["model", "data", "prompts", "arch", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _cases():
+    for stage in STAGES.names():
+        root = OmegaConf.load(CONF_DIR / f"{stage}.yaml")
+        used = [next(iter(d)) for d in root.defaults if isinstance(d, dict)]
+        yield stage, None
+        for group in GROUPS:
+            if group in used:
+                for option in _options(group):
+                    yield stage, f"{group}={option}"
+
+
+@pytest.mark.parametrize("stage,override", list(_cases()))
+def test_every_config_composes_and_resolves(stage, override):
+    cfg = diffmem.compose(stage, [override] if override else [])
+    assert cfg.stage == stage
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert plain["run_dir"].endswith(f"{stage}/{plain['name']}")
+
+
+def test_experiment_testbed_is_a_delta():
+    base = diffmem.compose("train")
+    exp = diffmem.compose("train", ["experiment=testbed"])
+    assert exp.get("arch") is not None and base.get("arch") is None
+    assert exp.unet.steps != base.unet.steps and exp.data == base.data
+
+
+def test_launcher_configs_compose():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for launcher, cls in [("slurm", "SlurmLauncher"), ("slurm_cpu", "SlurmLauncher"),
+                              ("submitit_local", "LocalLauncher")]:
+            cfg = compose("generate", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+            assert cfg.hydra.launcher._target_.endswith(cls)
+
+
+def test_unknown_stage_suggests_close_name():
+    with pytest.raises(ConfigError, match="Did you mean 'generate'"):
+        diffmem.compose("generat")
+
+
+def test_cli_help_and_unknown_stage():
+    out = subprocess.run([sys.executable, "-m", "diffmem.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "generate" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "diffmem.cli", "trian"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'train'" in bad.stderr.lower()
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "diffmem.generate", "steps=-3"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "diffmem generate: error: steps must be >= 1 (got -3)"

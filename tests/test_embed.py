@@ -1,0 +1,56 @@
+"""The embed stage: vectors for a dataset or a generate run, resumable and shardable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import diffmem
+from diffmem.embed import load_features
+from diffmem.errors import ConfigError, DataError
+from tests.conftest import SMALL_DATA
+
+ARGS = [*SMALL_DATA, "features.extractor.size=8", "part_size=5", "batch_size=4"]
+
+
+def test_embed_dataset_parts_and_info():
+    run_dir = diffmem.run("embed", ARGS + ["split=train"])
+    x, ids, info = load_features(run_dir)
+    assert x.shape == (len(ids), 192) and x.dtype == np.float32
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert ids["file"].is_unique  # duplicated canaries are embedded once
+    assert info["feature"] == "pixel" and info["extractor"]["preprocessing"]["size"] == 8
+    assert len(list((run_dir / "features").glob("part-*.npy"))) == -(-len(ids) // 5)
+
+
+def test_resume_after_kill_recomputes_only_missing_parts():
+    run_dir = diffmem.run("embed", ARGS)
+    parts = sorted((run_dir / "features").glob("part-*.npy"))
+    before = {p.name: p.read_bytes() for p in parts}
+    keep_stamp = parts[0].stat().st_mtime_ns
+    parts[-1].unlink()
+    (run_dir / "_SUCCESS").unlink()
+    diffmem.run("embed", ARGS)
+    after = {p.name: p.read_bytes() for p in sorted((run_dir / "features").glob("part-*.npy"))}
+    assert after == before and parts[0].stat().st_mtime_ns == keep_stamp
+
+
+def test_shards_equal_single_run():
+    single, _, _ = load_features(diffmem.run("embed", ARGS + ["name=one"]))
+    args = ARGS + ["name=two", "num_shards=2"]
+    first = diffmem.run("embed", args + ["shard=0"])
+    assert not (first / "_SUCCESS").exists()
+    diffmem.run("embed", args + ["shard=1"])
+    sharded, _, _ = load_features(first)
+    assert np.array_equal(single, sharded)
+
+
+def test_bad_inputs():
+    with pytest.raises(ConfigError, match="source=samples needs samples_dir"):
+        diffmem.run("embed", ARGS + ["source=samples"])
+    with pytest.raises(DataError, match="samples.parquet: not found"):
+        diffmem.run("embed", ARGS + ["source=samples", "samples_dir=/nonexistent"])
+    with pytest.raises(ConfigError, match="part_size must be >= 1"):
+        diffmem.run("embed", ARGS + ["part_size=0"])
+    with pytest.raises(DataError, match="not a finished embed run"):
+        load_features("/nonexistent")

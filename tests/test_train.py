@@ -1,0 +1,78 @@
+"""The train stage: trains, logs, checkpoints, and resumes exactly after a kill."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+import diffmem
+from diffmem.errors import DataError
+from tests.conftest import SMALL_DATA
+
+ARGS = ["arch=tiny", "unet.steps=4", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2",
+        "vae.steps=2", "vae.batch_size=4", "vae.ckpt_every=1", *SMALL_DATA]
+
+
+def _weights(model_dir):
+    return load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_train_from_scratch_writes_a_loadable_model():
+    run_dir = diffmem.run("train", ARGS + ["name=a"])
+    model = run_dir / "model"
+    assert (model / "model_index.json").exists() and (run_dir / "_SUCCESS").exists()
+    log = pd.read_parquet(run_dir / "train_log.parquet")
+    assert set(log["phase"]) == {"vae", "unet"} and log["loss"].notna().all()
+    from diffmem.models import load_pipeline
+
+    pipe = load_pipeline(model)
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained VAE's latents
+
+
+def test_resume_after_kill_is_exact(monkeypatch):
+    full = diffmem.run("train", ARGS + ["name=full"])
+    import diffmem.train as train
+
+    calls = {"n": 0}
+    real = train.step_generator
+
+    def dying(seed, phase, step):  # simulate a kill after 3 UNet steps (checkpoint at 2)
+        if phase == "unet":
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise KeyboardInterrupt
+        return real(seed, phase, step)
+
+    monkeypatch.setattr(train, "step_generator", dying)
+    with pytest.raises(KeyboardInterrupt):
+        diffmem.run("train", ARGS + ["name=killed"])
+    monkeypatch.setattr(train, "step_generator", real)
+    resumed = diffmem.run("train", ARGS + ["name=killed"])
+    a, b = _weights(full / "model"), _weights(resumed / "model")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] == b[key]).all(), key
+    log = pd.read_parquet(resumed / "train_log.parquet")
+    assert log.groupby("phase")["step"].apply(lambda s: s.is_unique).all()
+
+
+def test_finished_run_is_a_noop():
+    run_dir = diffmem.run("train", ARGS + ["name=b"])
+    stamp = (run_dir / "model" / "model_index.json").stat().st_mtime_ns
+    diffmem.run("train", ARGS + ["name=b"])
+    assert (run_dir / "model" / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_fine_tune_existing_model(tiny_pipe_dir):
+    run_dir = diffmem.run("train", ["model=local", f"model.path={tiny_pipe_dir}", "unet.steps=2",
+                                    "unet.batch_size=2", *SMALL_DATA, "name=ft"])
+    before, after = _weights(tiny_pipe_dir), _weights(run_dir / "model")
+    assert any((before[k] != after[k]).any() for k in before)
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    (tmp_path / "m.csv").write_text("file,caption\n")
+    with pytest.raises(DataError, match="m.csv: the manifest has no rows"):
+        diffmem.run("train", ["arch=tiny", "data=folder", f"data.root={tmp_path}", "data.manifest=m.csv",
+                              "data.resolution=32"])
