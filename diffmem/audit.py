@@ -21,7 +21,7 @@ from diffmem.config import hydra_app
 from diffmem.data import load_dataset
 from diffmem.index import stage as index_stage
 from diffmem.metrics import dcr_summary, median_mad, memorisation_rate, replication_rate
-from diffmem.runs import claim, is_done, mark_done, provenance, write_json, write_parquet
+from diffmem.runs import claim, config_subset, is_done, mark_done, provenance, write_json, write_parquet
 from diffmem.search import find_matches
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,8 @@ def summarise(gens: pd.DataFrame, prompts: pd.DataFrame, baseline: pd.DataFrame 
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    keys = ("model", "data", "prompts", "features", "index", "seed", "n_per_prompt", "k",
-            "baseline_split", "threshold", "dcr_threshold")
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
-            else cfg[k] for k in keys}
+    return config_subset(cfg, ("model", "data", "prompts", "features", "index", "seed", "n_per_prompt",
+                               "k", "baseline_split", "threshold", "dcr_threshold"))
 
 
 def run(cfg: DictConfig) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -23,7 +23,7 @@ from diffmem.config import hydra_app
 from diffmem.data import load_dataset, load_image
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
-from diffmem.runs import atomic_path, claim, is_done, mark_done, provenance, read_json, write_json, write_parquet
+from diffmem.runs import atomic_path, claim, config_subset, finish, is_done, read_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,8 @@ def load_features(run_dir: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict]:
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    out = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
-           for k in ("features", "source", "split", "samples_dir", "part_size", "num_shards", "resolution")}
-    if cfg.source == "dataset":
-        out["data"] = OmegaConf.to_container(cfg.data, resolve=True)
-    return out
+    return config_subset(cfg, ["features", "source", "split", "samples_dir", "part_size", "num_shards",
+                               "resolution"] + (["data"] if cfg.source == "dataset" else []))
 
 
 def run(cfg: DictConfig) -> Path:
@@ -132,11 +129,8 @@ def run(cfg: DictConfig) -> Path:
     if any(not (run_dir / "features" / f"part-{p:05d}.npy").exists() for p in range(n_parts)):
         log.info("embed: shard %d/%d done; waiting for other shards", cfg.shard, cfg.num_shards)
         return run_dir
-    write_json(run_dir / "info.json", {"extractor": extractor.info(), "dim": extractor.dim,
-                                       "feature": extractor.name, "n": len(items),
-                                       "source": cfg.source, **provenance(cfg)})
-    mark_done(run_dir, {"n": len(items)})
-    return run_dir
+    return finish(run_dir, cfg, {"n": len(items)}, extractor=extractor.info(), dim=extractor.dim,
+                  feature=extractor.name, n=len(items), source=cfg.source)
 
 
 main = hydra_app("embed", run)

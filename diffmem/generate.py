@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -22,7 +22,7 @@ from diffmem.config import hydra_app
 from diffmem.data import load_dataset, load_prompts
 from diffmem.errors import ConfigError
 from diffmem.models import load_pipeline, resolve_device
-from diffmem.runs import atomic_path, claim, is_done, mark_done, provenance, write_json, write_parquet
+from diffmem.runs import atomic_path, claim, config_subset, finish, is_done, write_parquet
 from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,9 @@ def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int,
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    keep = ("model", "prompts", "seed", "n_per_prompt", "steps", "guidance_scale", "scheduler",
-            "resolution", "num_shards")
-    out = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
-           else cfg[k] for k in keep}
-    if cfg.prompts.kind == "testbed":
-        out["data"] = OmegaConf.to_container(cfg.data, resolve=True)
-    return out
+    keys = ["model", "prompts", "seed", "n_per_prompt", "steps", "guidance_scale", "scheduler",
+            "resolution", "num_shards"] + (["data"] if cfg.prompts.kind == "testbed" else [])
+    return config_subset(cfg, keys)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -111,9 +107,7 @@ def run(cfg: DictConfig) -> Path:
     table = plan.assign(steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                         scheduler=cfg.scheduler, resolution=cfg.resolution, model=cfg.model.name)
     write_parquet(run_dir / SAMPLES, table)
-    write_json(run_dir / "info.json", provenance(cfg))
-    mark_done(run_dir, {"samples": len(table)})
-    return run_dir
+    return finish(run_dir, cfg, {"samples": len(table)})
 
 
 main = hydra_app("generate", run)

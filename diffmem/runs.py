@@ -160,3 +160,18 @@ def is_done(run_dir: str | os.PathLike) -> bool:
 
 def mark_done(run_dir: str | os.PathLike, summary: dict[str, Any] | None = None) -> None:
     write_json(Path(run_dir) / SUCCESS, summary or {})
+
+
+def finish(run_dir: str | os.PathLike, cfg: Any, summary: dict[str, Any], **info: Any) -> Path:
+    """Publish ``info.json`` (``info`` + provenance) and the ``_SUCCESS`` marker, last."""
+    write_json(Path(run_dir) / "info.json", {**info, **provenance(cfg)})
+    mark_done(run_dir, summary)
+    return Path(run_dir)
+
+
+def config_subset(cfg: Any, keys) -> dict[str, Any]:
+    """The plain, resolved values of ``keys`` in ``cfg`` (a run's fingerprint)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return {k: OmegaConf.to_container(cfg[k], resolve=True)
+            if isinstance(cfg[k], (DictConfig, ListConfig)) else cfg[k] for k in keys if k in cfg}

@@ -20,7 +20,7 @@ from diffmem.embed import load_features
 from diffmem.errors import ConfigError
 from diffmem.index.faiss_index import build_index, load_index, search
 from diffmem.metrics import sscd_score_normalisation
-from diffmem.runs import claim, is_done, mark_done, provenance, write_json, write_parquet
+from diffmem.runs import claim, finish, is_done, write_parquet
 
 MATCHES = "matches.parquet"
 
@@ -69,9 +69,7 @@ def run(cfg: DictConfig) -> Path:
         return run_dir
     matches = find_matches(cfg.index_dir, cfg.queries_dir, cfg.k, norm.background_dir, norm.beta, norm.k)
     write_parquet(run_dir / MATCHES, matches)
-    write_json(run_dir / "info.json", provenance(cfg))
-    mark_done(run_dir, {"rows": len(matches)})
-    return run_dir
+    return finish(run_dir, cfg, {"rows": len(matches)})
 
 
 main = hydra_app("search", run)

@@ -18,14 +18,14 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset, load_images, to_tensor
 from diffmem.errors import ConfigError
 from diffmem.models import load_pipeline, resolve_device, save_pipeline
-from diffmem.runs import atomic_path, claim, is_done, mark_done, provenance, write_json, write_parquet
+from diffmem.runs import claim, config_subset, finish, is_done, write_json, write_parquet
 from diffmem.sampling import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -188,9 +188,7 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    keep = ("seed", "model", "arch", "data", "vae", "unet", "resolution")
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig)
-            else cfg[k] for k in keep if k in cfg}
+    return config_subset(cfg, ("seed", "model", "arch", "data", "vae", "unet", "resolution"))
 
 
 def run(cfg: DictConfig) -> Path:
@@ -248,8 +246,7 @@ def run(cfg: DictConfig) -> Path:
 
         figures = memorisation_figures(pipe, root, manifest, **cfg.evaluate)
         write_json(model_dir / "memorisation.json", figures)
-    write_json(run_dir / "info.json", provenance(cfg))
-    mark_done(run_dir, {"model": str(model_dir)})
+    finish(run_dir, cfg, {"model": str(model_dir)})
     return model_dir
 
 

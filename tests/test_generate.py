@@ -94,3 +94,19 @@ def test_plan_seeds_do_not_depend_on_other_prompts():
     assert a[a.prompt_id == 1]["seed"].tolist() == b["seed"].tolist()
     torch.manual_seed(0)  # global RNG state does not matter either
     assert plan_samples(pd.DataFrame({"prompt_id": [1], "caption": ["y"]}), 2, 0)["seed"].tolist() == b["seed"].tolist()
+
+
+def test_cli_multirun(tiny_pipe_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIFFMEM_OUTPUTS": str(tmp_path)}
+    cmd = [sys.executable, "-m", "diffmem.cli", "generate", "--multirun", "seed=0,1",
+           *_args(tiny_pipe_dir, "name=sweep", "n_per_prompt=1", "steps=1")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tables = [pd.read_parquet(tmp_path / "generate" / "multirun" / "sweep" / str(i) / "samples.parquet")
+              for i in (0, 1)]
+    assert len(tables[0]) == len(tables[1]) > 0
+    assert not set(tables[0]["seed"]) & set(tables[1]["seed"])  # base seed changes every sample seed

@@ -14,15 +14,6 @@ import torch.nn.functional as F
 from diffmem.errors import DataError
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None -> cuda if available else cpu; anything else as given."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA256 of a file, read in chunks."""
     h = hashlib.sha256()

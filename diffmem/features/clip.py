@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from diffmem.errors import ConfigError, DataError
-from diffmem.features.base import Extractor, resolve_device, sha256_file
+from diffmem.device import resolve_device
+from diffmem.features.base import Extractor, sha256_file
 from diffmem.features.transforms import Preprocess
 
 _RESIZE_MODES = {"shortest": "short", "squash": "square", "longest": "long"}

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from diffmem.errors import ConfigError
-from diffmem.features.base import Extractor, resolve_device
+from diffmem.device import resolve_device
+from diffmem.features.base import Extractor
 from diffmem.features.transforms import Preprocess
 
 _LUMA = (0.299, 0.587, 0.114)

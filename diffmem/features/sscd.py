@@ -24,7 +24,8 @@ from typing import Any, Mapping
 import torch
 
 from diffmem.errors import ConfigError, DataError
-from diffmem.features.base import Extractor, default_cache_dir, resolve_device, sha256_file
+from diffmem.device import resolve_device
+from diffmem.features.base import Extractor, default_cache_dir, sha256_file
 from diffmem.features.transforms import get_preprocess
 
 SSCD_SOURCE = "https://github.com/facebookresearch/sscd-copy-detection"

@@ -1,5 +1,6 @@
 """Load SD-style pipelines (local folder or HF cache) and build the testbed architecture."""
 
-from diffmem.models.pipeline import load_pipeline, resolve_device, save_pipeline
+from diffmem.device import resolve_device
+from diffmem.models.pipeline import load_pipeline, save_pipeline
 
 __all__ = ["load_pipeline", "save_pipeline", "resolve_device"]

@@ -18,13 +18,6 @@ SCHEDULERS = {
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(device: str | None = "auto") -> torch.device:
-    """``auto`` -> cuda if available else cpu; anything else as given."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError(f"model.dtype '{dtype}' is not one of {', '.join(_DTYPES)}")

@@ -1,0 +1,14 @@
+"""Explicit device choice (diffusers style): ``auto`` picks CUDA when present, else CPU."""
+
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/None -> cuda if available else cpu; anything else as given."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
