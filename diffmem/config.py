@@ -23,7 +23,8 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 STAGES = Registry("stage")
 for _name, _module in [("train", "diffmem.train"), ("generate", "diffmem.generate"),
                        ("embed", "diffmem.embed"), ("index", "diffmem.index.stage"),
-                       ("search", "diffmem.search"), ("audit", "diffmem.audit")]:
+                       ("search", "diffmem.search"), ("detect", "diffmem.detect"),
+                       ("audit", "diffmem.audit")]:
     STAGES.register(_name, _module)
 
 if not OmegaConf.has_resolver("asset"):

@@ -240,11 +240,12 @@ def run(cfg: DictConfig) -> Path:
     losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / "checkpoints" / phase)]
 
     write_parquet(run_dir / "train_log.parquet", pd.DataFrame(losses))
-    model_dir = save_pipeline(pipe, run_dir / "model")
+    model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)
     if cfg.get("evaluate") and cfg.data.kind == "testbed":
         from diffmem.models.testbed import memorisation_figures
 
-        figures = memorisation_figures(pipe, root, manifest, **cfg.evaluate)
+        saved = load_pipeline(model_dir, device=device)  # measure what was published
+        figures = memorisation_figures(saved, root, manifest, **cfg.evaluate)
         write_json(model_dir / "memorisation.json", figures)
     finish(run_dir, cfg, {"model": str(model_dir)})
     return model_dir

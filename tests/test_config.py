@@ -12,22 +12,36 @@ import diffmem
 from diffmem.config import CONF_DIR, STAGES
 from diffmem.errors import ConfigError
 
-GROUPS = ["model", "data", "prompts", "arch", "experiment"]
-
-
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _experiment_stage(name: str) -> str:
+    """Experiment files name the stage they are a delta of in a ``# stage: <name>`` line."""
+    for line in (CONF_DIR / "experiment" / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("# stage:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"experiment/{name}.yaml has no '# stage: <name>' line")
+
+
 def _cases():
     for stage in STAGES.names():
-        root = OmegaConf.load(CONF_DIR / f"{stage}.yaml")
-        used = [next(iter(d)) for d in root.defaults if isinstance(d, dict)]
+        root = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{stage}.yaml").defaults)
+        groups = [next(iter(d)) for d in root if isinstance(d, dict)]
         yield stage, None
-        for group in GROUPS:
-            if group in used:
-                for option in _options(group):
+        for group in groups:
+            if group in ("paths", "hydra"):
+                continue
+            for option in _options(group):
+                if group != "experiment" or _experiment_stage(option) == stage:
                     yield stage, f"{group}={option}"
+
+
+def test_cases_cover_every_group_option():
+    composed = {override for _, override in _cases() if override}
+    for group in ("model", "data", "prompts", "arch", "features", "index", "experiment"):
+        for option in _options(group):
+            assert f"{group}={option}" in composed
 
 
 @pytest.mark.parametrize("stage,override", list(_cases()))

@@ -49,3 +49,18 @@ def test_load_pipeline_bad_inputs(tmp_path):
         from diffmem.models.pipeline import set_scheduler
 
         set_scheduler(None, "fancy")
+
+
+def test_save_in_half_precision_loads_as_fp32(tiny_pipe, tmp_path):
+    from safetensors import safe_open
+
+    from diffmem.models import save_pipeline
+
+    out = save_pipeline(tiny_pipe, tmp_path / "half", dtype="float16")
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    assert tiny_pipe.unet.dtype == torch.float32  # the pipeline in memory is untouched
+    again = load_pipeline(out)
+    assert again.unet.dtype == torch.float32
+    a, b = tiny_pipe.unet.state_dict(), again.unet.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-2

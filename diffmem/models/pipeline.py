@@ -73,16 +73,21 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: s
     return pipe
 
 
-def save_pipeline(pipe, out_dir: str | Path) -> Path:
-    """``save_pretrained`` in safetensors into a temp folder, then rename into place."""
+def save_pipeline(pipe, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """``save_pretrained`` in safetensors (weights cast to ``dtype`` on disk) into a temp
+    folder, then rename into place. The pipeline in memory is left as it was."""
+    import copy
     import os
     import shutil
 
+    if dtype not in _DTYPES:
+        raise ConfigError(f"save dtype '{dtype}' is not one of {', '.join(_DTYPES)}")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    on_disk = pipe if dtype == "float32" else copy.deepcopy(pipe).to(dtype=_DTYPES[dtype])
+    on_disk.save_pretrained(tmp, safe_serialization=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

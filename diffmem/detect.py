@@ -1,0 +1,205 @@
+"""``diffmem detect``: score prompts for memorisation without the training set (methods.md section 2).
+
+``detect=noise_norm|noise_ssim|one_step`` picks the detector (``diffmem.detectors``). Writes
+to the run dir:
+
+- ``scores.parquet``: ``prompt_id, caption, detector, score`` (higher = more likely memorised)
+  plus the prompts' ground-truth columns when present (testbed ``kind``, ``group``,
+  ``dup_count``; prompt lists' ``type``) and ``label`` (1 memorised, 0 not, NaN left out).
+- ``attribution.parquet`` with ``attribution=true`` (noise_norm only): ``prompt_id,
+  token_index, token, attribution``, one row per non-padding token.
+- ``metrics.json``: ``unet_calls`` (per-sample UNet evaluations; a guided step costs 2) and
+  ``unet_forward_passes`` (batched calls), time, score summaries per ground-truth group and,
+  with ground truth, ``roc_auc``, ``tpr_at_fpr`` (at ``fpr``) and the NeMo threshold
+  (mean + 1 std of the negatives) with its TPR/FPR; plus provenance.
+- ``roc.png`` with ground truth; ``info.json`` and ``_SUCCESS`` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffmem.config import hydra_app
+from diffmem.data import load_dataset, load_prompts
+from diffmem.detectors import Detector, build_detector, count_unet_evals
+from diffmem.errors import ConfigError, DataError
+from diffmem.metrics.detection import (
+    DEFAULT_POSITIVES,
+    calibrate_threshold,
+    describe_positives,
+    detection_metrics,
+    ground_truth_labels,
+    rates_at_threshold,
+    roc_points,
+)
+from diffmem.models import load_pipeline, resolve_device
+from diffmem.runs import (atomic_path, claim, config_subset, finish, is_done, provenance, write_json,
+                          write_parquet)
+
+log = logging.getLogger(__name__)
+SCORES = "scores.parquet"
+ATTRIBUTION = "attribution.parquet"
+GROUND_TRUTH = ("kind", "group", "dup_count", "type", "target_id")
+
+
+def check_config(cfg: DictConfig) -> Detector:
+    """Validate ``cfg`` (before anything is written); returns the configured detector."""
+    detector = build_detector(cfg.detect)
+    if int(cfg.batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1 (got {cfg.batch_size})")
+    if not 0 <= float(cfg.fpr) < 1:
+        raise ConfigError(f"fpr must be in [0, 1) (got {cfg.fpr})")
+    if cfg.attribution and not detector.supports_attribution:
+        raise ConfigError(f"attribution=true needs a detector with per-token attribution "
+                          f"(noise_norm), not '{detector.name}'")
+    pos = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else {}
+    unknown = set(pos) - set(DEFAULT_POSITIVES)
+    if unknown:
+        raise ConfigError(f"positives: unknown field(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(DEFAULT_POSITIVES)})")
+    return detector
+
+
+def _prompts(cfg: DictConfig) -> pd.DataFrame:
+    manifest = load_dataset(cfg.data)[1] if cfg.prompts.kind == "testbed" else None
+    prompts = load_prompts(cfg.prompts, manifest)
+    if prompts.empty:
+        raise DataError("detect: the prompt list is empty")
+    return prompts
+
+
+def score_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int,
+                batch_size: int, positives=None) -> pd.DataFrame:
+    """The ``scores`` table of ``prompts`` (ids, caption, detector, score, ground truth, label)."""
+    scores = detector.score(pipe, prompts["caption"].tolist(), prompts["prompt_id"].tolist(), seed=seed,
+                            resolution=resolution, batch_size=batch_size)
+    table = pd.DataFrame({"prompt_id": prompts["prompt_id"].to_numpy(),
+                          "caption": prompts["caption"].astype(str).to_numpy(),
+                          "detector": detector.name, "score": scores})
+    for col in GROUND_TRUTH:
+        if col in prompts:
+            table[col] = prompts[col].to_numpy()
+    labels = ground_truth_labels(prompts, positives)
+    if labels is not None:
+        table["label"] = labels.to_numpy()
+    return table
+
+
+def attribution_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int,
+                      resolution: int) -> pd.DataFrame:
+    """``prompt_id, token_index, token, attribution`` for every prompt."""
+    parts = [detector.attribute(pipe, p.caption, p.prompt_id, seed=seed, resolution=resolution)
+             .assign(prompt_id=p.prompt_id) for p in prompts.itertuples(index=False)]
+    return pd.concat(parts, ignore_index=True)[["prompt_id", "token_index", "token", "attribution"]]
+
+
+def evaluate(table: pd.DataFrame, fpr: float = 0.01) -> dict:
+    """Ground-truth metrics of a ``scores`` table (empty without a usable ``label`` column)."""
+    if "label" not in table:
+        return {}
+    known = table[table["label"].notna()]
+    y, s = known["label"].to_numpy(int), known["score"].to_numpy(float)
+    n_pos, n_neg = int(y.sum()), int((y == 0).sum())
+    out: dict = {"n_pos": n_pos, "n_neg": n_neg, "n_excluded": int(len(table) - len(known))}
+    if n_pos == 0 or n_neg == 0:
+        out["note"] = f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts"
+        return out
+    out.update(detection_metrics(s, y, fpr=fpr))
+    if n_neg >= 2:
+        thr = calibrate_threshold(s[y == 0])
+        out["calibrated_threshold"] = {"rule": "mean + 1 std of negatives",
+                                       **rates_at_threshold(s, y, thr)}
+    return out
+
+
+def group_summary(table: pd.DataFrame) -> list[dict]:
+    """Mean / std / n of the score per ground-truth group (testbed kind x dup_count, or type)."""
+    keys = [c for c in ("kind", "dup_count") if c in table] or [c for c in ("type",) if c in table]
+    if not keys:
+        return []
+    g = table.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
+    g = g.astype(object).where(g.notna(), None)  # std of a single prompt: null, not NaN
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in g.to_dict(orient="records")]
+
+
+def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
+    """The ROC curve of a labelled ``scores`` table as a PNG (matplotlib ``Figure``, no pyplot)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import auc
+
+    known = table[table["label"].notna()]
+    fprs, tprs, _ = roc_points(known["score"].to_numpy(float), known["label"].to_numpy(int))
+    fig = Figure(figsize=(4.2, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(fprs, tprs, color="#1f77b4", linewidth=2, label=f"AUC = {auc(fprs, tprs):.3f}")
+    ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+           title=title)
+    ax.legend(loc="lower right", frameon=False)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return path
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    keys = ["model", "prompts", "detect", "seed", "resolution", "scheduler", "attribution",
+            "positives", "fpr"] + (["data"] if cfg.prompts.kind == "testbed" else [])
+    return config_subset(cfg, keys)
+
+
+def run(cfg: DictConfig) -> Path:
+    """Detect per ``cfg``; returns the run dir."""
+    detector = check_config(cfg)
+    prompts = _prompts(cfg)
+    run_dir = claim(cfg.run_dir, fingerprint(cfg))
+    if is_done(run_dir):
+        log.info("detect: %s is complete", run_dir)
+        return run_dir
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    pipe = load_pipeline(cfg.model.path, device=resolve_device(cfg.device), dtype=cfg.model.dtype,
+                         local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    start = time.perf_counter()
+    with count_unet_evals(pipe.unet) as used:
+        table = score_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution,
+                            batch_size=cfg.batch_size, positives=positives)
+    seconds = time.perf_counter() - start
+    write_parquet(run_dir / SCORES, table)
+    metrics: dict = {
+        "detector": detector.name, "settings": detector.settings(), "model": cfg.model.name,
+        "n_prompts": len(table), "score_convention": "higher = more likely memorised",
+        "unet_calls": used.evals, "unet_calls_per_prompt": used.evals / len(table),
+        "unet_forward_passes": used.calls, "seconds": seconds, "seconds_per_prompt": seconds / len(table),
+        "by_group": group_summary(table),
+    }
+    if cfg.attribution:
+        with count_unet_evals(pipe.unet) as used_attr:
+            attr = attribution_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution)
+        write_parquet(run_dir / ATTRIBUTION, attr)
+        metrics["unet_calls_attribution"] = used_attr.evals
+    results = evaluate(table, cfg.fpr)
+    if results:
+        metrics["ground_truth"] = {"positives": describe_positives(prompts, positives), **results}
+        metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr") if k in results})
+        if "roc_auc" in results:
+            roc_figure(table, run_dir / "roc.png", title=f"{detector.name} on {cfg.model.name}")
+    write_json(run_dir / "metrics.json", {**metrics, "provenance": provenance(cfg)})
+    log.info("detect: %s scored %d prompts with %d UNet evaluations%s", detector.name, len(table),
+             used.evals, f"; ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else "")
+    return finish(run_dir, cfg, {"n_prompts": len(table), "roc_auc": results.get("roc_auc")},
+                  detector=detector.name, unet_calls=used.evals)
+
+
+main = hydra_app("detect", run)
+
+if __name__ == "__main__":
+    main()

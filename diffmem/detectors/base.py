@@ -1,0 +1,171 @@
+"""What every detector shares: the :class:`Detector` interface, settings checks, UNet call counting."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from diffmem.errors import ConfigError, DataError
+from diffmem.sampling import encode_prompts, sample_seed
+
+
+class Detector:
+    """Scores prompts without the training set: **higher = more likely memorised**.
+
+    Subclasses take their settings as keyword arguments (checked at construction, raising
+    ``ConfigError``) and implement :meth:`score_rows`. Seeds are per (prompt, generation)
+    (:func:`~diffmem.sampling.sample_seed`), so a prompt's score does not depend on the
+    other prompts in its batch or run.
+    """
+
+    name: str = "detector"
+    supports_attribution: bool = False
+
+    @classmethod
+    def from_config(cls, settings: dict) -> "Detector":
+        """``cls(**settings)`` with unknown settings reported as a ``ConfigError``."""
+        try:
+            inspect.signature(cls).bind(**settings)
+        except TypeError as err:
+            known = [p for p in inspect.signature(cls).parameters]
+            raise ConfigError(f"detect.{cls.name}: {err} (settings: {', '.join(known)})") from None
+        return cls(**settings)
+
+    @property
+    def per_prompt(self) -> int:
+        """Generations (seeds) per prompt."""
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {k: getattr(self, k) for k in inspect.signature(type(self)).parameters}
+
+    def score(self, pipe, captions: Sequence[str], prompt_ids: Sequence[int] | None = None, *,
+              seed: int = 0, resolution: int | None = None, batch_size: int = 16) -> np.ndarray:
+        """One score per caption (float64 ``[N]``); ``prompt_ids`` default to ``0..N-1``."""
+        captions = [str(c) for c in captions]
+        if not captions:
+            raise DataError(f"{self.name}: the prompt list is empty")
+        prompt_ids = list(range(len(captions))) if prompt_ids is None else [int(p) for p in prompt_ids]
+        if len(prompt_ids) != len(captions):
+            raise DataError(f"{self.name}: {len(prompt_ids)} prompt ids for {len(captions)} captions")
+        if int(batch_size) < 1:
+            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+        resolution = int(resolution or pipe.unet.config.sample_size * _vae_factor(pipe))
+        cond = encode_prompts(pipe, captions)
+        rows = [(i, sample_seed(seed, pid, k)) for i, pid in enumerate(prompt_ids)
+                for k in range(self.per_prompt)]
+        g, scores, pending = self.per_prompt, [], []
+        bar = tqdm(total=len(captions), desc=self.name, mininterval=2, disable=len(rows) <= batch_size)
+        with torch.no_grad():
+            for start in range(0, len(rows), int(batch_size)):
+                batch = rows[start:start + int(batch_size)]
+                idx = torch.tensor([i for i, _ in batch], device=cond.device)
+                pending.append(self.score_rows(pipe, cond[idx], [s for _, s in batch], resolution)
+                               .detach().double().cpu())
+                buf = torch.cat(pending)
+                done = buf.shape[0] // g  # reduce finished prompts now: raw values stay small
+                if done:
+                    scores.append(self.reduce(buf[:done * g].numpy().reshape(done, g, *buf.shape[1:])))
+                pending = [buf[done * g:]]
+                bar.update(done)
+        bar.close()
+        out = np.concatenate(scores).astype(np.float64)
+        if not np.isfinite(out).all():
+            bad = [captions[i] for i in np.flatnonzero(~np.isfinite(out))[:3]]
+            raise DataError(f"{self.name}: non-finite scores (e.g. for {bad!r}); check the model weights")
+        return out
+
+    def score_rows(self, pipe, cond: torch.Tensor, seeds: list[int], resolution: int) -> torch.Tensor:
+        """Raw values ``[B, ...]`` for conditioning rows ``cond`` and their seeds (one row each)."""
+        raise NotImplementedError
+
+    def reduce(self, values: np.ndarray) -> np.ndarray:
+        """``[N, generations, ...]`` raw values -> ``[N]`` scores (default: the mean)."""
+        return values.reshape(values.shape[0], -1).mean(axis=1)
+
+    def attribute(self, pipe, caption: str, prompt_id: int = 0, *, seed: int = 0,
+                  resolution: int | None = None) -> pd.DataFrame:
+        """Per-token attribution (``token_index, token, attribution``) of ``caption``'s score."""
+        raise ConfigError(f"detector '{self.name}' has no per-token attribution "
+                          "(use detect=noise_norm, or attribution=false)")
+
+
+def to_epsilon(sched, output: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+    """The UNet's ``output`` as a noise prediction (``x`` = the scaled model input at ``t``).
+
+    ``epsilon`` models pass through; ``v_prediction`` ones (SD 2.x 768) are converted with
+    ``eps = sqrt(a_t) v + sqrt(1 - a_t) x``.
+    """
+    kind = getattr(sched.config, "prediction_type", "epsilon")
+    if kind == "epsilon":
+        return output
+    if kind == "v_prediction":
+        a = sched.alphas_cumprod[int(t)].to(output.device, output.dtype)
+        return a.sqrt() * output + (1 - a).sqrt() * x
+    raise ConfigError(f"detectors need an epsilon or v_prediction model, not prediction_type '{kind}'")
+
+
+def _vae_factor(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int ``>= minimum``; ``ConfigError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
+            isinstance(value, float) and value.is_integer()):
+        raise ConfigError(f"{name} must be an integer (got {value!r})")
+    if int(value) < minimum:
+        raise ConfigError(f"{name} must be >= {minimum} (got {value})")
+    return int(value)
+
+
+def check_float(value, name: str, minimum: float | None = None) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number (got {value!r})") from None
+    if not np.isfinite(out) or (minimum is not None and out < minimum):
+        raise ConfigError(f"{name} must be a finite number >= {minimum} (got {value})")
+    return out
+
+
+@dataclass
+class UnetCounter:
+    """UNet usage: ``calls`` forward passes, ``evals`` rows through the network (batch sizes summed)."""
+
+    calls: int = 0
+    evals: int = 0
+
+
+@contextlib.contextmanager
+def count_unet_evals(unet) -> Iterator[UnetCounter]:
+    """Count ``unet``'s forward passes and per-sample evaluations while the block runs.
+
+    Wraps ``unet.forward`` (an instance attribute, removed again on exit), so it counts every
+    call however it is made. One "evaluation" is one latent through the network: a
+    classifier-free-guided step of one sample costs 2.
+    """
+    counter = UnetCounter()
+    had_own = "forward" in vars(unet)
+    original = unet.forward
+
+    def forward(sample, *args, **kwargs):
+        counter.calls += 1
+        counter.evals += int(sample.shape[0])
+        return original(sample, *args, **kwargs)
+
+    unet.forward = forward
+    try:
+        yield counter
+    finally:
+        if had_own:
+            unet.forward = original
+        else:
+            del unet.forward

@@ -1,0 +1,289 @@
+"""The detect stage and its detectors: finite, seeded scores, UNet budget, hand-computed values,
+token attribution, ROC metrics against sklearn, an untouched model, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import diffmem
+from diffmem.detectors import DETECTORS, build_detector, count_unet_evals
+from diffmem.detectors.noise_norm import NoiseNorm
+from diffmem.detectors.noise_ssim import mean_pairwise_ssim, minmax_per_channel
+from diffmem.errors import ConfigError, DataError
+from diffmem.metrics.detection import (
+    DetectionMetrics,
+    calibrate_threshold,
+    detection_metrics,
+    ground_truth_labels,
+    roc_auc,
+    tpr_at_fpr,
+)
+from diffmem.sampling import encode_prompts, sample_seed
+from tests.conftest import SMALL_DATA
+
+CAPTIONS = ["the zorblax emblem", "a red circle above a blue square on a grey background",
+            "a vintage poster", "two green triangles"]
+FAST = {"noise_norm": dict(steps=[0, 1], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
+        "noise_ssim": dict(n_seeds=3, step=1, num_inference_steps=4),
+        "one_step": dict(n_seeds=2, num_inference_steps=4, guidance_scale=3.0)}
+
+
+def _args(pipe_dir, *extra, prompt_file=None):
+    prompts = (["prompts=file", f"prompts.path={prompt_file}"] if prompt_file else
+               ["prompts.n_ordinary=2", "prompts.n_heldout=2", "positives.min_dup_count=4"])
+    return ["model=local", f"model.path={pipe_dir}", "detect.num_inference_steps=4", *prompts,
+            *SMALL_DATA, *extra]
+
+
+# --- detectors on the tiny pipeline --------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_detectors_give_finite_seeded_scores(tiny_pipe, name):
+    det = DETECTORS.build(name, **FAST[name])
+    a = det.score(tiny_pipe, CAPTIONS, [3, 5, 7, 9], seed=0, resolution=32, batch_size=3)
+    b = DETECTORS.build(name, **FAST[name]).score(tiny_pipe, CAPTIONS, [3, 5, 7, 9], seed=0,
+                                                  resolution=32, batch_size=3)
+    assert a.shape == (4,) and a.dtype == np.float64 and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)  # same config, same scores
+    assert len(np.unique(a)) == 4  # prompts are told apart
+    c = det.score(tiny_pipe, CAPTIONS, [3, 5, 7, 9], seed=1, resolution=32, batch_size=3)
+    assert not np.allclose(a, c)  # the base seed matters
+
+
+def test_noise_norm_unet_budget_and_batch_independence(tiny_pipe):
+    first = NoiseNorm(steps=[0], n_generations=2, num_inference_steps=4, guidance_scale=3.0)
+    with count_unet_evals(tiny_pipe.unet) as used:
+        together = first.score(tiny_pipe, CAPTIONS, [10, 11, 12, 13], resolution=32, batch_size=8)
+    assert used.evals == 2 * len(CAPTIONS) * 2  # one guided pair per prompt-generation
+    assert "forward" not in vars(tiny_pipe.unet)  # the counter unwraps itself
+    later = NoiseNorm(steps=[2], n_generations=1, num_inference_steps=4, guidance_scale=3.0)
+    with count_unet_evals(tiny_pipe.unet) as used:
+        later.score(tiny_pipe, CAPTIONS[:1], resolution=32)
+    assert used.evals == 2 * 3  # steps 0..2 are run, step 3 is not
+    alone = [first.score(tiny_pipe, [c], [pid], resolution=32, batch_size=1)[0]
+             for c, pid in zip(CAPTIONS[::-1], [13, 12, 11, 10])]
+    np.testing.assert_allclose(alone[::-1], together, rtol=1e-5)
+    mixed = first.score(tiny_pipe, [CAPTIONS[2], "something else"], [12, 99], resolution=32, batch_size=3)
+    assert mixed[0] == pytest.approx(together[2], rel=1e-5)
+
+
+def _ddim_alpha(sched, t):
+    return sched.alphas_cumprod[t] if t >= 0 else sched.final_alpha_cumprod
+
+
+def test_guidance_free_noise_norm_matches_hand_computation(tiny_pipe):
+    """guidance 0: x_t follows the unconditional sampler; score = mean_t ||eps_c - eps_u||."""
+    pid, seed, steps = 4, 7, 4
+
+    def score(scored_steps, guidance=0.0):
+        return NoiseNorm(steps=scored_steps, num_inference_steps=steps, guidance_scale=guidance).score(
+            tiny_pipe, [CAPTIONS[1]], [pid], seed=seed, resolution=32)[0]
+
+    unet, sched = tiny_pipe.unet, tiny_pipe.scheduler
+    cond, uncond = encode_prompts(tiny_pipe, [CAPTIONS[1]]), encode_prompts(tiny_pipe, [""])
+    x = torch.randn((4, 16, 16), generator=torch.Generator().manual_seed(sample_seed(seed, pid, 0)))[None]
+    stride = 1000 // steps
+    norms = []
+    with torch.no_grad():
+        for t in (751, 501):  # "leading" DDIM spacing with steps_offset 1
+            eps_c = unet(x, t, encoder_hidden_states=cond).sample
+            eps_u = unet(x, t, encoder_hidden_states=uncond).sample
+            norms.append(float(torch.sqrt(((eps_c - eps_u) ** 2).sum())))
+            a, a_prev = _ddim_alpha(sched, t), _ddim_alpha(sched, t - stride)
+            x0 = (x - (1 - a).sqrt() * eps_u) / a.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_u
+    assert score([1]) == pytest.approx(norms[1], rel=1e-5)
+    assert score([0, 1]) == pytest.approx(np.mean(norms), rel=1e-5)
+    assert score([0], guidance=5.0) == pytest.approx(norms[0], rel=1e-5)  # step 0: no guidance yet
+    assert score([1], guidance=5.0) != pytest.approx(norms[1], rel=1e-4)  # later steps follow it
+
+
+def test_attribution_one_row_per_token_and_is_the_gradient(tiny_pipe):
+    det = NoiseNorm(steps=[0], num_inference_steps=4, guidance_scale=3.0)
+    caption, pid = CAPTIONS[0], 2
+    table = det.attribute(tiny_pipe, caption, pid, resolution=32)
+    ids = tiny_pipe.tokenizer(caption).input_ids  # no padding: BOS, the words' tokens, EOS
+    assert table["token_index"].tolist() == list(range(len(ids)))
+    assert table["token"].tolist() == tiny_pipe.tokenizer.convert_ids_to_tokens(ids)
+    assert np.isfinite(table["attribution"]).all() and (table["attribution"] > 0).all()
+
+    # central finite differences of the score w.r.t. one token's input embedding
+    token, h = 3, 1e-2
+    emb = tiny_pipe.text_encoder.get_input_embeddings()
+    dim = emb.embedding_dim
+
+    def score_with(delta):
+        handle = emb.register_forward_hook(lambda m, a, out: out + delta)
+        try:
+            return det.score(tiny_pipe, [caption], [pid], resolution=32)[0]
+        finally:
+            handle.remove()
+
+    grad = np.zeros(dim)
+    for j in range(dim):
+        d = torch.zeros(1, tiny_pipe.tokenizer.model_max_length, dim)
+        d[0, token, j] = h
+        grad[j] = (score_with(d) - score_with(-d)) / (2 * h)
+    assert table["attribution"][token] == pytest.approx(np.linalg.norm(grad), rel=2e-2)
+
+
+def test_model_unchanged_by_detection(tiny_pipe):
+    def snapshot():
+        return {f"{name}.{k}": v.clone() for name in ("unet", "text_encoder", "vae")
+                for k, v in getattr(tiny_pipe, name).state_dict().items()}
+
+    before = snapshot()
+    def flags():
+        return [p.requires_grad for name in ("unet", "text_encoder", "vae")
+                for p in getattr(tiny_pipe, name).parameters()]
+
+    before_flags = flags()
+    for name in FAST:
+        DETECTORS.build(name, **FAST[name]).score(tiny_pipe, CAPTIONS[:2], resolution=32)
+    NoiseNorm(steps=[0, 1], num_inference_steps=4).attribute(tiny_pipe, CAPTIONS[0], resolution=32)
+    after = snapshot()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert flags() == before_flags
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+    assert all(p.grad is None for p in tiny_pipe.text_encoder.parameters())
+
+
+def test_noise_ssim_pieces_and_one_step_sign(tiny_pipe):
+    x = np.random.default_rng(0).normal(size=(3, 4, 8, 8))
+    x[0, 1] = 2.0  # a constant channel
+    n = minmax_per_channel(x)
+    assert n.min() >= 0 and n.max() <= 1 and n[1, 2].min() == 0 and n[1, 2].max() == 1
+    assert np.all(n[0, 1] == 0)
+    assert mean_pairwise_ssim(np.stack([n[1]] * 3)) == pytest.approx(1.0)
+    assert mean_pairwise_ssim(n) < 0.5
+    plus = DETECTORS.build("one_step", **FAST["one_step"]).score(tiny_pipe, CAPTIONS[:2], resolution=32)
+    minus = DETECTORS.build("one_step", **FAST["one_step"], higher_mse_is_memorised=False).score(
+        tiny_pipe, CAPTIONS[:2], resolution=32)
+    assert (plus > 0).all()
+    np.testing.assert_allclose(minus, -plus)
+
+
+# --- ROC metrics --------------------------------------------------------------------------
+
+def test_detection_metrics_hand_case_and_sklearn():
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    # sorted: 0.8 (+), 0.4 (-), 0.35 (+), 0.1 (-): 3 of 4 pairs ordered -> AUC 0.75
+    scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
+    assert roc_auc(scores, labels) == 0.75
+    assert tpr_at_fpr(scores, labels, 0.01) == 0.5  # threshold 0.8: TPR 1/2 at FPR 0
+    assert tpr_at_fpr(scores, labels, 0.5) == 1.0
+    assert roc_auc([1, 1, 0], [1, 0, 0]) == 0.75  # a tie counts one half
+    out = DetectionMetrics(fpr=0.01)(scores, labels)
+    assert out == {"roc_auc": 0.75, "tpr_at_fpr": 0.5, "fpr": 0.01, "n_pos": 2, "n_neg": 2}
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    s = rng.normal(size=400) + y * 1.5
+    s[:40] = np.round(s[:40])  # some ties
+    assert roc_auc(s, y) == pytest.approx(roc_auc_score(y, s))
+    fpr, tpr, _ = roc_curve(y, s)
+    for limit in (0.0, 0.01, 0.1, 0.3):
+        assert tpr_at_fpr(s, y, limit) == pytest.approx(tpr[fpr <= limit].max())
+    assert detection_metrics(-s, y)["roc_auc"] == pytest.approx(1 - roc_auc_score(y, s))
+
+    assert calibrate_threshold([0.2, 0.4, 0.6]) == pytest.approx(0.4 + 0.2)  # mean + sample std
+    with pytest.raises(DataError, match="both classes"):
+        roc_auc([0.1, 0.2], [1, 1])
+    with pytest.raises(DataError, match="0 .* or 1"):
+        roc_auc([0.1, 0.2], [0, 2])
+    with pytest.raises(ConfigError, match="fpr"):
+        tpr_at_fpr(scores, labels, 1.5)
+
+
+def test_ground_truth_labels():
+    tb = pd.DataFrame({"kind": ["canary", "canary", "template", "ordinary", "heldout"],
+                       "dup_count": [64, 4, 32, 1, 0]})
+    got = ground_truth_labels(tb)
+    assert got[0] == 1 and np.isnan(got[1]) and np.isnan(got[2]) and got[3] == 0 and got[4] == 0
+    got = ground_truth_labels(tb, {"kinds": ["canary", "template"], "min_dup_count": 4})
+    assert got.tolist()[:3] == [1, 1, 1]
+    nemo = pd.DataFrame({"type": ["VM", "TM", "N", None]})
+    assert ground_truth_labels(nemo).tolist() == [1, 1, 0, 0]
+    assert ground_truth_labels(pd.DataFrame({"caption": ["x"]})) is None
+    with pytest.raises(ConfigError, match="unknown field"):
+        ground_truth_labels(tb, {"min_dupcount": 3})
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+def test_detect_stage_outputs(tiny_pipe_dir):
+    run_dir = diffmem.run("detect", _args(tiny_pipe_dir, "attribution=true"))
+    res = diffmem.load_run(run_dir)
+    assert res.done and run_dir.name == "noise_norm-local"
+    scores, attr = res.table("scores"), res.table("attribution")
+    assert {"prompt_id", "caption", "detector", "score", "kind", "dup_count", "label"} <= set(scores.columns)
+    assert scores["prompt_id"].is_unique and np.isfinite(scores["score"]).all()
+    assert (scores["detector"] == "noise_norm").all()
+    canary4 = scores[(scores.kind == "canary") & (scores.dup_count == 4)]
+    assert (canary4["label"] == 1).all() and scores.loc[scores.kind == "template", "label"].isna().all()
+    m = res.metrics
+    assert m["unet_calls"] == 2 * len(scores)  # steps=[0], one generation
+    sub = scores[scores["label"].notna()]
+    assert m["roc_auc"] == pytest.approx(roc_auc(sub["score"], sub["label"]))
+    assert m["ground_truth"]["n_pos"] == int(sub["label"].sum())
+    assert "threshold" in m["ground_truth"]["calibrated_threshold"]
+    assert (run_dir / "roc.png").stat().st_size > 1000
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipe_dir / "tokenizer")
+    n_tokens = [len(tokenizer(c).input_ids) for c in scores["caption"]]  # no padding rows
+    assert attr.groupby("prompt_id").size().loc[scores["prompt_id"]].tolist() == n_tokens
+
+    again = diffmem.run("detect", _args(tiny_pipe_dir, "attribution=true", "name=again"))
+    pd.testing.assert_frame_equal(scores, pd.read_parquet(again / "scores.parquet"))
+    info = json.loads((run_dir / "info.json").read_text())
+    assert info["unet_calls"] == m["unet_calls"] and info["config"]["detect"]["steps"] == [0]
+
+
+def test_detect_stage_other_detector_without_ground_truth(tiny_pipe_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the zorblax emblem\na vintage poster\n")
+    run_dir = diffmem.run("detect", _args(tiny_pipe_dir, "detect=noise_ssim", "detect.n_seeds=2",
+                                          prompt_file=prompts))
+    res = diffmem.load_run(run_dir)
+    assert len(res.table("scores")) == 2 and "label" not in res.table("scores")
+    assert res.metrics["unet_calls"] == 2 * 2 and "roc_auc" not in res.metrics
+    assert not (run_dir / "roc.png").exists()
+
+
+@pytest.mark.parametrize("override,error,message", [
+    ("detect.name=noise_nrom", ConfigError, "Did you mean 'noise_norm'"),
+    ("detect.steps=[-1]", ConfigError, "steps must be >= 0"),
+    ("detect.steps=[4]", ConfigError, "steps must be < num_inference_steps=4"),
+    ("+detect.stepz=1", ConfigError, "stepz"),
+    ("batch_size=0", ConfigError, "batch_size must be >= 1"),
+    ("+positives.min_dupcount=2", ConfigError, "unknown field"),
+])
+def test_bad_config_is_refused_before_anything_is_written(tiny_pipe_dir, override, error, message):
+    cfg = diffmem.compose("detect", _args(tiny_pipe_dir, override))
+    with pytest.raises(error, match=message):
+        diffmem.run("detect", _args(tiny_pipe_dir, override))
+    assert not Path(cfg.run_dir).exists()
+
+
+def test_bad_inputs(tiny_pipe, tiny_pipe_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        diffmem.run("detect", _args(tiny_pipe_dir, prompt_file=empty))
+    with pytest.raises(DataError, match="prompt list is empty"):
+        DETECTORS.build("noise_norm").score(tiny_pipe, [])
+    with pytest.raises(ConfigError, match="attribution"):
+        diffmem.run("detect", _args(tiny_pipe_dir, "detect=one_step", "attribution=true"))
+    with pytest.raises(ConfigError, match="n_seeds must be >= 2"):
+        build_detector({"name": "noise_ssim", "n_seeds": 1})
+    with pytest.raises(ConfigError, match="reduction"):
+        build_detector({"name": "noise_norm", "reduction": "median"})
