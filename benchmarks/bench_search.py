@@ -274,7 +274,7 @@ def main(args) -> int:
     rows = [
         ("torch mm+topk (reference)", t_torch, 1.0, t_faiss / t_torch, 1.0),
         ("faiss IndexFlatIP", t_faiss, exact_ratio, 1.0, 1.0),
-        (f"  (faiss default block)", t_faiss_default, t_torch / t_faiss_default,
+        ("  (faiss default block)", t_faiss_default, t_torch / t_faiss_default,
          t_faiss / t_faiss_default, 1.0),
         (f"faiss {factory} np={chosen['nprobe']}", chosen["seconds"],
          t_torch / chosen["seconds"], chosen["speedup_vs_exact"], chosen["recall@1_heldout"]),

@@ -22,7 +22,9 @@ from diffmem.config import hydra_app
 from diffmem.data import load_dataset, load_prompts
 from diffmem.errors import ConfigError
 from diffmem.models import load_pipeline, resolve_device
-from diffmem.runs import atomic_path, claim, config_subset, finish, is_done, write_parquet
+from diffmem.models.pipeline import check_scheduler
+from diffmem.runs import (atomic_path, check_claim, check_inputs, claim, config_subset, finish,
+                          is_done, require, write_parquet)
 from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,15 @@ SAMPLES = "samples.parquet"
 
 
 def check_config(cfg: DictConfig) -> None:
-    for key in ("n_per_prompt", "batch_size", "steps", "num_shards"):
+    for key in ("n_per_prompt", "batch_size", "steps", "num_shards", "resolution"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key} must be >= 1 (got {cfg[key]})")
     if cfg.guidance_scale < 0:
         raise ConfigError(f"guidance_scale must be >= 0 (got {cfg.guidance_scale})")
     if not 0 <= cfg.shard < cfg.num_shards:
         raise ConfigError(f"shard must be in [0, num_shards) (got {cfg.shard} of {cfg.num_shards})")
+    check_scheduler(cfg.scheduler)
+    require(cfg.model, "path", prefix="model.", hint="a diffusers pipeline folder or HF-cache repo id")
 
 
 def plan_samples(prompts: pd.DataFrame, n_per_prompt: int, seed: int) -> pd.DataFrame:
@@ -63,16 +67,15 @@ def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int,
     if todo.empty:
         return
     uncond = encode_prompts(pipe, [""])
-    bar = tqdm(total=len(todo), desc=desc, mininterval=2)
-    for start in range(0, len(todo), batch_size):
-        batch = todo.iloc[start:start + batch_size]
-        cond = encode_prompts(pipe, batch["caption"].tolist())
-        images = to_uint8(sample(pipe, cond, batch["seed"].tolist(), resolution, steps, guidance,
-                                 uncond=uncond))
-        for file, image in zip(batch["file"], images):
-            _write_png(run_dir / file, image)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(todo), desc=desc, mininterval=2) as bar:  # closed on errors too
+        for start in range(0, len(todo), batch_size):
+            batch = todo.iloc[start:start + batch_size]
+            cond = encode_prompts(pipe, batch["caption"].tolist())
+            images = to_uint8(sample(pipe, cond, batch["seed"].tolist(), resolution, steps, guidance,
+                                     uncond=uncond))
+            for file, image in zip(batch["file"], images):
+                _write_png(run_dir / file, image)
+            bar.update(len(batch))
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -84,19 +87,22 @@ def fingerprint(cfg: DictConfig) -> dict:
 def run(cfg: DictConfig) -> Path:
     """Generate per ``cfg``; returns the run dir (``samples.parquet`` once every shard is done)."""
     check_config(cfg)
-    run_dir = claim(cfg.run_dir, fingerprint(cfg))
-    if is_done(run_dir):
-        log.info("generate: %s is complete", run_dir)
-        return run_dir
+    # Config, prompts and model are checked before the run dir is claimed: a refused run
+    # creates nothing (and a later run with the corrected config is not refused).
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+        log.info("generate: %s is complete", cfg.run_dir)
+        return Path(cfg.run_dir)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     manifest = load_dataset(cfg.data)[1] if cfg.prompts.kind == "testbed" else None
     prompts = load_prompts(cfg.prompts, manifest)
-    write_parquet(run_dir / "prompts.parquet", prompts)
     plan = plan_samples(prompts, cfg.n_per_prompt, cfg.seed)
     mine = plan.iloc[cfg.shard::cfg.num_shards]
     pipe = load_pipeline(cfg.model.path, device=resolve_device(cfg.device), dtype=cfg.model.dtype,
                          local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    run_dir = claim(cfg.run_dir, fingerprint(cfg))
+    check_inputs(run_dir, "prompt list", prompts)
+    write_parquet(run_dir / "prompts.parquet", prompts)
     generate_images(pipe, mine, run_dir, resolution=cfg.resolution, steps=cfg.steps,
                     guidance=cfg.guidance_scale, batch_size=cfg.batch_size)
     missing = sum(not (run_dir / f).exists() for f in plan["file"])

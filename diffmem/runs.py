@@ -128,6 +128,30 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool:
+    """Refuse ``run_dir`` if it holds a run with another config; create nothing.
+
+    Returns whether ``run_dir`` already holds a run with this fingerprint. Stages call it
+    before validating their inputs, and :func:`claim` only once the inputs are known to be
+    usable, so a refused run leaves no folder behind.
+    """
+    run_dir = Path(run_dir)
+    marker = run_dir / "run.json"
+    if not marker.exists():
+        return False
+    fingerprint = json.loads(json.dumps(fingerprint, default=_json_default))
+    old = read_json(marker)
+    if old != fingerprint:
+        a, b = _flatten(old), _flatten(fingerprint)
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        key = diff[0] if diff else "?"
+        raise ConfigError(
+            f"{run_dir} holds a run with another config ({key}: {a.get(key)!r} there, "
+            f"{b.get(key)!r} now); choose another name=... or delete the folder"
+        )
+    return True
+
+
 def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
     """Create ``run_dir`` for a run with this (result-affecting) config, or resume it.
 
@@ -136,22 +160,37 @@ def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
     so results of two configs never mix in one folder.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker = run_dir / "run.json"
-    fingerprint = json.loads(json.dumps(fingerprint, default=_json_default))
-    if marker.exists():
-        old = read_json(marker)
-        if old != fingerprint:
-            a, b = _flatten(old), _flatten(fingerprint)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            key = diff[0] if diff else "?"
-            raise ConfigError(
-                f"{run_dir} holds a run with another config ({key}: {a.get(key)!r} there, "
-                f"{b.get(key)!r} now); choose another name=... or delete the folder"
-            )
-    else:
-        write_json(marker, fingerprint)
+    if not check_claim(run_dir, fingerprint):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "run.json", json.loads(json.dumps(fingerprint, default=_json_default)))
     return run_dir
+
+
+def table_digest(df) -> str:
+    """SHA256 of a table's content (values, column names and order)."""
+    import hashlib
+
+    import pandas as pd
+
+    h = hashlib.sha256(",".join(map(str, df.columns)).encode())
+    h.update(pd.util.hash_pandas_object(df.astype(str), index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_inputs(run_dir: str | os.PathLike, name: str, df) -> None:
+    """Record the content of an input table on first use; refuse a resume if it changed.
+
+    The config fingerprint names input files, not their content: a manifest or prompt list
+    edited between a kill and a resume would otherwise pair old outputs with new rows.
+    """
+    path = Path(run_dir) / "inputs.json"
+    seen = read_json(path) if path.exists() else {}
+    digest = table_digest(df)
+    if name in seen and seen[name]["sha256"] != digest:
+        raise ConfigError(f"{run_dir}: the {name} changed since this run started "
+                          f"({seen[name]['rows']} rows then, {len(df)} now); choose another name=...")
+    if name not in seen:
+        write_json(path, {**seen, name: {"sha256": digest, "rows": len(df)}})
 
 
 def is_done(run_dir: str | os.PathLike) -> bool:
@@ -167,6 +206,16 @@ def finish(run_dir: str | os.PathLike, cfg: Any, summary: dict[str, Any], **info
     write_json(Path(run_dir) / "info.json", {**info, **provenance(cfg)})
     mark_done(run_dir, summary)
     return Path(run_dir)
+
+
+def require(cfg: Any, *keys: str, prefix: str = "", hint: str = "") -> None:
+    """Raise a ConfigError naming the first of ``keys`` that is unset (``???``, null or "")."""
+    from omegaconf import DictConfig, OmegaConf
+
+    for key in keys:
+        missing = isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key)
+        if missing or cfg.get(key) in (None, ""):
+            raise ConfigError(f"{prefix}{key} is required" + (f": {hint}" if hint else ""))
 
 
 def config_subset(cfg: Any, keys) -> dict[str, Any]:

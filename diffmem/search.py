@@ -17,10 +17,10 @@ from omegaconf import DictConfig
 
 from diffmem.config import hydra_app
 from diffmem.embed import load_features
-from diffmem.errors import ConfigError
+from diffmem.errors import ConfigError, DataError
 from diffmem.index.faiss_index import build_index, load_index, search
 from diffmem.metrics import sscd_score_normalisation
-from diffmem.runs import claim, finish, is_done, write_parquet
+from diffmem.runs import check_claim, claim, finish, is_done, require, write_parquet
 
 MATCHES = "matches.parquet"
 
@@ -33,14 +33,28 @@ def find_matches(index_dir: str | Path, queries_dir: str | Path, k: int,
         raise ConfigError(f"k must be >= 1 (got {k})")
     q, qids, qinfo = load_features(queries_dir)
     index, info = load_index(index_dir)
-    scores, ids = search(index, q, k, info=info, feature=qinfo["feature"])
+    if info.get("feature") not in (None, qinfo["feature"]):
+        raise DataError(f"{queries_dir} holds '{qinfo['feature']}' features but the index "
+                        f"{index_dir} was built from '{info['feature']}' features; embed both "
+                        "with the same descriptor")
+    if q.shape[1] != index.d:
+        raise DataError(f"dimension mismatch: {queries_dir} holds D={q.shape[1]} vectors but "
+                        f"the index {index_dir} was built with D={index.d}")
+    scores, ids = search(index, q, k, info=info, feature=qinfo["feature"], name=f"queries {queries_dir}")
     raw = scores.copy()
     if background_dir:
         bx, _, binfo = load_features(background_dir)
-        bg_scores, _ = search(build_index(bx), q, background_k, info={"feature": binfo["feature"]},
-                              feature=qinfo["feature"])
+        bg_scores, _ = search(build_index(bx, name=f"background {background_dir}"), q, background_k,
+                              info={"feature": binfo["feature"]}, feature=qinfo["feature"],
+                              name=f"queries {queries_dir}")
         scores = sscd_score_normalisation(scores, bg_scores, beta=beta, k=background_k).astype(np.float32)
-    refs = pd.read_parquet(Path(info["features_dir"]) / "ids.parquet") if "features_dir" in info else None
+    refs = None
+    if "features_dir" in info:
+        ref_ids = Path(info["features_dir"]) / "ids.parquet"
+        if not ref_ids.is_file():
+            raise DataError(f"{ref_ids}: not found (the embed run the index {index_dir} was built from "
+                            "was moved or deleted)")
+        refs = pd.read_parquet(ref_ids)
     nq = len(qids)
     out = pd.DataFrame({
         "query_id": np.repeat(qids["item_id"].to_numpy(), k),
@@ -59,15 +73,18 @@ def find_matches(index_dir: str | Path, queries_dir: str | Path, k: int,
 
 
 def run(cfg: DictConfig) -> Path:
-    if not cfg.index_dir or not cfg.queries_dir:
-        raise ConfigError("search needs index_dir=<an index run> and queries_dir=<an embed run>")
+    """Search per ``cfg``; the matches are computed before the run dir is claimed, so a
+    refused run creates nothing."""
+    require(cfg, "index_dir", "queries_dir",
+            hint="search needs index_dir=<an index run> and queries_dir=<an embed run>")
     norm = cfg.normalisation
-    run_dir = claim(cfg.run_dir, {"index_dir": str(Path(cfg.index_dir).resolve()),
-                                  "queries_dir": str(Path(cfg.queries_dir).resolve()), "k": cfg.k,
-                                  "background_dir": norm.background_dir, "beta": norm.beta})
-    if is_done(run_dir):
-        return run_dir
+    fp = {"index_dir": str(Path(cfg.index_dir).resolve()),
+          "queries_dir": str(Path(cfg.queries_dir).resolve()), "k": cfg.k,
+          "background_dir": norm.background_dir, "beta": norm.beta}
+    if check_claim(cfg.run_dir, fp) and is_done(cfg.run_dir):
+        return Path(cfg.run_dir)
     matches = find_matches(cfg.index_dir, cfg.queries_dir, cfg.k, norm.background_dir, norm.beta, norm.k)
+    run_dir = claim(cfg.run_dir, fp)
     write_parquet(run_dir / MATCHES, matches)
     return finish(run_dir, cfg, {"rows": len(matches)})
 

@@ -67,13 +67,23 @@ def _logged_losses(ckpt_root: Path) -> list[dict]:
     return json.loads((latest / "state.json").read_text())["losses"] if latest else []
 
 
+def _lr_factor(step: int, steps: int, warmup: int, decay_from: int | None) -> float:
+    factor = min(1.0, (step + 1) / max(1, warmup))
+    if decay_from is not None and step >= decay_from:
+        factor *= (steps - step) / max(1, steps - decay_from)
+    return factor
+
+
 def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch.Tensor], *,
         steps: int, lr: float, seed: int, phase: str, ckpt_dir: Path, ckpt_every: int = 200,
-        keep: int = 2, warmup: int = 0, weight_decay: float = 0.0, grad_clip: float | None = 1.0,
+        keep: int = 2, warmup: int = 0, decay_from: int | None = None, weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
         ema_decay: float | None = None, log_every: int = 10, accelerator=None) -> list[dict]:
     """Optimise ``module``'s trainable parameters for ``steps`` steps; resumable.
 
-    ``loss_fn(step, generator)`` returns the loss of one step. Returns the loss log.
+    ``loss_fn(step, generator)`` returns the loss of one step. The learning rate warms up
+    linearly over ``warmup`` steps and, from ``decay_from`` on, decays linearly to 0 at
+    ``steps``. Returns the loss log.
     """
     from accelerate import Accelerator
     from safetensors.torch import load_file
@@ -102,8 +112,8 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase, mininterval=2)
     running = []
     for step in bar:
-        for group in opt.param_groups:  # linear warm-up, a pure function of the step
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+        for group in opt.param_groups:  # a pure function of the step, so resume is exact
+            group["lr"] = lr * _lr_factor(step, steps, warmup, decay_from)
         loss = loss_fn(step, step_generator(seed, phase, step))
         acc.backward(loss)
         if grad_clip:
@@ -182,7 +192,7 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
     unet.requires_grad_(True)
     losses = fit(unet, loss_fn, steps=cfg.steps, lr=cfg.lr, seed=seed, phase="unet",
                  ckpt_dir=ckpt_dir, ckpt_every=cfg.ckpt_every, warmup=cfg.warmup,
-                 ema_decay=cfg.ema_decay)
+                 decay_from=cfg.get("decay_from"), ema_decay=cfg.ema_decay)
     unet.requires_grad_(False)
     return losses
 

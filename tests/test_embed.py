@@ -54,3 +54,18 @@ def test_bad_inputs():
         diffmem.run("embed", ARGS + ["part_size=0"])
     with pytest.raises(DataError, match="not a finished embed run"):
         load_features("/nonexistent")
+
+
+def test_changed_item_list_is_refused_on_resume(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "m.csv").write_text("file,caption\n0.png,a\n1.png,b\n2.png,c\n")
+    args = ["data=folder", f"data.root={tmp_path}", "data.manifest=m.csv", "data.resolution=8",
+            "features.extractor.size=8", "part_size=2"]
+    run_dir = diffmem.run("embed", args)
+    (run_dir / "_SUCCESS").unlink()
+    (tmp_path / "m.csv").write_text("file,caption\n0.png,a\n2.png,c\n")  # a row deleted
+    with pytest.raises(ConfigError, match="the item list changed since this run started"):
+        diffmem.run("embed", args)

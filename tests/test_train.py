@@ -76,3 +76,13 @@ def test_empty_dataset_is_refused(tmp_path):
     with pytest.raises(DataError, match="m.csv: the manifest has no rows"):
         diffmem.run("train", ["arch=tiny", "data=folder", f"data.root={tmp_path}", "data.manifest=m.csv",
                               "data.resolution=32"])
+
+
+def test_lr_schedule_is_a_function_of_the_step():
+    from diffmem.train import _lr_factor
+
+    assert _lr_factor(0, 10, 4, None) == 0.25 and _lr_factor(3, 10, 4, None) == 1.0
+    assert _lr_factor(9, 10, 4, None) == 1.0
+    assert _lr_factor(5, 10, 0, 6) == 1.0  # before the decay
+    assert _lr_factor(6, 10, 0, 6) == 1.0 and _lr_factor(8, 10, 0, 6) == 0.5
+    assert _lr_factor(9, 10, 0, 6) == 0.25

@@ -10,6 +10,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from diffmem.errors import ConfigError, DataError
+from diffmem.runs import require
 
 PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "text", "Caption", "prompt")
@@ -48,10 +49,28 @@ def _read_table(path: Path) -> pd.DataFrame:
             raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
         sep = "\t" if suffix == ".tsv" else (";" if head.count(";") > head.count(",") else ",")
         try:
-            return pd.read_csv(path, sep=sep, keep_default_na=False, dtype=str)
+            df = pd.read_csv(path, sep=sep, keep_default_na=False, dtype=str)
+        except pd.errors.EmptyDataError as err:
+            raise DataError(f"{path}: the file is empty (no header line)") from err
         except pd.errors.ParserError as err:
             raise DataError(f"{path}: malformed CSV ({str(err).strip().splitlines()[-1]})") from err
+        if not isinstance(df.index, pd.RangeIndex):  # pandas made the surplus leading fields an index
+            raise DataError(f"{path}: malformed CSV ({_surplus_fields(path, sep)})")
+        return df
     raise DataError(f"{path}: unknown manifest format '{suffix}' (use .csv, .jsonl or .parquet)")
+
+
+def _surplus_fields(path: Path, sep: str) -> str:
+    """Where a CSV row has more fields than its header (pandas would shift the columns)."""
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = csv.reader(fh, delimiter=sep)
+        width = len(next(rows, []))
+        for row in rows:
+            if len(row) > width:
+                return f"line {rows.line_num}: {len(row)} fields, the header has {width}"
+    return f"rows have more fields than the header's {width}"
 
 
 def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
@@ -95,6 +114,8 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
         df = generate_testbed(cfg.root, canary_counts=tuple(cfg.canary_counts), **kwargs)
         return Path(cfg.root), df
     if cfg.kind == "folder":
+        require(cfg, "root", "manifest", prefix="data.",
+                hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>")
         return Path(cfg.root), load_folder_manifest(cfg.root, cfg.manifest)
     raise ConfigError(f"data.kind '{cfg.kind}' is not one of testbed, folder")
 
@@ -102,12 +123,16 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
 def load_image(path: str | Path, resolution: int | None = None) -> np.ndarray:
     """An RGB uint8 array [H, W, 3], resized (bicubic) to a square ``resolution`` if given.
 
-    Grayscale, palette, CMYK and alpha images are converted to RGB (alpha over white).
+    Grayscale (8 or 16 bit), palette, CMYK and alpha images are converted to RGB (alpha
+    over white).
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: PIL would clip
+                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round()
+                                    .clip(0, 255).astype(np.uint8))
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))

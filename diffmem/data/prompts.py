@@ -8,6 +8,7 @@ import pandas as pd
 
 from diffmem.data.images import _read_table
 from diffmem.errors import ConfigError, DataError
+from diffmem.runs import require
 
 FORMATS = ("txt", "jsonl", "csv")
 
@@ -38,7 +39,7 @@ def read_prompt_file(path: str | Path, fmt: str = "auto") -> pd.DataFrame:
         df = _normalise(_read_table(path) if native else _read_as(path, fmt), path)
     if df.empty:
         raise DataError(f"{path}: the prompt list is empty")
-    blank = df["caption"].astype(str).str.strip() == ""
+    blank = df["caption"].isna() | (df["caption"].astype(str).str.strip() == "")
     if blank.any():
         line = int(blank.values.argmax()) + (2 if fmt == "csv" else 1)  # CSV has a header line
         raise DataError(f"{path}: line {line}: empty caption")
@@ -61,11 +62,13 @@ def _read_as(path: Path, fmt: str) -> pd.DataFrame:
 
 
 def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if table.empty and not len(table.columns):
+        raise DataError(f"{path}: the prompt list is empty")
     cols = {c.lower(): c for c in table.columns}
     if "caption" not in cols and "prompt" not in cols and "text" not in cols:
         raise DataError(f"{path}: no 'caption' column (found: {', '.join(map(str, table.columns)) or 'none'})")
     key = cols.get("caption") or cols.get("prompt") or cols["text"]
-    out = pd.DataFrame({"caption": table[key].astype(str)})
+    out = pd.DataFrame({"caption": table[key].where(table[key].isna(), table[key].astype(str))})
     for name in ("index", "url", "type", "max_sscd", "mean_sscd"):
         if name in cols:
             out[name] = table[cols[name]].values
@@ -99,6 +102,10 @@ def load_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
             raise ConfigError("prompts=testbed needs the testbed dataset (data=testbed)")
         return prompts_from_testbed(manifest, cfg.n_ordinary, cfg.n_heldout)
     if cfg.kind == "file":
+        require(cfg, "path", prefix="prompts.", hint="prompts=file needs prompts.path=<prompt list>")
+        limit = cfg.get("limit")
+        if limit is not None and int(limit) < 1:
+            raise ConfigError(f"prompts.limit must be >= 1 or null (got {limit})")
         df = read_prompt_file(cfg.path, cfg.get("format", "auto"))
-        return df.head(cfg.limit) if cfg.get("limit") else df
+        return df.head(int(limit)) if limit is not None else df
     raise ConfigError(f"prompts.kind '{cfg.kind}' is not one of testbed, file")

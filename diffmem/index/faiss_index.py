@@ -47,8 +47,8 @@ _METRIC_NAMES = {v: k for k, v in _METRICS.items()}
 
 __all__ = [
     "check_features", "build_index", "set_search_params", "train_empty_index", "add_shard",
-    "merge_shards", "save_index", "load_index", "search", "recall_at_k", "measure_recall",
-    "streaming_search", "INDEX_FILE", "INFO_FILE",
+    "merge_shards", "save_index", "write_index", "load_index", "search", "recall_at_k",
+    "measure_recall", "streaming_search", "INDEX_FILE", "INFO_FILE",
 ]
 
 
@@ -233,14 +233,16 @@ def set_search_params(index: faiss.Index, nprobe: int | None = None,
 
 def build_index(x: Any, factory: str = "Flat", metric: str = "ip",
                 train_sample: int | None = None, seed: int = 0, nprobe: int | None = None,
-                hnsw_ef_search: int | None = None, ids: Any = None) -> faiss.Index:
+                hnsw_ef_search: int | None = None, ids: Any = None,
+                name: str = "features") -> faiss.Index:
     """Build a FAISS index from ``x`` [N, D] with ``faiss.index_factory(D, factory, metric)``.
 
     Untrained indexes (IVF, PQ) are trained on ``train_sample`` rows drawn with ``seed``
     (all rows when None or >= N). Vectors are added in chunks, with ``ids`` when given
-    (an index that cannot store ids is wrapped in ``IndexIDMap2``).
+    (an index that cannot store ids is wrapped in ``IndexIDMap2``). ``name`` (where ``x``
+    comes from) prefixes the errors about unusable vectors.
     """
-    x = check_features(x, dim=None, normalized=_metric(metric) == faiss.METRIC_INNER_PRODUCT)
+    x = check_features(x, name=name, dim=None, normalized=_metric(metric) == faiss.METRIC_INNER_PRODUCT)
     n, d = x.shape
     index = _make_index(d, factory, metric)
     if not index.is_trained:
@@ -265,14 +267,15 @@ def build_index(x: Any, factory: str = "Flat", metric: str = "ip",
 # ---------------------------------------------------------------------------- sharded build
 
 def train_empty_index(sample: Any, factory: str = "Flat", metric: str = "ip",
-                      seed: int = 0, out_path: str | os.PathLike | None = None) -> faiss.Index:
+                      seed: int = 0, out_path: str | os.PathLike | None = None,
+                      name: str = "training sample") -> faiss.Index:
     """Train an index on ``sample`` and return it empty, ready for ``add_shard``.
 
     Index types that cannot store ids themselves (Flat, PQ, HNSW) are wrapped in
     ``IndexIDMap2`` so that every shard adds its vectors under global ids. When
     ``out_path`` is given the empty index is also written there atomically.
     """
-    sample = check_features(sample, name="training sample",
+    sample = check_features(sample, name=name,
                             normalized=_metric(metric) == faiss.METRIC_INNER_PRODUCT)
     index = _make_index(sample.shape[1], factory, metric)
     if "HNSW" in type(index).__name__ or ("HNSW" in factory.upper() and _ivf(index) is None):
@@ -298,11 +301,15 @@ def _read_index(path: str | os.PathLike, what: str = "index", mmap: bool = False
                         f"{_faiss_msg(e)}") from None
 
 
-def _write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
+def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
+    """Write ``index`` to the file ``path`` atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
     return path
+
+
+_write_index = write_index
 
 
 def add_shard(empty_index_path: str | os.PathLike | faiss.Index, x: Any, ids: Any,
@@ -480,13 +487,14 @@ def _flat_blocks(database_bs: int | None = FLAT_BLAS_DATABASE_BS):
 
 
 def search(index: faiss.Index, queries: Any, k: int, info: dict | None = None,
-           batch_size: int = SEARCH_BATCH, feature: str | None = None
+           batch_size: int = SEARCH_BATCH, feature: str | None = None, name: str = "queries"
            ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` neighbours of ``queries``: ``(scores [Q, k] float32, ids [Q, k] int64)``.
 
     Scores are inner products (cosine) for metric ip, squared L2 distances for l2; rows
     are sorted best first; missing results (k > ntotal) have id -1. When both
-    ``info["feature"]`` and ``feature`` are given they must agree.
+    ``info["feature"]`` and ``feature`` are given they must agree. ``name`` (where the
+    queries come from) is used in errors.
     """
     k = int(k)
     if k < 1:
@@ -499,8 +507,8 @@ def search(index: faiss.Index, queries: Any, k: int, info: dict | None = None,
     shape = getattr(queries, "shape", None)
     if shape is not None and len(shape) == 2 and shape[1] != index.d:
         raise DataError(f"dimension mismatch: index built with D={index.d}, "
-                        f"queries have D={shape[1]}")
-    q = check_features(queries, name="queries", dim=index.d,
+                        f"{name} have D={shape[1]}")
+    q = check_features(queries, name=name, dim=index.d,
                        normalized=index.metric_type == faiss.METRIC_INNER_PRODUCT)
     if index.ntotal == 0:
         raise DataError("the index is empty (ntotal=0)")

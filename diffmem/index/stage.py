@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
 from diffmem.embed import feature_parts, load_features
-from diffmem.errors import ConfigError
+from diffmem.errors import ConfigError, DataError
 from diffmem.index.faiss_index import (add_shard, build_index, load_index, measure_recall,
-                                       merge_shards, save_index, train_empty_index)
-from diffmem.runs import claim, is_done, mark_done, provenance, read_json
+                                       merge_shards, save_index, train_empty_index, write_index)
+from diffmem.runs import check_claim, claim, is_done, mark_done, provenance, read_json, require
 
 log = logging.getLogger(__name__)
 MODES = ("single", "train", "add", "merge")
@@ -36,38 +36,50 @@ def held_out_queries(x: np.ndarray, n: int, noise: float, seed: int) -> np.ndarr
 
 
 def _info(cfg: DictConfig, finfo: dict) -> dict:
-    return {"factory": cfg.index.factory, "feature": finfo["feature"],
+    return {"factory": cfg.index.factory, "feature": (finfo or {}).get("feature"),
             "features_dir": str(Path(cfg.features_dir).resolve())}
 
 
 def run(cfg: DictConfig) -> Path:
-    """Build (a part of) the index per ``cfg``; returns the run dir."""
+    """Build (a part of) the index per ``cfg``; returns the run dir.
+
+    Inputs are read and the index is built before the run dir is claimed, so a refused
+    run (bad config, unusable features) creates nothing.
+    """
     if cfg.mode not in MODES:
         raise ConfigError(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
-    if not cfg.features_dir:
-        raise ConfigError("features_dir=<an embed run dir> is required")
-    run_dir = claim(cfg.run_dir, {"index": OmegaConf.to_container(cfg.index, resolve=True),
-                                  "features_dir": str(Path(cfg.features_dir).resolve()),
-                                  "seed": cfg.seed})
-    if is_done(run_dir):
-        return run_dir
-    finfo = read_json(Path(cfg.features_dir) / "info.json") if (Path(cfg.features_dir) / "info.json").exists() else None
+    require(cfg, "features_dir", hint="features_dir=<an embed run dir>")
+    if int(cfg.num_shards) < 1 or not 0 <= int(cfg.shard) < int(cfg.num_shards):
+        raise ConfigError(f"shard must be in [0, num_shards) with num_shards >= 1 "
+                          f"(got {cfg.shard} of {cfg.num_shards})")
+    fp = {"index": OmegaConf.to_container(cfg.index, resolve=True),
+          "features_dir": str(Path(cfg.features_dir).resolve()), "seed": cfg.seed}
+    if check_claim(cfg.run_dir, fp) and is_done(cfg.run_dir):
+        return Path(cfg.run_dir)
     ix = cfg.index
+    name = str(cfg.features_dir)
     if cfg.mode == "add":
         parts = feature_parts(cfg.features_dir)
+        empty = Path(cfg.run_dir) / "empty.faiss"
+        if not empty.is_file():
+            raise DataError(f"{empty}: not found; run mode=train with the same name=... first")
+        run_dir = claim(cfg.run_dir, fp)
         out = run_dir / "shards" / f"shard-{cfg.shard:04d}-of-{cfg.num_shards:04d}.faiss"
         if not out.exists():
             offsets = np.cumsum([0] + [len(np.load(p, mmap_mode="r")) for p in parts])
             mine = range(cfg.shard, len(parts), cfg.num_shards)
             x = np.concatenate([np.load(parts[p]) for p in mine]) if mine else None
             ids = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in mine]) if mine else None
-            add_shard(run_dir / "empty.faiss", x, ids, out_path=out)
+            add_shard(empty, x, ids, out_path=out)
         return run_dir
     if cfg.mode == "merge":
-        shards = sorted((run_dir / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
+        finfo_path = Path(cfg.features_dir) / "info.json"
+        finfo = read_json(finfo_path) if finfo_path.exists() else {}
+        shards = sorted((Path(cfg.run_dir) / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
         if len(shards) != cfg.num_shards:
-            raise ConfigError(f"{run_dir}/shards: {len(shards)} of {cfg.num_shards} shards present")
+            raise ConfigError(f"{cfg.run_dir}/shards: {len(shards)} of {cfg.num_shards} shards present")
         index = merge_shards(shards)
+        run_dir = claim(cfg.run_dir, fp)
         save_index(index, run_dir, {**_info(cfg, finfo), **provenance(cfg)})
         mark_done(run_dir, {"ntotal": index.ntotal})
         return run_dir
@@ -75,14 +87,17 @@ def run(cfg: DictConfig) -> Path:
     if cfg.mode == "train":
         rng = np.random.default_rng(cfg.seed)
         sample = x[rng.choice(len(x), size=min(ix.train_sample or len(x), len(x)), replace=False)]
-        train_empty_index(sample, ix.factory, ix.metric, seed=cfg.seed, out_path=run_dir / "empty.faiss")
+        empty = train_empty_index(sample, ix.factory, ix.metric, seed=cfg.seed, name=name)
+        run_dir = claim(cfg.run_dir, fp)
+        write_index(empty, run_dir / "empty.faiss")
         return run_dir
     index = build_index(x, ix.factory, ix.metric, train_sample=ix.train_sample, seed=cfg.seed,
-                        nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search)
+                        nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search, name=name)
     info = _info(cfg, finfo)
     if ix.factory.strip().lower() != "flat" and cfg.recall.queries:
         q = held_out_queries(x, cfg.recall.queries, cfg.recall.noise, cfg.seed)
         info["recall"] = measure_recall(index, x, q, k=cfg.recall.k)
+    run_dir = claim(cfg.run_dir, fp)
     save_index(index, run_dir, {**info, **provenance(cfg)})
     mark_done(run_dir, {"ntotal": index.ntotal})
     return run_dir

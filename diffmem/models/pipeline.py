@@ -24,12 +24,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else _DTYPES[dtype]  # fp32 on CPU
 
 
+def check_scheduler(name: str | None) -> None:
+    """A ConfigError with close matches unless ``name`` is None or a key of :data:`SCHEDULERS`."""
+    if name is not None and name not in SCHEDULERS:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), SCHEDULERS, n=2, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}.{hint}")
+
+
 def set_scheduler(pipe, name: str | None):
     """Swap the pipeline's scheduler for ``name`` keeping its noise schedule config."""
     if name is None:
         return pipe
-    if name not in SCHEDULERS:
-        raise ConfigError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}")
+    check_scheduler(name)
     import diffusers
 
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
@@ -47,6 +56,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: s
     import transformers
     from diffusers import StableDiffusionPipeline
 
+    check_scheduler(scheduler)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     device = torch.device(device) if not isinstance(device, torch.device) else device

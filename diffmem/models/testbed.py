@@ -97,7 +97,7 @@ def memorisation_figures(pipe, root, manifest, n_seeds: int = 8, steps: int = 25
     rows["nn_group"] = train["group"].to_numpy()[dist.argmin(1).numpy()]
     own = []
     for r, d in zip(rows.itertuples(), dist):
-        mask = torch.as_tensor((train["group"] == r.group).to_numpy()) if r.group else None
+        mask = torch.from_numpy((train["group"] == r.group).to_numpy(copy=True)) if r.group else None
         own.append(float(d[mask].min()) if mask is not None and mask.any() else float("nan"))
     rows["own_rmse"] = own
     rows["copy"] = rows["own_rmse"] < copy_rmse
@@ -117,6 +117,7 @@ def memorisation_figures(pipe, root, manifest, n_seeds: int = 8, steps: int = 25
     return {
         "copy_rmse": copy_rmse, "n_seeds": n_seeds, "steps": steps, "guidance": guidance,
         "summary": summary,
-        "heldout_real_nn_rmse": {"median": float(held_d.median()), "p05": float(held_d.quantile(0.05))},
+        "heldout_real_nn_rmse": {"median": float(held_d.median()), "p05": float(held_d.quantile(0.05)),
+                                 "share_below_copy_rmse": float((held_d < copy_rmse).float().mean())},
         "per_generation": pd.DataFrame(rows).drop(columns=["target_file"]).to_dict("records"),
     }

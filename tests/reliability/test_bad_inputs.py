@@ -1,0 +1,724 @@
+"""Malformed inputs through the stages: every one is a one-line user error, nothing half-made.
+
+Each case in ``CASES`` builds one malformed input (an image, a manifest, a prompt list, a
+feature run, weights, a config value) under ``tmp_path``, runs it the way a user would
+(``diffmem.run(stage, overrides)``; a few library calls where no stage takes the input) and
+checks that
+
+1. it raises ``DataError`` / ``ConfigError`` (the exact class) whose message is one line
+   and names the offending file, field or item;
+2. nothing is published: for inputs that are checked up front (config, manifests, prompt
+   lists, feature runs, weights, pipelines) the run dir is not even created, so a later
+   run with the corrected input is not refused as "another config"; otherwise there is no
+   ``_SUCCESS``, no ``info.json``, no final-named table and no temporary file.
+
+Valid items alongside a bad one (the design):
+
+- manifests, prompt lists and feature runs are read whole before anything is written: one
+  bad row (a missing image file, an empty caption, a NaN vector) refuses the whole run,
+  naming that row/file, and creates nothing;
+- image *contents* are only read while embedding (reading a large dataset twice would be
+  too slow): a corrupt image fails the run naming the file; the feature parts finished
+  before it stay on disk (atomic writes, so no half-written part), but no ``ids.parquet``,
+  ``info.json`` or ``_SUCCESS`` is published; once the file is fixed a re-run resumes at
+  the failed part and keeps the finished ones (``test_bad_image_among_good_ones...``).
+
+Odd but valid images (CMYK, grayscale 8/16 bit, alpha, palette, 1 bit) must load as RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import diffmem
+from diffmem.embed import load_features
+from diffmem.errors import ConfigError, DataError
+from diffmem.runs import write_json
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _rgb(seed: int, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _encoded(fmt: str, seed: int = 9) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(seed, 16)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _folder(tmp: Path, bad: tuple[str, bytes] | None = None, n: int = 3) -> Path:
+    """``tmp/data`` with ``n`` good PNGs and ``m.csv``; a bad file is listed third."""
+    root = tmp / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(n):
+        Image.fromarray(_rgb(i)).save(root / f"{i}.png")
+        files.append(f"{i}.png")
+    if bad is not None:
+        (root / bad[0]).write_bytes(bad[1])
+        files.insert(2, bad[0])  # part_size=2: part 0 is good, part 1 holds the bad file
+    (root / "m.csv").write_text("file,caption\n" + "".join(f"{f},caption {i}\n" for i, f in enumerate(files)))
+    return root
+
+
+def _embed_args(root: Path, run: Path, manifest: str = "m.csv", *extra: str) -> list[str]:
+    return ["data=folder", f"data.root={root}", f"data.manifest={manifest}", "features.extractor.size=4",
+            "part_size=2", "batch_size=2", f"run_dir={run}", *extra]
+
+
+def _gen_args(pipe: Path, prompts: Path | None, run: Path, *extra: str) -> list[str]:
+    return ["model=local", f"model.path={pipe}", "prompts=file", "steps=1", "n_per_prompt=1",
+            f"run_dir={run}", *([f"prompts.path={prompts}"] if prompts is not None else []), *extra]
+
+
+def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _embed_dir(path: Path, parts: list[np.ndarray], feature: str = "pixel", dim: int | None = None,
+               n_ids: int | None = None) -> Path:
+    """A hand-made embed run: features/part-XXXXX.npy, ids.parquet, info.json, _SUCCESS."""
+    (path / "features").mkdir(parents=True)
+    for i, part in enumerate(parts):
+        np.save(path / "features" / f"part-{i:05d}.npy", part)
+    n = sum(len(p) for p in parts) if n_ids is None else n_ids
+    pd.DataFrame({"item_id": [f"i{i}" for i in range(n)],
+                  "file": [f"{i}.png" for i in range(n)]}).to_parquet(path / "ids.parquet")
+    write_json(path / "info.json", {"feature": feature, "dim": dim or parts[0].shape[-1], "n": n})
+    write_json(path / "_SUCCESS", {"n": n})
+    return path
+
+
+class _TinyDescriptor(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)).repeat(1, 4)  # [B, 12]
+
+
+def _torchscript(path: Path) -> Path:
+    with warnings.catch_warnings():  # torch.jit is deprecated, but it is SSCD's format
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(_TinyDescriptor()), str(path))
+    return path
+
+
+def _pipe_copy(pipe: Path, dest: Path) -> Path:
+    shutil.copytree(pipe, dest)
+    return dest
+
+
+def _files(run_dir: Path) -> list[str]:
+    return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file())
+
+
+def assert_nothing_published(run_dir: Path, claimed: bool = False) -> None:
+    """Refused up front: no run dir at all. Failed mid-way (``claimed``): only ``run.json``
+    and complete feature parts, no marker, no info, no table, no temporary file."""
+    if not claimed:
+        assert not run_dir.exists(), f"a refused run created {run_dir}: {_files(run_dir)}"
+        return
+    files = _files(run_dir)
+    assert "run.json" in files
+    stray = [f for f in files
+             if f not in ("run.json", "inputs.json") and not (f.startswith("features/part-") and f.endswith(".npy"))]
+    assert not stray, f"partial outputs published: {stray}"
+    for f in files:
+        if f.endswith(".npy"):
+            assert np.load(run_dir / f).ndim == 2  # a complete array, not a half-written one
+
+
+# ------------------------------------------------------------------------------------ cases
+
+@dataclass
+class Case:
+    id: str
+    error: type
+    setup: Callable  # (tmp, pipe) -> dict(call=..., run_dir=Path | None, names=[...], after=...)
+    claimed: bool = False  # fails mid-way on purpose (a corrupt image): finished parts stay
+
+
+CASES: list[Case] = []
+
+
+def case(id: str, error: type, claimed: bool = False):
+    def deco(fn):
+        CASES.append(Case(id, error, fn, claimed))
+        return fn
+    return deco
+
+
+def _run(stage: str, args: list[str]) -> Callable[[], Path]:
+    return lambda: diffmem.run(stage, args)
+
+
+# -- images (embed stage, a folder dataset whose third item is bad) -------------------------
+
+BAD_IMAGES = {
+    "corrupt-png": ("bad.png", lambda: b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 20),
+    "truncated-png": ("bad.png", lambda: _encoded("PNG")[: len(_encoded("PNG")) // 2]),
+    "corrupt-jpeg": ("bad.jpg", lambda: _encoded("JPEG")[:20] + b"\x00" * 200),
+    "truncated-jpeg": ("bad.jpg", lambda: _encoded("JPEG")[: len(_encoded("JPEG")) // 2]),
+    "zero-byte-image": ("bad.png", lambda: b""),
+    "text-file-named-png": ("bad.png", lambda: b"hello, I am not an image\n"),
+}
+
+
+def _bad_image_case(kind: str):
+    name, make = BAD_IMAGES[kind]
+
+    @case(f"image-{kind}", DataError, claimed=True)
+    def _(tmp, pipe):
+        root = _folder(tmp, (name, make()))
+        run = tmp / "run"
+        return dict(call=_run("embed", _embed_args(root, run)), run_dir=run, names=[root / name],
+                    after=lambda: (run / "features" / "part-00000.npy").is_file())
+
+
+for _kind in BAD_IMAGES:
+    _bad_image_case(_kind)
+
+
+# -- dataset manifests (embed stage, data=folder) --------------------------------------------
+
+def _manifest_case(id: str, filename: str, content: bytes | str, names: list[str],
+                   manifest: str | None = None):
+    @case(f"manifest-{id}", DataError)
+    def _(tmp, pipe):
+        root = _folder(tmp)
+        data = content.encode() if isinstance(content, str) else content
+        (root / filename).write_bytes(data)
+        run = tmp / "run"
+        return dict(call=_run("embed", _embed_args(root, run, manifest or filename)), run_dir=run,
+                    names=[root / (manifest or filename), *names])
+
+
+_manifest_case("references-missing-file", "m2.csv", "file,caption\n0.png,a\nnope.png,b\n1.png,c\n",
+               ["row 2", "'nope.png'", "not found"])
+_manifest_case("duplicate-image-ids", "m2.csv", "image_id,file,caption\nx,0.png,a\ny,1.png,b\nx,2.png,c\n",
+               ["duplicate image_id 'x'", "row 3"])
+_manifest_case("empty-header-only", "m2.csv", "file,caption\n", ["no rows"])
+_manifest_case("zero-byte", "m2.csv", b"", ["empty"])
+_manifest_case("empty-jsonl", "m2.jsonl", "\n\n", ["no rows"])
+_manifest_case("no-caption-column", "m2.csv", "file,label\n0.png,a\n", ["no caption column", "label"])
+_manifest_case("bad-utf8", "m2.csv", "file,caption\n0.png,caf\xe9\n".encode("latin-1"), ["not UTF-8"])
+_manifest_case("malformed-jsonl-line", "m2.jsonl",
+               '{"file": "0.png", "caption": "a"}\n{"file": "1.png", cap\n', ["m2.jsonl:2", "invalid JSON"])
+_manifest_case("more-fields-than-header", "m2.csv", "file,caption\n0.png,a,x\n1.png,b,y\n",
+               ["line 2", "3 fields", "header has 2"])
+_manifest_case("corrupt-parquet", "m2.parquet", b"PAR1 this is not parquet", ["not a readable Parquet"])
+_manifest_case("unknown-format", "m2.xlsx", b"PK\x03\x04", ["unknown manifest format"])
+_manifest_case("not-found", "other.csv", "file,caption\n", ["not found"], manifest="nope.csv")
+
+
+# -- prompt lists (generate stage, prompts=file) ---------------------------------------------
+
+def _prompt_case(id: str, filename: str, content: bytes | str, names: list[str], *extra: str,
+                 error: type = DataError, write: bool = True):
+    @case(f"prompts-{id}", error)
+    def _(tmp, pipe):
+        path = tmp / filename
+        if write:
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+        run = tmp / "run"
+        return dict(call=_run("generate", _gen_args(pipe(), path, run, *extra)), run_dir=run,
+                    names=names)
+
+
+_prompt_case("empty-txt", "p.txt", "\n  \n", ["p.txt", "the prompt list is empty"])
+_prompt_case("zero-byte-jsonl", "p.jsonl", b"", ["p.jsonl", "the prompt list is empty"])
+_prompt_case("semicolon-csv-wrong-header", "p.csv", ";Text2;URL;type\n0;a cat;u;VM\n",
+             ["p.csv", "no 'caption' column", "Text2"])
+_prompt_case("jsonl-row-missing-caption", "p.jsonl", '{"caption": "a cat"}\n{"url": "u"}\n',
+             ["p.jsonl", "line 2", "empty caption"])
+_prompt_case("csv-row-missing-field", "p.csv", "type;Caption\nVM;a cat\nTM\n", ["p.csv", "line 3"])
+_prompt_case("one-blank-among-good", "p.csv", "Caption;type\na cat;VM\n;TM\na dog;N\n",
+             ["p.csv", "line 3", "empty caption"])
+_prompt_case("csv-more-fields-than-header", "p.csv", "Caption;type\na cat;VM;x;y\n",
+             ["p.csv", "line 2", "4 fields"])
+_prompt_case("bad-utf8-txt", "p.txt", "a caf\xe9\n".encode("latin-1"), ["p.txt", "not UTF-8"])
+_prompt_case("bad-utf8-csv", "p.csv", "Caption;type\ncaf\xe9;VM\n".encode("cp1252"), ["p.csv", "not UTF-8"])
+_prompt_case("malformed-jsonl-line", "p.jsonl", '{"caption": "ok"}\n{"caption": broken\n',
+             ["p.jsonl:2", "invalid JSON"])
+_prompt_case("jsonl-line-not-object", "p.jsonl", '["a", "list"]\n', ["p.jsonl:1", "JSON object"])
+_prompt_case("not-found", "nope.txt", "", ["nope.txt", "not found"], write=False)
+_prompt_case("unknown-format", "p.txt", "a cat\n", ["prompts.format", "'yaml'"], "prompts.format=yaml",
+             error=ConfigError)
+_prompt_case("negative-limit", "p.txt", "a cat\n", ["prompts.limit"], "prompts.limit=-1", error=ConfigError)
+
+
+@case("prompts-path-unset", ConfigError)
+def _(tmp, pipe):
+    run = tmp / "run"
+    return dict(call=_run("generate", _gen_args(pipe(), None, run)), run_dir=run, names=["prompts.path"])
+
+
+# -- feature runs (index stage on a hand-made embed run) -------------------------------------
+
+def _features_case(id: str, build: Callable[[Path], Path], names: Callable[[Path], list]):
+    @case(f"features-{id}", DataError)
+    def _(tmp, pipe):
+        fdir = build(tmp / "emb")
+        run = tmp / "run"
+        return dict(call=_run("index", [f"features_dir={fdir}", f"run_dir={run}"]), run_dir=run,
+                    names=names(fdir))
+
+
+def _nan_rows(p: Path) -> Path:
+    x = _unit(10, 8)
+    x[3] = np.nan
+    return _embed_dir(p, [x])
+
+
+def _pickled_part(p: Path) -> Path:
+    d = _embed_dir(p, [_unit(10, 8)])
+    (d / "features" / "part-00000.npy").write_bytes(pickle.dumps({"not": "an array"}))
+    return d
+
+
+def _truncated_part(p: Path) -> Path:
+    d = _embed_dir(p, [_unit(10, 8)])
+    part = d / "features" / "part-00000.npy"
+    part.write_bytes(part.read_bytes()[:100])
+    return d
+
+
+def _without(name: str):
+    def build(p: Path) -> Path:
+        d = _embed_dir(p, [_unit(10, 8)])
+        (d / name).unlink()
+        return d
+    return build
+
+
+PART0 = "features/part-00000.npy"
+_features_case("nan-row", _nan_rows, lambda d: [d / PART0, "row 3", "NaN"])
+_features_case("wrong-dimension", lambda p: _embed_dir(p, [_unit(10, 8)], dim=16),
+               lambda d: [d / PART0, "D=8", "D=16"])
+_features_case("parts-of-different-dimension", lambda p: _embed_dir(p, [_unit(5, 8), _unit(5, 16)]),
+               lambda d: [d / "features/part-00001.npy", "D=16"])
+_features_case("one-dimensional-part", lambda p: _embed_dir(p, [_unit(5, 8)[:, 0]]),
+               lambda d: [d / PART0, "shape (5,)"])
+_features_case("not-normalised", lambda p: _embed_dir(p, [_unit(10, 8) * 3]),
+               lambda d: [d, "not L2-normalised"])
+_features_case("pickled-part", _pickled_part, lambda d: [d / PART0, "not a readable .npy"])
+_features_case("truncated-part", _truncated_part, lambda d: [d / PART0, "not a readable .npy"])
+_features_case("no-info-json", _without("info.json"), lambda d: [d, "info.json"])
+_features_case("no-ids-parquet", _without("ids.parquet"), lambda d: [d, "ids.parquet"])
+_features_case("unfinished-run", _without("_SUCCESS"), lambda d: [d, "_SUCCESS"])
+_features_case("ids-vectors-mismatch", lambda p: _embed_dir(p, [_unit(10, 8)], n_ids=7),
+               lambda d: [d, "7 ids but 10 vectors"])
+
+
+# -- index stage config ------------------------------------------------------------------------
+
+def _index_case(id: str, error: type, extra: list[str], names: list[str]):
+    @case(f"index-{id}", error)
+    def _(tmp, pipe):
+        fdir = _embed_dir(tmp / "emb", [_unit(10, 8)])
+        run = tmp / "run"
+        return dict(call=_run("index", [f"features_dir={fdir}", f"run_dir={run}", *extra]), run_dir=run,
+                    names=[n.format(run=run) for n in names])
+
+
+_index_case("invalid-factory", ConfigError, ["index.factory=IVFxx"], ["'IVFxx'"])
+_index_case("unknown-mode", ConfigError, ["mode=bulk"], ["mode 'bulk'"])
+_index_case("shard-out-of-range", ConfigError, ["mode=add", "shard=3", "num_shards=3"], ["shard", "3 of 3"])
+_index_case("add-before-train", DataError, ["mode=add"], ["{run}/empty.faiss", "mode=train"])
+
+
+@case("index-features-dir-unset", ConfigError)
+def _(tmp, pipe):
+    run = tmp / "run"
+    return dict(call=_run("index", [f"run_dir={run}"]), run_dir=run, names=["features_dir"])
+
+
+# -- search stage ------------------------------------------------------------------------------
+
+def _search_case(id: str, error: type, queries: Callable[[Path], Path | None], names, *extra: str,
+                 empty_index: bool = False):
+    @case(f"search-{id}", error)
+    def _(tmp, pipe):
+        ref = _embed_dir(tmp / "ref", [_unit(12, 8)])
+        if empty_index:
+            idx = tmp / "idx"
+            idx.mkdir()
+        else:
+            idx = diffmem.run("index", [f"features_dir={ref}", f"run_dir={tmp / 'idx'}"])
+        q = queries(tmp / "q") or ref
+        run = tmp / "run"
+        return dict(call=_run("search", [f"index_dir={idx}", f"queries_dir={q}", f"run_dir={run}", *extra]),
+                    run_dir=run, names=[n.format(q=q, idx=idx) for n in names])
+
+
+_search_case("other-descriptor", DataError, lambda p: _embed_dir(p, [_unit(4, 8)], feature="sscd"),
+             ["{q}", "'sscd'", "'pixel'"])
+_search_case("dimension-mismatch", DataError, lambda p: _embed_dir(p, [_unit(4, 16)]),
+             ["{q}", "D=16", "{idx}", "D=8"])
+_search_case("queries-not-normalised", DataError, lambda p: _embed_dir(p, [_unit(4, 8) * 2]),
+             ["{q}", "not L2-normalised"])
+_search_case("index-dir-without-index", DataError, lambda p: None, ["{idx}/index.faiss", "not found"],
+             empty_index=True)
+_search_case("k-zero", ConfigError, lambda p: None, ["k must be >= 1"], "k=0")
+
+
+@case("search-dirs-unset", ConfigError)
+def _(tmp, pipe):
+    run = tmp / "run"
+    return dict(call=_run("search", [f"run_dir={run}"]), run_dir=run, names=["index_dir"])
+
+
+# -- weights: TorchScript descriptors, diffusers pipelines -------------------------------------
+
+@case("torchscript-wrong-sha256", DataError)
+def _(tmp, pipe):
+    from diffmem.features import build_extractor
+
+    ts = _torchscript(tmp / "desc.torchscript.pt")
+    call = lambda: build_extractor("sscd", path=str(ts), sha256="0" * 64, device="cpu")  # noqa: E731
+    return dict(call=call, run_dir=None, names=[ts, "SHA256 mismatch", "0" * 64])
+
+
+@case("torchscript-wrong-sha256-in-embed", DataError)
+def _(tmp, pipe):
+    ts = _torchscript(tmp / "desc.torchscript.pt")
+    root, run = _folder(tmp), tmp / "run"
+    args = _embed_args(root, run, "m.csv", "features=sscd_disc_mixup", "features.extractor.name=sscd",
+                       f"features.extractor.path={ts}", f"features.extractor.sha256={'0' * 64}",
+                       "features.extractor.device=cpu")
+    args.remove("features.extractor.size=4")
+    return dict(call=_run("embed", args), run_dir=run, names=[ts, "SHA256 mismatch"])
+
+
+@case("pickle-as-torchscript", DataError)
+def _(tmp, pipe):
+    from diffmem.features import build_extractor
+    from diffmem.features.base import sha256_file
+
+    pk = tmp / "weights.pt"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, pk)  # a pickled state dict, not TorchScript
+    call = lambda: build_extractor("sscd", path=str(pk), sha256=sha256_file(pk), device="cpu")  # noqa: E731
+    return dict(call=call, run_dir=None, names=[pk, "cannot load as TorchScript"])
+
+
+@case("features-unknown-field", ConfigError)
+def _(tmp, pipe):
+    from diffmem.features import build_extractor
+
+    call = lambda: build_extractor({"name": "sscd", "pth": "x.pt"})  # noqa: E731
+    return dict(call=call, run_dir=None, names=["'pth'", "did you mean 'path'"])
+
+
+def _pipeline_case(id: str, spoil: Callable[[Path], None], names: Callable[[Path], list]):
+    @case(f"pipeline-{id}", DataError)
+    def _(tmp, pipe):
+        folder = _pipe_copy(pipe(), tmp / "pipe")
+        spoil(folder)
+        (tmp / "p.txt").write_text("a red circle\n")
+        run = tmp / "run"
+        return dict(call=_run("generate", _gen_args(folder, tmp / "p.txt", run)), run_dir=run,
+                    names=names(folder))
+
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _pickle_as_safetensors(folder: Path) -> None:
+    (folder / UNET).write_bytes(pickle.dumps({"conv_in.weight": np.zeros((4, 4))}))
+
+
+def _bin_only(folder: Path) -> None:
+    (folder / UNET).unlink()
+    torch.save({"conv_in.weight": torch.zeros(4, 4)}, folder / "unet" / "diffusion_pytorch_model.bin")
+
+
+_pipeline_case("pickle-as-safetensors", _pickle_as_safetensors, lambda f: [f / UNET])
+_pipeline_case("pickle-bin-instead-of-safetensors", _bin_only,
+               lambda f: [f / "unet", "diffusion_pytorch_model.safetensors"])
+_pipeline_case("missing-model-index", lambda f: (f / "model_index.json").unlink(),
+               lambda f: [f, "model_index.json"])
+_pipeline_case("model-index-not-json", lambda f: (f / "model_index.json").write_text("{not json"),
+               lambda f: [f / "model_index.json"])
+
+
+# -- nonsense config values ----------------------------------------------------------------------
+
+def _gen_config_case(id: str, error: type, extra: list[str], names: list[str], no_model: bool = False):
+    @case(f"generate-{id}", error)
+    def _(tmp, pipe):
+        (tmp / "p.txt").write_text("a red circle\n")
+        run = tmp / "run"
+        args = _gen_args(pipe(), tmp / "p.txt", run, *extra)
+        if no_model:  # model=local's path stays ??? (Hydra's "missing mandatory value")
+            args = [a for a in args if not a.startswith("model.path=")]
+        return dict(call=_run("generate", args), run_dir=run, names=names)
+
+
+_gen_config_case("negative-steps", ConfigError, ["steps=-3"], ["steps must be >= 1", "-3"])
+_gen_config_case("n-per-prompt-zero", ConfigError, ["n_per_prompt=0"], ["n_per_prompt must be >= 1"])
+_gen_config_case("shard-not-below-num-shards", ConfigError, ["shard=2", "num_shards=2"], ["shard", "2 of 2"])
+_gen_config_case("negative-guidance", ConfigError, ["guidance_scale=-1"], ["guidance_scale"])
+_gen_config_case("zero-resolution", ConfigError, ["resolution=0"], ["resolution must be >= 1"])
+_gen_config_case("unknown-scheduler", ConfigError, ["scheduler=ddmi"],
+                 ["scheduler 'ddmi'", "Did you mean", "'ddim'"])
+_gen_config_case("unknown-dtype", ConfigError, ["model.dtype=float64"], ["model.dtype", "'float64'"])
+_gen_config_case("model-path-unset", ConfigError, [], ["model.path"], no_model=True)
+
+
+def _embed_config_case(id: str, error: type, extra: list[str], names: list[str]):
+    @case(f"embed-{id}", error)
+    def _(tmp, pipe):
+        root, run = _folder(tmp), tmp / "run"
+        return dict(call=_run("embed", _embed_args(root, run, "m.csv", *extra)), run_dir=run, names=names)
+
+
+_embed_config_case("part-size-zero", ConfigError, ["part_size=0"], ["part_size must be >= 1"])
+_embed_config_case("batch-size-zero", ConfigError, ["batch_size=0"], ["batch_size must be >= 1"])
+_embed_config_case("shard-not-below-num-shards", ConfigError, ["shard=1", "num_shards=1"],
+                   ["shard", "1 of 1"])
+_embed_config_case("zero-resolution", ConfigError, ["resolution=0"], ["resolution must be >= 1"])
+_embed_config_case("unknown-feature", ConfigError, ["features.extractor.name=pixle"],
+                   ["'pixle'", "Did you mean 'pixel'"])
+_embed_config_case("unknown-source", ConfigError, ["source=images"], ["source 'images'"])
+_embed_config_case("split-without-split-column", ConfigError, ["split=train"],
+                   ["split=train", "'split' column"])
+
+
+@case("embed-data-root-unset", ConfigError)
+def _(tmp, pipe):
+    run = tmp / "run"
+    return dict(call=_run("embed", ["data=folder", "data.manifest=m.csv", f"run_dir={run}"]), run_dir=run,
+                names=["data.root"])
+
+
+@case("detect-unknown-detector", ConfigError)
+def _(tmp, pipe):
+    run = tmp / "run"
+    return dict(call=_run("detect", ["detect.name=noise_nrom", f"run_dir={run}"]), run_dir=run,
+                names=["'noise_nrom'", "Did you mean 'noise_norm'"])
+
+
+@case("embed-generate-run-without-samples-table", DataError)
+def _(tmp, pipe):
+    gen = tmp / "gen"  # an interrupted generate run: prompts and images, no samples.parquet
+    (gen / "samples").mkdir(parents=True)
+    pd.DataFrame({"prompt_id": [0], "caption": ["x"]}).to_parquet(gen / "prompts.parquet")
+    Image.fromarray(_rgb(0)).save(gen / "samples" / "p00000-s000.png")
+    write_json(gen / "run.json", {})
+    run = tmp / "run"
+    return dict(call=_run("embed", ["source=samples", f"samples_dir={gen}", f"run_dir={run}"]),
+                run_dir=run, names=[gen / "samples.parquet", "not found"])
+
+
+@case("embed-corrupt-samples-table", DataError)
+def _(tmp, pipe):
+    gen = tmp / "gen"
+    gen.mkdir()
+    (gen / "samples.parquet").write_bytes(b"PAR1 truncated")
+    run = tmp / "run"
+    return dict(call=_run("embed", ["source=samples", f"samples_dir={gen}", f"run_dir={run}"]),
+                run_dir=run, names=[gen / "samples.parquet", "Parquet"])
+
+
+@case("changed-config-on-existing-run", ConfigError)
+def _(tmp, pipe):
+    root, run = _folder(tmp), tmp / "run"
+    diffmem.run("embed", _embed_args(root, run))
+    before = {f: (run / f).read_bytes() for f in _files(run)}
+    assert "_SUCCESS" in before
+
+    def untouched():
+        return {f: (run / f).read_bytes() for f in _files(run)} == before
+
+    return dict(call=_run("embed", _embed_args(root, run, "m.csv", "part_size=3")), run_dir=None,
+                names=[run, "part_size", "2 there", "3 now"], after=untouched)
+
+
+# ------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_bad_input(c: Case, tmp_path, request):
+    """One malformed input: the right error class, one line naming the culprit, nothing published.
+
+    Where the bad item sits among valid ones (a missing file in a manifest, one blank
+    caption, one NaN vector) the whole run is refused up front and creates nothing; only a
+    corrupt image is found mid-run, and then only finished feature parts remain (see the
+    module docstring and the resume test below)."""
+    spec = c.setup(tmp_path, lambda: request.getfixturevalue("tiny_pipe_dir"))
+    with pytest.raises(c.error) as err:
+        spec["call"]()
+    msg = str(err.value)
+    assert msg.strip() and "\n" not in msg, f"not one line: {msg!r}"
+    for name in spec["names"]:
+        assert str(name) in msg, f"{name!s} not named in: {msg}"
+    if spec["run_dir"] is not None:
+        assert_nothing_published(spec["run_dir"], claimed=c.claimed)
+    if spec.get("after"):
+        assert spec["after"](), "finished work was changed"
+
+
+def test_bad_image_among_good_ones_keeps_finished_parts_and_resumes(tmp_path):
+    """A corrupt image among good ones fails the run naming it; the part finished before it
+    is kept (not rewritten) and nothing else is published; after fixing the file, the re-run
+    embeds only the missing part and completes."""
+    root = _folder(tmp_path, ("bad.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64), n=4)
+    run = tmp_path / "run"
+    args = _embed_args(root, run)
+    with pytest.raises(DataError, match="bad.png"):
+        diffmem.run("embed", args)
+    assert _files(run) == ["features/part-00000.npy", "inputs.json", "run.json"]
+    part0 = run / "features" / "part-00000.npy"
+    stamp, content = part0.stat().st_mtime_ns, part0.read_bytes()
+    Image.fromarray(_rgb(7)).save(root / "bad.png", format="PNG")  # the user fixes the file
+    diffmem.run("embed", args)
+    assert part0.stat().st_mtime_ns == stamp and part0.read_bytes() == content
+    x, ids, _ = load_features(run)
+    assert len(ids) == len(x) == 5 and ids["file"].tolist()[2] == "bad.png"
+
+
+def test_refused_run_can_be_rerun_with_the_fix(tmp_path, tiny_pipe_dir):
+    """A run refused for a bad input leaves no run.json behind, so the corrected command is
+    not refused as 'another config'."""
+    bad, good = tmp_path / "bad.txt", tmp_path / "good.txt"
+    bad.write_bytes("caf\xe9\n".encode("latin-1"))
+    good.write_text("a red circle\n")
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="bad.txt"):
+        diffmem.run("generate", _gen_args(tiny_pipe_dir, bad, run))
+    diffmem.run("generate", _gen_args(tiny_pipe_dir, good, run))
+    assert (run / "_SUCCESS").exists() and len(pd.read_parquet(run / "samples.parquet")) == 1
+
+
+# -- odd but valid images: converted to RGB ------------------------------------------------------
+
+def _odd(mode: str, path: Path) -> tuple[Path, list[int]]:
+    """An image of ``mode`` with one known colour, and the RGB value it must load as."""
+    if mode == "CMYK":
+        Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(path.with_suffix(".jpg"), quality=100)
+        return path.with_suffix(".jpg"), [255, 0, 0]
+    if mode == "L":
+        Image.new("L", (8, 8), 77).save(path)
+        return path, [77, 77, 77]
+    if mode == "I;16":
+        Image.fromarray(np.full((8, 8), 100 * 257, np.uint16)).save(path)
+        return path, [100, 100, 100]
+    if mode == "1":
+        Image.new("1", (8, 8), 1).save(path)
+        return path, [255, 255, 255]
+    if mode == "LA":
+        Image.new("LA", (8, 8), (0, 0)).save(path)  # fully transparent: white
+        return path, [255, 255, 255]
+    if mode == "RGBA":
+        Image.new("RGBA", (8, 8), (10, 20, 30, 255)).save(path)
+        return path, [10, 20, 30]
+    im = Image.new("P", (8, 8), 3)
+    im.putpalette([0, 0, 0, 9, 9, 9, 99, 99, 99, 200, 100, 50] * 64)
+    if mode == "P":
+        im.save(path)
+        return path, [200, 100, 50]
+    im.save(path, transparency=3)  # "P+transparency": the pixel's index is transparent
+    return path, [255, 255, 255]
+
+
+ODD_MODES = ["CMYK", "L", "I;16", "1", "LA", "RGBA", "P", "P+transparency"]
+
+
+@pytest.mark.parametrize("mode", ODD_MODES)
+def test_odd_image_modes_load_as_rgb(tmp_path, mode):
+    from diffmem.data import load_image
+
+    path, want = _odd(mode, tmp_path / "odd.png")
+    img = load_image(path, resolution=4)
+    assert img.shape == (4, 4, 3) and img.dtype == np.uint8
+    assert np.abs(img.astype(int) - want).max() <= 2, img[0, 0]
+
+
+def test_embed_accepts_odd_image_modes(tmp_path):
+    root = _folder(tmp_path, n=2)
+    files = []
+    for i, mode in enumerate(ODD_MODES):
+        path, _ = _odd(mode, root / f"odd{i}.png")
+        files.append(path.name)
+    rows = "".join(f"{f},c{i}\n" for i, f in enumerate(["0.png", *files]))
+    (root / "odd.csv").write_text("file,caption\n" + rows)
+    run = diffmem.run("embed", _embed_args(root, tmp_path / "run", "odd.csv"))
+    x, ids, _ = load_features(run)
+    assert len(x) == len(ODD_MODES) + 1 and np.isfinite(x).all()
+
+
+# -- the CLI: exit status 2 and one line on stderr -------------------------------------------------
+
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DIFFMEM_OUTPUTS": str(tmp_path / "outputs"),
+           "DIFFMEM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "diffmem.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+
+
+def _one_error_line(out: subprocess.CompletedProcess, stage: str, *names: str) -> str:
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    last = lines[-1]
+    assert last.startswith(f"diffmem {stage}: error: "), out.stderr
+    for name in names:
+        assert name in last, last
+    return last
+
+
+def test_cli_config_error_is_one_line(tmp_path):
+    out = _cli(tmp_path, "embed", "part_size=0")
+    line = _one_error_line(out, "embed", "part_size must be >= 1 (got 0)")
+    assert out.stderr.strip() == line  # nothing else on stderr
+
+
+def test_cli_unset_mandatory_value_is_one_line(tmp_path):
+    out = _cli(tmp_path, "index")  # features_dir: ??? (Hydra's "missing mandatory value")
+    line = _one_error_line(out, "index", "features_dir is required")
+    assert out.stderr.strip() == line
+
+
+def test_cli_missing_index_file_is_one_line(tmp_path):
+    q = _embed_dir(tmp_path / "q", [_unit(3, 8)])
+    (tmp_path / "idx").mkdir()
+    out = _cli(tmp_path, "search", f"index_dir={tmp_path / 'idx'}", f"queries_dir={q}")
+    line = _one_error_line(out, "search", str(tmp_path / "idx" / "index.faiss"))
+    assert out.stderr.strip() == line
+    published = [*(tmp_path / "outputs").rglob("_SUCCESS"), *(tmp_path / "outputs").rglob("*.parquet")]
+    assert not published
+
+
+def test_cli_corrupt_image_names_the_file(tmp_path):
+    """Progress bars may precede it on stderr; the last line is the error, with no traceback."""
+    root = _folder(tmp_path, ("bad.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64))
+    out = _cli(tmp_path, "embed", *_embed_args(root, tmp_path / "run"))
+    _one_error_line(out, "embed", str(root / "bad.png"), "corrupt or unreadable image")
+    assert not (tmp_path / "run" / "_SUCCESS").exists() and not (tmp_path / "run" / "ids.parquet").exists()
+
+
+# -- the count ---------------------------------------------------------------------------------------
+
+def test_case_count(capsys):
+    """At least 30 distinct malformed inputs (printed so the count shows in the test output)."""
+    ids = [c.id for c in CASES]
+    assert len(set(ids)) == len(ids)
+    assert len(CASES) >= 30
+    with capsys.disabled():
+        print(f"\n[reliability] {len(CASES)} malformed-input cases, {len(ODD_MODES)} odd-but-valid "
+              f"image modes, 4 CLI checks")
