@@ -21,7 +21,7 @@ from diffmem.config import hydra_app
 from diffmem.data import load_dataset
 from diffmem.index import stage as index_stage
 from diffmem.metrics import dcr_summary, median_mad, memorisation_rate, replication_rate
-from diffmem.runs import claim, config_subset, is_done, mark_done, provenance, write_json, write_parquet
+from diffmem.runs import check_claim, claim, config_subset, is_done, mark_done, provenance, write_json, write_parquet
 from diffmem.search import find_matches
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,12 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> Path:
     """Run the whole audit per ``cfg``; returns the run dir."""
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+        return Path(cfg.run_dir)
+    # generate validates the model and prompts before writing anything; claim after it, so
+    # a refused audit leaves nothing behind
+    gen_dir = generate.run(_sub(cfg, "generate", run_dir=str(Path(cfg.run_dir) / "generate")))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
-    if is_done(run_dir):
-        return run_dir
-    gen_dir = generate.run(_sub(cfg, "generate", run_dir=str(run_dir / "generate")))
     q_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-samples"), source="samples",
                            samples_dir=str(gen_dir)))
     ref_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-train"), source="dataset",

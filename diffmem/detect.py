@@ -39,7 +39,7 @@ from diffmem.metrics.detection import (
     roc_points,
 )
 from diffmem.models import load_pipeline, resolve_device
-from diffmem.runs import (atomic_path, claim, config_subset, finish, is_done, provenance, write_json,
+from diffmem.runs import (atomic_path, check_claim, claim, config_subset, finish, is_done, provenance, write_json,
                           write_parquet)
 
 log = logging.getLogger(__name__)
@@ -159,15 +159,15 @@ def run(cfg: DictConfig) -> Path:
     """Detect per ``cfg``; returns the run dir."""
     detector = check_config(cfg)
     prompts = _prompts(cfg)
-    run_dir = claim(cfg.run_dir, fingerprint(cfg))
-    if is_done(run_dir):
-        log.info("detect: %s is complete", run_dir)
-        return run_dir
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+        log.info("detect: %s is complete", cfg.run_dir)
+        return Path(cfg.run_dir)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
     pipe = load_pipeline(cfg.model.path, device=resolve_device(cfg.device), dtype=cfg.model.dtype,
                          local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    run_dir = claim(cfg.run_dir, fingerprint(cfg))  # only once the inputs are usable
     start = time.perf_counter()
     with count_unet_evals(pipe.unet) as used:
         table = score_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution,

@@ -25,7 +25,7 @@ from diffmem.config import hydra_app
 from diffmem.data import load_dataset, load_images, to_tensor
 from diffmem.errors import ConfigError
 from diffmem.models import load_pipeline, resolve_device, save_pipeline
-from diffmem.runs import claim, config_subset, finish, is_done, write_json, write_parquet
+from diffmem.runs import check_claim, claim, config_subset, finish, is_done, write_json, write_parquet
 from diffmem.sampling import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -202,11 +202,13 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> Path:
-    """Train per ``cfg``; writes ``model/`` (diffusers format) and ``train_log.parquet``."""
-    run_dir = claim(cfg.run_dir, fingerprint(cfg))
-    if is_done(run_dir):
-        log.info("train: %s is complete", run_dir)
-        return run_dir / "model"
+    """Train per ``cfg``; writes ``model/`` (diffusers format) and ``train_log.parquet``.
+
+    Data and model are loaded before the run dir is claimed: a refused run creates nothing.
+    """
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+        log.info("train: %s is complete", cfg.run_dir)
+        return Path(cfg.run_dir) / "model"
     torch.manual_seed(cfg.seed)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -228,6 +230,7 @@ def run(cfg: DictConfig) -> Path:
     for m in (pipe.vae, pipe.text_encoder, pipe.unet):
         m.requires_grad_(False)
 
+    run_dir = claim(cfg.run_dir, fingerprint(cfg))
     vae_dir = run_dir / "vae"
     if cfg.vae.steps > 0:
         if not (vae_dir / "config.json").exists():

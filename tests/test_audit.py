@@ -53,3 +53,14 @@ def test_audit_end_to_end_tiny(tiny_pipe_dir):
     stamp = (run_dir / "metrics.json").stat().st_mtime_ns
     diffmem.run("audit", args)  # finished: a no-op
     assert (run_dir / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_refused_audit_creates_nothing(tmp_path):
+    import pytest
+
+    from diffmem.errors import DataError
+
+    out = tmp_path / "audit-run"
+    with pytest.raises(DataError, match="cannot load pipeline"):
+        diffmem.run("audit", ["model=local", f"model.path={tmp_path}/missing", f"run_dir={out}", *SMALL_DATA])
+    assert not out.exists()
