@@ -10,15 +10,19 @@ from omegaconf import OmegaConf
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # A small testbed for tests (the real one is data=testbed's defaults).
-SMALL_DATA = ["data.n_ordinary=24", "data.canaries_per_count=1", "data.canary_counts=[1,4]",
+SMALL_DATA = ["data.root=${paths.data_dir}/testbed-small", "data.n_ordinary=24", "data.canaries_per_count=1", "data.canary_counts=[1,4]",
               "data.n_templates=1", "data.template_copies=3", "data.n_heldout=8"]
+
+
+def _cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.getbasetemp() / "cache")
 
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory, monkeypatch):
     """Every test writes outputs and caches under its own temporary folders."""
     monkeypatch.setenv("DIFFMEM_OUTPUTS", str(tmp_path_factory.mktemp("outputs")))
-    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("DIFFMEM_CACHE", _cache_dir(tmp_path_factory))
     torch.set_num_threads(1)
 
 
@@ -48,3 +52,25 @@ def small_testbed(tmp_path_factory):
     root = tmp_path_factory.mktemp("testbed")
     return root, generate_testbed(root, n_ordinary=24, canary_counts=(1, 4), canaries_per_count=1,
                                   n_templates=1, template_copies=3, n_heldout=8)
+
+
+@pytest.fixture(scope="session")
+def shipped_audit_outputs(tmp_path_factory) -> Path:
+    """``diffmem audit`` with no arguments (the shipped testbed model), run once per session."""
+    import os
+
+    import diffmem
+
+    out = tmp_path_factory.mktemp("shipped-audit")
+    env = {"DIFFMEM_OUTPUTS": str(out), "DIFFMEM_CACHE": _cache_dir(tmp_path_factory)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        diffmem.run("audit")
+    finally:
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    return out

@@ -64,3 +64,15 @@ def test_refused_audit_creates_nothing(tmp_path):
     with pytest.raises(DataError, match="cannot load pipeline"):
         diffmem.run("audit", ["model=local", f"model.path={tmp_path}/missing", f"run_dir={out}", *SMALL_DATA])
     assert not out.exists()
+
+
+def test_shipped_testbed_audit_flags_the_duplicated_canaries(shipped_audit_outputs):
+    """The audit's headline claim on the shipped model: duplicated canaries flagged with the
+    right training image, ordinary and held-out prompts not flagged."""
+    metrics = json.loads((shipped_audit_outputs / "audit" / "testbed" / "metrics.json").read_text())
+    by = {(r["kind"], r["dup_count"]): r for r in metrics["by_dup_count"]}
+    for dup in (16, 64):
+        assert by[("canary", dup)]["flagged_share"] >= 0.75
+        assert by[("canary", dup)]["correct_match_share_of_replicated"] >= 0.95
+    assert by[("ordinary", 1)]["flagged_share"] == 0 and by[("heldout", 0)]["flagged_share"] == 0
+    assert metrics["dcr"]["baseline_n"] == 256

@@ -136,3 +136,10 @@ def test_prompt_file_bad_encoding_and_missing(tmp_path):
         read_prompt_file(tmp_path / "latin.txt")
     with pytest.raises(DataError, match="nope.jsonl: file not found"):
         read_prompt_file(tmp_path / "nope.jsonl")
+
+
+def test_testbed_root_with_other_parameters_is_refused(small_testbed):
+    root, _ = small_testbed
+    with pytest.raises(DataError, match="holds a testbed generated with other parameters"):
+        generate_testbed(root, n_ordinary=25, canary_counts=(1, 4), canaries_per_count=1,
+                         n_templates=1, template_copies=3, n_heldout=8)

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from diffmem.runs import atomic_path, write_parquet
+from diffmem.errors import DataError
+from diffmem.runs import atomic_path, read_json, write_json, write_parquet
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
@@ -27,6 +28,7 @@ RELATIONS = ("above", "left of")
 _SYLLABLES = ("zor", "blax", "quin", "tel", "vrim", "oda", "plu", "gex", "mav", "rith",
               "sno", "kad", "wex", "ulo", "trin", "fep")
 MANIFEST = "manifest.parquet"
+PARAMS = "testbed.json"
 
 
 def _shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -125,7 +127,14 @@ def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_or
     ``split`` (train/heldout) as ground truth for every later stage. Idempotent.
     """
     root = Path(root)
+    params = dict(seed=seed, resolution=resolution, n_ordinary=n_ordinary,
+                  canary_counts=list(canary_counts), canaries_per_count=canaries_per_count,
+                  n_templates=n_templates, template_copies=template_copies, n_heldout=n_heldout)
     if (root / MANIFEST).exists():
+        made = read_json(root / PARAMS) if (root / PARAMS).exists() else None
+        if made != params:
+            raise DataError(f"{root} holds a testbed generated with other parameters "
+                            f"({made}); set data.root to another folder")
         return pd.read_parquet(root / MANIFEST)
     rng = np.random.default_rng(seed)
     rows, used = [], set()
@@ -152,5 +161,6 @@ def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_or
         img, cap = ordinary_scene(rng, resolution)
         add(img, cap, "heldout", "", 0, "heldout")
     df = pd.DataFrame(rows)
-    write_parquet(root / MANIFEST, df)
+    write_json(root / PARAMS, params)
+    write_parquet(root / MANIFEST, df)  # last: its presence means the testbed is complete
     return df
