@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem.config import hydra_app
 from diffmem.embed import feature_parts, load_features
 from diffmem.errors import ConfigError, DataError
-from diffmem.index.faiss_index import (add_shard, build_index, load_index, measure_recall,
+from diffmem.index.faiss_index import (add_shard, build_index, measure_recall,
                                        merge_shards, save_index, train_empty_index, write_index)
 from diffmem.runs import check_claim, claim, is_done, mark_done, provenance, read_json, require
 
@@ -101,11 +101,6 @@ def run(cfg: DictConfig) -> Path:
     save_index(index, run_dir, {**info, **provenance(cfg)})
     mark_done(run_dir, {"ntotal": index.ntotal})
     return run_dir
-
-
-def load(run_dir: str | Path):
-    """``(index, info)`` of a finished index run."""
-    return load_index(run_dir)
 
 
 main = hydra_app("index", run)
