@@ -24,7 +24,7 @@ from diffmem.data import load_dataset, load_image
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
 from diffmem.runs import (atomic_path, check_claim, check_inputs, claim, config_subset, finish,
-                          is_done, read_json, write_parquet)
+                          is_done, read_json, read_parquet, write_parquet)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,7 @@ def samples_items(samples_dir: str | Path) -> tuple[Path, pd.DataFrame]:
     table = samples_dir / "samples.parquet"
     if not table.exists():
         raise DataError(f"{table}: not found (is {samples_dir} a finished generate run?)")
-    try:
-        items = pd.read_parquet(table).rename(columns={"sample_id": "item_id"})
-    except Exception as err:  # pyarrow raises many types for a corrupt file
-        raise DataError(f"{table}: not a readable Parquet file ({type(err).__name__})") from err
+    items = read_parquet(table).rename(columns={"sample_id": "item_id"})
     missing = [c for c in ("item_id", "file") if c not in items]
     if missing:
         raise DataError(f"{table}: no {' or '.join(missing)} column (is {samples_dir} a generate run?)")
@@ -126,11 +123,7 @@ def load_features(run_dir: str | Path) -> tuple[np.ndarray, pd.DataFrame, dict]:
         raise DataError(f"{run_dir}: feature parts have different dimensions "
                         f"({', '.join(str(p.shape[1]) for p in parts)})")
     x = np.concatenate(parts).astype(np.float32, copy=False)
-    try:
-        ids = pd.read_parquet(run_dir / "ids.parquet")
-    except Exception as err:  # pyarrow raises many types for a corrupt file
-        raise DataError(f"{run_dir / 'ids.parquet'}: not a readable Parquet file "
-                        f"({type(err).__name__})") from err
+    ids = read_parquet(run_dir / "ids.parquet")
     if len(ids) != len(x):
         raise DataError(f"{run_dir}: {len(ids)} ids but {len(x)} vectors")
     return x, ids, info

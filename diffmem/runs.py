@@ -63,6 +63,18 @@ def write_parquet(path: str | os.PathLike, df) -> Path:
     return Path(path)
 
 
+def read_parquet(path: str | os.PathLike):
+    """A Parquet table; an unreadable file is a DataError naming it."""
+    import pandas as pd
+
+    from diffmem.errors import DataError
+
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises many types for a corrupt file
+        raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__})") from err
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -10,7 +10,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from diffmem.errors import ConfigError, DataError
-from diffmem.runs import require
+from diffmem.runs import read_parquet, require
 
 PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "text", "Caption", "prompt")
@@ -22,10 +22,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        try:
-            return pd.read_parquet(path)
-        except Exception as err:  # pyarrow raises many types for a corrupt file
-            raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__})") from err
+        return read_parquet(path)
     if suffix in (".jsonl", ".json"):
         rows = []
         with open(path, encoding="utf-8", errors="strict") as fh:
