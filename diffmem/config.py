@@ -24,7 +24,8 @@ STAGES = Registry("stage")
 for _name, _module in [("train", "diffmem.train"), ("generate", "diffmem.generate"),
                        ("embed", "diffmem.embed"), ("index", "diffmem.index.stage"),
                        ("search", "diffmem.search"), ("detect", "diffmem.detect"),
-                       ("audit", "diffmem.audit")]:
+                       ("audit", "diffmem.audit"), ("probe", "diffmem.probe"),
+                       ("generalise", "diffmem.generalise")]:
     STAGES.register(_name, _module)
 
 if not OmegaConf.has_resolver("asset"):

@@ -12,7 +12,8 @@ to the run dir:
   ``unet_forward_passes`` (batched calls), time, score summaries per ground-truth group and,
   with ground truth, ``roc_auc``, ``tpr_at_fpr`` (at ``fpr``) and the NeMo threshold
   (mean + 1 std of the negatives) with its TPR/FPR; plus provenance.
-- ``roc.png`` with ground truth; ``info.json`` and ``_SUCCESS`` last.
+- ``roc.png`` with ground truth; ``report.html`` (ranked prompts, ROC curve, tokens shaded by
+  their attribution); ``info.json`` and ``_SUCCESS`` last.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ from diffmem.metrics.detection import (
     roc_points,
 )
 from diffmem.models import load_pipeline, resolve_device
-from diffmem.runs import (atomic_path, check_claim, claim, config_subset, finish, is_done, provenance, write_json,
+from diffmem.report import write_detect_report
+from diffmem.report.figures import save_figure
+from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance, write_json,
                           write_parquet)
 
 log = logging.getLogger(__name__)
@@ -143,10 +146,7 @@ def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
            title=title)
     ax.legend(loc="lower right", frameon=False)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    return path
+    return save_figure(fig, path)
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -181,6 +181,7 @@ def run(cfg: DictConfig) -> Path:
         "unet_forward_passes": used.calls, "seconds": seconds, "seconds_per_prompt": seconds / len(table),
         "by_group": group_summary(table),
     }
+    attr = None
     if cfg.attribution:
         with count_unet_evals(pipe.unet) as used_attr:
             attr = attribution_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution)
@@ -192,7 +193,10 @@ def run(cfg: DictConfig) -> Path:
         metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr") if k in results})
         if "roc_auc" in results:
             roc_figure(table, run_dir / "roc.png", title=f"{detector.name} on {cfg.model.name}")
-    write_json(run_dir / "metrics.json", {**metrics, "provenance": provenance(cfg)})
+    metrics["provenance"] = provenance(cfg)
+    write_json(run_dir / "metrics.json", metrics)
+    write_detect_report(run_dir, table, {**metrics, "fpr": cfg.fpr}, attr,
+                        title=f"diffmem detect: {detector.name} on {cfg.model.name}")
     log.info("detect: %s scored %d prompts with %d UNet evaluations%s", detector.name, len(table),
              used.evals, f"; ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else "")
     return finish(run_dir, cfg, {"n_prompts": len(table), "roc_auc": results.get("roc_auc")},

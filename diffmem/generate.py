@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
@@ -62,20 +63,29 @@ def _write_png(path: Path, image) -> None:
 
 def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int, steps: int,
                     guidance: float, batch_size: int, desc: str = "generate") -> None:
-    """Generate every row of ``plan`` whose PNG does not exist yet."""
-    todo = plan[[not (run_dir / f).exists() for f in plan["file"]]]
-    if todo.empty:
+    """Generate every row of ``plan`` whose PNG does not exist yet.
+
+    Batches are fixed slices of ``plan``, not of the missing rows: batched sampling may
+    move a pixel level, so a resumed run samples each image in the same batch as an
+    uninterrupted run would (identical PNGs). A batch with any PNG missing is sampled
+    whole; only its missing PNGs are written.
+    """
+    missing = np.array([not (run_dir / f).exists() for f in plan["file"]], dtype=bool)
+    starts = [s for s in range(0, len(plan), batch_size) if missing[s:s + batch_size].any()]
+    if not starts:
         return
     uncond = encode_prompts(pipe, [""])
-    with tqdm(total=len(todo), desc=desc, mininterval=2) as bar:  # closed on errors too
-        for start in range(0, len(todo), batch_size):
-            batch = todo.iloc[start:start + batch_size]
+    with tqdm(total=int(missing.sum()), desc=desc, mininterval=2) as bar:  # closed on errors too
+        for start in starts:
+            batch = plan.iloc[start:start + batch_size]
+            todo = missing[start:start + batch_size]
             cond = encode_prompts(pipe, batch["caption"].tolist())
             images = to_uint8(sample(pipe, cond, batch["seed"].tolist(), resolution, steps, guidance,
                                      uncond=uncond))
-            for file, image in zip(batch["file"], images):
-                _write_png(run_dir / file, image)
-            bar.update(len(batch))
+            for file, image, new in zip(batch["file"], images, todo):
+                if new:
+                    _write_png(run_dir / file, image)
+            bar.update(int(todo.sum()))
 
 
 def fingerprint(cfg: DictConfig) -> dict:

@@ -6,7 +6,7 @@ Written out (rather than calling the pipeline) so that every sample has its own 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -70,6 +70,18 @@ def sample(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, step
 
     ``uncond`` defaults to the empty prompt's conditioning.
     """
+    for x in denoise(pipe, cond, seeds, resolution, steps, guidance, uncond):
+        pass
+    return decode(pipe, x)
+
+
+def denoise(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, steps: int,
+            guidance: float, uncond: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """The guided sampler one step at a time: yields the latents after each step.
+
+    Stop early by leaving the loop (Wanda only needs the first steps). ``uncond`` defaults to
+    the empty prompt's conditioning.
+    """
     if uncond is None and guidance != 1.0:
         uncond = encode_prompts(pipe, [""])
     if uncond is not None and uncond.shape[0] == 1:
@@ -77,11 +89,11 @@ def sample(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, step
     sched = fresh_scheduler(pipe, steps)
     x = initial_latents(pipe, seeds, resolution) * sched.init_noise_sigma
     generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]  # for stochastic samplers
+    kwargs = {"generator": generators} if "generator" in sched.step.__code__.co_varnames else {}
     for t in sched.timesteps:
         eps = guided_eps(pipe.unet, sched.scale_model_input(x, t), t, cond, uncond, guidance)
-        kwargs = {"generator": generators} if "generator" in sched.step.__code__.co_varnames else {}
         x = sched.step(eps, t, x, **kwargs).prev_sample
-    return decode(pipe, x)
+        yield x
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

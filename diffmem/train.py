@@ -37,7 +37,8 @@ def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(key)
 
 
-def _save_state(ckpt_root: Path, step: int, module, opt, ema, losses: list, keep: int) -> None:
+def _save_state(ckpt_root: Path, step: int, module, opt, ema, losses: list, running: list,
+                keep: int) -> None:
     from safetensors.torch import save_file
 
     final = ckpt_root / f"step-{step:07d}"
@@ -49,7 +50,8 @@ def _save_state(ckpt_root: Path, step: int, module, opt, ema, losses: list, keep
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     if ema is not None:
         torch.save(ema.state_dict(), tmp / "ema.pt")
-    write_json(tmp / "state.json", {"step": step, "losses": losses})
+    # ``running``: losses since the last log entry, so a resumed run logs the same means
+    write_json(tmp / "state.json", {"step": step, "losses": losses, "running": running})
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -98,7 +100,7 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=ema_decay)
-    start, losses = 0, []
+    start, losses, running = 0, [], []
     latest = _latest_state(ckpt_dir)
     if latest is not None:
         module.load_state_dict(load_file(latest / "model.safetensors"))
@@ -106,11 +108,10 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
         if ema is not None:
             ema.load_state_dict(torch.load(latest / "ema.pt", weights_only=True))
         state = json.loads((latest / "state.json").read_text())
-        start, losses = state["step"], state["losses"]
+        start, losses, running = state["step"], state["losses"], state.get("running", [])
         log.info("%s: resuming from step %d", phase, start)
     module.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase, mininterval=2)
-    running = []
     for step in bar:
         for group in opt.param_groups:  # a pure function of the step, so resume is exact
             group["lr"] = lr * _lr_factor(step, steps, warmup, decay_from)
@@ -128,7 +129,7 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
             bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
             running = []
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            _save_state(ckpt_dir, step + 1, module, opt, ema, losses, keep)
+            _save_state(ckpt_dir, step + 1, module, opt, ema, losses, running, keep)
     if ema is not None:
         ema.copy_to(params)
     module.eval()
@@ -165,6 +166,16 @@ def encode_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Te
     return torch.cat(out).float() * vae.config.scaling_factor
 
 
+def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The noise-prediction loss at fresh noise and uniform timesteps drawn from ``g``
+    (velocity targets for v-prediction models); shared by training and trigger search."""
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(x0.device)
+    xt = noise_sched.add_noise(x0, noise, t)
+    target = noise_sched.get_velocity(x0, noise, t) if noise_sched.config.prediction_type == "v_prediction" else noise
+    return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, target)
+
+
 def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.ndarray,
                cfg, seed: int, ckpt_dir: Path) -> list[dict]:
     """Noise-prediction training; caption dropout replaces ``c`` with ``c0`` with prob ``p``."""
@@ -174,7 +185,6 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
     unet, n = pipe.unet, latents.shape[0]
     uncond = encode_prompts(pipe, [""])[0]
     index = torch.as_tensor(np.array(cond_index))
-    target_v = noise_sched.config.prediction_type == "v_prediction"
 
     def loss_fn(step, g):
         idx = torch.randint(n, (cfg.batch_size,), generator=g)
@@ -182,12 +192,7 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
         c = cond[index[idx]].to(unet.device)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
         c[drop.to(unet.device)] = uncond
-        noise = torch.randn(x0.shape, generator=g).to(unet.device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=g)
-        t = t.to(unet.device)
-        xt = noise_sched.add_noise(x0, noise, t)
-        target = noise_sched.get_velocity(x0, noise, t) if target_v else noise
-        return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=c).sample, target)
+        return diffusion_loss(unet, noise_sched, x0, c, g)
 
     unet.requires_grad_(True)
     losses = fit(unet, loss_fn, steps=cfg.steps, lr=cfg.lr, seed=seed, phase="unet",
@@ -226,6 +231,13 @@ def run(cfg: DictConfig) -> Path:
     else:
         pipe = load_pipeline(cfg.model.path, device="cpu", dtype="float32",
                              local_files_only=cfg.model.local_files_only)
+    if cfg.vae.get("path"):  # a pretrained VAE (frozen with vae.steps: 0), e.g. one shared by many runs
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(cfg.vae.path, use_safetensors=True)
+        if pipe.vae.config.latent_channels != pipe.unet.config.in_channels:
+            raise ConfigError(f"vae.path: {cfg.vae.path} has {pipe.vae.config.latent_channels} latent "
+                              f"channels, the UNet takes {pipe.unet.config.in_channels}")
     pipe.to(device)
     for m in (pipe.vae, pipe.text_encoder, pipe.unet):
         m.requires_grad_(False)

@@ -71,8 +71,9 @@ def test_shipped_testbed_audit_flags_the_duplicated_canaries(shipped_audit_outpu
     right training image, ordinary and held-out prompts not flagged."""
     metrics = json.loads((shipped_audit_outputs / "audit" / "testbed" / "metrics.json").read_text())
     by = {(r["kind"], r["dup_count"]): r for r in metrics["by_dup_count"]}
+    assert by[("canary", 64)]["flagged_share"] >= 0.75
+    assert by[("canary", 16)]["flagged_share"] >= 0.5
     for dup in (16, 64):
-        assert by[("canary", dup)]["flagged_share"] >= 0.75
         assert by[("canary", dup)]["correct_match_share_of_replicated"] >= 0.95
     assert by[("ordinary", 1)]["flagged_share"] == 0 and by[("heldout", 0)]["flagged_share"] == 0
     assert metrics["dcr"]["baseline_n"] == 256

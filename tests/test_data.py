@@ -143,3 +143,36 @@ def test_testbed_root_with_other_parameters_is_refused(small_testbed):
     with pytest.raises(DataError, match="holds a testbed generated with other parameters"):
         generate_testbed(root, n_ordinary=25, canary_counts=(1, 4), canaries_per_count=1,
                          n_templates=1, template_copies=3, n_heldout=8)
+
+
+def _subset(size, part, kinds=("ordinary",), seed=0):
+    return {"kinds": None if kinds is None else list(kinds), "size": size, "part": part, "seed": seed}
+
+
+def test_subset_parts_are_disjoint_seeded_and_sized(small_testbed):
+    from diffmem.data import select_subset
+
+    _, df = small_testbed
+    assert select_subset(df, None) is df  # data.subset: null keeps the whole set
+    a, b = select_subset(df, _subset(12, 0)), select_subset(df, _subset(12, 1))
+    assert len(a) == len(b) == 12 and (a.kind == "ordinary").all() and (b.kind == "ordinary").all()
+    assert not set(a.file) & set(b.file) and set(a.file) | set(b.file) == set(df[df.kind == "ordinary"].file)
+    pd.testing.assert_frame_equal(a, select_subset(df, _subset(12, 0)))  # deterministic
+    assert set(select_subset(df, _subset(12, 0, seed=1)).file) != set(a.file)
+    # duplicated images: parts split images, never the copies of one image
+    canary = select_subset(df, _subset(1, 0, kinds=["canary"]))
+    assert canary.file.nunique() == 1 and len(canary) == canary.dup_count.iloc[0]
+
+
+def test_subset_errors_name_the_field(small_testbed):
+    from diffmem.data import select_subset
+    from diffmem.errors import ConfigError
+
+    _, df = small_testbed
+    with pytest.raises(ConfigError, match=r"^data.subset.size: two disjoint parts of 13 images need 26, "
+                                          r"the dataset has 24 ordinary images$"):
+        select_subset(df, _subset(13, 1))
+    with pytest.raises(ConfigError, match="^data.subset.part must be 0 or 1"):
+        select_subset(df, _subset(2, 2))
+    with pytest.raises(ConfigError, match="^data.subset.kinds: the dataset has no 'kind' column"):
+        select_subset(df.drop(columns="kind"), _subset(2, 0))

@@ -55,6 +55,8 @@ def test_resume_after_kill_is_exact(monkeypatch):
         assert (a[key] == b[key]).all(), key
     log = pd.read_parquet(resumed / "train_log.parquet")
     assert log.groupby("phase")["step"].apply(lambda s: s.is_unique).all()
+    # the logged means include the steps before the checkpoint it resumed from
+    pd.testing.assert_frame_equal(log, pd.read_parquet(full / "train_log.parquet"))
 
 
 def test_finished_run_is_a_noop():

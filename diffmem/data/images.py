@@ -101,20 +101,52 @@ def load_folder_manifest(root: str | Path, manifest: str | Path) -> pd.DataFrame
     return out
 
 
+def select_subset(manifest: pd.DataFrame, subset) -> pd.DataFrame:
+    """Part ``subset.part`` (0 or 1) of two disjoint random sets of ``subset.size`` images.
+
+    The images (unique files) of the rows whose ``kind`` is in ``subset.kinds`` (null: every
+    row) are permuted with ``subset.seed``; part p takes images [p * size, (p + 1) * size) of
+    that order, so the two parts never share an image. Returns those images' rows (every
+    other row is dropped); ``subset`` null returns ``manifest`` unchanged.
+    """
+    if subset is None:
+        return manifest
+    size, part, kinds = int(subset["size"]), int(subset["part"]), subset.get("kinds")
+    if size < 1:
+        raise ConfigError(f"data.subset.size must be >= 1 (got {size})")
+    if part not in (0, 1):
+        raise ConfigError(f"data.subset.part must be 0 or 1 (got {part})")
+    rows = manifest
+    if kinds is not None:
+        if "kind" not in manifest:
+            raise ConfigError("data.subset.kinds: the dataset has no 'kind' column (use kinds: null)")
+        rows = manifest[manifest["kind"].isin(list(kinds))]
+    files = rows["file"].unique()
+    if 2 * size > len(files):
+        what = "" if kinds is None else " " + "/".join(kinds)
+        raise ConfigError(f"data.subset.size: two disjoint parts of {size} images need {2 * size}, "
+                          f"the dataset has {len(files)}{what} images")
+    order = np.random.default_rng(int(subset.get("seed", 0))).permutation(len(files))
+    chosen = files[order[part * size:(part + 1) * size]]
+    return rows[rows["file"].isin(chosen)].reset_index(drop=True)
+
+
 def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
-    """``(root, manifest)`` for a ``data`` config (``kind: testbed`` or ``kind: folder``)."""
+    """``(root, manifest)`` for a ``data`` config (``kind: testbed`` or ``kind: folder``),
+    restricted to ``data.subset`` when it is set (:func:`select_subset`)."""
     if cfg.kind == "testbed":
         from diffmem.data.testbed import generate_testbed
 
         kwargs = {k: cfg[k] for k in ("seed", "resolution", "n_ordinary", "canaries_per_count",
                                       "n_templates", "template_copies", "n_heldout")}
         df = generate_testbed(cfg.root, canary_counts=tuple(cfg.canary_counts), **kwargs)
-        return Path(cfg.root), df
-    if cfg.kind == "folder":
+    elif cfg.kind == "folder":
         require(cfg, "root", "manifest", prefix="data.",
                 hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>")
-        return Path(cfg.root), load_folder_manifest(cfg.root, cfg.manifest)
-    raise ConfigError(f"data.kind '{cfg.kind}' is not one of testbed, folder")
+        df = load_folder_manifest(cfg.root, cfg.manifest)
+    else:
+        raise ConfigError(f"data.kind '{cfg.kind}' is not one of testbed, folder")
+    return Path(cfg.root), select_subset(df, cfg.get("subset"))
 
 
 def load_image(path: str | Path, resolution: int | None = None) -> np.ndarray:

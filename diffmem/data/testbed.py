@@ -1,8 +1,9 @@
 """The testbed dataset: compositional scenes plus canaries at known duplication counts.
 
 Deterministic from a seed. Ordinary images show two shapes in a stated relation with
-random sizes and positions, so a caption describes many images ("a red circle above a
-blue square on a grey background"). Canaries are distinctive images (striped
+random sizes and positions on a random muted background the caption does not mention, so
+a caption describes many images ("a red circle above a blue square"), as real captions
+leave most of an image unsaid. Canaries are distinctive images (striped
 backgrounds, several shapes) with unique nonsense-word captions, duplicated a known
 number of times. Template canaries share a caption and a fixed layout while one detail
 (the central mark) varies between copies: the analogue of template memorisation.
@@ -23,7 +24,6 @@ from diffmem.runs import atomic_path, read_json, write_json, write_parquet
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
           "yellow": (230, 210, 40)}
-BACKGROUNDS = {"grey": (128, 128, 128), "black": (20, 20, 20)}
 RELATIONS = ("above", "left of")
 _SYLLABLES = ("zor", "blax", "quin", "tel", "vrim", "oda", "plu", "gex", "mav", "rith",
               "sno", "kad", "wex", "ulo", "trin", "fep")
@@ -52,17 +52,16 @@ def ordinary_scene(rng: np.random.Generator, size: int):
     """Two shapes in a relation; returns (image uint8 HxWx3, caption, attributes)."""
     s1, s2 = rng.choice(SHAPES, 2)
     c1, c2 = rng.choice(list(COLORS), 2, replace=False)
-    bg = rng.choice(list(BACKGROUNDS))
     rel = rng.choice(RELATIONS)
     img = np.empty((size, size, 3), np.uint8)
-    img[:] = BACKGROUNDS[bg]
+    img[:] = np.clip(rng.uniform(20, 150) + rng.uniform(-25, 25, 3), 0, 255)  # muted, unnamed
     r1, r2 = rng.uniform(0.13, 0.2, 2) * size
     a, b = rng.uniform(0.25, 0.42) * size, rng.uniform(0.58, 0.75) * size  # first, second
     o1, o2 = rng.uniform(0.3, 0.7, 2) * size
     (x1, y1), (x2, y2) = ((o1, a), (o2, b)) if rel == "above" else ((a, o1), (b, o2))
     _paint(img, s1, COLORS[c1], x1, y1, r1)
     _paint(img, s2, COLORS[c2], x2, y2, r2)
-    caption = f"a {c1} {s1} {rel} a {c2} {s2} on a {bg} background"
+    caption = f"a {c1} {s1} {rel} a {c2} {s2}"
     return img, caption
 
 
@@ -117,7 +116,7 @@ def _save_png(path: Path, img: np.ndarray) -> None:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
-def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_ordinary: int = 1024,
+def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_ordinary: int = 512,
                      canary_counts=(1, 4, 16, 64), canaries_per_count: int = 4, n_templates: int = 2,
                      template_copies: int = 32, n_heldout: int = 256) -> pd.DataFrame:
     """Write the testbed images and ``manifest.parquet`` under ``root``; returns the manifest.

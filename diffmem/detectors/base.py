@@ -52,17 +52,27 @@ class Detector:
         captions = [str(c) for c in captions]
         if not captions:
             raise DataError(f"{self.name}: the prompt list is empty")
-        prompt_ids = list(range(len(captions))) if prompt_ids is None else [int(p) for p in prompt_ids]
-        if len(prompt_ids) != len(captions):
-            raise DataError(f"{self.name}: {len(prompt_ids)} prompt ids for {len(captions)} captions")
+        return self.score_conditioning(pipe, encode_prompts(pipe, captions), prompt_ids, seed=seed,
+                                       resolution=resolution, batch_size=batch_size, names=captions)
+
+    def score_conditioning(self, pipe, cond: torch.Tensor, prompt_ids: Sequence[int] | None = None, *,
+                           seed: int = 0, resolution: int | None = None, batch_size: int = 16,
+                           names: Sequence[str] | None = None) -> np.ndarray:
+        """:meth:`score` for text-encoder outputs ``cond`` ``[N, tokens, D]`` (e.g. searched triggers)."""
+        if cond.shape[0] == 0:
+            raise DataError(f"{self.name}: the prompt list is empty")
+        names = list(names) if names is not None else [f"embedding {i}" for i in range(cond.shape[0])]
+        prompt_ids = list(range(cond.shape[0])) if prompt_ids is None else [int(p) for p in prompt_ids]
+        if len(prompt_ids) != cond.shape[0]:
+            raise DataError(f"{self.name}: {len(prompt_ids)} prompt ids for {cond.shape[0]} prompts")
         if int(batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
         resolution = int(resolution or pipe.unet.config.sample_size * _vae_factor(pipe))
-        cond = encode_prompts(pipe, captions)
+        cond = cond.to(pipe.unet.device, pipe.unet.dtype)
         rows = [(i, sample_seed(seed, pid, k)) for i, pid in enumerate(prompt_ids)
                 for k in range(self.per_prompt)]
         g, scores, pending = self.per_prompt, [], []
-        bar = tqdm(total=len(captions), desc=self.name, mininterval=2, disable=len(rows) <= batch_size)
+        bar = tqdm(total=len(prompt_ids), desc=self.name, mininterval=2, disable=len(rows) <= batch_size)
         with torch.no_grad():
             for start in range(0, len(rows), int(batch_size)):
                 batch = rows[start:start + int(batch_size)]
@@ -78,7 +88,7 @@ class Detector:
         bar.close()
         out = np.concatenate(scores).astype(np.float64)
         if not np.isfinite(out).all():
-            bad = [captions[i] for i in np.flatnonzero(~np.isfinite(out))[:3]]
+            bad = [names[i] for i in np.flatnonzero(~np.isfinite(out))[:3]]
             raise DataError(f"{self.name}: non-finite scores (e.g. for {bad!r}); check the model weights")
         return out
 

@@ -1,4 +1,5 @@
-"""Replication (copy) metrics: similarity scores, pixel-space tests, aggregation (methods.md section 1).
+"""Replication (copy) metrics: similarity scores, pixel-space tests, aggregation (methods.md section 1);
+utility metrics (Fréchet distance, diversity, CLIPScore) for judging mitigations (section 5).
 
 Each metric is a plain function and a :class:`~diffmem.metrics.replication.Metric` class
 registered in ``REG`` by name: ``REG.build("dcr", threshold=0.5)(top1)``.
@@ -25,6 +26,7 @@ from diffmem.metrics.replication import (
     top1_similarity,
     vm_tm_split,
 )
+from diffmem.metrics.utility import clip_score, diversity, frechet_distance
 from diffmem.registry import Registry
 
 REG = Registry("metric")
@@ -40,6 +42,9 @@ REG.register("webster_sse", "diffmem.metrics.pixel:WebsterSSE")
 REG.register("webster_label", "diffmem.metrics.pixel:WebsterLabel")
 REG.register("median_mad", "diffmem.metrics.aggregate:MedianMAD")
 REG.register("mean_max", "diffmem.metrics.aggregate:MeanMax")
+REG.register("frechet_distance", "diffmem.metrics.utility:FrechetDistance")
+REG.register("diversity", "diffmem.metrics.utility:Diversity")
+REG.register("clip_score", "diffmem.metrics.utility:ClipScore")
 
 __all__ = [
     "REG",
@@ -62,4 +67,7 @@ __all__ = [
     "median_mad",
     "mean_max",
     "grouped",
+    "frechet_distance",
+    "diversity",
+    "clip_score",
 ]

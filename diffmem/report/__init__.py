@@ -7,7 +7,7 @@ from diffmem.report.figures import (
     image_grid,
     similarity_histogram,
 )
-from diffmem.report.html import write_report
+from diffmem.report.html import write_detect_report, write_report
 
 __all__ = ["GridPair", "detection_by_dup_count", "dup_count_table", "image_grid",
-           "similarity_histogram", "write_report"]
+           "similarity_histogram", "write_detect_report", "write_report"]

@@ -31,7 +31,8 @@ class GridPair(NamedTuple):
     highlight: bool = False
 
 
-def _save_figure(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
+    """A matplotlib ``Figure`` as a PNG at ``path``, written atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -64,7 +65,7 @@ def similarity_histogram(scores, baseline_scores, threshold: float, path,
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend(frameon=False, fontsize=8)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _category(kind, dup) -> str:
@@ -122,7 +123,7 @@ def detection_by_dup_count(prompts_df: pd.DataFrame, path, threshold: float | No
     for ax in (ax_flag, ax_score):
         ax.set_xticks(x, table["category"], rotation=30, ha="right", fontsize=8)
         ax.set_xlabel("prompt category (known duplication count)")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def _tile(file, size: int) -> Image.Image:

@@ -190,14 +190,56 @@ def write_report(run_dir, generations: pd.DataFrame, prompts: pd.DataFrame, metr
         "prompts", "Prompts ranked by max score (memorised first)",
         _table(ranked[[c for c in _PROMPT_COLUMNS if c in ranked]], flag=ranked["memorised"])))
     parts.append(_examples(generations, prompts, fig_dir, top_n, per_prompt))
+    return _write_page(run_dir / "report.html", title, parts, metrics)
+
+
+def _write_page(out: Path, title: str, parts: list[str], metrics: dict) -> Path:
+    """One self-contained page from ``parts`` plus the resolved config, written atomically."""
     config = (metrics.get("provenance") or {}).get("config")
     if config is not None:
-        parts.append('<details id="config"><summary>Resolved configuration</summary><pre>'
-                     + html.escape(json.dumps(config, indent=2, default=str)) + "</pre></details>")
-
+        parts = parts + ['<details id="config"><summary>Resolved configuration</summary><pre>'
+                         + html.escape(json.dumps(config, indent=2, default=str)) + "</pre></details>"]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
             f"</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
-    out = run_dir / "report.html"
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return out
+
+
+def _tokens(rows: pd.DataFrame) -> str:
+    """A prompt's tokens shaded by |attribution| (relative to its largest token)."""
+    peak = float(rows["attribution"].abs().max()) or 1.0
+    spans = [f'<span title="{r.attribution:.4g}" style="background:rgba(214,39,40,'
+             f'{abs(float(r.attribution)) / peak:.2f});padding:0 .15rem">{html.escape(str(r.token))}</span>'
+             for r in rows.sort_values("token_index").itertuples()]
+    return f'<span class="caption">{" ".join(spans)}</span>'
+
+
+def write_detect_report(run_dir, scores: pd.DataFrame, metrics: dict, attribution: pd.DataFrame | None = None,
+                        title: str = "diffmem detect") -> Path:
+    """``run_dir/report.html`` for a detect run: headline metrics, the ROC curve, prompts ranked
+    by score and, with ``attribution``, each prompt's tokens shaded by their attribution."""
+    run_dir = Path(run_dir)
+    cards = [("detector", str(metrics.get("detector", "?")), f"{metrics.get('n_prompts', len(scores))} prompts"),
+             ("ROC-AUC", _num(metrics.get("roc_auc")), "vs ground truth" if "roc_auc" in metrics else "no labels"),
+             ("TPR at FPR", _num(metrics.get("tpr_at_fpr")), f"FPR {metrics.get('fpr', '–')}"),
+             ("UNet evaluations", _num(metrics.get("unet_calls_per_prompt"), "{:.0f}"), "per prompt")]
+    body = "".join(f'<div class="card"><div>{html.escape(a)}</div><div class="v">{html.escape(b)}</div>'
+                   f'<div class="n">{html.escape(c)}</div></div>' for a, b, c in cards)
+    parts = [f"<header><h1>{html.escape(title)}</h1></header>",
+             f'<section id="summary"><h2>Summary</h2><div class="cards">{body}</div></section>']
+    if (run_dir / "roc.png").exists():
+        parts.append(_section("roc", "ROC curve", _img(run_dir / "roc.png", "ROC curve")))
+    ranked = scores.sort_values("score", ascending=False, kind="stable")
+    cols = [c for c in ("prompt_id", "caption", "score", "label", "kind", "dup_count", "type") if c in ranked]
+    flag = ranked["label"].eq(1) if "label" in ranked else None
+    parts.append(_section("scores", "Prompts ranked by score (higher = more likely memorised)",
+                          '<div class="scroll">' + _table(ranked[cols], flag=flag) + "</div>"))
+    if attribution is not None and not attribution.empty:
+        by_prompt = dict(tuple(attribution.groupby("prompt_id")))
+        rows = "".join(f'<div class="prompt">{_num(r.score)} &nbsp; {_tokens(by_prompt[r.prompt_id])}</div>'
+                       for r in ranked.itertuples() if r.prompt_id in by_prompt)
+        parts.append(_section("attribution", "Per-token attribution of the score",
+                              "<p>Gradient of the score with respect to each token's embedding (its norm); "
+                              "darker tokens drive the score more. Hover for the value.</p>", rows))
+    return _write_page(run_dir / "report.html", title, parts, metrics)

@@ -1,0 +1,182 @@
+"""``diffmem probe``: where does memorisation live, and does mitigating it survive an attack?
+
+``probe=trigger_search|nemo|wanda|locality|finding_dori`` (``diffmem.probes``). The memorised
+prompts (``positives``, as in ``detect``) are the targets; each needs its training image
+(testbed prompts carry it; a prompt list needs a ``target_file`` column, relative to
+``data.root``). Non-memorised prompts give NeMo's activation statistics, the ``other``
+trigger initialisation and, when they have a training image, the control targets. Writes to
+the run dir one Parquet file per table the probe returns (``finding_dori.parquet``,
+``triggers.parquet``, ...), ``metrics.json`` (with provenance), triggers under ``triggers/``,
+probe artefacts (``neurons.json``, ``masks.safetensors``, the pruned ``model/``), a figure,
+and ``info.json`` + ``_SUCCESS`` last. A killed run re-run with the same config continues
+from its finished parts (``parts/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from diffmem.config import hydra_app
+from diffmem.data import load_dataset, load_image, load_prompts
+from diffmem.errors import ConfigError, DataError
+from diffmem.metrics.detection import ground_truth_labels
+from diffmem.probes import PROBES
+from diffmem.probes.runners import ProbeContext, check_settings
+from diffmem.probes.trigger import check_target
+from diffmem.report.figures import save_figure
+from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance,
+                          write_json, write_parquet)
+from diffmem.sampling import encode_prompts
+
+log = logging.getLogger(__name__)
+
+
+def check_config(cfg: DictConfig):
+    """The probe function, after checking the settings (nothing is written before this)."""
+    fn = PROBES.get(cfg.probe.name)
+    check_settings(cfg.probe.name, cfg.probe)
+    for field in ("n_per_prompt", "batch_size", "steps"):
+        if int(cfg[field]) < 1:
+            raise ConfigError(f"{field} must be >= 1 (got {cfg[field]})")
+    if cfg.get("max_targets") is not None and int(cfg.max_targets) < 1:
+        raise ConfigError(f"max_targets must be >= 1 or null (got {cfg.max_targets})")
+    if int(cfg.n_controls) < 0:
+        raise ConfigError(f"n_controls must be >= 0 (got {cfg.n_controls})")
+    return fn
+
+
+def select_prompts(prompts: pd.DataFrame, positives, max_targets, n_controls: int):
+    """(targets, negatives, controls): memorised prompts, non-memorised prompts, and the first
+    ``n_controls`` non-memorised prompts that have a training image."""
+    labels = ground_truth_labels(prompts, positives)
+    if labels is None:
+        raise DataError("probe: the prompts carry no ground truth (testbed kind/dup_count or a "
+                        "`type` column), so the memorised targets are unknown")
+    targets = prompts[labels == 1]
+    negatives = prompts[labels == 0]
+    if targets.empty:
+        raise DataError("probe: no memorised prompt among the prompts (check `positives`)")
+    if "target_file" not in prompts:
+        raise DataError("probe: the prompt list has no `target_file` column (the training image of each prompt)")
+    missing = targets[targets["target_file"].isna()]
+    if not missing.empty:
+        raise DataError(f"probe: memorised prompt {missing.iloc[0]['caption']!r} has no target_file")
+    if max_targets is not None:
+        targets = targets.head(int(max_targets))
+    if "kind" in negatives:
+        trained = negatives[negatives["kind"] == "ordinary"]
+    else:
+        trained = negatives
+    controls = trained[trained["target_file"].notna()].head(int(n_controls))
+    return targets.reset_index(drop=True), negatives.reset_index(drop=True), controls.reset_index(drop=True)
+
+
+def load_targets(root: Path, rows: pd.DataFrame, resolution: int, resize: bool) -> torch.Tensor:
+    """The rows' training images ``[N, 3, H, W]`` in [0, 1]; wrong sizes are an error unless ``resize``."""
+    if rows.empty:
+        return torch.zeros(0, 3, resolution, resolution)
+    images = []
+    for f in rows["target_file"]:
+        img = load_image(root / str(f), resolution if resize else None)
+        check_target(torch.from_numpy(img).permute(2, 0, 1)[None], resolution, [str(root / str(f))])
+        images.append(img)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    return config_subset(cfg, ["model", "data", "prompts", "features", "probe", "seed", "resolution", "scheduler",
+                               "steps", "guidance_scale", "n_per_prompt", "threshold", "mr_reduction",
+                               "positives", "max_targets", "n_controls", "resize_targets"])
+
+
+def figure(tables: dict, metrics: dict, path: Path, threshold: float) -> Path | None:
+    """A bar chart of MR and similarity per row of the probe's summary (what people look at)."""
+    from matplotlib.figure import Figure
+
+    if "finding_dori" in tables:
+        t = tables["finding_dori"]
+        labels = [f"{m}\n{a.replace(' (control: non-memorised images)', ' (control)')}"
+                  for m, a in zip(t["model"], t["attack"])]
+        mrs, sims = t["mr"].to_numpy(), t["similarity"].to_numpy()
+    else:
+        rows = {k: v for k, v in metrics.items() if isinstance(v, dict) and "mr" in v}
+        if not rows:
+            return None
+        labels, mrs, sims = list(rows), [v["mr"] for v in rows.values()], [v["similarity"] for v in rows.values()]
+    fig = Figure(figsize=(max(4.5, 1.3 * len(labels)), 3.6), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    x = np.arange(len(labels))
+    ax1.bar(x, mrs, color="#c44e52")
+    ax1.set(ylim=(0, 1.05), ylabel="memorisation rate", xticks=x)
+    ax1.set_xticklabels(labels, fontsize=7)
+    ax2.bar(x, sims, color="#4c72b0")
+    ax2.axhline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax2.set(ylabel="similarity to training image", xticks=x)
+    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.legend(frameon=False, fontsize=7)
+    return save_figure(fig, path)
+
+
+def run(cfg: DictConfig) -> Path:
+    """Probe per ``cfg``; returns the run dir."""
+    from diffmem.features import build_extractor
+    from diffmem.models import load_pipeline, resolve_device
+
+    fn = check_config(cfg)
+    root, manifest = load_dataset(cfg.data)
+    prompts = load_prompts(cfg.prompts, manifest if cfg.prompts.kind == "testbed" else None)
+    if prompts.empty:
+        raise DataError("probe: the prompt list is empty")
+    positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    targets, negatives, controls = select_prompts(prompts, positives, cfg.get("max_targets"), cfg.n_controls)
+    if len(negatives) < 2 and cfg.probe.name in ("nemo", "locality", "finding_dori"):
+        raise DataError(f"probe {cfg.probe.name}: needs >= 2 non-memorised prompts (got {len(negatives)})")
+    target_images = load_targets(root, targets, cfg.resolution, bool(cfg.resize_targets))
+    control_images = load_targets(root, controls, cfg.resolution, bool(cfg.resize_targets))
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+        log.info("probe: %s is complete", cfg.run_dir)
+        return Path(cfg.run_dir)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    pipe = load_pipeline(cfg.model.path, device=device, dtype=cfg.model.dtype,
+                         local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    extractor = build_extractor(cfg.features.extractor, device=str(device))
+    run_dir = claim(cfg.run_dir, fingerprint(cfg))
+    ctx = ProbeContext(
+        pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
+        target_cond=encode_prompts(pipe, targets["caption"].tolist()).float().cpu(),
+        negatives=negatives,
+        negative_cond=(encode_prompts(pipe, negatives["caption"].tolist()).float().cpu() if len(negatives)
+                       else torch.zeros(0)),
+        controls=controls, control_images=control_images,
+        control_cond=(encode_prompts(pipe, controls["caption"].tolist()).float().cpu() if len(controls)
+                      else torch.zeros(0)),
+        run_dir=run_dir, seed=int(cfg.seed), resolution=int(cfg.resolution), steps=int(cfg.steps),
+        guidance=float(cfg.guidance_scale), n_per_prompt=int(cfg.n_per_prompt), threshold=float(cfg.threshold),
+        mr_reduction=str(cfg.mr_reduction), batch_size=int(cfg.batch_size))
+    start = time.perf_counter()
+    tables, metrics = fn(ctx, cfg.probe)
+    seconds = time.perf_counter() - start
+    for name, table in tables.items():
+        write_parquet(run_dir / f"{name}.parquet", table)
+    figure(tables, metrics, run_dir / "probe.png", float(cfg.threshold))
+    write_json(run_dir / "metrics.json", {
+        "probe": cfg.probe.name, "model": cfg.model.name, "n_targets": len(targets),
+        "n_negatives": len(negatives), "n_controls": len(controls), "threshold": float(cfg.threshold),
+        "features": extractor.info(), "seconds": seconds, **metrics, "provenance": provenance(cfg)})
+    log.info("probe: %s on %d memorised prompts in %.0f s", cfg.probe.name, len(targets), seconds)
+    return finish(run_dir, cfg, {"probe": cfg.probe.name, "n_targets": len(targets)})
+
+
+main = hydra_app("probe", run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Probes of where memorisation lives (methods.md sections 3 and 4).
+
+``PROBES.get(name)(ctx, settings) -> (tables, metrics)``: ``trigger_search`` (Finding Dori's
+embedding-space triggers), ``nemo`` (memorisation neurons), ``wanda`` (pruning),
+``locality`` (are a memorised image's triggers and masks local?) and ``finding_dori`` (the
+paper's table: original vs NeMo vs Wanda, each under trigger search). Library pieces:
+:mod:`~diffmem.probes.layers` (layer names from the model, hooks), :mod:`~diffmem.probes.trigger`,
+:mod:`~diffmem.probes.nemo`, :mod:`~diffmem.probes.wanda`.
+"""
+
+from diffmem.registry import Registry
+
+PROBES = Registry("probe")
+for _name in ("trigger_search", "nemo", "wanda", "locality", "finding_dori"):
+    PROBES.register(_name, f"diffmem.probes.runners:{_name}")
+
+__all__ = ["PROBES"]

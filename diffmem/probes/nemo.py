@@ -1,0 +1,159 @@
+"""NeMo (Hintersdorf et al., NeurIPS 2024): find the neurons that carry a prompt's memorisation.
+
+Neurons are the output channels of the cross-attention value projections (``attn2.to_v``)
+in the down and mid blocks (:func:`~diffmem.probes.layers.value_layers`). A prompt's
+activation of a neuron is its absolute ``to_v`` output averaged over tokens, z-scored against
+the mean and std over many non-memorised prompts. Memorisation is judged by the noise-diff
+SSIM detector (``noise_ssim``) against a threshold calibrated on non-memorised prompts
+(mean + 1 std). Search:
+
+1. initial selection: block every neuron with ``|z| > theta`` plus the top-``k`` per layer,
+   lowering ``theta`` from 5 by 0.25 (floor 1) and raising ``k`` by 1, until the blocked
+   model's score falls under the threshold;
+2. refinement: unblock whole layers, then single neurons (weakest first), whenever the
+   memorisation stays suppressed without them.
+
+Blocking zeroes the channels in every forward pass (:func:`~diffmem.probes.layers.block_neurons`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from diffmem.errors import DataError
+from diffmem.probes.layers import block_neurons, record, value_layers
+
+Neurons = dict[str, list[int]]
+
+
+@torch.no_grad()
+def value_activations(pipe, cond: torch.Tensor, layers, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """``{layer: [N, channels]}``: mean |to_v output| over tokens for each conditioning row.
+
+    One UNet forward per batch at the last training timestep (the value projections see
+    only the text, so the latent and timestep do not change the result).
+    """
+    unet, out = pipe.unet, {name: [] for name in layers}
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    t = torch.tensor(pipe.scheduler.config.num_train_timesteps - 1, device=unet.device)
+    for i in range(0, cond.shape[0], batch_size):
+        c = cond[i:i + batch_size].to(unet.device, unet.dtype)
+        x = torch.zeros((c.shape[0], *shape), device=unet.device, dtype=unet.dtype)
+        with record(unet, list(layers)) as acts:
+            unet(x, t, encoder_hidden_states=c)
+        for name in layers:
+            out[name].append(acts[name][0].abs().mean(dim=1).float().cpu().numpy())
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+@dataclass
+class ActivationStats:
+    """Per-neuron mean and std of the activations of non-memorised prompts."""
+
+    mean: dict[str, np.ndarray]
+    std: dict[str, np.ndarray]
+
+    @classmethod
+    def fit(cls, activations: dict[str, np.ndarray]) -> "ActivationStats":
+        n = next(iter(activations.values())).shape[0]
+        if n < 2:
+            raise DataError(f"NeMo needs >= 2 non-memorised prompts for activation statistics (got {n})")
+        return cls({k: v.mean(0) for k, v in activations.items()},
+                   {k: v.std(0, ddof=1) for k, v in activations.items()})
+
+    def zscores(self, activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: (v - self.mean[k]) / np.where(self.std[k] > 0, self.std[k], 1.0)
+                for k, v in activations.items()}
+
+
+@dataclass
+class Localisation:
+    """NeMo's result for one prompt."""
+
+    neurons: Neurons
+    score_before: float
+    score_after: float
+    suppressed: bool
+    checks: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def n_neurons(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+
+def _select(z: dict[str, np.ndarray], theta: float, k: int) -> Neurons:
+    out = {}
+    for name, v in z.items():
+        chosen = set(np.flatnonzero(np.abs(v) > theta).tolist())
+        if k > 0:
+            chosen |= set(np.argsort(-v, kind="stable")[:k].tolist())
+        if chosen:
+            out[name] = sorted(chosen)
+    return out
+
+
+def localise(z: dict[str, np.ndarray], score: Callable[[Neurons], float], threshold: float, *,
+             theta_start: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0,
+             refine: bool = True) -> Localisation:
+    """NeMo's search for one prompt with z-scores ``z`` (``{layer: [channels]}``, one row).
+
+    ``score(neurons)`` is the memorisation score with ``neurons`` blocked (higher = memorised);
+    memorisation counts as suppressed once it is ``<= threshold``.
+    """
+    checks = 0
+
+    def suppressed(neurons) -> tuple[bool, float]:
+        nonlocal checks
+        checks += 1
+        s = score(neurons)
+        return s <= threshold, s
+
+    before = score({})
+    history = [{"phase": "none", "n_neurons": 0, "score": before}]
+    if before <= threshold:
+        return Localisation({}, before, before, True, 1, history)
+    total = sum(v.size for v in z.values())
+    theta, k = theta_start, 0
+    while True:
+        neurons = _select(z, theta, k)
+        ok, s = suppressed(neurons)
+        history.append({"phase": "initial", "theta": theta, "k": k,
+                        "n_neurons": sum(map(len, neurons.values())), "score": s})
+        if ok or sum(map(len, neurons.values())) >= total:
+            break
+        theta, k = max(theta - theta_step, theta_min), k + 1
+    if ok and refine:
+        for layer in list(neurons):
+            trial = {n: v for n, v in neurons.items() if n != layer}
+            ok_t, s_t = suppressed(trial)
+            if ok_t:
+                neurons, s = trial, s_t
+        order = sorted(((abs(z[n][i]), n, i) for n, idx in neurons.items() for i in idx))
+        for _, layer, i in order:
+            trial = {n: [j for j in v if not (n == layer and j == i)] for n, v in neurons.items()}
+            trial = {n: v for n, v in trial.items() if v}
+            ok_t, s_t = suppressed(trial)
+            if ok_t:
+                neurons, s = trial, s_t
+        history.append({"phase": "refined", "n_neurons": sum(map(len, neurons.values())), "score": s})
+    return Localisation(neurons, before, s, bool(ok), checks + 1, history)
+
+
+def blocked_score(pipe, detector, cond: torch.Tensor, prompt_id: int, *, seed: int,
+                  resolution: int) -> Callable[[Neurons], float]:
+    """``score(neurons)``: the detector's score of one conditioning with ``neurons`` blocked."""
+    def score(neurons: Neurons) -> float:
+        with block_neurons(pipe.unet, neurons):
+            return float(detector.score_conditioning(pipe, cond[None], [prompt_id], seed=seed,
+                                                     resolution=resolution)[0])
+    return score
+
+
+def nemo_layers(pipe, blocks=("down", "mid")) -> list[str]:
+    """NeMo's layer names in ``pipe.unet``: the value projections of ``blocks``."""
+    return list(value_layers(pipe.unet, blocks))

@@ -1,0 +1,62 @@
+"""Does a conditioning regenerate its target image? Generation + descriptor similarity.
+
+The probes judge replication the way the audit does: the similarity of each generation to
+the target training image under the configured descriptor (SSCD on real models, pixels on
+the testbed), and the memorisation rate (MR, :func:`diffmem.metrics.memorisation_rate`)
+over prompts at the descriptor's replication threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from diffmem.metrics import memorisation_rate
+from diffmem.sampling import encode_prompts, sample, sample_seed
+
+
+def generate(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
+             guidance: float, batch_size: int = 32) -> torch.Tensor:
+    """One image per (conditioning row, seed), in batches: ``[N, 3, H, W]`` in [0, 1], CPU."""
+    uncond = encode_prompts(pipe, [""])
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        c = cond[i:i + batch_size].to(pipe.unet.device, pipe.unet.dtype)
+        out.append(sample(pipe, c, seeds[i:i + batch_size], resolution, steps, guidance, uncond=uncond).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def similarity_to_targets(extractor, images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """Cosine similarity of each image to its own target (row-aligned): ``[N]``."""
+    a = extractor(images.float())
+    b = extractor(targets.float())
+    return (a * b).sum(1).double().cpu().numpy()
+
+
+def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tensor, keys: pd.DataFrame, *,
+                      n_per_prompt: int, seed: int, resolution: int, steps: int, guidance: float,
+                      batch_size: int = 32) -> pd.DataFrame:
+    """Generate ``n_per_prompt`` images per conditioning row and score each against its target.
+
+    ``keys`` (one row per conditioning, with a ``prompt_id``) is repeated per generation;
+    generation ``k`` of a row uses the seed ``sample_seed(seed, prompt_id, k)``, the same noise
+    the prompt's baseline generations use, so rows differ only in the conditioning.
+    """
+    rep = np.repeat(np.arange(len(keys)), n_per_prompt)
+    table = keys.iloc[rep].reset_index(drop=True)
+    table["k"] = np.tile(np.arange(n_per_prompt), len(keys))
+    seeds = [sample_seed(seed, p, k) for p, k in zip(table["prompt_id"], table["k"])]
+    images = generate(pipe, conds[torch.as_tensor(rep)], seeds, resolution=resolution, steps=steps,
+                      guidance=guidance, batch_size=batch_size)
+    table["similarity"] = similarity_to_targets(extractor, images, targets[torch.as_tensor(rep)])
+    return table
+
+
+def mr(table: pd.DataFrame, threshold: float, by: str = "prompt_id", reduction: str = "any") -> float:
+    """Memorisation rate of a replication table over its ``by`` groups."""
+    return memorisation_rate(table, threshold=threshold, reduction=reduction, prompt_col=by,
+                             score_col="similarity")

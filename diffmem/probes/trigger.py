@@ -1,0 +1,130 @@
+"""Embedding-space trigger search (Finding Dori, methods.md section 4).
+
+Optimises the text conditioning ``c_adv`` (the text-encoder output, ``[77, D]``) so the model
+regenerates one target training image ``x0``: Adam on the diffusion loss
+``|| eps - eps(x_t, t, c_adv) ||^2`` with fresh noise and timesteps every step (the training
+loss, :func:`diffmem.train.diffusion_loss`). No norm bound; the distance travelled from the
+initial embedding is measured afterwards. Initialisations: the prompt's own embedding
+(``prompt``), a Gaussian with the prompt embedding's mean and std (``random``), or a
+non-memorised prompt's embedding (``other``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffmem.errors import ConfigError, DataError
+from diffmem.sampling import sample_seed
+
+INITS = ("prompt", "random", "other")
+
+
+@dataclass
+class Trigger:
+    """One searched trigger: the embedding, where it started and how the loss went."""
+
+    embedding: torch.Tensor  # [tokens, D], float32, on the CPU
+    init: str
+    losses: list[float]
+    distance: float  # L2 distance from the initial embedding
+
+
+def trigger_seed(seed: int, prompt_id: int, restart: int) -> int:
+    """The seed of restart ``restart`` for prompt ``prompt_id`` (independent of the other targets)."""
+    return sample_seed(seed, prompt_id, 1_000_000 + int(restart))
+
+
+@torch.no_grad()
+def image_latents(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Scaled VAE latents (posterior mean) of ``[B, 3, H, W]`` images in [0, 1]."""
+    vae = pipe.vae
+    x = images.to(vae.device, vae.dtype) * 2 - 1
+    return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+
+
+def check_target(images: torch.Tensor, resolution: int, names) -> None:
+    """Targets must be ``[B, 3, resolution, resolution]``: the model's own training size."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DataError(f"target images must be [B, 3, H, W] RGB, got {tuple(images.shape)}")
+    if images.shape[-2:] != (resolution, resolution):
+        raise DataError(f"target image {names[0]!r} is {images.shape[-1]}x{images.shape[-2]}; the model "
+                        f"generates {resolution}x{resolution} (resize it or set resolution)")
+
+
+def initial_embedding(init: str, prompt_cond: torch.Tensor, other_cond: torch.Tensor | None,
+                      g: torch.Generator) -> torch.Tensor:
+    """The starting point of a search (``[tokens, D]``)."""
+    if init == "prompt":
+        return prompt_cond.clone()
+    if init == "random":
+        noise = torch.randn(prompt_cond.shape, generator=g).to(prompt_cond.device, prompt_cond.dtype)
+        return noise * prompt_cond.std() + prompt_cond.mean()
+    if init == "other":
+        if other_cond is None:
+            raise ConfigError("init 'other' needs non-memorised prompts to start from")
+        return other_cond.clone()
+    raise ConfigError(f"unknown trigger init '{init}' (known: {', '.join(INITS)})")
+
+
+def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 50, lr: float = 0.1,
+                   batch_size: int = 8, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+    """Adam on ``c_adv`` (from ``init``, ``[tokens, D]``) so ``pipe.unet`` denoises towards latent ``x0``.
+
+    Each step draws ``batch_size`` (noise, timestep) pairs for the one target from a generator
+    seeded with ``seed``. The UNet's weights are untouched (no gradients to them). Returns the
+    trigger (float32, CPU) and the loss per step.
+    """
+    from diffusers import DDPMScheduler
+
+    from diffmem.train import diffusion_loss
+
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise ConfigError(f"trigger search needs steps >= 1, batch_size >= 1, lr > 0 "
+                          f"(got {steps}, {batch_size}, {lr})")
+    unet = pipe.unet
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    c_adv = init.detach().to(unet.device, torch.float32).clone().requires_grad_(True)
+    opt = torch.optim.Adam([c_adv], lr=lr)
+    g = torch.Generator().manual_seed(int(seed))
+    target = x0.to(unet.device, unet.dtype).expand(batch_size, -1, -1, -1)
+    losses = []
+    frozen = [p for p in unet.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for _ in range(int(steps)):
+            cond = c_adv.to(unet.dtype).unsqueeze(0).expand(batch_size, -1, -1)
+            loss = diffusion_loss(unet, noise_sched, target, cond, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    if not np.isfinite(losses).all():
+        raise DataError("trigger search diverged (non-finite loss); lower probe.lr")
+    return c_adv.detach().cpu(), losses
+
+
+def search_triggers(pipe, x0: torch.Tensor, prompt_cond: torch.Tensor, *, prompt_id: int,
+                    restarts: int, inits, other_conds: torch.Tensor | None = None, steps: int = 50,
+                    lr: float = 0.1, batch_size: int = 8, seed: int = 0) -> list[Trigger]:
+    """``restarts`` triggers for one target, cycling through ``inits``.
+
+    Restart ``r`` uses init ``inits[r % len(inits)]``, the seed :func:`trigger_seed` and, for
+    ``other``, the non-memorised embedding ``other_conds[r % len(other_conds)]``.
+    """
+    out = []
+    for r in range(int(restarts)):
+        init = inits[r % len(inits)]
+        g = torch.Generator().manual_seed(trigger_seed(seed, prompt_id, r))
+        other = other_conds[r % len(other_conds)] if other_conds is not None and len(other_conds) else None
+        start = initial_embedding(init, prompt_cond, other, g)
+        emb, losses = search_trigger(pipe, x0, start, steps=steps, lr=lr, batch_size=batch_size,
+                                     seed=trigger_seed(seed, prompt_id, r) + 1)
+        out.append(Trigger(emb, init, losses, float((emb - start.cpu().float()).norm())))
+    return out

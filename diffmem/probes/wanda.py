@@ -1,0 +1,100 @@
+"""Wanda pruning against memorisation (Chavhan et al. 2024).
+
+Layers: the second FFN linear (``ff.net.2``) of every transformer block
+(:func:`~diffmem.probes.layers.ffn_layers`). At each of the first ``n_steps`` sampling steps
+the score of weight ``W[i, j]`` is ``|W[i, j]| * ||X[:, j]||_2`` with ``X`` the layer's input
+activations for the memorised prompt (all seeds and spatial tokens), and likewise for the
+empty prompt at the same latents (the unconditional half of the guided batch). Per output
+row, the ``fraction`` of weights with the highest memorised-prompt score, among those whose
+score beats the empty prompt's, are selected; masks are united over the steps and the
+weights zeroed permanently (:func:`prune`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from diffmem.errors import ConfigError
+from diffmem.probes.layers import ffn_layers, get_layers, record
+from diffmem.sampling import denoise, encode_prompts
+
+Masks = dict[str, torch.Tensor]
+
+
+def row_topk_mask(score: torch.Tensor, baseline: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per output row, the top ``fraction`` (at least one) of ``score`` among entries with
+    ``score > baseline``: a boolean mask shaped like ``score`` ``[out, in]``."""
+    k = max(1, math.ceil(fraction * score.shape[1]))
+    candidates = torch.where(score > baseline, score, torch.full_like(score, -math.inf))
+    top = candidates.topk(k, dim=1)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    mask.scatter_(1, top.indices, torch.isfinite(top.values))
+    return mask
+
+
+@torch.no_grad()
+def wanda_masks(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
+                guidance: float, n_steps: int = 10, fraction: float = 0.01,
+                layers: Sequence[str] | None = None) -> Masks:
+    """Weights to prune for one conditioning (``[tokens, D]``), sampled from ``seeds``.
+
+    Runs the guided sampler for the first ``n_steps`` steps while recording the inputs of
+    ``layers`` (default: every ``ff.net.2``); returns ``{layer: bool [out, in]}``.
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"wanda fraction must be in (0, 1] (got {fraction})")
+    if guidance == 1.0:
+        raise ConfigError("wanda compares with the empty prompt's half of the guided batch: "
+                          "needs guidance_scale != 1")
+    if n_steps < 1 or n_steps > steps:
+        raise ConfigError(f"wanda n_steps must be in [1, {steps}] (got {n_steps})")
+    names = list(layers) if layers else list(ffn_layers(pipe.unet))
+    modules = get_layers(pipe.unet, names)
+    b = len(seeds)
+    c = cond.to(pipe.unet.device, pipe.unet.dtype).unsqueeze(0).expand(b, -1, -1)
+    uncond = encode_prompts(pipe, [""])
+    masks = {n: torch.zeros_like(m.weight, dtype=torch.bool) for n, m in modules.items()}
+    with record(pipe.unet, names, what="input") as acts:
+        for i, _ in enumerate(denoise(pipe, c, seeds, resolution, steps, guidance, uncond)):
+            if i + 1 >= n_steps:
+                break
+    for name, module in modules.items():
+        w = module.weight.abs().float()
+        for x in acts[name][:n_steps]:  # [2B, tokens, in]: unconditional rows first
+            x_u, x_c = x.float().chunk(2)
+            norm_c = x_c.reshape(-1, x_c.shape[-1]).norm(dim=0)
+            norm_u = x_u.reshape(-1, x_u.shape[-1]).norm(dim=0)
+            masks[name] |= row_topk_mask(w * norm_c, w * norm_u, fraction)
+    return masks
+
+
+def union(masks: Sequence[Masks]) -> Masks:
+    """Element-wise OR of several prompts' masks."""
+    out: Masks = {}
+    for m in masks:
+        for name, v in m.items():
+            out[name] = out[name] | v if name in out else v.clone()
+    return out
+
+
+@torch.no_grad()
+def prune(unet, masks: Masks) -> int:
+    """Zero the masked weights in place; returns how many were zeroed."""
+    total = 0
+    for name, module in get_layers(unet, list(masks)).items():
+        mask = masks[name].to(module.weight.device)
+        if mask.shape != module.weight.shape:
+            raise ConfigError(f"{name}: mask {tuple(mask.shape)} does not fit weight {tuple(module.weight.shape)}")
+        module.weight[mask] = 0
+        total += int(mask.sum())
+    return total
+
+
+def mask_iou(a: Masks, b: Masks) -> float:
+    """Intersection over union of two masks over all their layers (1.0 when both are empty)."""
+    inter = sum(int((a[n] & b.get(n, torch.zeros_like(a[n]))).sum()) for n in a)
+    uni = sum(int(v.sum()) for v in union([a, b]).values())
+    return inter / uni if uni else 1.0

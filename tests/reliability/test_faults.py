@@ -1,0 +1,249 @@
+"""Fault injection: SIGKILL a stage at a random point, re-run the same command, compare.
+
+For every stage (generate, embed, index in ``mode=single`` and the sharded
+train/add/merge sequence, train) an uninterrupted reference run is made first. Then each
+case deletes the run dir, runs the stage's commands, SIGKILLs one of them at a random
+(seeded) point, checks that every file visible under its final name parses, re-runs the
+killed command (sometimes killing it again) and the rest, and requires the run dir's
+published outputs to equal the reference byte for byte (parquet, PNG, .npy, FAISS and
+safetensors files; JSON minus date/versions/git): no lost rows, no duplicated rows, no
+extra or missing files.
+
+The kill points: a glob under the run dir reaching a count (the n-th PNG, feature part or
+checkpoint; a temporary ``.*.tmp`` file) plus a few ms, a plain delay after the start, or
+the middle of the n-th file write (``faultlib.KillPoint.write``; n up to the number of
+writes the reference run made). A point the stage passes too quickly may miss (the run
+finishes): such a case is not counted, and each test draws seeds until it made its
+number of kills.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import diffmem
+from tests.conftest import SMALL_DATA
+from tests.reliability.faultlib import (KILLS, KillPoint, assert_all_readable, assert_same_outputs,
+                                        count_writes, run_stage, snapshot)
+
+Command = tuple[str, list[str]]
+
+
+@dataclass
+class Reference:
+    """An uninterrupted run: its outputs (``faultlib.snapshot``), duration and writes."""
+
+    outputs: dict
+    seconds: float  # wall time of the uninterrupted commands (in-process, warm)
+    writes: list[int]  # file writes made by each command
+
+
+@dataclass
+class Scenario:
+    """Commands that fill one run dir, in order, and how to draw a kill point."""
+
+    name: str
+    commands: Callable[[Path, Path], list[Command]]  # (tiny pipeline folder, outputs root)
+    draw: Callable[[np.random.Generator, Reference], tuple[int, KillPoint]]
+    skip: tuple[str, ...] = ()  # run-dir folders outside the comparison (still checked readable)
+    needs: tuple[str, ...] = field(default=())  # scenarios whose reference run is an input
+
+
+def _count(ref: dict, prefix: str, suffix: str) -> int:
+    return sum(k.startswith(prefix) and k.endswith(suffix) for k in ref)
+
+
+def _pick(rng: np.random.Generator, options: list[tuple[float, Callable[[], KillPoint]]]) -> KillPoint:
+    weights = np.array([w for w, _ in options])
+    return options[rng.choice(len(options), p=weights / weights.sum())][1]()
+
+
+def _timed(rng, seconds: float) -> KillPoint:
+    return KillPoint(None, delay=float(rng.uniform(0, seconds)))
+
+
+def _mid_write(rng, ref: Reference, command: int) -> KillPoint:
+    return KillPoint(None, write=int(rng.integers(1, ref.writes[command] + 1)))
+
+
+def _soon(rng) -> float:
+    return float(rng.uniform(0, 0.02))
+
+
+GEN = ["model=local", "steps=2", "n_per_prompt=2", "batch_size=3", "prompts.n_ordinary=4",
+       "prompts.n_heldout=2", "name=g", *SMALL_DATA]
+EMBED = ["features.extractor.size=8", "part_size=3", "batch_size=2", "name=e", *SMALL_DATA]
+IVF = ["index.factory='IVF2,Flat'", "index.train_sample=null", "index.nprobe=2", "recall.queries=10"]
+TRAIN = ["arch=tiny", "unet.steps=6", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2",
+         "vae.steps=3", "vae.batch_size=4", "vae.ckpt_every=1", "name=t", *SMALL_DATA]
+
+
+def _generate_point(rng, ref):
+    n = _count(ref.outputs, "samples/", ".png")
+    return 0, _pick(rng, [
+        (4, lambda: KillPoint("samples/*.png", int(rng.integers(1, n)), _soon(rng))),
+        (1, lambda: KillPoint("samples/.*.tmp")),
+        (1, lambda: KillPoint("prompts.parquet", 1, _soon(rng))),
+        (1, lambda: _timed(rng, ref.seconds)),
+        (3, lambda: _mid_write(rng, ref, 0)),
+    ])
+
+
+def _embed_point(rng, ref):
+    n = _count(ref.outputs, "features/part-", ".npy")
+    return 0, _pick(rng, [
+        (4, lambda: KillPoint("features/part-*.npy", int(rng.integers(1, n)), _soon(rng))),
+        (1, lambda: KillPoint("features/.*.tmp")),
+        (1, lambda: KillPoint("inputs.json", 1, _soon(rng))),
+        (1, lambda: _timed(rng, ref.seconds)),
+        (3, lambda: _mid_write(rng, ref, 0)),
+    ])
+
+
+def _index_point(rng, ref):
+    return 0, _pick(rng, [
+        (1, lambda: KillPoint(".*.tmp")),
+        (1, lambda: KillPoint("index.faiss", 1, _soon(rng))),
+        (2, lambda: _timed(rng, ref.seconds)),
+        (2, lambda: _mid_write(rng, ref, 0)),
+    ])
+
+
+def _sharded_point(rng, ref):
+    step = int(rng.integers(0, 4))  # train, add shard 0, add shard 1, merge
+    target = ["empty.faiss", "shards/shard-0000-*", "shards/shard-0001-*", "index.faiss"][step]
+    return step, _pick(rng, [
+        (1, lambda: KillPoint(".*.tmp" if step in (0, 3) else "shards/.*.tmp")),
+        (1, lambda: KillPoint(target, 1, _soon(rng))),
+        (2, lambda: _timed(rng, ref.seconds / 4)),
+        (2, lambda: _mid_write(rng, ref, step)),
+    ])
+
+
+def _train_point(rng, ref):
+    return 0, _pick(rng, [
+        (2, lambda: KillPoint("checkpoints/vae/step-*", int(rng.integers(1, 3)), _soon(rng))),
+        (3, lambda: KillPoint("checkpoints/unet/step-*", int(rng.integers(1, 3)), _soon(rng))),
+        (1, lambda: KillPoint("checkpoints/*/.*.tmp")),
+        (1, lambda: KillPoint("vae/config.json", 1, _soon(rng))),
+        (1, lambda: KillPoint("train_log.parquet", 1, _soon(rng))),
+        (1, lambda: KillPoint("model/unet/*", 1, _soon(rng))),
+        (2, lambda: _timed(rng, ref.seconds)),
+        (4, lambda: _mid_write(rng, ref, 0)),
+    ])
+
+
+def _features_dir(outputs: Path) -> str:
+    return f"features_dir={outputs / 'embed' / 'e'}"
+
+
+SCENARIOS = {s.name: s for s in [
+    Scenario("generate", lambda pipe, out: [("generate", [*GEN, f"model.path={pipe}"])], _generate_point),
+    Scenario("embed", lambda pipe, out: [("embed", EMBED)], _embed_point),
+    Scenario("index-single", lambda pipe, out: [("index", [_features_dir(out), *IVF, "name=i"])],
+             _index_point, needs=("embed",)),
+    Scenario("index-sharded", lambda pipe, out: [
+        ("index", [_features_dir(out), *IVF, "name=s", *extra])
+        for extra in (["mode=train"], ["mode=add", "num_shards=2", "shard=0"],
+                      ["mode=add", "num_shards=2", "shard=1"], ["mode=merge", "num_shards=2"])],
+        _sharded_point, needs=("embed",)),
+    # checkpoints/ is left out of the comparison (still checked readable): a kill between
+    # saving the last checkpoint and pruning the oldest one leaves one more behind
+    Scenario("train", lambda pipe, out: [("train", TRAIN)], _train_point, skip=("checkpoints",)),
+]}
+
+
+def _run_dir(outputs: Path, command: Command) -> Path:
+    stage, overrides = command
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
+    return outputs / stage / name
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def references(workdir, tiny_pipe_dir):
+    """Uninterrupted runs of every scenario (in-process, which also warms the imports)."""
+    cache: dict[str, Reference] = {}
+
+    def get(name: str) -> Reference:
+        if name not in cache:
+            scenario = SCENARIOS[name]
+            for dep in scenario.needs:
+                get(dep)
+            commands = scenario.commands(tiny_pipe_dir, workdir / "ref")
+            diffmem.run(*commands[0])  # warm-up: lazy imports and the cached testbed
+            run_dir = _run_dir(workdir / "ref", commands[0])
+            shutil.rmtree(run_dir)
+            start, writes = time.monotonic(), []
+            for command in commands:
+                with count_writes() as n:
+                    diffmem.run(*command)
+                writes.append(n[0])
+            cache[name] = Reference(snapshot(run_dir, scenario.skip), time.monotonic() - start, writes)
+        return cache[name]
+
+    return get
+
+
+def _kill_cases(name: str, kills: int, first_seed: int, references, tiny_pipe_dir, workdir,
+                monkeypatch) -> None:
+    """Kill-and-resume cases of scenario ``name`` from ``first_seed`` on until ``kills`` kills.
+
+    A case kills once or twice (the second time, the re-run of the first kill's command or
+    a later command), then runs to completion and compares with the reference.
+    """
+    scenario = SCENARIOS[name]
+    outputs = workdir / "ref"  # the same paths as the reference: configs and paths compare equal
+    monkeypatch.setenv("DIFFMEM_OUTPUTS", str(outputs))
+    ref = references(name)
+    commands = scenario.commands(tiny_pipe_dir, outputs)
+    run_dir = _run_dir(outputs, commands[0])
+    logs = workdir / "logs" / name
+    done, seed = 0, first_seed
+    while done < kills:
+        assert seed < first_seed + 3 * kills, f"{name}: only {done} of {kills} kill points were hit"
+        rng = np.random.default_rng(seed)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        position, hits = 0, []  # commands before ``position`` are complete
+        for _ in range(int(rng.integers(1, 3))):
+            victim, point = scenario.draw(rng, ref)
+            victim = max(victim, position)
+            for i in range(position, victim):
+                run_stage(*commands[i], run_dir, logs / f"{seed}-{i}.log")
+            position = victim
+            if run_stage(*commands[victim], run_dir, logs / f"{seed}-{victim}.log", kill=point):
+                hits.append(f"command {victim} at {point}")
+                assert_all_readable(run_dir, f"{name} seed={seed}: SIGKILLs of {'; '.join(hits)}")
+        context = f"{name} seed={seed}: SIGKILLs of {'; '.join(hits) or 'none (all missed)'}"
+        for i in range(position, len(commands)):  # the killed command is re-run
+            run_stage(*commands[i], run_dir, logs / f"{seed}-{i}-resume.log")
+        assert_all_readable(run_dir, context)
+        assert_same_outputs(snapshot(run_dir, scenario.skip), ref.outputs, context)
+        done += len(hits)
+        KILLS["checked"] += len(hits)
+        seed += 1
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_kill_and_resume(name, references, tiny_pipe_dir, workdir, monkeypatch):
+    """A random SIGKILL or two per stage and a resume equal to the reference."""
+    _kill_cases(name, 2 if name == "generate" else 1, 0, references, tiny_pipe_dir, workdir, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kills", [("generate", 5), ("embed", 4), ("index-single", 3),
+                                        ("index-sharded", 5), ("train", 5)])
+def test_many_kills_and_resumes(name, kills, references, tiny_pipe_dir, workdir, monkeypatch):
+    """At least 22 random SIGKILLs across the stages (seeds 1000 on), resumed and compared."""
+    _kill_cases(name, kills, 1000, references, tiny_pipe_dir, workdir, monkeypatch)
