@@ -102,15 +102,15 @@ def figure(tables: dict, metrics: dict, path: Path, threshold: float) -> Path | 
 
     if "finding_dori" in tables:
         t = tables["finding_dori"]
-        labels = [f"{m}\n{a.replace(' (control: non-memorised images)', ' (control)')}"
-                  for m, a in zip(t["model"], t["attack"])]
+        labels = [f"{m}\n{'attacked' if a.startswith('trigger') else 'as is'}"
+                  + ("\n(control)" if "control" in a else "") for m, a in zip(t["model"], t["attack"])]
         mrs, sims = t["mr"].to_numpy(), t["similarity"].to_numpy()
     else:
         rows = {k: v for k, v in metrics.items() if isinstance(v, dict) and "mr" in v}
         if not rows:
             return None
         labels, mrs, sims = list(rows), [v["mr"] for v in rows.values()], [v["similarity"] for v in rows.values()]
-    fig = Figure(figsize=(max(4.5, 1.3 * len(labels)), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(4.5, 1.6 * len(labels)), 3.6), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     x = np.arange(len(labels))
     ax1.bar(x, mrs, color="#c44e52")
@@ -118,7 +118,7 @@ def figure(tables: dict, metrics: dict, path: Path, threshold: float) -> Path | 
     ax1.set_xticklabels(labels, fontsize=7)
     ax2.bar(x, sims, color="#4c72b0")
     ax2.axhline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    ax2.set(ylabel="similarity to training image", xticks=x)
+    ax2.set(ylabel="mean similarity to training image", xticks=x)
     ax2.set_xticklabels(labels, fontsize=7)
     ax2.legend(frameon=False, fontsize=7)
     return save_figure(fig, path)
