@@ -146,16 +146,32 @@ def _stats(name: str, values) -> dict:
             f"{name}_q75": np.percentile(values, 75)}
 
 
-def summary_table(run_dir) -> pd.DataFrame:
+def heldout_nn_sim(cfg: DictConfig, n_path: Path) -> float:
+    """The novelty baseline of one n: held-out real images' similarity to the nearest image of
+    each model's subset (what "far from the training images" looks like), averaged over models."""
+    root, manifest = load_dataset(OmegaConf.merge(cfg.data, {"subset": None}))
+    if "split" not in manifest or not (manifest["split"] == "heldout").any():
+        return float("nan")
+    ext = build_extractor(cfg.features.extractor)
+    held = ext(_nchw(load_images(root, manifest.loc[manifest["split"] == "heldout", "file"].unique(),
+                                 cfg.resolution)))
+    subsets = read_parquet(n_path / "subsets.parquet")
+    sims = [top1_similarity((held @ ext(_nchw(load_images(root, g["file"], cfg.resolution))).T).cpu().numpy())
+            .mean() for _, g in subsets.groupby("model")]
+    return float(np.mean(sims))
+
+
+def summary_table(cfg: DictConfig) -> pd.DataFrame:
     """One row per finished n: mean and quartiles of cross_sim and nn_sim (both models'
-    samples), the different-noise control and the VAE ceiling."""
+    samples), the different-noise control, the held-out baseline and the VAE ceiling."""
     rows = []
-    for d in sorted(p for p in Path(run_dir).glob("n-*") if is_done(p)):
+    for d in sorted(p for p in Path(cfg.run_dir).glob("n-*") if is_done(p)):
         pairs = read_parquet(d / "pairs.parquet")
         rows.append({"n": int(pairs.n.iloc[0]), "samples": len(pairs),
                      **_stats("cross_sim", pairs.cross_sim),
                      **_stats("nn_sim", np.concatenate([pairs.nn_sim_a, pairs.nn_sim_b])),
                      "shuffled_sim": pairs.shuffled_sim.mean(),
+                     "heldout_nn_sim": heldout_nn_sim(cfg, d),
                      "vae_ceiling": read_json(d / "info.json")["vae_ceiling"]})
     return pd.DataFrame(rows).sort_values("n", ignore_index=True)
 
@@ -171,6 +187,7 @@ def plot(table: pd.DataFrame, n_star: float | None, path: Path, feature: str) ->
         ax.plot(table.n, table[col], "o-", color=color, label=label)
         ax.fill_between(table.n, table[f"{col}_q25"], table[f"{col}_q75"], color=color, alpha=0.15)
     ax.plot(table.n, table.shuffled_sim, ":", color="#7f7f7f", label="A vs B, different noises")
+    ax.plot(table.n, table.heldout_nn_sim, ":", color="#d62728", label="held-out real image vs nearest (novel)")
     ax.plot(table.n, table.vae_ceiling, "--", color="#2ca02c", lw=1, label="VAE reconstruction (copy ceiling)")
     if n_star is not None:
         ax.axvline(n_star, color="k", lw=1, ls="--", label=f"transition n = {n_star:.0f}")
@@ -185,7 +202,7 @@ def plot(table: pd.DataFrame, n_star: float | None, path: Path, feature: str) ->
 def summarise(cfg: DictConfig) -> Path:
     """(Re)write the table, figure and ``summary.json`` from every finished n."""
     run_dir = Path(cfg.run_dir)
-    table = summary_table(run_dir)
+    table = summary_table(cfg)
     n_star = transition_n(table.n, table.cross_sim, table.nn_sim)
     write_parquet(run_dir / TABLE, table)
     plot(table, n_star, run_dir / FIGURE, cfg.features.extractor.name)

@@ -39,7 +39,7 @@ def test_two_sizes_bookkeeping_and_resume(tiny_pipe_dir, monkeypatch):
 
     table = pd.read_parquet(run_dir / "generalisation.parquet")
     assert table["n"].tolist() == [2, 4] and (table["samples"] == 3).all()
-    cols = ["cross_sim", "nn_sim", "shuffled_sim", "vae_ceiling"]
+    cols = ["cross_sim", "nn_sim", "shuffled_sim", "heldout_nn_sim", "vae_ceiling"]
     assert table[cols].notna().all().all() and (table[cols].abs() <= 1 + 1e-6).all().all()
     assert (run_dir / "generalisation.png").stat().st_size > 0
     assert read_json(run_dir / "summary.json")["n"] == [2, 4]

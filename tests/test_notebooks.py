@@ -22,5 +22,5 @@ def test_committed_without_outputs(path):
 def test_notebooks_run(shipped_audit_outputs):
     env = {**os.environ, "DIFFMEM_OUTPUTS": str(shipped_audit_outputs)}
     out = subprocess.run([sys.executable, "-m", "pytest", "--nbmake", *map(str, NOTEBOOKS), "-q",
-                          "-p", "no:cacheprovider", "-o", "addopts="], capture_output=True, text=True, env=env)
+                          "-p", "no:cacheprovider", "-o", "addopts=", "--nbmake-timeout=900"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout[-3000:]
