@@ -6,7 +6,7 @@ prompts (``positives``, as in ``detect``) are the targets; each needs its traini
 ``data.root``). Non-memorised prompts give NeMo's activation statistics, the ``other``
 trigger initialisation and, when they have a training image, the control targets. Writes to
 the run dir one Parquet file per table the probe returns (``finding_dori.parquet``,
-``triggers.parquet``, ...), ``metrics.json`` (with provenance), triggers under ``triggers/``,
+``triggers.parquet``, ...), ``metrics.json`` (with provenance), triggers and their generations (PNG) under ``triggers/``,
 probe artefacts (``neurons.json``, ``masks.safetensors``, the pruned ``model/``), a figure,
 and ``info.json`` + ``_SUCCESS`` last. A killed run re-run with the same config continues
 from its finished parts (``parts/``).

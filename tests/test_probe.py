@@ -217,6 +217,7 @@ def test_finding_dori_end_to_end_and_resume(tiny_pipe_dir):
     assert table["mr"].between(0, 1).all() and np.isfinite(table["similarity"]).all()
     triggers = pd.read_parquet(run_dir / "triggers.parquet")
     assert len(triggers) == (3 * 1 + 1) * 2 * 2  # (3 models x 1 target + 1 control) x restarts x gens
+    assert all((run_dir / f).is_file() for f in triggers["image"])  # every trigger's generation kept
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_targets"] == 1 and "provenance" in metrics and (run_dir / "probe.png").exists()
     pruned = diffmem.models.load_pipeline(run_dir / "model")  # a usable diffusers model

@@ -8,14 +8,17 @@ over prompts at the descriptor's replication threshold.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from diffmem.metrics import memorisation_rate
-from diffmem.sampling import encode_prompts, sample, sample_seed
+from diffmem.runs import atomic_path
+from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
 
 
 def generate(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
@@ -39,12 +42,13 @@ def similarity_to_targets(extractor, images: torch.Tensor, targets: torch.Tensor
 
 def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tensor, keys: pd.DataFrame, *,
                       n_per_prompt: int, seed: int, resolution: int, steps: int, guidance: float,
-                      batch_size: int = 32) -> pd.DataFrame:
+                      batch_size: int = 32, image_dir: Path | None = None) -> pd.DataFrame:
     """Generate ``n_per_prompt`` images per conditioning row and score each against its target.
 
     ``keys`` (one row per conditioning, with a ``prompt_id``) is repeated per generation;
     generation ``k`` of a row uses the seed ``sample_seed(seed, prompt_id, k)``, the same noise
-    the prompt's baseline generations use, so rows differ only in the conditioning.
+    the prompt's baseline generations use, so rows differ only in the conditioning. With
+    ``image_dir`` the generations are kept as PNGs there (``image`` column: the file name).
     """
     rep = np.repeat(np.arange(len(keys)), n_per_prompt)
     table = keys.iloc[rep].reset_index(drop=True)
@@ -53,6 +57,11 @@ def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tenso
     images = generate(pipe, conds[torch.as_tensor(rep)], seeds, resolution=resolution, steps=steps,
                       guidance=guidance, batch_size=batch_size)
     table["similarity"] = similarity_to_targets(extractor, images, targets[torch.as_tensor(rep)])
+    if image_dir is not None:
+        table["image"] = [f"{i:04d}.png" for i in range(len(table))]
+        for name, img in zip(table["image"], to_uint8(images)):
+            with atomic_path(Path(image_dir) / name) as tmp:
+                Image.fromarray(img).save(tmp, format="PNG")
     return table
 
 

@@ -63,11 +63,12 @@ class ProbeContext:
         """:meth:`part` for a JSON-ready dict (``parts/<key>.json``)."""
         return _cached(self.run_dir / "parts" / f"{key}.json", compute, read_json, write_json)
 
-    def replication(self, cond: torch.Tensor, images: torch.Tensor, keys: pd.DataFrame) -> pd.DataFrame:
+    def replication(self, cond: torch.Tensor, images: torch.Tensor, keys: pd.DataFrame,
+                    image_dir: Path | None = None) -> pd.DataFrame:
         """Generations of each conditioning row scored against its row of ``images``."""
         return replication_table(self.pipe, self.extractor, cond, images, keys, n_per_prompt=self.n_per_prompt,
                                  seed=self.seed, resolution=self.resolution, steps=self.steps,
-                                 guidance=self.guidance, batch_size=self.batch_size)
+                                 guidance=self.guidance, batch_size=self.batch_size, image_dir=image_dir)
 
     def mr(self, table: pd.DataFrame, by: str = "prompt_id") -> float:
         return mr(table, self.threshold, by=by, reduction=self.mr_reduction)
@@ -96,7 +97,8 @@ def attack(ctx: ProbeContext, role: str, i: int, ts: dict, key: str,
     """Trigger search for target ``i`` of ``role`` (``target`` or ``control``), then generations
     from every trigger scored against that target; one row per (restart, generation).
 
-    The triggers are saved as ``triggers/<key>.safetensors``. ``blocked()`` is active during
+    The triggers are saved as ``triggers/<key>.safetensors`` and their generations as PNGs
+    under ``triggers/<key>/`` (``image`` column). ``blocked()`` is active during
     the search and the generations (NeMo's blocking for the mitigated model).
     """
     rows, images, cond = ((ctx.targets, ctx.target_images, ctx.target_cond) if role == "target"
@@ -115,7 +117,9 @@ def attack(ctx: ProbeContext, role: str, i: int, ts: dict, key: str,
                                  "restart": range(len(found)), "init": [t.init for t in found],
                                  "distance": [t.distance for t in found],
                                  "final_loss": [t.losses[-1] for t in found]})
-            table = ctx.replication(embs, images[i:i + 1].expand(len(found), -1, -1, -1), keys)
+            table = ctx.replication(embs, images[i:i + 1].expand(len(found), -1, -1, -1), keys,
+                                    image_dir=ctx.run_dir / "triggers" / key)
+            table["image"] = f"triggers/{key}/" + table["image"]
         path = ctx.run_dir / "triggers" / f"{key}.safetensors"
         with atomic_path(path) as tmp:
             save_file({"triggers": embs.contiguous()}, str(tmp))
