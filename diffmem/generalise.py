@@ -146,32 +146,42 @@ def _stats(name: str, values) -> dict:
             f"{name}_q75": np.percentile(values, 75)}
 
 
-def heldout_nn_sim(cfg: DictConfig, n_path: Path) -> float:
-    """The novelty baseline of one n: held-out real images' similarity to the nearest image of
-    each model's subset (what "far from the training images" looks like), averaged over models."""
-    root, manifest = load_dataset(OmegaConf.merge(cfg.data, {"subset": None}))
-    if "split" not in manifest or not (manifest["split"] == "heldout").any():
-        return float("nan")
-    ext = build_extractor(cfg.features.extractor)
-    held = ext(_nchw(load_images(root, manifest.loc[manifest["split"] == "heldout", "file"].unique(),
-                                 cfg.resolution)))
-    subsets = read_parquet(n_path / "subsets.parquet")
-    sims = [top1_similarity((held @ ext(_nchw(load_images(root, g["file"], cfg.resolution))).T).cpu().numpy())
-            .mean() for _, g in subsets.groupby("model")]
-    return float(np.mean(sims))
+class HeldoutBaseline:
+    """The novelty baseline: held-out real images' similarity to the nearest image of each
+    model's subset (what "far from the training images" looks like), averaged over models.
+
+    The dataset, the descriptor and the held-out features are loaded once for every n.
+    """
+
+    def __init__(self, cfg: DictConfig):
+        self.root, manifest = load_dataset(OmegaConf.merge(cfg.data, {"subset": None}))
+        self.resolution = cfg.resolution
+        self.ext = build_extractor(cfg.features.extractor)
+        held = manifest.loc[manifest["split"] == "heldout", "file"].unique() if "split" in manifest else []
+        self.held = self._embed(held) if len(held) else None
+
+    def _embed(self, files) -> torch.Tensor:
+        return self.ext(_nchw(load_images(self.root, files, self.resolution)))
+
+    def __call__(self, n_path: Path) -> float:
+        if self.held is None:
+            return float("nan")
+        subsets = read_parquet(n_path / "subsets.parquet")
+        return float(np.mean([top1_similarity((self.held @ self._embed(g["file"]).T).cpu().numpy()).mean()
+                              for _, g in subsets.groupby("model")]))
 
 
 def summary_table(cfg: DictConfig) -> pd.DataFrame:
     """One row per finished n: mean and quartiles of cross_sim and nn_sim (both models'
     samples), the different-noise control, the held-out baseline and the VAE ceiling."""
-    rows = []
+    heldout_nn_sim, rows = HeldoutBaseline(cfg), []
     for d in sorted(p for p in Path(cfg.run_dir).glob("n-*") if is_done(p)):
         pairs = read_parquet(d / "pairs.parquet")
         rows.append({"n": int(pairs.n.iloc[0]), "samples": len(pairs),
                      **_stats("cross_sim", pairs.cross_sim),
                      **_stats("nn_sim", np.concatenate([pairs.nn_sim_a, pairs.nn_sim_b])),
                      "shuffled_sim": pairs.shuffled_sim.mean(),
-                     "heldout_nn_sim": heldout_nn_sim(cfg, d),
+                     "heldout_nn_sim": heldout_nn_sim(d),
                      "vae_ceiling": read_json(d / "info.json")["vae_ceiling"]})
     return pd.DataFrame(rows).sort_values("n", ignore_index=True)
 

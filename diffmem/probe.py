@@ -150,15 +150,14 @@ def run(cfg: DictConfig) -> Path:
                          local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
+
+    def cond(rows: pd.DataFrame) -> torch.Tensor:
+        return encode_prompts(pipe, rows["caption"].tolist()).float().cpu() if len(rows) else torch.zeros(0)
+
     ctx = ProbeContext(
-        pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
-        target_cond=encode_prompts(pipe, targets["caption"].tolist()).float().cpu(),
-        negatives=negatives,
-        negative_cond=(encode_prompts(pipe, negatives["caption"].tolist()).float().cpu() if len(negatives)
-                       else torch.zeros(0)),
-        controls=controls, control_images=control_images,
-        control_cond=(encode_prompts(pipe, controls["caption"].tolist()).float().cpu() if len(controls)
-                      else torch.zeros(0)),
+        pipe=pipe, extractor=extractor, targets=targets, target_images=target_images, target_cond=cond(targets),
+        negatives=negatives, negative_cond=cond(negatives),
+        controls=controls, control_images=control_images, control_cond=cond(controls),
         run_dir=run_dir, seed=int(cfg.seed), resolution=int(cfg.resolution), steps=int(cfg.steps),
         guidance=float(cfg.guidance_scale), n_per_prompt=int(cfg.n_per_prompt), threshold=float(cfg.threshold),
         mr_reduction=str(cfg.mr_reduction), batch_size=int(cfg.batch_size))

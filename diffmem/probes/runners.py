@@ -26,7 +26,7 @@ from diffmem.probes import nemo as nemo_lib
 from diffmem.probes import wanda as wanda_lib
 from diffmem.probes.layers import block_neurons, get_layers
 from diffmem.probes.replication import mr, replication_table
-from diffmem.probes.trigger import image_latents, search_triggers
+from diffmem.probes.trigger import INITS, image_latents, search_triggers
 from diffmem.runs import atomic_path, read_json, read_parquet, write_json, write_parquet
 from diffmem.sampling import sample_seed
 
@@ -69,6 +69,11 @@ class ProbeContext:
         return replication_table(self.pipe, self.extractor, cond, images, keys, n_per_prompt=self.n_per_prompt,
                                  seed=self.seed, resolution=self.resolution, steps=self.steps,
                                  guidance=self.guidance, batch_size=self.batch_size, image_dir=image_dir)
+
+    def baseline(self, model: str) -> pd.DataFrame:
+        """The memorised prompts' own generations on the model as it is now (part ``baseline-<model>``)."""
+        return self.part(f"baseline-{model}", lambda: self.replication(self.target_cond, self.target_images,
+                                                                       _keys(self.targets)))
 
     def mr(self, table: pd.DataFrame, by: str = "prompt_id") -> float:
         return mr(table, self.threshold, by=by, reduction=self.mr_reduction)
@@ -147,8 +152,7 @@ def baseline_summary(ctx: ProbeContext, table: pd.DataFrame) -> dict:
 def trigger_search(ctx: ProbeContext, s) -> tuple[dict, dict]:
     """Finding Dori's trigger search on the loaded model, for the memorised targets and the controls."""
     ts = _trigger_settings(s)
-    base = ctx.part("baseline-original", lambda: ctx.replication(ctx.target_cond, ctx.target_images,
-                                                                  _keys(ctx.targets)))
+    base = ctx.baseline("original")
     parts = [attack(ctx, "target", i, ts, f"attack-original-target-{i}") for i in _bar(len(ctx.targets), "targets")]
     parts += [attack(ctx, "control", i, ts, f"attack-original-control-{i}") for i in range(len(ctx.controls))]
     triggers = pd.concat(parts, ignore_index=True)
@@ -212,8 +216,7 @@ def nemo(ctx: ProbeContext, s) -> tuple[dict, dict]:
     found = _nemo_all(ctx, s)
     write_json(ctx.run_dir / "neurons.json", {str(int(r.prompt_id)): f for r, f in
                                               zip(ctx.targets.itertuples(), found)})
-    base = ctx.part("baseline-original", lambda: ctx.replication(ctx.target_cond, ctx.target_images,
-                                                                  _keys(ctx.targets)))
+    base = ctx.baseline("original")
     blocked = ctx.part("baseline-nemo", lambda: _blocked_replication(ctx, found))
     table = _keys(ctx.targets).assign(**{k: [f[k] for f in found] for k in
                                          ("n_neurons", "score_before", "score_after", "suppressed", "checks")})
@@ -271,11 +274,9 @@ def wanda(ctx: ProbeContext, s) -> tuple[dict, dict]:
     """Wanda masks over the memorised prompts (``masks.safetensors``), the pruned model (``model/``),
     and MR before and after pruning."""
     masks = _wanda_model(ctx, s)
-    base = ctx.part("baseline-original", lambda: ctx.replication(ctx.target_cond, ctx.target_images,
-                                                                  _keys(ctx.targets)))
+    base = ctx.baseline("original")
     with pruned(ctx.pipe.unet, masks):
-        after = ctx.part("baseline-wanda", lambda: ctx.replication(ctx.target_cond, ctx.target_images,
-                                                                    _keys(ctx.targets)))
+        after = ctx.baseline("wanda")
         _save_pruned(ctx, s)
     counts = pd.DataFrame([{"layer": k, "pruned": int(v.sum()), "weights": int(v.numel())} for k, v in masks.items()])
     return {"wanda": counts, "baseline": base, "pruned": after}, {
@@ -289,8 +290,7 @@ def finding_dori(ctx: ProbeContext, s) -> tuple[dict, dict]:
     trigger search; plus the control (non-memorised training images) at the same budget."""
     ts = _trigger_settings(s.trigger)
     rows, tables = [], {}
-    base = ctx.part("baseline-original", lambda: ctx.replication(ctx.target_cond, ctx.target_images,
-                                                                  _keys(ctx.targets)))
+    base = ctx.baseline("original")
     orig_attack = pd.concat([attack(ctx, "target", i, ts, f"attack-original-target-{i}")
                              for i in _bar(len(ctx.targets), "attack original")], ignore_index=True)
     rows += [{"model": "original", "attack": "none", **baseline_summary(ctx, base)},
@@ -307,8 +307,7 @@ def finding_dori(ctx: ProbeContext, s) -> tuple[dict, dict]:
 
     masks = _wanda_model(ctx, s.wanda)
     with pruned(ctx.pipe.unet, masks):
-        after = ctx.part("baseline-wanda", lambda: ctx.replication(ctx.target_cond, ctx.target_images,
-                                                                    _keys(ctx.targets)))
+        after = ctx.baseline("wanda")
         _save_pruned(ctx, s.wanda)
         wanda_attack = pd.concat([attack(ctx, "target", i, ts, f"attack-wanda-target-{i}")
                                   for i in _bar(len(ctx.targets), "attack wanda")], ignore_index=True)
@@ -401,15 +400,14 @@ def check_settings(name: str, s) -> None:
                 raise ConfigError(f"{prefix}.{f} must be >= 1 (got {node[f]})")
         if "lr" in node and not float(node.lr) > 0:
             raise ConfigError(f"{prefix}.lr must be > 0 (got {node.lr})")
-        bad = [i for i in node.get("inits") or [] if i not in ("prompt", "random", "other")]
+        bad = [i for i in node.get("inits") or [] if i not in INITS]
         if bad:
-            raise ConfigError(f"{prefix}.inits: unknown init(s) {bad} (known: prompt, random, other)")
+            raise ConfigError(f"{prefix}.inits: unknown init(s) {bad} (known: {', '.join(INITS)})")
 
     if name == "trigger_search":
         positive(s, "probe")
-    for sub in ("trigger",):
-        if sub in s:
-            positive(s[sub], f"probe.{sub}")
+    if "trigger" in s:
+        positive(s.trigger, "probe.trigger")
     for node, prefix in ((s, "probe"), (s.get("wanda"), "probe.wanda")):
         if node is not None and "fraction" in node and not 0 < float(node.fraction) <= 1:
             raise ConfigError(f"{prefix}.fraction must be in (0, 1] (got {node.fraction})")
