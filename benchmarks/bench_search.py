@@ -27,6 +27,13 @@ import sys
 import time
 
 
+def add_clustered_args(p: argparse.ArgumentParser) -> None:
+    """The options of :func:`make_clustered`'s synthetic data (shared with bench_sharded_index)."""
+    p.add_argument("--n-clusters", type=int, default=4096, help="gaussian clusters in the data")
+    p.add_argument("--noise", type=float, default=0.7,
+                   help="within-cluster noise norm relative to the unit centre")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -34,9 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=512, help="descriptor dimension")
     p.add_argument("--n-queries", type=int, default=1000, help="query vectors")
     p.add_argument("--k", type=int, default=10, help="neighbours per query")
-    p.add_argument("--n-clusters", type=int, default=4096, help="gaussian clusters in the data")
-    p.add_argument("--noise", type=float, default=0.7,
-                   help="within-cluster noise norm relative to the unit centre")
+    add_clustered_args(p)
     p.add_argument("--nlist", type=int, default=1024, help="IVF lists")
     p.add_argument("--train-per-list", type=int, default=39, help="IVF training vectors per list")
     p.add_argument("--nprobes", default="1,2,4,8,16,32,64,128", help="nprobe values to sweep")

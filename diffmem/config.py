@@ -25,16 +25,37 @@ for _name, _module in [("train", "diffmem.train"), ("generate", "diffmem.generat
                        ("embed", "diffmem.embed"), ("index", "diffmem.index.stage"),
                        ("search", "diffmem.search"), ("detect", "diffmem.detect"),
                        ("audit", "diffmem.audit"), ("probe", "diffmem.probe"),
-                       ("generalise", "diffmem.generalise")]:
+                       ("generalise", "diffmem.generalise"), ("mitigate", "diffmem.mitigate"),
+                       ("evaluate-mitigation", "diffmem.evaluate_mitigation")]:
     STAGES.register(_name, _module)
 
 if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
 
 
+def _lazy(module: str, attr: str):
+    def resolve(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)(*args)
+    return resolve
+
+
+for _resolver, _module, _attr in (("digest", "diffmem.runs", "digest"),
+                                  ("optuna_storage", "diffmem.mitigations.memcontrol", "storage_url"),
+                                  ("optuna_remaining", "diffmem.mitigations.memcontrol", "remaining_trials")):
+    if not OmegaConf.has_resolver(_resolver):  # used by experiment=memcontrol (a resumable study)
+        OmegaConf.register_new_resolver(_resolver, _lazy(_module, _attr))
+
+
 def stage_module(stage: str):
     """The module of ``stage`` (a "did you mean" error for unknown names)."""
     return STAGES.get(stage)
+
+
+def config_name(stage: str) -> str:
+    """The root config of ``stage`` (``evaluate-mitigation`` -> ``evaluate_mitigation.yaml``)."""
+    return stage.replace("-", "_")
 
 
 def compose(stage: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -43,7 +64,7 @@ def compose(stage: str, overrides: Sequence[str] = ()) -> DictConfig:
 
     stage_module(stage)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = _compose(config_name=stage, overrides=list(overrides))
+        cfg = _compose(config_name=config_name(stage), overrides=list(overrides))
     return cfg
 
 
@@ -59,7 +80,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=stage)
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name(stage))
     def _app(cfg: DictConfig):
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
+from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
 from diffmem.errors import ConfigError, DataError
@@ -39,7 +39,7 @@ from diffmem.metrics.detection import (
     rates_at_threshold,
     roc_points,
 )
-from diffmem.models import load_pipeline, resolve_device
+from diffmem.models import load_pipeline
 from diffmem.report import write_detect_report
 from diffmem.report.figures import save_figure
 from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance, write_json,
@@ -162,10 +162,9 @@ def run(cfg: DictConfig) -> Path:
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         log.info("detect: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    device = configure_torch(cfg)
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
-    pipe = load_pipeline(cfg.model.path, device=resolve_device(cfg.device), dtype=cfg.model.dtype,
+    pipe = load_pipeline(cfg.model.path, device=device, dtype=cfg.model.dtype,
                          local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))  # only once the inputs are usable
     start = time.perf_counter()

@@ -12,3 +12,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def configure_torch(cfg) -> torch.device:
+    """A stage's torch setup from its config: CPU threads (``threads``, null = torch's
+    default) and the device (``device``, default ``auto``)."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    return resolve_device(cfg.get("device", "auto"))

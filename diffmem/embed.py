@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
 from diffmem.config import hydra_app
+from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
@@ -159,8 +159,7 @@ def run(cfg: DictConfig) -> Path:
         root, items = samples_items(cfg.samples_dir)
     else:
         raise ConfigError(f"source '{cfg.source}' is not one of dataset, samples")
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "item list", items)

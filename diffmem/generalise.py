@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmem import train
 from diffmem.config import hydra_app
+from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
 from diffmem.errors import ConfigError
 from diffmem.features import build_extractor
@@ -234,8 +235,7 @@ def run(cfg: DictConfig) -> Path:
     if check_claim(out, n_fp) and is_done(out):
         log.info("generalise: n=%d is complete", cfg.n)
     else:
-        if cfg.get("threads"):
-            torch.set_num_threads(int(cfg.threads))
+        configure_torch(cfg)
         configs = [train_config(cfg, part) for part in range(len(MODELS))]
         parts = [load_dataset(c.data) for c in configs]
         claim(cfg.run_dir, fp)

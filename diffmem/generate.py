@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
 from diffmem.config import hydra_app
+from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
 from diffmem.errors import ConfigError
-from diffmem.models import load_pipeline, resolve_device
+from diffmem.models import load_pipeline
 from diffmem.models.pipeline import check_scheduler
 from diffmem.runs import (atomic_path, check_claim, check_inputs, claim, config_subset, finish,
                           is_done, require, write_parquet)
@@ -102,13 +102,12 @@ def run(cfg: DictConfig) -> Path:
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         log.info("generate: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    device = configure_torch(cfg)
     manifest = load_dataset(cfg.data)[1] if cfg.prompts.kind == "testbed" else None
     prompts = load_prompts(cfg.prompts, manifest)
     plan = plan_samples(prompts, cfg.n_per_prompt, cfg.seed)
     mine = plan.iloc[cfg.shard::cfg.num_shards]
-    pipe = load_pipeline(cfg.model.path, device=resolve_device(cfg.device), dtype=cfg.model.dtype,
+    pipe = load_pipeline(cfg.model.path, device=device, dtype=cfg.model.dtype,
                          local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "prompt list", prompts)

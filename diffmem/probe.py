@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
+from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image, load_prompts
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import ground_truth_labels
@@ -127,7 +128,7 @@ def figure(tables: dict, metrics: dict, path: Path, threshold: float) -> Path | 
 def run(cfg: DictConfig) -> Path:
     """Probe per ``cfg``; returns the run dir."""
     from diffmem.features import build_extractor
-    from diffmem.models import load_pipeline, resolve_device
+    from diffmem.models import load_pipeline
 
     fn = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
@@ -143,9 +144,7 @@ def run(cfg: DictConfig) -> Path:
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         log.info("probe: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    device = resolve_device(cfg.device)
+    device = configure_torch(cfg)
     pipe = load_pipeline(cfg.model.path, device=device, dtype=cfg.model.dtype,
                          local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
     extractor = build_extractor(cfg.features.extractor, device=str(device))

@@ -236,3 +236,14 @@ def config_subset(cfg: Any, keys) -> dict[str, Any]:
 
     return {k: OmegaConf.to_container(cfg[k], resolve=True)
             if isinstance(cfg[k], (DictConfig, ListConfig)) else cfg[k] for k in keys if k in cfg}
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a plain or OmegaConf value (names cache entries and trial dirs)."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -19,8 +19,14 @@ def sample_seed(base_seed: int, prompt_id: int, k: int) -> int:
 
 @torch.no_grad()
 def encode_prompts(pipe, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Text-encoder outputs [N, 77, D] (the conditioning ``c``; ``""`` gives ``c0``)."""
+    """Text-encoder outputs [N, 77, D] (the conditioning ``c``; ``""`` gives ``c0``).
+
+    A defended pipeline (:mod:`diffmem.mitigations.defences`) first rewrites the captions.
+    """
     device = pipe.text_encoder.device
+    defence = getattr(pipe, "diffmem_defence", None)
+    if defence is not None:
+        captions = defence.text(captions, pipe)
     out = []
     for i in range(0, len(captions), batch_size):
         ids = pipe.tokenizer(list(captions[i:i + batch_size]), padding="max_length",
@@ -80,8 +86,11 @@ def denoise(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, ste
     """The guided sampler one step at a time: yields the latents after each step.
 
     Stop early by leaving the loop (Wanda only needs the first steps). ``uncond`` defaults to
-    the empty prompt's conditioning.
+    the empty prompt's conditioning. A defended pipeline changes ``cond`` first, per seed.
     """
+    defence = getattr(pipe, "diffmem_defence", None)
+    if defence is not None:
+        cond = defence.embedding(pipe, cond, seeds, resolution=resolution, steps=steps, guidance=guidance)
     if uncond is None and guidance != 1.0:
         uncond = encode_prompts(pipe, [""])
     if uncond is not None and uncond.shape[0] == 1:

@@ -22,9 +22,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from diffmem.config import hydra_app
+from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
 from diffmem.errors import ConfigError
-from diffmem.models import load_pipeline, resolve_device, save_pipeline
+from diffmem.models import load_pipeline, save_pipeline
 from diffmem.runs import check_claim, claim, config_subset, finish, is_done, write_json, write_parquet
 from diffmem.sampling import encode_prompts
 
@@ -166,13 +167,20 @@ def encode_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Te
     return torch.cat(out).float() * vae.config.scaling_factor
 
 
-def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """The noise-prediction loss at fresh noise and uniform timesteps drawn from ``g``
-    (velocity targets for v-prediction models); shared by training and trigger search."""
+def noised(noise_sched, x0: torch.Tensor, g: torch.Generator):
+    """``(x_t, t, target)``: fresh noise and uniform timesteps from ``g``; the target is the
+    noise (the velocity for v-prediction models)."""
     noise = torch.randn(x0.shape, generator=g).to(x0.device)
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(x0.device)
     xt = noise_sched.add_noise(x0, noise, t)
     target = noise_sched.get_velocity(x0, noise, t) if noise_sched.config.prediction_type == "v_prediction" else noise
+    return xt, t, target
+
+
+def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The noise-prediction loss at fresh noise and uniform timesteps drawn from ``g``
+    (:func:`noised`); shared by training, trigger search and the mitigations."""
+    xt, t, target = noised(noise_sched, x0, g)
     return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, target)
 
 
@@ -215,9 +223,7 @@ def run(cfg: DictConfig) -> Path:
         log.info("train: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir) / "model"
     torch.manual_seed(cfg.seed)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    device = resolve_device(cfg.device)
+    device = configure_torch(cfg)
     root, manifest = load_dataset(cfg.data)
     train_rows = manifest[manifest["split"] == "train"] if "split" in manifest else manifest
     if train_rows.empty:

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import diffmem
-from diffmem.config import CONF_DIR, STAGES
+from diffmem.config import CONF_DIR, STAGES, config_name
 from diffmem.errors import ConfigError
 
 def _options(group: str) -> list[str]:
@@ -26,7 +26,7 @@ def _experiment_stage(name: str) -> str:
 
 def _cases():
     for stage in STAGES.names():
-        root = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{stage}.yaml").defaults)
+        root = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{config_name(stage)}.yaml").defaults)
         groups = [next(iter(d)) for d in root if isinstance(d, dict)]
         yield stage, None
         for group in groups:
@@ -39,7 +39,7 @@ def _cases():
 
 def test_cases_cover_every_group_option():
     composed = {override for _, override in _cases() if override}
-    for group in ("model", "data", "prompts", "arch", "features", "index", "experiment"):
+    for group in ("model", "data", "prompts", "arch", "features", "index", "mitigation", "experiment"):
         for option in _options(group):
             assert f"{group}={option}" in composed
 

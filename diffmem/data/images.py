@@ -195,3 +195,8 @@ def to_tensor(images: np.ndarray):
     import torch
 
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def load_unit_images(root: str | Path, files, resolution: int | None = None):
+    """:func:`load_images` as a float32 tensor ``[N, 3, H, W]`` in [0, 1] (descriptors' range)."""
+    return (to_tensor(load_images(root, files, resolution)) + 1) / 2

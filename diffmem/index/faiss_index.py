@@ -231,6 +231,16 @@ def set_search_params(index: faiss.Index, nprobe: int | None = None,
     return index
 
 
+def training_rows(n: int, train_sample: int | None, seed: int) -> np.ndarray | None:
+    """The sorted rows an untrained index is trained on (None: all ``n``). The single and the
+    sharded build both draw them here, so both train the same index."""
+    if train_sample is not None and int(train_sample) < 1:
+        raise ConfigError(f"train_sample must be >= 1 or null, got {train_sample}")
+    if train_sample is None or int(train_sample) >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=int(train_sample), replace=False))
+
+
 def build_index(x: Any, factory: str = "Flat", metric: str = "ip",
                 train_sample: int | None = None, seed: int = 0, nprobe: int | None = None,
                 hnsw_ef_search: int | None = None, ids: Any = None,
@@ -246,15 +256,8 @@ def build_index(x: Any, factory: str = "Flat", metric: str = "ip",
     n, d = x.shape
     index = _make_index(d, factory, metric)
     if not index.is_trained:
-        if train_sample is not None and int(train_sample) < 1:
-            raise ConfigError(f"train_sample must be >= 1 or null, got {train_sample}")
-        if train_sample is not None and int(train_sample) < n:
-            rng = np.random.default_rng(seed)
-            sel = np.sort(rng.choice(n, size=int(train_sample), replace=False))
-            sample = x[sel]
-        else:
-            sample = x
-        _train(index, sample, factory, seed)
+        sel = training_rows(n, train_sample, seed)
+        _train(index, x if sel is None else x[sel], factory, seed)
     if ids is not None:
         index = _with_ids(index)
         _add(index, x, _ids_array(ids, n))

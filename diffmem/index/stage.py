@@ -2,8 +2,11 @@
 
 ``mode=single`` builds in one process. For large sets (FAISS's "indexes that do not
 fit in RAM" recipe): ``mode=train`` trains one empty index on a sample, ``mode=add
-shard=i num_shards=n`` adds every n-th feature part in its own job, ``mode=merge``
-combines the shard files. Approximate indexes get recall@1/@k measured against exact
+shard=i num_shards=n`` adds every n-th feature part in its own job (a ``--multirun`` over
+``shard``: every job works in ``build_dir``, not its Hydra job dir), ``mode=merge``
+combines the shard files (``ondisk=true``: into an on-disk inverted-list file, for IVF
+indexes larger than RAM). Both builds train on the same rows, so they return the same
+neighbours. Approximate indexes get recall@1/@k measured against exact
 search on held-out queries (database vectors perturbed with Gaussian noise, so they are
 not in the index) written into ``index_info.json``.
 """
@@ -19,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem.config import hydra_app
 from diffmem.embed import feature_parts, load_features
 from diffmem.errors import ConfigError, DataError
-from diffmem.index.faiss_index import (add_shard, build_index, measure_recall,
-                                       merge_shards, save_index, train_empty_index, write_index)
+from diffmem.index.faiss_index import (add_shard, build_index, measure_recall, merge_shards, save_index,
+                                       set_search_params, train_empty_index, training_rows, write_index)
 from diffmem.runs import check_claim, claim, is_done, mark_done, provenance, read_json, require
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,17 @@ def held_out_queries(x: np.ndarray, n: int, noise: float, seed: int) -> np.ndarr
     q = x[rng.choice(len(x), size=min(n, len(x)), replace=False)]
     q = q + rng.standard_normal(q.shape).astype(np.float32) * noise / np.sqrt(q.shape[1])
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _sample(parts: list[Path], train_sample: int | None, seed: int) -> np.ndarray:
+    """The training rows (:func:`training_rows`) gathered from memory-mapped feature parts."""
+    maps = [np.load(p, mmap_mode="r") for p in parts]
+    offsets = np.cumsum([0] + [len(m) for m in maps])
+    rows = training_rows(int(offsets[-1]), train_sample, seed)
+    if rows is None:
+        return np.concatenate([np.asarray(m) for m in maps])
+    return np.concatenate([np.asarray(m[rows[(rows >= lo) & (rows < hi)] - lo])
+                           for m, lo, hi in zip(maps, offsets[:-1], offsets[1:])])
 
 
 def _info(cfg: DictConfig, finfo: dict) -> dict:
@@ -54,43 +68,49 @@ def run(cfg: DictConfig) -> Path:
                           f"(got {cfg.shard} of {cfg.num_shards})")
     fp = {"index": OmegaConf.to_container(cfg.index, resolve=True),
           "features_dir": str(Path(cfg.features_dir).resolve()), "seed": cfg.seed}
-    if check_claim(cfg.run_dir, fp) and is_done(cfg.run_dir):
-        return Path(cfg.run_dir)
+    # the sharded modes share one folder whatever Hydra job runs them (a multirun of adds)
+    build_dir = Path(cfg.run_dir if cfg.mode == "single" else cfg.build_dir)
+    if check_claim(build_dir, fp) and is_done(build_dir):
+        return build_dir
     ix = cfg.index
     name = str(cfg.features_dir)
     if cfg.mode == "add":
         parts = feature_parts(cfg.features_dir)
-        empty = Path(cfg.run_dir) / "empty.faiss"
+        if cfg.shard >= len(parts):
+            raise ConfigError(f"shard {cfg.shard}: the features have {len(parts)} parts, fewer than "
+                              f"num_shards={cfg.num_shards} (use num_shards <= {len(parts)})")
+        empty = build_dir / "empty.faiss"
         if not empty.is_file():
             raise DataError(f"{empty}: not found; run mode=train with the same name=... first")
-        run_dir = claim(cfg.run_dir, fp)
+        run_dir = claim(build_dir, fp)
         out = run_dir / "shards" / f"shard-{cfg.shard:04d}-of-{cfg.num_shards:04d}.faiss"
         if not out.exists():
             offsets = np.cumsum([0] + [len(np.load(p, mmap_mode="r")) for p in parts])
             mine = range(cfg.shard, len(parts), cfg.num_shards)
-            x = np.concatenate([np.load(parts[p]) for p in mine]) if mine else None
-            ids = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in mine]) if mine else None
+            x = np.concatenate([np.load(parts[p]) for p in mine])
+            ids = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in mine])
             add_shard(empty, x, ids, out_path=out)
         return run_dir
     if cfg.mode == "merge":
         finfo_path = Path(cfg.features_dir) / "info.json"
         finfo = read_json(finfo_path) if finfo_path.exists() else {}
-        shards = sorted((Path(cfg.run_dir) / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
+        shards = sorted((build_dir / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
         if len(shards) != cfg.num_shards:
-            raise ConfigError(f"{cfg.run_dir}/shards: {len(shards)} of {cfg.num_shards} shards present")
-        index = merge_shards(shards)
-        run_dir = claim(cfg.run_dir, fp)
+            raise ConfigError(f"{build_dir}/shards: {len(shards)} of {cfg.num_shards} shards present")
+        ondisk = build_dir / "index.ivfdata" if cfg.ondisk else None
+        index = merge_shards(shards, build_dir / "empty.faiss" if ondisk else None, ondisk)
+        set_search_params(index, ix.nprobe, ix.ef_search)
+        run_dir = claim(build_dir, fp)
         save_index(index, run_dir, {**_info(cfg, finfo), **provenance(cfg)})
         mark_done(run_dir, {"ntotal": index.ntotal})
         return run_dir
-    x, _, finfo = load_features(cfg.features_dir)
-    if cfg.mode == "train":
-        rng = np.random.default_rng(cfg.seed)
-        sample = x[rng.choice(len(x), size=min(ix.train_sample or len(x), len(x)), replace=False)]
-        empty = train_empty_index(sample, ix.factory, ix.metric, seed=cfg.seed, name=name)
-        run_dir = claim(cfg.run_dir, fp)
+    if cfg.mode == "train":  # reads only the sampled rows (memory-mapped parts)
+        empty = train_empty_index(_sample(feature_parts(cfg.features_dir), ix.train_sample, cfg.seed),
+                                  ix.factory, ix.metric, seed=cfg.seed, name=name)
+        run_dir = claim(build_dir, fp)
         write_index(empty, run_dir / "empty.faiss")
         return run_dir
+    x, _, finfo = load_features(cfg.features_dir)
     index = build_index(x, ix.factory, ix.metric, train_sample=ix.train_sample, seed=cfg.seed,
                         nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search, name=name)
     info = _info(cfg, finfo)

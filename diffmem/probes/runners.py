@@ -392,22 +392,22 @@ def _mean_pairwise(items, fn) -> float:
     return float(np.mean([fn(items[i], items[j]) for i, j in pairs]))
 
 
-def check_settings(name: str, s) -> None:
+def check_settings(name: str, s, prefix: str = "probe") -> None:
     """Config errors before anything runs (bad values name the field)."""
-    def positive(node, prefix):
+    def positive(node, at):
         for f in ("steps", "batch_size", "restarts"):
             if f in node and int(node[f]) < 1:
-                raise ConfigError(f"{prefix}.{f} must be >= 1 (got {node[f]})")
+                raise ConfigError(f"{at}.{f} must be >= 1 (got {node[f]})")
         if "lr" in node and not float(node.lr) > 0:
-            raise ConfigError(f"{prefix}.lr must be > 0 (got {node.lr})")
+            raise ConfigError(f"{at}.lr must be > 0 (got {node.lr})")
         bad = [i for i in node.get("inits") or [] if i not in INITS]
         if bad:
-            raise ConfigError(f"{prefix}.inits: unknown init(s) {bad} (known: {', '.join(INITS)})")
+            raise ConfigError(f"{at}.inits: unknown init(s) {bad} (known: {', '.join(INITS)})")
 
     if name == "trigger_search":
-        positive(s, "probe")
+        positive(s, prefix)
     if "trigger" in s:
-        positive(s.trigger, "probe.trigger")
-    for node, prefix in ((s, "probe"), (s.get("wanda"), "probe.wanda")):
+        positive(s.trigger, f"{prefix}.trigger")
+    for node, where in ((s, prefix), (s.get("wanda"), f"{prefix}.wanda"), (s.get("surrogate"), f"{prefix}.surrogate")):
         if node is not None and "fraction" in node and not 0 < float(node.fraction) <= 1:
-            raise ConfigError(f"{prefix}.fraction must be in (0, 1] (got {node.fraction})")
+            raise ConfigError(f"{where}.fraction must be in (0, 1] (got {node.fraction})")

@@ -244,7 +244,7 @@ def assert_all_readable(run_dir: Path, context: str) -> None:
                                      f"{path.relative_to(run_dir)} ({type(err).__name__}: {err})") from err
 
 
-_PROVENANCE = ("date", "git", "versions")  # differ between two runs of the same config
+_PROVENANCE = ("date", "git", "versions", "provenance", "seconds")  # differ between two runs of one config
 
 
 def snapshot(run_dir: Path, skip: tuple[str, ...] = ()) -> dict[str, object]:

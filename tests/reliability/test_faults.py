@@ -1,7 +1,8 @@
 """Fault injection: SIGKILL a stage at a random point, re-run the same command, compare.
 
 For every stage (generate, embed, index in ``mode=single`` and the sharded
-train/add/merge sequence, train) an uninterrupted reference run is made first. Then each
+train/add/merge sequence, train, and mitigate: MemControl's masked LoRA inner loop and
+adversarial fine-tuning) an uninterrupted reference run is made first. Then each
 case deletes the run dir, runs the stage's commands, SIGKILLs one of them at a random
 (seeded) point, checks that every file visible under its final name parses, re-runs the
 killed command (sometimes killing it again) and the rest, and requires the run dir's
@@ -81,6 +82,13 @@ GEN = ["model=local", "steps=2", "n_per_prompt=2", "batch_size=3", "prompts.n_or
        "prompts.n_heldout=2", "name=g", *SMALL_DATA]
 EMBED = ["features.extractor.size=8", "part_size=3", "batch_size=2", "name=e", *SMALL_DATA]
 IVF = ["index.factory='IVF2,Flat'", "index.train_sample=null", "index.nprobe=2", "recall.queries=10"]
+MITIGATE = ["model=local", "steps=2", "positives.min_dup_count=4", "prompts.n_ordinary=4", "prompts.n_heldout=2",
+            "objectives.n_prompts=4", "features.extractor.size=8", *SMALL_DATA]
+MEMCONTROL = ["mitigation=memcontrol", "+mitigation.mask.mid_block.attentions.0=1", "mitigation.steps=6",
+              "mitigation.ckpt_every=2", "mitigation.noise_filter={quantile: 0.9, n_calibration: 16}", "name=m"]
+ADVERSARIAL = ["mitigation=adversarial_ft", "mitigation.steps=4", "mitigation.refresh_every=2", "mitigation.ckpt_every=1",
+               "mitigation.trigger.steps=2", "mitigation.surrogate.n_candidates=2", "mitigation.surrogate.n_steps=2",
+               "name=a"]
 TRAIN = ["arch=tiny", "unet.steps=6", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2",
          "vae.steps=3", "vae.batch_size=4", "vae.ckpt_every=1", "name=t", *SMALL_DATA]
 
@@ -140,6 +148,20 @@ def _train_point(rng, ref):
     ])
 
 
+def _mitigate_point(*patterns: str):
+    """Kill points of a mitigate run: a checkpoint, a temporary file, the model, ``patterns``."""
+    def draw(rng, ref):
+        return 0, _pick(rng, [
+            (3, lambda: KillPoint("checkpoints/step-*", int(rng.integers(1, 3)), _soon(rng))),
+            (1, lambda: KillPoint("checkpoints/.*.tmp")),
+            (1, lambda: KillPoint("model/unet/*", 1, _soon(rng))),
+            *[(1, lambda p=p: KillPoint(p, 1, _soon(rng))) for p in patterns],
+            (2, lambda: _timed(rng, ref.seconds)),
+            (4, lambda: _mid_write(rng, ref, 0)),
+        ])
+    return draw
+
+
 def _features_dir(outputs: Path) -> str:
     return f"features_dir={outputs / 'embed' / 'e'}"
 
@@ -157,6 +179,11 @@ SCENARIOS = {s.name: s for s in [
     # checkpoints/ is left out of the comparison (still checked readable): a kill between
     # saving the last checkpoint and pruning the oldest one leaves one more behind
     Scenario("train", lambda pipe, out: [("train", TRAIN)], _train_point, skip=("checkpoints",)),
+    # MemControl's inner loop (masked LoRA with the noise filter) and adversarial fine-tuning
+    Scenario("mitigate-finetune", lambda pipe, out: [("mitigate", [*MITIGATE, *MEMCONTROL, f"model.path={pipe}"])],
+             _mitigate_point("tau.json", "objectives.json"), skip=("checkpoints",)),
+    Scenario("mitigate-adversarial", lambda pipe, out: [("mitigate", [*MITIGATE, *ADVERSARIAL, f"model.path={pipe}"])],
+             _mitigate_point("triggers/refresh-*", "surrogates.safetensors"), skip=("checkpoints",)),
 ]}
 
 
@@ -243,7 +270,33 @@ def test_kill_and_resume(name, references, tiny_pipe_dir, workdir, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kills", [("generate", 5), ("embed", 4), ("index-single", 3),
-                                        ("index-sharded", 5), ("train", 5)])
+                                        ("index-sharded", 5), ("train", 5), ("mitigate-finetune", 3),
+                                        ("mitigate-adversarial", 3)])
 def test_many_kills_and_resumes(name, kills, references, tiny_pipe_dir, workdir, monkeypatch):
-    """At least 22 random SIGKILLs across the stages (seeds 1000 on), resumed and compared."""
+    """At least 28 random SIGKILLs across the stages (seeds 1000 on), resumed and compared."""
     _kill_cases(name, kills, 1000, references, tiny_pipe_dir, workdir, monkeypatch)
+
+
+def test_killed_memcontrol_study_resumes(tiny_pipe_dir, workdir, monkeypatch):
+    """SIGKILL MemControl's Optuna study (a Hydra multirun, SQLite storage) once its second
+    trial has published its objectives, then re-launch the same command: the finished trials
+    are kept, only the missing ones run, and every stored value is its trial's objectives.json."""
+    from diffmem.mitigations.memcontrol import completed_trials, study_table
+    from diffmem.runs import read_json
+
+    outputs = workdir / "study"
+    monkeypatch.setenv("DIFFMEM_OUTPUTS", str(outputs))
+    args = ["experiment=memcontrol", *MITIGATE, f"model.path={tiny_pipe_dir}", "mitigation.steps=3",
+            "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.population_size=2", "total_trials=4"]
+    sweep, logs = outputs / "mitigate" / "multirun" / "memcontrol", workdir / "logs" / "study"
+    storage = f"sqlite:///{outputs / 'mitigate' / 'multirun' / 'memcontrol.db'}"
+    assert run_stage("mitigate", args, sweep, logs / "killed.log", kill=KillPoint("trial-*/objectives.json", 2))
+    assert_all_readable(sweep, "memcontrol study killed after its second trial")
+    assert 1 <= completed_trials(storage, "memcontrol-local") < 4
+    assert not run_stage("mitigate", args, sweep, logs / "resumed.log")
+    table = study_table(storage, "memcontrol-local")
+    assert len(table) == 4
+    published = {(o["memorisation"], o["fd"]) for o in
+                 (read_json(p) for p in sweep.glob("trial-*/objectives.json"))}
+    assert set(zip(table["memorisation"], table["fd"])) <= published
+    KILLS["checked"] += 1

@@ -117,3 +117,24 @@ def test_killed_job_resumes_when_the_multirun_is_resubmitted(tiny_pipe_dir, tmp_
         got = _outputs(run_dir)
         assert got.keys() == ref.keys() and all(got[k] == ref[k] for k in ref), f"job {job} differs"
     KILLS["checked"] += 1
+
+
+@pytest.mark.slow
+def test_memcontrol_study_through_submitit_local(tiny_pipe_dir, tmp_path):
+    """MemControl's Optuna study with every trial a submitit job (two at a time), then the same
+    study continued by the plain launcher: one SQLite study, trials from both launches."""
+    from diffmem.mitigations.memcontrol import study_table
+
+    out = tmp_path / "outputs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFMEM_OUTPUTS": str(out)}
+    base = [sys.executable, "-m", "diffmem.cli", "mitigate", "experiment=memcontrol", "model=local",
+            f"model.path={tiny_pipe_dir}", "steps=2", "positives.min_dup_count=4", "prompts.n_ordinary=4",
+            "prompts.n_heldout=2", "objectives.n_prompts=4", "features.extractor.size=8", "mitigation.steps=3",
+            "hydra.sweeper.sampler.population_size=2", *SMALL_DATA]
+    for extra in (["hydra/launcher=submitit_local", "total_trials=2"], ["total_trials=3"]):
+        r = subprocess.run([*base, *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    sweep = out / "mitigate" / "multirun" / "memcontrol"
+    assert list(sweep.glob(".submitit/*/*_submitted.pkl"))  # the first two ran as submitit jobs
+    table = study_table(f"sqlite:///{out / 'mitigate' / 'multirun' / 'memcontrol.db'}", "memcontrol-local")
+    assert sorted(table["trial"]) == [0, 1, 2]

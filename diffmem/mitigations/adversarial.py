@@ -1,0 +1,115 @@
+"""Adversarial fine-tuning (Finding Dori, methods.md section 5).
+
+Full-UNet fine-tuning. Every ``refresh_every`` steps fresh triggers are searched for each
+memorised image (the probe's trigger search, against the current weights); each step's loss is
+the ordinary diffusion loss on non-memorised pairs (utility) plus ``adv_weight`` times the
+diffusion loss that pairs each trigger, and the original prompt, with a *surrogate* image: one
+the Wanda-pruned model generates for that prompt and that does not replicate it. The trigger
+sets are stored per refresh, so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from diffmem.probes import wanda as wanda_lib
+from diffmem.probes.replication import generate, similarity_to_targets
+from diffmem.probes.trigger import image_latents, initial_embedding, search_trigger, trigger_seed
+from diffmem.runs import atomic_path
+from diffmem.sampling import encode_prompts, sample_seed
+
+log = logging.getLogger(__name__)
+
+
+def surrogates(pipe, extractor, cond: torch.Tensor, images: torch.Tensor, prompt_ids, s, *, seed: int,
+               resolution: int, steps: int, guidance: float, threshold: float) -> tuple[torch.Tensor, pd.DataFrame]:
+    """Per memorised prompt, the least similar of ``s.n_candidates`` generations of the
+    Wanda-pruned model (masks from these prompts, ``s.fraction`` per row over ``s.n_steps``).
+
+    Returns the surrogate images ``[T, 3, H, W]`` and a table of their similarity to the
+    training image (``replicates`` flags a surrogate still above the threshold).
+    """
+    from diffmem.probes.runners import pruned
+
+    masks = wanda_lib.union([wanda_lib.wanda_masks(pipe, c, [sample_seed(seed, int(p), 0)], resolution=resolution,
+                                                   steps=steps, guidance=guidance, n_steps=int(s.n_steps),
+                                                   fraction=float(s.fraction))
+                             for c, p in zip(cond, prompt_ids)])
+    k = int(s.n_candidates)
+    rep = torch.as_tensor(np.repeat(np.arange(len(cond)), k))
+    seeds = [sample_seed(seed, int(p), 1000 + j) for p in prompt_ids for j in range(k)]
+    with pruned(pipe.unet, masks):
+        cands = generate(pipe, cond[rep], seeds, resolution=resolution, steps=steps, guidance=guidance)
+    sims = similarity_to_targets(extractor, cands, images[rep]).reshape(len(cond), k)
+    best = sims.argmin(1)
+    chosen = cands[torch.as_tensor(np.arange(len(cond)) * k + best)]
+    table = pd.DataFrame({"prompt_id": list(prompt_ids), "candidate": best, "similarity": sims.min(1),
+                          "best_candidate_max": sims.max(1)})
+    table["replicates"] = table["similarity"] > threshold
+    if table["replicates"].any():
+        log.warning("adversarial_ft: %d surrogate(s) still replicate their training image",
+                    int(table["replicates"].sum()))
+    return chosen, table
+
+
+def _trigger_set(pipe, x0: torch.Tensor, cond: torch.Tensor, other: torch.Tensor, ts, refresh: int,
+                 seed: int, path: Path) -> torch.Tensor:
+    """The triggers of one refresh (one per memorised image), stored at ``path``."""
+    from safetensors.torch import load_file, save_file
+
+    if path.exists():
+        return load_file(str(path))["triggers"]
+    inits = list(ts.inits)
+    out = []
+    for i in range(len(cond)):
+        g = torch.Generator().manual_seed(trigger_seed(seed, i, refresh))
+        start = initial_embedding(inits[(refresh + i) % len(inits)], cond[i], other[(refresh + i) % len(other)], g)
+        emb, _ = search_trigger(pipe, x0[i:i + 1], start, steps=int(ts.steps), lr=float(ts.lr),
+                                batch_size=int(ts.batch_size), seed=trigger_seed(seed, i, refresh) + 1)
+        out.append(emb)
+    triggers = torch.stack(out)
+    with atomic_path(path) as tmp:
+        save_file({"triggers": triggers.contiguous()}, str(tmp))
+    return triggers
+
+
+def adversarial_finetune(pipe, util_latents: torch.Tensor, util_cond: torch.Tensor, target_images: torch.Tensor,
+                         target_cond: torch.Tensor, surrogate_images: torch.Tensor, other_cond: torch.Tensor, s, *,
+                         seed: int, ckpt_dir: Path, trigger_dir: Path) -> list[dict]:
+    """Fine-tune ``pipe.unet`` per ``s`` (see the module docstring); returns the loss log."""
+    from diffusers import DDPMScheduler
+
+    from diffmem.train import diffusion_loss, fit
+
+    unet = pipe.unet
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    uncond = encode_prompts(pipe, [""])
+    x0 = image_latents(pipe, target_images)
+    x_sur = image_latents(pipe, surrogate_images)
+    n, cache = util_latents.shape[0], {}
+
+    def loss_fn(step, g):
+        r = step // int(s.refresh_every)
+        if r not in cache:
+            cache.clear()
+            cache[r] = _trigger_set(pipe, x0, target_cond, other_cond, s.trigger, r, seed,
+                                    trigger_dir / f"refresh-{r:05d}.safetensors")
+        idx = torch.randint(n, (int(s.batch_size),), generator=g)
+        c = util_cond[idx].to(unet.device)
+        drop = torch.rand(len(idx), generator=g) < float(s.caption_dropout)
+        c[drop.to(unet.device)] = uncond
+        loss_u = diffusion_loss(unet, noise_sched, util_latents[idx].to(unet.device), c, g)
+        c_adv = torch.cat([cache[r], target_cond]).to(unet.device, unet.dtype)
+        loss_a = diffusion_loss(unet, noise_sched, torch.cat([x_sur, x_sur]).to(unet.device), c_adv, g)
+        return loss_u + float(s.adv_weight) * loss_a
+
+    unet.requires_grad_(True)
+    losses = fit(unet, loss_fn, steps=int(s.steps), lr=float(s.lr), seed=seed, phase="adversarial_ft",
+                 ckpt_dir=ckpt_dir, ckpt_every=int(s.ckpt_every), warmup=int(s.get("warmup", 0)))
+    unet.requires_grad_(False)
+    return losses

@@ -1,0 +1,59 @@
+"""What a mitigation is judged on while it is being built (MemControl's two objectives).
+
+- memorisation: Wen et al.'s noise norm (first sampling step, one generation per prompt) on
+  the memorised prompts, averaged; lower = less memorisation;
+- quality: the Fréchet distance, in the configured descriptor space, between generations for
+  prompts and those prompts' real images; lower = better.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from diffmem.metrics.utility import diversity, frechet_distance
+from diffmem.probes.replication import generate
+from diffmem.sampling import sample_seed
+
+
+def memorisation(pipe, cond: torch.Tensor, prompt_ids, *, seed: int, resolution: int, steps: int,
+                 guidance: float) -> float:
+    """Mean first-step noise norm over ``cond``'s prompts."""
+    from diffmem.detectors.noise_norm import NoiseNorm
+
+    det = NoiseNorm(steps=[0], n_generations=1, num_inference_steps=steps, guidance_scale=guidance)
+    return float(np.mean(det.score_conditioning(pipe, cond, list(prompt_ids), seed=seed, resolution=resolution)))
+
+
+def utility(pipe, extractor, cond: torch.Tensor, prompt_ids, real_images: torch.Tensor, *, n_per_prompt: int,
+            seed: int, resolution: int, steps: int, guidance: float, batch_size: int = 32) -> dict:
+    """Fréchet distance of ``n_per_prompt`` generations per prompt to ``real_images`` in the
+    descriptor's space, and the generations' diversity (mean pairwise cosine within a prompt)."""
+    ids = np.repeat(np.asarray(prompt_ids), n_per_prompt)
+    rep = torch.as_tensor(np.repeat(np.arange(len(prompt_ids)), n_per_prompt))
+    seeds = [sample_seed(seed, int(p), k) for p, k in zip(ids, np.tile(np.arange(n_per_prompt), len(prompt_ids)))]
+    images = generate(pipe, cond[rep], seeds, resolution=resolution, steps=steps, guidance=guidance,
+                      batch_size=batch_size)
+    with torch.no_grad():
+        fake = extractor(images.float()).double().cpu().numpy()
+        real = extractor(real_images.float()).double().cpu().numpy()
+    out = {"fd": frechet_distance(fake, real), "n_generated": len(fake), "n_real": len(real)}
+    if n_per_prompt > 1:
+        normed = fake / np.maximum(np.linalg.norm(fake, axis=1, keepdims=True), 1e-12)
+        out["diversity"] = diversity(normed, ids)
+    return out
+
+
+def real_rows(manifest: pd.DataFrame, split: str, n: int, seed: int, kinds=None) -> pd.DataFrame:
+    """``n`` random images (one row per file, with its caption) of ``split`` (and ``kinds``)."""
+    from diffmem.errors import DataError
+
+    rows = manifest[manifest["split"] == split] if "split" in manifest else manifest.iloc[:0]
+    if kinds is not None and "kind" in rows:
+        rows = rows[rows["kind"].isin(list(kinds))]
+    rows = rows.drop_duplicates("file")
+    if len(rows) < 2:
+        raise DataError(f"utility: the dataset has {len(rows)} images with split '{split}'"
+                        + (f" and kind in {list(kinds)}" if kinds is not None else "") + "; need >= 2")
+    return rows.sample(min(int(n), len(rows)), random_state=int(seed)).reset_index(drop=True)
