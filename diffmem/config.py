@@ -6,6 +6,7 @@ global state, so notebooks and the CLI run the very same stage functions.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -58,13 +59,23 @@ def config_name(stage: str) -> str:
     return stage.replace("-", "_")
 
 
-def compose(stage: str, overrides: Sequence[str] = ()) -> DictConfig:
+def local_overrides() -> list[str]:
+    """Machine-specific configs (SLURM partition/account, paths) live in a git-ignored folder,
+    ``local/`` in the working directory or ``$DIFFMEM_LOCAL_CONF``: when it exists it joins
+    Hydra's search path, so ``local/hydra/launcher/mycluster.yaml`` is selected with
+    ``hydra/launcher=mycluster`` and ``local/paths/cluster.yaml`` with ``paths=cluster``."""
+    local = Path(os.environ.get("DIFFMEM_LOCAL_CONF", "local"))
+    return [f"hydra.searchpath=[file://{local.resolve()}]"] if local.is_dir() else []
+
+
+def compose(stage: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
     """The config of ``stage`` with Hydra-style ``overrides``, as the CLI would build it."""
     from hydra import compose as _compose, initialize_config_dir
 
     stage_module(stage)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = _compose(config_name=config_name(stage), overrides=list(overrides))
+        cfg = _compose(config_name=config_name(stage), overrides=[*local_overrides(), *overrides],
+                       return_hydra_config=return_hydra_config)
     return cfg
 
 
@@ -90,4 +101,8 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
             print(f"diffmem {stage}: error: {err}", file=sys.stderr)
             sys.exit(2)
 
-    return _app
+    def main():
+        sys.argv[1:1] = local_overrides()
+        return _app()
+
+    return main

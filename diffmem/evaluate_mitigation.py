@@ -4,8 +4,9 @@ For every model in ``models`` (diffusers folders or defence wrappers; the first 
 the unmitigated one): memorisation on the original memorised prompts (MR and mean similarity
 of ``n_per_prompt`` generations to the training image), memorisation **under trigger search**
 (Finding Dori's attack against that model, ``trigger`` budget), and utility (Fréchet distance
-of generations for ``utility`` captions to their real images, relative to ``reference``, and
-diversity). With ``study`` (MemControl's Optuna storage) it adds the Pareto front of the study
+of generations for ``utility`` captions to their real images, relative to ``reference``,
+diversity, and with ``utility.clip`` (open_clip weights) CLIPScore prompt alignment).
+With ``study`` (MemControl's Optuna storage) it adds the Pareto front of the study
 with the fine-tuning runs in ``pareto_runs`` (their ``objectives.json``) as one figure.
 
 Writes ``mitigations.parquet``, ``metrics.json`` (with provenance), ``mitigations.png``,
@@ -64,7 +65,16 @@ def check_config(cfg: DictConfig) -> dict:
     return models
 
 
-def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor, u, util_extractor) -> dict:
+def _unset_dropped(value):
+    """``value`` without null entries (at any depth), so a setting added later as null keeps
+    the digests, and so the parts, of earlier runs."""
+    if isinstance(value, dict):
+        return {k: _unset_dropped(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor, u, util_extractor,
+                   clip=None) -> dict:
     """The three axes for the model in ``ctx`` (parts cached under ``ctx.run_dir``)."""
     from diffmem.mitigations.objectives import utility
     from diffmem.probes.runners import attack, attack_summary, baseline_summary
@@ -76,10 +86,12 @@ def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor
     util = ctx.json_part("utility", lambda: utility(
         ctx.pipe, util_extractor, encode_prompts(ctx.pipe, utility_rows["caption"].tolist()),
         np.arange(len(utility_rows)), real, n_per_prompt=int(u.n_per_prompt), seed=ctx.seed,
-        resolution=ctx.resolution, steps=ctx.steps, guidance=ctx.guidance, batch_size=ctx.batch_size))
+        resolution=ctx.resolution, steps=ctx.steps, guidance=ctx.guidance, batch_size=ctx.batch_size,
+        clip=clip, captions=utility_rows["caption"].tolist()))
     b, a = baseline_summary(ctx, base), attack_summary(ctx, attacked)
     return {"mr": b["mr"], "similarity": b["similarity"], "mr_attacked": a["mr"], "similarity_attacked": a["similarity"],
-            "fd": util["fd"], "diversity": util.get("diversity", float("nan"))}
+            "fd": util["fd"], "diversity": util.get("diversity", float("nan")),
+            **({"clip_score": util["clip_score"]} if "clip_score" in util else {})}
 
 
 def figure(table: pd.DataFrame, path: Path, reference: str) -> Path:
@@ -168,10 +180,12 @@ def run(cfg: DictConfig) -> Path:
     device = configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     util_extractor = build_extractor(u.features, device=str(device))
+    clip = build_extractor(u.clip, device=str(device)) if u.get("clip") else None
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     ts = _trigger_settings(cfg.trigger)
     # a model's parts depend only on it and these settings: tables with other models share them
-    settings = {k: v for k, v in fingerprint(cfg).items() if k not in ("models", "reference", "study", "pareto_runs")}
+    settings = _unset_dropped({k: v for k, v in fingerprint(cfg).items()
+                               if k not in ("models", "reference", "study", "pareto_runs")})
     parts = Path(cfg.parts_dir) if cfg.get("parts_dir") else run_dir / "models"
     rows, start = [], time.perf_counter()
     for name, path in models.items():
@@ -190,7 +204,7 @@ def run(cfg: DictConfig) -> Path:
                            mr_reduction=str(cfg.mr_reduction), batch_size=int(cfg.batch_size))
         defence = getattr(pipe, "diffmem_defence", None)
         rows.append({"model": name, "path": str(path), "defence": defence.name if defence else None,
-                     **evaluate_model(ctx, ts, urows, real, u, util_extractor)})
+                     **evaluate_model(ctx, ts, urows, real, u, util_extractor, clip)})
     table = pd.DataFrame(rows)
     ref = float(table.loc[table["model"] == cfg.reference, "fd"].iloc[0])
     table["fd_ratio"] = table["fd"] / ref

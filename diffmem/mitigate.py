@@ -128,8 +128,12 @@ def build_finetune(job: Job) -> dict:
     total = sum(p.numel() for p in unet.parameters())
     blocks = selected_blocks(unet, s.get("mask"))
     trainable = prepare(unet, s.method, blocks, int(s.get("rank", 4)))
-    losses = finetune(job.pipe, latents, captions, s, seed=int(job.cfg.seed),
-                      ckpt_dir=job.run_dir / "checkpoints", tau=tau)
+    if trainable:
+        losses = finetune(job.pipe, latents, captions, s, seed=int(job.cfg.seed),
+                          ckpt_dir=job.run_dir / "checkpoints", tau=tau)
+    else:
+        log.warning("mitigation.mask selects no transformer block: the model is published unchanged")
+        losses = []
     merge(unet, s.method)
     write_parquet(job.run_dir / "train_log.parquet", pd.DataFrame(losses))
     save_pipeline(job.pipe, job.run_dir / "model")

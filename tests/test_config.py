@@ -88,3 +88,18 @@ def test_cli_config_error_is_one_line(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "diffmem generate: error: steps must be >= 1 (got -3)"
+
+
+def test_local_configs_join_the_search_path(tmp_path, monkeypatch):
+    """A git-ignored local/ folder holds machine settings: here a SLURM launcher with a partition."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    launcher = tmp_path / "hydra" / "launcher"
+    launcher.mkdir(parents=True)
+    (launcher / "mycluster.yaml").write_text("defaults:\n  - slurm\npartition: gpu-a100\naccount: proj42\n")
+    monkeypatch.setenv("DIFFMEM_LOCAL_CONF", str(tmp_path))
+    cfg = diffmem.compose("mitigate", ["hydra/launcher=mycluster"], return_hydra_config=True)
+    assert cfg.hydra.launcher.partition == "gpu-a100" and cfg.hydra.launcher.account == "proj42"
+    assert cfg.hydra.launcher.max_num_timeout == 3  # the rest from conf/hydra/launcher/slurm.yaml
+    monkeypatch.setenv("DIFFMEM_LOCAL_CONF", str(tmp_path / "absent"))
+    with pytest.raises(Exception, match="mycluster"):
+        diffmem.compose("mitigate", ["hydra/launcher=mycluster"], return_hydra_config=True)

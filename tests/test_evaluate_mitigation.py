@@ -41,13 +41,15 @@ def test_three_axes_in_one_table_with_a_pareto_figure(tiny_pipe_dir, tmp_path):
     full = _mitigate(tiny_pipe_dir, "full_ft", "mitigation.steps=2")
     _study(tmp_path / "s.db", "mc", [(1.0, 5.0), (2.0, 2.0), (3.0, 3.0)])
     args = [f"models.original={tiny_pipe_dir}", f"+models.gni={gni}", f"+models.full_ft={full / 'model'}",
-            f"study={{path: {tmp_path / 's.db'}, name: mc}}", f"+pareto_runs.full_ft={full}", *COMMON]
+            f"study={{path: {tmp_path / 's.db'}, name: mc}}", f"+pareto_runs.full_ft={full}", *COMMON,
+            "utility.clip={name: clip, arch: ViT-S-32, pretrained: null, device: cpu}"]
     run_dir = diffmem.run("evaluate-mitigation", args)
     table = pd.read_parquet(run_dir / "mitigations.parquet")
     assert table["model"].tolist() == ["original", "gni", "full_ft"]
     assert table["defence"].tolist()[1] == "gni"
-    for col in ("mr", "mr_attacked", "fd", "diversity"):
+    for col in ("mr", "mr_attacked", "fd", "diversity", "clip_score"):
         assert table[col].notna().all(), col
+    assert table["clip_score"].between(0, 100).all()
     assert table["fd_ratio"].iloc[0] == 1.0
     np.testing.assert_allclose(table["fd_ratio"], table["fd"] / table["fd"].iloc[0])
     assert (run_dir / "mitigations.png").stat().st_size > 0 and (run_dir / "pareto.png").stat().st_size > 0
@@ -69,7 +71,8 @@ def test_three_axes_in_one_table_with_a_pareto_figure(tiny_pipe_dir, tmp_path):
     shared = tmp_path / "parts"
     first = diffmem.run("evaluate-mitigation", [*args[:2], *COMMON, f"parts_dir={shared}", "name=a"])
     stamps = {p: p.stat().st_mtime_ns for p in shared.rglob("*.parquet")}
-    diffmem.run("evaluate-mitigation", [*args[:3], *COMMON, f"parts_dir={shared}", "name=b"])
+    diffmem.run("evaluate-mitigation", [*args[:3], *COMMON, f"parts_dir={shared}", "name=b",
+                                        "utility.clip=null"])  # a setting left at null keeps the digests
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert len(list(shared.iterdir())) == 3 and first != again
 

@@ -91,8 +91,10 @@ def test_lora_trains_only_the_masked_blocks_and_merges_to_a_plain_unet(tiny_pipe
     assert set(after) == set(before)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("mid_block.attentions.0.transformer_blocks.0.attn") for k in changed)
-    with pytest.raises(ConfigError, match="selects no transformer block"):
-        prepare(load_pipeline(tiny_pipe_dir).unet, "lora", [])
+    untouched = load_pipeline(tiny_pipe_dir).unet
+    assert prepare(untouched, "lora", []) == 0  # an all-zero mask: nothing trains
+    merge(untouched, "lora")
+    assert set(untouched.state_dict()) == set(before)
     with pytest.raises(ConfigError, match="method 'dora' is not one of full, lora"):
         prepare(unet, "dora", [])
 
@@ -170,6 +172,17 @@ def test_fine_tuning_mitigations_publish_a_model_and_both_objectives(tiny_pipe_d
     if name == "train_noise_filter":
         assert metrics["tau"] == json.loads((run_dir / "tau.json").read_text())["tau"] > 0
     load_pipeline(run_dir / "model")  # a plain diffusers folder
+
+
+def test_an_all_zero_mask_publishes_the_model_unchanged(tiny_pipe_dir):
+    """MemControl's NSGA-II may propose switching every block off: a valid trial, no training."""
+    cfg = _cfg(tiny_pipe_dir, "memcontrol", *FT, "+mitigation.mask.mid_block.attentions.0=0")
+    values = task(cfg)
+    assert len(values) == 2 and all(np.isfinite(values))
+    before = load_file(str(next((tiny_pipe_dir / "unet").glob("*.safetensors"))))
+    after = _unet(Path(cfg.run_dir))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["trainable_params"] == 0
 
 
 @pytest.mark.parametrize("name", ["wen", "gni", "random_tokens"])

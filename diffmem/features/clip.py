@@ -162,14 +162,17 @@ class ClipExtractor(Extractor):
         level = logging.getLogger().level
         logging.getLogger().setLevel(max(level, logging.ERROR))  # "initialized randomly" warning
         try:
-            model = open_clip.create_model(
-                model_name, pretrained=None if model_name.startswith("local-dir:") else self.weights_path,
-                **kwargs)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # random-init weights (pretrained=None) are the same in every process
+                model = open_clip.create_model(
+                    model_name, pretrained=None if model_name.startswith("local-dir:") else self.weights_path,
+                    **kwargs)
         except (RuntimeError, ValueError, KeyError, OSError) as err:
             raise DataError(f"clip: cannot build '{arch}' with weights {self.weights_path}: {_first_line(err)}") from err
         finally:
             logging.getLogger().setLevel(level)
         self.model = model.eval().requires_grad_(False)
+        self._model_name = model_name
         self.sha256 = sha256_file(self.weights_path) if self.weights_path else None
 
         pcfg = getattr(self.model.visual, "preprocess_cfg", None) or {}
@@ -201,6 +204,15 @@ class ClipExtractor(Extractor):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self._encode(self.preprocess(x))
+
+    @torch.no_grad()
+    def embed_text(self, captions) -> torch.Tensor:
+        """L2-normalised ``encode_text`` features of ``captions`` (open_clip's bundled tokenizer;
+        the text side of CLIPScore)."""
+        import open_clip
+
+        tokens = open_clip.get_tokenizer(self._model_name)(list(captions)).to(self.device)
+        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
     def weights_info(self) -> dict[str, Any] | None:
         if self.weights_path is None:

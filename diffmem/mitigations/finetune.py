@@ -79,7 +79,8 @@ def lora_targets(unet, blocks) -> list[str]:
 
 
 def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | None = None) -> int:
-    """Make the chosen parameters trainable (LoRA adapters added for ``lora``); returns their count."""
+    """Make the chosen parameters trainable (LoRA adapters added for ``lora``); returns their count
+    (0 when ``blocks`` is empty: a MemControl mask of all zeros leaves the model as it is)."""
     if method not in METHODS:
         raise ConfigError(f"mitigation.method '{method}' is not one of {', '.join(METHODS)}")
     unet.requires_grad_(False)
@@ -89,11 +90,9 @@ def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | 
         else:
             for b in blocks:
                 unet.get_submodule(b).requires_grad_(True)
-    else:
+    elif blocks:
         from peft import LoraConfig
 
-        if not blocks:
-            raise ConfigError("mitigation.mask selects no transformer block: nothing to fine-tune")
         if int(rank) < 1:
             raise ConfigError(f"mitigation.rank must be >= 1 (got {rank})")
         unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=float(alpha or rank), init_lora_weights=True,
@@ -103,7 +102,7 @@ def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | 
 
 def merge(unet, method: str) -> None:
     """Fold LoRA adapters into the weights (a plain diffusers UNet again)."""
-    if method == "lora":
+    if method == "lora" and getattr(unet, "_hf_peft_config_loaded", False):
         unet.fuse_lora()
         unet.unload_lora()
     unet.requires_grad_(False)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffmem.metrics.utility import diversity, frechet_distance
+from diffmem.metrics.utility import clip_score, diversity, frechet_distance
 from diffmem.probes.replication import generate
 from diffmem.sampling import sample_seed
 
@@ -27,9 +27,11 @@ def memorisation(pipe, cond: torch.Tensor, prompt_ids, *, seed: int, resolution:
 
 
 def utility(pipe, extractor, cond: torch.Tensor, prompt_ids, real_images: torch.Tensor, *, n_per_prompt: int,
-            seed: int, resolution: int, steps: int, guidance: float, batch_size: int = 32) -> dict:
+            seed: int, resolution: int, steps: int, guidance: float, batch_size: int = 32,
+            clip=None, captions=None) -> dict:
     """Fréchet distance of ``n_per_prompt`` generations per prompt to ``real_images`` in the
-    descriptor's space, and the generations' diversity (mean pairwise cosine within a prompt)."""
+    descriptor's space, the generations' diversity (mean pairwise cosine within a prompt) and,
+    with a CLIP extractor ``clip`` and the prompts' ``captions``, their CLIPScore (alignment)."""
     ids = np.repeat(np.asarray(prompt_ids), n_per_prompt)
     rep = torch.as_tensor(np.repeat(np.arange(len(prompt_ids)), n_per_prompt))
     seeds = [sample_seed(seed, int(p), k) for p, k in zip(ids, np.tile(np.arange(n_per_prompt), len(prompt_ids)))]
@@ -42,6 +44,11 @@ def utility(pipe, extractor, cond: torch.Tensor, prompt_ids, real_images: torch.
     if n_per_prompt > 1:
         normed = fake / np.maximum(np.linalg.norm(fake, axis=1, keepdims=True), 1e-12)
         out["diversity"] = diversity(normed, ids)
+    if clip is not None:
+        with torch.no_grad():
+            img = clip(images.float()).double().cpu().numpy()
+        txt = clip.embed_text(np.repeat(np.asarray(captions, dtype=object), n_per_prompt)).double().cpu().numpy()
+        out["clip_score"] = clip_score(img, txt)
     return out
 
 
