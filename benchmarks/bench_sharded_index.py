@@ -217,7 +217,7 @@ def main(args) -> int:
         f"|score diff| {stream_diff:.2e} -> {'PASS' if stream_ok else 'FAIL'}; single build "
         f"recall@1 at nprobe {args.nprobe}: {recall1:.4f}")
 
-    sizes = {"merged_index": (sharded_dir / "index.faiss").stat().st_size,
+    sizes = {"merged_index": sum(p.stat().st_size for p in sharded_dir.glob("index.*")),  # + index.ivfdata
              "single_index": (single_dir / "index.faiss").stat().st_size,
              "shards": sum(p.stat().st_size for p in (sharded_dir / "shards").glob("*.faiss")),
              "empty_index": (sharded_dir / "empty.faiss").stat().st_size,

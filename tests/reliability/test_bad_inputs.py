@@ -333,7 +333,8 @@ def _index_case(id: str, error: type, extra: list[str], names: list[str]):
     def _(tmp, pipe):
         fdir = _embed_dir(tmp / "emb", [_unit(10, 8)])
         run = tmp / "run"
-        return dict(call=_run("index", [f"features_dir={fdir}", f"run_dir={run}", *extra]), run_dir=run,
+        args = [f"features_dir={fdir}", f"run_dir={run}", f"build_dir={run}", *extra]
+        return dict(call=_run("index", args), run_dir=run,
                     names=[n.format(run=run) for n in names])
 
 
