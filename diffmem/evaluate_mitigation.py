@@ -198,7 +198,8 @@ def run(cfg: DictConfig) -> Path:
         ctx = ProbeContext(pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
                            target_cond=cond(targets), negatives=negatives, negative_cond=cond(negatives),
                            controls=targets.iloc[:0], control_images=target_images[:0], control_cond=torch.zeros(0),
-                           run_dir=parts / f"{name}-{digest([str(Path(path).resolve()), settings])}", seed=int(cfg.seed), resolution=int(cfg.resolution),
+                           run_dir=parts / f"{name}-{digest([str(Path(path).resolve()), settings])}",
+                           seed=int(cfg.seed), resolution=int(cfg.resolution),
                            steps=int(cfg.steps), guidance=float(cfg.guidance_scale),
                            n_per_prompt=int(cfg.n_per_prompt), threshold=float(cfg.threshold),
                            mr_reduction=str(cfg.mr_reduction), batch_size=int(cfg.batch_size))

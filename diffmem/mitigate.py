@@ -39,6 +39,11 @@ from diffmem.sampling import encode_prompts
 log = logging.getLogger(__name__)
 
 
+def _sampling(cfg: DictConfig) -> dict:
+    """The sampler settings every generation of the stage uses."""
+    return dict(resolution=int(cfg.resolution), steps=int(cfg.steps), guidance=float(cfg.guidance_scale))
+
+
 def _positions(values, keys) -> torch.Tensor:
     """The position of each of ``values`` in ``keys`` (every value is one of them)."""
     return torch.as_tensor(pd.Index(keys).get_indexer(values), dtype=torch.long)
@@ -83,8 +88,7 @@ class Job:
         return encode_prompts(self.pipe, list(captions)).float().cpu()
 
     def sampling(self) -> dict:
-        return dict(resolution=int(self.cfg.resolution), steps=int(self.cfg.steps),
-                    guidance=float(self.cfg.guidance_scale))
+        return _sampling(self.cfg)
 
 
 def build_defence(job: Job) -> dict:
@@ -196,7 +200,7 @@ def objectives(cfg: DictConfig, model_dir: Path, root: Path, manifest: pd.DataFr
     o = cfg.objectives
     pipe = load_pipeline(model_dir, device=resolve_device(cfg.device), dtype=cfg.model.dtype,
                          local_files_only=True, scheduler=cfg.scheduler)
-    sampling = dict(resolution=int(cfg.resolution), steps=int(cfg.steps), guidance=float(cfg.guidance_scale))
+    sampling = _sampling(cfg)
     mem_cond = encode_prompts(pipe, memorised["caption"].tolist())
     score = memorisation(pipe, mem_cond, memorised["prompt_id"], seed=int(cfg.seed), **sampling)
     rows = real_rows(manifest, o.split, int(o.n_prompts), int(cfg.seed), o.get("kinds"))

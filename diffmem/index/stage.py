@@ -38,10 +38,15 @@ def held_out_queries(x: np.ndarray, n: int, noise: float, seed: int) -> np.ndarr
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
+def _part_maps(parts: list[Path]) -> tuple[list[np.ndarray], np.ndarray]:
+    """The feature parts memory-mapped, and their row offsets in the concatenation."""
+    maps = [np.load(p, mmap_mode="r") for p in parts]
+    return maps, np.cumsum([0] + [len(m) for m in maps])
+
+
 def _sample(parts: list[Path], train_sample: int | None, seed: int) -> np.ndarray:
     """The training rows (:func:`training_rows`) gathered from memory-mapped feature parts."""
-    maps = [np.load(p, mmap_mode="r") for p in parts]
-    offsets = np.cumsum([0] + [len(m) for m in maps])
+    maps, offsets = _part_maps(parts)
     rows = training_rows(int(offsets[-1]), train_sample, seed)
     if rows is None:
         return np.concatenate([np.asarray(m) for m in maps])
@@ -85,9 +90,9 @@ def run(cfg: DictConfig) -> Path:
         run_dir = claim(build_dir, fp)
         out = run_dir / "shards" / f"shard-{cfg.shard:04d}-of-{cfg.num_shards:04d}.faiss"
         if not out.exists():
-            offsets = np.cumsum([0] + [len(np.load(p, mmap_mode="r")) for p in parts])
+            maps, offsets = _part_maps(parts)
             mine = range(cfg.shard, len(parts), cfg.num_shards)
-            x = np.concatenate([np.load(parts[p]) for p in mine])
+            x = np.concatenate([np.asarray(maps[p]) for p in mine])
             ids = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in mine])
             add_shard(empty, x, ids, out_path=out)
         return run_dir

@@ -36,10 +36,8 @@ def surrogates(pipe, extractor, cond: torch.Tensor, images: torch.Tensor, prompt
     """
     from diffmem.probes.runners import pruned
 
-    masks = wanda_lib.union([wanda_lib.wanda_masks(pipe, c, [sample_seed(seed, int(p), 0)], resolution=resolution,
-                                                   steps=steps, guidance=guidance, n_steps=int(s.n_steps),
-                                                   fraction=float(s.fraction))
-                             for c, p in zip(cond, prompt_ids)])
+    masks = wanda_lib.prompt_masks(pipe, cond, prompt_ids, seed=seed, n_seeds=1, resolution=resolution,
+                                   steps=steps, guidance=guidance, n_steps=int(s.n_steps), fraction=float(s.fraction))
     k = int(s.n_candidates)
     rep = torch.as_tensor(np.repeat(np.arange(len(cond)), k))
     seeds = [sample_seed(seed, int(p), 1000 + j) for p in prompt_ids for j in range(k)]

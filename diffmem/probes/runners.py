@@ -28,7 +28,6 @@ from diffmem.probes.layers import block_neurons, get_layers
 from diffmem.probes.replication import mr, replication_table
 from diffmem.probes.trigger import INITS, image_latents, search_triggers
 from diffmem.runs import atomic_path, read_json, read_parquet, write_json, write_parquet
-from diffmem.sampling import sample_seed
 
 
 @dataclass
@@ -229,11 +228,9 @@ def nemo(ctx: ProbeContext, s) -> tuple[dict, dict]:
 
 def wanda_masks_for(ctx: ProbeContext, conds: torch.Tensor, s, prompt_ids) -> wanda_lib.Masks:
     """Union of the Wanda masks of several conditionings (seeds per prompt as in generation)."""
-    masks = [wanda_lib.wanda_masks(ctx.pipe, c, [sample_seed(ctx.seed, int(p), k) for k in range(int(s.n_seeds))],
-                                   resolution=ctx.resolution, steps=ctx.steps, guidance=ctx.guidance,
-                                   n_steps=int(s.n_steps), fraction=float(s.fraction))
-             for c, p in zip(conds, prompt_ids)]
-    return wanda_lib.union(masks)
+    return wanda_lib.prompt_masks(ctx.pipe, conds, prompt_ids, seed=ctx.seed, n_seeds=int(s.n_seeds),
+                                  resolution=ctx.resolution, steps=ctx.steps, guidance=ctx.guidance,
+                                  n_steps=int(s.n_steps), fraction=float(s.fraction))
 
 
 @contextlib.contextmanager

@@ -71,6 +71,18 @@ def wanda_masks(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: i
     return masks
 
 
+def prompt_masks(pipe, conds: torch.Tensor, prompt_ids, *, seed: int, n_seeds: int, resolution: int, steps: int,
+                 guidance: float, n_steps: int, fraction: float) -> Masks:
+    """The union of :func:`wanda_masks` over several conditionings, each with the first
+    ``n_seeds`` generation seeds of its prompt (``sample_seed(seed, prompt_id, k)``)."""
+    from diffmem.sampling import sample_seed
+
+    return union([wanda_masks(pipe, c, [sample_seed(seed, int(p), k) for k in range(int(n_seeds))],
+                              resolution=resolution, steps=steps, guidance=guidance, n_steps=int(n_steps),
+                              fraction=float(fraction))
+                  for c, p in zip(conds, prompt_ids)])
+
+
 def union(masks: Sequence[Masks]) -> Masks:
     """Element-wise OR of several prompts' masks."""
     out: Masks = {}
