@@ -156,7 +156,6 @@ def pareto(cfg: DictConfig, run_dir: Path) -> dict:
 def run(cfg: DictConfig) -> Path:
     """Evaluate every model per ``cfg``; returns the run dir."""
     from diffmem.features import build_extractor
-    from diffmem.metrics.detection import ground_truth_labels
     from diffmem.mitigations.objectives import real_rows
     from diffmem.models import load_pipeline
     from diffmem.probe import load_targets, select_prompts
@@ -167,9 +166,7 @@ def run(cfg: DictConfig) -> Path:
     root, manifest = load_dataset(cfg.data)
     prompts = load_prompts(cfg.prompts, manifest if cfg.prompts.kind == "testbed" else None)
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
-    if ground_truth_labels(prompts, positives) is None:
-        raise DataError("evaluate-mitigation: the prompts carry no ground truth, so the memorised prompts are unknown")
-    targets, negatives, _ = select_prompts(prompts, positives, cfg.get("max_targets"), 0)
+    targets, negatives, _ = select_prompts(prompts, positives, cfg.get("max_targets"), 0, stage="evaluate-mitigation")
     target_images = load_targets(root, targets, int(cfg.resolution), False)
     u = cfg.utility
     urows = real_rows(manifest, u.split, int(u.n_prompts), int(cfg.seed), u.get("kinds"))

@@ -30,7 +30,7 @@ from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts, load_unit_images
 from diffmem.errors import ConfigError, DataError
-from diffmem.metrics.detection import ground_truth_labels
+from diffmem.probe import split_prompts
 from diffmem.mitigations import MITIGATIONS
 from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance, read_json,
                           write_json, write_parquet)
@@ -244,13 +244,7 @@ def run(cfg: DictConfig) -> Path:
     root, manifest = load_dataset(cfg.data)
     prompts = load_prompts(cfg.prompts, manifest if cfg.prompts.kind == "testbed" else None)
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
-    labels = ground_truth_labels(prompts, positives)
-    if labels is None:
-        raise DataError("mitigate: the prompts carry no ground truth (testbed kind/dup_count or a `type` "
-                        "column), so the memorised prompts are unknown")
-    memorised, negatives = prompts[labels == 1].reset_index(drop=True), prompts[labels == 0].reset_index(drop=True)
-    if memorised.empty:
-        raise DataError("mitigate: no memorised prompt among the prompts (check `positives`)")
+    memorised, negatives = (t.reset_index(drop=True) for t in split_prompts(prompts, positives, "mitigate"))
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         log.info("mitigate: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)

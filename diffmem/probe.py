@@ -53,22 +53,27 @@ def check_config(cfg: DictConfig):
     return fn
 
 
-def select_prompts(prompts: pd.DataFrame, positives, max_targets, n_controls: int):
-    """(targets, negatives, controls): memorised prompts, non-memorised prompts, and the first
-    ``n_controls`` non-memorised prompts that have a training image."""
+def split_prompts(prompts: pd.DataFrame, positives, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(memorised, non-memorised) prompts by their ground truth; ``stage`` names the errors."""
     labels = ground_truth_labels(prompts, positives)
     if labels is None:
-        raise DataError("probe: the prompts carry no ground truth (testbed kind/dup_count or a "
-                        "`type` column), so the memorised targets are unknown")
-    targets = prompts[labels == 1]
-    negatives = prompts[labels == 0]
-    if targets.empty:
-        raise DataError("probe: no memorised prompt among the prompts (check `positives`)")
+        raise DataError(f"{stage}: the prompts carry no ground truth (testbed kind/dup_count or a "
+                        "`type` column), so the memorised prompts are unknown")
+    memorised = prompts[labels == 1]
+    if memorised.empty:
+        raise DataError(f"{stage}: no memorised prompt among the prompts (check `positives`)")
+    return memorised, prompts[labels == 0]
+
+
+def select_prompts(prompts: pd.DataFrame, positives, max_targets, n_controls: int, stage: str = "probe"):
+    """(targets, negatives, controls): memorised prompts, non-memorised prompts, and the first
+    ``n_controls`` non-memorised prompts that have a training image."""
+    targets, negatives = split_prompts(prompts, positives, stage)
     if "target_file" not in prompts:
-        raise DataError("probe: the prompt list has no `target_file` column (the training image of each prompt)")
+        raise DataError(f"{stage}: the prompt list has no `target_file` column (the training image of each prompt)")
     missing = targets[targets["target_file"].isna()]
     if not missing.empty:
-        raise DataError(f"probe: memorised prompt {missing.iloc[0]['caption']!r} has no target_file")
+        raise DataError(f"{stage}: memorised prompt {missing.iloc[0]['caption']!r} has no target_file")
     if max_targets is not None:
         targets = targets.head(int(max_targets))
     if "kind" in negatives:
