@@ -159,8 +159,7 @@ def run(cfg: DictConfig) -> Path:
     from diffmem.mitigations.objectives import real_rows
     from diffmem.models import load_pipeline
     from diffmem.probe import load_targets, select_prompts
-    from diffmem.probes.runners import ProbeContext, _trigger_settings
-    from diffmem.sampling import encode_prompts
+    from diffmem.probes.runners import ProbeContext, _trigger_settings, rows_conditioning
 
     models = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
@@ -189,11 +188,9 @@ def run(cfg: DictConfig) -> Path:
         log.info("evaluate-mitigation: %s (%s)", name, path)
         pipe = load_pipeline(path, device=device, dtype="float32", local_files_only=True, scheduler=cfg.scheduler)
 
-        def cond(r: pd.DataFrame) -> torch.Tensor:
-            return encode_prompts(pipe, r["caption"].tolist()).float().cpu() if len(r) else torch.zeros(0)
-
         ctx = ProbeContext(pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
-                           target_cond=cond(targets), negatives=negatives, negative_cond=cond(negatives),
+                           target_cond=rows_conditioning(pipe, targets), negatives=negatives,
+                           negative_cond=rows_conditioning(pipe, negatives),
                            controls=targets.iloc[:0], control_images=target_images[:0], control_cond=torch.zeros(0),
                            run_dir=parts / f"{name}-{digest([str(Path(path).resolve()), settings])}",
                            seed=int(cfg.seed), resolution=int(cfg.resolution),

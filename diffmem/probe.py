@@ -29,12 +29,11 @@ from diffmem.data import load_dataset, load_image, load_prompts
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import ground_truth_labels
 from diffmem.probes import PROBES
-from diffmem.probes.runners import ProbeContext, check_settings
+from diffmem.probes.runners import ProbeContext, check_settings, rows_conditioning
 from diffmem.probes.trigger import check_target
 from diffmem.report.figures import save_figure
 from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance,
                           write_json, write_parquet)
-from diffmem.sampling import encode_prompts
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +154,11 @@ def run(cfg: DictConfig) -> Path:
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
 
-    def cond(rows: pd.DataFrame) -> torch.Tensor:
-        return encode_prompts(pipe, rows["caption"].tolist()).float().cpu() if len(rows) else torch.zeros(0)
-
     ctx = ProbeContext(
-        pipe=pipe, extractor=extractor, targets=targets, target_images=target_images, target_cond=cond(targets),
-        negatives=negatives, negative_cond=cond(negatives),
-        controls=controls, control_images=control_images, control_cond=cond(controls),
+        pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
+        target_cond=rows_conditioning(pipe, targets), negatives=negatives,
+        negative_cond=rows_conditioning(pipe, negatives), controls=controls, control_images=control_images,
+        control_cond=rows_conditioning(pipe, controls),
         run_dir=run_dir, seed=int(cfg.seed), resolution=int(cfg.resolution), steps=int(cfg.steps),
         guidance=float(cfg.guidance_scale), n_per_prompt=int(cfg.n_per_prompt), threshold=float(cfg.threshold),
         mr_reduction=str(cfg.mr_reduction), batch_size=int(cfg.batch_size))

@@ -78,6 +78,13 @@ class ProbeContext:
         return mr(table, self.threshold, by=by, reduction=self.mr_reduction)
 
 
+def rows_conditioning(pipe, rows: pd.DataFrame) -> torch.Tensor:
+    """The text conditioning of ``rows``' captions (float32, CPU; empty rows give an empty tensor)."""
+    from diffmem.sampling import encode_prompts
+
+    return encode_prompts(pipe, rows["caption"].tolist()).float().cpu() if len(rows) else torch.zeros(0)
+
+
 def _cached(path: Path, compute, read, write):
     if path.exists():
         return read(path)
