@@ -65,14 +65,6 @@ def check_config(cfg: DictConfig) -> dict:
     return models
 
 
-def _unset_dropped(value):
-    """``value`` without null entries (at any depth), so a setting added later as null keeps
-    the digests, and so the parts, of earlier runs."""
-    if isinstance(value, dict):
-        return {k: _unset_dropped(v) for k, v in value.items() if v is not None}
-    return value
-
-
 def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor, u, util_extractor,
                    clip=None) -> dict:
     """The three axes for the model in ``ctx`` (parts cached under ``ctx.run_dir``)."""
@@ -180,8 +172,7 @@ def run(cfg: DictConfig) -> Path:
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     ts = _trigger_settings(cfg.trigger)
     # a model's parts depend only on it and these settings: tables with other models share them
-    settings = _unset_dropped({k: v for k, v in fingerprint(cfg).items()
-                               if k not in ("models", "reference", "study", "pareto_runs")})
+    settings = {k: v for k, v in fingerprint(cfg).items() if k not in ("models", "reference", "study", "pareto_runs")}
     parts = Path(cfg.parts_dir) if cfg.get("parts_dir") else run_dir / "models"
     rows, start = [], time.perf_counter()
     for name, path in models.items():

@@ -239,11 +239,21 @@ def config_subset(cfg: Any, keys) -> dict[str, Any]:
 
 
 def digest(value: Any) -> str:
-    """A short stable hash of a plain or OmegaConf value (names cache entries and trial dirs)."""
+    """A short stable hash of a plain or OmegaConf value (names cache entries and trial dirs).
+
+    Null entries of mappings are left out at any depth, so a setting added later as null keeps
+    the digests, and so the finished work, of earlier runs (as :func:`check_claim` does)."""
     import hashlib
 
     from omegaconf import OmegaConf
 
+    def unset_dropped(v):
+        if isinstance(v, dict):
+            return {k: unset_dropped(x) for k, x in v.items() if x is not None}
+        if isinstance(v, list):
+            return [unset_dropped(x) for x in v]
+        return v
+
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=True)
-    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(unset_dropped(value), sort_keys=True, default=str).encode()).hexdigest()[:12]
