@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from diffmem.config import ASSETS_DIR
-from diffmem.generate import generate_images, plan_samples
+from diffmem.data.samples import plan_samples
+from diffmem.generate import generate_images
 from diffmem.models import load_pipeline
 from diffmem.runs import write_json
 

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from diffmem.embed import feature_parts  # noqa: E402
+from diffmem.features.store import FeatureStore  # noqa: E402
 from diffmem.index import load_index, search, set_search_params, streaming_search  # noqa: E402
 from diffmem.runs import mark_done, write_json  # noqa: E402
 
@@ -134,7 +134,7 @@ def one_process_add(empty_path: Path, feats: Path):
     """The trained empty index filled in this process, part by part, under global row ids."""
     index = faiss.read_index(str(empty_path))
     offset = 0
-    for part in feature_parts(feats):
+    for part in FeatureStore(feats).part_paths():
         x = np.load(part)
         index.add_with_ids(x, np.arange(offset, offset + len(x), dtype=np.int64))
         offset += len(x)
@@ -206,7 +206,7 @@ def main(args) -> int:
         f"{single_info.get('nprobe')} (index.nprobe={args.nprobe})")
 
     t0 = time.perf_counter()
-    res_stream = streaming_search(feature_parts(feats), xq, args.k)
+    res_stream = streaming_search(FeatureStore(feats).part_paths(), xq, args.k)
     t_stream = time.perf_counter() - t0
     set_search_params(single, nprobe=args.nlist)
     stream_mismatches, stream_diff = compare(res_stream, search(single, xq, args.k))
@@ -221,7 +221,7 @@ def main(args) -> int:
              "single_index": (single_dir / "index.faiss").stat().st_size,
              "shards": sum(p.stat().st_size for p in (sharded_dir / "shards").glob("*.faiss")),
              "empty_index": (sharded_dir / "empty.faiss").stat().st_size,
-             "features": sum(p.stat().st_size for p in feature_parts(feats))}
+             "features": sum(p.stat().st_size for p in FeatureStore(feats).part_paths())}
     scale, c = args.extrapolate_to / args.n, times["startup"]
     extra = {"add_s": c + max(times["add"] - c, 0) * scale,
              "merge_s": c + max(times["merge"] - c, 0) * scale,

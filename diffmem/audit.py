@@ -19,10 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem import embed, generate
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
+from diffmem.data.samples import read_samples
+from diffmem.features.store import FeatureStore
 from diffmem.index import stage as index_stage
+from diffmem.index.matches import find_matches, write_matches
 from diffmem.metrics import dcr_summary, median_mad, memorisation_rate, replication_rate
 from diffmem.runs import check_claim, claim, config_subset, is_done, mark_done, provenance, write_json, write_parquet
-from diffmem.search import find_matches
 
 log = logging.getLogger(__name__)
 MEMORISED_KINDS = ("canary", "template")
@@ -119,7 +121,7 @@ def run(cfg: DictConfig) -> Path:
     idx_dir = index_stage.run(_sub(cfg, "index_stage", run_dir=str(run_dir / "index"),
                                    features_dir=str(ref_dir)))
     matches = find_matches(idx_dir, q_dir, cfg.k)
-    write_parquet(run_dir / "matches.parquet", matches)
+    write_matches(run_dir, matches)
     baseline = None
     if cfg.baseline_split:
         b_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-baseline"), source="dataset",
@@ -128,8 +130,8 @@ def run(cfg: DictConfig) -> Path:
         baseline = b.rename(columns={"query_id": "item_id", "score": "top1_score"})
         write_parquet(run_dir / "baseline.parquet", baseline)
 
-    samples = pd.read_parquet(gen_dir / generate.SAMPLES)
-    refs = pd.read_parquet(ref_dir / "ids.parquet")
+    samples = read_samples(gen_dir)
+    refs = FeatureStore(ref_dir).ids()
     gens = score_generations(samples, matches, refs, cfg.threshold)
     prompts = score_prompts(gens, cfg.threshold, cfg.dcr_threshold)
     metrics = summarise(gens, prompts, baseline, cfg.threshold, cfg.dcr_threshold)

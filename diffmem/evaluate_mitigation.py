@@ -150,7 +150,7 @@ def run(cfg: DictConfig) -> Path:
     from diffmem.features import build_extractor
     from diffmem.mitigations.objectives import real_rows
     from diffmem.models import load_pipeline
-    from diffmem.probe import load_targets, select_prompts
+    from diffmem.data.selection import load_targets, select_prompts
     from diffmem.probes.runners import ProbeContext, _trigger_settings, rows_conditioning
 
     models = check_config(cfg)

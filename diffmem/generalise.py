@@ -39,7 +39,8 @@ from diffmem.data import load_dataset, load_images, to_tensor
 from diffmem.errors import ConfigError
 from diffmem.features import build_extractor
 from diffmem.features.base import sha256_file
-from diffmem.generate import generate_images, plan_samples
+from diffmem.data.samples import plan_samples
+from diffmem.generate import generate_images
 from diffmem.metrics import top1_similarity
 from diffmem.models import load_pipeline, resolve_device
 from diffmem.report.figures import GridPair, save_figure, image_grid

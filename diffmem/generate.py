@@ -1,8 +1,8 @@
 """``diffmem generate``: sample images for a prompt list, one seed per sample.
 
-Writes ``samples/<prompt>-<k>.png``, ``prompts.parquet`` and ``samples.parquet`` (one row
-per image: ids, caption, seed, sampler settings and the prompt's metadata) plus
-``info.json``. Resumable and shardable: the plan of samples is a pure function of the
+Writes a generate run (:mod:`diffmem.data.samples`: one PNG per sample, the prompt list
+and the samples table, one row per image with ids, caption, seed, sampler settings and the
+prompt's metadata) plus ``info.json``. Resumable and shardable: the plan of samples is a pure function of the
 config, a re-run generates only missing images, and shard ``i`` of ``n`` takes every
 n-th sample, so array jobs split the work with no overlap.
 """
@@ -21,15 +21,15 @@ from tqdm.auto import tqdm
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
+from diffmem.data.samples import PROMPTS, SAMPLES, plan_samples
 from diffmem.errors import ConfigError
 from diffmem.models import load_pipeline
 from diffmem.models.pipeline import check_scheduler
-from diffmem.runs import (atomic_path, check_claim, check_inputs, claim, config_subset, finish,
-                          is_done, require, write_parquet)
-from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
+from diffmem.runs import (atomic_path, check_claim, check_inputs, check_shard, claim, config_subset,
+                          finish, is_done, require, write_parquet)
+from diffmem.sampling import encode_prompts, sample, to_uint8
 
 log = logging.getLogger(__name__)
-SAMPLES = "samples.parquet"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -38,22 +38,9 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be >= 1 (got {cfg[key]})")
     if cfg.guidance_scale < 0:
         raise ConfigError(f"guidance_scale must be >= 0 (got {cfg.guidance_scale})")
-    if not 0 <= cfg.shard < cfg.num_shards:
-        raise ConfigError(f"shard must be in [0, num_shards) (got {cfg.shard} of {cfg.num_shards})")
+    check_shard(cfg.shard, cfg.num_shards)
     check_scheduler(cfg.scheduler)
     require(cfg.model, "path", prefix="model.", hint="a diffusers pipeline folder or HF-cache repo id")
-
-
-def plan_samples(prompts: pd.DataFrame, n_per_prompt: int, seed: int) -> pd.DataFrame:
-    """One row per planned image: ids, seed and output file (a pure function of the inputs)."""
-    rows = []
-    for p in prompts.itertuples(index=False):
-        for k in range(n_per_prompt):
-            rows.append({"sample_id": f"p{p.prompt_id:05d}-s{k:03d}", "prompt_id": p.prompt_id,
-                         "k": k, "seed": sample_seed(seed, p.prompt_id, k),
-                         "file": f"samples/p{p.prompt_id:05d}-s{k:03d}.png"})
-    plan = pd.DataFrame(rows)
-    return plan.merge(prompts, on="prompt_id", how="left")
 
 
 def _write_png(path: Path, image) -> None:
@@ -95,7 +82,7 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig) -> Path:
-    """Generate per ``cfg``; returns the run dir (``samples.parquet`` once every shard is done)."""
+    """Generate per ``cfg``; returns the run dir (its samples table once every shard is done)."""
     check_config(cfg)
     # Config, prompts and model are checked before the run dir is claimed: a refused run
     # creates nothing (and a later run with the corrected config is not refused).
@@ -111,7 +98,7 @@ def run(cfg: DictConfig) -> Path:
                          local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "prompt list", prompts)
-    write_parquet(run_dir / "prompts.parquet", prompts)
+    write_parquet(run_dir / PROMPTS, prompts)
     generate_images(pipe, mine, run_dir, resolution=cfg.resolution, steps=cfg.steps,
                     guidance=cfg.guidance_scale, batch_size=cfg.batch_size)
     missing = sum(not (run_dir / f).exists() for f in plan["file"])

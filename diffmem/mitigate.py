@@ -30,7 +30,7 @@ from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts, load_unit_images
 from diffmem.errors import ConfigError, DataError
-from diffmem.probe import split_prompts
+from diffmem.data.selection import split_prompts
 from diffmem.mitigations import MITIGATIONS
 from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance, read_json,
                           write_json, write_parquet)

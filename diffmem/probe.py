@@ -19,18 +19,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
-from diffmem.data import load_dataset, load_image, load_prompts
+from diffmem.data import load_dataset, load_prompts
+from diffmem.data.selection import load_targets, select_prompts
 from diffmem.errors import ConfigError, DataError
-from diffmem.metrics.detection import ground_truth_labels
 from diffmem.probes import PROBES
 from diffmem.probes.runners import ProbeContext, check_settings, rows_conditioning
-from diffmem.probes.trigger import check_target
 from diffmem.report.figures import save_figure
 from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance,
                           write_json, write_parquet)
@@ -50,49 +47,6 @@ def check_config(cfg: DictConfig):
     if int(cfg.n_controls) < 0:
         raise ConfigError(f"n_controls must be >= 0 (got {cfg.n_controls})")
     return fn
-
-
-def split_prompts(prompts: pd.DataFrame, positives, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(memorised, non-memorised) prompts by their ground truth; ``stage`` names the errors."""
-    labels = ground_truth_labels(prompts, positives)
-    if labels is None:
-        raise DataError(f"{stage}: the prompts carry no ground truth (testbed kind/dup_count or a "
-                        "`type` column), so the memorised prompts are unknown")
-    memorised = prompts[labels == 1]
-    if memorised.empty:
-        raise DataError(f"{stage}: no memorised prompt among the prompts (check `positives`)")
-    return memorised, prompts[labels == 0]
-
-
-def select_prompts(prompts: pd.DataFrame, positives, max_targets, n_controls: int, stage: str = "probe"):
-    """(targets, negatives, controls): memorised prompts, non-memorised prompts, and the first
-    ``n_controls`` non-memorised prompts that have a training image."""
-    targets, negatives = split_prompts(prompts, positives, stage)
-    if "target_file" not in prompts:
-        raise DataError(f"{stage}: the prompt list has no `target_file` column (the training image of each prompt)")
-    missing = targets[targets["target_file"].isna()]
-    if not missing.empty:
-        raise DataError(f"{stage}: memorised prompt {missing.iloc[0]['caption']!r} has no target_file")
-    if max_targets is not None:
-        targets = targets.head(int(max_targets))
-    if "kind" in negatives:
-        trained = negatives[negatives["kind"] == "ordinary"]
-    else:
-        trained = negatives
-    controls = trained[trained["target_file"].notna()].head(int(n_controls))
-    return targets.reset_index(drop=True), negatives.reset_index(drop=True), controls.reset_index(drop=True)
-
-
-def load_targets(root: Path, rows: pd.DataFrame, resolution: int, resize: bool) -> torch.Tensor:
-    """The rows' training images ``[N, 3, H, W]`` in [0, 1]; wrong sizes are an error unless ``resize``."""
-    if rows.empty:
-        return torch.zeros(0, 3, resolution, resolution)
-    images = []
-    for f in rows["target_file"]:
-        img = load_image(root / str(f), resolution if resize else None)
-        check_target(torch.from_numpy(img).permute(2, 0, 1)[None], resolution, [str(root / str(f))])
-        images.append(img)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
 
 def fingerprint(cfg: DictConfig) -> dict:

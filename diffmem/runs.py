@@ -22,6 +22,7 @@ from typing import Any, Iterator
 from diffmem.errors import ConfigError
 
 SUCCESS = "_SUCCESS"
+INFO = "info.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _TRACKED_PACKAGES = (
@@ -67,10 +68,21 @@ def read_parquet(path: str | os.PathLike):
     """A Parquet table; an unreadable file is a DataError naming it."""
     import pandas as pd
 
+    return _parquet(path, pd.read_parquet)
+
+
+def parquet_rows(path: str | os.PathLike) -> int:
+    """The row count of a Parquet file from its footer (no rows read); errors as :func:`read_parquet`."""
+    import pyarrow.parquet as pq
+
+    return _parquet(path, lambda p: pq.read_metadata(p).num_rows)
+
+
+def _parquet(path, read):
     from diffmem.errors import DataError
 
     try:
-        return pd.read_parquet(path)
+        return read(path)
     except Exception as err:  # pyarrow raises many types for a corrupt file
         raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__})") from err
 
@@ -215,7 +227,7 @@ def mark_done(run_dir: str | os.PathLike, summary: dict[str, Any] | None = None)
 
 def finish(run_dir: str | os.PathLike, cfg: Any, summary: dict[str, Any], **info: Any) -> Path:
     """Publish ``info.json`` (``info`` + provenance) and the ``_SUCCESS`` marker, last."""
-    write_json(Path(run_dir) / "info.json", {**info, **provenance(cfg)})
+    write_json(Path(run_dir) / INFO, {**info, **provenance(cfg)})
     mark_done(run_dir, summary)
     return Path(run_dir)
 
@@ -228,6 +240,14 @@ def require(cfg: Any, *keys: str, prefix: str = "", hint: str = "") -> None:
         missing = isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key)
         if missing or cfg.get(key) in (None, ""):
             raise ConfigError(f"{prefix}{key} is required" + (f": {hint}" if hint else ""))
+
+
+def check_shard(shard: int, num_shards: int) -> None:
+    """Refuse a shard outside ``[0, num_shards)``: array jobs split a run as shard ``i`` of ``n``."""
+    if int(num_shards) < 1:
+        raise ConfigError(f"num_shards must be >= 1 (got {num_shards})")
+    if not 0 <= int(shard) < int(num_shards):
+        raise ConfigError(f"shard must be in [0, num_shards) (got {shard} of {num_shards})")
 
 
 def config_subset(cfg: Any, keys) -> dict[str, Any]:

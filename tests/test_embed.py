@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import diffmem
-from diffmem.embed import load_features
 from diffmem.errors import ConfigError, DataError
+from diffmem.features.store import FeatureStore
 from tests.conftest import SMALL_DATA
 
 ARGS = [*SMALL_DATA, "features.extractor.size=8", "part_size=5", "batch_size=4"]
@@ -15,7 +15,7 @@ ARGS = [*SMALL_DATA, "features.extractor.size=8", "part_size=5", "batch_size=4"]
 
 def test_embed_dataset_parts_and_info():
     run_dir = diffmem.run("embed", ARGS + ["split=train"])
-    x, ids, info = load_features(run_dir)
+    x, ids, info = FeatureStore(run_dir).load()
     assert x.shape == (len(ids), 192) and x.dtype == np.float32
     assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
     assert ids["file"].is_unique  # duplicated canaries are embedded once
@@ -36,12 +36,12 @@ def test_resume_after_kill_recomputes_only_missing_parts():
 
 
 def test_shards_equal_single_run():
-    single, _, _ = load_features(diffmem.run("embed", ARGS + ["name=one"]))
+    single, _, _ = FeatureStore(diffmem.run("embed", ARGS + ["name=one"])).load()
     args = ARGS + ["name=two", "num_shards=2"]
     first = diffmem.run("embed", args + ["shard=0"])
     assert not (first / "_SUCCESS").exists()
     diffmem.run("embed", args + ["shard=1"])
-    sharded, _, _ = load_features(first)
+    sharded, _, _ = FeatureStore(first).load()
     assert np.array_equal(single, sharded)
 
 
@@ -53,7 +53,7 @@ def test_bad_inputs():
     with pytest.raises(ConfigError, match="part_size must be >= 1"):
         diffmem.run("embed", ARGS + ["part_size=0"])
     with pytest.raises(DataError, match="not a finished embed run"):
-        load_features("/nonexistent")
+        FeatureStore("/nonexistent").load()
 
 
 def test_changed_item_list_is_refused_on_resume(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import diffmem
 from diffmem.data import load_image
 from diffmem.errors import ConfigError
-from diffmem.generate import plan_samples
+from diffmem.data.samples import plan_samples
 from diffmem.sampling import encode_prompts, sample, to_uint8
 from tests.conftest import SMALL_DATA
 

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 import diffmem
-from diffmem.embed import load_features
 from diffmem.errors import ConfigError, DataError
+from diffmem.features.store import FeatureStore
 from diffmem.index import load_index
 from tests.conftest import SMALL_DATA
 
@@ -26,8 +26,8 @@ def test_search_equals_brute_force(ref_dir):
     idx = diffmem.run("index", [f"features_dir={ref_dir}"])
     out = diffmem.run("search", [f"index_dir={idx}", f"queries_dir={q_dir}", "k=3"])
     matches = pd.read_parquet(out / "matches.parquet")
-    x, ids, _ = load_features(ref_dir)
-    q, qids, _ = load_features(q_dir)
+    x, ids, _ = FeatureStore(ref_dir).load()
+    q, qids, _ = FeatureStore(q_dir).load()
     sims = q @ x.T
     best = np.argsort(-sims, axis=1)[:, :3]
     got = matches.pivot(index="query_id", columns="rank", values="ref_id").loc[qids["item_id"]]
@@ -59,7 +59,7 @@ def test_sharded_index_equals_single(ref_dir):
     for i in range(3):
         diffmem.run("index", args + ["mode=add", f"shard={i}"])
     merged = diffmem.run("index", args + ["mode=merge"])
-    x, _, _ = load_features(ref_dir)
+    x, _, _ = FeatureStore(ref_dir).load()
     a, _ = load_index(single)
     b, info = load_index(merged)
     assert b.ntotal == a.ntotal == len(x) and info["feature"] == "pixel"
@@ -80,7 +80,7 @@ def test_sharded_ivf_from_separate_job_dirs_equals_single(ref_dir, tmp_path, ond
         diffmem.run("index", args + ["mode=add", f"shard={i}", f"run_dir={tmp_path}/job-{i}"])
     merged = diffmem.run("index", args + ["mode=merge", f"ondisk={ondisk}"])
     assert (merged / "index.ivfdata").exists() == ondisk and not (tmp_path / "job-0" / "shards").exists()
-    x, _, _ = load_features(ref_dir)
+    x, _, _ = FeatureStore(ref_dir).load()
     a, _ = load_index(single)
     b, info = load_index(merged)
     assert info["nprobe"] == 2
@@ -113,7 +113,7 @@ def test_score_normalisation(ref_dir):
     out = diffmem.run("search", [f"index_dir={idx}", f"queries_dir={q_dir}", "k=2",
                                  f"normalisation.background_dir={q_dir}", "normalisation.k=2"])
     m = pd.read_parquet(out / "matches.parquet")
-    q, _, _ = load_features(q_dir)
+    q, _, _ = FeatureStore(q_dir).load()
     bg = np.sort(q @ q.T, axis=1)[:, ::-1][:, :2].mean(1)  # the queries are their own background
     top = m[m["rank"] == 0]
     assert np.allclose(top["score"].to_numpy(), top["raw_score"].to_numpy() - bg, atol=1e-5)

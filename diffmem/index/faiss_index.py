@@ -580,8 +580,8 @@ def _iter_shards(shards: Any) -> Iterable[tuple[str, np.ndarray]]:
             except ValueError as e:
                 raise DataError(f"feature shard {p} is not a .npy array: {e}") from None
             yield str(p), arr
-        else:
-            yield f"shard {i}", s
+        else:  # a memory map keeps its file's name for the errors
+            yield getattr(s, "filename", None) or f"shard {i}", s
 
 
 def streaming_search(shards: Any, queries: Any, k: int, metric: str = "ip",

@@ -8,7 +8,7 @@ combines the shard files (``ondisk=true``: into an on-disk inverted-list file, f
 indexes larger than RAM). Both builds train on the same rows, so they return the same
 neighbours. Approximate indexes get recall@1/@k measured against exact
 search on held-out queries (database vectors perturbed with Gaussian noise, so they are
-not in the index) written into ``index_info.json``.
+not in the index) written into the index's info (:func:`~diffmem.index.faiss_index.save_index`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
-from diffmem.embed import feature_parts, load_features
 from diffmem.errors import ConfigError, DataError
+from diffmem.features.store import FeatureStore
 from diffmem.index.faiss_index import (add_shard, build_index, measure_recall, merge_shards, save_index,
                                        set_search_params, train_empty_index, training_rows, write_index)
-from diffmem.runs import check_claim, claim, is_done, mark_done, provenance, read_json, require
+from diffmem.runs import check_claim, check_shard, claim, is_done, mark_done, provenance, require
 
 log = logging.getLogger(__name__)
 MODES = ("single", "train", "add", "merge")
@@ -38,15 +38,15 @@ def held_out_queries(x: np.ndarray, n: int, noise: float, seed: int) -> np.ndarr
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _part_maps(parts: list[Path]) -> tuple[list[np.ndarray], np.ndarray]:
-    """The feature parts memory-mapped, and their row offsets in the concatenation."""
-    maps = [np.load(p, mmap_mode="r") for p in parts]
+def _part_maps(features_dir: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """The embed run's feature parts memory-mapped, and their row offsets in the concatenation."""
+    maps, _ = FeatureStore(features_dir).part_maps()
     return maps, np.cumsum([0] + [len(m) for m in maps])
 
 
-def _sample(parts: list[Path], train_sample: int | None, seed: int) -> np.ndarray:
+def _sample(features_dir: str, train_sample: int | None, seed: int) -> np.ndarray:
     """The training rows (:func:`training_rows`) gathered from memory-mapped feature parts."""
-    maps, offsets = _part_maps(parts)
+    maps, offsets = _part_maps(features_dir)
     rows = training_rows(int(offsets[-1]), train_sample, seed)
     if rows is None:
         return np.concatenate([np.asarray(m) for m in maps])
@@ -55,7 +55,7 @@ def _sample(parts: list[Path], train_sample: int | None, seed: int) -> np.ndarra
 
 
 def _info(cfg: DictConfig, finfo: dict) -> dict:
-    return {"factory": cfg.index.factory, "feature": (finfo or {}).get("feature"),
+    return {"factory": cfg.index.factory, "feature": finfo["feature"],
             "features_dir": str(Path(cfg.features_dir).resolve())}
 
 
@@ -68,9 +68,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
     require(cfg, "features_dir", hint="features_dir=<an embed run dir>")
-    if int(cfg.num_shards) < 1 or not 0 <= int(cfg.shard) < int(cfg.num_shards):
-        raise ConfigError(f"shard must be in [0, num_shards) with num_shards >= 1 "
-                          f"(got {cfg.shard} of {cfg.num_shards})")
+    check_shard(cfg.shard, cfg.num_shards)
     fp = {"index": OmegaConf.to_container(cfg.index, resolve=True),
           "features_dir": str(Path(cfg.features_dir).resolve()), "seed": cfg.seed}
     # the sharded modes share one folder whatever Hydra job runs them (a multirun of adds)
@@ -80,25 +78,23 @@ def run(cfg: DictConfig) -> Path:
     ix = cfg.index
     name = str(cfg.features_dir)
     if cfg.mode == "add":
-        parts = feature_parts(cfg.features_dir)
-        if cfg.shard >= len(parts):
-            raise ConfigError(f"shard {cfg.shard}: the features have {len(parts)} parts, fewer than "
-                              f"num_shards={cfg.num_shards} (use num_shards <= {len(parts)})")
+        maps, offsets = _part_maps(cfg.features_dir)
+        if cfg.shard >= len(maps):
+            raise ConfigError(f"shard {cfg.shard}: the features have {len(maps)} parts, fewer than "
+                              f"num_shards={cfg.num_shards} (use num_shards <= {len(maps)})")
         empty = build_dir / "empty.faiss"
         if not empty.is_file():
             raise DataError(f"{empty}: not found; run mode=train with the same name=... first")
         run_dir = claim(build_dir, fp)
         out = run_dir / "shards" / f"shard-{cfg.shard:04d}-of-{cfg.num_shards:04d}.faiss"
         if not out.exists():
-            maps, offsets = _part_maps(parts)
-            mine = range(cfg.shard, len(parts), cfg.num_shards)
+            mine = range(cfg.shard, len(maps), cfg.num_shards)
             x = np.concatenate([np.asarray(maps[p]) for p in mine])
             ids = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in mine])
             add_shard(empty, x, ids, out_path=out)
         return run_dir
     if cfg.mode == "merge":
-        finfo_path = Path(cfg.features_dir) / "info.json"
-        finfo = read_json(finfo_path) if finfo_path.exists() else {}
+        finfo = FeatureStore(cfg.features_dir).info()
         shards = sorted((build_dir / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
         if len(shards) != cfg.num_shards:
             raise ConfigError(f"{build_dir}/shards: {len(shards)} of {cfg.num_shards} shards present")
@@ -110,12 +106,12 @@ def run(cfg: DictConfig) -> Path:
         mark_done(run_dir, {"ntotal": index.ntotal})
         return run_dir
     if cfg.mode == "train":  # reads only the sampled rows (memory-mapped parts)
-        empty = train_empty_index(_sample(feature_parts(cfg.features_dir), ix.train_sample, cfg.seed),
+        empty = train_empty_index(_sample(cfg.features_dir, ix.train_sample, cfg.seed),
                                   ix.factory, ix.metric, seed=cfg.seed, name=name)
         run_dir = claim(build_dir, fp)
         write_index(empty, run_dir / "empty.faiss")
         return run_dir
-    x, _, finfo = load_features(cfg.features_dir)
+    x, _, finfo = FeatureStore(cfg.features_dir).load()
     index = build_index(x, ix.factory, ix.metric, train_sample=ix.train_sample, seed=cfg.seed,
                         nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search, name=name)
     info = _info(cfg, finfo)

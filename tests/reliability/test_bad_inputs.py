@@ -46,8 +46,8 @@ import torch
 from PIL import Image
 
 import diffmem
-from diffmem.embed import load_features
 from diffmem.errors import ConfigError, DataError
+from diffmem.features.store import FeatureStore
 from diffmem.runs import write_json
 
 # ---------------------------------------------------------------------------------- helpers
@@ -589,7 +589,7 @@ def test_bad_image_among_good_ones_keeps_finished_parts_and_resumes(tmp_path):
     Image.fromarray(_rgb(7)).save(root / "bad.png", format="PNG")  # the user fixes the file
     diffmem.run("embed", args)
     assert part0.stat().st_mtime_ns == stamp and part0.read_bytes() == content
-    x, ids, _ = load_features(run)
+    x, ids, _ = FeatureStore(run).load()
     assert len(ids) == len(x) == 5 and ids["file"].tolist()[2] == "bad.png"
 
 
@@ -659,7 +659,7 @@ def test_embed_accepts_odd_image_modes(tmp_path):
     rows = "".join(f"{f},c{i}\n" for i, f in enumerate(["0.png", *files]))
     (root / "odd.csv").write_text("file,caption\n" + rows)
     run = diffmem.run("embed", _embed_args(root, tmp_path / "run", "odd.csv"))
-    x, ids, _ = load_features(run)
+    x, ids, _ = FeatureStore(run).load()
     assert len(x) == len(ODD_MODES) + 1 and np.isfinite(x).all()
 
 

@@ -1,0 +1,134 @@
+"""An embed run's on-disk format, read and written in one place.
+
+``features/part-XXXXX.npy`` (float32 [n, D], L2-normalised, one file per ``part_size``
+rows, written atomically so a killed run resumes at the first missing part),
+``ids.parquet`` (one row per vector, in order: ``item_id``, ``file``, ...) and the run's
+``info.json`` (``feature``, ``dim``, extractor info, provenance). The embed stage writes
+through :class:`FeatureStore`; the index and search stages read through it, so every
+reader gets the same checks (finished run, readable float parts of the recorded D, as many
+ids as vectors) and the same one-line errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diffmem.errors import DataError
+from diffmem.runs import INFO, atomic_path, is_done, parquet_rows, read_json, read_parquet, write_parquet
+
+PARTS = "features"
+IDS = "ids.parquet"
+
+
+class FeatureStore:
+    """The feature parts, ids table and info of the embed run in ``run_dir``."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.ids_path = self.run_dir / IDS
+
+    # ------------------------------------------------------------------ writing (embed)
+
+    def part_path(self, p: int) -> Path:
+        return self.run_dir / PARTS / f"part-{p:05d}.npy"
+
+    def has_part(self, p: int) -> bool:
+        return self.part_path(p).exists()
+
+    def write_part(self, p: int, vectors: np.ndarray) -> None:
+        """Part ``p`` as float32, atomically (a killed write leaves no part behind)."""
+        with atomic_path(self.part_path(p)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.asarray(vectors, dtype=np.float32))
+
+    def write_ids(self, items: pd.DataFrame) -> None:
+        write_parquet(self.ids_path, items)
+
+    # ------------------------------------------------------------------ reading
+
+    def part_paths(self) -> list[Path]:
+        """The part files, in order."""
+        parts = sorted((self.run_dir / PARTS).glob("part-*.npy"))
+        if not parts:
+            raise DataError(f"{self.run_dir}: no feature parts ({PARTS}/part-*.npy)")
+        return parts
+
+    def info(self) -> dict:
+        """The run's ``info.json``, checked to be an embed run's (it names its ``feature``)."""
+        path = self.run_dir / INFO
+        if not path.is_file():
+            raise DataError(f"{self.run_dir}: not an embed run ({INFO} missing)")
+        try:
+            info = read_json(path)
+        except ValueError as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(info, dict) or "feature" not in info:
+            raise DataError(f"{path}: no 'feature' field (is {self.run_dir} an embed run?)")
+        return info
+
+    def ids(self) -> pd.DataFrame:
+        """The ids table, one row per vector."""
+        return read_parquet(self.ids_path)
+
+    def load(self) -> tuple[np.ndarray, pd.DataFrame, dict]:
+        """``(vectors [N, D], ids table, info)`` of a finished embed run, every row checked finite."""
+        info = self._finished_info()
+        x = np.concatenate(self._parts(info, mmap=False)).astype(np.float32, copy=False)
+        ids = self.ids()
+        self._check_count(len(ids), len(x))
+        return x, ids, info
+
+    def part_maps(self) -> tuple[list[np.ndarray], dict]:
+        """``(parts memory-mapped, info)`` of a finished embed run, for sets larger than RAM.
+
+        Checked as :meth:`load` checks them except for the scan of every row for NaN, which
+        the index does on the rows it reads (a training sample reads only its rows)."""
+        info = self._finished_info()
+        maps = self._parts(info, mmap=True)
+        self._check_count(parquet_rows(self.ids_path), sum(len(m) for m in maps))
+        return maps, info
+
+    def _finished_info(self) -> dict:
+        if not is_done(self.run_dir):
+            raise DataError(f"{self.run_dir}: not a finished embed run (no _SUCCESS)")
+        info = self.info()
+        if not self.ids_path.is_file():
+            raise DataError(f"{self.run_dir}: not an embed run ({IDS} missing)")
+        return info
+
+    def _parts(self, info: dict, mmap: bool) -> list[np.ndarray]:
+        """Every part, checked: a float [n, D] array of the recorded D (or the first part's)."""
+        dim = int(info["dim"]) if info.get("dim") is not None else None
+        parts = []
+        for path in self.part_paths():
+            x = _read_part(path, dim, scan_rows=not mmap)
+            dim = x.shape[1]
+            parts.append(x)
+        return parts
+
+    def _check_count(self, n_ids: int, n_vectors: int) -> None:
+        if n_ids != n_vectors:
+            raise DataError(f"{self.run_dir}: {n_ids} ids but {n_vectors} vectors")
+
+
+def _read_part(path: Path, dim: int | None, scan_rows: bool) -> np.ndarray:
+    """One part: a readable float [n, D] array (D = ``dim`` when given); with ``scan_rows``
+    loaded and every row checked finite, else memory-mapped (errors name the file and row)."""
+    try:
+        x = np.load(path, allow_pickle=False, mmap_mode=None if scan_rows else "r")
+    except (ValueError, OSError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not a readable .npy array ({first})") from err
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"{path}: expected a float array [n, D], got {x.dtype} of shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise DataError(f"{path}: vectors have D={x.shape[1]}, expected D={dim}")
+    if scan_rows:
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():
+            more = f" (and {int(bad.sum()) - 1} more rows)" if bad.sum() > 1 else ""
+            raise DataError(f"{path}: row {int(bad.argmax())}{more} contains NaN or infinite values")
+    return x
