@@ -23,6 +23,7 @@ from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
+from diffmem.features.onnx import warn_flat_testbed
 from diffmem.runs import (atomic_path, check_claim, check_inputs, claim, config_subset, finish,
                           is_done, read_json, read_parquet, write_parquet)
 
@@ -161,6 +162,7 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(f"source '{cfg.source}' is not one of dataset, samples")
     configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor)
+    warn_flat_testbed(extractor.name, cfg.data.get("kind"))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "item list", items)
     files = items["file"].tolist()
