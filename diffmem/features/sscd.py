@@ -1,10 +1,11 @@
 """SSCD copy-detection descriptors (Pizzi et al., CVPR 2022) from local TorchScript files.
 
 The SSCD authors publish TorchScript exports that need no SSCD code: ``torch.jit.load``
-and call on normalised [B, 3, H, W] images. Their weights are licensed CC-BY-NC 4.0,
-so diffmem never downloads them: the user fetches them from the links in the README of
-https://github.com/facebookresearch/sscd-copy-detection and points ``path`` at the file
-(or puts it under ``cache_dir`` with its published file name).
+and call on normalised [B, 3, H, W] images. They are MIT-licensed (the "License" section
+of the repository's README); diffmem downloads nothing at run time, so the user fetches
+them from the links in the README of https://github.com/facebookresearch/sscd-copy-detection
+and points ``path`` at the file (or puts it under ``cache_dir`` with its published file
+name). ``features=sscd_onnx`` runs the same model, int8, with no download at all.
 
 Loading a TorchScript file runs code from it, so the file is checked against an
 expected SHA256 first (``sha256``, or the pinned value of a known file); ``verify=false``
@@ -29,7 +30,7 @@ from diffmem.features.base import Extractor, default_cache_dir, sha256_file
 from diffmem.features.transforms import get_preprocess
 
 SSCD_SOURCE = "https://github.com/facebookresearch/sscd-copy-detection"
-SSCD_LICENCE = "CC-BY-NC 4.0"
+SSCD_LICENCE = "MIT"
 
 #: The published TorchScript files. ``sha256`` None = no pinned digest known to us: give
 #: ``sha256`` in the config (or ``verify=false``). The disc_mixup digest (98,791,638 bytes)
@@ -111,7 +112,7 @@ class SSCDExtractor(Extractor):
             what = f"SSCD weights '{known['file']}'" if known else "SSCD TorchScript file"
             raise DataError(
                 f"{what} not found at {path}; download it yourself from the links in the README of "
-                f"{SSCD_SOURCE} (weights licensed {SSCD_LICENCE}, so diffmem does not download them) "
+                f"{SSCD_SOURCE} ({SSCD_LICENCE}-licensed; diffmem downloads nothing at run time) "
                 "and set path=<file> (or put it under cache_dir)")
         self.sha256 = verify_file(path, self.expected_sha256, self.verify, what="TorchScript")
         try:
