@@ -24,11 +24,11 @@ import diffmem
 from diffmem.data import load_dataset, load_images, load_prompts
 from diffmem.detectors import build_detector, count_unet_evals
 from diffmem.features import build_extractor
-from diffmem.generate import generate_images, plan_samples
 from diffmem.index.faiss_index import build_index, search
 from diffmem.metrics.detection import ground_truth_labels, roc_auc
 from diffmem.models import load_pipeline
 from diffmem.runs import write_json
+from diffmem.sampling import generate_images, plan_samples
 
 
 def main() -> None:

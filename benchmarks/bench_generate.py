@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 
 from diffmem.config import ASSETS_DIR
-from diffmem.generate import generate_images, plan_samples
 from diffmem.models import load_pipeline
 from diffmem.runs import write_json
+from diffmem.sampling import generate_images, plan_samples
 
 
 def main() -> None:

@@ -10,8 +10,7 @@ import torch
 import diffmem
 from diffmem.data import load_image
 from diffmem.errors import ConfigError
-from diffmem.generate import plan_samples
-from diffmem.sampling import encode_prompts, sample, to_uint8
+from diffmem.sampling import encode_prompts, plan_samples, sample, to_uint8
 from tests.conftest import SMALL_DATA
 
 

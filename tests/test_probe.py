@@ -118,7 +118,7 @@ def test_trigger_search_fits_a_target_with_a_fixed_budget(tiny_pipe):
     c = encode_prompts(tiny_pipe, ["the zorblax emblem"])[0]
     from diffusers import DDPMScheduler
 
-    from diffmem.train import diffusion_loss
+    from diffmem.training import diffusion_loss
 
     sched = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
     trig, _ = search_trigger(tiny_pipe, x0, c, steps=40, lr=0.1, batch_size=8, seed=0)
