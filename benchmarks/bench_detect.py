@@ -25,7 +25,7 @@ from diffmem.data import load_dataset, load_images, load_prompts
 from diffmem.detectors import build_detector, count_unet_evals
 from diffmem.features import build_extractor
 from diffmem.data.samples import plan_samples
-from diffmem.generate import generate_images
+from diffmem.sampling import generate_images
 from diffmem.index.faiss_index import build_index, search
 from diffmem.metrics.detection import ground_truth_labels, roc_auc
 from diffmem.models import load_pipeline

@@ -19,7 +19,7 @@ import torch
 
 from diffmem.config import ASSETS_DIR
 from diffmem.data.samples import plan_samples
-from diffmem.generate import generate_images
+from diffmem.sampling import generate_images
 from diffmem.models import load_pipeline
 from diffmem.runs import write_json
 

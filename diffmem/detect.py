@@ -39,7 +39,7 @@ from diffmem.metrics.detection import (
     rates_at_threshold,
     roc_points,
 )
-from diffmem.models import load_pipeline
+from diffmem.loading import load_model
 from diffmem.report import write_detect_report
 from diffmem.report.figures import save_figure
 from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance, write_json,
@@ -164,8 +164,7 @@ def run(cfg: DictConfig) -> Path:
         return Path(cfg.run_dir)
     device = configure_torch(cfg)
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
-    pipe = load_pipeline(cfg.model.path, device=device, dtype=cfg.model.dtype,
-                         local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))  # only once the inputs are usable
     start = time.perf_counter()
     with count_unet_evals(pipe.unet) as used:

@@ -45,7 +45,7 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 def check_config(cfg: DictConfig) -> dict:
     """``{name: model path}`` after checking the settings (nothing is written before this)."""
-    from diffmem.probes.runners import check_settings
+    from diffmem.probes.context import check_settings
 
     models = OmegaConf.to_container(cfg.models, resolve=True) or {}
     if not models:
@@ -69,7 +69,7 @@ def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor
                    clip=None) -> dict:
     """The three axes for the model in ``ctx`` (parts cached under ``ctx.run_dir``)."""
     from diffmem.mitigations.objectives import utility
-    from diffmem.probes.runners import attack, attack_summary, baseline_summary
+    from diffmem.probes.context import attack, attack_summary, baseline_summary
     from diffmem.sampling import encode_prompts
 
     base = ctx.baseline("model")
@@ -149,9 +149,10 @@ def run(cfg: DictConfig) -> Path:
     """Evaluate every model per ``cfg``; returns the run dir."""
     from diffmem.features import build_extractor
     from diffmem.mitigations.objectives import real_rows
-    from diffmem.models import load_pipeline
     from diffmem.data.selection import load_targets, select_prompts
-    from diffmem.probes.runners import ProbeContext, _trigger_settings, rows_conditioning
+    from diffmem.loading import load_model
+    from diffmem.probes.context import ProbeContext, rows_conditioning, trigger_settings
+    from diffmem.sampling import get_hooks
 
     models = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
@@ -170,14 +171,14 @@ def run(cfg: DictConfig) -> Path:
     util_extractor = build_extractor(u.features, device=str(device))
     clip = build_extractor(u.clip, device=str(device)) if u.get("clip") else None
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
-    ts = _trigger_settings(cfg.trigger)
+    ts = trigger_settings(cfg.trigger)
     # a model's parts depend only on it and these settings: tables with other models share them
     settings = {k: v for k, v in fingerprint(cfg).items() if k not in ("models", "reference", "study", "pareto_runs")}
     parts = Path(cfg.parts_dir) if cfg.get("parts_dir") else run_dir / "models"
     rows, start = [], time.perf_counter()
     for name, path in models.items():
         log.info("evaluate-mitigation: %s (%s)", name, path)
-        pipe = load_pipeline(path, device=device, dtype="float32", local_files_only=True, scheduler=cfg.scheduler)
+        pipe = load_model(path, device, scheduler=cfg.scheduler)
 
         ctx = ProbeContext(pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
                            target_cond=rows_conditioning(pipe, targets), negatives=negatives,
@@ -188,7 +189,7 @@ def run(cfg: DictConfig) -> Path:
                            steps=int(cfg.steps), guidance=float(cfg.guidance_scale),
                            n_per_prompt=int(cfg.n_per_prompt), threshold=float(cfg.threshold),
                            mr_reduction=str(cfg.mr_reduction), batch_size=int(cfg.batch_size))
-        defence = getattr(pipe, "diffmem_defence", None)
+        defence = get_hooks(pipe)
         rows.append({"model": name, "path": str(path), "defence": defence.name if defence else None,
                      **evaluate_model(ctx, ts, urows, real, u, util_extractor, clip)})
     table = pd.DataFrame(rows)

@@ -1,9 +1,9 @@
 """``diffmem generalise``: the memorisation -> generalisation transition (Kadkhodaie et al. 2024).
 
-One job handles one training-set size ``n`` (``--multirun`` sweeps it): the train stage
-trains two unconditional models on two disjoint ``n``-image subsets of one dataset
-(``data.subset`` parts 0 and 1; seeds ``seed`` and ``seed + 1``; same architecture, one
-shared frozen VAE), both sample from the same initial noises, and per noise we measure
+One job handles one training-set size ``n`` (``--multirun`` sweeps it): it trains, as the
+train stage does (:func:`diffmem.training.train_model`), two unconditional models on two
+disjoint ``n``-image subsets of one dataset (``data.subset`` parts 0 and 1; seeds ``seed``
+and ``seed + 1``; same architecture, one shared frozen VAE), both sample from the same initial noises, and per noise we measure
 (a) ``cross_sim``, the similarity of the two models' samples, and (b) ``nn_sim``, each
 sample's similarity to the nearest training image of its own model's subset, both with the
 ``features`` descriptor. Small n: each model reproduces its own images (high nn_sim, low
@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffmem import train
+from diffmem import training
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
@@ -40,13 +40,13 @@ from diffmem.errors import ConfigError
 from diffmem.features import build_extractor
 from diffmem.features.base import sha256_file
 from diffmem.data.samples import plan_samples
-from diffmem.generate import generate_images
+from diffmem.loading import load_model
 from diffmem.metrics import top1_similarity
-from diffmem.models import load_pipeline, resolve_device
+from diffmem.models import resolve_device
 from diffmem.report.figures import GridPair, save_figure, image_grid
 from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance, read_json,
                           read_parquet, write_json, write_parquet)
-from diffmem.sampling import decode
+from diffmem.sampling import decode, generate_images
 
 log = logging.getLogger(__name__)
 TABLE, FIGURE, SUMMARY = "generalisation.parquet", "generalisation.png", "summary.json"
@@ -97,7 +97,7 @@ def measure(cfg: DictConfig, out: Path, configs: list[DictConfig], parts: list) 
                         int(cfg.seed))  # one seed per noise, the same for both models
     feats, nearest, subsets, ceiling = {}, {}, [], []
     for model, tcfg, (root, rows) in zip(MODELS, configs, parts):
-        pipe = load_pipeline(train.run(tcfg), device=device)
+        pipe = load_model(training.train_model(tcfg) / "model", device)
         generate_images(pipe, plan, out / model, resolution=cfg.resolution, steps=cfg.sample_steps,
                         guidance=1.0, batch_size=cfg.batch_size, desc=f"generate n={cfg.n} {model}")
         feats[model] = ext(_nchw(load_images(out / model, plan["file"])))
@@ -107,7 +107,7 @@ def measure(cfg: DictConfig, out: Path, configs: list[DictConfig], parts: list) 
         nearest[model] = (top1_similarity(sims), rows["image_id"].to_numpy()[sims.argmax(1)])
         subsets.append(rows.assign(model=model)[["model", "image_id", "file"]])
         with torch.no_grad():  # a copy can be no closer than the VAE's own reconstruction
-            latents = train.encode_latents(pipe.vae, to_tensor(real))
+            latents = training.encode_latents(pipe.vae, to_tensor(real))
             recon = torch.cat([decode(pipe, z) for z in latents.split(256)])
         ceiling.append((ext(recon) * real_feats).sum(1).cpu())
     fa, fb = feats["a"], feats["b"]

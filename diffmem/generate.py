@@ -12,22 +12,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 from omegaconf import DictConfig
-from PIL import Image
-from tqdm.auto import tqdm
 
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
 from diffmem.data.samples import PROMPTS, SAMPLES, plan_samples
 from diffmem.errors import ConfigError
-from diffmem.models import load_pipeline
+from diffmem.loading import load_model
 from diffmem.models.pipeline import check_scheduler
-from diffmem.runs import (atomic_path, check_claim, check_inputs, check_shard, claim, config_subset,
-                          finish, is_done, require, write_parquet)
-from diffmem.sampling import encode_prompts, sample, to_uint8
+from diffmem.runs import check_claim, check_inputs, check_shard, claim, config_subset, finish, is_done, require, write_parquet
+from diffmem.sampling import generate_images
 
 log = logging.getLogger(__name__)
 
@@ -41,38 +36,6 @@ def check_config(cfg: DictConfig) -> None:
     check_shard(cfg.shard, cfg.num_shards)
     check_scheduler(cfg.scheduler)
     require(cfg.model, "path", prefix="model.", hint="a diffusers pipeline folder or HF-cache repo id")
-
-
-def _write_png(path: Path, image) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-
-
-def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int, steps: int,
-                    guidance: float, batch_size: int, desc: str = "generate") -> None:
-    """Generate every row of ``plan`` whose PNG does not exist yet.
-
-    Batches are fixed slices of ``plan``, not of the missing rows: batched sampling may
-    move a pixel level, so a resumed run samples each image in the same batch as an
-    uninterrupted run would (identical PNGs). A batch with any PNG missing is sampled
-    whole; only its missing PNGs are written.
-    """
-    missing = np.array([not (run_dir / f).exists() for f in plan["file"]], dtype=bool)
-    starts = [s for s in range(0, len(plan), batch_size) if missing[s:s + batch_size].any()]
-    if not starts:
-        return
-    uncond = encode_prompts(pipe, [""])
-    with tqdm(total=int(missing.sum()), desc=desc, mininterval=2) as bar:  # closed on errors too
-        for start in starts:
-            batch = plan.iloc[start:start + batch_size]
-            todo = missing[start:start + batch_size]
-            cond = encode_prompts(pipe, batch["caption"].tolist())
-            images = to_uint8(sample(pipe, cond, batch["seed"].tolist(), resolution, steps, guidance,
-                                     uncond=uncond))
-            for file, image, new in zip(batch["file"], images, todo):
-                if new:
-                    _write_png(run_dir / file, image)
-            bar.update(int(todo.sum()))
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -94,8 +57,7 @@ def run(cfg: DictConfig) -> Path:
     prompts = load_prompts(cfg.prompts, manifest)
     plan = plan_samples(prompts, cfg.n_per_prompt, cfg.seed)
     mine = plan.iloc[cfg.shard::cfg.num_shards]
-    pipe = load_pipeline(cfg.model.path, device=device, dtype=cfg.model.dtype,
-                         local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "prompt list", prompts)
     write_parquet(run_dir / PROMPTS, prompts)

@@ -27,7 +27,7 @@ from diffmem.data import load_dataset, load_prompts
 from diffmem.data.selection import load_targets, select_prompts
 from diffmem.errors import ConfigError, DataError
 from diffmem.probes import PROBES
-from diffmem.probes.runners import ProbeContext, check_settings, rows_conditioning
+from diffmem.probes.context import ProbeContext, check_settings, rows_conditioning
 from diffmem.report.figures import save_figure
 from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance,
                           write_json, write_parquet)
@@ -86,7 +86,7 @@ def figure(tables: dict, metrics: dict, path: Path, threshold: float) -> Path | 
 def run(cfg: DictConfig) -> Path:
     """Probe per ``cfg``; returns the run dir."""
     from diffmem.features import build_extractor
-    from diffmem.models import load_pipeline
+    from diffmem.loading import load_model
 
     fn = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
@@ -103,8 +103,7 @@ def run(cfg: DictConfig) -> Path:
         log.info("probe: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)
     device = configure_torch(cfg)
-    pipe = load_pipeline(cfg.model.path, device=device, dtype=cfg.model.dtype,
-                         local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
 

@@ -2,14 +2,49 @@
 
 Written out (rather than calling the pipeline) so that every sample has its own seed
 (results do not depend on batch size) and other stages can reuse its pieces.
+
+Sampler hooks (:class:`SamplerHooks`, like diffusers' step callbacks) let a pipeline change
+its conditioning without changing its weights: set on a pipeline with :func:`set_hooks`, the
+sampler applies ``text`` to the captions (:func:`encode_prompts`) and ``embedding`` to the
+conditioning of each generation (:func:`denoise`). The inference-time defences
+(:mod:`diffmem.mitigations.defences`) are such hooks.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
+
+#: the pipeline attribute that holds its sampler hooks
+HOOKS_ATTR = "diffmem_defence"
+
+
+class SamplerHooks(Protocol):
+    """What the sampler asks of a pipeline's hooks (see the module docstring)."""
+
+    name: str  # names the hooks in result tables (evaluate-mitigation's ``defence`` column)
+
+    def text(self, captions: Sequence[str], pipe) -> list[str]:
+        """The captions the text encoder sees instead of ``captions``."""
+
+    def embedding(self, pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
+                  guidance: float) -> torch.Tensor:
+        """The conditioning of generations ``seeds`` instead of ``cond`` (one row per seed)."""
+
+
+def set_hooks(pipe, hooks: SamplerHooks):
+    """Attach ``hooks`` to ``pipe``; returns ``pipe``."""
+    setattr(pipe, HOOKS_ATTR, hooks)
+    return pipe
+
+
+def get_hooks(pipe) -> SamplerHooks | None:
+    """The hooks attached to ``pipe`` (None for a plain pipeline)."""
+    return getattr(pipe, HOOKS_ATTR, None)
 
 
 def sample_seed(base_seed: int, prompt_id: int, k: int) -> int:
@@ -21,12 +56,12 @@ def sample_seed(base_seed: int, prompt_id: int, k: int) -> int:
 def encode_prompts(pipe, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Text-encoder outputs [N, 77, D] (the conditioning ``c``; ``""`` gives ``c0``).
 
-    A defended pipeline (:mod:`diffmem.mitigations.defences`) first rewrites the captions.
+    A pipeline with hooks (:func:`set_hooks`) first rewrites the captions.
     """
     device = pipe.text_encoder.device
-    defence = getattr(pipe, "diffmem_defence", None)
-    if defence is not None:
-        captions = defence.text(captions, pipe)
+    hooks = get_hooks(pipe)
+    if hooks is not None:
+        captions = hooks.text(captions, pipe)
     out = []
     for i in range(0, len(captions), batch_size):
         ids = pipe.tokenizer(list(captions[i:i + batch_size]), padding="max_length",
@@ -86,11 +121,11 @@ def denoise(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, ste
     """The guided sampler one step at a time: yields the latents after each step.
 
     Stop early by leaving the loop (Wanda only needs the first steps). ``uncond`` defaults to
-    the empty prompt's conditioning. A defended pipeline changes ``cond`` first, per seed.
+    the empty prompt's conditioning. A pipeline with hooks changes ``cond`` first, per seed.
     """
-    defence = getattr(pipe, "diffmem_defence", None)
-    if defence is not None:
-        cond = defence.embedding(pipe, cond, seeds, resolution=resolution, steps=steps, guidance=guidance)
+    hooks = get_hooks(pipe)
+    if hooks is not None:
+        cond = hooks.embedding(pipe, cond, seeds, resolution=resolution, steps=steps, guidance=guidance)
     if uncond is None and guidance != 1.0:
         uncond = encode_prompts(pipe, [""])
     if uncond is not None and uncond.shape[0] == 1:
@@ -108,3 +143,41 @@ def denoise(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, ste
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]."""
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def _write_png(path: Path, image) -> None:
+    from PIL import Image
+
+    from diffmem.runs import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int, steps: int,
+                    guidance: float, batch_size: int, desc: str = "generate") -> None:
+    """Generate every row of ``plan`` (:func:`diffmem.data.samples.plan_samples`) whose PNG does not exist yet.
+
+    Batches are fixed slices of ``plan``, not of the missing rows: batched sampling may
+    move a pixel level, so a resumed run samples each image in the same batch as an
+    uninterrupted run would (identical PNGs). A batch with any PNG missing is sampled
+    whole; only its missing PNGs are written.
+    """
+    from tqdm.auto import tqdm
+
+    missing = np.array([not (run_dir / f).exists() for f in plan["file"]], dtype=bool)
+    starts = [s for s in range(0, len(plan), batch_size) if missing[s:s + batch_size].any()]
+    if not starts:
+        return
+    uncond = encode_prompts(pipe, [""])
+    with tqdm(total=int(missing.sum()), desc=desc, mininterval=2) as bar:  # closed on errors too
+        for start in starts:
+            batch = plan.iloc[start:start + batch_size]
+            todo = missing[start:start + batch_size]
+            cond = encode_prompts(pipe, batch["caption"].tolist())
+            images = to_uint8(sample(pipe, cond, batch["seed"].tolist(), resolution, steps, guidance,
+                                     uncond=uncond))
+            for file, image, new in zip(batch["file"], images, todo):
+                if new:
+                    _write_png(run_dir / file, image)
+            bar.update(int(todo.sum()))

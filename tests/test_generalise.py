@@ -13,7 +13,8 @@ import pytest
 from safetensors.torch import load_file
 
 import diffmem
-import diffmem.generate
+import diffmem.sampling
+import diffmem.training
 from diffmem.errors import ConfigError
 from diffmem.generalise import transition_n
 from diffmem.runs import read_json
@@ -27,13 +28,13 @@ VAE_FILE = "diffusion_pytorch_model.safetensors"
 def test_two_sizes_bookkeeping_and_resume(tiny_pipe_dir, monkeypatch):
     args = ARGS + [f"vae_path={tiny_pipe_dir / 'vae'}"]
     seeds = []
-    real_sample = diffmem.generate.sample
+    real_sample = diffmem.sampling.sample
 
     def recording(pipe, cond, batch_seeds, *a, **kw):
         seeds.append(list(batch_seeds))
         return real_sample(pipe, cond, batch_seeds, *a, **kw)
 
-    monkeypatch.setattr(diffmem.generate, "sample", recording)
+    monkeypatch.setattr(diffmem.sampling, "sample", recording)
     for n in (2, 4):
         run_dir = diffmem.run("generalise", args + [f"n={n}"])
 
@@ -59,7 +60,7 @@ def test_two_sizes_bookkeeping_and_resume(tiny_pipe_dir, monkeypatch):
             assert all((saved[k] == given[k]).all() for k in given)
 
     stamp = (run_dir / "n-00002" / "pairs.parquet").stat().st_mtime_ns
-    monkeypatch.setattr(diffmem.train, "run", lambda cfg: pytest.fail("a finished n was retrained"))
+    monkeypatch.setattr(diffmem.training, "train_model", lambda cfg: pytest.fail("a finished n was retrained"))
     diffmem.run("generalise", args + ["n=2"])
     assert (run_dir / "n-00002" / "pairs.parquet").stat().st_mtime_ns == stamp
     assert pd.read_parquet(run_dir / "generalisation.parquet")["n"].tolist() == [2, 4]

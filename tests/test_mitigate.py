@@ -150,6 +150,18 @@ def test_defences_are_seeded_per_sample(tiny_pipe):
         WenMinimisation(target=None)
 
 
+def test_defence_wrapper_stores_its_base_so_it_reloads_anywhere(tmp_path, monkeypatch):
+    """A repo id stays a repo id; a local base relative to the cwd is made absolute."""
+    from diffmem.mitigations.defences import save_defence
+
+    save_defence(tmp_path / "hub", GaussianNoise(), "CompVis/stable-diffusion-v1-4")
+    assert read_defence(tmp_path / "hub")[0] == "CompVis/stable-diffusion-v1-4"
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    save_defence(tmp_path / "local", GaussianNoise(), "base")
+    assert read_defence(tmp_path / "local")[0] == str((tmp_path / "base").resolve())
+
+
 # --- the stage, end to end --------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["full_ft", "lora", "memcontrol", "train_mc", "train_rc", "train_rt", "train_cwr",

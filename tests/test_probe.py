@@ -16,7 +16,8 @@ from diffmem.errors import ConfigError, DataError
 from diffmem.probes import PROBES
 from diffmem.probes.layers import block_neurons, ffn_layers, get_layers, record, value_layers
 from diffmem.probes.nemo import localise, value_activations
-from diffmem.probes.trigger import check_target, image_latents, search_trigger, search_triggers
+from diffmem.data.selection import check_target
+from diffmem.probes.trigger import image_latents, search_trigger, search_triggers
 from diffmem.probes.wanda import mask_iou, prune, row_topk_mask, union, wanda_masks
 from diffmem.sampling import encode_prompts
 from tests.conftest import SMALL_DATA
@@ -118,7 +119,7 @@ def test_trigger_search_fits_a_target_with_a_fixed_budget(tiny_pipe):
     c = encode_prompts(tiny_pipe, ["the zorblax emblem"])[0]
     from diffusers import DDPMScheduler
 
-    from diffmem.train import diffusion_loss
+    from diffmem.training import diffusion_loss
 
     sched = DDPMScheduler.from_config(tiny_pipe.scheduler.config)
     trig, _ = search_trigger(tiny_pipe, x0, c, steps=40, lr=0.1, batch_size=8, seed=0)

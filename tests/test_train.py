@@ -32,7 +32,7 @@ def test_train_from_scratch_writes_a_loadable_model():
 
 def test_resume_after_kill_is_exact(monkeypatch):
     full = diffmem.run("train", ARGS + ["name=full"])
-    import diffmem.train as train
+    import diffmem.training as train
 
     calls = {"n": 0}
     real = train.step_generator
@@ -81,10 +81,26 @@ def test_empty_dataset_is_refused(tmp_path):
 
 
 def test_lr_schedule_is_a_function_of_the_step():
-    from diffmem.train import _lr_factor
+    from diffmem.training import _lr_factor
 
     assert _lr_factor(0, 10, 4, None) == 0.25 and _lr_factor(3, 10, 4, None) == 1.0
     assert _lr_factor(9, 10, 4, None) == 1.0
     assert _lr_factor(5, 10, 0, 6) == 1.0  # before the decay
     assert _lr_factor(6, 10, 0, 6) == 1.0 and _lr_factor(8, 10, 0, 6) == 0.5
     assert _lr_factor(9, 10, 0, 6) == 0.25
+
+
+def test_noised_follows_the_latents_dtype():
+    """A half-precision UNet gets half-precision inputs: noise and x_t in the latents' dtype."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from diffmem.training import noised
+
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    x0 = torch.randn(2, 4, 8, 8).to(torch.bfloat16)
+    xt, t, target = noised(sched, x0, torch.Generator().manual_seed(0))
+    assert xt.dtype == target.dtype == torch.bfloat16 and t.device == x0.device
+    xt32, t32, target32 = noised(sched, x0.float(), torch.Generator().manual_seed(0))
+    assert torch.equal(t, t32) and xt32.dtype == torch.float32  # the same draws in any dtype
+    assert torch.equal(target, target32.to(torch.bfloat16))

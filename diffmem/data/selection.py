@@ -12,7 +12,6 @@ import torch
 from diffmem.data.images import load_image
 from diffmem.errors import DataError
 from diffmem.metrics.detection import ground_truth_labels
-from diffmem.probes.trigger import check_target
 
 
 def split_prompts(prompts: pd.DataFrame, positives, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -56,3 +55,12 @@ def load_targets(root: Path, rows: pd.DataFrame, resolution: int, resize: bool) 
         check_target(torch.from_numpy(img).permute(2, 0, 1)[None], resolution, [str(root / str(f))])
         images.append(img)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def check_target(images: torch.Tensor, resolution: int, names) -> None:
+    """Targets must be ``[B, 3, resolution, resolution]``: the model's own training size."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DataError(f"target images must be [B, 3, H, W] RGB, got {tuple(images.shape)}")
+    if images.shape[-2:] != (resolution, resolution):
+        raise DataError(f"target image {names[0]!r} is {images.shape[-1]}x{images.shape[-2]}; the model "
+                        f"generates {resolution}x{resolution} (resize it or set resolution)")

@@ -1,6 +1,7 @@
 """Mitigations (methods.md section 5): what ``diffmem mitigate`` builds.
 
-``MITIGATIONS.get(kind)(job) -> summary`` for the three kinds a ``mitigation=`` config names:
+``MITIGATIONS.get(kind)(task) -> summary`` (:mod:`~diffmem.mitigations.builders`) for the three
+kinds a ``mitigation=`` config names:
 
 - ``adversarial_ft`` (:mod:`~diffmem.mitigations.adversarial`): Finding Dori's adversarial
   fine-tuning against searched triggers;
@@ -17,6 +18,6 @@ from diffmem.registry import Registry
 
 MITIGATIONS = Registry("mitigation kind")
 for _name in ("adversarial_ft", "finetune", "defence"):
-    MITIGATIONS.register(_name, f"diffmem.mitigate:build_{_name}")
+    MITIGATIONS.register(_name, f"diffmem.mitigations.builders:build_{_name}")
 
 __all__ = ["MITIGATIONS"]

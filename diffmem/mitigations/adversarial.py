@@ -5,7 +5,7 @@ memorised image (the probe's trigger search, against the current weights); each 
 the ordinary diffusion loss on non-memorised pairs (utility) plus ``adv_weight`` times the
 diffusion loss that pairs each trigger, and the original prompt, with a *surrogate* image: one
 the Wanda-pruned model generates for that prompt and that does not replicate it. The trigger
-sets are stored per refresh, so a killed run resumes exactly.
+sets are stored per refresh (``triggers/refresh-<r>.safetensors``), so a killed run resumes exactly.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import pandas as pd
 import torch
 
 from diffmem.probes import wanda as wanda_lib
-from diffmem.probes.replication import generate, similarity_to_targets
-from diffmem.probes.trigger import image_latents, initial_embedding, search_trigger, trigger_seed
-from diffmem.runs import atomic_path
+from diffmem.probes.replication import sample_images, similarity_to_targets
+from diffmem.probes.trigger import (TRIGGER_DIR, image_latents, initial_embedding, load_triggers, save_triggers,
+                                    search_trigger, trigger_file, trigger_seed)
 from diffmem.sampling import encode_prompts, sample_seed
+from diffmem.training import diffusion_loss, fit
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,13 @@ def surrogates(pipe, extractor, cond: torch.Tensor, images: torch.Tensor, prompt
     Returns the surrogate images ``[T, 3, H, W]`` and a table of their similarity to the
     training image (``replicates`` flags a surrogate still above the threshold).
     """
-    from diffmem.probes.runners import pruned
-
     masks = wanda_lib.prompt_masks(pipe, cond, prompt_ids, seed=seed, n_seeds=1, resolution=resolution,
                                    steps=steps, guidance=guidance, n_steps=int(s.n_steps), fraction=float(s.fraction))
     k = int(s.n_candidates)
     rep = torch.as_tensor(np.repeat(np.arange(len(cond)), k))
     seeds = [sample_seed(seed, int(p), 1000 + j) for p in prompt_ids for j in range(k)]
-    with pruned(pipe.unet, masks):
-        cands = generate(pipe, cond[rep], seeds, resolution=resolution, steps=steps, guidance=guidance)
+    with wanda_lib.pruned(pipe.unet, masks):
+        cands = sample_images(pipe, cond[rep], seeds, resolution=resolution, steps=steps, guidance=guidance)
     sims = similarity_to_targets(extractor, cands, images[rep]).reshape(len(cond), k)
     best = sims.argmin(1)
     chosen = cands[torch.as_tensor(np.arange(len(cond)) * k + best)]
@@ -58,10 +57,8 @@ def surrogates(pipe, extractor, cond: torch.Tensor, images: torch.Tensor, prompt
 def _trigger_set(pipe, x0: torch.Tensor, cond: torch.Tensor, other: torch.Tensor, ts, refresh: int,
                  seed: int, path: Path) -> torch.Tensor:
     """The triggers of one refresh (one per memorised image), stored at ``path``."""
-    from safetensors.torch import load_file, save_file
-
     if path.exists():
-        return load_file(str(path))["triggers"]
+        return load_triggers(path)
     inits = list(ts.inits)
     out = []
     for i in range(len(cond)):
@@ -71,18 +68,21 @@ def _trigger_set(pipe, x0: torch.Tensor, cond: torch.Tensor, other: torch.Tensor
                                 batch_size=int(ts.batch_size), seed=trigger_seed(seed, i, refresh) + 1)
         out.append(emb)
     triggers = torch.stack(out)
-    with atomic_path(path) as tmp:
-        save_file({"triggers": triggers.contiguous()}, str(tmp))
+    save_triggers(path, triggers)
     return triggers
+
+
+def refreshes(run_dir: Path) -> int:
+    """How many trigger sets :func:`adversarial_finetune` has stored under ``run_dir``."""
+    return len(list((Path(run_dir) / TRIGGER_DIR).glob("refresh-*.safetensors")))
 
 
 def adversarial_finetune(pipe, util_latents: torch.Tensor, util_cond: torch.Tensor, target_images: torch.Tensor,
                          target_cond: torch.Tensor, surrogate_images: torch.Tensor, other_cond: torch.Tensor, s, *,
-                         seed: int, ckpt_dir: Path, trigger_dir: Path) -> list[dict]:
-    """Fine-tune ``pipe.unet`` per ``s`` (see the module docstring); returns the loss log."""
+                         seed: int, ckpt_dir: Path, run_dir: Path) -> list[dict]:
+    """Fine-tune ``pipe.unet`` per ``s`` (see the module docstring; trigger sets stored under
+    ``run_dir``); returns the loss log."""
     from diffusers import DDPMScheduler
-
-    from diffmem.train import diffusion_loss, fit
 
     unet = pipe.unet
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -96,7 +96,7 @@ def adversarial_finetune(pipe, util_latents: torch.Tensor, util_cond: torch.Tens
         if r not in cache:
             cache.clear()
             cache[r] = _trigger_set(pipe, x0, target_cond, other_cond, s.trigger, r, seed,
-                                    trigger_dir / f"refresh-{r:05d}.safetensors")
+                                    trigger_file(run_dir, f"refresh-{r:05d}"))
         idx = torch.randint(n, (int(s.batch_size),), generator=g)
         c = util_cond[idx].to(unet.device)
         drop = torch.rand(len(idx), generator=g) < float(s.caption_dropout)

@@ -1,8 +1,10 @@
 """Inference-time mitigations: wrappers that change the conditioning, not the weights.
 
 A defence is saved as a folder holding ``defence.json`` (``{"defence", "settings", "base"}``,
-``base`` = the diffusers model it wraps). :func:`diffmem.models.load_pipeline` loads such a
-folder as the base pipeline with ``pipe.diffmem_defence`` set, so every stage takes it as
+``base`` = the diffusers model it wraps: a repo id, or a local folder). This module owns
+that format (:func:`save_defence`, :func:`read_defence`, :func:`is_defence`);
+:func:`diffmem.loading.load_model` loads such a folder as the base pipeline with the defence
+as its sampler hooks (:class:`diffmem.sampling.SamplerHooks`), so every stage takes it as
 ``model=local model.path=<folder>``. The sampler applies it: :meth:`Defence.text` to the
 captions (:func:`diffmem.sampling.encode_prompts`) and :meth:`Defence.embedding` to the
 conditioning of each generation (:func:`diffmem.sampling.denoise`), seeded per sample.
@@ -27,13 +29,14 @@ import torch
 from diffmem.errors import ConfigError, DataError
 from diffmem.registry import Registry
 from diffmem.runs import read_json, write_json
+from diffmem.sampling import SamplerHooks
 
 DEFENCE_FILE = "defence.json"
 DEFENCES = Registry("defence")
 
 
-class Defence:
-    """No change; subclasses override :meth:`text` and/or :meth:`embedding`."""
+class Defence(SamplerHooks):
+    """Sampler hooks that change nothing; subclasses override :meth:`text` and/or :meth:`embedding`."""
 
     name = "none"
 
@@ -154,17 +157,28 @@ def build_defence(name: str, settings: dict) -> Defence:
 
 
 def save_defence(out_dir: str | Path, defence: Defence, base: str | Path) -> Path:
-    """Write the wrapper folder (``defence.json``) for ``defence`` over the model at ``base``."""
+    """Write the wrapper folder (``defence.json``) for ``defence`` over the model at ``base``.
+
+    ``base`` is stored as given (a repo id stays a repo id), made absolute only when it is an
+    existing local path, so the wrapper reloads from any working directory.
+    """
     out = Path(out_dir)
+    local = Path(base).expanduser()
     write_json(out / DEFENCE_FILE, {"defence": defence.name, "settings": defence.settings(),
-                                     "base": str(Path(base).expanduser().resolve())})
+                                     "base": str(local.resolve()) if local.exists() else str(base)})
     return out
 
 
+def is_defence(folder: str | Path) -> bool:
+    """Whether ``folder`` is a defence wrapper (holds ``defence.json``)."""
+    return (Path(folder).expanduser() / DEFENCE_FILE).exists()
+
+
 def read_defence(folder: str | Path) -> tuple[str, Defence]:
-    """(base model path, defence) of a wrapper folder."""
-    spec = read_json(Path(folder) / DEFENCE_FILE)
+    """(base model: repo id or path, defence) of a wrapper folder."""
+    path = Path(folder).expanduser() / DEFENCE_FILE
+    spec = read_json(path)
     for field in ("defence", "settings", "base"):
         if field not in spec:
-            raise DataError(f"{Path(folder) / DEFENCE_FILE}: missing field '{field}'")
+            raise DataError(f"{path}: missing field '{field}'")
     return spec["base"], build_defence(spec["defence"], dict(spec["settings"]))

@@ -1,6 +1,6 @@
 """The fine-tuning harness shared by MemControl, its baselines and the training-time mitigations.
 
-One loop (:func:`finetune`, on :func:`diffmem.train.fit`, so it resumes exactly) with:
+One loop (:func:`finetune`, on :func:`diffmem.training.fit`, so it resumes exactly) with:
 
 - ``method: full`` (every UNet weight) or ``lora`` (peft LoRA adapters through diffusers'
   adapter API on the attention projections of the chosen transformer blocks);
@@ -129,7 +129,7 @@ def finetune(pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, 
 
     from diffmem.mitigations.captions import augmenter, word_pool
     from diffmem.sampling import encode_prompts
-    from diffmem.train import fit, noised
+    from diffmem.training import fit, noised
 
     unet, n = pipe.unet, latents.shape[0]
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -172,7 +172,7 @@ def calibrate_tau(pipe, latents: torch.Tensor, captions: list[str], quantile: fl
     from diffusers import DDPMScheduler
 
     from diffmem.sampling import encode_prompts
-    from diffmem.train import noised
+    from diffmem.training import noised
 
     if not 0 < float(quantile) < 1:
         raise ConfigError(f"mitigation.noise_filter.quantile must be in (0, 1) (got {quantile})")

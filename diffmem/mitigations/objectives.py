@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from diffmem.metrics.utility import clip_score, diversity, frechet_distance
-from diffmem.probes.replication import generate
+from diffmem.probes.replication import sample_images
 from diffmem.sampling import sample_seed
 
 
@@ -35,8 +35,8 @@ def utility(pipe, extractor, cond: torch.Tensor, prompt_ids, real_images: torch.
     ids = np.repeat(np.asarray(prompt_ids), n_per_prompt)
     rep = torch.as_tensor(np.repeat(np.arange(len(prompt_ids)), n_per_prompt))
     seeds = [sample_seed(seed, int(p), k) for p, k in zip(ids, np.tile(np.arange(n_per_prompt), len(prompt_ids)))]
-    images = generate(pipe, cond[rep], seeds, resolution=resolution, steps=steps, guidance=guidance,
-                      batch_size=batch_size)
+    images = sample_images(pipe, cond[rep], seeds, resolution=resolution, steps=steps, guidance=guidance,
+                           batch_size=batch_size)
     with torch.no_grad():
         fake = extractor(images.float()).double().cpu().numpy()
         real = extractor(real_images.float()).double().cpu().numpy()

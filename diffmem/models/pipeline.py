@@ -50,8 +50,8 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: s
     """A ``StableDiffusionPipeline`` from a local folder or an HF-cache repo id.
 
     Safetensors only, no safety checker, never remote code; offline unless
-    ``local_files_only`` is False. A folder written by an inference-time mitigation
-    (``defence.json``) loads its base model with ``pipe.diffmem_defence`` set.
+    ``local_files_only`` is False. (Stages load through :func:`diffmem.loading.load_model`,
+    which also takes defence wrappers.)
     """
     import diffusers
     import transformers
@@ -62,15 +62,6 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: s
     transformers.utils.logging.disable_progress_bar()
     device = torch.device(device) if not isinstance(device, torch.device) else device
     local = Path(path).expanduser()
-    if (local / "defence.json").exists():
-        from diffmem.mitigations.defences import read_defence
-
-        base, defence = read_defence(local)
-        if (Path(base) / "defence.json").exists():
-            raise DataError(f"{local}: wraps another defence ({base}); defences do not stack")
-        pipe = load_pipeline(base, device, dtype, local_files_only, scheduler)
-        pipe.diffmem_defence = defence
-        return pipe
     if local.exists() and not (local / "model_index.json").exists():
         raise DataError(f"{local}: not a diffusers pipeline folder (no model_index.json)")
     try:

@@ -3,9 +3,11 @@
 ``PROBES.get(name)(ctx, settings) -> (tables, metrics)``: ``trigger_search`` (Finding Dori's
 embedding-space triggers), ``nemo`` (memorisation neurons), ``wanda`` (pruning),
 ``locality`` (are a memorised image's triggers and masks local?) and ``finding_dori`` (the
-paper's table: original vs NeMo vs Wanda, each under trigger search). Library pieces:
-:mod:`~diffmem.probes.layers` (layer names from the model, hooks), :mod:`~diffmem.probes.trigger`,
-:mod:`~diffmem.probes.nemo`, :mod:`~diffmem.probes.wanda`.
+paper's table: original vs NeMo vs Wanda, each under trigger search), in
+:mod:`~diffmem.probes.runners`. Library pieces: :mod:`~diffmem.probes.context` (the probe
+context, the trigger-search attack and its summaries, settings checks: what other stages
+use), :mod:`~diffmem.probes.layers` (layer names from the model, hooks),
+:mod:`~diffmem.probes.trigger`, :mod:`~diffmem.probes.nemo`, :mod:`~diffmem.probes.wanda`.
 """
 
 from diffmem.registry import Registry

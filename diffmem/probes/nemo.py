@@ -14,11 +14,13 @@ SSIM detector (``noise_ssim``) against a threshold calibrated on non-memorised p
    memorisation stays suppressed without them.
 
 Blocking zeroes the channels in every forward pass (:func:`~diffmem.probes.layers.block_neurons`).
+The neurons found per prompt are stored as ``neurons.json`` (:func:`save_neurons`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -26,8 +28,10 @@ import torch
 
 from diffmem.errors import DataError
 from diffmem.probes.layers import block_neurons, record, value_layers
+from diffmem.runs import write_json
 
 Neurons = dict[str, list[int]]
+NEURONS_FILE = "neurons.json"  # a run dir's neurons per memorised prompt
 
 
 @torch.no_grad()
@@ -157,3 +161,8 @@ def blocked_score(pipe, detector, cond: torch.Tensor, prompt_id: int, *, seed: i
 def nemo_layers(pipe, blocks=("down", "mid")) -> list[str]:
     """NeMo's layer names in ``pipe.unet``: the value projections of ``blocks``."""
     return list(value_layers(pipe.unet, blocks))
+
+
+def save_neurons(run_dir: str | Path, found: dict) -> Path:
+    """Store ``{prompt_id: localisation}`` (JSON-ready dicts) as ``<run_dir>/neurons.json``."""
+    return write_json(Path(run_dir) / NEURONS_FILE, {str(int(k)): v for k, v in found.items()})

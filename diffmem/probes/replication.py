@@ -21,8 +21,8 @@ from diffmem.runs import atomic_path
 from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
 
 
-def generate(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
-             guidance: float, batch_size: int = 32) -> torch.Tensor:
+def sample_images(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
+                  guidance: float, batch_size: int = 32) -> torch.Tensor:
     """One image per (conditioning row, seed), in batches: ``[N, 3, H, W]`` in [0, 1], CPU."""
     uncond = encode_prompts(pipe, [""])
     out = []
@@ -54,8 +54,8 @@ def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tenso
     table = keys.iloc[rep].reset_index(drop=True)
     table["k"] = np.tile(np.arange(n_per_prompt), len(keys))
     seeds = [sample_seed(seed, p, k) for p, k in zip(table["prompt_id"], table["k"])]
-    images = generate(pipe, conds[torch.as_tensor(rep)], seeds, resolution=resolution, steps=steps,
-                      guidance=guidance, batch_size=batch_size)
+    images = sample_images(pipe, conds[torch.as_tensor(rep)], seeds, resolution=resolution, steps=steps,
+                           guidance=guidance, batch_size=batch_size)
     table["similarity"] = similarity_to_targets(extractor, images, targets[torch.as_tensor(rep)])
     if image_dir is not None:
         table["image"] = [f"{i:04d}.png" for i in range(len(table))]

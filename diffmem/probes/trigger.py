@@ -3,23 +3,27 @@
 Optimises the text conditioning ``c_adv`` (the text-encoder output, ``[77, D]``) so the model
 regenerates one target training image ``x0``: Adam on the diffusion loss
 ``|| eps - eps(x_t, t, c_adv) ||^2`` with fresh noise and timesteps every step (the training
-loss, :func:`diffmem.train.diffusion_loss`). No norm bound; the distance travelled from the
+loss, :func:`diffmem.training.diffusion_loss`). No norm bound; the distance travelled from the
 initial embedding is measured afterwards. Initialisations: the prompt's own embedding
 (``prompt``), a Gaussian with the prompt embedding's mean and std (``random``), or a
-non-memorised prompt's embedding (``other``).
+non-memorised prompt's embedding (``other``). Searched triggers are stored under a run dir's
+``triggers/`` (:func:`trigger_file`, :func:`save_triggers`, :func:`load_triggers`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffmem.errors import ConfigError, DataError
+from diffmem.runs import atomic_path
 from diffmem.sampling import sample_seed
 
 INITS = ("prompt", "random", "other")
+TRIGGER_DIR = "triggers"  # the run-dir folder of stored triggers (and the probes' generations from them)
 
 
 @dataclass
@@ -30,6 +34,27 @@ class Trigger:
     init: str
     losses: list[float]
     distance: float  # L2 distance from the initial embedding
+
+
+def trigger_file(run_dir: str | Path, key: str) -> Path:
+    """Where the triggers stored under ``key`` live: ``<run_dir>/triggers/<key>.safetensors``."""
+    return Path(run_dir) / TRIGGER_DIR / f"{key}.safetensors"
+
+
+def save_triggers(path: str | Path, triggers: torch.Tensor) -> Path:
+    """Store a stack of triggers ``[N, tokens, D]`` (safetensors, atomically)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"triggers": triggers.contiguous()}, str(tmp))
+    return Path(path)
+
+
+def load_triggers(path: str | Path) -> torch.Tensor:
+    """The triggers :func:`save_triggers` stored at ``path``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["triggers"]
 
 
 def trigger_seed(seed: int, prompt_id: int, restart: int) -> int:
@@ -43,15 +68,6 @@ def image_latents(pipe, images: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     x = images.to(vae.device, vae.dtype) * 2 - 1
     return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
-
-
-def check_target(images: torch.Tensor, resolution: int, names) -> None:
-    """Targets must be ``[B, 3, resolution, resolution]``: the model's own training size."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise DataError(f"target images must be [B, 3, H, W] RGB, got {tuple(images.shape)}")
-    if images.shape[-2:] != (resolution, resolution):
-        raise DataError(f"target image {names[0]!r} is {images.shape[-1]}x{images.shape[-2]}; the model "
-                        f"generates {resolution}x{resolution} (resize it or set resolution)")
 
 
 def initial_embedding(init: str, prompt_cond: torch.Tensor, other_cond: torch.Tensor | None,
@@ -79,7 +95,7 @@ def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 5
     """
     from diffusers import DDPMScheduler
 
-    from diffmem.train import diffusion_loss
+    from diffmem.training import diffusion_loss
 
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ConfigError(f"trigger search needs steps >= 1, batch_size >= 1, lr > 0 "

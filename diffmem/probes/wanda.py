@@ -7,21 +7,26 @@ activations for the memorised prompt (all seeds and spatial tokens), and likewis
 empty prompt at the same latents (the unconditional half of the guided batch). Per output
 row, the ``fraction`` of weights with the highest memorised-prompt score, among those whose
 score beats the empty prompt's, are selected; masks are united over the steps and the
-weights zeroed permanently (:func:`prune`).
+weights zeroed permanently (:func:`prune`) or for a while (:func:`pruned`). Masks are stored
+as ``masks.safetensors`` (:func:`save_masks`, :func:`load_masks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from diffmem.errors import ConfigError
 from diffmem.probes.layers import ffn_layers, get_layers, record
+from diffmem.runs import atomic_path
 from diffmem.sampling import denoise, encode_prompts
 
 Masks = dict[str, torch.Tensor]
+MASKS_FILE = "masks.safetensors"  # a run dir's stored masks
 
 
 def row_topk_mask(score: torch.Tensor, baseline: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -103,6 +108,36 @@ def prune(unet, masks: Masks) -> int:
         module.weight[mask] = 0
         total += int(mask.sum())
     return total
+
+
+@contextlib.contextmanager
+def pruned(unet, masks: Masks):
+    """The UNet with ``masks`` zeroed inside the block; the original weights come back afterwards."""
+    layers = get_layers(unet, list(masks))
+    saved = {k: m.weight.detach().clone() for k, m in layers.items()}
+    try:
+        prune(unet, masks)
+        yield
+    finally:
+        with torch.no_grad():
+            for k, m in layers.items():
+                m.weight.copy_(saved[k])
+
+
+def save_masks(path: str | Path, masks: Masks) -> Path:
+    """Store ``masks`` (safetensors, one uint8 tensor per layer, atomically)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.to(torch.uint8).contiguous() for k, v in masks.items()}, str(tmp))
+    return Path(path)
+
+
+def load_masks(path: str | Path) -> Masks:
+    """The masks :func:`save_masks` stored at ``path``."""
+    from safetensors.torch import load_file
+
+    return {k: v.bool() for k, v in load_file(str(path)).items()}
 
 
 def mask_iou(a: Masks, b: Masks) -> float:

@@ -1,0 +1,290 @@
+"""The training engine: the diffusion loss, a resumable optimisation loop, and the training of
+a text-to-image model into a run dir (the ``train`` stage; ``generalise`` trains its models with it).
+
+Noise-prediction loss with classifier-free-guidance caption dropout, optional EMA,
+AdamW, checkpoints that make a killed run resume exactly (every step's batch, noise and
+timesteps come from ``(seed, phase, step)``, so there is no RNG state to lose), a
+progress bar and a loss log. From scratch it first trains the VAE, then the UNet on the
+VAE's latents with the text encoder frozen (as SD does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from diffmem.device import configure_torch
+from diffmem.data import load_dataset, load_images, to_tensor
+from diffmem.errors import ConfigError
+from diffmem.loading import load_model
+from diffmem.models import save_pipeline
+from diffmem.runs import check_claim, claim, config_subset, finish, is_done, write_json, write_parquet
+from diffmem.sampling import encode_prompts
+
+log = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
+    """The generator of one training step: a pure function of (seed, phase, step)."""
+    key = int(np.random.SeedSequence([int(seed), sum(map(ord, phase)), int(step)]).generate_state(1)[0])
+    return torch.Generator().manual_seed(key)
+
+
+def _save_state(ckpt_root: Path, step: int, module, opt, ema, losses: list, running: list,
+                keep: int) -> None:
+    from safetensors.torch import save_file
+
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".step-{step:07d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp / "model.safetensors")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    if ema is not None:
+        torch.save(ema.state_dict(), tmp / "ema.pt")
+    # ``running``: losses since the last log entry, so a resumed run logs the same means
+    write_json(tmp / "state.json", {"step": step, "losses": losses, "running": running})
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+
+
+def _latest_state(ckpt_root: Path):
+    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def _logged_losses(ckpt_root: Path) -> list[dict]:
+    latest = _latest_state(ckpt_root)
+    return json.loads((latest / "state.json").read_text())["losses"] if latest else []
+
+
+def _lr_factor(step: int, steps: int, warmup: int, decay_from: int | None) -> float:
+    factor = min(1.0, (step + 1) / max(1, warmup))
+    if decay_from is not None and step >= decay_from:
+        factor *= (steps - step) / max(1, steps - decay_from)
+    return factor
+
+
+def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch.Tensor], *,
+        steps: int, lr: float, seed: int, phase: str, ckpt_dir: Path, ckpt_every: int = 200,
+        keep: int = 2, warmup: int = 0, decay_from: int | None = None, weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        ema_decay: float | None = None, log_every: int = 10, accelerator=None) -> list[dict]:
+    """Optimise ``module``'s trainable parameters for ``steps`` steps; resumable.
+
+    ``loss_fn(step, generator)`` returns the loss of one step. The learning rate warms up
+    linearly over ``warmup`` steps and, from ``decay_from`` on, decays linearly to 0 at
+    ``steps``. Returns the loss log.
+    """
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"{phase}: nothing to train (no parameter requires grad)")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    ema = None
+    if ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=ema_decay)
+    start, losses, running = 0, [], []
+    latest = _latest_state(ckpt_dir)
+    if latest is not None:
+        module.load_state_dict(load_file(latest / "model.safetensors"))
+        opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        if ema is not None:
+            ema.load_state_dict(torch.load(latest / "ema.pt", weights_only=True))
+        state = json.loads((latest / "state.json").read_text())
+        start, losses, running = state["step"], state["losses"], state.get("running", [])
+        log.info("%s: resuming from step %d", phase, start)
+    module.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase, mininterval=2)
+    for step in bar:
+        for group in opt.param_groups:  # a pure function of the step, so resume is exact
+            group["lr"] = lr * _lr_factor(step, steps, warmup, decay_from)
+        loss = loss_fn(step, step_generator(seed, phase, step))
+        acc.backward(loss)
+        if grad_clip:
+            acc.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(params)
+        running.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            losses.append({"phase": phase, "step": step + 1, "loss": float(np.mean(running))})
+            bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
+            running = []
+        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            _save_state(ckpt_dir, step + 1, module, opt, ema, losses, running, keep)
+    if ema is not None:
+        ema.copy_to(params)
+    module.eval()
+    return losses
+
+
+def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path) -> list[dict]:
+    """Reconstruction + small KL; afterwards the latent scaling factor is set to 1/std."""
+    n = images.shape[0]
+
+    def loss_fn(step, g):
+        x = images[torch.randint(n, (cfg.batch_size,), generator=g)].to(vae.device)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(x.device)
+        rec = vae.decode(z).sample
+        return torch.nn.functional.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+
+    vae.requires_grad_(True)
+    losses = fit(vae, loss_fn, steps=cfg.steps, lr=cfg.lr, seed=seed, phase="vae",
+                 ckpt_dir=ckpt_dir, ckpt_every=cfg.ckpt_every, warmup=cfg.warmup)
+    vae.requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 256].to(vae.device)).latent_dist.mean
+                       for i in range(0, n, 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    return losses
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Scaled latents (posterior mean x scaling factor) of every image."""
+    out = [vae.encode(images[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean
+           for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out).float() * vae.config.scaling_factor
+
+
+def noised(noise_sched, x0: torch.Tensor, g: torch.Generator):
+    """``(x_t, t, target)``: fresh noise and uniform timesteps from ``g``; the target is the
+    noise (the velocity for v-prediction models).
+
+    ``g`` is a CPU generator (the same draws on any device); the noise and timesteps are
+    moved to ``x0``'s device and the noise cast to ``x0``'s dtype, so half-precision latents
+    give a half-precision ``x_t`` for a half-precision UNet.
+    """
+    noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(x0.device)
+    xt = noise_sched.add_noise(x0, noise, t)
+    target = noise_sched.get_velocity(x0, noise, t) if noise_sched.config.prediction_type == "v_prediction" else noise
+    return xt, t, target
+
+
+def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The noise-prediction loss at fresh noise and uniform timesteps drawn from ``g``
+    (:func:`noised`); shared by training, trigger search and the mitigations."""
+    xt, t, target = noised(noise_sched, x0, g)
+    return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, target)
+
+
+def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.ndarray,
+               cfg, seed: int, ckpt_dir: Path) -> list[dict]:
+    """Noise-prediction training; caption dropout replaces ``c`` with ``c0`` with prob ``p``."""
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, n = pipe.unet, latents.shape[0]
+    uncond = encode_prompts(pipe, [""])[0]
+    index = torch.as_tensor(np.array(cond_index))
+
+    def loss_fn(step, g):
+        idx = torch.randint(n, (cfg.batch_size,), generator=g)
+        x0 = latents[idx].to(unet.device)
+        c = cond[index[idx]].to(unet.device)
+        drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+        c[drop.to(unet.device)] = uncond
+        return diffusion_loss(unet, noise_sched, x0, c, g)
+
+    unet.requires_grad_(True)
+    losses = fit(unet, loss_fn, steps=cfg.steps, lr=cfg.lr, seed=seed, phase="unet",
+                 ckpt_dir=ckpt_dir, ckpt_every=cfg.ckpt_every, warmup=cfg.warmup,
+                 decay_from=cfg.get("decay_from"), ema_decay=cfg.ema_decay)
+    unet.requires_grad_(False)
+    return losses
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    """What a training run is (its run dir refuses another)."""
+    return config_subset(cfg, ("seed", "model", "arch", "data", "vae", "unet", "resolution"))
+
+
+def train_model(cfg: DictConfig) -> Path:
+    """Train per a ``train`` config into ``cfg.run_dir``; returns the run dir.
+
+    Writes ``model/`` (diffusers format) and ``train_log.parquet``; resumable, and a
+    finished run is a no-op. Data and model are loaded before the run dir is claimed: a
+    refused run creates nothing.
+    """
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+        log.info("train: %s is complete", cfg.run_dir)
+        return Path(cfg.run_dir)
+    torch.manual_seed(cfg.seed)
+    device = configure_torch(cfg)
+    root, manifest = load_dataset(cfg.data)
+    train_rows = manifest[manifest["split"] == "train"] if "split" in manifest else manifest
+    if train_rows.empty:
+        raise ConfigError(f"{root}: the dataset has no training rows")
+    images = to_tensor(load_images(root, train_rows["file"], cfg.resolution))
+
+    if cfg.get("arch") is not None:
+        from diffmem.models.testbed import build_testbed_pipeline
+
+        pipe = build_testbed_pipeline(cfg.arch, seed=cfg.seed)
+    else:
+        pipe = load_model(cfg.model, "cpu", dtype="float32")
+    if cfg.vae.get("path"):  # a pretrained VAE (frozen with vae.steps: 0), e.g. one shared by many runs
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(cfg.vae.path, use_safetensors=True)
+        if pipe.vae.config.latent_channels != pipe.unet.config.in_channels:
+            raise ConfigError(f"vae.path: {cfg.vae.path} has {pipe.vae.config.latent_channels} latent "
+                              f"channels, the UNet takes {pipe.unet.config.in_channels}")
+    pipe.to(device)
+    for m in (pipe.vae, pipe.text_encoder, pipe.unet):
+        m.requires_grad_(False)
+
+    run_dir = claim(cfg.run_dir, fingerprint(cfg))
+    vae_dir = run_dir / "vae"
+    if cfg.vae.steps > 0:
+        if not (vae_dir / "config.json").exists():
+            train_vae(pipe.vae, images, cfg.vae, cfg.seed, run_dir / "checkpoints" / "vae")
+            tmp = run_dir / ".vae.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            pipe.vae.save_pretrained(tmp, safe_serialization=True)
+            tmp.rename(vae_dir)
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).to(device)
+        pipe.vae.requires_grad_(False)
+
+    latents = encode_latents(pipe.vae, images)
+    captions = train_rows["caption"].astype(str).tolist()
+    unique = sorted(set(captions))
+    cond = encode_prompts(pipe, unique).cpu()
+    cond_index = pd.Series(range(len(unique)), index=unique).loc[captions].to_numpy()
+    train_unet(pipe, latents, cond, cond_index, cfg.unet, cfg.seed, run_dir / "checkpoints" / "unet")
+    losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / "checkpoints" / phase)]
+
+    write_parquet(run_dir / "train_log.parquet", pd.DataFrame(losses))
+    model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)
+    if cfg.get("evaluate") and cfg.data.kind == "testbed":
+        from diffmem.models.testbed import memorisation_figures
+
+        saved = load_model(model_dir, device)  # measure what was published
+        figures = memorisation_figures(saved, root, manifest, **cfg.evaluate)
+        write_json(model_dir / "memorisation.json", figures)
+    finish(run_dir, cfg, {"model": str(model_dir)})
+    return run_dir
