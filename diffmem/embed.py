@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image
+from diffmem.checks import check_positive, check_shard
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
 from diffmem.runs import (atomic_path, check_claim, check_inputs, claim, config_subset, finish,
@@ -142,13 +143,10 @@ def run(cfg: DictConfig) -> Path:
     file; the parts finished before it stay (a re-run resumes), and ``ids.parquet``,
     ``info.json`` and ``_SUCCESS`` appear only once every part exists.
     """
-    for key in ("batch_size", "part_size", "num_shards"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key} must be >= 1 (got {cfg[key]})")
-    if not 0 <= cfg.shard < cfg.num_shards:
-        raise ConfigError(f"shard must be in [0, num_shards) (got {cfg.shard} of {cfg.num_shards})")
-    if cfg.resolution is not None and int(cfg.resolution) < 1:
-        raise ConfigError(f"resolution must be >= 1 or null (got {cfg.resolution})")
+    for key in ("batch_size", "part_size"):
+        check_positive(cfg[key], key)
+    check_shard(cfg.shard, cfg.num_shards)
+    check_positive(cfg.resolution, "resolution", optional=True)
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         return Path(cfg.run_dir)
     if cfg.source == "dataset":

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
+from diffmem.checks import check_positive, check_shard
 from diffmem.errors import ConfigError
 from diffmem.models import load_pipeline
 from diffmem.models.pipeline import check_scheduler
@@ -33,13 +34,11 @@ SAMPLES = "samples.parquet"
 
 
 def check_config(cfg: DictConfig) -> None:
-    for key in ("n_per_prompt", "batch_size", "steps", "num_shards", "resolution"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key} must be >= 1 (got {cfg[key]})")
+    for key in ("n_per_prompt", "batch_size", "steps", "resolution"):
+        check_positive(cfg[key], key)
     if cfg.guidance_scale < 0:
         raise ConfigError(f"guidance_scale must be >= 0 (got {cfg.guidance_scale})")
-    if not 0 <= cfg.shard < cfg.num_shards:
-        raise ConfigError(f"shard must be in [0, num_shards) (got {cfg.shard} of {cfg.num_shards})")
+    check_shard(cfg.shard, cfg.num_shards)
     check_scheduler(cfg.scheduler)
     require(cfg.model, "path", prefix="model.", hint="a diffusers pipeline folder or HF-cache repo id")
 

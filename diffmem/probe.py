@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image, load_prompts
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import ground_truth_labels
 from diffmem.probes import PROBES
@@ -43,10 +44,8 @@ def check_config(cfg: DictConfig):
     fn = PROBES.get(cfg.probe.name)
     check_settings(cfg.probe.name, cfg.probe)
     for field in ("n_per_prompt", "batch_size", "steps"):
-        if int(cfg[field]) < 1:
-            raise ConfigError(f"{field} must be >= 1 (got {cfg[field]})")
-    if cfg.get("max_targets") is not None and int(cfg.max_targets) < 1:
-        raise ConfigError(f"max_targets must be >= 1 or null (got {cfg.max_targets})")
+        check_positive(cfg[field], field)
+    check_positive(cfg.get("max_targets"), "max_targets", optional=True)
     if int(cfg.n_controls) < 0:
         raise ConfigError(f"n_controls must be >= 0 (got {cfg.n_controls})")
     return fn

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from diffmem.config import hydra_app
 from diffmem.embed import feature_parts, load_features
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.faiss_index import build_index, load_index, search, streaming_search
 from diffmem.metrics import sscd_score_normalisation
@@ -32,8 +33,7 @@ def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
                  background_k: int = 10, stream_dir: str | Path | None = None) -> pd.DataFrame:
     """The ``matches`` table of ``queries_dir``'s vectors against the index in ``index_dir``
     (or, with ``stream_dir``, against that embed run's parts, streamed)."""
-    if int(k) < 1:
-        raise ConfigError(f"k must be >= 1 (got {k})")
+    check_positive(k, "k")
     q, qids, qinfo = load_features(queries_dir)
     ref_dir = stream_dir or index_dir
     info = ({"feature": read_json(Path(stream_dir) / "info.json").get("feature"), "features_dir": str(stream_dir)}

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from diffmem.detectors.base import Detector, UnetCounter, count_unet_evals
 from diffmem.registry import Registry
 
-DETECTORS = Registry("detector")
+DETECTORS = Registry("detector", expects=Detector)
 DETECTORS.register("noise_norm", "diffmem.detectors.noise_norm:NoiseNorm")
 DETECTORS.register("noise_ssim", "diffmem.detectors.noise_ssim:NoiseSSIM")
 DETECTORS.register("one_step", "diffmem.detectors.one_step:OneStep")

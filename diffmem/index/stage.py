@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
 from diffmem.embed import feature_parts, load_features
+from diffmem.checks import check_shard
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.faiss_index import (add_shard, build_index, measure_recall, merge_shards, save_index,
                                        set_search_params, train_empty_index, training_rows, write_index)
@@ -68,9 +69,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
     require(cfg, "features_dir", hint="features_dir=<an embed run dir>")
-    if int(cfg.num_shards) < 1 or not 0 <= int(cfg.shard) < int(cfg.num_shards):
-        raise ConfigError(f"shard must be in [0, num_shards) with num_shards >= 1 "
-                          f"(got {cfg.shard} of {cfg.num_shards})")
+    check_shard(cfg.shard, cfg.num_shards)
     fp = {"index": OmegaConf.to_container(cfg.index, resolve=True),
           "features_dir": str(Path(cfg.features_dir).resolve()), "seed": cfg.seed}
     # the sharded modes share one folder whatever Hydra job runs them (a multirun of adds)

@@ -15,7 +15,7 @@ Every kind leaves a model folder that all stages load as ``model=local model.pat
 
 from diffmem.registry import Registry
 
-MITIGATIONS = Registry("mitigation kind")
+MITIGATIONS = Registry("mitigation kind", expects=callable)
 for _name in ("adversarial_ft", "finetune", "defence"):
     MITIGATIONS.register(_name, f"diffmem.mitigate:build_{_name}")
 

@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.registry import Registry
 from diffmem.runs import read_json, write_json
@@ -84,8 +85,7 @@ class RandomTokens(Defence):
 
     def __init__(self, n_words: int = 2, seed: int = 0):
         super().__init__(seed)
-        if int(n_words) < 1:
-            raise ConfigError(f"mitigation.n_words must be >= 1 (got {n_words})")
+        check_positive(n_words, "mitigation.n_words")
         self.n_words = int(n_words)
         self._pool = None
 

@@ -10,7 +10,7 @@ paper's table: original vs NeMo vs Wanda, each under trigger search). Library pi
 
 from diffmem.registry import Registry
 
-PROBES = Registry("probe")
+PROBES = Registry("probe", expects=callable)
 for _name in ("trigger_search", "nemo", "wanda", "locality", "finding_dori"):
     PROBES.register(_name, f"diffmem.probes.runners:{_name}")
 
