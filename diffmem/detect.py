@@ -1,4 +1,4 @@
-"""``diffmem detect``: score prompts for memorisation without the training set (methods.md section 2).
+"""``diffmem detect``: score prompts for memorisation without the training set (docs/methods.md section 2).
 
 ``detect=noise_norm|noise_ssim|one_step`` picks the detector (``diffmem.detectors``). Writes
 to the run dir:

@@ -1,4 +1,4 @@
-"""``diffmem mitigate``: build a mitigated model (``mitigation=``, methods.md section 5).
+"""``diffmem mitigate``: build a mitigated model (``mitigation=``, docs/methods.md section 5).
 
 ``mitigation=adversarial_ft`` (Finding Dori), ``memcontrol`` (one MemControl trial: masked
 LoRA with a searched learning rate; ``experiment=memcontrol`` runs the Optuna NSGA-II study),

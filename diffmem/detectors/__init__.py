@@ -1,4 +1,4 @@
-"""Memorisation detectors that need no training set (methods.md section 2).
+"""Memorisation detectors that need no training set (docs/methods.md section 2).
 
 ``DETECTORS.build(name, **settings)`` (or :func:`build_detector` from a ``detect`` config)
 gives a :class:`Detector` whose ``score(pipe, captions, prompt_ids, seed=...)`` returns one

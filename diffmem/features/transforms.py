@@ -6,7 +6,7 @@ All functions take a float batch ``[B, C, H, W]`` and return one. Resizing uses
 
 A :class:`Preprocess` is a small, JSON-serialisable recipe (resize, optional centre
 crop, normalisation); :data:`PRESETS` holds the named recipes the copy-detection
-literature uses (``methods.md`` section 1):
+literature uses (``docs/methods.md`` section 1.1):
 
 - ``sscd_official``: resize the short side to 288 (aspect kept), ImageNet mean/std
   (the SSCD authors' evaluation setting).

@@ -1,5 +1,5 @@
-"""Replication (copy) metrics: similarity scores, pixel-space tests, aggregation (methods.md section 1);
-utility metrics (Fréchet distance, diversity, CLIPScore) for judging mitigations (section 5).
+"""Replication (copy) metrics: similarity scores, pixel-space tests, aggregation (docs/methods.md section 1);
+utility metrics (Fréchet distance, diversity, CLIPScore) for judging mitigations (section 5.5).
 
 Each metric is a plain function; the replication, aggregation and utility ones also have a
 :class:`~diffmem.metrics.replication.Metric` class registered in ``METRICS`` by name:

@@ -1,4 +1,4 @@
-"""Detection metrics (methods.md section 2): ROC-AUC, TPR at a fixed FPR, threshold calibration.
+"""Detection metrics (docs/methods.md section 2.4): ROC-AUC, TPR at a fixed FPR, threshold calibration.
 
 Scores follow one convention everywhere: **higher = more likely memorised**. Labels are 1
 (memorised, positive) and 0 (not memorised, negative). Each metric is a plain function and

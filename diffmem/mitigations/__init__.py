@@ -1,4 +1,4 @@
-"""Mitigations (methods.md section 5): what ``diffmem mitigate`` builds.
+"""Mitigations (docs/methods.md section 5): what ``diffmem mitigate`` builds.
 
 ``MITIGATIONS.get(kind)(job) -> summary`` for the three kinds a ``mitigation=`` config names:
 

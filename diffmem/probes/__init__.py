@@ -1,4 +1,4 @@
-"""Probes of where memorisation lives (methods.md sections 3 and 4).
+"""Probes of where memorisation lives (docs/methods.md sections 3 and 4).
 
 ``PROBES.get(name)(ctx, settings) -> (tables, metrics)``: ``trigger_search`` (Finding Dori's
 embedding-space triggers), ``nemo`` (memorisation neurons), ``wanda`` (pruning),

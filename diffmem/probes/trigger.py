@@ -1,4 +1,4 @@
-"""Embedding-space trigger search (Finding Dori, methods.md section 4).
+"""Embedding-space trigger search (Finding Dori, docs/methods.md section 4.1).
 
 Optimises the text conditioning ``c_adv`` (the text-encoder output, ``[77, D]``) so the model
 regenerates one target training image ``x0``: Adam on the diffusion loss
