@@ -38,7 +38,8 @@ def check_float(value, name: str, minimum: float | None = None) -> float:
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number (got {value!r})") from None
     if not np.isfinite(out) or (minimum is not None and out < minimum):
-        raise ConfigError(f"{name} must be a finite number >= {minimum} (got {value})")
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ConfigError(f"{name} must be a finite number{bound} (got {value})")
     return out
 
 
