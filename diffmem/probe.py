@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image, load_prompts
-from diffmem.checks import check_positive
+from diffmem.checks import check_int, check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import ground_truth_labels
 from diffmem.probes import PROBES
@@ -46,8 +46,7 @@ def check_config(cfg: DictConfig):
     for field in ("n_per_prompt", "batch_size", "steps"):
         check_positive(cfg[field], field)
     check_positive(cfg.get("max_targets"), "max_targets", optional=True)
-    if int(cfg.n_controls) < 0:
-        raise ConfigError(f"n_controls must be >= 0 (got {cfg.n_controls})")
+    check_int(cfg.n_controls, "n_controls", 0)
     return fn
 
 

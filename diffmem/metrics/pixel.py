@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from diffmem.checks import check_positive
+from diffmem.checks import check_int, check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.replication import as_array, check_choice
 
@@ -170,8 +170,7 @@ def fixed_pixel_mask(generations, tol: float = 0.03, erosion_iterations: int = 1
     gens = _images(generations, "generations", ndim=4)
     for name, iterations in (("erosion_iterations", erosion_iterations),
                              ("dilation_iterations", dilation_iterations)):
-        if iterations < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {iterations}")
+        check_int(iterations, name, 0)
     fixed = (np.ptp(gens, axis=0) < tol).all(axis=-1)
     square = np.ones((3, 3), dtype=bool)
     if erosion_iterations:

@@ -111,8 +111,9 @@ class WenMinimisation(Defence):
         super().__init__(seed)
         if target is None or not float(target) > 0:
             raise ConfigError(f"mitigation.target must be > 0 (got {target})")
-        if int(max_iters) < 1 or not float(lr) > 0 or float(pull) < 0:
-            raise ConfigError(f"mitigation: need max_iters >= 1, lr > 0, pull >= 0 (got {max_iters}, {lr}, {pull})")
+        check_positive(max_iters, "mitigation.max_iters")
+        if not float(lr) > 0 or float(pull) < 0:
+            raise ConfigError(f"mitigation: need lr > 0, pull >= 0 (got {lr}, {pull})")
         self.target, self.lr, self.max_iters, self.pull = float(target), float(lr), int(max_iters), float(pull)
 
     def settings(self) -> dict:

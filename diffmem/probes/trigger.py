@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.sampling import sample_seed
 
@@ -81,9 +82,10 @@ def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 5
 
     from diffmem.train import diffusion_loss
 
-    if steps < 1 or batch_size < 1 or not lr > 0:
-        raise ConfigError(f"trigger search needs steps >= 1, batch_size >= 1, lr > 0 "
-                          f"(got {steps}, {batch_size}, {lr})")
+    check_positive(steps, "trigger search steps")
+    check_positive(batch_size, "trigger search batch_size")
+    if not lr > 0:
+        raise ConfigError(f"trigger search needs lr > 0 (got {lr})")
     unet = pipe.unet
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     c_adv = init.detach().to(unet.device, torch.float32).clone().requires_grad_(True)
