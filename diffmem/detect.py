@@ -25,11 +25,11 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
-from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import (
     calibrate_threshold,

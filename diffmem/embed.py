@@ -18,10 +18,10 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffmem.checks import check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image
-from diffmem.checks import check_positive, check_shard
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
 from diffmem.runs import (atomic_path, check_claim, check_inputs, claim, config_subset, finish,

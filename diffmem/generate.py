@@ -18,10 +18,10 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffmem.checks import check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
-from diffmem.checks import check_positive, check_shard
 from diffmem.errors import ConfigError
 from diffmem.models import load_pipeline
 from diffmem.models.pipeline import check_scheduler

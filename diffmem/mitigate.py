@@ -26,10 +26,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts, load_unit_images
-from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.probe import split_prompts
 from diffmem.mitigations import MITIGATIONS

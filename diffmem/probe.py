@@ -23,10 +23,10 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_int, check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image, load_prompts
-from diffmem.checks import check_int, check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import ground_truth_labels
 from diffmem.probes import PROBES

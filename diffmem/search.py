@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.embed import feature_parts, load_features
-from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.faiss_index import build_index, load_index, search, streaming_search
 from diffmem.metrics import sscd_score_normalisation

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffmem.data.images import _read_table
 from diffmem.checks import check_positive
+from diffmem.data.images import _read_table
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import require
 

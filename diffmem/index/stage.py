@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.embed import feature_parts, load_features
-from diffmem.checks import check_shard
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.faiss_index import (add_shard, build_index, measure_recall, merge_shards, save_index,
                                        set_search_params, train_empty_index, training_rows, write_index)

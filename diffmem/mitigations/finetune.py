@@ -21,8 +21,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from diffmem.checks import did_you_mean
 from diffmem.checks import check_positive
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
 
 log = logging.getLogger(__name__)
