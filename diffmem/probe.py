@@ -27,7 +27,7 @@ from diffmem.checks import check_int, check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image, load_prompts
-from diffmem.errors import ConfigError, DataError
+from diffmem.errors import DataError
 from diffmem.metrics.detection import ground_truth_labels
 from diffmem.probes import PROBES
 from diffmem.probes.runners import ProbeContext, check_settings, rows_conditioning

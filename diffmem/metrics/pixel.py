@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from diffmem.checks import check_int, check_positive
-from diffmem.errors import ConfigError, DataError
+from diffmem.errors import DataError
 from diffmem.metrics.replication import as_array, check_choice
 
 
