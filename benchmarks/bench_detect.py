@@ -43,7 +43,7 @@ def main() -> None:
     pipe = load_pipeline(cfg.model.path, scheduler=cfg.scheduler)
     root, manifest = load_dataset(cfg.data)
     prompts = load_prompts(cfg.prompts, manifest)
-    labels = ground_truth_labels(prompts)
+    labels = ground_truth_labels(prompts, cfg.positives)
     known = labels.notna().to_numpy()
     res = int(cfg.resolution)
 

@@ -68,7 +68,6 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from diffmem.index import build_index, recall_at_k, search  # noqa: E402
 from diffmem.runs import write_json  # noqa: E402
 

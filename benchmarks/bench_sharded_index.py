@@ -42,13 +42,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from diffmem.features.store import FeatureStore  # noqa: E402
-from diffmem.index import load_index, search, set_search_params, streaming_search  # noqa: E402
-from diffmem.runs import mark_done, write_json  # noqa: E402
+from diffmem.features.store import FeatureStore
+from diffmem.index import load_index, search, set_search_params, streaming_search
+from diffmem.runs import mark_done, write_json
 
-from bench_search import add_clustered_args, make_clustered  # noqa: E402  (bench_search's synthetic data)
+from bench_search import add_clustered_args, make_clustered  # bench_search's synthetic data (beside this file)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):

@@ -1,4 +1,4 @@
-"""``diffmem detect``: score prompts for memorisation without the training set (methods.md section 2).
+"""``diffmem detect``: score prompts for memorisation without the training set (docs/methods.md section 2).
 
 ``detect=noise_norm|noise_ssim|one_step`` picks the detector (``diffmem.detectors``). Writes
 to the run dir:
@@ -25,14 +25,15 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import (
-    DEFAULT_POSITIVES,
     calibrate_threshold,
+    check_positives,
     describe_positives,
     detection_metrics,
     ground_truth_labels,
@@ -54,18 +55,13 @@ GROUND_TRUTH = ("kind", "group", "dup_count", "type", "target_id")
 def check_config(cfg: DictConfig) -> Detector:
     """Validate ``cfg`` (before anything is written); returns the configured detector."""
     detector = build_detector(cfg.detect)
-    if int(cfg.batch_size) < 1:
-        raise ConfigError(f"batch_size must be >= 1 (got {cfg.batch_size})")
+    check_positive(cfg.batch_size, "batch_size")
     if not 0 <= float(cfg.fpr) < 1:
         raise ConfigError(f"fpr must be in [0, 1) (got {cfg.fpr})")
     if cfg.attribution and not detector.supports_attribution:
         raise ConfigError(f"attribution=true needs a detector with per-token attribution "
                           f"(noise_norm), not '{detector.name}'")
-    pos = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else {}
-    unknown = set(pos) - set(DEFAULT_POSITIVES)
-    if unknown:
-        raise ConfigError(f"positives: unknown field(s) {', '.join(sorted(unknown))} "
-                          f"(known: {', '.join(DEFAULT_POSITIVES)})")
+    check_positives(OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None)
     return detector
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffmem.checks import check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image
@@ -26,7 +27,7 @@ from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
 from diffmem.features.onnx import warn_flat_testbed
 from diffmem.features.store import FeatureStore
-from diffmem.runs import check_claim, check_inputs, check_shard, claim, config_subset, finish, is_done
+from diffmem.runs import check_claim, check_inputs, claim, config_subset, finish, is_done
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,10 @@ def run(cfg: DictConfig) -> Path:
     file; the parts finished before it stay (a re-run resumes), and the ids table,
     ``info.json`` and ``_SUCCESS`` appear only once every part exists.
     """
-    for key in ("batch_size", "part_size", "num_shards"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key} must be >= 1 (got {cfg[key]})")
+    for key in ("batch_size", "part_size"):
+        check_positive(cfg[key], key)
     check_shard(cfg.shard, cfg.num_shards)
-    if cfg.resolution is not None and int(cfg.resolution) < 1:
-        raise ConfigError(f"resolution must be >= 1 or null (got {cfg.resolution})")
+    check_positive(cfg.resolution, "resolution", optional=True)
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         return Path(cfg.run_dir)
     if cfg.source == "dataset":

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts, load_unit_images
@@ -57,11 +58,9 @@ def check_config(cfg: DictConfig) -> dict:
         raise ConfigError(f"reference '{cfg.reference}' is not one of models ({', '.join(models)})")
     check_settings("evaluate", OmegaConf.create({"trigger": cfg.trigger}), prefix="evaluate-mitigation")
     for field in ("n_per_prompt", "batch_size", "steps"):
-        if int(cfg[field]) < 1:
-            raise ConfigError(f"{field} must be >= 1 (got {cfg[field]})")
+        check_positive(cfg[field], field)
     for field in ("n_prompts", "n_per_prompt"):
-        if int(cfg.utility[field]) < 1:
-            raise ConfigError(f"utility.{field} must be >= 1 (got {cfg.utility[field]})")
+        check_positive(cfg.utility[field], f"utility.{field}")
     return models
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from diffmem.checks import check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
@@ -21,16 +22,15 @@ from diffmem.data.samples import PROMPTS, SAMPLES, plan_samples
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model
 from diffmem.models.pipeline import check_scheduler
-from diffmem.runs import check_claim, check_inputs, check_shard, claim, config_subset, finish, is_done, require, write_parquet
+from diffmem.runs import check_claim, check_inputs, claim, config_subset, finish, is_done, require, write_parquet
 from diffmem.sampling import generate_images
 
 log = logging.getLogger(__name__)
 
 
 def check_config(cfg: DictConfig) -> None:
-    for key in ("n_per_prompt", "batch_size", "steps", "num_shards", "resolution"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(f"{key} must be >= 1 (got {cfg[key]})")
+    for key in ("n_per_prompt", "batch_size", "steps", "resolution"):
+        check_positive(cfg[key], key)
     if cfg.guidance_scale < 0:
         raise ConfigError(f"guidance_scale must be >= 0 (got {cfg.guidance_scale})")
     check_shard(cfg.shard, cfg.num_shards)

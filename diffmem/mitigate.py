@@ -1,4 +1,4 @@
-"""``diffmem mitigate``: build a mitigated model (``mitigation=``, methods.md section 5).
+"""``diffmem mitigate``: build a mitigated model (``mitigation=``, docs/methods.md section 5).
 
 ``mitigation=adversarial_ft`` (Finding Dori), ``memcontrol`` (one MemControl trial: masked
 LoRA with a searched learning rate; ``experiment=memcontrol`` runs the Optuna NSGA-II study),
@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts, load_unit_images
@@ -69,13 +70,12 @@ def check_config(cfg: DictConfig):
     s = cfg.mitigation
     fn = MITIGATIONS.get(s.kind)
     for field in ("steps", "batch_size", "ckpt_every", "refresh_every"):
-        if field in s and int(s[field]) < 1:
-            raise ConfigError(f"mitigation.{field} must be >= 1 (got {s[field]})")
+        if field in s:
+            check_positive(s[field], f"mitigation.{field}")
     if "lr" in s and not float(s.lr) > 0:
         raise ConfigError(f"mitigation.lr must be > 0 (got {s.lr})")
     for field in ("steps", "batch_size"):
-        if int(cfg[field]) < 1:
-            raise ConfigError(f"{field} must be >= 1 (got {cfg[field]})")
+        check_positive(cfg[field], field)
     if s.kind == "adversarial_ft":
         from diffmem.probes.context import check_settings
 

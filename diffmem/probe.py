@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_int, check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
 from diffmem.data.selection import load_targets, select_prompts
-from diffmem.errors import ConfigError, DataError
+from diffmem.errors import DataError
 from diffmem.probes import PROBES
 from diffmem.probes.context import ProbeContext, check_settings, rows_conditioning
 from diffmem.report.figures import save_figure
@@ -40,12 +41,9 @@ def check_config(cfg: DictConfig):
     fn = PROBES.get(cfg.probe.name)
     check_settings(cfg.probe.name, cfg.probe)
     for field in ("n_per_prompt", "batch_size", "steps"):
-        if int(cfg[field]) < 1:
-            raise ConfigError(f"{field} must be >= 1 (got {cfg[field]})")
-    if cfg.get("max_targets") is not None and int(cfg.max_targets) < 1:
-        raise ConfigError(f"max_targets must be >= 1 or null (got {cfg.max_targets})")
-    if int(cfg.n_controls) < 0:
-        raise ConfigError(f"n_controls must be >= 0 (got {cfg.n_controls})")
+        check_positive(cfg[field], field)
+    check_positive(cfg.get("max_targets"), "max_targets", optional=True)
+    check_int(cfg.n_controls, "n_controls", 0)
     return fn
 
 

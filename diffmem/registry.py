@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import Any, Callable
 
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
 
 
 class Registry:
     """Maps names to ``"module:attr"`` / ``"module"`` targets (imported on first use) or objects.
 
-    >>> FEATURES = Registry("features")
+    >>> FEATURES = Registry("features", expects=Extractor)
     >>> FEATURES.register("pixel", "diffmem.features.pixel:PixelExtractor")
+
+    ``expects`` (a class, or the builtin ``callable``) is what :meth:`get` must return: a
+    subclass of that class, or any callable; a target of another type is a ``ConfigError``.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, expects: type | Callable[[Any], bool] | None = None):
         self.kind = kind
+        self.expects = expects
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str, target: Any | None = None) -> Callable | Any:
@@ -38,24 +42,38 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def targets(self) -> dict[str, Any]:
+        """Name -> registered target as given (lazy ``"module:attr"`` strings not imported)."""
+        return dict(self._entries)
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
     def get(self, name: str) -> Any:
         """The registered object; a clear error with close matches for an unknown name."""
         if name not in self._entries:
-            close = difflib.get_close_matches(str(name), self._entries, n=3, cutoff=0.5)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(
-                f"unknown {self.kind} '{name}'.{hint} Known: {', '.join(self.names())}"
-            )
+            raise ConfigError(f"unknown {self.kind} '{name}'.{did_you_mean(name, self._entries, n=3)} "
+                              f"Known: {', '.join(self.names())}")
         target = self._entries[name]
         if isinstance(target, str):
             module, _, attr = target.partition(":")
             target = importlib.import_module(module)
             target = getattr(target, attr) if attr else target
             self._entries[name] = target
+        self._check(name, target)
         return target
+
+    def _check(self, name: str, target: Any) -> None:
+        """A ``ConfigError`` unless ``target`` is what this registry ``expects``."""
+        exp = self.expects
+        if exp is None:
+            return
+        if isinstance(exp, type):
+            ok, wanted = isinstance(target, type) and issubclass(target, exp), f"a subclass of {exp.__name__}"
+        else:
+            ok, wanted = bool(exp(target)), getattr(exp, "__name__", "valid")
+        if not ok:
+            raise ConfigError(f"{self.kind} '{name}' is registered as {target!r}, which is not {wanted}")
 
     def build(self, name: str, *args, **kwargs) -> Any:
         """``get(name)(*args, **kwargs)``."""

@@ -1,22 +1,24 @@
-"""Load a finished run's outputs (tables, metrics, config) for notebooks and reports."""
+"""Load a finished run's outputs (tables, metrics, fingerprint) for notebooks and reports."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from diffmem.errors import DataError
+from diffmem.runs import RUN_FILE, is_done, read_json
 
 
 @dataclass
 class RunResult:
-    """A stage's run directory: ``tables`` (Parquet files by stem), ``metrics``, ``config``."""
+    """A stage's run directory: ``tables`` (Parquet files by stem), ``metrics``, and
+    ``fingerprint``: the result-affecting settings the run was claimed with (``run.json``; the
+    full resolved config is in the provenance of ``metrics.json`` / ``info.json``)."""
 
     path: Path
-    config: dict = field(default_factory=dict)
+    fingerprint: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     _tables: dict = field(default_factory=dict, repr=False)
 
@@ -33,7 +35,7 @@ class RunResult:
 
     @property
     def done(self) -> bool:
-        return (self.path / "_SUCCESS").exists()
+        return is_done(self.path)
 
 
 def load_run(path) -> RunResult:
@@ -41,8 +43,8 @@ def load_run(path) -> RunResult:
     if not path.is_dir():
         raise DataError(f"{path}: not a run directory")
     res = RunResult(path=path)
-    if (path / "run.json").exists():
-        res.config = json.loads((path / "run.json").read_text())
+    if (path / RUN_FILE).exists():
+        res.fingerprint = read_json(path / RUN_FILE)
     if (path / "metrics.json").exists():
-        res.metrics = json.loads((path / "metrics.json").read_text())
+        res.metrics = read_json(path / "metrics.json")
     return res

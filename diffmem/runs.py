@@ -23,6 +23,7 @@ from diffmem.errors import ConfigError
 
 SUCCESS = "_SUCCESS"
 INFO = "info.json"
+RUN_FILE = "run.json"    # the fingerprint a run dir was claimed with
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _TRACKED_PACKAGES = (
@@ -87,12 +88,6 @@ def _parquet(path, read):
         raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__})") from err
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def _json_default(obj):
     import numpy as np
 
@@ -152,19 +147,29 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def _drop_nulls(v: Any) -> Any:
+    """``v`` without the null entries of its mappings, at any depth (unset settings)."""
+    if isinstance(v, dict):
+        return {k: _drop_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_nulls(x) for x in v]
+    return v
+
+
 def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool:
     """Refuse ``run_dir`` if it holds a run with another config; create nothing.
 
-    Returns whether ``run_dir`` already holds a run with this fingerprint. Stages call it
-    before validating their inputs, and :func:`claim` only once the inputs are known to be
-    usable, so a refused run leaves no folder behind.
+    Returns whether ``run_dir`` already holds a run with this fingerprint. Null settings are
+    left out of the comparison, so a config key added later with a null default keeps older
+    run dirs resumable. Stages call it before validating their inputs, and :func:`claim` only
+    once the inputs are known to be usable, so a refused run leaves no folder behind.
     """
     run_dir = Path(run_dir)
-    marker = run_dir / "run.json"
+    marker = run_dir / RUN_FILE
     if not marker.exists():
         return False
-    fingerprint = json.loads(json.dumps(fingerprint, default=_json_default))
-    old = read_json(marker)
+    fingerprint = _drop_nulls(json.loads(json.dumps(fingerprint, default=_json_default)))
+    old = _drop_nulls(read_json(marker))
     if old != fingerprint:
         a, b = _flatten(old), _flatten(fingerprint)
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -186,7 +191,7 @@ def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     if not check_claim(run_dir, fingerprint):
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "run.json", json.loads(json.dumps(fingerprint, default=_json_default)))
+        write_json(run_dir / RUN_FILE, json.loads(json.dumps(fingerprint, default=_json_default)))
     return run_dir
 
 
@@ -242,14 +247,6 @@ def require(cfg: Any, *keys: str, prefix: str = "", hint: str = "") -> None:
             raise ConfigError(f"{prefix}{key} is required" + (f": {hint}" if hint else ""))
 
 
-def check_shard(shard: int, num_shards: int) -> None:
-    """Refuse a shard outside ``[0, num_shards)``: array jobs split a run as shard ``i`` of ``n``."""
-    if int(num_shards) < 1:
-        raise ConfigError(f"num_shards must be >= 1 (got {num_shards})")
-    if not 0 <= int(shard) < int(num_shards):
-        raise ConfigError(f"shard must be in [0, num_shards) (got {shard} of {num_shards})")
-
-
 def config_subset(cfg: Any, keys) -> dict[str, Any]:
     """The plain, resolved values of ``keys`` in ``cfg`` (a run's fingerprint)."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -267,13 +264,6 @@ def digest(value: Any) -> str:
 
     from omegaconf import OmegaConf
 
-    def unset_dropped(v):
-        if isinstance(v, dict):
-            return {k: unset_dropped(x) for k, x in v.items() if x is not None}
-        if isinstance(v, list):
-            return [unset_dropped(x) for x in v]
-        return v
-
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=True)
-    return hashlib.sha1(json.dumps(unset_dropped(value), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(_drop_nulls(value), sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -74,3 +74,15 @@ def shipped_audit_outputs(tmp_path_factory) -> Path:
             else:
                 os.environ[k] = v
     return out
+
+
+#: a small testbed embedded with 8x8 pixel descriptors in parts of 7 rows (index and search tests)
+EMBED = [*SMALL_DATA, "features.extractor.size=8", "part_size=7"]
+
+
+@pytest.fixture
+def ref_dir():
+    """An embed run of the small testbed's training images."""
+    import diffmem
+
+    return diffmem.run("embed", EMBED + ["split=train", "name=ref"])

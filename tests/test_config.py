@@ -39,7 +39,8 @@ def _cases():
 
 def test_cases_cover_every_group_option():
     composed = {override for _, override in _cases() if override}
-    for group in ("model", "data", "prompts", "arch", "features", "index", "mitigation", "experiment"):
+    for group in ("model", "data", "prompts", "arch", "features", "index", "mitigation", "experiment",
+                  "detect", "probe", "positives", "trigger", "debug"):
         for option in _options(group):
             assert f"{group}={option}" in composed
 
@@ -50,6 +51,48 @@ def test_every_config_composes_and_resolves(stage, override):
     assert cfg.stage == stage
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert plain["run_dir"].endswith(f"{stage}/{plain['name']}")
+
+
+def test_shared_groups_replace_copies():
+    """positives/ and trigger/ are config groups: every stage that reads them gets the same values."""
+    pos = [diffmem.compose(s).positives for s in ("detect", "probe", "mitigate", "evaluate-mitigation")]
+    assert all(p == pos[0] for p in pos) and pos[0].min_dup_count == 16
+    attack = diffmem.compose("evaluate-mitigation").trigger
+    probe = diffmem.compose("probe").probe
+    dori = diffmem.compose("probe", ["probe=finding_dori"]).probe.trigger
+    assert all(probe[k] == v == dori[k] for k, v in attack.items()) and probe.name == "trigger_search"
+    refresh = diffmem.compose("mitigate").mitigation.trigger
+    assert refresh.steps == 20 and "restarts" not in refresh
+
+
+def test_audit_composes_its_sub_stages_defaults():
+    audit = diffmem.compose("audit", ["generate.batch_size=7"])
+    for node, stage in (("generate", "generate"), ("embed", "embed"), ("index_stage", "index")):
+        own = diffmem.compose(stage)
+        for key in ("batch_size", "part_size", "shard", "num_shards", "mode", "recall"):
+            if key in own and not (node == "generate" and key == "batch_size"):
+                assert audit[node][key] == own[key], (node, key)
+    assert audit.generate.batch_size == 7 and audit.generate.model == audit.model
+    assert audit.embed.features == audit.features and audit.index_stage.index == audit.index
+
+
+def test_debug_configs_shrink_any_stage():
+    for stage in STAGES.names():
+        cfg = OmegaConf.to_container(diffmem.compose(stage, ["debug=fast"]), resolve=True)
+        assert cfg["paths"]["output_dir"].endswith("debug") and cfg["n_per_prompt"] == 1
+    assert diffmem.compose("generate", ["debug=fast"]).steps == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _options("experiment"))
+def test_experiment_smoke_sweep(name, tmp_path):
+    """Every experiment=* through its stage's CLI (as Hydra composes it, launcher and sweeper
+    included) with debug=fast, printed instead of run."""
+    stage = _experiment_stage(name)
+    out = subprocess.run([sys.executable, "-m", "diffmem.cli", stage, f"experiment={name}", "debug=fast",
+                          "--cfg", "job", "--resolve"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"stage: {stage}" in out.stdout
 
 
 def test_experiment_testbed_is_a_delta():

@@ -206,15 +206,18 @@ def test_detection_metrics_hand_case_and_sklearn():
 def test_ground_truth_labels():
     tb = pd.DataFrame({"kind": ["canary", "canary", "template", "ordinary", "heldout"],
                        "dup_count": [64, 4, 32, 1, 0]})
-    got = ground_truth_labels(tb)
+    pos = dict(diffmem.compose("detect").positives)  # conf/positives/testbed.yaml
+    got = ground_truth_labels(tb, pos)
     assert got[0] == 1 and np.isnan(got[1]) and np.isnan(got[2]) and got[3] == 0 and got[4] == 0
-    got = ground_truth_labels(tb, {"kinds": ["canary", "template"], "min_dup_count": 4})
+    got = ground_truth_labels(tb, {**pos, "kinds": ["canary", "template"], "min_dup_count": 4})
     assert got.tolist()[:3] == [1, 1, 1]
     nemo = pd.DataFrame({"type": ["VM", "TM", "N", None]})
-    assert ground_truth_labels(nemo).tolist() == [1, 1, 0, 0]
-    assert ground_truth_labels(pd.DataFrame({"caption": ["x"]})) is None
+    assert ground_truth_labels(nemo, pos).tolist() == [1, 1, 0, 0]
+    assert ground_truth_labels(pd.DataFrame({"caption": ["x"]}), pos) is None
     with pytest.raises(ConfigError, match="unknown field"):
         ground_truth_labels(tb, {"min_dupcount": 3})
+    with pytest.raises(ConfigError, match="missing field.*negative_kinds"):
+        ground_truth_labels(tb, {"kinds": ["canary"], "min_dup_count": 4, "types": []})
 
 
 # --- the stage ----------------------------------------------------------------------------

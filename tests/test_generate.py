@@ -30,7 +30,7 @@ def test_generate_writes_images_and_table(tiny_pipe_dir):
     assert {"caption", "seed", "steps", "guidance_scale", "kind", "dup_count"} <= set(samples.columns)
     img = load_image(run_dir / samples["file"].iloc[0])
     assert img.shape == (32, 32, 3)
-    assert res.config["n_per_prompt"] == 2
+    assert res.fingerprint["n_per_prompt"] == 2
 
 
 def test_batch_size_invariance(tiny_pipe):

@@ -1,4 +1,5 @@
-"""Tests for diffmem.index: exactness, recall, sharded builds, persistence, bad input."""
+"""Tests for diffmem.index: exactness, recall, sharded builds, persistence, bad input, and the
+`diffmem index` stage."""
 
 import json
 
@@ -6,6 +7,8 @@ import faiss
 import numpy as np
 import pytest
 
+import diffmem
+from diffmem.features.store import FeatureStore
 from diffmem.errors import ConfigError, DataError
 from diffmem.index import (
     add_shard,
@@ -297,3 +300,54 @@ def test_invalid_factory_and_training_size():
         build_index(x, "Flat", nprobe=4)
     with pytest.raises(ConfigError, match="unknown index metric"):
         build_index(x, "Flat", metric="cos2")
+
+
+# ---------------------------------------------------------------------------- the index stage
+# `diffmem index` on embed runs: sharded builds equal the single one, recall is recorded.
+
+
+def test_sharded_index_equals_single(ref_dir):
+    single = diffmem.run("index", [f"features_dir={ref_dir}", "name=single"])
+    args = [f"features_dir={ref_dir}", "name=sharded", "num_shards=3"]
+    diffmem.run("index", args + ["mode=train"])
+    for i in range(3):
+        diffmem.run("index", args + ["mode=add", f"shard={i}"])
+    merged = diffmem.run("index", args + ["mode=merge"])
+    x, _, _ = FeatureStore(ref_dir).load()
+    a, _ = load_index(single)
+    b, info = load_index(merged)
+    assert b.ntotal == a.ntotal == len(x) and info["feature"] == "pixel"
+    da, ia = a.search(x[:10], 5)
+    db, ib = b.search(x[:10], 5)
+    assert np.array_equal(ia, ib) and np.allclose(da, db)
+
+
+@pytest.mark.parametrize("ondisk", [False, True])
+def test_sharded_ivf_from_separate_job_dirs_equals_single(ref_dir, tmp_path, ondisk):
+    """IVF trained on the same rows in both builds; adds run from their own (multirun) job dirs
+    yet meet in build_dir; the merged index keeps nprobe; on disk or in memory."""
+    ivf = ["index=ivf", "index.factory='IVF4,Flat'", "index.nprobe=2", "index.train_sample=20"]
+    single = diffmem.run("index", [f"features_dir={ref_dir}", *ivf, "name=ivf-single", "recall.queries=0"])
+    args = [f"features_dir={ref_dir}", *ivf, f"name=ivf-sharded-{ondisk}", "num_shards=2"]
+    diffmem.run("index", args + ["mode=train"])
+    for i in range(2):
+        diffmem.run("index", args + ["mode=add", f"shard={i}", f"run_dir={tmp_path}/job-{i}"])
+    merged = diffmem.run("index", args + ["mode=merge", f"ondisk={ondisk}"])
+    assert (merged / "index.ivfdata").exists() == ondisk and not (tmp_path / "job-0" / "shards").exists()
+    x, _, _ = FeatureStore(ref_dir).load()
+    a, _ = load_index(single)
+    b, info = load_index(merged)
+    assert info["nprobe"] == 2
+    da, ia = a.search(x, 5)
+    db, ib = b.search(x, 5)
+    assert np.array_equal(ia, ib) and np.allclose(da, db, atol=1e-6)
+    with pytest.raises(ConfigError, match="fewer than num_shards=50"):
+        diffmem.run("index", [f"features_dir={ref_dir}", *ivf, "name=ivf-many", "num_shards=50", "mode=add",
+                              "shard=49"])
+
+
+def test_approximate_index_records_recall(ref_dir):
+    run = diffmem.run("index", [f"features_dir={ref_dir}", "index=ivf", "index.factory='IVF4,Flat'",
+                                "index.nprobe=4", "index.train_sample=null", "recall.queries=20"])
+    _, info = load_index(run)
+    assert info["recall"]["recall@1"] == 1.0  # nprobe = nlist: exhaustive

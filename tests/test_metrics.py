@@ -9,7 +9,7 @@ from scipy.sparse.csgraph import connected_components
 
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics import (
-    REG,
+    METRICS,
     carlini_extraction,
     dcr_summary,
     extraction_from_distances,
@@ -292,13 +292,12 @@ def test_metric_classes_and_registry():
     x = [0.2, 0.55, 0.9]
     assert DCRSummary(threshold=0.6)(x) == dcr_summary(x, threshold=0.6)
     assert DCRSummary(threshold=0.6).compute(x, threshold=0.1)["share_above"] == 1.0
-    assert REG.build("dcr", threshold=0.6)(x) == dcr_summary(x, threshold=0.6)
-    for name in REG.names():
-        cls = REG.get(name)
+    assert METRICS.build("dcr", threshold=0.6)(x) == dcr_summary(x, threshold=0.6)
+    for name in METRICS.names():
+        cls = METRICS.get(name)
         assert issubclass(cls, Metric) and cls.name == name
         assert cls.higher_is_better in (True, False, None)
-    assert REG.get("replication_rate").higher_is_better is False
-    assert REG.get("tile_l2").higher_is_better is True
+    assert METRICS.get("replication_rate").higher_is_better is False
     with pytest.raises(ConfigError, match="thresold"):
         DCRSummary(thresold=0.6)
 
@@ -353,9 +352,9 @@ def test_bad_input_raises_data_error_naming_the_argument(call, match):
 @pytest.mark.parametrize("call,match", [
     (lambda: memorisation_rate(SCORES, reduction="max"), r"reduction: 'max'"),
     (lambda: extraction_from_distances(np.zeros((2, 2)), 0.1, method="cliques"), r"method: 'cliques'"),
-    (lambda: tile_l2_distance(IMG, IMG, grid=0), r"grid: must be >= 1"),
+    (lambda: tile_l2_distance(IMG, IMG, grid=0), r"grid must be >= 1"),
     (lambda: fixed_pixel_mask(np.stack([IMG] * 2), erosion_iterations=-1), r"erosion_iterations"),
-    (lambda: sscd_score_normalisation([0.9], [[0.1]], k=0), r"k: must be >= 1"),
+    (lambda: sscd_score_normalisation([0.9], [[0.1]], k=0), r"k must be >= 1"),
 ])
 def test_bad_settings_raise_config_error(call, match):
     with pytest.raises(ConfigError, match=match):

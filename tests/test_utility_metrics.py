@@ -8,7 +8,7 @@ import pytest
 from scipy import linalg
 
 from diffmem.errors import DataError
-from diffmem.metrics import REG, clip_score, diversity, frechet_distance
+from diffmem.metrics import METRICS, clip_score, diversity, frechet_distance
 
 
 def test_frechet_distance_1d_closed_form():
@@ -28,7 +28,7 @@ def test_frechet_distance_matches_the_reference_formula():
     ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
     assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-8)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
-    assert REG.build("frechet_distance")(a, b) == pytest.approx(ref, rel=1e-8)
+    assert METRICS.build("frechet_distance")(a, b) == pytest.approx(ref, rel=1e-8)
 
 
 def test_frechet_distance_errors():

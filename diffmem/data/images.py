@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import read_parquet, require
 
@@ -111,9 +112,7 @@ def select_subset(manifest: pd.DataFrame, subset) -> pd.DataFrame:
     """
     if subset is None:
         return manifest
-    size, part, kinds = int(subset["size"]), int(subset["part"]), subset.get("kinds")
-    if size < 1:
-        raise ConfigError(f"data.subset.size must be >= 1 (got {size})")
+    size, part, kinds = check_positive(subset["size"], "data.subset.size"), int(subset["part"]), subset.get("kinds")
     if part not in (0, 1):
         raise ConfigError(f"data.subset.part must be 0 or 1 (got {part})")
     rows = manifest

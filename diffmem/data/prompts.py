@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffmem.checks import check_positive
 from diffmem.data.images import _read_table
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import require
@@ -103,9 +104,7 @@ def load_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
         return prompts_from_testbed(manifest, cfg.n_ordinary, cfg.n_heldout)
     if cfg.kind == "file":
         require(cfg, "path", prefix="prompts.", hint="prompts=file needs prompts.path=<prompt list>")
-        limit = cfg.get("limit")
-        if limit is not None and int(limit) < 1:
-            raise ConfigError(f"prompts.limit must be >= 1 or null (got {limit})")
+        limit = check_positive(cfg.get("limit"), "prompts.limit", optional=True)
         df = read_prompt_file(cfg.path, cfg.get("format", "auto"))
         return df.head(int(limit)) if limit is not None else df
     raise ConfigError(f"prompts.kind '{cfg.kind}' is not one of testbed, file")

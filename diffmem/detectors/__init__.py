@@ -1,4 +1,4 @@
-"""Memorisation detectors that need no training set (methods.md section 2).
+"""Memorisation detectors that need no training set (docs/methods.md section 2).
 
 ``DETECTORS.build(name, **settings)`` (or :func:`build_detector` from a ``detect`` config)
 gives a :class:`Detector` whose ``score(pipe, captions, prompt_ids, seed=...)`` returns one
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from diffmem.detectors.base import Detector, UnetCounter, count_unet_evals
 from diffmem.registry import Registry
 
-DETECTORS = Registry("detector")
+DETECTORS = Registry("detector", expects=Detector)
 DETECTORS.register("noise_norm", "diffmem.detectors.noise_norm:NoiseNorm")
 DETECTORS.register("noise_ssim", "diffmem.detectors.noise_ssim:NoiseSSIM")
 DETECTORS.register("one_step", "diffmem.detectors.one_step:OneStep")

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.sampling import encode_prompts, sample_seed
 
@@ -65,8 +66,7 @@ class Detector:
         prompt_ids = list(range(cond.shape[0])) if prompt_ids is None else [int(p) for p in prompt_ids]
         if len(prompt_ids) != cond.shape[0]:
             raise DataError(f"{self.name}: {len(prompt_ids)} prompt ids for {cond.shape[0]} prompts")
-        if int(batch_size) < 1:
-            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+        check_positive(batch_size, "batch_size")
         resolution = int(resolution or pipe.unet.config.sample_size * _vae_factor(pipe))
         cond = cond.to(pipe.unet.device, pipe.unet.dtype)
         rows = [(i, sample_seed(seed, pid, k)) for i, pid in enumerate(prompt_ids)
@@ -124,26 +124,6 @@ def to_epsilon(sched, output: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
 
 def _vae_factor(pipe) -> int:
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-
-
-def check_int(value, name: str, minimum: int) -> int:
-    """``value`` as an int ``>= minimum``; ``ConfigError`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-            isinstance(value, float) and value.is_integer()):
-        raise ConfigError(f"{name} must be an integer (got {value!r})")
-    if int(value) < minimum:
-        raise ConfigError(f"{name} must be >= {minimum} (got {value})")
-    return int(value)
-
-
-def check_float(value, name: str, minimum: float | None = None) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number (got {value!r})") from None
-    if not np.isfinite(out) or (minimum is not None and out < minimum):
-        raise ConfigError(f"{name} must be a finite number >= {minimum} (got {value})")
-    return out
 
 
 @dataclass

@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffmem.detectors.base import Detector, _vae_factor, check_float, check_int, to_epsilon
+from diffmem.checks import check_float, check_int
+from diffmem.detectors.base import Detector, _vae_factor, to_epsilon
 from diffmem.errors import ConfigError, DataError
 from diffmem.sampling import encode_prompts, fresh_scheduler, initial_latents, sample_seed
 

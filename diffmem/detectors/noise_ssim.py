@@ -17,7 +17,8 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from diffmem.detectors.base import Detector, check_int, to_epsilon
+from diffmem.checks import check_int
+from diffmem.detectors.base import Detector, to_epsilon
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import calibrate_threshold
 from diffmem.sampling import fresh_scheduler, guided_eps, initial_latents

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.detectors.base import Detector, check_float, check_int, to_epsilon
+from diffmem.checks import check_float, check_int
+from diffmem.detectors.base import Detector, to_epsilon
 from diffmem.errors import ConfigError
 from diffmem.sampling import encode_prompts, fresh_scheduler, guided_eps, initial_latents
 

@@ -17,15 +17,15 @@ interface), ``sscd_disc_mixup``, ``sscd_disc_large``, ``sscd_imagenet_mixup``, `
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Mapping
 
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
 from diffmem.features.base import Extractor
 from diffmem.registry import Registry
 
-FEATURES = Registry("features")
+FEATURES = Registry("features", expects=Extractor)
 FEATURES.register("pixel", "diffmem.features.pixel:PixelExtractor")
 FEATURES.register("sscd", "diffmem.features.sscd:SSCDExtractor")
 FEATURES.register("sscd_disc_mixup", "diffmem.features.sscd:SSCDDiscMixup")
@@ -79,10 +79,7 @@ def build_extractor(cfg: Any = None, /, **overrides) -> Extractor:
     accepted = extractor_fields(str(name))
     unknown = [k for k in fields if k not in accepted]
     if unknown:
-        hints = []
-        for k in unknown:
-            close = difflib.get_close_matches(k, accepted, n=1, cutoff=0.6)
-            hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        hints = [f"'{k}'{did_you_mean(k, accepted, cutoff=0.6, paren=True)}" for k in unknown]
         raise ConfigError(
             f"features '{name}' does not take {', '.join(hints)}; its fields: {', '.join(accepted)}")
     if "name" in accepted:

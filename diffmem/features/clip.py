@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError, DataError
 from diffmem.device import resolve_device
 from diffmem.features.base import Extractor, sha256_file
@@ -75,12 +76,8 @@ def resolve_pretrained_tag(arch: str, tag: str, cache_dir: str | None = None) ->
     cfg = open_clip.get_pretrained_cfg(arch, tag)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(arch)
-        import difflib
-
-        close = difflib.get_close_matches(tag, tags, n=1, cutoff=0.5)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"clip pretrained '{tag}' is neither a file nor a known tag of '{arch}'.{hint} "
+            f"clip pretrained '{tag}' is neither a file nor a known tag of '{arch}'.{did_you_mean(tag, tags)} "
             f"Known tags: {', '.join(tags) or 'none'}")
     tried = []
     hub = cfg.get("hf_hub", "")
@@ -140,10 +137,7 @@ class ClipExtractor(Extractor):
             self.random_init = self.weights_path is None
             model_name = f"local-dir:{folder}"
         elif open_clip.get_model_config(arch) is None:
-            import difflib
-
-            close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(arch, open_clip.list_models(), n=3, cutoff=0.6)
             raise ConfigError(f"clip: unknown arch '{arch}'.{hint} (or use 'local-dir:<folder>')")
         elif pretrained in (None, "", "none", "random"):
             self.random_init = True

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from diffmem.errors import ConfigError
+from diffmem.checks import check_positive
 from diffmem.device import resolve_device
 from diffmem.features.base import Extractor
 from diffmem.features.transforms import Preprocess
@@ -31,9 +31,7 @@ class PixelExtractor(Extractor):
     def __init__(self, size: int = 16, grayscale: bool = False, center: bool = True,
                  interpolation: str = "bilinear", device: str | torch.device = "cpu",
                  name: str = "pixel"):
-        size = int(size)
-        if size < 1:
-            raise ConfigError(f"pixel size must be >= 1, got {size}")
+        size = check_positive(size, "pixel size")
         self.name = name
         self.size = size
         self.grayscale = bool(grayscale)

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError, DataError
 from diffmem.device import resolve_device
 from diffmem.features.base import Extractor, default_cache_dir, sha256_file
@@ -83,11 +84,8 @@ class SSCDExtractor(Extractor):
                  device: str | torch.device = "auto", name: str | None = None):
         model = model if model is not None else self.default_model
         if model is not None and model not in KNOWN_MODELS:
-            import difflib
-
-            close = difflib.get_close_matches(str(model), KNOWN_MODELS, n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown SSCD model '{model}'.{hint} Known: {', '.join(KNOWN_MODELS)}")
+            raise ConfigError(f"unknown SSCD model '{model}'.{did_you_mean(model, KNOWN_MODELS)} "
+                              f"Known: {', '.join(KNOWN_MODELS)}")
         if path is None:
             if model is None:
                 raise ConfigError(

@@ -6,7 +6,7 @@ All functions take a float batch ``[B, C, H, W]`` and return one. Resizing uses
 
 A :class:`Preprocess` is a small, JSON-serialisable recipe (resize, optional centre
 crop, normalisation); :data:`PRESETS` holds the named recipes the copy-detection
-literature uses (``methods.md`` section 1):
+literature uses (``docs/methods.md`` section 1.1):
 
 - ``sscd_official``: resize the short side to 288 (aspect kept), ImageNet mean/std
   (the SSCD authors' evaluation setting).
@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,12 +183,8 @@ def get_preprocess(spec: str | Mapping[str, Any] | Preprocess) -> Preprocess:
         return spec
     if isinstance(spec, str):
         if spec not in PRESETS:
-            import difflib
-
-            close = difflib.get_close_matches(spec, PRESETS, n=1, cutoff=0.5)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
-                f"unknown preprocessing '{spec}'.{hint} Known: {', '.join(PRESETS)} "
+                f"unknown preprocessing '{spec}'.{did_you_mean(spec, PRESETS)} Known: {', '.join(PRESETS)} "
                 "(or a dict with resize/size/crop/mean/std)")
         return Preprocess(name=spec, **PRESETS[spec])
     if isinstance(spec, Mapping):

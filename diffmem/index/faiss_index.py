@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import faiss
 import numpy as np
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import atomic_path, write_json
 
@@ -216,8 +217,7 @@ def set_search_params(index: faiss.Index, nprobe: int | None = None,
     for key, val in (("nprobe", nprobe), ("efSearch", hnsw_ef_search)):
         if val is None:
             continue
-        if int(val) < 1:
-            raise ConfigError(f"{key} must be >= 1, got {val}")
+        check_positive(val, key)
         try:
             ps.set_index_parameter(index, key, int(val))
         except RuntimeError:
@@ -234,8 +234,7 @@ def set_search_params(index: faiss.Index, nprobe: int | None = None,
 def training_rows(n: int, train_sample: int | None, seed: int) -> np.ndarray | None:
     """The sorted rows an untrained index is trained on (None: all ``n``). The single and the
     sharded build both draw them here, so both train the same index."""
-    if train_sample is not None and int(train_sample) < 1:
-        raise ConfigError(f"train_sample must be >= 1 or null, got {train_sample}")
+    check_positive(train_sample, "train_sample", optional=True)
     if train_sample is None or int(train_sample) >= n:
         return None
     return np.sort(np.random.default_rng(seed).choice(n, size=int(train_sample), replace=False))
@@ -287,7 +286,7 @@ def train_empty_index(sample: Any, factory: str = "Flat", metric: str = "ip",
     _train(index, sample, factory, seed)
     index = _with_ids(index)
     if out_path is not None:
-        _write_index(index, out_path)
+        write_index(index, out_path)
     return index
 
 
@@ -312,9 +311,6 @@ def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
     return path
 
 
-_write_index = write_index
-
-
 def add_shard(empty_index_path: str | os.PathLike | faiss.Index, x: Any, ids: Any,
               out_path: str | os.PathLike | None = None) -> faiss.Index:
     """Load the trained empty index, add ``x`` under int64 global ``ids``, return it.
@@ -334,7 +330,7 @@ def add_shard(empty_index_path: str | os.PathLike | faiss.Index, x: Any, ids: An
     index = _with_ids(index)
     _add(index, x, _ids_array(ids, x.shape[0]))
     if out_path is not None:
-        _write_index(index, out_path)
+        write_index(index, out_path)
     return index
 
 
@@ -442,7 +438,7 @@ def save_index(index: faiss.Index, path: str | os.PathLike, info: dict | None = 
             raise DataError(f"index_info {key}={val!r} disagrees with the index ({meta[key]!r})")
         meta[key] = val
     meta["metric"] = _metric_name(meta["metric"])
-    _write_index(index, path / INDEX_FILE)
+    write_index(index, path / INDEX_FILE)
     write_json(path / INFO_FILE, meta)
     return path
 
@@ -499,11 +495,8 @@ def search(index: faiss.Index, queries: Any, k: int, info: dict | None = None,
     ``info["feature"]`` and ``feature`` are given they must agree. ``name`` (where the
     queries come from) is used in errors.
     """
-    k = int(k)
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    k = check_positive(k, "k")
+    check_positive(batch_size, "batch_size")
     if info and feature is not None and info.get("feature") not in (None, feature):
         raise DataError(f"queries are '{feature}' features but the index was built from "
                         f"'{info['feature']}' features; embed both with the same descriptor")
@@ -593,11 +586,8 @@ def streaming_search(shards: Any, queries: Any, k: int, metric: str = "ip",
     row numbers of the concatenated shards (shard offset + row). Same output as an exact
     Flat index over the concatenation (up to the order of tied scores).
     """
-    k = int(k)
-    if k < 1:
-        raise ConfigError(f"k must be >= 1, got {k}")
-    if int(chunk) < 1:
-        raise ConfigError(f"chunk must be >= 1, got {chunk}")
+    k = check_positive(k, "k")
+    check_positive(chunk, "chunk")
     mt = _metric(metric)
     normalized = mt == faiss.METRIC_INNER_PRODUCT
     q = check_features(queries, name="queries", normalized=normalized)

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from diffmem.errors import ConfigError, DataError
+from diffmem.checks import check_positive
+from diffmem.errors import DataError
 from diffmem.features.store import FeatureStore
 from diffmem.index.faiss_index import build_index, load_index, search, streaming_search
 from diffmem.metrics import sscd_score_normalisation
@@ -28,8 +29,7 @@ def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
                  background_k: int = 10, stream_dir: str | Path | None = None) -> pd.DataFrame:
     """The matches of ``queries_dir``'s vectors against the index in ``index_dir`` (or, with
     ``stream_dir``, against that embed run's memory-mapped parts, streamed)."""
-    if int(k) < 1:
-        raise ConfigError(f"k must be >= 1 (got {k})")
+    check_positive(k, "k")
     q, qids, qinfo = FeatureStore(queries_dir).load()
     ref_dir = stream_dir or index_dir
     index = parts = None

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.errors import ConfigError, DataError
 from diffmem.features.store import FeatureStore
 from diffmem.index.faiss_index import (add_shard, build_index, measure_recall, merge_shards, save_index,
                                        set_search_params, train_empty_index, training_rows, write_index)
-from diffmem.runs import check_claim, check_shard, claim, is_done, mark_done, provenance, require
+from diffmem.runs import check_claim, claim, is_done, mark_done, provenance, require
 
 log = logging.getLogger(__name__)
 MODES = ("single", "train", "add", "merge")

@@ -1,8 +1,9 @@
-"""Replication (copy) metrics: similarity scores, pixel-space tests, aggregation (methods.md section 1);
-utility metrics (Fréchet distance, diversity, CLIPScore) for judging mitigations (section 5).
+"""Replication (copy) metrics: similarity scores, pixel-space tests, aggregation (docs/methods.md section 1);
+utility metrics (Fréchet distance, diversity, CLIPScore) for judging mitigations (section 5.5).
 
-Each metric is a plain function and a :class:`~diffmem.metrics.replication.Metric` class
-registered in ``REG`` by name: ``REG.build("dcr", threshold=0.5)(top1)``.
+Each metric is a plain function; the replication, aggregation and utility ones also have a
+:class:`~diffmem.metrics.replication.Metric` class registered in ``METRICS`` by name:
+``METRICS.build("dcr", threshold=0.5)(top1)``.
 """
 
 from diffmem.metrics.aggregate import grouped, mean_max, median_mad
@@ -29,25 +30,21 @@ from diffmem.metrics.replication import (
 from diffmem.metrics.utility import clip_score, diversity, frechet_distance
 from diffmem.registry import Registry
 
-REG = Registry("metric")
-REG.register("top1_similarity", "diffmem.metrics.replication:Top1Similarity")
-REG.register("dcr", "diffmem.metrics.replication:DCRSummary")
-REG.register("replication_rate", "diffmem.metrics.replication:ReplicationRate")
-REG.register("memorisation_rate", "diffmem.metrics.replication:MemorisationRate")
-REG.register("vm_tm", "diffmem.metrics.replication:VMTMSplit")
-REG.register("sscd_normalisation", "diffmem.metrics.replication:SSCDScoreNormalisation")
-REG.register("tile_l2", "diffmem.metrics.pixel:TileL2Distance")
-REG.register("carlini_extraction", "diffmem.metrics.pixel:CarliniExtraction")
-REG.register("webster_sse", "diffmem.metrics.pixel:WebsterSSE")
-REG.register("webster_label", "diffmem.metrics.pixel:WebsterLabel")
-REG.register("median_mad", "diffmem.metrics.aggregate:MedianMAD")
-REG.register("mean_max", "diffmem.metrics.aggregate:MeanMax")
-REG.register("frechet_distance", "diffmem.metrics.utility:FrechetDistance")
-REG.register("diversity", "diffmem.metrics.utility:Diversity")
-REG.register("clip_score", "diffmem.metrics.utility:ClipScore")
+METRICS = Registry("metric", expects=Metric)
+METRICS.register("top1_similarity", "diffmem.metrics.replication:Top1Similarity")
+METRICS.register("dcr", "diffmem.metrics.replication:DCRSummary")
+METRICS.register("replication_rate", "diffmem.metrics.replication:ReplicationRate")
+METRICS.register("memorisation_rate", "diffmem.metrics.replication:MemorisationRate")
+METRICS.register("vm_tm", "diffmem.metrics.replication:VMTMSplit")
+METRICS.register("sscd_normalisation", "diffmem.metrics.replication:SSCDScoreNormalisation")
+METRICS.register("median_mad", "diffmem.metrics.aggregate:MedianMAD")
+METRICS.register("mean_max", "diffmem.metrics.aggregate:MeanMax")
+METRICS.register("frechet_distance", "diffmem.metrics.utility:FrechetDistance")
+METRICS.register("diversity", "diffmem.metrics.utility:Diversity")
+METRICS.register("clip_score", "diffmem.metrics.utility:ClipScore")
 
 __all__ = [
-    "REG",
+    "METRICS",
     "Metric",
     "top1_similarity",
     "dcr_summary",

@@ -1,4 +1,4 @@
-"""Detection metrics (methods.md section 2): ROC-AUC, TPR at a fixed FPR, threshold calibration.
+"""Detection metrics (docs/methods.md section 2.4): ROC-AUC, TPR at a fixed FPR, threshold calibration.
 
 Scores follow one convention everywhere: **higher = more likely memorised**. Labels are 1
 (memorised, positive) and 0 (not memorised, negative). Each metric is a plain function and
@@ -22,13 +22,8 @@ import pandas as pd
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.replication import Metric, as_array
 
-#: what ``positives`` means when a config leaves a field out
-DEFAULT_POSITIVES = {
-    "kinds": ["canary"],            # testbed kinds that can be memorised...
-    "min_dup_count": 16,            # ...when duplicated at least this often
-    "negative_kinds": ["ordinary", "heldout"],
-    "types": ["VM", "TM"],          # prompt lists: `type` values that mark memorised prompts
-}
+#: the fields of a ``positives`` config (``conf/positives/``, e.g. testbed.yaml)
+POSITIVES_FIELDS = ("kinds", "min_dup_count", "negative_kinds", "types")
 
 
 def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +94,21 @@ def rates_at_threshold(scores, labels, threshold: float) -> dict[str, float]:
             "fpr": float(flagged[y == 0].mean())}
 
 
-def ground_truth_labels(prompts: pd.DataFrame, positives: Mapping | None = None) -> pd.Series | None:
+def check_positives(positives: Mapping | None) -> dict:
+    """``positives`` as a dict with exactly the fields of :data:`POSITIVES_FIELDS`."""
+    pos = dict(positives) if positives else {}
+    unknown = set(pos) - set(POSITIVES_FIELDS)
+    if unknown:
+        raise ConfigError(f"positives: unknown field(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(POSITIVES_FIELDS)})")
+    missing = [f for f in POSITIVES_FIELDS if f not in pos]
+    if missing:
+        raise ConfigError(f"positives: missing field(s) {', '.join(missing)} (select a ground truth, "
+                          f"e.g. positives=testbed)")
+    return pos
+
+
+def ground_truth_labels(prompts: pd.DataFrame, positives: Mapping | None) -> pd.Series | None:
     """Per prompt 1.0 (memorised), 0.0 (not) or NaN (left out); None without ground-truth columns.
 
     Testbed prompts (``kind`` + ``dup_count``): positives are ``kinds`` with ``dup_count >=
@@ -107,11 +116,7 @@ def ground_truth_labels(prompts: pd.DataFrame, positives: Mapping | None = None)
     templates unless listed) is left out. Prompt lists with a ``type`` column (NeMo's VM/TM):
     ``type`` in ``types`` is positive, any other value (or none) negative.
     """
-    pos = {**DEFAULT_POSITIVES, **(dict(positives) if positives else {})}
-    unknown = set(pos) - set(DEFAULT_POSITIVES)
-    if unknown:
-        raise ConfigError(f"positives: unknown field(s) {', '.join(sorted(unknown))} "
-                          f"(known: {', '.join(DEFAULT_POSITIVES)})")
+    pos = check_positives(positives)
     if "kind" in prompts and "dup_count" in prompts:
         kinds, neg = set(pos["kinds"] or ()), set(pos["negative_kinds"] or ())
         if kinds & neg:
@@ -132,9 +137,9 @@ def ground_truth_labels(prompts: pd.DataFrame, positives: Mapping | None = None)
     return labels
 
 
-def describe_positives(prompts: pd.DataFrame, positives: Mapping | None = None) -> str:
+def describe_positives(prompts: pd.DataFrame, positives: Mapping | None) -> str:
     """A one-line description of what counts as memorised, for ``metrics.json``."""
-    pos = {**DEFAULT_POSITIVES, **(dict(positives) if positives else {})}
+    pos = check_positives(positives)
     if "kind" in prompts and "dup_count" in prompts:
         return (f"kind in {list(pos['kinds'])} with dup_count >= {pos['min_dup_count']} vs "
                 f"kind in {list(pos['negative_kinds'])}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from diffmem.errors import ConfigError, DataError
-from diffmem.metrics.replication import Metric, as_array, check_choice
+from diffmem.checks import check_int, check_positive
+from diffmem.errors import DataError
+from diffmem.metrics.replication import as_array, check_choice
 
 
 def _images(x, name: str, ndim: int | tuple[int, ...] = (3, 4)) -> np.ndarray:
@@ -49,8 +50,7 @@ def _tiles(images: np.ndarray, grid: int, name: str):
 
     Sides not divisible by ``grid`` are split as ``np.array_split`` does (first tiles one pixel larger).
     """
-    if grid < 1:
-        raise ConfigError(f"grid: must be >= 1, got {grid}")
+    check_positive(grid, "grid")
     if min(images.shape[1:3]) < grid:
         raise DataError(f"{name}: {images.shape[1:3]} pixels cannot be split into a {grid}x{grid} grid")
     for band in np.array_split(images, grid, axis=1):
@@ -170,8 +170,7 @@ def fixed_pixel_mask(generations, tol: float = 0.03, erosion_iterations: int = 1
     gens = _images(generations, "generations", ndim=4)
     for name, iterations in (("erosion_iterations", erosion_iterations),
                              ("dilation_iterations", dilation_iterations)):
-        if iterations < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {iterations}")
+        check_int(iterations, name, 0)
     fixed = (np.ptp(gens, axis=0) < tol).all(axis=-1)
     square = np.ones((3, 3), dtype=bool)
     if erosion_iterations:
@@ -220,18 +219,3 @@ def webster_label(gens, real, retrieved=None, mask=None, mv_threshold: float = 2
             return label
     return "N"
 
-
-class TileL2Distance(Metric):
-    name, higher_is_better, fn = "tile_l2", True, staticmethod(tile_l2_distance)
-
-
-class CarliniExtraction(Metric):
-    name, higher_is_better, fn = "carlini_extraction", None, staticmethod(carlini_extraction)
-
-
-class WebsterSSE(Metric):
-    name, higher_is_better, fn = "webster_sse", True, staticmethod(webster_sse)
-
-
-class WebsterLabel(Metric):
-    name, higher_is_better, fn = "webster_label", None, staticmethod(webster_label)

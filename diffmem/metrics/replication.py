@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 
 
@@ -177,8 +178,7 @@ def sscd_score_normalisation(scores, background_scores, beta: float = 1.0, k: in
     """
     scores = as_array(scores, "scores", ndim=(1, 2))
     background = as_array(background_scores, "background_scores", ndim=2)
-    if k < 1:
-        raise ConfigError(f"k: must be >= 1, got {k}")
+    check_positive(k, "k")
     if background.shape[0] != scores.shape[0]:
         raise DataError(
             f"background_scores: {background.shape[0]} queries, scores has {scores.shape[0]}")

@@ -1,4 +1,4 @@
-"""Mitigations (methods.md section 5): what ``diffmem mitigate`` builds.
+"""Mitigations (docs/methods.md section 5): what ``diffmem mitigate`` builds.
 
 ``MITIGATIONS.get(kind)(task) -> summary`` (:mod:`~diffmem.mitigations.builders`) for the three
 kinds a ``mitigation=`` config names:
@@ -16,7 +16,7 @@ Every kind leaves a model folder that all stages load as ``model=local model.pat
 
 from diffmem.registry import Registry
 
-MITIGATIONS = Registry("mitigation kind")
+MITIGATIONS = Registry("mitigation kind", expects=callable)
 for _name in ("adversarial_ft", "finetune", "defence"):
     MITIGATIONS.register(_name, f"diffmem.mitigations.builders:build_{_name}")
 

@@ -1,4 +1,4 @@
-"""Adversarial fine-tuning (Finding Dori, methods.md section 5).
+"""Adversarial fine-tuning (Finding Dori, docs/methods.md section 5.1).
 
 Full-UNet fine-tuning. Every ``refresh_every`` steps fresh triggers are searched for each
 memorised image (the probe's trigger search, against the current weights); each step's loss is

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.registry import Registry
 from diffmem.runs import read_json, write_json
@@ -87,8 +88,7 @@ class RandomTokens(Defence):
 
     def __init__(self, n_words: int = 2, seed: int = 0):
         super().__init__(seed)
-        if int(n_words) < 1:
-            raise ConfigError(f"mitigation.n_words must be >= 1 (got {n_words})")
+        check_positive(n_words, "mitigation.n_words")
         self.n_words = int(n_words)
         self._pool = None
 
@@ -114,8 +114,9 @@ class WenMinimisation(Defence):
         super().__init__(seed)
         if target is None or not float(target) > 0:
             raise ConfigError(f"mitigation.target must be > 0 (got {target})")
-        if int(max_iters) < 1 or not float(lr) > 0 or float(pull) < 0:
-            raise ConfigError(f"mitigation: need max_iters >= 1, lr > 0, pull >= 0 (got {max_iters}, {lr}, {pull})")
+        check_positive(max_iters, "mitigation.max_iters")
+        if not float(lr) > 0 or float(pull) < 0:
+            raise ConfigError(f"mitigation: need lr > 0, pull >= 0 (got {lr}, {pull})")
         self.target, self.lr, self.max_iters, self.pull = float(target), float(lr), int(max_iters), float(pull)
 
     def settings(self) -> dict:

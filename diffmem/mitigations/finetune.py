@@ -14,7 +14,6 @@ One loop (:func:`finetune`, on :func:`diffmem.training.fit`, so it resumes exact
 
 from __future__ import annotations
 
-import difflib
 import logging
 from pathlib import Path
 from typing import Mapping
@@ -22,6 +21,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from diffmem.checks import check_positive
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,7 @@ def selected_blocks(unet, mask) -> list[str]:
     flat = flatten_mask(mask)
     for key, value in flat.items():
         if key not in blocks:
-            close = difflib.get_close_matches(key, blocks, n=2, cutoff=0.6)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(key, blocks, n=2, cutoff=0.6)
             raise ConfigError(f"mitigation.mask: '{key}' is not a transformer block of this UNet.{hint} "
                               f"Blocks: {', '.join(blocks)}")
         if value not in (0, 1):
@@ -93,8 +93,7 @@ def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | 
     elif blocks:
         from peft import LoraConfig
 
-        if int(rank) < 1:
-            raise ConfigError(f"mitigation.rank must be >= 1 (got {rank})")
+        check_positive(rank, "mitigation.rank")
         unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=float(alpha or rank), init_lora_weights=True,
                                     target_modules=lora_targets(unet, blocks)))
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)

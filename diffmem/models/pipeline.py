@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError, DataError
 
 SCHEDULERS = {
@@ -27,11 +28,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def check_scheduler(name: str | None) -> None:
     """A ConfigError with close matches unless ``name`` is None or a key of :data:`SCHEDULERS`."""
     if name is not None and name not in SCHEDULERS:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), SCHEDULERS, n=2, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ConfigError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}.{hint}")
+        raise ConfigError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}."
+                          f"{did_you_mean(name, SCHEDULERS, n=2)}")
 
 
 def set_scheduler(pipe, name: str | None):

@@ -1,4 +1,4 @@
-"""Probes of where memorisation lives (methods.md sections 3 and 4).
+"""Probes of where memorisation lives (docs/methods.md sections 3 and 4).
 
 ``PROBES.get(name)(ctx, settings) -> (tables, metrics)``: ``trigger_search`` (Finding Dori's
 embedding-space triggers), ``nemo`` (memorisation neurons), ``wanda`` (pruning),
@@ -12,7 +12,7 @@ use), :mod:`~diffmem.probes.layers` (layer names from the model, hooks),
 
 from diffmem.registry import Registry
 
-PROBES = Registry("probe")
+PROBES = Registry("probe", expects=callable)
 for _name in ("trigger_search", "nemo", "wanda", "locality", "finding_dori"):
     PROBES.register(_name, f"diffmem.probes.runners:{_name}")
 

@@ -17,6 +17,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError
 from diffmem.metrics import memorisation_rate
 from diffmem.probes.replication import mr, replication_table
@@ -152,8 +153,8 @@ def check_settings(name: str, s, prefix: str = "probe") -> None:
     """Config errors before anything runs (bad values name the field)."""
     def positive(node, at):
         for f in ("steps", "batch_size", "restarts"):
-            if f in node and int(node[f]) < 1:
-                raise ConfigError(f"{at}.{f} must be >= 1 (got {node[f]})")
+            if f in node:
+                check_positive(node[f], f"{at}.{f}")
         if "lr" in node and not float(node.lr) > 0:
             raise ConfigError(f"{at}.lr must be > 0 (got {node.lr})")
         bad = [i for i in node.get("inits") or [] if i not in INITS]

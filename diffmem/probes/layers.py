@@ -14,11 +14,11 @@ afterwards.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
 
 BLOCK_PREFIXES = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
@@ -58,9 +58,8 @@ def get_layers(unet, names: Sequence[str]) -> dict[str, torch.nn.Linear]:
         module = modules.get(name)
         if not isinstance(module, torch.nn.Linear):
             linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
-            close = difflib.get_close_matches(name, linears, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"the UNet has no linear layer '{name}'{hint}")
+            raise ConfigError(f"the UNet has no linear layer '{name}'"
+                              f"{did_you_mean(name, linears, cutoff=0.6, paren=True)}")
         out[name] = module
     return out
 

@@ -1,4 +1,4 @@
-"""Embedding-space trigger search (Finding Dori, methods.md section 4).
+"""Embedding-space trigger search (Finding Dori, docs/methods.md section 4.1).
 
 Optimises the text conditioning ``c_adv`` (the text-encoder output, ``[77, D]``) so the model
 regenerates one target training image ``x0``: Adam on the diffusion loss
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import atomic_path
 from diffmem.sampling import sample_seed
@@ -97,9 +98,10 @@ def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 5
 
     from diffmem.training import diffusion_loss
 
-    if steps < 1 or batch_size < 1 or not lr > 0:
-        raise ConfigError(f"trigger search needs steps >= 1, batch_size >= 1, lr > 0 "
-                          f"(got {steps}, {batch_size}, {lr})")
+    check_positive(steps, "trigger search steps")
+    check_positive(batch_size, "trigger search batch_size")
+    if not lr > 0:
+        raise ConfigError(f"trigger search needs lr > 0 (got {lr})")
     unet = pipe.unet
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     c_adv = init.detach().to(unet.device, torch.float32).clone().requires_grad_(True)

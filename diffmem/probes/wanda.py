@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from diffmem.checks import check_positive
 from diffmem.errors import ConfigError
 from diffmem.probes.layers import ffn_layers, get_layers, record
 from diffmem.runs import atomic_path
@@ -54,7 +55,7 @@ def wanda_masks(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: i
     if guidance == 1.0:
         raise ConfigError("wanda compares with the empty prompt's half of the guided batch: "
                           "needs guidance_scale != 1")
-    if n_steps < 1 or n_steps > steps:
+    if check_positive(n_steps, "wanda n_steps") > steps:
         raise ConfigError(f"wanda n_steps must be in [1, {steps}] (got {n_steps})")
     names = list(layers) if layers else list(ffn_layers(pipe.unet))
     modules = get_layers(pipe.unet, names)

@@ -1,0 +1,64 @@
+"""Config value checks and "did you mean" hints, shared by every stage and library.
+
+Each check returns the converted value or raises :class:`~diffmem.errors.ConfigError` with one
+line naming the field, e.g. ``steps must be >= 1 (got -3)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+import numpy as np
+
+from diffmem.errors import ConfigError
+
+
+def check_int(value, name: str, minimum: int | None = None, optional: bool = False) -> int | None:
+    """``value`` as an int ``>= minimum`` (``None`` passes when ``optional``)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
+            isinstance(value, float) and value.is_integer()):
+        raise ConfigError(f"{name} must be an integer (got {value!r})")
+    if minimum is not None and int(value) < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}{' or null' if optional else ''} (got {value})")
+    return int(value)
+
+
+def check_positive(value, name: str, optional: bool = False) -> int | None:
+    """``value`` as an int ``>= 1`` (counts, sizes, steps); ``None`` passes when ``optional``."""
+    return check_int(value, name, 1, optional)
+
+
+def check_float(value, name: str, minimum: float | None = None) -> float:
+    """``value`` as a finite float ``>= minimum``."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number (got {value!r})") from None
+    if not np.isfinite(out) or (minimum is not None and out < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ConfigError(f"{name} must be a finite number{bound} (got {value})")
+    return out
+
+
+def did_you_mean(name, choices: Iterable[str], n: int = 1, cutoff: float = 0.5,
+                 paren: bool = False) -> str:
+    """A hint naming the ``choices`` closest to ``name``, or ``""`` when none is close.
+
+    ``" Did you mean 'a'?"`` to follow a sentence, or ``" (did you mean 'a'?)"`` with ``paren``.
+    """
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n, cutoff=cutoff)
+    if not close:
+        return ""
+    names = ", ".join(repr(c) for c in close)
+    return f" (did you mean {names}?)" if paren else f" Did you mean {names}?"
+
+
+def check_shard(shard, num_shards) -> tuple[int, int]:
+    """``(shard, num_shards)`` of an array job: ``num_shards >= 1`` and ``0 <= shard < num_shards``."""
+    num_shards = check_positive(num_shards, "num_shards")
+    if not 0 <= check_int(shard, "shard") < num_shards:
+        raise ConfigError(f"shard must be in [0, num_shards) (got {shard} of {num_shards})")
+    return int(shard), num_shards

@@ -1,0 +1,1 @@
+"""Developer tools run as modules, e.g. ``python -m diffmem.tools.layers`` (the import rule)."""
