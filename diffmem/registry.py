@@ -22,7 +22,8 @@ class Registry:
     def __init__(self, kind: str, expects: type | Callable[[Any], bool] | None = None):
         self.kind = kind
         self.expects = expects
-        self._entries: dict[str, Any] = {}
+        self._entries: dict[str, Any] = {}  # as registered
+        self._loaded: dict[str, Any] = {}  # lazy targets, once imported
 
     def register(self, name: str, target: Any | None = None) -> Callable | Any:
         """Register ``target`` (an object or a lazy ``"module:attr"`` string) under ``name``.
@@ -54,12 +55,12 @@ class Registry:
         if name not in self._entries:
             raise ConfigError(f"unknown {self.kind} '{name}'.{did_you_mean(name, self._entries, n=3)} "
                               f"Known: {', '.join(self.names())}")
-        target = self._entries[name]
+        target = self._loaded.get(name, self._entries[name])
         if isinstance(target, str):
             module, _, attr = target.partition(":")
             target = importlib.import_module(module)
             target = getattr(target, attr) if attr else target
-            self._entries[name] = target
+            self._loaded[name] = target
         self._check(name, target)
         return target
 
