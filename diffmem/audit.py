@@ -136,6 +136,10 @@ def run(cfg: DictConfig) -> Path:
     prompts = score_prompts(gens, cfg.threshold, cfg.dcr_threshold)
     metrics = summarise(gens, prompts, baseline, cfg.threshold, cfg.dcr_threshold)
     metrics.update(feature=str(cfg.features.extractor.name), provenance=provenance(cfg))
+    warning = FeatureStore(ref_dir).warning()
+    if warning:
+        metrics["warning"] = warning
+        log.warning("audit: %s; the scores say nothing about memorisation", warning)
     write_parquet(run_dir / "generations.parquet", gens)
     write_parquet(run_dir / "prompts.parquet", prompts)
     write_json(run_dir / "metrics.json", metrics)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
+from diffmem.data.prompts import warn_long_prompts
 from diffmem.data.samples import PROMPTS, SAMPLES, plan_samples
 from diffmem.errors import ConfigError
 from diffmem.models import load_pipeline
@@ -77,7 +78,7 @@ def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int,
 
 def fingerprint(cfg: DictConfig) -> dict:
     keys = ["model", "prompts", "seed", "n_per_prompt", "steps", "guidance_scale", "scheduler",
-            "resolution", "num_shards"] + (["data"] if cfg.prompts.kind == "testbed" else [])
+            "resolution", "num_shards", "batch_size"] + (["data"] if cfg.prompts.kind == "testbed" else [])
     return config_subset(cfg, keys)
 
 
@@ -96,6 +97,7 @@ def run(cfg: DictConfig) -> Path:
     mine = plan.iloc[cfg.shard::cfg.num_shards]
     pipe = load_pipeline(cfg.model.path, device=device, dtype=cfg.model.dtype,
                          local_files_only=cfg.model.local_files_only, scheduler=cfg.scheduler)
+    warn_long_prompts(prompts["caption"], pipe.tokenizer)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "prompt list", prompts)
     write_parquet(run_dir / PROMPTS, prompts)
