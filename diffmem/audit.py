@@ -20,6 +20,7 @@ from diffmem import embed, generate
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
 from diffmem.data.samples import read_samples
+from diffmem.features import check_extractor
 from diffmem.features.store import FeatureStore
 from diffmem.index import stage as index_stage
 from diffmem.index.matches import find_matches, write_matches
@@ -111,7 +112,8 @@ def run(cfg: DictConfig) -> Path:
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         return Path(cfg.run_dir)
     # generate validates the model and prompts before writing anything; claim after it, so
-    # a refused audit leaves nothing behind
+    # a refused audit leaves nothing behind (the descriptor is checked before generating)
+    check_extractor(cfg.embed.features.extractor)
     gen_dir = generate.run(_sub(cfg, "generate", run_dir=str(Path(cfg.run_dir) / "generate")))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     q_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-samples"), source="samples",

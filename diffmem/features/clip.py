@@ -72,6 +72,15 @@ def _find_weights(folder: Path) -> str | None:
     return str(found[0]) if found else None
 
 
+def _require_weights(arch: str, pretrained: str | None) -> None:
+    """Random weights only on request: refuse a CLIP without weights (``pretrained`` unset,
+    and no ``local-dir:``/``hf-hub:`` arch, which brings its own)."""
+    if pretrained in (None, "", "none") and not str(arch).startswith(("local-dir:", "hf-hub:")):
+        raise ConfigError("clip: no weights (pretrained is unset); pass features.extractor.pretrained="
+                          "<checkpoint file or cached tag>, or features.extractor.pretrained=random "
+                          "for a randomly initialised CLIP (not a meaningful descriptor)")
+
+
 def resolve_pretrained_tag(arch: str, tag: str, cache_dir: str | None = None) -> tuple[str, dict]:
     """(local checkpoint path, open_clip pretrained cfg) of a pretrained tag, from caches only."""
     import open_clip
@@ -116,11 +125,16 @@ class ClipExtractor(Extractor):
 
     family = "clip"
 
+    @classmethod
+    def check_config(cls, fields: dict) -> None:
+        _require_weights(fields.get("arch", "ViT-B-32"), fields.get("pretrained"))
+
     def __init__(self, arch: str = "ViT-B-32", pretrained: str | None = None, cache_dir: str | None = None,
                  device: str | torch.device = "auto", precision: str = "fp32",
                  force_quick_gelu: bool = False, name: str = "clip"):
         import open_clip
 
+        _require_weights(arch, pretrained)
         self.name = name
         self.arch = arch
         self.pretrained = pretrained
@@ -151,10 +165,6 @@ class ClipExtractor(Extractor):
             close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise ConfigError(f"clip: unknown arch '{arch}'.{hint} (or use 'local-dir:<folder>')")
-        elif pretrained in (None, "", "none"):
-            raise ConfigError("clip: no weights (pretrained is unset); pass features.extractor.pretrained="
-                              "<checkpoint file or cached tag>, or features.extractor.pretrained=random "
-                              "for a randomly initialised CLIP (not a meaningful descriptor)")
         elif pretrained == "random":
             self.random_init = True
         elif os.path.isfile(os.path.expanduser(str(pretrained))):

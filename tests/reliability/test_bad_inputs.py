@@ -686,6 +686,14 @@ def _(tmp, pipe):
     return dict(call=_run("embed", args), run_dir=run, names=["pretrained=random", "no weights"])
 
 
+@case("audit-clip-without-weights", ConfigError)
+def _(tmp, pipe):
+    """Refused before the audit generates anything (its first step), so nothing is claimed."""
+    run = tmp / "run"
+    return dict(call=_run("audit", ["features=clip", f"run_dir={run}"]), run_dir=run,
+                names=["pretrained=random", "no weights"])
+
+
 # -- content fingerprints: a stale index, streamed parts, unfinished runs --------------------------
 
 def _ref_and_index(tmp: Path, n: int = 12) -> tuple[Path, Path]:
