@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem import embed, generate
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
+from diffmem.data.images import without_guards
 from diffmem.data.samples import read_samples
 from diffmem.features import check_extractor
 from diffmem.features.store import FeatureStore
@@ -103,8 +104,9 @@ def summarise(gens: pd.DataFrame, prompts: pd.DataFrame, baseline: pd.DataFrame 
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    return config_subset(cfg, ("model", "data", "prompts", "features", "index", "seed", "n_per_prompt",
-                               "k", "baseline_split", "threshold", "dcr_threshold"))
+    fp = config_subset(cfg, ("model", "data", "prompts", "features", "index", "seed", "n_per_prompt",
+                             "k", "baseline_split", "threshold", "dcr_threshold"))
+    return {**fp, "data": without_guards(fp["data"])}
 
 
 def run(cfg: DictConfig) -> Path:

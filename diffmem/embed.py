@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image
-from diffmem.data.images import MAX_PIXELS
+from diffmem.data.images import MAX_PIXELS, without_guards
 from diffmem.data.samples import read_samples
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
@@ -71,8 +71,9 @@ def embed_files(extractor, root: Path, files: list[str], store: FeatureStore, *,
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    return config_subset(cfg, ["features", "source", "split", "samples_dir", "part_size", "num_shards",
-                               "resolution"] + (["data"] if cfg.source == "dataset" else []))
+    fp = config_subset(cfg, ["features", "source", "split", "samples_dir", "part_size", "num_shards",
+                             "resolution"] + (["data"] if cfg.source == "dataset" else []))
+    return {**fp, "data": without_guards(fp["data"])} if "data" in fp else fp
 
 
 def run(cfg: DictConfig) -> Path:

@@ -204,14 +204,21 @@ def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
     import fcntl
 
     run_dir = Path(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.parent / f".{run_dir.name}.lock", "a") as lock:
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir.parent / f".{run_dir.name}.lock", "a")
+    except OSError as err:
+        raise ConfigError(f"{run_dir}: cannot create the run dir there ({err.strerror})") from err
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not check_claim(run_dir, fingerprint):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / "run.json", json.loads(json.dumps(fingerprint, default=_json_default)))
-        else:
+        if check_claim(run_dir, fingerprint):
             remove_stale_temps(run_dir)
+            return run_dir
+        try:
+            run_dir.mkdir(exist_ok=True)
+        except OSError as err:  # e.g. a file of that name
+            raise ConfigError(f"{run_dir}: cannot create the run dir there ({err.strerror})") from err
+        write_json(run_dir / "run.json", json.loads(json.dumps(fingerprint, default=_json_default)))
     return run_dir
 
 

@@ -69,3 +69,11 @@ def test_unsafe_run_names_are_refused(name):
 def test_ordinary_run_names_pass():
     for name in ("default", "sd14", "clip-dataset", "v1.2_x", "..a"):
         check_run_name(name)
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for run_dir in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(ConfigError, match="cannot create the run dir there") as err:
+            claim(run_dir, {"a": 1})
+        assert str(run_dir) in str(err.value) and "\n" not in str(err.value)

@@ -19,6 +19,14 @@ PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "text", "Caption", "prompt")
 #: the default pixel budget of a decoded image (``data.max_pixels``): 80 Mpx, e.g. 8944 x 8944
 MAX_PIXELS = 80_000_000
+#: ``data`` settings that only guard (refuse inputs), never change a result
+GUARDS = ("max_pixels", "allow_outside_root")
+
+
+def without_guards(data: dict) -> dict:
+    """``data`` settings as a run's fingerprint: without :data:`GUARDS`, so a run refused for a
+    too large image resumes with a raised ``data.max_pixels``."""
+    return {k: v for k, v in data.items() if k not in GUARDS}
 
 
 def check_regular(path: Path, what: str = "file") -> None:

@@ -813,6 +813,18 @@ def test_bad_image_among_good_ones_keeps_finished_parts_and_resumes(tmp_path):
     assert len(ids) == len(x) == 5 and ids["file"].tolist()[2] == "bad.png"
 
 
+def test_image_over_budget_resumes_with_a_raised_budget(tmp_path):
+    """The pixel budget guards, it does not change results: not in the fingerprint, so the run
+    refused for a large image resumes (keeping its finished part) once the budget is raised."""
+    root = _folder(tmp_path, ("big.png", _encoded("PNG")))
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="big.png: a 16x16 image is over the pixel budget"):
+        diffmem.run("embed", _embed_args(root, run, "m.csv", "data.max_pixels=200"))
+    stamp = (run / "features" / "part-00000.npy").stat().st_mtime_ns
+    diffmem.run("embed", _embed_args(root, run, "m.csv", "data.max_pixels=300"))
+    assert (run / "_SUCCESS").exists() and (run / "features" / "part-00000.npy").stat().st_mtime_ns == stamp
+
+
 def test_refused_run_can_be_rerun_with_the_fix(tmp_path, tiny_pipe_dir):
     """A run refused for a bad input leaves no run.json behind, so the corrected command is
     not refused as 'another config'."""
