@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem import embed, generate
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
+from diffmem.data.images import without_guards
 from diffmem.data.samples import read_samples
+from diffmem.features import check_extractor
 from diffmem.features.store import FeatureStore
 from diffmem.index import stage as index_stage
 from diffmem.index.matches import find_matches, write_matches
@@ -102,8 +104,9 @@ def summarise(gens: pd.DataFrame, prompts: pd.DataFrame, baseline: pd.DataFrame 
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    return config_subset(cfg, ("model", "data", "prompts", "features", "index", "seed", "n_per_prompt",
-                               "k", "baseline_split", "threshold", "dcr_threshold"))
+    fp = config_subset(cfg, ("model", "data", "prompts", "features", "index", "seed", "n_per_prompt",
+                             "k", "baseline_split", "threshold", "dcr_threshold"))
+    return {**fp, "data": without_guards(fp["data"])}
 
 
 def run(cfg: DictConfig) -> Path:
@@ -111,7 +114,8 @@ def run(cfg: DictConfig) -> Path:
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         return Path(cfg.run_dir)
     # generate validates the model and prompts before writing anything; claim after it, so
-    # a refused audit leaves nothing behind
+    # a refused audit leaves nothing behind (the descriptor is checked before generating)
+    check_extractor(cfg.embed.features.extractor)
     gen_dir = generate.run(_sub(cfg, "generate", run_dir=str(Path(cfg.run_dir) / "generate")))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     q_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-samples"), source="samples",
@@ -136,6 +140,10 @@ def run(cfg: DictConfig) -> Path:
     prompts = score_prompts(gens, cfg.threshold, cfg.dcr_threshold)
     metrics = summarise(gens, prompts, baseline, cfg.threshold, cfg.dcr_threshold)
     metrics.update(feature=str(cfg.features.extractor.name), provenance=provenance(cfg))
+    warning = FeatureStore(ref_dir).warning()
+    if warning:
+        metrics["warning"] = warning
+        log.warning("audit: %s; the scores say nothing about memorisation", warning)
     write_parquet(run_dir / "generations.parquet", gens)
     write_parquet(run_dir / "prompts.parquet", prompts)
     write_json(run_dir / "metrics.json", metrics)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffmem.errors import DiffmemError
 from diffmem.registry import Registry
+from diffmem.runs import check_run_name
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR.parent / "conf"
@@ -82,8 +83,15 @@ def compose(stage: str, overrides: Sequence[str] = (), return_hydra_config: bool
 def run(stage: str, overrides: Sequence[str] = ()) -> Path:
     """Run ``stage`` in-process (as ``diffmem <stage> overrides`` would); returns its run dir."""
     cfg = compose(stage, overrides)
+    check_run_name(cfg.get("name", "-"))
     stage_module(stage).run(cfg)
     return Path(cfg.run_dir)
+
+
+def _exit(stage: str, err: DiffmemError):
+    """A user error as the CLI reports it: one line on stderr, exit status 2."""
+    print(f"diffmem {stage}: error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], object]:
@@ -93,15 +101,22 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name(stage))
     def _app(cfg: DictConfig):
-        with open_dict(cfg):
-            cfg.run_dir = HydraConfig.get().runtime.output_dir
         try:
+            check_run_name(cfg.get("name", "-"))
+            with open_dict(cfg):
+                cfg.run_dir = HydraConfig.get().runtime.output_dir
             return fn(cfg)
         except DiffmemError as err:
-            print(f"diffmem {stage}: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _exit(stage, err)
 
     def main():
+        try:  # before Hydra creates the run dir named after it
+            for arg in sys.argv[1:]:
+                key, eq, value = arg.lstrip("+").partition("=")
+                if eq and key == "name":
+                    check_run_name(value.strip("'\""))
+        except DiffmemError as err:
+            _exit(stage, err)
         sys.argv[1:1] = local_overrides()
         return _app()
 

@@ -22,6 +22,7 @@ from diffmem.checks import check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_image
+from diffmem.data.images import MAX_PIXELS, without_guards
 from diffmem.data.samples import read_samples
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
@@ -51,8 +52,10 @@ def samples_items(samples_dir: str | Path) -> tuple[Path, pd.DataFrame]:
 
 
 def embed_files(extractor, root: Path, files: list[str], store: FeatureStore, *, part_size: int,
-                batch_size: int, shard: int = 0, num_shards: int = 1, resolution: int | None = None) -> None:
-    """Embed ``files`` into the parts of ``store``, skipping parts that exist."""
+                batch_size: int, shard: int = 0, num_shards: int = 1, resolution: int | None = None,
+                max_pixels: int = MAX_PIXELS) -> None:
+    """Embed ``files`` into the parts of ``store``, skipping parts that exist (images over
+    ``max_pixels`` are refused before they are decoded)."""
     n_parts = (len(files) + part_size - 1) // part_size
     todo = [p for p in range(shard, n_parts, num_shards) if not store.has_part(p)]
     total = sum(len(files[p * part_size:(p + 1) * part_size]) for p in todo)
@@ -62,15 +65,17 @@ def embed_files(extractor, root: Path, files: list[str], store: FeatureStore, *,
             chunk = files[p * part_size:(p + 1) * part_size]
             vecs = []
             for i in range(0, len(chunk), batch_size):
-                images = [Image.fromarray(load_image(root / f, resolution)) for f in chunk[i:i + batch_size]]
+                images = [Image.fromarray(load_image(root / f, resolution, max_pixels))
+                          for f in chunk[i:i + batch_size]]
                 vecs.append(extractor.embed_pil(images, batch_size=batch_size).cpu().numpy())
                 bar.update(len(images))
             store.write_part(p, np.concatenate(vecs))
 
 
 def fingerprint(cfg: DictConfig) -> dict:
-    return config_subset(cfg, ["features", "source", "split", "samples_dir", "part_size", "num_shards",
-                               "resolution"] + (["data"] if cfg.source == "dataset" else []))
+    fp = config_subset(cfg, ["features", "source", "split", "samples_dir", "part_size", "num_shards",
+                             "resolution"] + (["data"] if cfg.source == "dataset" else []))
+    return {**fp, "data": without_guards(fp["data"])} if "data" in fp else fp
 
 
 def run(cfg: DictConfig) -> Path:
@@ -104,7 +109,7 @@ def run(cfg: DictConfig) -> Path:
     store = FeatureStore(run_dir)
     embed_files(extractor, root, files, store, part_size=cfg.part_size,
                 batch_size=cfg.batch_size, shard=cfg.shard, num_shards=cfg.num_shards,
-                resolution=cfg.resolution)
+                resolution=cfg.resolution, max_pixels=cfg.data.get("max_pixels", MAX_PIXELS))
     n_parts = (len(files) + cfg.part_size - 1) // cfg.part_size
     if not all(store.has_part(p) for p in range(n_parts)):
         log.info("embed: shard %d/%d done; waiting for other shards", cfg.shard, cfg.num_shards)

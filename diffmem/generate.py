@@ -18,6 +18,7 @@ from diffmem.checks import check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_prompts
+from diffmem.data.prompts import warn_long_prompts
 from diffmem.data.samples import PROMPTS, SAMPLES, plan_samples
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model
@@ -40,7 +41,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def fingerprint(cfg: DictConfig) -> dict:
     keys = ["model", "prompts", "seed", "n_per_prompt", "steps", "guidance_scale", "scheduler",
-            "resolution", "num_shards"] + (["data"] if cfg.prompts.kind == "testbed" else [])
+            "resolution", "num_shards", "batch_size"] + (["data"] if cfg.prompts.kind == "testbed" else [])
     return config_subset(cfg, keys)
 
 
@@ -58,6 +59,7 @@ def run(cfg: DictConfig) -> Path:
     plan = plan_samples(prompts, cfg.n_per_prompt, cfg.seed)
     mine = plan.iloc[cfg.shard::cfg.num_shards]
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
+    warn_long_prompts(prompts["caption"], pipe.tokenizer)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "prompt list", prompts)
     write_parquet(run_dir / PROMPTS, prompts)

@@ -13,8 +13,11 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
+import socket
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +29,11 @@ INFO = "info.json"
 RUN_FILE = "run.json"    # the fingerprint a run dir was claimed with
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_HOST = re.sub(r"[^\w]", "_", socket.gethostname().split(".")[0]) or "host"
+#: a temporary file of :func:`atomic_path`: ``.<name>.<host>-<pid>.<random>.tmp`` (older
+#: versions: ``.<name>.<random>.tmp``)
+_TMP = re.compile(r"^\..+?(?:\.(?P<host>\w+)-(?P<pid>\d+))?\.\w+\.tmp$")
+STALE_TMP_S = 3600  # a temporary file untouched this long is a killed write's, whoever made it
 _TRACKED_PACKAGES = (
     "diffmem", "torch", "torchvision", "diffusers", "transformers", "accelerate",
     "open_clip_torch", "peft", "faiss-cpu", "hydra-core", "numpy", "pandas",
@@ -37,7 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual mode
@@ -156,6 +164,14 @@ def _drop_nulls(v: Any) -> Any:
     return v
 
 
+def check_run_name(name: Any) -> None:
+    """Refuse a run name (``name=``, the last folder of a run dir) that is not one safe path
+    component: empty, ``.``/``..`` or with a separator would write outside ``outputs/<stage>/``."""
+    text = "" if name is None else str(name)
+    if text in ("", ".", "..") or any(c in text for c in "/\\\0"):
+        raise ConfigError(f"name={text!r} must be one folder name (not empty, '.' or '..', no '/')")
+
+
 def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool:
     """Refuse ``run_dir`` if it holds a run with another config; create nothing.
 
@@ -186,13 +202,74 @@ def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
 
     The first call records ``fingerprint`` in ``run.json``; later calls with the same
     fingerprint resume; a different one is refused naming the first differing field,
-    so results of two configs never mix in one folder.
+    so results of two configs never mix in one folder. Claims of one folder take turns
+    (a lock file beside it), so of two racing configs exactly one wins; a resumed run's
+    stale temporary files (of killed writes) are removed.
     """
+    import fcntl
+
     run_dir = Path(run_dir)
-    if not check_claim(run_dir, fingerprint):
-        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir.parent / f".{run_dir.name}.lock", "a")
+    except OSError as err:
+        raise ConfigError(f"{run_dir}: cannot create the run dir there ({err.strerror})") from err
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if check_claim(run_dir, fingerprint):
+            remove_stale_temps(run_dir)
+            return run_dir
+        try:
+            run_dir.mkdir(exist_ok=True)
+        except OSError as err:  # e.g. a file of that name
+            raise ConfigError(f"{run_dir}: cannot create the run dir there ({err.strerror})") from err
         write_json(run_dir / RUN_FILE, json.loads(json.dumps(fingerprint, default=_json_default)))
     return run_dir
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_path` under ``run_dir`` left by killed
+    writes: made on this host by a process that is gone, or untouched for ``STALE_TMP_S``
+    (other hosts' jobs of a sharded run may still be writing theirs). Returns them."""
+    removed = []
+    for folder, _, files in os.walk(run_dir):
+        for name in files:
+            m = _TMP.match(name)
+            if m is None:
+                continue
+            path = Path(folder) / name
+            try:
+                gone = m["pid"] is not None and m["host"] == _HOST and not _alive(int(m["pid"]))
+                if gone or time.time() - path.stat().st_mtime > STALE_TMP_S:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # its write finished (renamed) meanwhile
+                continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def file_stamp(path: str | os.PathLike, chunk: int = 1 << 20) -> dict[str, Any]:
+    """Size and SHA256 of the first and last ``chunk`` bytes of a (large) file: tells one file
+    from another (a rewrite, another build) without reading it all."""
+    import hashlib
+
+    size = os.stat(path).st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        h.update(fh.read(chunk))
+        fh.seek(max(0, size - chunk))
+        h.update(fh.read(chunk))
+    return {"size": size, "sha256_ends": h.hexdigest()}
 
 
 def table_digest(df) -> str:

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 
 from diffmem.config import hydra_app
 from diffmem.errors import ConfigError
-from diffmem.index.matches import find_matches, write_matches
+from diffmem.features.store import FeatureStore
+from diffmem.index.matches import find_matches, input_digests, write_matches
 from diffmem.runs import check_claim, claim, finish, is_done, require
 
 
@@ -32,14 +33,16 @@ def run(cfg: DictConfig) -> Path:
     ref = cfg.index_dir or cfg.stream_dir
     fp = {"index_dir" if cfg.index_dir else "stream_dir": str(Path(ref).resolve()),
           "queries_dir": str(Path(cfg.queries_dir).resolve()), "k": cfg.k,
-          "background_dir": norm.background_dir, "beta": norm.beta}
+          "background_dir": norm.background_dir, "beta": norm.beta,
+          "inputs": input_digests(cfg.queries_dir, cfg.index_dir, cfg.stream_dir, norm.background_dir)}
     if check_claim(cfg.run_dir, fp) and is_done(cfg.run_dir):
         return Path(cfg.run_dir)
     matches = find_matches(cfg.index_dir, cfg.queries_dir, cfg.k, norm.background_dir, norm.beta, norm.k,
                            stream_dir=cfg.stream_dir)
     run_dir = claim(cfg.run_dir, fp)
     write_matches(run_dir, matches)
-    return finish(run_dir, cfg, {"rows": len(matches)})
+    warning = FeatureStore(cfg.queries_dir).warning()  # a random CLIP: the matches mean nothing
+    return finish(run_dir, cfg, {"rows": len(matches)}, **({"warning": warning} if warning else {}))
 
 
 main = hydra_app("search", run)

@@ -176,3 +176,48 @@ def test_subset_errors_name_the_field(small_testbed):
         select_subset(df, _subset(2, 2))
     with pytest.raises(ConfigError, match="^data.subset.kinds: the dataset has no 'kind' column"):
         select_subset(df.drop(columns="kind"), _subset(2, 0))
+
+
+def test_bom_is_stripped_from_prompt_lists_and_manifests(tmp_path):
+    bom = "\ufeff"
+    (tmp_path / "p.txt").write_text(bom + "a cat\na dog\n", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text(bom + '{"caption": "a cat"}\n', encoding="utf-8")
+    (tmp_path / "p.csv").write_text(bom + "Caption;type\na cat;VM\n", encoding="utf-8")
+    for name in ("p.txt", "p.jsonl", "p.csv"):
+        assert read_prompt_file(tmp_path / name)["caption"].iloc[0] == "a cat", name
+    _folder(tmp_path, 1)
+    (tmp_path / "m.csv").write_text(bom + "file,caption\n0.png,a\n", encoding="utf-8")
+    assert load_folder_manifest(tmp_path, "m.csv")["file"].tolist() == ["0.png"]
+
+
+def test_images_outside_root_only_when_allowed(tmp_path):
+    (tmp_path / "root").mkdir()
+    root = _folder(tmp_path / "root", 1)
+    Image.new("RGB", (4, 4)).save(tmp_path / "out.png")
+    (root / "m.csv").write_text("file,caption\n0.png,a\n../out.png,b\n")
+    with pytest.raises(DataError, match=r"row 2: image '../out.png' is outside data.root"):
+        load_folder_manifest(root, "m.csv")
+    assert load_folder_manifest(root, "m.csv", allow_outside_root=True)["file"].tolist() == ["0.png", "../out.png"]
+
+
+def test_pixel_budget_is_checked_before_decoding(tmp_path):
+    Image.new("RGB", (20, 10)).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.png", max_pixels=200).shape == (10, 20, 3)
+    with pytest.raises(DataError, match=r"big.png: a 20x10 image is over the pixel budget data.max_pixels=199"):
+        load_image(tmp_path / "big.png", max_pixels=199)
+
+
+def test_long_prompts_warn_once_with_the_count(caplog):
+    from diffmem.data.prompts import warn_long_prompts
+
+    class Tokenizer:  # one token per word, as a stand-in for the pipeline's CLIP tokenizer
+        model_max_length = 4
+
+        def __call__(self, captions, truncation, verbose):
+            return {"input_ids": [c.split() for c in captions]}
+
+    with caplog.at_level("WARNING"):
+        n = warn_long_prompts(["a b c", "a b c d e", "a b c d e f g", "a"], Tokenizer())
+    assert n == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "2 of 4 prompts are longer than the tokenizer's 4 tokens" in lines[0]

@@ -42,7 +42,7 @@ def test_three_axes_in_one_table_with_a_pareto_figure(tiny_pipe_dir, tmp_path):
     _study(tmp_path / "s.db", "mc", [(1.0, 5.0), (2.0, 2.0), (3.0, 3.0)])
     args = [f"models.original={tiny_pipe_dir}", f"+models.gni={gni}", f"+models.full_ft={full / 'model'}",
             f"study={{path: {tmp_path / 's.db'}, name: mc}}", f"+pareto_runs.full_ft={full}", *COMMON,
-            "utility.clip={name: clip, arch: ViT-S-32, pretrained: null, device: cpu}"]
+            "utility.clip={name: clip, arch: ViT-S-32, pretrained: random, device: cpu}"]
     run_dir = diffmem.run("evaluate-mitigation", args)
     table = pd.read_parquet(run_dir / "mitigations.parquet")
     assert table["model"].tolist() == ["original", "gni", "full_ft"]

@@ -299,14 +299,23 @@ def test_sscd_non_torchscript_file_is_a_data_error(tmp_path):
 def test_clip_random_init_runs_on_small_batch():
     import open_clip
 
-    ext = build_extractor("clip", arch="ViT-S-32", pretrained=None, device="cpu")
+    ext = build_extractor("clip", arch="ViT-S-32", pretrained="random", device="cpu")
     out = ext(torch.rand(2, 3, 32, 32))
     assert ext.dim == open_clip.get_model_config("ViT-S-32")["embed_dim"]
     assert out.shape == (2, ext.dim)
     assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
     info = ext.info()
     assert info["weights"]["random_init"] is True
+    assert info["weights"]["warning"] == "randomly initialised CLIP — not a meaningful descriptor"
     assert info["preprocessing"]["size"] == 224 and info["preprocessing"]["crop"] == 224
+
+
+@pytest.mark.parametrize("pretrained", [None, "", "none"])
+def test_clip_without_weights_is_refused(pretrained):
+    """Random weights only on request: unset weights are a one-line error saying how to ask."""
+    with pytest.raises(ConfigError, match="pretrained=random") as err:
+        build_extractor("clip", arch="ViT-S-32", pretrained=pretrained, device="cpu")
+    assert "\n" not in str(err.value)
 
 
 TINY_CLIP = {

@@ -4,6 +4,7 @@ reads the run (index single/train/add, search against an index or streamed)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -91,3 +92,30 @@ def test_bad_part_is_one_clear_error_on_every_read_path(tmp_path, spoil, read):
     assert "\n" not in msg and all(str(n) in msg for n in names), msg
     assert not (tmp_path / "run").exists() and not (tmp_path / "idx").exists()
     assert not (tmp_path / "build" / "run.json").exists()
+
+
+def test_content_digest_follows_the_contents_not_the_path(tmp_path):
+    """Same contents: same digest; other vectors, ids or another part split under the same
+    path: another digest (an index or search of the old contents is not reused)."""
+    a = _store(tmp_path / "a", [_unit(6, seed=0), _unit(6, seed=1)]).content_digest()
+    assert _store(tmp_path / "b", [_unit(6, seed=0), _unit(6, seed=1)]).content_digest() == a
+    for i, parts in enumerate([[_unit(6, seed=0), _unit(6, seed=2)], [_unit(12, seed=0)]]):
+        assert _store(tmp_path / f"c{i}", parts).content_digest() != a
+
+
+def test_a_random_descriptor_is_named_in_every_output(tmp_path):
+    """Vectors of a randomly initialised CLIP: the index's info and the search's info say so."""
+    warning = "randomly initialised CLIP — not a meaningful descriptor"
+    ref = _store(tmp_path / "ref", [_unit(6, seed=0)]).run_dir
+    finish(ref, None, {"n": 6}, feature="clip", dim=8, n=6,
+           extractor={"weights": {"path": None, "random_init": True, "warning": warning}})
+    assert FeatureStore(ref).warning() == warning
+    idx = diffmem.run("index", [f"features_dir={ref}", f"run_dir={tmp_path / 'idx'}"])
+    assert json.loads((idx / "index_info.json").read_text())["warning"] == warning
+    out = diffmem.run("search", [f"index_dir={idx}", f"queries_dir={ref}", f"run_dir={tmp_path / 'run'}"])
+    assert json.loads((out / "info.json").read_text())["warning"] == warning
+    plain = _store(tmp_path / "plain", [_unit(6, seed=0)]).run_dir
+    idx = diffmem.run("index", [f"features_dir={plain}", f"run_dir={tmp_path / 'idx2'}"])
+    out = diffmem.run("search", [f"index_dir={idx}", f"queries_dir={plain}", f"run_dir={tmp_path / 'run2'}"])
+    assert "warning" not in json.loads((idx / "index_info.json").read_text())
+    assert "warning" not in json.loads((out / "info.json").read_text())

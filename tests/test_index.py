@@ -351,3 +351,32 @@ def test_approximate_index_records_recall(ref_dir):
                                 "index.nprobe=4", "index.train_sample=null", "recall.queries=20"])
     _, info = load_index(run)
     assert info["recall"]["recall@1"] == 1.0  # nprobe = nlist: exhaustive
+
+
+def test_on_disk_index_moves_with_its_folder_and_refuses_another_ivfdata(tmp_path):
+    """The inverted-lists file beside the index is found by name after the folder moves; a
+    different file in its place is refused before FAISS maps it (it would crash on access)."""
+    import shutil
+
+    xb = _clustered(2000, 16, 8, seed=1)
+    xq = _random(10, 16, 2)
+    folder = tmp_path / "idx"
+    train_empty_index(xb, "IVF8,Flat", out_path=folder / "empty.faiss")
+    paths = [folder / f"s{j}.faiss" for j in range(2)]
+    for j, p in enumerate(paths):
+        add_shard(folder / "empty.faiss", xb[j * 1000:(j + 1) * 1000], np.arange(j * 1000, (j + 1) * 1000),
+                  out_path=p)
+    merged = merge_shards(paths, empty_index_path=folder / "empty.faiss", ivfdata_path=folder / "index.ivfdata")
+    save_index(merged, folder, {"factory": "IVF8,Flat"})
+    want = search(load_index(folder)[0], xq, 5)[1]
+    del merged
+    moved = tmp_path / "moved"
+    shutil.move(folder, moved)
+    np.testing.assert_array_equal(search(load_index(moved)[0], xq, 5)[1], want)
+    data = (moved / "index.ivfdata").read_bytes()
+    (moved / "index.ivfdata").write_bytes(data[: len(data) // 2])  # e.g. a newer build's file
+    with pytest.raises(DataError, match=r"index.ivfdata is not the inverted-lists file .* rebuild the index"):
+        load_index(moved)
+    (moved / "index.ivfdata").unlink()
+    with pytest.raises(DataError, match=r"index.ivfdata: not found"):
+        load_index(moved)

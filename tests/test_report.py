@@ -117,3 +117,14 @@ def test_image_grid_upscales_with_nearest(tmp_path):
         pixels = np.asarray(img.convert("RGB")).reshape(-1, 3)
     # two 96x96 copies of the 8x8 checkerboard, half of each exactly C1: only NEAREST keeps that count
     assert int((pixels == C1).all(1).sum()) == 2 * 96 * 96 // 2
+
+
+def test_report_says_when_the_descriptor_is_meaningless(tmp_path, audit):
+    """An audit with a randomly initialised CLIP carries the warning in its metrics; the
+    report shows it in words at the top."""
+    gens, prompts, metrics, baseline = audit
+    warning = "randomly initialised CLIP — not a meaningful descriptor"
+    text = write_report(tmp_path / "run", gens, prompts, {**metrics, "warning": warning}).read_text()
+    assert f"Warning: {warning}" in text.split("</header>")[0]
+    plain = write_report(tmp_path / "plain", gens, prompts, metrics).read_text()
+    assert "Warning:" not in plain

@@ -47,7 +47,9 @@ def test_streamed_search_equals_the_index(ref_dir):
 def test_other_descriptor_is_refused(ref_dir):
     idx = diffmem.run("index", [f"features_dir={ref_dir}"])
     q = diffmem.run("embed", [*SMALL_DATA, "split=heldout", "features=clip", "features.extractor.arch=ViT-S-32",
+                              "features.extractor.pretrained=random",
                               "features.extractor.device=cpu", "name=clipq"])
+    assert FeatureStore(q).warning() == "randomly initialised CLIP — not a meaningful descriptor"
     with pytest.raises(DataError, match="dimension mismatch|built from 'pixel'"):
         diffmem.run("search", [f"index_dir={idx}", f"queries_dir={q}"])
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +18,40 @@ from diffmem.runs import read_parquet, require
 
 PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "text", "Caption", "prompt")
+#: the default pixel budget of a decoded image (``data.max_pixels``): 80 Mpx, e.g. 8944 x 8944
+MAX_PIXELS = 80_000_000
+#: ``data`` settings that only guard (refuse inputs), never change a result
+GUARDS = ("max_pixels", "allow_outside_root")
+
+
+def without_guards(data: dict) -> dict:
+    """``data`` settings as a run's fingerprint: without :data:`GUARDS`, so a run refused for a
+    too large image resumes with a raised ``data.max_pixels``."""
+    return {k: v for k, v in data.items() if k not in GUARDS}
+
+
+def check_regular(path: Path, what: str = "file") -> None:
+    """Refuse a missing input, or one that is no regular file (a FIFO or device would hang
+    or never end; symlinks are followed), before it is opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: {what} not found") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror})") from err
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a folder, FIFO or device); inputs must be files")
 
 
 def _read_table(path: Path) -> pd.DataFrame:
     """CSV (``,`` or ``;``), JSON lines or Parquet; errors name the file and line."""
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    check_regular(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return read_parquet(path)
     if suffix in (".jsonl", ".json"):
         rows = []
-        with open(path, encoding="utf-8", errors="strict") as fh:
+        with open(path, encoding="utf-8-sig", errors="strict") as fh:
             try:
                 for lineno, line in enumerate(fh, 1):
                     if line.strip():
@@ -42,12 +67,12 @@ def _read_table(path: Path) -> pd.DataFrame:
         return pd.DataFrame(rows)
     if suffix in (".csv", ".tsv", ".txt"):
         try:
-            head = path.read_text(encoding="utf-8").split("\n", 1)[0]
+            head = path.read_text(encoding="utf-8-sig").split("\n", 1)[0]
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
         sep = "\t" if suffix == ".tsv" else (";" if head.count(";") > head.count(",") else ",")
         try:
-            df = pd.read_csv(path, sep=sep, keep_default_na=False, dtype=str)
+            df = pd.read_csv(path, sep=sep, keep_default_na=False, dtype=str, encoding="utf-8-sig")
         except pd.errors.EmptyDataError as err:
             raise DataError(f"{path}: the file is empty (no header line)") from err
         except pd.errors.ParserError as err:
@@ -79,9 +104,15 @@ def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
                     f"found {', '.join(map(str, df.columns)) or 'none'})")
 
 
-def load_folder_manifest(root: str | Path, manifest: str | Path) -> pd.DataFrame:
-    """A folder of images + a captions file -> manifest with ``image_id, file, caption``."""
+def load_folder_manifest(root: str | Path, manifest: str | Path,
+                         allow_outside_root: bool = False) -> pd.DataFrame:
+    """A folder of images + a captions file -> manifest with ``image_id, file, caption``.
+
+    Every image must be a regular file inside ``root`` (no ``..``, absolute paths or symlinks
+    leading out, so a manifest cannot make diffmem read, and show in a report, files
+    elsewhere) unless ``allow_outside_root``."""
     root = Path(root)
+    inside = None if allow_outside_root else root.resolve()
     mpath = Path(manifest) if Path(manifest).is_absolute() else root / manifest
     df = _read_table(mpath)
     if df.empty:
@@ -94,9 +125,15 @@ def load_folder_manifest(root: str | Path, manifest: str | Path) -> pd.DataFrame
     if dup.any():
         raise DataError(f"{mpath}: duplicate image_id '{out['image_id'][dup].iloc[0]}' "
                         f"(row {int(np.argmax(dup.values)) + 1})")
-    for i, (file, cap) in enumerate(zip(out["file"], out["caption"])):
-        if not (root / file).is_file():
+    for i, file in enumerate(out["file"]):
+        path = root / file
+        if not path.exists():
             raise DataError(f"{mpath}: row {i + 1}: image '{file}' not found under {root}")
+        if inside is not None and not path.resolve().is_relative_to(inside):
+            raise DataError(f"{mpath}: row {i + 1}: image '{file}' is outside data.root {root} "
+                            "(set data.allow_outside_root=true to read it)")
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise DataError(f"{mpath}: row {i + 1}: image '{file}' is not a regular file")
     for col in df.columns.difference([pcol, ccol, "image_id"]):
         out[col] = df[col].values
     return out
@@ -142,21 +179,33 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
     elif cfg.kind == "folder":
         require(cfg, "root", "manifest", prefix="data.",
                 hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>")
-        df = load_folder_manifest(cfg.root, cfg.manifest)
+        max_pixels = cfg.get("max_pixels", MAX_PIXELS)
+        if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+            raise ConfigError(f"data.max_pixels must be an integer >= 1 (got {max_pixels!r})")
+        df = load_folder_manifest(cfg.root, cfg.manifest, bool(cfg.get("allow_outside_root", False)))
     else:
         raise ConfigError(f"data.kind '{cfg.kind}' is not one of testbed, folder")
     return Path(cfg.root), select_subset(df, cfg.get("subset"))
 
 
-def load_image(path: str | Path, resolution: int | None = None) -> np.ndarray:
+def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An RGB uint8 array [H, W, 3], resized (bicubic) to a square ``resolution`` if given.
 
     Grayscale (8 or 16 bit), palette, CMYK and alpha images are converted to RGB (alpha
-    over white).
+    over white). An image declaring more than ``max_pixels`` pixels is refused before it
+    is decoded (a small file can declare a huge image: a decompression bomb).
     """
     path = Path(path)
+    check_regular(path, "image file")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # the budget below decides; PIL's own limit (twice its warning size) still raises
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            if im.width * im.height > max_pixels:
+                raise DataError(f"{path}: a {im.width}x{im.height} image is over the pixel budget "
+                                f"data.max_pixels={max_pixels} (a decompression bomb?)")
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: PIL would clip
                 im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round()
@@ -169,8 +218,8 @@ def load_image(path: str | Path, resolution: int | None = None) -> np.ndarray:
             if resolution is not None and im.size != (resolution, resolution):
                 im = im.resize((resolution, resolution), Image.BICUBIC)
             return np.asarray(im, dtype=np.uint8).copy()
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: image file not found") from err
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path}: over PIL's decompression-bomb limit ({err})") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: corrupt or unreadable image ({err})") from err
 

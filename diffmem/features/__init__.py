@@ -35,7 +35,7 @@ FEATURES.register("sscd_onnx", "diffmem.features.onnx:OnnxExtractor")
 FEATURES.register("sscd_distilled", "diffmem.features.onnx:OnnxExtractor")
 FEATURES.register("clip", "diffmem.features.clip:ClipExtractor")
 
-__all__ = ["FEATURES", "Extractor", "build_extractor", "extractor_fields"]
+__all__ = ["FEATURES", "Extractor", "build_extractor", "check_extractor", "extractor_fields"]
 
 
 def _to_dict(cfg: Any) -> dict[str, Any]:
@@ -59,6 +59,12 @@ def extractor_fields(name: str) -> list[str]:
     """The config fields the extractor registered as ``name`` accepts."""
     sig = inspect.signature(FEATURES.get(name).__init__)
     return [p for p in sig.parameters if p != "self"]
+
+
+def check_extractor(cfg: Any) -> None:
+    """What the extractor of ``cfg`` refuses without being built (a CLIP without weights)."""
+    fields = _to_dict(cfg)
+    FEATURES.get(str(fields.get("name"))).check_config(fields)
 
 
 def build_extractor(cfg: Any = None, /, **overrides) -> Extractor:

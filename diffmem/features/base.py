@@ -54,6 +54,11 @@ class Extractor:
     preprocess = None
 
     # -- to implement ---------------------------------------------------------
+    @classmethod
+    def check_config(cls, fields: dict) -> None:
+        """Refuse an unusable config cheaply (nothing loaded), so a pipeline that embeds late
+        (audit) can refuse before its first step."""
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

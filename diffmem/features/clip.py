@@ -2,7 +2,9 @@
 
 Weights come from one of (never downloaded):
 
-- ``pretrained=None``: random initialisation (tests, smoke runs);
+- ``pretrained=random``: random initialisation (tests, smoke runs), only on request: unset
+  weights are refused, and a random CLIP says so in its info and a warning (its vectors are
+  no meaningful descriptor);
 - ``pretrained=/path/to/checkpoint`` (``.safetensors``, or a torch file read with
   ``weights_only=True``);
 - ``pretrained=<tag>`` (e.g. ``laion2b_s34b_b79k``): resolved only from the local
@@ -24,6 +26,7 @@ Config fields: ``arch``, ``pretrained``, ``cache_dir``, ``device``, ``precision`
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from diffmem.device import resolve_device
 from diffmem.features.base import Extractor, sha256_file
 from diffmem.features.transforms import Preprocess
 
+log = logging.getLogger(__name__)
+RANDOM_INIT = "randomly initialised CLIP — not a meaningful descriptor"
 _RESIZE_MODES = {"shortest": "short", "squash": "square", "longest": "long"}
 
 
@@ -66,6 +71,15 @@ def _find_weights(folder: Path) -> str | None:
             return str(folder / name)
     found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pth"))
     return str(found[0]) if found else None
+
+
+def _require_weights(arch: str, pretrained: str | None) -> None:
+    """Random weights only on request: refuse a CLIP without weights (``pretrained`` unset,
+    and no ``local-dir:``/``hf-hub:`` arch, which brings its own)."""
+    if pretrained in (None, "", "none") and not str(arch).startswith(("local-dir:", "hf-hub:")):
+        raise ConfigError("clip: no weights (pretrained is unset); pass features.extractor.pretrained="
+                          "<checkpoint file or cached tag>, or features.extractor.pretrained=random "
+                          "for a randomly initialised CLIP (not a meaningful descriptor)")
 
 
 def resolve_pretrained_tag(arch: str, tag: str, cache_dir: str | None = None) -> tuple[str, dict]:
@@ -108,11 +122,16 @@ class ClipExtractor(Extractor):
 
     family = "clip"
 
+    @classmethod
+    def check_config(cls, fields: dict) -> None:
+        _require_weights(fields.get("arch", "ViT-B-32"), fields.get("pretrained"))
+
     def __init__(self, arch: str = "ViT-B-32", pretrained: str | None = None, cache_dir: str | None = None,
                  device: str | torch.device = "auto", precision: str = "fp32",
                  force_quick_gelu: bool = False, name: str = "clip"):
         import open_clip
 
+        _require_weights(arch, pretrained)
         self.name = name
         self.arch = arch
         self.pretrained = pretrained
@@ -134,14 +153,14 @@ class ClipExtractor(Extractor):
             if not (folder / "open_clip_config.json").is_file():
                 raise DataError(f"clip: {folder} has no open_clip_config.json (an open_clip export folder)")
             self.weights_path = _find_weights(folder)
-            self.random_init = self.weights_path is None
+            if self.weights_path is None:
+                raise DataError(f"clip: {folder} has no weights file (*.safetensors, *.bin, *.pth)")
             model_name = f"local-dir:{folder}"
         elif open_clip.get_model_config(arch) is None:
             hint = did_you_mean(arch, open_clip.list_models(), n=3, cutoff=0.6)
             raise ConfigError(f"clip: unknown arch '{arch}'.{hint} (or use 'local-dir:<folder>')")
-        elif pretrained in (None, "", "none", "random"):
+        elif pretrained == "random":
             self.random_init = True
-            pretrained = None
         elif os.path.isfile(os.path.expanduser(str(pretrained))):
             self.weights_path = os.path.expanduser(str(pretrained))
         else:
@@ -157,7 +176,7 @@ class ClipExtractor(Extractor):
         logging.getLogger().setLevel(max(level, logging.ERROR))  # "initialized randomly" warning
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # random-init weights (pretrained=None) are the same in every process
+                torch.manual_seed(0)  # random-init weights (pretrained=random) are the same in every process
                 model = open_clip.create_model(
                     model_name, pretrained=None if model_name.startswith("local-dir:") else self.weights_path,
                     **kwargs)
@@ -165,6 +184,8 @@ class ClipExtractor(Extractor):
             raise DataError(f"clip: cannot build '{arch}' with weights {self.weights_path}: {_first_line(err)}") from err
         finally:
             logging.getLogger().setLevel(level)
+        if self.random_init:
+            log.warning("%s: %s (pretrained=random)", name, RANDOM_INIT)
         self.model = model.eval().requires_grad_(False)
         self._model_name = model_name
         self.sha256 = sha256_file(self.weights_path) if self.weights_path else None
@@ -210,7 +231,7 @@ class ClipExtractor(Extractor):
 
     def weights_info(self) -> dict[str, Any] | None:
         if self.weights_path is None:
-            return {"path": None, "sha256": None, "random_init": True}
+            return {"path": None, "sha256": None, "random_init": True, "warning": RANDOM_INIT}
         return {"path": str(Path(self.weights_path).resolve()), "sha256": self.sha256, "random_init": False}
 
     def _info_extra(self) -> dict[str, Any]:

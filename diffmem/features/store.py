@@ -11,13 +11,15 @@ ids as vectors) and the same one-line errors.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from diffmem.errors import DataError
-from diffmem.runs import INFO, atomic_path, is_done, parquet_rows, read_json, read_parquet, write_parquet
+from diffmem.runs import (INFO, RUN_FILE, atomic_path, digest, file_stamp, is_done, parquet_rows, read_json, read_parquet,
+                          write_parquet)
 
 PARTS = "features"
 IDS = "ids.parquet"
@@ -50,11 +52,28 @@ class FeatureStore:
     # ------------------------------------------------------------------ reading
 
     def part_paths(self) -> list[Path]:
-        """The part files, in order."""
+        """The part files, in order, checked to be numbered without a gap (a missing part
+        would shift every later row's id)."""
         parts = sorted((self.run_dir / PARTS).glob("part-*.npy"))
         if not parts:
             raise DataError(f"{self.run_dir}: no feature parts ({PARTS}/part-*.npy)")
+        for p, path in enumerate(parts):
+            if path != self.part_path(p):
+                raise DataError(f"{self.part_path(p)}: missing (the run has {len(parts)} parts up to "
+                                f"{parts[-1].name}); re-run the embed stage")
         return parts
+
+    def content_digest(self) -> str:
+        """What this finished embed run holds, as a short digest: its config (``run.json``),
+        its ids table and its parts' sizes and ends (the first and last 64 KiB: a cheap look
+        at vectors that may not fit in RAM). An index or search records it, so a folder
+        re-embedded under the same path is never paired with results of the old one."""
+        self._finished_info()
+        run_json = self.run_dir / RUN_FILE
+        with open(self.ids_path, "rb") as fh:
+            ids = hashlib.file_digest(fh, "sha256").hexdigest()
+        return digest({"config": read_json(run_json) if run_json.is_file() else None, "ids": ids,
+                       "parts": [file_stamp(p, 1 << 16) for p in self.part_paths()]})
 
     def info(self) -> dict:
         """The run's ``info.json``, checked to be an embed run's (it names its ``feature``)."""
@@ -68,6 +87,10 @@ class FeatureStore:
         if not isinstance(info, dict) or "feature" not in info:
             raise DataError(f"{path}: no 'feature' field (is {self.run_dir} an embed run?)")
         return info
+
+    def warning(self) -> str | None:
+        """What the extractor's info says against its vectors (a randomly initialised CLIP), if anything."""
+        return ((self.info().get("extractor") or {}).get("weights") or {}).get("warning")
 
     def ids(self) -> pd.DataFrame:
         """The ids table, one row per vector."""

@@ -26,7 +26,7 @@ import numpy as np
 
 from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
-from diffmem.runs import atomic_path, write_json
+from diffmem.runs import atomic_path, file_stamp, write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -290,14 +290,18 @@ def train_empty_index(sample: Any, factory: str = "Flat", metric: str = "ip",
     return index
 
 
-def _read_index(path: str | os.PathLike, what: str = "index", mmap: bool = False) -> faiss.Index:
+def _read_index(path: str | os.PathLike, what: str = "index", mmap: bool = False,
+                ondisk_same_dir: bool = False) -> faiss.Index:
+    """Read a FAISS index file; ``ondisk_same_dir``: its on-disk inverted lists are the file
+    of the recorded name beside it (not at the absolute path FAISS stored)."""
     path = Path(path)
     if path.is_dir():
         path = path / INDEX_FILE
     if not path.is_file():
         raise DataError(f"{what} file not found: {path}")
+    flags = (faiss.IO_FLAG_MMAP if mmap else 0) | (faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk_same_dir else 0)
     try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+        return faiss.read_index(str(path), flags)
     except RuntimeError as e:
         raise DataError(f"{what} file {path} is not a readable FAISS index: "
                         f"{_faiss_msg(e)}") from None
@@ -421,12 +425,35 @@ def _describe(index: faiss.Index) -> dict[str, Any]:
     return out
 
 
+def _ondisk_file(index: faiss.Index) -> Path | None:
+    """The inverted-lists file of an on-disk IVF index (:func:`merge_shards` with
+    ``ivfdata_path``), or None."""
+    ivf = _ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    return Path(lists.filename) if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def _check_ivfdata(folder: Path, index_file: Path, recorded: dict) -> Path:
+    """The on-disk inverted lists ``index_info.json`` records, checked to be the very file the
+    index was built with before FAISS maps it (another file there would crash on access)."""
+    path = folder / recorded["path"]  # relative: beside the index; absolute when built elsewhere
+    if not path.is_file():
+        raise DataError(f"{path}: not found (the on-disk inverted lists of {index_file})")
+    now = file_stamp(path)
+    if now != {k: recorded.get(k) for k in now}:
+        raise DataError(f"{path} is not the inverted-lists file {index_file} was built with "
+                        f"({now['size']} bytes, recorded {recorded.get('size')}); rebuild the index")
+    return path
+
+
 def save_index(index: faiss.Index, path: str | os.PathLike, info: dict | None = None) -> Path:
     """Write ``index.faiss`` and ``index_info.json`` into the folder ``path`` (atomically).
 
     ``index_info.json`` holds factory, metric, ntotal and dim (from the index) plus the
     caller's ``info`` (feature name, recall, ...); the caller's ``factory`` string wins
-    over the one FAISS reconstructs. Returns the folder.
+    over the one FAISS reconstructs. An on-disk IVF index's inverted-lists file is recorded
+    by name when it lies in ``path`` (so the folder can move) and by a size/content stamp
+    (so :func:`load_index` refuses any other file). Returns the folder.
     """
     path = Path(path)
     if path.suffix == ".faiss":
@@ -438,6 +465,10 @@ def save_index(index: faiss.Index, path: str | os.PathLike, info: dict | None = 
             raise DataError(f"index_info {key}={val!r} disagrees with the index ({meta[key]!r})")
         meta[key] = val
     meta["metric"] = _metric_name(meta["metric"])
+    ondisk = _ondisk_file(index)
+    if ondisk is not None:
+        beside = ondisk.resolve().parent == path.resolve()
+        meta["ivfdata"] = {"path": ondisk.name if beside else str(ondisk.resolve()), **file_stamp(ondisk)}
     write_index(index, path / INDEX_FILE)
     write_json(path / INFO_FILE, meta)
     return path
@@ -450,8 +481,8 @@ def load_index(path: str | os.PathLike, mmap: bool = False) -> tuple[faiss.Index
     index_file = path if path.suffix == ".faiss" else path / INDEX_FILE
     if not index_file.is_file():
         raise DataError(f"index file not found: {index_file} (run the index stage first)")
-    index = _read_index(index_file, "index", mmap=mmap)
     info_file = folder / INFO_FILE
+    info = None
     if info_file.is_file():
         import json
 
@@ -459,6 +490,14 @@ def load_index(path: str | os.PathLike, mmap: bool = False) -> tuple[faiss.Index
             info = json.loads(info_file.read_text())
         except ValueError as e:
             raise DataError(f"{info_file} is not valid JSON: {e}") from None
+        if not isinstance(info, dict):
+            raise DataError(f"{info_file}: expected a JSON object")
+    ivfdata = (info or {}).get("ivfdata")
+    if ivfdata:
+        _check_ivfdata(folder, index_file, ivfdata)
+    index = _read_index(index_file, "index", mmap=mmap,
+                        ondisk_same_dir=bool(ivfdata) and not Path(ivfdata["path"]).is_absolute())
+    if info is not None:
         if int(info.get("ntotal", index.ntotal)) != index.ntotal or \
                 int(info.get("dim", index.d)) != index.d:
             raise DataError(f"{info_file} (ntotal={info.get('ntotal')}, dim={info.get('dim')}) does "

@@ -42,6 +42,14 @@ def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
         raise DataError(f"{queries_dir} holds '{qinfo['feature']}' features but the reference "
                         f"{ref_dir} was built from '{info['feature']}' features; embed both "
                         "with the same descriptor")
+    refs = None
+    if "features_dir" in info:
+        store = FeatureStore(info["features_dir"])
+        if not store.ids_path.is_file():
+            raise DataError(f"{store.ids_path}: not found (the reference embed run of {ref_dir} was moved or deleted)")
+        refs = store.ids()
+        if index is not None:
+            _check_pairing(index_dir, index, info, store, len(refs))
     if index is None:
         scores, ids = streaming_search(parts, q, k)
     else:
@@ -56,12 +64,6 @@ def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
                               info={"feature": binfo["feature"]}, feature=qinfo["feature"],
                               name=f"queries {queries_dir}")
         scores = sscd_score_normalisation(scores, bg_scores, beta=beta, k=background_k).astype(np.float32)
-    refs = None
-    if "features_dir" in info:
-        store = FeatureStore(info["features_dir"])
-        if not store.ids_path.is_file():
-            raise DataError(f"{store.ids_path}: not found (the reference embed run of {ref_dir} was moved or deleted)")
-        refs = store.ids()
     nq = len(qids)
     out = pd.DataFrame({
         "query_id": np.repeat(qids["item_id"].to_numpy(), k),
@@ -77,6 +79,35 @@ def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
         out["ref_id"] = ref["item_id"].to_numpy()
         out["ref_file"] = ref["file"].to_numpy()
     return out.reset_index(drop=True)
+
+
+def input_digests(queries_dir, index_dir=None, stream_dir=None, background_dir=None) -> dict:
+    """The contents a search reads, by digest (its run's fingerprint: a re-embedded or rebuilt
+    input at the same path is a new search, not a finished one): the embed runs'
+    :meth:`~FeatureStore.content_digest` and the index's info file."""
+    import hashlib
+
+    from diffmem.index.faiss_index import INFO_FILE
+
+    runs = {"queries": queries_dir, "reference": stream_dir, "background": background_dir}
+    out = {key: FeatureStore(d).content_digest() for key, d in runs.items() if d}
+    info = Path(index_dir or "") / INFO_FILE
+    if index_dir and info.is_file():
+        out["index"] = hashlib.sha256(info.read_bytes()).hexdigest()[:12]
+    return out
+
+
+def _check_pairing(index_dir, index, info: dict, store: FeatureStore, n_ids: int) -> None:
+    """Refuse an index that does not hold its reference embed run as that run is now (it was
+    re-embedded, or changed, after the index was built): its rows would name the wrong images."""
+    recorded = info.get("features_digest")  # indexes built before it was recorded: no digest
+    if recorded is not None and recorded != (now := store.content_digest()):
+        raise DataError(f"the index {index_dir} was built from other contents of {store.run_dir} "
+                        f"(digest {recorded} then, {now} now); rebuild the index")
+    dim = store.info().get("dim")
+    if index.ntotal != n_ids or (dim is not None and int(dim) != index.d):
+        raise DataError(f"the index {index_dir} (ntotal={index.ntotal}, D={index.d}) does not hold "
+                        f"its reference embed run {store.run_dir} ({n_ids} ids, D={dim}); rebuild the index")
 
 
 def write_matches(run_dir: str | Path, matches: pd.DataFrame) -> Path:

@@ -55,9 +55,11 @@ def _sample(features_dir: str, train_sample: int | None, seed: int) -> np.ndarra
                            for m, lo, hi in zip(maps, offsets[:-1], offsets[1:])])
 
 
-def _info(cfg: DictConfig, finfo: dict) -> dict:
+def _info(cfg: DictConfig, finfo: dict, fp: dict) -> dict:
+    warning = FeatureStore(cfg.features_dir).warning()  # a random CLIP: the index says so too
     return {"factory": cfg.index.factory, "feature": finfo["feature"],
-            "features_dir": str(Path(cfg.features_dir).resolve())}
+            "features_dir": fp["features_dir"], "features_digest": fp["features_digest"],
+            **({"warning": warning} if warning else {})}
 
 
 def run(cfg: DictConfig) -> Path:
@@ -70,8 +72,10 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
     require(cfg, "features_dir", hint="features_dir=<an embed run dir>")
     check_shard(cfg.shard, cfg.num_shards)
+    # the embed run by content too: one re-embedded under the same path needs a new index
     fp = {"index": OmegaConf.to_container(cfg.index, resolve=True),
-          "features_dir": str(Path(cfg.features_dir).resolve()), "seed": cfg.seed}
+          "features_dir": str(Path(cfg.features_dir).resolve()),
+          "features_digest": FeatureStore(cfg.features_dir).content_digest(), "seed": cfg.seed}
     # the sharded modes share one folder whatever Hydra job runs them (a multirun of adds)
     build_dir = Path(cfg.run_dir if cfg.mode == "single" else cfg.build_dir)
     if check_claim(build_dir, fp) and is_done(build_dir):
@@ -103,7 +107,7 @@ def run(cfg: DictConfig) -> Path:
         index = merge_shards(shards, build_dir / "empty.faiss" if ondisk else None, ondisk)
         set_search_params(index, ix.nprobe, ix.ef_search)
         run_dir = claim(build_dir, fp)
-        save_index(index, run_dir, {**_info(cfg, finfo), **provenance(cfg)})
+        save_index(index, run_dir, {**_info(cfg, finfo, fp), **provenance(cfg)})
         mark_done(run_dir, {"ntotal": index.ntotal})
         return run_dir
     if cfg.mode == "train":  # reads only the sampled rows (memory-mapped parts)
@@ -115,7 +119,7 @@ def run(cfg: DictConfig) -> Path:
     x, _, finfo = FeatureStore(cfg.features_dir).load()
     index = build_index(x, ix.factory, ix.metric, train_sample=ix.train_sample, seed=cfg.seed,
                         nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search, name=name)
-    info = _info(cfg, finfo)
+    info = _info(cfg, finfo, fp)
     if ix.factory.strip().lower() != "flat" and cfg.recall.queries:
         q = held_out_queries(x, cfg.recall.queries, cfg.recall.noise, cfg.seed)
         info["recall"] = measure_recall(index, x, q, k=cfg.recall.k)

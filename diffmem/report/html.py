@@ -94,8 +94,10 @@ def _header(title: str, metrics: dict) -> str:
             f"threshold <b>{float(metrics['threshold']):g}</b>"]
     meta += [f"{k} {html.escape(str(prov[k]))}" for k in ("date", "git") if prov.get(k)]
     versions = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
+    warning = (f'<p class="warning"><b>Warning: {html.escape(metrics["warning"])}</b></p>'
+               if metrics.get("warning") else "")
     return (f"<header><h1>{html.escape(title)}</h1><p class=\"meta\">{' · '.join(meta)}</p>"
-            + (f'<p class="meta">{html.escape(versions)}</p>' if versions else "") + "</header>")
+            + (f'<p class="meta">{html.escape(versions)}</p>' if versions else "") + warning + "</header>")
 
 
 def _summary(generations, prompts, metrics, base_scores) -> str:

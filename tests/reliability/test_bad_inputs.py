@@ -551,6 +551,226 @@ def _(tmp, pipe):
                 names=[run, "part_size", "2 there", "3 now"], after=untouched)
 
 
+# -- resources and containment: pixel budget, regular files, data.root, run names -------------
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares ``width`` x ``height`` (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+@case("image-over-pixel-budget", DataError, claimed=True)
+def _(tmp, pipe):
+    root = _folder(tmp, ("bad.png", _encoded("PNG")))  # 16 x 16 = 256 pixels, over a budget of 200
+    run = tmp / "run"
+    return dict(call=_run("embed", _embed_args(root, run, "m.csv", "data.max_pixels=200")), run_dir=run,
+                names=[root / "bad.png", "16x16", "data.max_pixels=200"])
+
+
+@case("image-decompression-bomb", DataError, claimed=True)
+def _(tmp, pipe):
+    root = _folder(tmp, ("bad.png", _png_declaring(30000, 30000)))
+    run = tmp / "run"
+    return dict(call=_run("embed", _embed_args(root, run)), run_dir=run,
+                names=[root / "bad.png", "decompression-bomb"])
+
+
+@case("image-large-declared-size-under-pil-limit", DataError, claimed=True)
+def _(tmp, pipe):
+    root = _folder(tmp, ("bad.png", _png_declaring(12000, 12000)))  # 144 Mpx: refused before decoding
+    run = tmp / "run"
+    return dict(call=_run("embed", _embed_args(root, run)), run_dir=run,
+                names=[root / "bad.png", "12000x12000", "data.max_pixels"])
+
+
+_embed_config_case("max-pixels-zero", ConfigError, ["data.max_pixels=0"], ["data.max_pixels must be"])
+
+
+def _special_file_case(id: str, make: Callable[[Path], None], names: Callable[[Path, Path], list],
+                       stage: str = "embed"):
+    """An input that is a FIFO or device: refused before it is opened (reading it would hang)."""
+    @case(id, DataError)
+    def _(tmp, pipe):
+        root, run = _folder(tmp), tmp / "run"
+        make(root)
+        if stage == "embed":
+            call = _run("embed", _embed_args(root, run, "m2.csv"))
+        else:
+            call = _run("generate", _gen_args(pipe(), root / "p.txt", run))
+        return dict(call=call, run_dir=run, names=names(root, tmp))
+
+
+def _fifo_image(root: Path) -> None:
+    os.mkfifo(root / "bad.png")
+    (root / "m2.csv").write_text("file,caption\n0.png,a\nbad.png,b\n")
+
+
+_special_file_case("image-is-a-fifo", _fifo_image, lambda r, t: [r / "m2.csv", "row 2", "not a regular file"])
+_special_file_case("manifest-is-a-fifo", lambda r: os.mkfifo(r / "m2.csv"),
+                   lambda r, t: [r / "m2.csv", "not a regular file"])
+_special_file_case("manifest-symlink-to-dev-zero", lambda r: (r / "m2.csv").symlink_to("/dev/zero"),
+                   lambda r, t: [r / "m2.csv", "not a regular file"])
+_special_file_case("prompts-fifo", lambda r: os.mkfifo(r / "p.txt"), lambda r, t: [r / "p.txt", "not a regular file"],
+                   stage="generate")
+_special_file_case("prompts-symlink-to-dev-null", lambda r: (r / "p.txt").symlink_to("/dev/null"),
+                   lambda r, t: [r / "p.txt", "not a regular file"], stage="generate")
+
+
+def _outside_case(id: str, row: Callable[[Path, Path], str], allowed: bool = False):
+    @case(f"manifest-{id}", DataError)
+    def _(tmp, pipe):
+        root, run = _folder(tmp), tmp / "run"
+        Image.fromarray(_rgb(5)).save(tmp / "outside.png")
+        file = row(root, tmp)
+        (root / "m2.csv").write_text(f"file,caption\n0.png,a\n{file},b\n")
+        return dict(call=_run("embed", _embed_args(root, run, "m2.csv")), run_dir=run,
+                    names=[root / "m2.csv", "row 2", f"'{file}'", "outside data.root", "data.allow_outside_root=true"])
+
+
+def _link_out(root: Path, tmp: Path) -> str:
+    (root / "link.png").symlink_to(tmp / "outside.png")
+    return "link.png"
+
+
+_outside_case("dotdot-outside-root", lambda root, tmp: "../outside.png")
+_outside_case("absolute-path-outside-root", lambda root, tmp: str(tmp / "outside.png"))
+_outside_case("symlink-out-of-root", _link_out)
+
+
+def _name_case(id: str, name: str):
+    @case(f"run-name-{id}", ConfigError)
+    def _(tmp, pipe):
+        fdir = _embed_dir(tmp / "emb", [_unit(10, 8)])
+        out = tmp / "out" / "sub"
+        args = [f"features_dir={fdir}", f"paths.output_dir={out}", f"name={name}"]
+        return dict(call=_run("index", args), run_dir=None, names=[f"name={name!r}", "one folder name"],
+                    after=lambda: not (tmp / "out").exists() and not (tmp / "x").exists())
+
+
+_name_case("dotdot", "../../x")
+_name_case("slash", "a/b")
+_name_case("empty", "")
+_name_case("dot", ".")
+
+
+# -- prompts: BOM, empty after normalisation, non-string JSON captions ---------------------------
+
+_prompt_case("nul-only-caption", "p.txt", "a cat\n\x00\x00\n", ["p.txt", "line 2", "empty caption"])
+_prompt_case("zero-width-only-caption", "p.txt", "a cat\n\n\u200b\u200d\u2060\n",
+             ["p.txt", "line 3", "empty caption"])
+_prompt_case("bom-then-zero-width-only", "p.txt", "\ufeff\u200b\n", ["p.txt", "line 1", "empty caption"])
+_prompt_case("jsonl-zero-width-caption", "p.jsonl", '{"caption": "ok"}\n{"caption": "\\u200b\\u0000"}\n',
+             ["p.jsonl", "line 2", "empty caption"])
+_prompt_case("csv-nul-caption", "p.csv", "Caption;type\na cat;VM\n\x00;TM\n", ["p.csv", "line 3", "empty caption"])
+_prompt_case("jsonl-number-caption", "p.jsonl", '{"caption": 5}\n', ["p.jsonl", "row 1", "int 5", "not a string"])
+_prompt_case("jsonl-list-caption", "p.jsonl", '{"caption": "ok"}\n{"caption": ["a", "b"]}\n',
+             ["p.jsonl", "row 2", "list", "not a string"])
+_prompt_case("jsonl-bool-caption", "p.jsonl", '{"caption": true}\n', ["p.jsonl", "row 1", "bool"])
+_prompt_case("jsonl-object-caption", "p.jsonl", '{"caption": {"text": "a"}}\n', ["p.jsonl", "row 1", "dict"])
+
+
+# -- random weights only on request ----------------------------------------------------------------
+
+@case("embed-clip-without-weights", ConfigError)
+def _(tmp, pipe):
+    root, run = _folder(tmp), tmp / "run"
+    args = [a for a in _embed_args(root, run) if not a.startswith("features.extractor.size")]
+    args += ["features=clip", "features.extractor.arch=ViT-S-32", "features.extractor.device=cpu"]
+    return dict(call=_run("embed", args), run_dir=run, names=["pretrained=random", "no weights"])
+
+
+@case("audit-clip-without-weights", ConfigError)
+def _(tmp, pipe):
+    """Refused before the audit generates anything (its first step), so nothing is claimed."""
+    run = tmp / "run"
+    return dict(call=_run("audit", ["features=clip", f"run_dir={run}"]), run_dir=run,
+                names=["pretrained=random", "no weights"])
+
+
+# -- content fingerprints: a stale index, streamed parts, unfinished runs --------------------------
+
+def _ref_and_index(tmp: Path, n: int = 12) -> tuple[Path, Path]:
+    ref = _embed_dir(tmp / "ref", [_unit(n, 8)])
+    return ref, diffmem.run("index", [f"features_dir={ref}", f"run_dir={tmp / 'idx'}"])
+
+
+@case("search-index-of-a-re-embedded-folder", DataError)
+def _(tmp, pipe):
+    ref, idx = _ref_and_index(tmp)
+    shutil.rmtree(ref)  # as the "another config" error suggests, then other data at the same path
+    _embed_dir(ref, [_unit(12, 8, seed=7)])
+    run = tmp / "run"
+    return dict(call=_run("search", [f"index_dir={idx}", f"queries_dir={ref}", f"run_dir={run}"]), run_dir=run,
+                names=[idx, ref, "other contents", "rebuild the index"])
+
+
+@case("search-old-index-with-fewer-ids", DataError)
+def _(tmp, pipe):
+    ref, idx = _ref_and_index(tmp)
+    info = idx / "index_info.json"  # an index from before content digests were recorded
+    write_json(info, {k: v for k, v in __import__("json").loads(info.read_text()).items() if k != "features_digest"})
+    shutil.rmtree(ref)
+    _embed_dir(ref, [_unit(5, 8, seed=7)])
+    run = tmp / "run"
+    return dict(call=_run("search", [f"index_dir={idx}", f"queries_dir={ref}", f"run_dir={run}"]), run_dir=run,
+                names=[idx, "ntotal=12", ref, "5 ids"])
+
+
+@case("index-rerun-on-a-re-embedded-folder", ConfigError)
+def _(tmp, pipe):
+    ref, idx = _ref_and_index(tmp)
+    shutil.rmtree(ref)
+    _embed_dir(ref, [_unit(12, 8, seed=7)])
+    return dict(call=_run("index", [f"features_dir={ref}", f"run_dir={idx}"]), run_dir=None,
+                names=[idx, "features_digest"])
+
+
+def _stream_case(id: str, spoil: Callable[[Path], None], names: Callable[[Path], list]):
+    @case(f"search-stream-{id}", DataError)
+    def _(tmp, pipe):
+        ref = _embed_dir(tmp / "ref", [_unit(4, 8), _unit(4, 8, 1), _unit(4, 8, 2)])
+        q = _embed_dir(tmp / "q", [_unit(3, 8, 3)])
+        spoil(ref)
+        run = tmp / "run"
+        return dict(call=_run("search", [f"stream_dir={ref}", f"queries_dir={q}", f"run_dir={run}"]),
+                    run_dir=run, names=names(ref))
+
+
+_stream_case("first-part-missing", lambda r: (r / PART0).unlink(), lambda r: [r / PART0, "missing"])
+_stream_case("middle-part-missing", lambda r: (r / "features/part-00001.npy").unlink(),
+             lambda r: [r / "features/part-00001.npy", "missing"])
+_stream_case("unfinished-run", lambda r: (r / "_SUCCESS").unlink(), lambda r: [r, "_SUCCESS"])
+_stream_case("info-json-missing", lambda r: (r / "info.json").unlink(), lambda r: [r, "info.json"])
+
+
+@case("search-queries-unfinished-run", DataError)
+def _(tmp, pipe):
+    ref, idx = _ref_and_index(tmp)
+    q = _embed_dir(tmp / "q", [_unit(3, 8, 3)])
+    (q / "_SUCCESS").unlink()
+    run = tmp / "run"
+    return dict(call=_run("search", [f"index_dir={idx}", f"queries_dir={q}", f"run_dir={run}"]), run_dir=run,
+                names=[q, "_SUCCESS"])
+
+
+@case("generate-batch-size-changed-on-existing-run", ConfigError)
+def _(tmp, pipe):
+    (tmp / "p.txt").write_text("a red circle\n")
+    run = tmp / "run"
+    diffmem.run("generate", _gen_args(pipe(), tmp / "p.txt", run, "batch_size=1"))
+    before = {f: (run / f).read_bytes() for f in _files(run)}
+    return dict(call=_run("generate", _gen_args(pipe(), tmp / "p.txt", run, "batch_size=2")), run_dir=None,
+                names=[run, "batch_size", "1 there", "2 now"],
+                after=lambda: {f: (run / f).read_bytes() for f in _files(run)} == before)
+
+
 # ------------------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
@@ -591,6 +811,18 @@ def test_bad_image_among_good_ones_keeps_finished_parts_and_resumes(tmp_path):
     assert part0.stat().st_mtime_ns == stamp and part0.read_bytes() == content
     x, ids, _ = FeatureStore(run).load()
     assert len(ids) == len(x) == 5 and ids["file"].tolist()[2] == "bad.png"
+
+
+def test_image_over_budget_resumes_with_a_raised_budget(tmp_path):
+    """The pixel budget guards, it does not change results: not in the fingerprint, so the run
+    refused for a large image resumes (keeping its finished part) once the budget is raised."""
+    root = _folder(tmp_path, ("big.png", _encoded("PNG")))
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="big.png: a 16x16 image is over the pixel budget"):
+        diffmem.run("embed", _embed_args(root, run, "m.csv", "data.max_pixels=200"))
+    stamp = (run / "features" / "part-00000.npy").stat().st_mtime_ns
+    diffmem.run("embed", _embed_args(root, run, "m.csv", "data.max_pixels=300"))
+    assert (run / "_SUCCESS").exists() and (run / "features" / "part-00000.npy").stat().st_mtime_ns == stamp
 
 
 def test_refused_run_can_be_rerun_with_the_fix(tmp_path, tiny_pipe_dir):
@@ -713,6 +945,15 @@ def test_cli_corrupt_image_names_the_file(tmp_path):
     assert not (tmp_path / "run" / "_SUCCESS").exists() and not (tmp_path / "run" / "ids.parquet").exists()
 
 
+@pytest.mark.parametrize("name", ["../../x", ""])
+def test_cli_unsafe_run_name_is_one_line_before_any_folder(tmp_path, name):
+    """Hydra creates the run dir before the stage runs: the name is refused before that."""
+    out = _cli(tmp_path, "index", f"name={name}", "features_dir=nope")
+    line = _one_error_line(out, "index", f"name={name!r}", "one folder name")
+    assert out.stderr.strip() == line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, no ../../x
+
+
 # -- the count ---------------------------------------------------------------------------------------
 
 def test_case_count(capsys):
@@ -722,4 +963,4 @@ def test_case_count(capsys):
     assert len(CASES) >= 30
     with capsys.disabled():
         print(f"\n[reliability] {len(CASES)} malformed-input cases, {len(ODD_MODES)} odd-but-valid "
-              f"image modes, 4 CLI checks")
+              f"image modes, 6 CLI checks")
