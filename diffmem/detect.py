@@ -34,7 +34,7 @@ from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data.prompts import needs_dataset, stage_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
-from diffmem.errors import ConfigError, DataError
+from diffmem.errors import ConfigError
 from diffmem.metrics.detection import (
     calibrate_threshold,
     check_positives,

@@ -150,6 +150,7 @@ def test_detect_from_two_files_with_exclusions_and_hard_negatives(tiny_pipe_dir,
     hard = diffmem.load_run(run_dir).metrics["ground_truth"]["hard_negatives"]
     assert hard["n_neg"] == 1 and "roc_auc" in hard  # the 1x canary vs the 4x canary and the template
     assert "memorised vs hard negatives (1 prompts trained on but not memorised)" in caplog.text
+    assert "ROC-AUC vs hard negatives" in (run_dir / "report.html").read_text()
 
 
 def _target_list(tmp_path, small_testbed):

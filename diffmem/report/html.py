@@ -239,6 +239,10 @@ def write_detect_report(run_dir, scores: pd.DataFrame, metrics: dict, attributio
              ("ROC-AUC", _num(metrics.get("roc_auc")), "vs ground truth" if "roc_auc" in metrics else "no labels"),
              ("TPR at FPR", _num(metrics.get("tpr_at_fpr")), f"FPR {metrics.get('fpr', '–')}"),
              ("UNet evaluations", _num(metrics.get("unet_calls_per_prompt"), "{:.0f}"), "per prompt")]
+    hard = (metrics.get("ground_truth") or {}).get("hard_negatives")
+    if hard:
+        cards.insert(2, ("ROC-AUC vs hard negatives", _num(hard["roc_auc"]),
+                         f"{hard['n_neg']} prompts trained on but not memorised"))
     body = "".join(f'<div class="card"><div>{html.escape(a)}</div><div class="v">{html.escape(b)}</div>'
                    f'<div class="n">{html.escape(c)}</div></div>' for a, b, c in cards)
     parts = [f"<header><h1>{html.escape(title)}</h1></header>",
@@ -246,7 +250,8 @@ def write_detect_report(run_dir, scores: pd.DataFrame, metrics: dict, attributio
     if (run_dir / "roc.png").exists():
         parts.append(_section("roc", "ROC curve", _img(run_dir / "roc.png", "ROC curve")))
     ranked = scores.sort_values("score", ascending=False, kind="stable")
-    cols = [c for c in ("prompt_id", "caption", "score", "label", "kind", "dup_count", "type") if c in ranked]
+    cols = [c for c in ("prompt_id", "caption", "score", "label", "hard_negative", "kind", "dup_count", "type",
+                        "memorisation_type", "source") if c in ranked]
     flag = ranked["label"].eq(1) if "label" in ranked else None
     parts.append(_section("scores", "Prompts ranked by score (higher = more likely memorised)",
                           '<div class="scroll">' + _table(ranked[cols], flag=flag) + "</div>"))
