@@ -208,17 +208,17 @@ def test_ground_truth_labels():
     tb = pd.DataFrame({"kind": ["canary", "canary", "template", "ordinary", "heldout"],
                        "dup_count": [64, 4, 32, 1, 0]})
     pos = OmegaConf.to_container(diffmem.compose("detect").positives)  # conf/positives/default.yaml
-    # templates are memorised (template type) and the rare canary a hard negative, left out
-    # (the old default, kinds: [canary], left templates out as well)
+    # the rare canary is a hard negative and the template (in neither list) left out
     got = ground_truth_labels(tb, pos)
-    assert got[0] == 1 and np.isnan(got[1]) and got[2] == 1 and got[3] == 0 and got[4] == 0
-    got = ground_truth_labels(tb, {**pos, "exclude": ["template"], "min_dup_count": 4})
+    assert got[0] == 1 and np.isnan(got[1]) and np.isnan(got[2]) and got[3] == 0 and got[4] == 0
+    both = {**pos, "memorised": ["verbatim", "template"], "min_dup_count": 4}
+    assert ground_truth_labels(tb, both).tolist()[:3] == [1, 1, 1]
+    got = ground_truth_labels(tb, {**both, "exclude": ["template"]})
     assert got.tolist()[:2] == [1, 1] and np.isnan(got[2])
-    got = ground_truth_labels(tb, {**pos, "memorised": ["verbatim"]})  # template: in neither list
-    assert np.isnan(got[2])
     nemo = pd.DataFrame({"memorisation_type": ["verbatim", "template", "none", None],
                          "is_memorised": [True, True, False, True]})
-    assert ground_truth_labels(nemo, pos).tolist()[:3] == [1, 1, 0] and ground_truth_labels(nemo, pos)[3] == 1
+    got = ground_truth_labels(nemo, pos)
+    assert got[0] == 1 and np.isnan(got[1]) and got[2] == 0 and got[3] == 1  # type unknown: its label
     assert ground_truth_labels(pd.DataFrame({"caption": ["x"]}), pos) is None
     with pytest.raises(ConfigError, match="unknown field"):
         ground_truth_labels(tb, {"min_dupcount": 3})
@@ -239,7 +239,7 @@ def test_detect_stage_outputs(tiny_pipe_dir):
     assert scores["prompt_id"].is_unique and np.isfinite(scores["score"]).all()
     assert (scores["detector"] == "noise_norm").all()
     canary4 = scores[(scores.kind == "canary") & (scores.dup_count == 4)]
-    assert (canary4["label"] == 1).all() and (scores.loc[scores.kind == "template", "label"] == 1).all()
+    assert (canary4["label"] == 1).all() and scores.loc[scores.kind == "template", "label"].isna().all()
     m = res.metrics
     assert m["unet_calls"] == 2 * len(scores)  # steps=[0], one generation
     sub = scores[scores["label"].notna()]
@@ -311,8 +311,7 @@ def test_noise_norm_separates_duplicated_canaries_on_the_shipped_testbed():
     run_dir = diffmem.run("detect")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["unet_calls_per_prompt"] == 2
-    # canaries >= 16x and the two templates (memorised, template type) vs ordinary + held-out
-    assert metrics["ground_truth"]["n_pos"] == 10 and metrics["ground_truth"]["n_neg"] >= 29
+    assert metrics["ground_truth"]["n_pos"] == 8 and metrics["ground_truth"]["n_neg"] >= 29
     assert metrics["roc_auc"] >= 0.99, metrics["by_group"]
     hard = metrics["ground_truth"]["hard_negatives"]  # the 1x/4x canaries: trained on, not copied
-    assert hard["n_neg"] == 8 and 0.6 <= hard["roc_auc"] < 0.95
+    assert hard["n_neg"] == 8 and 0.6 <= hard["roc_auc"] < 0.9  # about 0.75

@@ -20,6 +20,7 @@ from diffmem.metrics.detection import ground_truth_labels
 from tests.conftest import SMALL_DATA
 
 POSITIVES = {"memorised": ["verbatim", "template"], "not_memorised": ["none"], "exclude": [], "min_dup_count": 16}
+# (conf/positives/default.yaml counts verbatim only; these tests count templates too)
 
 
 def _wen(path):
@@ -126,7 +127,8 @@ def _tiny(pipe_dir):
 def test_detect_from_two_files_with_exclusions_and_hard_negatives(tiny_pipe_dir, tmp_path, caplog):
     mem, unmem = _nemo(tmp_path)
     files = f"prompts.files=[{{path: '{mem}', label: positive}}, {{path: '{unmem}', label: negative}}]"
-    run_dir = diffmem.run("detect", [*_tiny(tiny_pipe_dir), "prompts=file", files, "positives.exclude=[template]"])
+    run_dir = diffmem.run("detect", [*_tiny(tiny_pipe_dir), "prompts=file", files,
+                                     "positives.memorised=[verbatim,template]", "positives.exclude=[template]"])
     res = diffmem.load_run(run_dir)
     scores = res.table("scores")
     assert scores["label"].isna().sum() == 1 and scores["label"].sum() == 2  # TM left out
@@ -148,7 +150,7 @@ def test_detect_from_two_files_with_exclusions_and_hard_negatives(tiny_pipe_dir,
         run_dir = diffmem.run("detect", [*_tiny(tiny_pipe_dir), *SMALL_DATA, "prompts.n_ordinary=2",
                                          "prompts.n_heldout=2", "positives.min_dup_count=4", "name=tb"])
     hard = diffmem.load_run(run_dir).metrics["ground_truth"]["hard_negatives"]
-    assert hard["n_neg"] == 1 and "roc_auc" in hard  # the 1x canary vs the 4x canary and the template
+    assert hard["n_neg"] == 1 and hard["n_pos"] == 1  # the 1x canary vs the 4x canary
     assert "memorised vs hard negatives (1 prompts trained on but not memorised)" in caplog.text
     assert "ROC-AUC vs hard negatives" in (run_dir / "report.html").read_text()
 
@@ -169,6 +171,7 @@ def _target_list(tmp_path, small_testbed):
     return path
 
 
+@pytest.mark.slow  # ~25 s: keeps the default file under a minute
 def test_probe_and_evaluate_mitigation_from_a_prompt_list(tiny_pipe_dir, tmp_path):
     data = [a.replace("${paths.data_dir}/testbed-small", str(tmp_path / "tb")) for a in SMALL_DATA]
     from diffmem.data import load_dataset

@@ -28,7 +28,7 @@ SHORT = [
     "diffmem detect prompts=file prompts.path=wen_memorised.jsonl prompts.label=positive name=wen",
     "diffmem detect prompts=file 'prompts.files=[{path: memorized_prompts.csv, label: positive}, "
     "{path: unmemorized_prompts.csv, label: negative}]' name=nemo",
-    "diffmem detect prompts=file prompts.path=webster.parquet 'positives.exclude=[template]' name=webster",
+    "diffmem detect prompts=file prompts.path=webster.parquet 'positives.memorised=[verbatim,template]' name=webster",
     "diffmem embed split=train part_size=256 name=train",
     "diffmem index mode=train name=big features_dir=outputs/embed/train \"index.factory='IVF16,Flat'\"",
     "diffmem index --multirun mode=add shard=0,1 num_shards=2 name=big features_dir=outputs/embed/train "
@@ -126,8 +126,8 @@ def test_short_readme_commands_run_as_written(tmp_path):
         done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
     detect = tmp_path / "outputs" / "detect" / "webster"
-    assert json.loads((detect / "metrics.json").read_text())["ground_truth"]["n_excluded"] == 1  # the TV prompt
+    assert json.loads((detect / "metrics.json").read_text())["ground_truth"]["n_pos"] == 3  # MV, RV and TV
     assert (tmp_path / "outputs" / "index" / "big" / "_SUCCESS").exists()
     assert (tmp_path / "outputs" / "audit" / "photos" / "report.html").exists()
     nemo = json.loads((tmp_path / "outputs" / "detect" / "nemo" / "metrics.json").read_text())["ground_truth"]
-    assert nemo["n_pos"] == 3 and nemo["n_neg"] == 3
+    assert nemo["n_pos"] == 2 and nemo["n_neg"] == 3 and nemo["n_excluded"] == 1  # the TM prompt left out
