@@ -20,12 +20,15 @@ from diffmem import embed, generate
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
 from diffmem.data.images import without_guards
+from diffmem.data.prompts import stage_prompts
 from diffmem.data.samples import read_samples
+from diffmem.errors import ConfigError
 from diffmem.features import check_extractor
 from diffmem.features.store import FeatureStore
 from diffmem.index import stage as index_stage
 from diffmem.index.matches import find_matches, write_matches
 from diffmem.metrics import dcr_summary, median_mad, memorisation_rate, replication_rate
+from diffmem.checks import check_positive
 from diffmem.runs import check_claim, claim, config_subset, is_done, mark_done, provenance, write_json, write_parquet
 
 log = logging.getLogger(__name__)
@@ -55,16 +58,24 @@ def score_generations(samples: pd.DataFrame, matches: pd.DataFrame, refs: pd.Dat
 
 
 def score_prompts(gens: pd.DataFrame, threshold: float, dcr_threshold: float) -> pd.DataFrame:
-    """One row per prompt. ``label``: VM above the replication threshold, TM between the
-    DCR and the replication thresholds (a partial, template-like match), N below both."""
-    keys = [c for c in ("prompt_id", "caption", "kind", "group", "dup_count", "type") if c in gens]
+    """One row per prompt. ``score_band`` of its max score: ``above`` the replication threshold,
+    ``between`` the DCR and the replication thresholds, ``below`` both (score bands, not NeMo's
+    verbatim / template classes). ``correct_match_share_of_replicated``: of its generations
+    above the threshold, the share whose nearest training image is its own (as in
+    ``metrics.json``'s ``by_dup_count``)."""
+    keys = [c for c in ("prompt_id", "caption", "kind", "group", "dup_count", "type", "memorisation_type",
+                        "is_memorised", "target_file") if c in gens]
     g = gens.groupby(keys, dropna=False, sort=False)
     out = g.agg(n_generations=("sample_id", "size"), max_score=("top1_score", "max"),
                 mean_score=("top1_score", "mean"), replicated_share=("replicated", "mean")).reset_index()
     if "correct_match" in gens:
-        out["correct_match_share"] = g["correct_match"].mean().to_numpy()
+        rep = gens["correct_match"].where(gens["replicated"])
+        out["n_replicated"] = g["replicated"].sum().to_numpy().astype(int)
+        out["correct_match_share_of_replicated"] = rep.groupby([gens[k] for k in keys], dropna=False,
+                                                               sort=False).mean().to_numpy()
     out["memorised"] = out["max_score"] > threshold
-    out["label"] = np.where(out["memorised"], "VM", np.where(out["max_score"] > dcr_threshold, "TM", "N"))
+    out["score_band"] = np.where(out["memorised"], "above",
+                                 np.where(out["max_score"] > dcr_threshold, "between", "below"))
     return out.sort_values("max_score", ascending=False).reset_index(drop=True)
 
 
@@ -83,12 +94,13 @@ def summarise(gens: pd.DataFrame, prompts: pd.DataFrame, baseline: pd.DataFrame 
     truth = None
     if "kind" in prompts:
         truth = prompts["kind"].isin(MEMORISED_KINDS)
-    elif "type" in prompts:
-        truth = prompts["type"].isin(["VM", "TM"])
+    elif "is_memorised" in prompts:  # a prompt list's ground truth (diffmem.data.prompt_lists)
+        truth = prompts["is_memorised"].astype(object).eq(True)
     if truth is not None and truth.any():
         per_prompt = gens[gens["prompt_id"].isin(prompts.loc[truth, "prompt_id"])]
         out["memorisation_rate"] = memorisation_rate(per_prompt, threshold=threshold,
                                                      score_col="top1_score")
+        out["memorisation_rate_prompts"] = int(truth.sum())  # its denominator: known memorised prompts
     if "dup_count" in prompts:
         rows = []
         for (kind, dup), grp in prompts.groupby(["kind", "dup_count"], sort=True):
@@ -109,8 +121,39 @@ def fingerprint(cfg: DictConfig) -> dict:
     return {**fp, "data": without_guards(fp["data"])}
 
 
+def baseline_split(cfg: DictConfig, manifest: pd.DataFrame) -> str | None:
+    """The held-out split the baseline embeds (``baseline_split``; ``auto``: ``heldout`` when the
+    data has such a split column, else none), checked against the data before any generation."""
+    split = cfg.baseline_split
+    has_split = "split" in manifest
+    if split == "auto":
+        return "heldout" if has_split and (manifest["split"] == "heldout").any() else None
+    if split is None:
+        return None
+    if not has_split:
+        raise ConfigError(f"baseline_split={split}: the dataset has no 'split' column; use baseline_split=null "
+                          f"(no held-out baseline) or add a split column (train / {split}) to the manifest")
+    splits = ", ".join(sorted(map(str, manifest["split"].unique())))
+    for needed in (split, "train"):
+        if not (manifest["split"] == needed).any():
+            raise ConfigError(f"baseline_split={split}: no image has split '{needed}' (splits: {splits}); the "
+                              f"audit indexes split=train and embeds split={split} (or use baseline_split=null)")
+    return split
+
+
+def check_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``baseline_split`` resolved, after checking the data, the prompts and the
+    settings (nothing is generated or written before this)."""
+    check_positive(cfg.k, "k")
+    check_positive(cfg.n_per_prompt, "n_per_prompt")
+    manifest = load_dataset(cfg.data)[1]
+    stage_prompts(cfg, manifest)
+    return OmegaConf.merge(cfg, {"baseline_split": baseline_split(cfg, manifest)})
+
+
 def run(cfg: DictConfig) -> Path:
     """Run the whole audit per ``cfg``; returns the run dir."""
+    cfg = check_config(cfg)
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         return Path(cfg.run_dir)
     # generate validates the model and prompts before writing anything; claim after it, so

@@ -5,13 +5,17 @@ to the run dir:
 
 - ``scores.parquet``: ``prompt_id, caption, detector, score`` (higher = more likely memorised)
   plus the prompts' ground-truth columns when present (testbed ``kind``, ``group``,
-  ``dup_count``; prompt lists' ``type``) and ``label`` (1 memorised, 0 not, NaN left out).
+  ``dup_count``; prompt lists' ``type``, ``overfit_type``, ``memorisation_type``,
+  ``is_memorised``, ``source``), ``label`` (1 memorised, 0 not, NaN left out, per
+  ``positives``) and ``hard_negative`` (trained on but not memorised: the testbed's rare canaries).
 - ``attribution.parquet`` with ``attribution=true`` (noise_norm only): ``prompt_id,
   token_index, token, attribution``, one row per non-padding token.
 - ``metrics.json``: ``unet_calls`` (per-sample UNet evaluations; a guided step costs 2) and
   ``unet_forward_passes`` (batched calls), time, score summaries per ground-truth group and,
   with ground truth, ``roc_auc``, ``tpr_at_fpr`` (at ``fpr``) and the NeMo threshold
-  (mean + 1 std of the negatives) with its TPR/FPR; plus provenance.
+  (mean + 1 std of the negatives) with its TPR/FPR, and where the data has hard negatives
+  ``ground_truth.hard_negatives`` (memorised vs hard negatives: ROC-AUC, TPR@FPR); plus
+  provenance. The console says both AUCs, or why no ROC metric was computed.
 - ``roc.png`` with ground truth; ``report.html`` (ranked prompts, ROC curve, tokens shaded by
   their attribution); ``info.json`` and ``_SUCCESS`` last.
 """
@@ -28,14 +32,15 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
-from diffmem.data import load_dataset, load_prompts
+from diffmem.data.prompts import needs_dataset, stage_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
-from diffmem.errors import ConfigError, DataError
+from diffmem.errors import ConfigError
 from diffmem.metrics.detection import (
     calibrate_threshold,
     check_positives,
     describe_positives,
     detection_metrics,
+    ground_truth,
     ground_truth_labels,
     rates_at_threshold,
     roc_points,
@@ -49,7 +54,8 @@ from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, pr
 log = logging.getLogger(__name__)
 SCORES = "scores.parquet"
 ATTRIBUTION = "attribution.parquet"
-GROUND_TRUTH = ("kind", "group", "dup_count", "type", "target_id")
+GROUND_TRUTH = ("kind", "group", "dup_count", "type", "overfit_type", "memorisation_type", "is_memorised",
+                "source", "target_id")
 
 
 def check_config(cfg: DictConfig) -> Detector:
@@ -63,14 +69,6 @@ def check_config(cfg: DictConfig) -> Detector:
                           f"(noise_norm), not '{detector.name}'")
     check_positives(OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None)
     return detector
-
-
-def _prompts(cfg: DictConfig) -> pd.DataFrame:
-    manifest = load_dataset(cfg.data)[1] if cfg.prompts.kind == "testbed" else None
-    prompts = load_prompts(cfg.prompts, manifest)
-    if prompts.empty:
-        raise DataError("detect: the prompt list is empty")
-    return prompts
 
 
 def score_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int,
@@ -87,6 +85,9 @@ def score_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, r
     labels = ground_truth_labels(prompts, positives)
     if labels is not None:
         table["label"] = labels.to_numpy()
+        hard = ground_truth(prompts, check_positives(positives)["min_dup_count"])["hard_negative"]
+        if hard.any():
+            table["hard_negative"] = hard.to_numpy()
     return table
 
 
@@ -106,8 +107,13 @@ def evaluate(table: pd.DataFrame, fpr: float = 0.01) -> dict:
     y, s = known["label"].to_numpy(int), known["score"].to_numpy(float)
     n_pos, n_neg = int(y.sum()), int((y == 0).sum())
     out: dict = {"n_pos": n_pos, "n_neg": n_neg, "n_excluded": int(len(table) - len(known))}
+    if n_pos and "hard_negative" in table:  # memorised vs trained-on-but-not-memorised
+        hard = table[(table["label"] == 1) | table["hard_negative"].fillna(False).astype(bool)]
+        out["hard_negatives"] = detection_metrics(hard["score"].to_numpy(float),
+                                                  hard["label"].eq(1).to_numpy(int), fpr=fpr)
     if n_pos == 0 or n_neg == 0:
-        out["note"] = f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts"
+        out["note"] = (f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts "
+                       "(ROC needs both; see positives=... and the prompts' ground truth)")
         return out
     out.update(detection_metrics(s, y, fpr=fpr))
     if n_neg >= 2:
@@ -117,9 +123,28 @@ def evaluate(table: pd.DataFrame, fpr: float = 0.01) -> dict:
     return out
 
 
+def summary_lines(results: dict) -> list[str]:
+    """What the console says about the ground truth: the AUCs, or why there are none."""
+    if not results:
+        return ["no ROC metrics: the prompts carry no ground truth (a type/overfit_type/memorisation_type "
+                "column, a file label, or testbed kind/dup_count)"]
+    lines = [f"{results['n_pos']} memorised vs {results['n_neg']} not memorised prompts "
+             f"({results['n_excluded']} left out)"]
+    if "roc_auc" in results:
+        lines.append(f"ROC-AUC {results['roc_auc']:.3f}, TPR@{results['fpr']:g}FPR {results['tpr_at_fpr']:.3f}")
+    else:
+        lines.append(results["note"])
+    if "hard_negatives" in results:
+        h = results["hard_negatives"]
+        lines.append(f"memorised vs hard negatives ({h['n_neg']} prompts trained on but not memorised): "
+                     f"ROC-AUC {h['roc_auc']:.3f}, TPR@{h['fpr']:g}FPR {h['tpr_at_fpr']:.3f}")
+    return lines
+
+
 def group_summary(table: pd.DataFrame) -> list[dict]:
     """Mean / std / n of the score per ground-truth group (testbed kind x dup_count, or type)."""
-    keys = [c for c in ("kind", "dup_count") if c in table] or [c for c in ("type",) if c in table]
+    keys = ([c for c in ("kind", "dup_count") if c in table] or [c for c in ("type",) if c in table]
+            or [c for c in ("memorisation_type",) if c in table])
     if not keys:
         return []
     g = table.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
@@ -147,14 +172,14 @@ def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
 
 def fingerprint(cfg: DictConfig) -> dict:
     keys = ["model", "prompts", "detect", "seed", "resolution", "scheduler", "attribution",
-            "positives", "fpr"] + (["data"] if cfg.prompts.kind == "testbed" else [])
+            "positives", "fpr"] + (["data"] if needs_dataset(cfg) else [])
     return config_subset(cfg, keys)
 
 
 def run(cfg: DictConfig) -> Path:
     """Detect per ``cfg``; returns the run dir."""
     detector = check_config(cfg)
-    prompts = _prompts(cfg)
+    prompts = stage_prompts(cfg)
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         log.info("detect: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)
@@ -193,6 +218,8 @@ def run(cfg: DictConfig) -> Path:
                         title=f"diffmem detect: {detector.name} on {cfg.model.name}")
     log.info("detect: %s scored %d prompts with %d UNet evaluations%s", detector.name, len(table),
              used.evals, f"; ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else "")
+    for line in summary_lines(results):
+        log.info("detect: %s", line)
     return finish(run_dir, cfg, {"n_prompts": len(table), "roc_auc": results.get("roc_auc")},
                   detector=detector.name, unet_calls=used.evals)
 

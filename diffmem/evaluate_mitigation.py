@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
-from diffmem.data import load_dataset, load_prompts, load_unit_images
+from diffmem.data import load_dataset, load_unit_images
+from diffmem.data.prompts import stage_prompts
 from diffmem.errors import ConfigError, DataError
 from diffmem.report.figures import save_figure
 from diffmem.runs import (check_claim, claim, config_subset, digest, finish, is_done, provenance, read_json,
@@ -155,7 +156,7 @@ def run(cfg: DictConfig) -> Path:
 
     models = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
-    prompts = load_prompts(cfg.prompts, manifest if cfg.prompts.kind == "testbed" else None)
+    prompts = stage_prompts(cfg, manifest)
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
     targets, negatives, _ = select_prompts(prompts, positives, cfg.get("max_targets"), 0, stage="evaluate-mitigation")
     target_images = load_targets(root, targets, int(cfg.resolution), False)

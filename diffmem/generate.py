@@ -17,8 +17,7 @@ from omegaconf import DictConfig
 from diffmem.checks import check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
-from diffmem.data import load_dataset, load_prompts
-from diffmem.data.prompts import warn_long_prompts
+from diffmem.data.prompts import needs_dataset, stage_prompts, warn_long_prompts
 from diffmem.data.samples import PROMPTS, SAMPLES, plan_samples
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model
@@ -41,7 +40,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def fingerprint(cfg: DictConfig) -> dict:
     keys = ["model", "prompts", "seed", "n_per_prompt", "steps", "guidance_scale", "scheduler",
-            "resolution", "num_shards", "batch_size"] + (["data"] if cfg.prompts.kind == "testbed" else [])
+            "resolution", "num_shards", "batch_size"] + (["data"] if needs_dataset(cfg) else [])
     return config_subset(cfg, keys)
 
 
@@ -54,8 +53,7 @@ def run(cfg: DictConfig) -> Path:
         log.info("generate: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)
     device = configure_torch(cfg)
-    manifest = load_dataset(cfg.data)[1] if cfg.prompts.kind == "testbed" else None
-    prompts = load_prompts(cfg.prompts, manifest)
+    prompts = stage_prompts(cfg)
     plan = plan_samples(prompts, cfg.n_per_prompt, cfg.seed)
     mine = plan.iloc[cfg.shard::cfg.num_shards]
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)

@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
-from diffmem.data import load_dataset, load_prompts, load_unit_images
-from diffmem.data.selection import split_prompts
+from diffmem.data import load_dataset, load_unit_images
+from diffmem.data.prompts import stage_prompts
+from diffmem.data.selection import check_targets, split_prompts
 from diffmem.errors import ConfigError
 from diffmem.mitigations import MITIGATIONS
 from diffmem.mitigations.builders import MitigationTask, sampler_settings
@@ -92,9 +93,11 @@ def run(cfg: DictConfig) -> Path:
     """Build the mitigation per ``cfg``; returns the run dir."""
     fn = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
-    prompts = load_prompts(cfg.prompts, manifest if cfg.prompts.kind == "testbed" else None)
+    prompts = stage_prompts(cfg, manifest)
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
     memorised, negatives = (t.reset_index(drop=True) for t in split_prompts(prompts, positives, "mitigate"))
+    if cfg.mitigation.kind == "adversarial_ft":  # fine-tunes against the memorised training images
+        check_targets(memorised, "mitigate mitigation=adversarial_ft")
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         log.info("mitigate: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)

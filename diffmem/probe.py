@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem.checks import check_int, check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
-from diffmem.data import load_dataset, load_prompts
+from diffmem.data import load_dataset
+from diffmem.data.prompts import stage_prompts
 from diffmem.data.selection import load_targets, select_prompts
 from diffmem.errors import DataError
 from diffmem.probes import PROBES
@@ -88,9 +89,7 @@ def run(cfg: DictConfig) -> Path:
 
     fn = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
-    prompts = load_prompts(cfg.prompts, manifest if cfg.prompts.kind == "testbed" else None)
-    if prompts.empty:
-        raise DataError("probe: the prompt list is empty")
+    prompts = stage_prompts(cfg, manifest)
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
     targets, negatives, controls = select_prompts(prompts, positives, cfg.get("max_targets"), cfg.n_controls)
     if len(negatives) < 2 and cfg.probe.name in ("nemo", "locality", "finding_dori"):

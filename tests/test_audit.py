@@ -28,9 +28,12 @@ def test_scoring_hand_made_case():
     assert gens["correct_match"].iloc[:2].tolist() == [True, False] and gens["correct_match"].iloc[2:].isna().all()
     prompts = score_prompts(gens, threshold=0.9, dcr_threshold=0.5)
     assert prompts["prompt_id"].tolist() == [0, 1]  # ranked by max score
-    assert prompts["label"].tolist() == ["VM", "N"] and prompts["replicated_share"].tolist() == [0.5, 0.0]
+    # score bands, named apart from NeMo's VM/TM classes (were "VM", "N")
+    assert prompts["score_band"].tolist() == ["above", "below"] and prompts["replicated_share"].tolist() == [0.5, 0.0]
+    assert prompts["correct_match_share_of_replicated"].iloc[0] == 1.0 and prompts["n_replicated"].tolist() == [1, 0]
     m = summarise(gens, prompts, pd.DataFrame({"top1_score": [0.1, 0.2]}), 0.9, 0.5)
     assert m["replication_rate"] == 0.25 and m["memorisation_rate"] == 1.0
+    assert m["memorisation_rate_prompts"] == 1  # its denominator
     assert abs(m["dcr"]["mean"] - np.mean([0.99, 0.6, 0.3, 0.2])) < 1e-9
     by = {r["dup_count"]: r for r in m["by_dup_count"]}
     assert by[16]["flagged_share"] == 1.0 and by[16]["correct_match_share_of_replicated"] == 1.0

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import diffmem
 from diffmem.detectors import DETECTORS, build_detector, count_unet_evals
@@ -206,18 +207,25 @@ def test_detection_metrics_hand_case_and_sklearn():
 def test_ground_truth_labels():
     tb = pd.DataFrame({"kind": ["canary", "canary", "template", "ordinary", "heldout"],
                        "dup_count": [64, 4, 32, 1, 0]})
-    pos = dict(diffmem.compose("detect").positives)  # conf/positives/testbed.yaml
+    pos = OmegaConf.to_container(diffmem.compose("detect").positives)  # conf/positives/default.yaml
+    # the rare canary is a hard negative and the template (in neither list) left out
     got = ground_truth_labels(tb, pos)
     assert got[0] == 1 and np.isnan(got[1]) and np.isnan(got[2]) and got[3] == 0 and got[4] == 0
-    got = ground_truth_labels(tb, {**pos, "kinds": ["canary", "template"], "min_dup_count": 4})
-    assert got.tolist()[:3] == [1, 1, 1]
-    nemo = pd.DataFrame({"type": ["VM", "TM", "N", None]})
-    assert ground_truth_labels(nemo, pos).tolist() == [1, 1, 0, 0]
+    both = {**pos, "memorised": ["verbatim", "template"], "min_dup_count": 4}
+    assert ground_truth_labels(tb, both).tolist()[:3] == [1, 1, 1]
+    got = ground_truth_labels(tb, {**both, "exclude": ["template"]})
+    assert got.tolist()[:2] == [1, 1] and np.isnan(got[2])
+    nemo = pd.DataFrame({"memorisation_type": ["verbatim", "template", "none", None],
+                         "is_memorised": [True, True, False, True]})
+    got = ground_truth_labels(nemo, pos)
+    assert got[0] == 1 and np.isnan(got[1]) and got[2] == 0 and got[3] == 1  # type unknown: its label
     assert ground_truth_labels(pd.DataFrame({"caption": ["x"]}), pos) is None
     with pytest.raises(ConfigError, match="unknown field"):
         ground_truth_labels(tb, {"min_dupcount": 3})
-    with pytest.raises(ConfigError, match="missing field.*negative_kinds"):
-        ground_truth_labels(tb, {"kinds": ["canary"], "min_dup_count": 4, "types": []})
+    with pytest.raises(ConfigError, match="missing field.*not_memorised"):
+        ground_truth_labels(tb, {"memorised": ["verbatim"], "min_dup_count": 4, "exclude": []})
+    with pytest.raises(ConfigError, match="'verbatm' is not a memorisation type.*verbatim"):
+        ground_truth_labels(tb, {**pos, "exclude": ["verbatm"]})
 
 
 # --- the stage ----------------------------------------------------------------------------
@@ -305,3 +313,5 @@ def test_noise_norm_separates_duplicated_canaries_on_the_shipped_testbed():
     assert metrics["unet_calls_per_prompt"] == 2
     assert metrics["ground_truth"]["n_pos"] == 8 and metrics["ground_truth"]["n_neg"] >= 29
     assert metrics["roc_auc"] >= 0.99, metrics["by_group"]
+    hard = metrics["ground_truth"]["hard_negatives"]  # the 1x/4x canaries: trained on, not copied
+    assert hard["n_neg"] == 8 and 0.6 <= hard["roc_auc"] < 0.9  # about 0.75

@@ -312,7 +312,9 @@ def test_sharded_index_equals_single(ref_dir):
     diffmem.run("index", args + ["mode=train"])
     for i in range(3):
         diffmem.run("index", args + ["mode=add", f"shard={i}"])
-    merged = diffmem.run("index", args + ["mode=merge"])
+    with pytest.raises(ConfigError, match="0 of 1 shards present; the shards there were built with num_shards=3"):
+        diffmem.run("index", [f"features_dir={ref_dir}", "name=sharded", "mode=merge"])  # num_shards forgotten
+    merged = diffmem.run("index", args + ["mode=merge", "threads=1"])  # like every stage, index takes threads
     x, _, _ = FeatureStore(ref_dir).load()
     a, _ = load_index(single)
     b, info = load_index(merged)

@@ -14,11 +14,11 @@ from diffmem.report import dup_count_table, image_grid, write_report
 
 TOP_CAPTION = 'a <red> & "blue" square'
 C1, C2 = (255, 0, 0), (0, 0, 255)
-# prompt_id, caption, kind, dup_count, max_score, memorised, label
-PROMPTS = [("p0", TOP_CAPTION, "canary", 4, 0.95, True, "VM"),
-           ("p1", "a striped template", "template", 3, 0.80, True, "TM"),
-           ("p2", "an ordinary circle", "ordinary", 1, 0.30, False, "N"),
-           ("p3", "a held-out triangle", "heldout", 0, 0.20, False, "N")]
+# prompt_id, caption, kind, dup_count, max_score, memorised, score band
+PROMPTS = [("p0", TOP_CAPTION, "canary", 4, 0.95, True, "above"),
+           ("p1", "a striped template", "template", 3, 0.80, True, "above"),
+           ("p2", "an ordinary circle", "ordinary", 1, 0.30, False, "below"),
+           ("p3", "a held-out triangle", "heldout", 0, 0.20, False, "below")]
 
 
 def _png(path, colors=(C1, C2)):
@@ -44,8 +44,9 @@ def audit(tmp_path):
                              correct_match=(j == 0) if kind != "heldout" else np.nan))
         prows.append(dict(prompt_id=pid, caption=cap, n_generations=2, max_score=top,
                           mean_score=np.mean(scores), replicated_share=np.mean([s > 0.5 for s in scores]),
-                          memorised=mem, label=label, kind=kind, dup_count=dup, correct_match_share=0.5))
-    metrics = {"threshold": 0.5, "feature": "pixel", "memorisation_rate": 0.5,
+                          memorised=mem, score_band=label, kind=kind, dup_count=dup,
+                          n_replicated=2, correct_match_share_of_replicated=0.5))
+    metrics = {"threshold": 0.5, "feature": "pixel", "memorisation_rate": 0.5, "memorisation_rate_prompts": 2,
                "dcr": {"mean": 0.5, "p95": 0.9, "baseline_mean": 0.2, "baseline_p95": 0.3},
                "provenance": {"config": {"seed": 1234, "note": "<cfg>"}, "git": "abc123",
                               "date": "2025-01-01T00:00:00+00:00", "versions": {"numpy": "2.4.6"}}}
@@ -77,6 +78,9 @@ def test_report_with_ground_truth(tmp_path, audit):
     assert text.index(html.escape(TOP_CAPTION)) < text.index("an ordinary circle")
     assert "50.0%" in text and "abc123" in text and "held-out real baseline 0.300" in text
     assert "Detection vs known duplication count" in text and "canary ×4" in text
+    assert "of 2 known memorised prompts" in text  # the memorisation rate's denominator
+    assert text.count("correct_match_share_of_replicated") >= 3  # two tables' column + its definition
+    assert "score_band" in text and ">VM<" not in text
     assert re.search(r"<details[^>]*>.*&quot;note&quot;: &quot;&lt;cfg&gt;&quot;", text, re.S)
     figs = tmp_path / "run" / "figures"
     expected = ["similarity_histogram.png", "detection_by_dup_count.png"] + [
@@ -89,7 +93,7 @@ def test_report_with_ground_truth(tmp_path, audit):
 def test_report_without_ground_truth_or_baseline(tmp_path, audit):
     gens, prompts, metrics, _ = audit
     gens = gens.drop(columns=["kind", "group", "dup_count", "correct_match"])
-    prompts = prompts.drop(columns=["kind", "dup_count", "correct_match_share"])
+    prompts = prompts.drop(columns=["kind", "dup_count", "n_replicated", "correct_match_share_of_replicated"])
     metrics = {k: v for k, v in metrics.items() if k != "provenance"}
     metrics["dcr"] = {"mean": 0.5, "p95": 0.9}
     out = write_report(tmp_path, gens, prompts, metrics, top_n=1)

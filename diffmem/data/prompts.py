@@ -1,4 +1,5 @@
-"""Prompt lists: plain text, JSON lines (public memorised-prompt lists), ``;``-CSV (NeMo)."""
+"""Prompt lists: plain text, JSON lines (public memorised-prompt lists), ``;``-CSV (NeMo), TSV,
+Parquet (Webster et al.); the testbed's and a dataset's own prompts (:mod:`.prompt_lists`)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ import unicodedata
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from diffmem.checks import check_positive
-from diffmem.data.images import _read_table, check_regular
+from diffmem.data.images import _read_table, check_regular, load_dataset
+from diffmem.data.prompt_lists import (check_files, prompts_from_dataset, record_lines, resolve_targets,
+                                       with_ground_truth)
 from diffmem.errors import ConfigError, DataError
-from diffmem.runs import require
 
 log = logging.getLogger(__name__)
-FORMATS = ("txt", "jsonl", "csv")
+FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
+KINDS = ("auto", "testbed", "dataset", "file")
 
 
 def _blank(caption) -> bool:
@@ -31,11 +35,11 @@ def _format_of(path: Path, fmt: str) -> str:
             raise ConfigError(f"prompts.format '{fmt}' is not one of auto, {', '.join(FORMATS)}")
         return fmt
     suffix = path.suffix.lower().lstrip(".")
-    return {"json": "jsonl", "jsonl": "jsonl", "csv": "csv", "txt": "txt"}.get(suffix, "txt")
+    return {"json": "jsonl", "jsonl": "jsonl", "csv": "csv", "tsv": "tsv", "parquet": "parquet"}.get(suffix, "txt")
 
 
 def read_prompt_file(path: str | Path, fmt: str = "auto") -> pd.DataFrame:
-    """``prompt_id, caption`` plus whatever the file carries (index, url, type, max_sscd...)."""
+    """``prompt_id, caption`` plus every other column the file carries (index, url, type, target_file...)."""
     path = Path(path)
     fmt = _format_of(path, fmt)
     check_regular(path)
@@ -46,16 +50,15 @@ def read_prompt_file(path: str | Path, fmt: str = "auto") -> pd.DataFrame:
             raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
         kept = [(n, s.strip()) for n, s in enumerate(lines, 1) if s.strip()]
         df = pd.DataFrame({"caption": [s for _, s in kept]})
-        linenos = [n for n, _ in kept]
     else:
-        native = path.suffix.lower().lstrip(".") in ({"jsonl", "json"} if fmt == "jsonl" else {"csv"})
+        native = path.suffix.lower().lstrip(".") in ({"jsonl", "json"} if fmt == "jsonl" else {fmt})
         df = _normalise(_read_table(path) if native else _read_as(path, fmt), path)
-        linenos = range(2 if fmt == "csv" else 1, len(df) + 3)  # CSV has a header line
     if df.empty:
         raise DataError(f"{path}: the prompt list is empty")
     blank = df["caption"].map(_blank)
     if blank.any():
-        raise DataError(f"{path}: line {linenos[int(blank.values.argmax())]}: empty caption "
+        line = record_lines(path, fmt)[int(blank.values.argmax())]
+        raise DataError(f"{path}: {'row' if fmt == 'parquet' else 'line'} {line}: empty caption "
                         "(nothing but whitespace, control or zero-width characters)")
     df.insert(0, "prompt_id", range(len(df)))
     return df.reset_index(drop=True)
@@ -87,9 +90,8 @@ def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
             raise DataError(f"{path}: row {row}: the caption is {type(value).__name__} {value!r}, "
                             "not a string")
     out = pd.DataFrame({"caption": table[key].where(table[key].isna(), table[key].astype(str))})
-    for name in ("index", "url", "type", "max_sscd", "mean_sscd"):
-        if name in cols:
-            out[name] = table[cols[name]].values
+    for name in table.columns.drop(key):  # every column kept; a `prompt_id` of the file's own is renamed
+        out["source_prompt_id" if name == "prompt_id" else name] = table[name].values
     for name in ("max_sscd", "mean_sscd"):
         if name in out:
             out[name] = pd.to_numeric(out[name].replace("", None), errors="coerce")
@@ -125,15 +127,67 @@ def prompts_from_testbed(manifest: pd.DataFrame, n_ordinary: int = 16, n_heldout
     return df.reset_index(drop=True)
 
 
-def load_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The prompt table for a ``prompts`` config."""
-    if cfg.kind == "testbed":
-        if manifest is None:
-            raise ConfigError("prompts=testbed needs the testbed dataset (data=testbed)")
+def prompt_kind(prompts_cfg, data_kind: str) -> str:
+    """``prompts.kind`` with ``auto`` resolved: the testbed's prompts on testbed data, else the
+    dataset's own captions."""
+    kind = prompts_cfg.kind
+    if kind not in KINDS:
+        raise ConfigError(f"prompts.kind '{kind}' is not one of {', '.join(KINDS)}")
+    if kind == "auto":
+        return "testbed" if data_kind == "testbed" else "dataset"
+    return kind
+
+
+def needs_dataset(cfg) -> bool:
+    """Whether a stage's prompts (``cfg.prompts``) are drawn from its dataset (``cfg.data``)."""
+    return prompt_kind(cfg.prompts, cfg.data.kind) in ("testbed", "dataset")
+
+
+def read_prompt_files(files, fmt: str = "auto") -> pd.DataFrame:
+    """Several prompt lists as one table, each with its ``label`` (``positive``, ``negative`` or
+    null: from its columns) and its ``source`` file; ``prompt_id`` runs over all of them."""
+    parts = []
+    for entry in check_files(files):
+        df = read_prompt_file(entry["path"], fmt).drop(columns="prompt_id")
+        parts.append(with_ground_truth(df, Path(entry["path"]), entry["label"]).assign(source=entry["path"]))
+    df = pd.concat(parts, ignore_index=True)
+    df.insert(0, "prompt_id", range(len(df)))
+    return df
+
+
+def load_prompts(cfg, manifest: pd.DataFrame | None = None, data_kind: str = "testbed") -> pd.DataFrame:
+    """The prompt table for a ``prompts`` config (``manifest``: the dataset's, when the kind
+    needs it; ``data_kind`` resolves ``prompts.kind=auto``)."""
+    kind = prompt_kind(cfg, data_kind)
+    if kind in ("testbed", "dataset") and manifest is None:
+        raise ConfigError(f"prompts={kind} needs the dataset (data=...)")
+    if kind == "testbed":
+        if not {"kind", "split", "dup_count"} <= set(manifest.columns):
+            raise ConfigError("prompts=testbed needs the testbed dataset (data=testbed); for other data "
+                              "use prompts=dataset (its captions) or prompts=file prompts.path=<prompt list>")
         return prompts_from_testbed(manifest, cfg.n_ordinary, cfg.n_heldout)
-    if cfg.kind == "file":
-        require(cfg, "path", prefix="prompts.", hint="prompts=file needs prompts.path=<prompt list>")
+    if kind == "dataset":
+        limit = check_positive(cfg.get("max_prompts"), "prompts.max_prompts", optional=True)
+        return prompts_from_dataset(manifest, limit, int(cfg.get("seed", 0)))
+    if kind == "file":
+        if not cfg.get("path") and not cfg.get("files"):
+            raise ConfigError("prompts=file needs prompts.path=<prompt list> or "
+                              "prompts.files=[{path: <file>, label: positive|negative|null}, ...]")
+        if cfg.get("path") and cfg.get("files"):
+            raise ConfigError("prompts: set prompts.path or prompts.files, not both")
         limit = check_positive(cfg.get("limit"), "prompts.limit", optional=True)
-        df = read_prompt_file(cfg.path, cfg.get("format", "auto"))
+        files = (OmegaConf.to_container(cfg.files, resolve=True) if cfg.get("files")
+                 else [{"path": cfg.path, "label": cfg.get("label")}])
+        df = resolve_targets(read_prompt_files(files, cfg.get("format", "auto")), manifest)
         return df.head(int(limit)) if limit is not None else df
-    raise ConfigError(f"prompts.kind '{cfg.kind}' is not one of testbed, file")
+
+
+def stage_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+    """A stage's prompt table (``cfg.prompts`` over ``cfg.data``; the dataset is loaded here
+    when the prompts need it and ``manifest`` is not given); an empty table is refused."""
+    if manifest is None and needs_dataset(cfg):
+        manifest = load_dataset(cfg.data)[1]
+    prompts = load_prompts(cfg.prompts, manifest, cfg.data.kind)
+    if prompts.empty:
+        raise DataError(f"{cfg.get('stage', 'prompts')}: the prompt list is empty")
+    return prompts

@@ -29,7 +29,8 @@ def plan_samples(prompts: pd.DataFrame, n_per_prompt: int, seed: int) -> pd.Data
                          "k": k, "seed": sample_seed(seed, p.prompt_id, k),
                          "file": f"samples/p{p.prompt_id:05d}-s{k:03d}.png"})
     plan = pd.DataFrame(rows)
-    return plan.merge(prompts, on="prompt_id", how="left")
+    clash = {c: f"prompt_{c}" for c in plan.columns.drop("prompt_id") if c in prompts}  # e.g. a list's `file`
+    return plan.merge(prompts.rename(columns=clash), on="prompt_id", how="left")
 
 
 def read_samples(run_dir: str | Path) -> pd.DataFrame:

@@ -18,8 +18,9 @@ def split_prompts(prompts: pd.DataFrame, positives, stage: str) -> tuple[pd.Data
     """(memorised, non-memorised) prompts by their ground truth; ``stage`` names the errors."""
     labels = ground_truth_labels(prompts, positives)
     if labels is None:
-        raise DataError(f"{stage}: the prompts carry no ground truth (testbed kind/dup_count or a "
-                        "`type` column), so the memorised prompts are unknown")
+        raise DataError(f"{stage}: the prompts carry no ground truth (testbed kind/dup_count, a `type`, "
+                        "`overfit_type` or `memorisation_type` column, or a file label: prompts.label=positive), "
+                        "so the memorised prompts are unknown")
     memorised = prompts[labels == 1]
     if memorised.empty:
         raise DataError(f"{stage}: no memorised prompt among the prompts (check `positives`)")
@@ -30,11 +31,7 @@ def select_prompts(prompts: pd.DataFrame, positives, max_targets, n_controls: in
     """(targets, negatives, controls): memorised prompts, non-memorised prompts, and the first
     ``n_controls`` non-memorised prompts that have a training image."""
     targets, negatives = split_prompts(prompts, positives, stage)
-    if "target_file" not in prompts:
-        raise DataError(f"{stage}: the prompt list has no `target_file` column (the training image of each prompt)")
-    missing = targets[targets["target_file"].isna()]
-    if not missing.empty:
-        raise DataError(f"{stage}: memorised prompt {missing.iloc[0]['caption']!r} has no target_file")
+    check_targets(targets, stage)
     if max_targets is not None:
         targets = targets.head(int(max_targets))
     if "kind" in negatives:
@@ -43,6 +40,17 @@ def select_prompts(prompts: pd.DataFrame, positives, max_targets, n_controls: in
         trained = negatives
     controls = trained[trained["target_file"].notna()].head(int(n_controls))
     return targets.reset_index(drop=True), negatives.reset_index(drop=True), controls.reset_index(drop=True)
+
+
+def check_targets(targets: pd.DataFrame, stage: str) -> None:
+    """Every memorised prompt names its training image (``target_file``, or ``target_id``
+    resolved against the dataset when the prompts are loaded)."""
+    if "target_file" not in targets:
+        raise DataError(f"{stage}: the prompt list has no `target_file` column (the training image of each "
+                        "prompt, relative to data.root) nor a `target_id` column (an image_id of data=...)")
+    missing = targets[targets["target_file"].isna() | (targets["target_file"].astype(str) == "")]
+    if not missing.empty:
+        raise DataError(f"{stage}: memorised prompt {missing.iloc[0]['caption']!r} has no target_file")
 
 
 def load_targets(root: Path, rows: pd.DataFrame, resolution: int, resize: bool) -> torch.Tensor:

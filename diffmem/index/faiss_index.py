@@ -49,8 +49,14 @@ _METRIC_NAMES = {v: k for k, v in _METRICS.items()}
 __all__ = [
     "check_features", "build_index", "set_search_params", "train_empty_index", "add_shard",
     "merge_shards", "save_index", "write_index", "load_index", "search", "recall_at_k",
-    "measure_recall", "streaming_search", "INDEX_FILE", "INFO_FILE",
+    "measure_recall", "streaming_search", "set_threads", "INDEX_FILE", "INFO_FILE",
 ]
+
+
+def set_threads(threads: int | None) -> None:
+    """FAISS's OpenMP threads (``threads``; null keeps its default, one per core)."""
+    if threads:
+        faiss.omp_set_num_threads(check_positive(threads, "threads"))
 
 
 # ---------------------------------------------------------------------------- checks

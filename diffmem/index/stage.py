@@ -24,7 +24,8 @@ from diffmem.config import hydra_app
 from diffmem.errors import ConfigError, DataError
 from diffmem.features.store import FeatureStore
 from diffmem.index.faiss_index import (add_shard, build_index, measure_recall, merge_shards, save_index,
-                                       set_search_params, train_empty_index, training_rows, write_index)
+                                       set_search_params, set_threads, train_empty_index, training_rows,
+                                       write_index)
 from diffmem.runs import check_claim, claim, is_done, mark_done, provenance, require
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def run(cfg: DictConfig) -> Path:
         raise ConfigError(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
     require(cfg, "features_dir", hint="features_dir=<an embed run dir>")
     check_shard(cfg.shard, cfg.num_shards)
+    set_threads(cfg.get("threads"))
     # the embed run by content too: one re-embedded under the same path needs a new index
     fp = {"index": OmegaConf.to_container(cfg.index, resolve=True),
           "features_dir": str(Path(cfg.features_dir).resolve()),
@@ -102,7 +104,11 @@ def run(cfg: DictConfig) -> Path:
         finfo = FeatureStore(cfg.features_dir).info()
         shards = sorted((build_dir / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
         if len(shards) != cfg.num_shards:
-            raise ConfigError(f"{build_dir}/shards: {len(shards)} of {cfg.num_shards} shards present")
+            built = sorted({int(p.stem.rsplit("-", 1)[-1]) for p in (build_dir / "shards").glob("shard-*-of-*.faiss")})
+            hint = (f"; the shards there were built with num_shards={', '.join(map(str, built))}: pass the "
+                    "same num_shards as mode=add" if built and built != [cfg.num_shards] else
+                    "; run mode=add for every shard first (same name and num_shards)")
+            raise ConfigError(f"{build_dir}/shards: {len(shards)} of {cfg.num_shards} shards present{hint}")
         ondisk = build_dir / "index.ivfdata" if cfg.ondisk else None
         index = merge_shards(shards, build_dir / "empty.faiss" if ondisk else None, ondisk)
         set_search_params(index, ix.nprobe, ix.ef_search)

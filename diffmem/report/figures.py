@@ -90,12 +90,17 @@ def dup_count_table(prompts: pd.DataFrame) -> pd.DataFrame:
                 for k in kinds])
     aggs = {"prompts": ("prompt_id", "size"), "flagged_share": ("memorised", "mean"),
             "mean_max_score": ("max_score", "mean")}
-    if "correct_match_share" in df:
-        aggs["correct_match_share"] = ("correct_match_share", "mean")
+    share = "correct_match_share_of_replicated"
+    if share in df and "n_replicated" in df:  # pooled over the replicated generations, as in metrics.json
+        weight = df["n_replicated"].where(df[share].notna(), 0)
+        df = df.assign(_correct=df[share].fillna(0) * weight, _replicated=weight)
+        aggs.update(_correct=("_correct", "sum"), _replicated=("_replicated", "sum"))
     out = (df.astype({"memorised": float})
            .groupby("category", sort=False, dropna=False)
            .agg(_order=("_order", "first"), kind=("kind", "first"), dup_count=("dup_count", "first"),
                 **aggs))
+    if "_correct" in out:
+        out[share] = (out.pop("_correct") / out.pop("_replicated").replace(0, np.nan)).astype(float)
     return (out.sort_values(["_order", "kind", "dup_count"], na_position="first")
             .drop(columns="_order").reset_index())
 

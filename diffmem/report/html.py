@@ -41,9 +41,15 @@ img{max-width:100%}.prompt img{image-rendering:pixelated}
 pre{background:#f7f7f7;padding:.8rem;overflow:auto;font-size:.8rem}
 """
 
-_PROMPT_COLUMNS = ("prompt_id", "caption", "label", "memorised", "max_score", "mean_score",
-                   "replicated_share", "n_generations", "kind", "dup_count", "correct_match_share")
-_DUP_COLUMNS = ("category", "prompts", "flagged_share", "mean_max_score", "correct_match_share")
+_PROMPT_COLUMNS = ("prompt_id", "caption", "score_band", "memorised", "max_score", "mean_score",
+                   "replicated_share", "n_generations", "kind", "dup_count", "memorisation_type",
+                   "target_file", "correct_match_share_of_replicated")
+_DUP_COLUMNS = ("category", "prompts", "flagged_share", "mean_max_score", "correct_match_share_of_replicated")
+_DEFINITIONS = ("<p><b>score_band</b>: the prompt's max score <i>above</i> the replication threshold, "
+                "<i>between</i> the DCR and the replication thresholds, or <i>below</i> both (bands of "
+                "the score, not NeMo's verbatim / template classes). <b>correct_match_share_of_replicated"
+                "</b>: of the generations above the threshold, the share whose nearest training image is "
+                "the prompt's own (as in metrics.json).</p>")
 
 
 def _missing(value) -> bool:
@@ -107,7 +113,10 @@ def _summary(generations, prompts, metrics, base_scores) -> str:
     has_base = base_scores is not None
     base_mean = dcr.get("baseline_mean", float(np.mean(base_scores)) if has_base else None)
     base_p95 = dcr.get("baseline_p95", float(np.percentile(base_scores, 95)) if has_base else None)
-    cards = [("memorisation rate", _pct(metrics.get("memorisation_rate")), "from the audit's metrics"),
+    n_known = metrics.get("memorisation_rate_prompts")
+    cards = [("memorisation rate", _pct(metrics.get("memorisation_rate")),
+              f"of {n_known} known memorised prompts with a generation above the threshold" if n_known
+              else "no known memorised prompts (no ground truth)"),
              ("prompts flagged", f"{int(prompts['memorised'].sum())} / {len(prompts)}", "memorised"),
              ("generations replicated", _pct(generations["replicated"].astype(float).mean()),
               f"top-1 score > {float(metrics['threshold']):g}"),
@@ -133,12 +142,12 @@ def _examples(generations, prompts, fig_dir: Path, top_n: int, per_prompt: int) 
     for rank, (_, p) in enumerate(prompts.nlargest(top_n, "max_score").iterrows(), start=1):
         gens = generations[generations["prompt_id"] == p["prompt_id"]].nlargest(per_prompt, "top1_score")
         pairs = [GridPair(g["file_abs"], g["top1_ref_file_abs"],
-                          f"score {g['top1_score']:.3f}\nref {g['top1_ref_id']}"
+                          f"score {g['top1_score']:.3f}\nref {_ref_name(g)}"
                           + (_match_note(g["correct_match"]) if has_match else ""),
                           bool(g["replicated"]))
                  for _, g in gens.iterrows()]
         grid = image_grid(pairs, fig_dir / f"grid_{rank:02d}.png")
-        facts = [f"prompt {p['prompt_id']}", f"label {p.get('label', '–')}", f"max {_num(p['max_score'])}"]
+        facts = [f"prompt {p['prompt_id']}", f"score band {p.get('score_band', '–')}", f"max {_num(p['max_score'])}"]
         facts += [f"{c} {_cell(p[c])}" for c in ("kind", "dup_count") if c in p]
         blocks.append(f'<div class="prompt"><h3>#{rank} · {html.escape(" · ".join(facts))}</h3>'
                       f'<p class="caption">{html.escape(str(p["caption"]))}</p>'
@@ -147,6 +156,12 @@ def _examples(generations, prompts, fig_dir: Path, top_n: int, per_prompt: int) 
             "marks a score above the threshold.</p>")
     return _section("examples", f"Top {len(blocks)} prompts: generations and nearest training images",
                     note, *blocks)
+
+
+def _ref_name(gen) -> str:
+    """The nearest training image by its file name (what a user recognises), else its id."""
+    f = gen.get("top1_ref_file")
+    return str(gen["top1_ref_id"]) if _missing(f) else Path(str(f)).name
 
 
 def _match_note(correct) -> str:
@@ -190,7 +205,7 @@ def write_report(run_dir, generations: pd.DataFrame, prompts: pd.DataFrame, metr
     ranked = prompts.sort_values(["memorised", "max_score"], ascending=False, kind="stable")
     parts.append(_section(
         "prompts", "Prompts ranked by max score (memorised first)",
-        _table(ranked[[c for c in _PROMPT_COLUMNS if c in ranked]], flag=ranked["memorised"])))
+        _DEFINITIONS, _table(ranked[[c for c in _PROMPT_COLUMNS if c in ranked]], flag=ranked["memorised"])))
     parts.append(_examples(generations, prompts, fig_dir, top_n, per_prompt))
     return _write_page(run_dir / "report.html", title, parts, metrics)
 
@@ -226,6 +241,10 @@ def write_detect_report(run_dir, scores: pd.DataFrame, metrics: dict, attributio
              ("ROC-AUC", _num(metrics.get("roc_auc")), "vs ground truth" if "roc_auc" in metrics else "no labels"),
              ("TPR at FPR", _num(metrics.get("tpr_at_fpr")), f"FPR {metrics.get('fpr', '–')}"),
              ("UNet evaluations", _num(metrics.get("unet_calls_per_prompt"), "{:.0f}"), "per prompt")]
+    hard = (metrics.get("ground_truth") or {}).get("hard_negatives")
+    if hard:
+        cards.insert(2, ("ROC-AUC vs hard negatives", _num(hard["roc_auc"]),
+                         f"{hard['n_neg']} prompts trained on but not memorised"))
     body = "".join(f'<div class="card"><div>{html.escape(a)}</div><div class="v">{html.escape(b)}</div>'
                    f'<div class="n">{html.escape(c)}</div></div>' for a, b, c in cards)
     parts = [f"<header><h1>{html.escape(title)}</h1></header>",
@@ -233,7 +252,8 @@ def write_detect_report(run_dir, scores: pd.DataFrame, metrics: dict, attributio
     if (run_dir / "roc.png").exists():
         parts.append(_section("roc", "ROC curve", _img(run_dir / "roc.png", "ROC curve")))
     ranked = scores.sort_values("score", ascending=False, kind="stable")
-    cols = [c for c in ("prompt_id", "caption", "score", "label", "kind", "dup_count", "type") if c in ranked]
+    cols = [c for c in ("prompt_id", "caption", "score", "label", "hard_negative", "kind", "dup_count", "type",
+                        "memorisation_type", "source") if c in ranked]
     flag = ranked["label"].eq(1) if "label" in ranked else None
     parts.append(_section("scores", "Prompts ranked by score (higher = more likely memorised)",
                           '<div class="scroll">' + _table(ranked[cols], flag=flag) + "</div>"))
