@@ -131,11 +131,12 @@ def run(cfg: DictConfig) -> Path:
         write_parquet(run_dir / "baseline.parquet", baseline)
 
     samples = read_samples(gen_dir)
-    refs = FeatureStore(ref_dir).ids()
+    refs = FeatureStore(ref_dir).items()
     gens = score_generations(samples, matches, refs, cfg.threshold)
     prompts = score_prompts(gens, cfg.threshold, cfg.dcr_threshold)
     metrics = summarise(gens, prompts, baseline, cfg.threshold, cfg.dcr_threshold)
-    metrics.update(feature=str(cfg.features.extractor.name), provenance=provenance(cfg))
+    metrics.update(feature=str(cfg.features.extractor.name), provenance=provenance(cfg),
+                   reference_images_skipped=int(FeatureStore(ref_dir).info().get("n_skipped", 0)))
     write_parquet(run_dir / "generations.parquet", gens)
     write_parquet(run_dir / "prompts.parquet", prompts)
     write_json(run_dir / "metrics.json", metrics)

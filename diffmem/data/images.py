@@ -1,24 +1,32 @@
-"""Image-text datasets: a folder + captions manifest, or the generated testbed."""
+"""Image-text datasets: a folder + captions manifest, img2dataset output, webdataset shards,
+or the generated testbed."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
-from diffmem.checks import check_positive
+from diffmem.checks import check_positive, did_you_mean
+from diffmem.data.decode import decode_image
+from diffmem.data.webdataset import read_member, tar_member
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import read_parquet, require
 
 PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
-CAPTION_COLUMNS = ("caption", "text", "Caption", "prompt")
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+ON_ERROR = ("fail", "skip")
+DATA_KINDS = ("testbed", "folder", "img2dataset", "webdataset")
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    """CSV (``,`` or ``;``), JSON lines or Parquet; errors name the file and line."""
+    """CSV (``,``, ``;`` or tab; ``.tsv`` and ``.txt`` too), JSON lines or Parquet; errors name
+    the file and line."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()
@@ -45,7 +53,7 @@ def _read_table(path: Path) -> pd.DataFrame:
             head = path.read_text(encoding="utf-8").split("\n", 1)[0]
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-        sep = "\t" if suffix == ".tsv" else (";" if head.count(";") > head.count(",") else ",")
+        sep = "\t" if suffix == ".tsv" or "\t" in head else (";" if head.count(";") > head.count(",") else ",")
         try:
             df = pd.read_csv(path, sep=sep, keep_default_na=False, dtype=str)
         except pd.errors.EmptyDataError as err:
@@ -55,7 +63,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         if not isinstance(df.index, pd.RangeIndex):  # pandas made the surplus leading fields an index
             raise DataError(f"{path}: malformed CSV ({_surplus_fields(path, sep)})")
         return df
-    raise DataError(f"{path}: unknown manifest format '{suffix}' (use .csv, .jsonl or .parquet)")
+    raise DataError(f"{path}: unknown manifest format '{suffix}' (use .csv, .tsv, .txt, .jsonl or .parquet)")
 
 
 def _surplus_fields(path: Path, sep: str) -> str:
@@ -72,15 +80,40 @@ def _surplus_fields(path: Path, sep: str) -> str:
 
 
 def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
+    """The first column of ``df`` named one of ``names``, ignoring case and spaces around it."""
+    by_name = {str(c).strip().lower(): c for c in reversed(df.columns)}
     for name in names:
-        if name in df.columns:
-            return name
+        if name in by_name:
+            return by_name[name]
     raise DataError(f"{path}: no {what} column (expected one of {', '.join(names)}; "
                     f"found {', '.join(map(str, df.columns)) or 'none'})")
 
 
-def load_folder_manifest(root: str | Path, manifest: str | Path) -> pd.DataFrame:
-    """A folder of images + a captions file -> manifest with ``image_id, file, caption``."""
+def _first_missing(root: Path, files) -> int | None:
+    """The index of the first of ``files`` that is not a file under ``root``, or None.
+
+    Each folder is listed once (a directory read returns many names per call), so a manifest
+    of millions of images costs one listing per folder, not one ``stat`` per image; a name
+    not listed (another Unicode normalisation, say) is looked up once before it counts."""
+    listed: dict[str, set[str]] = {}
+    for i, file in enumerate(files):
+        parent, _, name = file.replace(os.sep, "/").rpartition("/")
+        if parent not in listed:
+            try:
+                with os.scandir(root / parent) as entries:
+                    listed[parent] = {e.name for e in entries if e.is_file()}
+            except OSError:
+                listed[parent] = set()
+        if name not in listed[parent] and not (root / file).is_file():
+            return i
+    return None
+
+
+def load_folder_manifest(root: str | Path, manifest: str | Path, check_files: bool = True) -> pd.DataFrame:
+    """A folder of images + a captions file -> manifest with ``image_id, file, caption``.
+
+    Column names are matched ignoring case (``File``, ``Caption``). ``check_files`` refuses
+    a row whose image is missing (naming the row) before any work starts."""
     root = Path(root)
     mpath = Path(manifest) if Path(manifest).is_absolute() else root / manifest
     df = _read_table(mpath)
@@ -94,9 +127,9 @@ def load_folder_manifest(root: str | Path, manifest: str | Path) -> pd.DataFrame
     if dup.any():
         raise DataError(f"{mpath}: duplicate image_id '{out['image_id'][dup].iloc[0]}' "
                         f"(row {int(np.argmax(dup.values)) + 1})")
-    for i, (file, cap) in enumerate(zip(out["file"], out["caption"])):
-        if not (root / file).is_file():
-            raise DataError(f"{mpath}: row {i + 1}: image '{file}' not found under {root}")
+    missing = _first_missing(root, out["file"]) if check_files else None
+    if missing is not None:
+        raise DataError(f"{mpath}: row {missing + 1}: image '{out['file'][missing]}' not found under {root}")
     for col in df.columns.difference([pcol, ccol, "image_id"]):
         out[col] = df[col].values
     return out
@@ -130,9 +163,18 @@ def select_subset(manifest: pd.DataFrame, subset) -> pd.DataFrame:
     return rows[rows["file"].isin(chosen)].reset_index(drop=True)
 
 
+def on_error(data_cfg) -> str:
+    """``data.on_error`` (``fail`` when unset): what to do with an image that cannot be read."""
+    value = data_cfg.get("on_error") or "fail"
+    if value not in ON_ERROR:
+        raise ConfigError(f"data.on_error '{value}' is not one of {', '.join(ON_ERROR)}"
+                          f"{did_you_mean(value, ON_ERROR)}")
+    return value
+
+
 def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
-    """``(root, manifest)`` for a ``data`` config (``kind: testbed`` or ``kind: folder``),
-    restricted to ``data.subset`` when it is set (:func:`select_subset`)."""
+    """``(root, manifest)`` for a ``data`` config (``kind``: testbed, folder, img2dataset or
+    webdataset), restricted to ``data.subset`` when it is set (:func:`select_subset`)."""
     if cfg.kind == "testbed":
         from diffmem.data.testbed import generate_testbed
 
@@ -142,33 +184,34 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
     elif cfg.kind == "folder":
         require(cfg, "root", "manifest", prefix="data.",
                 hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>")
-        df = load_folder_manifest(cfg.root, cfg.manifest)
+        df = load_folder_manifest(cfg.root, cfg.manifest, check_files=on_error(cfg) == "fail")
+    elif cfg.kind == "img2dataset":
+        from diffmem.data.manifests import load_img2dataset
+
+        require(cfg, "root", prefix="data.", hint="data=img2dataset needs data.root=<img2dataset's output_folder>")
+        df = load_img2dataset(cfg.root, cfg.get("encode_format") or "jpg")
+    elif cfg.kind == "webdataset":
+        from diffmem.data.webdataset import load_webdataset
+
+        require(cfg, "root", prefix="data.", hint="data=webdataset needs data.root=<folder of .tar shards>")
+        df = load_webdataset(cfg.root, cfg.get("shards") or "*.tar")
     else:
-        raise ConfigError(f"data.kind '{cfg.kind}' is not one of testbed, folder")
+        raise ConfigError(f"data.kind '{cfg.kind}' is not one of {', '.join(DATA_KINDS)}"
+                          f"{did_you_mean(str(cfg.kind), DATA_KINDS)}")
+    on_error(cfg)
     return Path(cfg.root), select_subset(df, cfg.get("subset"))
 
 
 def load_image(path: str | Path, resolution: int | None = None) -> np.ndarray:
-    """An RGB uint8 array [H, W, 3], resized (bicubic) to a square ``resolution`` if given.
-
-    Grayscale (8 or 16 bit), palette, CMYK and alpha images are converted to RGB (alpha
-    over white).
+    """An RGB uint8 array [H, W, 3] as displayed (:mod:`diffmem.data.decode`: EXIF
+    orientation, float and 16-bit scaling, alpha over white), resized (bicubic) to a square
+    ``resolution`` if given. ``path`` may name a member of a webdataset shard
+    (``<root>/<shard>.tar/<member>``), read in place.
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: PIL would clip
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round()
-                                    .clip(0, 255).astype(np.uint8))
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            if resolution is not None and im.size != (resolution, resolution):
-                im = im.resize((resolution, resolution), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8).copy()
+        member = tar_member(path)
+        return decode_image(io.BytesIO(read_member(*member)) if member else path, resolution)
     except FileNotFoundError as err:
         raise DataError(f"{path}: image file not found") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
