@@ -214,7 +214,9 @@ def load_image(path: str | Path, resolution: int | None = None) -> np.ndarray:
         return decode_image(io.BytesIO(read_member(*member)) if member else path, resolution)
     except FileNotFoundError as err:
         raise DataError(f"{path}: image file not found") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:  # PIL's message names the stream, not the file
+        raise DataError(f"{path}: corrupt or unreadable image (not a format PIL can identify)") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: corrupt or unreadable image ({err})") from err
 
 
