@@ -178,12 +178,14 @@ def run(cfg: DictConfig) -> Path:
         write_parquet(run_dir / "baseline.parquet", baseline)
 
     samples = read_samples(gen_dir)
-    refs = FeatureStore(ref_dir).ids()
+    refs = FeatureStore(ref_dir).items()
     gens = score_generations(samples, matches, refs, cfg.threshold)
     prompts = score_prompts(gens, cfg.threshold, cfg.dcr_threshold)
     metrics = summarise(gens, prompts, baseline, cfg.threshold, cfg.dcr_threshold)
-    metrics.update(feature=str(cfg.features.extractor.name), provenance=provenance(cfg))
-    warning = FeatureStore(ref_dir).warning()
+    store = FeatureStore(ref_dir)
+    metrics.update(feature=str(cfg.features.extractor.name), provenance=provenance(cfg),
+                   reference_images_skipped=int(store.info().get("n_skipped", 0)))
+    warning = store.warning()
     if warning:
         metrics["warning"] = warning
         log.warning("audit: %s; the scores say nothing about memorisation", warning)

@@ -1,10 +1,14 @@
 """``diffmem embed``: images (a dataset or a generate run) -> descriptor vectors.
 
 Writes an embed run (:class:`diffmem.features.store.FeatureStore`): the vectors in parts
-of ``part_size`` rows (float32, L2-normalised), the ids table (one row per item, in order)
-and ``info.json`` (the extractor's name, dim and preprocessing, the source, provenance).
-Parts are written atomically, so a killed run resumes at the first missing part; shard
-``i`` of ``n`` embeds parts ``i, i+n, ...`` so array jobs split the work.
+of ``part_size`` items (float32, L2-normalised), the ids table (one row per vector, in
+order), the items' captions and labels, the images skipped under ``data.on_error=skip``
+and ``info.json`` (the extractor's name, dim and preprocessing, the source, the counts of
+skipped images and of rows img2dataset marked failed, provenance). Images are decoded in
+``num_workers`` DataLoader workers and batched by resized shape
+(:mod:`diffmem.features.loader`). Parts are written atomically, so a killed run resumes at
+the first missing part; shard ``i`` of ``n`` embeds parts ``i, i+n, ...`` so array jobs
+split the work.
 """
 
 from __future__ import annotations
@@ -12,20 +16,20 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from PIL import Image
 from tqdm.auto import tqdm
 
-from diffmem.checks import check_positive, check_shard
+from diffmem.checks import check_int, check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
-from diffmem.data import load_dataset, load_image
-from diffmem.data.images import MAX_PIXELS, without_guards
+from diffmem.data import load_dataset
+from diffmem.data.images import MAX_PIXELS, on_error, without_guards
+from diffmem.data.manifests import NOT_SUCCESS
 from diffmem.data.samples import read_samples
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor
+from diffmem.features.loader import embed_images
 from diffmem.features.onnx import warn_flat_testbed
 from diffmem.features.store import FeatureStore
 from diffmem.runs import check_claim, check_inputs, claim, config_subset, finish, is_done
@@ -34,8 +38,10 @@ log = logging.getLogger(__name__)
 
 
 def dataset_items(data_cfg, split: str | None = None) -> tuple[Path, pd.DataFrame]:
-    """Items of a dataset: one row per distinct image file (duplicates share a vector)."""
+    """Items of a dataset: one row per distinct image file (duplicates share a vector);
+    ``attrs[NOT_SUCCESS]`` counts the rows img2dataset marked failed."""
     root, manifest = load_dataset(data_cfg)
+    not_success = manifest.attrs.get(NOT_SUCCESS, 0)
     if split is not None:
         if "split" not in manifest:
             raise ConfigError(f"split={split}: the dataset has no 'split' column")
@@ -43,7 +49,9 @@ def dataset_items(data_cfg, split: str | None = None) -> tuple[Path, pd.DataFram
     items = manifest.drop_duplicates("file").rename(columns={"image_id": "item_id"})
     if items.empty:
         raise DataError(f"{root}: no images to embed (split={split})")
-    return root, items.reset_index(drop=True)
+    items = items.reset_index(drop=True)
+    items.attrs[NOT_SUCCESS] = not_success
+    return root, items
 
 
 def samples_items(samples_dir: str | Path) -> tuple[Path, pd.DataFrame]:
@@ -51,25 +59,25 @@ def samples_items(samples_dir: str | Path) -> tuple[Path, pd.DataFrame]:
     return Path(samples_dir), read_samples(samples_dir).rename(columns={"sample_id": "item_id"})
 
 
-def embed_files(extractor, root: Path, files: list[str], store: FeatureStore, *, part_size: int,
+def embed_files(extractor, root: Path, items: pd.DataFrame, store: FeatureStore, *, part_size: int,
                 batch_size: int, shard: int = 0, num_shards: int = 1, resolution: int | None = None,
-                max_pixels: int = MAX_PIXELS) -> None:
-    """Embed ``files`` into the parts of ``store``, skipping parts that exist (images over
-    ``max_pixels`` are refused before they are decoded)."""
+                num_workers: int = 0, skip_errors: bool = False, max_pixels: int = MAX_PIXELS) -> None:
+    """Embed the images of ``items`` into the parts of ``store``, skipping parts that exist
+    (images over ``max_pixels`` are refused before they are decoded)."""
+    files = items["file"].tolist()
     n_parts = (len(files) + part_size - 1) // part_size
     todo = [p for p in range(shard, n_parts, num_shards) if not store.has_part(p)]
     total = sum(len(files[p * part_size:(p + 1) * part_size]) for p in todo)
     # closed on errors too: the bar's last line must not follow the CLI's error line
     with tqdm(total=total, desc=f"embed[{extractor.name}]", mininterval=2) as bar:
-        for p in todo:
-            chunk = files[p * part_size:(p + 1) * part_size]
-            vecs = []
-            for i in range(0, len(chunk), batch_size):
-                images = [Image.fromarray(load_image(root / f, resolution, max_pixels))
-                          for f in chunk[i:i + batch_size]]
-                vecs.append(extractor.embed_pil(images, batch_size=batch_size).cpu().numpy())
-                bar.update(len(images))
-            store.write_part(p, np.concatenate(vecs))
+        for p, vectors, skipped in embed_images(extractor, root, files, todo, part_size, batch_size=batch_size,
+                                                num_workers=num_workers, resolution=resolution,
+                                                skip_errors=skip_errors, max_pixels=max_pixels,
+                                                progress=bar.update):
+            for row in skipped.itertuples():
+                log.warning("embed: skipped %s", row.error)
+            skipped.insert(0, "item_id", items["item_id"].to_numpy()[skipped.pop("index").to_numpy(int)])
+            store.write_part(p, vectors, skipped)
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -78,16 +86,25 @@ def fingerprint(cfg: DictConfig) -> dict:
     return {**fp, "data": without_guards(fp["data"])} if "data" in fp else fp
 
 
+def _check_items(run_dir: Path, items: pd.DataFrame) -> None:
+    """Refuse a resume whose item list changed: its ids and files (what the parts' rows are),
+    hashed once; captions and labels are not what a vector depends on."""
+    check_inputs(run_dir, "item list", items[["item_id", "file"]])
+
+
 def run(cfg: DictConfig) -> Path:
     """Embed per ``cfg``; returns the run dir.
 
     Config, item list and extractor are checked before the run dir is claimed, so a
     refused run creates nothing. An image that cannot be read fails the run naming the
-    file; the parts finished before it stay (a re-run resumes), and the ids table,
+    file (``data.on_error=skip``: it is left out, listed in ``skipped.parquet`` and
+    counted); the parts finished before it stay (a re-run resumes), and the ids table,
     ``info.json`` and ``_SUCCESS`` appear only once every part exists.
     """
     for key in ("batch_size", "part_size"):
         check_positive(cfg[key], key)
+    num_workers = check_int(cfg.get("num_workers", 0), "num_workers", minimum=0)
+    skip_errors = cfg.source == "dataset" and on_error(cfg.data) == "skip"
     check_shard(cfg.shard, cfg.num_shards)
     check_positive(cfg.resolution, "resolution", optional=True)
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
@@ -104,19 +121,24 @@ def run(cfg: DictConfig) -> Path:
     extractor = build_extractor(cfg.features.extractor)
     warn_flat_testbed(extractor.name, cfg.data.get("kind"))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
-    check_inputs(run_dir, "item list", items)
-    files = items["file"].tolist()
+    _check_items(run_dir, items)
     store = FeatureStore(run_dir)
-    embed_files(extractor, root, files, store, part_size=cfg.part_size,
+    embed_files(extractor, root, items, store, part_size=cfg.part_size,
                 batch_size=cfg.batch_size, shard=cfg.shard, num_shards=cfg.num_shards,
-                resolution=cfg.resolution, max_pixels=cfg.data.get("max_pixels", MAX_PIXELS))
-    n_parts = (len(files) + cfg.part_size - 1) // cfg.part_size
+                resolution=cfg.resolution, num_workers=num_workers, skip_errors=skip_errors,
+                max_pixels=cfg.data.get("max_pixels", MAX_PIXELS))
+    n_parts = (len(items) + cfg.part_size - 1) // cfg.part_size
     if not all(store.has_part(p) for p in range(n_parts)):
         log.info("embed: shard %d/%d done; waiting for other shards", cfg.shard, cfg.num_shards)
         return run_dir
-    store.write_ids(items)
-    return finish(run_dir, cfg, {"n": len(items)}, extractor=extractor.info(), dim=extractor.dim,
-                  feature=extractor.name, n=len(items), source=cfg.source)
+    n_skipped = store.write_ids(items)
+    counts = {"n": len(items) - n_skipped, "n_skipped": n_skipped,
+              "n_not_success": int(items.attrs.get(NOT_SUCCESS, 0))}
+    if n_skipped:
+        log.warning("embed: %d of %d images skipped (unreadable; listed in %s)", n_skipped, len(items),
+                    store.skipped_path)
+    return finish(run_dir, cfg, counts, extractor=extractor.info(), dim=extractor.dim,
+                  feature=extractor.name, source=cfg.source, **counts)
 
 
 main = hydra_app("embed", run)

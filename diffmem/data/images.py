@@ -1,23 +1,28 @@
-"""Image-text datasets: a folder + captions manifest, or the generated testbed."""
+"""Image-text datasets: a folder + captions manifest, img2dataset output, webdataset shards,
+or the generated testbed."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from diffmem.checks import check_positive
+from diffmem.checks import check_positive, did_you_mean
+from diffmem.data.decode import decode_image
+from diffmem.data.webdataset import read_member, tar_member
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import read_parquet, require
 
 PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
-CAPTION_COLUMNS = ("caption", "text", "Caption", "prompt")
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+ON_ERROR = ("fail", "skip")
+DATA_KINDS = ("testbed", "folder", "img2dataset", "webdataset")
 #: the default pixel budget of a decoded image (``data.max_pixels``): 80 Mpx, e.g. 8944 x 8944
 MAX_PIXELS = 80_000_000
 #: ``data`` settings that only guard (refuse inputs), never change a result
@@ -44,7 +49,8 @@ def check_regular(path: Path, what: str = "file") -> None:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    """CSV (``,`` or ``;``), JSON lines or Parquet; errors name the file and line."""
+    """CSV (``,``, ``;`` or tab; ``.tsv`` and ``.txt`` too), JSON lines or Parquet; errors name
+    the file and line."""
     check_regular(path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -70,7 +76,7 @@ def _read_table(path: Path) -> pd.DataFrame:
             head = path.read_text(encoding="utf-8-sig").split("\n", 1)[0]
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-        sep = "\t" if suffix == ".tsv" else (";" if head.count(";") > head.count(",") else ",")
+        sep = "\t" if suffix == ".tsv" or "\t" in head else (";" if head.count(";") > head.count(",") else ",")
         try:
             df = pd.read_csv(path, sep=sep, keep_default_na=False, dtype=str, encoding="utf-8-sig")
         except pd.errors.EmptyDataError as err:
@@ -80,7 +86,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         if not isinstance(df.index, pd.RangeIndex):  # pandas made the surplus leading fields an index
             raise DataError(f"{path}: malformed CSV ({_surplus_fields(path, sep)})")
         return df
-    raise DataError(f"{path}: unknown manifest format '{suffix}' (use .csv, .jsonl or .parquet)")
+    raise DataError(f"{path}: unknown manifest format '{suffix}' (use .csv, .tsv, .txt, .jsonl or .parquet)")
 
 
 def _surplus_fields(path: Path, sep: str) -> str:
@@ -97,20 +103,66 @@ def _surplus_fields(path: Path, sep: str) -> str:
 
 
 def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
+    """The first column of ``df`` named one of ``names``, ignoring case and spaces around it."""
+    by_name = {str(c).strip().lower(): c for c in reversed(df.columns)}
     for name in names:
-        if name in df.columns:
-            return name
+        if name in by_name:
+            return by_name[name]
     raise DataError(f"{path}: no {what} column (expected one of {', '.join(names)}; "
                     f"found {', '.join(map(str, df.columns)) or 'none'})")
 
 
-def load_folder_manifest(root: str | Path, manifest: str | Path,
-                         allow_outside_root: bool = False) -> pd.DataFrame:
+def _first_bad_row(root: Path, files, inside: Path | None, missing_ok: bool = False) -> tuple[int, str] | None:
+    """``(index, why)`` of the first of ``files`` that is not a regular file under ``root`` (or,
+    with ``inside``, that leads outside it: ``..``, an absolute path or a symlink), else None;
+    with ``missing_ok`` a missing file passes.
+
+    Each folder is listed once (a directory read returns many names per call), so a manifest
+    of millions of images costs one listing per folder, not one ``stat`` per image; only
+    symlinks and names not listed (another Unicode normalisation, say) are looked up."""
+    listed: dict[str, tuple[dict[str, str], bool]] = {}
+    for i, file in enumerate(files):
+        rel = Path(file)
+        if inside is not None and (rel.is_absolute() or ".." in rel.parts):
+            return i, "outside"
+        parent, _, name = file.replace(os.sep, "/").rpartition("/")
+        if parent not in listed:
+            folder = root / parent
+            ok = inside is None or folder.resolve().is_relative_to(inside)
+            try:
+                with os.scandir(folder) as entries:
+                    kinds = {e.name: "link" if e.is_symlink() else "file" if e.is_file() else "other"
+                             for e in entries}
+            except OSError:
+                kinds = {}
+            listed[parent] = kinds, ok
+        kinds, ok = listed[parent]
+        if not ok:
+            return i, "outside"
+        kind = kinds.get(name)
+        if kind == "file":
+            continue
+        path = root / file
+        if kind is None and not path.exists():
+            if missing_ok:
+                continue
+            return i, "missing"
+        if inside is not None and not path.resolve().is_relative_to(inside):
+            return i, "outside"
+        if not stat.S_ISREG(path.stat().st_mode):
+            return i, "not a file"
+    return None
+
+
+def load_folder_manifest(root: str | Path, manifest: str | Path, allow_outside_root: bool = False,
+                         check_files: bool = True) -> pd.DataFrame:
     """A folder of images + a captions file -> manifest with ``image_id, file, caption``.
 
-    Every image must be a regular file inside ``root`` (no ``..``, absolute paths or symlinks
-    leading out, so a manifest cannot make diffmem read, and show in a report, files
-    elsewhere) unless ``allow_outside_root``."""
+    Column names are matched ignoring case (``File``, ``Caption``). Every image must be a
+    regular file inside ``root`` (no ``..``, absolute paths or symlinks leading out, so a
+    manifest cannot make diffmem read, and show in a report, files elsewhere) unless
+    ``allow_outside_root``; ``check_files`` refuses a missing image (naming the row) before
+    any work starts (``data.on_error=skip`` leaves that to the embedding)."""
     root = Path(root)
     inside = None if allow_outside_root else root.resolve()
     mpath = Path(manifest) if Path(manifest).is_absolute() else root / manifest
@@ -125,15 +177,16 @@ def load_folder_manifest(root: str | Path, manifest: str | Path,
     if dup.any():
         raise DataError(f"{mpath}: duplicate image_id '{out['image_id'][dup].iloc[0]}' "
                         f"(row {int(np.argmax(dup.values)) + 1})")
-    for i, file in enumerate(out["file"]):
-        path = root / file
-        if not path.exists():
-            raise DataError(f"{mpath}: row {i + 1}: image '{file}' not found under {root}")
-        if inside is not None and not path.resolve().is_relative_to(inside):
+    bad = _first_bad_row(root, out["file"], inside, missing_ok=not check_files)
+    if bad is not None:
+        i, why = bad
+        file = out["file"][i]
+        if why == "outside":
             raise DataError(f"{mpath}: row {i + 1}: image '{file}' is outside data.root {root} "
                             "(set data.allow_outside_root=true to read it)")
-        if not stat.S_ISREG(path.stat().st_mode):
+        if why == "not a file":
             raise DataError(f"{mpath}: row {i + 1}: image '{file}' is not a regular file")
+        raise DataError(f"{mpath}: row {i + 1}: image '{file}' not found under {root}")
     for col in df.columns.difference([pcol, ccol, "image_id"]):
         out[col] = df[col].values
     return out
@@ -167,9 +220,18 @@ def select_subset(manifest: pd.DataFrame, subset) -> pd.DataFrame:
     return rows[rows["file"].isin(chosen)].reset_index(drop=True)
 
 
+def on_error(data_cfg) -> str:
+    """``data.on_error`` (``fail`` when unset): what to do with an image that cannot be read."""
+    value = data_cfg.get("on_error") or "fail"
+    if value not in ON_ERROR:
+        raise ConfigError(f"data.on_error '{value}' is not one of {', '.join(ON_ERROR)}"
+                          f"{did_you_mean(value, ON_ERROR)}")
+    return value
+
+
 def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
-    """``(root, manifest)`` for a ``data`` config (``kind: testbed`` or ``kind: folder``),
-    restricted to ``data.subset`` when it is set (:func:`select_subset`)."""
+    """``(root, manifest)`` for a ``data`` config (``kind``: testbed, folder, img2dataset or
+    webdataset), restricted to ``data.subset`` when it is set (:func:`select_subset`)."""
     if cfg.kind == "testbed":
         from diffmem.data.testbed import generate_testbed
 
@@ -179,48 +241,50 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
     elif cfg.kind == "folder":
         require(cfg, "root", "manifest", prefix="data.",
                 hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>")
-        max_pixels = cfg.get("max_pixels", MAX_PIXELS)
-        if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
-            raise ConfigError(f"data.max_pixels must be an integer >= 1 (got {max_pixels!r})")
-        df = load_folder_manifest(cfg.root, cfg.manifest, bool(cfg.get("allow_outside_root", False)))
+        df = load_folder_manifest(cfg.root, cfg.manifest, bool(cfg.get("allow_outside_root", False)),
+                                  check_files=on_error(cfg) == "fail")
+    elif cfg.kind == "img2dataset":
+        from diffmem.data.manifests import load_img2dataset
+
+        require(cfg, "root", prefix="data.", hint="data=img2dataset needs data.root=<img2dataset's output_folder>")
+        df = load_img2dataset(cfg.root, cfg.get("encode_format") or "jpg")
+    elif cfg.kind == "webdataset":
+        from diffmem.data.webdataset import load_webdataset
+
+        require(cfg, "root", prefix="data.", hint="data=webdataset needs data.root=<folder of .tar shards>")
+        df = load_webdataset(cfg.root, cfg.get("shards") or "*.tar")
     else:
-        raise ConfigError(f"data.kind '{cfg.kind}' is not one of testbed, folder")
+        raise ConfigError(f"data.kind '{cfg.kind}' is not one of {', '.join(DATA_KINDS)}"
+                          f"{did_you_mean(str(cfg.kind), DATA_KINDS)}")
+    on_error(cfg)
+    check_positive(cfg.get("max_pixels", MAX_PIXELS), "data.max_pixels")
     return Path(cfg.root), select_subset(df, cfg.get("subset"))
 
 
 def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An RGB uint8 array [H, W, 3], resized (bicubic) to a square ``resolution`` if given.
-
-    Grayscale (8 or 16 bit), palette, CMYK and alpha images are converted to RGB (alpha
-    over white). An image declaring more than ``max_pixels`` pixels is refused before it
-    is decoded (a small file can declare a huge image: a decompression bomb).
+    """An RGB uint8 array [H, W, 3] as displayed (:mod:`diffmem.data.decode`: EXIF
+    orientation, float and 16-bit scaling, alpha over white), resized (bicubic) to a square
+    ``resolution`` if given. ``path`` may name a member of a webdataset shard
+    (``<root>/<shard>.tar/<member>``), read in place. An image declaring more than
+    ``max_pixels`` pixels is refused before it is decoded (a small file can declare a huge
+    image: a decompression bomb).
     """
     path = Path(path)
-    check_regular(path, "image file")
+    member = tar_member(path)
+    if member is None:
+        check_regular(path, "image file")
+    source = io.BytesIO(read_member(*member)) if member else path  # errors name the member
     try:
-        with warnings.catch_warnings():
-            # the budget below decides; PIL's own limit (twice its warning size) still raises
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            if im.width * im.height > max_pixels:
-                raise DataError(f"{path}: a {im.width}x{im.height} image is over the pixel budget "
-                                f"data.max_pixels={max_pixels} (a decompression bomb?)")
-            im.load()
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: PIL would clip
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round()
-                                    .clip(0, 255).astype(np.uint8))
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            if resolution is not None and im.size != (resolution, resolution):
-                im = im.resize((resolution, resolution), Image.BICUBIC)
-            return np.asarray(im, dtype=np.uint8).copy()
+        return decode_image(source, resolution, max_pixels)
+    except DataError as err:  # the pixel budget
+        raise DataError(f"{path}: {err}") from err
     except Image.DecompressionBombError as err:
         raise DataError(f"{path}: over PIL's decompression-bomb limit ({err})") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image file not found") from err
+    except UnidentifiedImageError as err:  # PIL's message names the stream, not the file
+        raise DataError(f"{path}: corrupt or unreadable image (not a format PIL can identify)") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: corrupt or unreadable image ({err})") from err
 
 

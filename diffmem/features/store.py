@@ -1,8 +1,12 @@
 """An embed run's on-disk format, read and written in one place.
 
 ``features/part-XXXXX.npy`` (float32 [n, D], L2-normalised, one file per ``part_size``
-rows, written atomically so a killed run resumes at the first missing part),
-``ids.parquet`` (one row per vector, in order: ``item_id``, ``file``, ...) and the run's
+items, written atomically so a killed run resumes at the first missing part; a part holds
+fewer rows when some of its images could not be read under ``data.on_error=skip``, and
+``features/skipped-XXXXX.parquet`` lists those), ``ids.parquet`` (slim: ``item_id`` and
+``file`` of each vector, in order — what an index and its searches load),
+``items.parquet`` (the embedded items' other columns: captions and labels, kept once),
+``skipped.parquet`` (``item_id``, ``file``, ``error`` of every skipped image) and the run's
 ``info.json`` (``feature``, ``dim``, extractor info, provenance). The embed stage writes
 through :class:`FeatureStore`; the index and search stages read through it, so every
 reader gets the same checks (finished run, readable float parts of the recorded D, as many
@@ -23,6 +27,8 @@ from diffmem.runs import (INFO, RUN_FILE, atomic_path, digest, file_stamp, is_do
 
 PARTS = "features"
 IDS = "ids.parquet"
+ITEMS = "items.parquet"
+SKIPPED = "skipped.parquet"
 
 
 class FeatureStore:
@@ -31,6 +37,7 @@ class FeatureStore:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.ids_path = self.run_dir / IDS
+        self.skipped_path = self.run_dir / SKIPPED
 
     # ------------------------------------------------------------------ writing (embed)
 
@@ -40,14 +47,29 @@ class FeatureStore:
     def has_part(self, p: int) -> bool:
         return self.part_path(p).exists()
 
-    def write_part(self, p: int, vectors: np.ndarray) -> None:
-        """Part ``p`` as float32, atomically (a killed write leaves no part behind)."""
+    def write_part(self, p: int, vectors: np.ndarray, skipped: pd.DataFrame | None = None) -> None:
+        """Part ``p`` as float32, atomically (a killed write leaves no part behind), after the
+        list of its ``skipped`` items (``item_id``, ``file``, ``error``) when there are any."""
+        if skipped is not None and len(skipped):
+            write_parquet(self._skipped_path(p), skipped)
         with atomic_path(self.part_path(p)) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, np.asarray(vectors, dtype=np.float32))
 
-    def write_ids(self, items: pd.DataFrame) -> None:
-        write_parquet(self.ids_path, items)
+    def _skipped_path(self, p: int) -> Path:
+        return self.run_dir / PARTS / f"skipped-{p:05d}.parquet"
+
+    def write_ids(self, items: pd.DataFrame) -> int:
+        """The ids (``item_id``, ``file``), the items' other columns and the skipped list, once
+        every part exists: ``items`` minus the skipped ones. Returns how many were skipped."""
+        lists = [read_parquet(path) for path in sorted((self.run_dir / PARTS).glob("skipped-*.parquet"))]
+        skipped = pd.concat(lists, ignore_index=True) if lists else pd.DataFrame(
+            {"item_id": [], "file": [], "error": []}, dtype=str)
+        write_parquet(self.skipped_path, skipped)
+        kept = items[~items["item_id"].isin(skipped["item_id"])].reset_index(drop=True)
+        write_parquet(self.run_dir / ITEMS, kept)
+        write_parquet(self.ids_path, kept[["item_id", "file"]])
+        return len(skipped)
 
     # ------------------------------------------------------------------ reading
 
@@ -93,8 +115,20 @@ class FeatureStore:
         return ((self.info().get("extractor") or {}).get("weights") or {}).get("warning")
 
     def ids(self) -> pd.DataFrame:
-        """The ids table, one row per vector."""
+        """The ids table (``item_id``, ``file``), one row per vector."""
         return read_parquet(self.ids_path)
+
+    def items(self) -> pd.DataFrame:
+        """The ids table with the items' other columns (captions, labels), one row per vector;
+        a run written before ``items.parquet`` existed kept them in its ids table."""
+        path = self.run_dir / ITEMS
+        return read_parquet(path) if path.is_file() else self.ids()
+
+    def skipped(self) -> pd.DataFrame:
+        """The images left out under ``data.on_error=skip`` (``item_id``, ``file``, ``error``)."""
+        if self.skipped_path.is_file():
+            return read_parquet(self.skipped_path)
+        return pd.DataFrame({"item_id": [], "file": [], "error": []})
 
     def load(self) -> tuple[np.ndarray, pd.DataFrame, dict]:
         """``(vectors [N, D], ids table, info)`` of a finished embed run, every row checked finite."""

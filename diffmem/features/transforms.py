@@ -139,15 +139,22 @@ class Preprocess:
         self.std = _triple(self.std)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resize == "short":
-            x = resize_short(x, self.size, self.interpolation)
-        elif self.resize == "square":
-            x = resize_to(x, self.size, self.interpolation)
-        elif self.resize == "long":
-            x = resize_long(x, self.size, self.interpolation, self.fill)
+        x = self.resize_only(x)
         if self.crop is not None:
             x = center_crop(x, self.crop, self.fill)
         return normalize(x, self.mean, self.std)
+
+    def resize_only(self, x: torch.Tensor) -> torch.Tensor:
+        """The resize step alone. Applying it twice equals applying it once, so a loader may
+        resize each image ahead (images of one resized shape then batch together) and the
+        full recipe, run again on the batch, leaves that step as a no-op."""
+        if self.resize == "short":
+            return resize_short(x, self.size, self.interpolation)
+        if self.resize == "square":
+            return resize_to(x, self.size, self.interpolation)
+        if self.resize == "long":
+            return resize_long(x, self.size, self.interpolation, self.fill)
+        return x
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """(h, w) of the output for an input of (h, w)."""
