@@ -117,8 +117,8 @@ def run(cfg: DictConfig) -> Path:
         root, items = samples_items(cfg.samples_dir)
     else:
         raise ConfigError(f"source '{cfg.source}' is not one of dataset, samples")
-    configure_torch(cfg)
-    extractor = build_extractor(cfg.features.extractor)
+    device = configure_torch(cfg)
+    extractor = build_extractor(cfg.features.extractor, device=str(device))
     warn_flat_testbed(extractor.name, cfg.data.get("kind"))
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     _check_items(run_dir, items)

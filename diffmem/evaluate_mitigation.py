@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def fingerprint(cfg: DictConfig) -> dict:
     return config_subset(cfg, ["models", "reference", "data", "prompts", "features", "trigger", "utility", "seed",
-                               "resolution", "scheduler", "steps", "guidance_scale", "n_per_prompt", "threshold",
+                               "precision", "resolution", "scheduler", "steps", "guidance_scale", "n_per_prompt", "threshold",
                                "mr_reduction", "positives", "max_targets", "study", "pareto_runs"])
 
 
@@ -178,7 +178,8 @@ def run(cfg: DictConfig) -> Path:
     rows, start = [], time.perf_counter()
     for name, path in models.items():
         log.info("evaluate-mitigation: %s (%s)", name, path)
-        pipe = load_model(path, device, scheduler=cfg.scheduler)
+        pipe = load_model({"path": path, "precision": cfg.precision, "vae_slicing": cfg.vae_slicing}, device,
+                          scheduler=cfg.scheduler)
 
         ctx = ProbeContext(pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
                            target_cond=rows_conditioning(pipe, targets), negatives=negatives,

@@ -15,23 +15,32 @@ import torch
 from diffmem.errors import DataError
 from diffmem.mitigations.defences import is_defence, read_defence
 from diffmem.models import load_pipeline
+from diffmem.models.pipeline import check_precision
 from diffmem.sampling import set_hooks
 
 
-def load_model(model: Mapping | str | os.PathLike, device: str | torch.device = "cpu", *,
-               dtype: str | None = None, scheduler: str | None = None):
-    """The pipeline of a model config (``path``, ``dtype``, ``local_files_only``) or of a path.
+def model_precision(spec: Mapping) -> str:
+    """A model config's ``precision`` (its older name ``dtype`` is read too; default ``fp32``)."""
+    return check_precision(spec.get("precision") or spec.get("dtype") or "fp32")
 
-    A path (or a config without them) means ``float32`` and offline; ``dtype`` overrides the
+
+def load_model(model: Mapping | str | os.PathLike, device: str | torch.device = "cpu", *,
+               precision: str | None = None, scheduler: str | None = None):
+    """The pipeline of a model config (``path``, ``precision``, ``local_files_only``,
+    ``vae_slicing``, ``vae_tiling``) or of a path.
+
+    A path (or a config without them) means ``fp32`` and offline; ``precision`` overrides the
     config's. A defence wrapper loads its base model (with the same settings) with the
     defence as the pipeline's sampler hooks; defences do not stack.
     """
     spec = {"path": model} if isinstance(model, (str, os.PathLike)) else model
-    path, local_files_only = spec["path"], spec.get("local_files_only", True)
-    dtype = dtype or spec.get("dtype", "float32")
+    path = spec["path"]
+    precision = check_precision(precision) if precision else model_precision(spec)
+    settings = dict(local_files_only=spec.get("local_files_only", True), scheduler=scheduler,
+                    vae_slicing=bool(spec.get("vae_slicing", False)), vae_tiling=bool(spec.get("vae_tiling", False)))
     if not is_defence(path):
-        return load_pipeline(path, device, dtype, local_files_only, scheduler)
+        return load_pipeline(path, device, precision, **settings)
     base, defence = read_defence(path)
     if is_defence(base):
         raise DataError(f"{os.path.expanduser(path)}: wraps another defence ({base}); defences do not stack")
-    return set_hooks(load_pipeline(base, device, dtype, local_files_only, scheduler), defence)
+    return set_hooks(load_pipeline(base, device, precision, **settings), defence)

@@ -52,8 +52,8 @@ def objectives(cfg: DictConfig, model_dir: Path, root: Path, manifest: pd.DataFr
     from diffmem.models import resolve_device
 
     o = cfg.objectives
-    pipe = load_model({"path": model_dir, "dtype": cfg.model.dtype}, resolve_device(cfg.device),
-                      scheduler=cfg.scheduler)
+    pipe = load_model({**OmegaConf.to_container(cfg.model, resolve=True), "path": str(model_dir)},
+                      resolve_device(cfg.device), scheduler=cfg.scheduler)
     sampling = sampler_settings(cfg)
     mem_cond = encode_prompts(pipe, memorised["caption"].tolist())
     score = memorisation(pipe, mem_cond, memorised["prompt_id"], seed=int(cfg.seed), **sampling)

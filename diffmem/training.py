@@ -10,11 +10,12 @@ VAE's latents with the text encoder frozen (as SD does).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,11 +23,13 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from diffmem.checks import check_positive
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
 from diffmem.errors import ConfigError
-from diffmem.loading import load_model
+from diffmem.loading import load_model, model_precision
 from diffmem.models import save_pipeline
+from diffmem.models.pipeline import resolve_dtype
 from diffmem.runs import check_claim, claim, config_subset, finish, is_done, write_json, write_parquet
 from diffmem.sampling import encode_prompts
 
@@ -71,6 +74,49 @@ def _logged_losses(ckpt_root: Path) -> list[dict]:
     return json.loads((latest / "state.json").read_text())["losses"] if latest else []
 
 
+def mixed_precision(dtype: torch.dtype) -> str:
+    """accelerate's ``mixed_precision`` for a pipeline that runs in ``dtype``: training keeps fp32
+    trainables (master weights) and autocasts to ``dtype`` (fp16 adds a grad scaler)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
+def make_accelerator(mixed: str = "no", device: torch.device | None = None):
+    """An ``Accelerator`` with ``mixed`` precision on ``device`` (default: CUDA when present).
+
+    accelerate keeps one process-wide state; a run that asks for another precision than the
+    last one (a test session switching fp32 and bf16) resets it first.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        AcceleratorState._reset_state()
+    cpu = (device.type == "cpu") if device is not None else not torch.cuda.is_available()
+    return Accelerator(cpu=cpu, mixed_precision=mixed)
+
+
+@contextlib.contextmanager
+def norms_in_fp32(module: torch.nn.Module):
+    """Inside the block, group and layer norms take contiguous inputs in their weights' dtype.
+
+    CUDA's autocast runs normalisations in fp32; the CPU's leaves them alone, so bf16
+    activations (channels-last after mkldnn convolutions) meet fp32 master weights, and
+    PyTorch's channels-last GroupNorm backward on the CPU crashes when the norm's own weights
+    are frozen (a masked fine-tune). This gives the CPU CUDA's policy in contiguous layout.
+    """
+    def hook(norm, inputs):
+        dtype = norm.weight.dtype if norm.weight is not None else inputs[0].dtype
+        return (inputs[0].to(dtype).contiguous(), *inputs[1:])
+
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules()
+               if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _lr_factor(step: int, steps: int, warmup: int, decay_from: int | None) -> float:
     factor = min(1.0, (step + 1) / max(1, warmup))
     if decay_from is not None and step >= decay_from:
@@ -81,22 +127,26 @@ def _lr_factor(step: int, steps: int, warmup: int, decay_from: int | None) -> fl
 def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch.Tensor], *,
         steps: int, lr: float, seed: int, phase: str, ckpt_dir: Path, ckpt_every: int = 200,
         keep: int = 2, warmup: int = 0, decay_from: int | None = None, weight_decay: float = 0.0,
-        grad_clip: float | None = 1.0,
-        ema_decay: float | None = None, log_every: int = 10, accelerator=None) -> list[dict]:
+        grad_clip: float | None = 1.0, ema_decay: float | None = None, log_every: int = 10,
+        mixed: str = "no", gradient_accumulation_steps: int = 1) -> list[dict]:
     """Optimise ``module``'s trainable parameters for ``steps`` steps; resumable.
 
-    ``loss_fn(step, generator)`` returns the loss of one step. The learning rate warms up
+    ``loss_fn(step, generator)`` returns the loss of one micro-batch. Each optimiser step
+    averages ``gradient_accumulation_steps`` micro-batches (micro-batch ``j`` of step ``s``
+    draws from the generator of ``s * gradient_accumulation_steps + j``). The trainables
+    should be fp32 (master weights): the forward runs under accelerate's autocast to
+    ``mixed`` (``no``/``bf16``/``fp16``; fp16 scales the loss). The learning rate warms up
     linearly over ``warmup`` steps and, from ``decay_from`` on, decays linearly to 0 at
     ``steps``. Returns the loss log.
     """
-    from accelerate import Accelerator
     from safetensors.torch import load_file
 
-    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accum = check_positive(gradient_accumulation_steps, "gradient_accumulation_steps")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{phase}: nothing to train (no parameter requires grad)")
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    acc = make_accelerator(mixed, params[0].device)
+    opt = acc.prepare_optimizer(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     ema = None
     if ema_decay:
         from diffusers.training_utils import EMAModel
@@ -112,20 +162,25 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
         state = json.loads((latest / "state.json").read_text())
         start, losses, running = state["step"], state["losses"], state.get("running", [])
         log.info("%s: resuming from step %d", phase, start)
+    cpu_mixed = mixed != "no" and acc.device.type == "cpu"
     module.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase, mininterval=2)
     for step in bar:
         for group in opt.param_groups:  # a pure function of the step, so resume is exact
             group["lr"] = lr * _lr_factor(step, steps, warmup, decay_from)
-        loss = loss_fn(step, step_generator(seed, phase, step))
-        acc.backward(loss)
+        loss = 0.0
+        for micro in range(step * accum, (step + 1) * accum):
+            with acc.autocast(), norms_in_fp32(module) if cpu_mixed else contextlib.nullcontext():
+                part = loss_fn(step, step_generator(seed, phase, micro)) / accum
+            acc.backward(part)
+            loss += part.detach().float()
         if grad_clip:
             acc.clip_grad_norm_(params, grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
-        running.append(loss.item())
+        running.append(float(loss))
         if (step + 1) % log_every == 0 or step + 1 == steps:
             losses.append({"phase": phase, "step": step + 1, "loss": float(np.mean(running))})
             bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
@@ -138,7 +193,24 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
     return losses
 
 
-def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path) -> list[dict]:
+def fit_settings(cfg, mixed: str) -> dict:
+    """The :func:`fit` settings of a training config (``steps``, ``lr``, ``ckpt_every``,
+    ``warmup``, ``gradient_accumulation_steps``): train's ``vae``/``unet`` and the mitigations'."""
+    return dict(steps=int(cfg.steps), lr=float(cfg.lr), ckpt_every=int(cfg.ckpt_every), warmup=int(cfg.get("warmup", 0)),
+                gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)), mixed=mixed)
+
+
+def prepare_trainables(module: torch.nn.Module, gradient_checkpointing: bool = False) -> None:
+    """fp32 master copies of ``module``'s trainable parameters (the frozen rest keeps the
+    pipeline's dtype, as diffusers' training scripts do), and gradient checkpointing if asked."""
+    for p in module.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if gradient_checkpointing:
+        module.enable_gradient_checkpointing()
+
+
+def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path, mixed: str = "no") -> list[dict]:
     """Reconstruction + small KL; afterwards the latent scaling factor is set to 1/std."""
     n = images.shape[0]
 
@@ -150,8 +222,7 @@ def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path) -> list
         return torch.nn.functional.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
 
     vae.requires_grad_(True)
-    losses = fit(vae, loss_fn, steps=cfg.steps, lr=cfg.lr, seed=seed, phase="vae",
-                 ckpt_dir=ckpt_dir, ckpt_every=cfg.ckpt_every, warmup=cfg.warmup)
+    losses = fit(vae, loss_fn, seed=seed, phase="vae", ckpt_dir=ckpt_dir, **fit_settings(cfg, mixed))
     vae.requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(images[i:i + 256].to(vae.device)).latent_dist.mean
@@ -161,11 +232,23 @@ def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path) -> list
 
 
 @torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Scaled latents (posterior mean x scaling factor) of every image."""
-    out = [vae.encode(images[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean
-           for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out).float() * vae.config.scaling_factor
+def encode_latents(vae, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """Scaled latents (posterior mean x scaling factor; float32, CPU) of images in [-1, 1].
+
+    ``images`` is ``[N, 3, H, W]`` (encoded ``batch_size`` at a time) or an iterable of such
+    batches, e.g. loaded from disk one batch at a time so that at most one batch of images
+    is in memory (:func:`encode_files`).
+    """
+    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
+    out = [vae.encode(b.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu() for b in batches]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def encode_files(vae, root: str | Path, files: Sequence[str], resolution: int, batch_size: int = 8) -> torch.Tensor:
+    """:func:`encode_latents` of image files, streamed: read ``batch_size`` files at a time."""
+    batches = (to_tensor(load_images(root, files[i:i + batch_size], resolution))
+               for i in range(0, len(files), batch_size))
+    return encode_latents(vae, batches)
 
 
 def noised(noise_sched, x0: torch.Tensor, g: torch.Generator):
@@ -187,11 +270,11 @@ def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: t
     """The noise-prediction loss at fresh noise and uniform timesteps drawn from ``g``
     (:func:`noised`); shared by training, trigger search and the mitigations."""
     xt, t, target = noised(noise_sched, x0, g)
-    return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample, target)
+    return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample.float(), target.float())
 
 
 def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.ndarray,
-               cfg, seed: int, ckpt_dir: Path) -> list[dict]:
+               cfg, seed: int, ckpt_dir: Path, mixed: str = "no") -> list[dict]:
     """Noise-prediction training; caption dropout replaces ``c`` with ``c0`` with prob ``p``."""
     from diffusers import DDPMScheduler
 
@@ -209,9 +292,9 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
         return diffusion_loss(unet, noise_sched, x0, c, g)
 
     unet.requires_grad_(True)
-    losses = fit(unet, loss_fn, steps=cfg.steps, lr=cfg.lr, seed=seed, phase="unet",
-                 ckpt_dir=ckpt_dir, ckpt_every=cfg.ckpt_every, warmup=cfg.warmup,
-                 decay_from=cfg.get("decay_from"), ema_decay=cfg.ema_decay)
+    prepare_trainables(unet, bool(cfg.get("gradient_checkpointing", False)))
+    losses = fit(unet, loss_fn, seed=seed, phase="unet", ckpt_dir=ckpt_dir, decay_from=cfg.get("decay_from"),
+                 ema_decay=cfg.ema_decay, **fit_settings(cfg, mixed))
     unet.requires_grad_(False)
     return losses
 
@@ -244,7 +327,7 @@ def train_model(cfg: DictConfig) -> Path:
 
         pipe = build_testbed_pipeline(cfg.arch, seed=cfg.seed)
     else:
-        pipe = load_model(cfg.model, "cpu", dtype="float32")
+        pipe = load_model(cfg.model, "cpu", precision="fp32")  # fp32 master weights
     if cfg.vae.get("path"):  # a pretrained VAE (frozen with vae.steps: 0), e.g. one shared by many runs
         from diffusers import AutoencoderKL
 
@@ -255,12 +338,13 @@ def train_model(cfg: DictConfig) -> Path:
     pipe.to(device)
     for m in (pipe.vae, pipe.text_encoder, pipe.unet):
         m.requires_grad_(False)
+    mixed = mixed_precision(resolve_dtype(model_precision(cfg.model), device))
 
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     vae_dir = run_dir / "vae"
     if cfg.vae.steps > 0:
         if not (vae_dir / "config.json").exists():
-            train_vae(pipe.vae, images, cfg.vae, cfg.seed, run_dir / "checkpoints" / "vae")
+            train_vae(pipe.vae, images, cfg.vae, cfg.seed, run_dir / "checkpoints" / "vae", mixed)
             tmp = run_dir / ".vae.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             pipe.vae.save_pretrained(tmp, safe_serialization=True)
@@ -275,7 +359,7 @@ def train_model(cfg: DictConfig) -> Path:
     unique = sorted(set(captions))
     cond = encode_prompts(pipe, unique).cpu()
     cond_index = pd.Series(range(len(unique)), index=unique).loc[captions].to_numpy()
-    train_unet(pipe, latents, cond, cond_index, cfg.unet, cfg.seed, run_dir / "checkpoints" / "unet")
+    train_unet(pipe, latents, cond, cond_index, cfg.unet, cfg.seed, run_dir / "checkpoints" / "unet", mixed)
     losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / "checkpoints" / phase)]
 
     write_parquet(run_dir / "train_log.parquet", pd.DataFrame(losses))

@@ -32,7 +32,7 @@ def test_saved_pipeline_is_plain_diffusers_safetensors(tiny_pipe_dir):
 
 
 def test_load_pipeline_cpu_fp32_and_scheduler_swap(tiny_pipe_dir):
-    pipe = load_pipeline(tiny_pipe_dir, dtype="float16", scheduler="euler")
+    pipe = load_pipeline(tiny_pipe_dir, precision="fp16", scheduler="euler")
     assert pipe.unet.dtype == torch.float32  # fp32 on CPU whatever the config says
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert not any(p.requires_grad for p in pipe.unet.parameters())

@@ -22,7 +22,7 @@ from diffmem.probes.replication import sample_images, similarity_to_targets
 from diffmem.probes.trigger import (TRIGGER_DIR, image_latents, initial_embedding, load_triggers, save_triggers,
                                     search_trigger, trigger_file, trigger_seed)
 from diffmem.sampling import encode_prompts, sample_seed
-from diffmem.training import diffusion_loss, fit
+from diffmem.training import diffusion_loss, fit, fit_settings, mixed_precision, prepare_trainables
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,9 @@ def adversarial_finetune(pipe, util_latents: torch.Tensor, util_cond: torch.Tens
         loss_a = diffusion_loss(unet, noise_sched, torch.cat([x_sur, x_sur]).to(unet.device), c_adv, g)
         return loss_u + float(s.adv_weight) * loss_a
 
+    mixed = mixed_precision(pipe.text_encoder.dtype)  # the pipeline's precision (the text encoder stays frozen)
     unet.requires_grad_(True)
-    losses = fit(unet, loss_fn, steps=int(s.steps), lr=float(s.lr), seed=seed, phase="adversarial_ft",
-                 ckpt_dir=ckpt_dir, ckpt_every=int(s.ckpt_every), warmup=int(s.get("warmup", 0)))
-    unet.requires_grad_(False)
+    prepare_trainables(unet, bool(s.get("gradient_checkpointing", False)))
+    losses = fit(unet, loss_fn, seed=seed, phase="adversarial_ft", ckpt_dir=ckpt_dir, **fit_settings(s, mixed))
+    unet.requires_grad_(False).to(pipe.text_encoder.dtype)  # back to the pipeline's precision for inference
     return losses

@@ -19,7 +19,7 @@ from diffmem.data import load_unit_images
 from diffmem.errors import DataError
 from diffmem.runs import atomic_path, read_json, write_json, write_parquet
 from diffmem.sampling import encode_prompts
-from diffmem.training import encode_latents
+from diffmem.training import encode_files
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,10 @@ class MitigationTask:
         return load_unit_images(self.root, list(files), int(self.cfg.resolution))
 
     def latents(self, rows: pd.DataFrame) -> torch.Tensor:
-        """Scaled VAE latents of ``rows``' images (each file encoded once)."""
+        """Scaled VAE latents of ``rows``' images (each file encoded once; the images are read
+        ``batch_size`` at a time, never all in memory)."""
         files = rows["file"].unique()
-        z = encode_latents(self.pipe.vae, self.images(files) * 2 - 1)
+        z = encode_files(self.pipe.vae, self.root, list(files), int(self.cfg.resolution), int(self.cfg.batch_size))
         return z[_positions(rows["file"], files)]
 
     def cond(self, captions) -> torch.Tensor:

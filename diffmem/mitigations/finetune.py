@@ -79,12 +79,14 @@ def lora_targets(unet, blocks) -> list[str]:
 
 
 def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | None = None) -> int:
-    """Make the chosen parameters trainable (LoRA adapters added for ``lora``); returns their count
+    """Make the chosen parameters trainable (LoRA adapters added for ``lora``; ``full`` runs the
+    UNet in fp32, as diffusers' full fine-tuning does, under autocast to the pipeline's precision); returns their count
     (0 when ``blocks`` is empty: a MemControl mask of all zeros leaves the model as it is)."""
     if method not in METHODS:
         raise ConfigError(f"mitigation.method '{method}' is not one of {', '.join(METHODS)}")
     unet.requires_grad_(False)
     if method == "full":
+        unet.to(torch.float32)  # fp32 master weights for the whole UNet, as diffusers' full fine-tuning
         if len(blocks) == len(transformer_blocks(unet)):
             unet.requires_grad_(True)
         else:
@@ -128,7 +130,7 @@ def finetune(pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, 
 
     from diffmem.mitigations.captions import augmenter, word_pool
     from diffmem.sampling import encode_prompts
-    from diffmem.training import fit, noised
+    from diffmem.training import fit, fit_settings, mixed_precision, noised, prepare_trainables
 
     unet, n = pipe.unet, latents.shape[0]
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -149,7 +151,7 @@ def finetune(pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, 
             cond = cond + float(gni.lam) * torch.randn(cond.shape, generator=g).to(cond.device) * hit.to(cond.device)
         drop = torch.rand(len(caps), generator=g) < float(s.caption_dropout)
         cond[drop.to(unet.device)] = uncond
-        xt, t, target = noised(noise_sched, latents[idx].to(unet.device), g)
+        xt, t, target = noised(noise_sched, latents[idx].to(unet.device, unet.dtype), g)
         per = ((unet(xt, t, encoder_hidden_states=cond).sample.float() - target.float()) ** 2).flatten(1).mean(1)
         if tau is None:
             return per.mean()
@@ -157,9 +159,11 @@ def finetune(pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, 
         kept.append(float(keep.float().mean()))
         return (per * keep).sum() / keep.sum().clamp(min=1)
 
-    losses = fit(unet, loss_fn, steps=int(s.steps), lr=float(s.lr), seed=seed, phase="finetune",
-                 ckpt_dir=ckpt_dir, ckpt_every=int(s.ckpt_every), warmup=int(s.get("warmup", 0)),
-                 grad_clip=1.0)
+    mixed = mixed_precision(pipe.text_encoder.dtype)  # the pipeline's precision (the text encoder stays frozen)
+    prepare_trainables(unet, bool(s.get("gradient_checkpointing", False)))
+    losses = fit(unet, loss_fn, seed=seed, phase="finetune", ckpt_dir=ckpt_dir, grad_clip=1.0,
+                 **fit_settings(s, mixed))
+    unet.to(pipe.text_encoder.dtype)  # back to the pipeline's precision for inference
     if kept:
         log.info("noise filter kept %.1f %% of samples in this session's steps", 100 * np.mean(kept))
     return losses
@@ -183,6 +187,6 @@ def calibrate_tau(pipe, latents: torch.Tensor, captions: list[str], quantile: fl
     norms = []
     for chunk in idx.split(64):
         cond = encode_prompts(pipe, [captions[i] for i in chunk.tolist()]).to(unet.device)
-        xt, t, _ = noised(noise_sched, latents[chunk].to(unet.device), g)
+        xt, t, _ = noised(noise_sched, latents[chunk].to(unet.device, unet.dtype), g)
         norms.append(noise_norms(unet, xt, t, cond, uncond))
     return float(torch.cat(norms).quantile(float(quantile)))

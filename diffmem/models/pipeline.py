@@ -16,13 +16,28 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
 }
+#: ``model.precision``: the dtype a pipeline runs in (``model.dtype``'s old names still work)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype not in _DTYPES:
-        raise ConfigError(f"model.dtype '{dtype}' is not one of {', '.join(_DTYPES)}")
-    return torch.float32 if device.type == "cpu" else _DTYPES[dtype]  # fp32 on CPU
+def check_precision(precision: str) -> str:
+    """``fp32``/``bf16``/``fp16`` (``float32``/``bfloat16``/``float16`` map to them); else a ConfigError."""
+    name = _ALIASES.get(precision, precision)
+    if name not in PRECISIONS:
+        raise ConfigError(f"model.precision '{precision}' is not one of {', '.join(PRECISIONS)}."
+                          f"{did_you_mean(str(precision), PRECISIONS, n=1)}")
+    return name
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of ``precision`` on ``device``. bf16 runs in bf16 on the CPU too (so CPU tests
+    catch half-precision bugs); fp16 on the CPU falls back to fp32 (few fast fp16 CPU kernels)."""
+    name = check_precision(precision)
+    if name == "fp16" and torch.device(device).type == "cpu":
+        return torch.float32
+    return PRECISIONS[name]
 
 
 def check_scheduler(name: str | None) -> None:
@@ -43,12 +58,15 @@ def set_scheduler(pipe, name: str | None):
     return pipe
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
-                  local_files_only: bool = True, scheduler: str | None = None):
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
+                  local_files_only: bool = True, scheduler: str | None = None, vae_slicing: bool = False,
+                  vae_tiling: bool = False):
     """A ``StableDiffusionPipeline`` from a local folder or an HF-cache repo id.
 
     Safetensors only, no safety checker, never remote code; offline unless
-    ``local_files_only`` is False. (Stages load through :func:`diffmem.loading.load_model`,
+    ``local_files_only`` is False. ``vae_slicing`` decodes/encodes a batch one image at a
+    time and ``vae_tiling`` in overlapping tiles (bounded VAE memory at 512 px and above).
+    (Stages load through :func:`diffmem.loading.load_model`,
     which also takes defence wrappers.)
     """
     import diffusers
@@ -65,7 +83,7 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: s
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(local) if local.exists() else str(path),
-            dtype=resolve_dtype(dtype, device),
+            dtype=resolve_dtype(precision, device),
             use_safetensors=True,
             local_files_only=local_files_only,
             safety_checker=None,
@@ -77,6 +95,10 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: s
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, scheduler)
     pipe.to(device)
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
     return pipe
@@ -95,7 +117,9 @@ def save_pipeline(pipe, out_dir: str | Path, dtype: str = "float32") -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    on_disk = pipe if dtype == "float32" else copy.deepcopy(pipe).to(dtype=_DTYPES[dtype])
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    cast = any(p.dtype != _DTYPES[dtype] for m in modules for p in m.parameters())
+    on_disk = copy.deepcopy(pipe).to(dtype=_DTYPES[dtype]) if cast else pipe
     on_disk.save_pretrained(tmp, safe_serialization=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -14,8 +15,7 @@ def build_testbed_pipeline(arch, seed: int = 0):
     a CLIPTokenizer built from open_clip's bundled BPE file; DDPM noise schedule with
     a DDIM sampler, exactly as SD ships them.
     """
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffmem.models.tokenizer import build_clip_tokenizer
@@ -35,14 +35,7 @@ def build_testbed_pipeline(arch, seed: int = 0):
         projection_dim=arch.text.hidden,
     )
     text_encoder = CLIPTextModel(text_cfg)
-    unet = UNet2DConditionModel(
-        sample_size=arch.resolution // 2 ** (len(arch.vae.channels) - 1),
-        in_channels=arch.vae.latent_channels, out_channels=arch.vae.latent_channels,
-        down_block_types=list(arch.unet.down_blocks), up_block_types=list(arch.unet.up_blocks),
-        block_out_channels=list(arch.unet.channels), layers_per_block=arch.unet.layers_per_block,
-        cross_attention_dim=arch.text.hidden, attention_head_dim=arch.unet.head_dim,
-        norm_num_groups=arch.unet.norm_groups,
-    )
+    unet = build_unet(arch)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(tmp)
     scheduler = DDIMScheduler(
@@ -54,6 +47,33 @@ def build_testbed_pipeline(arch, seed: int = 0):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def build_unet(arch):
+    """The ``UNet2DConditionModel`` of an ``arch`` config (random weights; under
+    ``torch.device("meta")`` no memory at all, e.g. to count SD's FLOPs)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=arch.resolution // 2 ** (len(arch.vae.channels) - 1),
+        in_channels=arch.vae.latent_channels, out_channels=arch.vae.latent_channels,
+        down_block_types=list(arch.unet.down_blocks), up_block_types=list(arch.unet.up_blocks),
+        block_out_channels=list(arch.unet.channels), layers_per_block=arch.unet.layers_per_block,
+        cross_attention_dim=arch.text.hidden, attention_head_dim=arch.unet.head_dim,
+        norm_num_groups=arch.unet.norm_groups,
+    )
+
+
+def cached_pipeline(arch, path: str | Path, seed: int = 0) -> Path:
+    """:func:`build_testbed_pipeline` of ``arch`` saved at ``path`` (fp32 safetensors) the first
+    time, reused afterwards: the SD-shaped random pipeline (``conf/arch/sd14_shape.yaml``, ~4 GB)
+    is built once per machine, not once per test run."""
+    from diffmem.models.pipeline import save_pipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").exists():
+        save_pipeline(build_testbed_pipeline(arch, seed=seed), path)
+    return path
 
 
 def pairwise_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

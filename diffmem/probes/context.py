@@ -165,6 +165,9 @@ def check_settings(name: str, s, prefix: str = "probe") -> None:
         positive(s, prefix)
     if "trigger" in s:
         positive(s.trigger, f"{prefix}.trigger")
+    for node, where in ((s, prefix), (s.get("nemo"), f"{prefix}.nemo")):
+        if node is not None and "max_checks" in node:
+            check_positive(node.max_checks, f"{where}.max_checks", optional=True)
     for node, where in ((s, prefix), (s.get("wanda"), f"{prefix}.wanda"), (s.get("surrogate"), f"{prefix}.surrogate")):
         if node is not None and "fraction" in node and not 0 < float(node.fraction) <= 1:
             raise ConfigError(f"{where}.fraction must be in (0, 1] (got {node.fraction})")

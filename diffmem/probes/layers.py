@@ -14,7 +14,7 @@ afterwards.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -89,10 +89,12 @@ def block_neurons(unet, neurons: Mapping[str, Sequence[int]]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def record(unet, names: Sequence[str], what: str = "output") -> Iterator[dict[str, list[torch.Tensor]]]:
+def record(unet, names: Sequence[str], what: str = "output",
+           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Collect each named layer's ``output`` (or first ``input``) per forward pass, detached.
 
-    Yields ``{name: [tensor per call]}``; tensors are ``[B, tokens, features]``.
+    Yields ``{name: [tensor per call]}``; tensors are ``[B, tokens, features]``, or what
+    ``reduce`` makes of them (a statistic instead of the activations: bounded memory).
     """
     if what not in ("output", "input"):
         raise ConfigError(f"record: what must be 'output' or 'input' (got {what!r})")
@@ -101,7 +103,8 @@ def record(unet, names: Sequence[str], what: str = "output") -> Iterator[dict[st
     try:
         for name, layer in get_layers(unet, names).items():
             def hook(_module, inputs, output, name=name):
-                store[name].append((output if what == "output" else inputs[0]).detach())
+                x = (output if what == "output" else inputs[0]).detach()
+                store[name].append(reduce(x) if reduce is not None else x)
 
             handles.append(layer.register_forward_hook(hook))
         yield store

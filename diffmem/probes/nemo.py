@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from diffmem.errors import DataError
-from diffmem.probes.layers import block_neurons, record, value_layers
+from diffmem.errors import ConfigError, DataError
+from diffmem.probes.layers import block_neurons, get_layers, value_layers
 from diffmem.runs import write_json
 
 Neurons = dict[str, list[int]]
@@ -38,19 +38,23 @@ NEURONS_FILE = "neurons.json"  # a run dir's neurons per memorised prompt
 def value_activations(pipe, cond: torch.Tensor, layers, batch_size: int = 64) -> dict[str, np.ndarray]:
     """``{layer: [N, channels]}``: mean |to_v output| over tokens for each conditioning row.
 
-    One UNet forward per batch at the last training timestep (the value projections see
-    only the text, so the latent and timestep do not change the result).
+    A cross-attention value projection sees only the text conditioning (SD's ``attn2``
+    applies ``to_v`` to ``encoder_hidden_states`` as they come), so ``to_v(c)`` alone gives
+    exactly the activations of a UNet forward, at a tiny fraction of its cost. A UNet that
+    transforms the conditioning first (``encoder_hid_proj``, ``norm_cross``) is refused.
     """
     unet, out = pipe.unet, {name: [] for name in layers}
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    t = torch.tensor(pipe.scheduler.config.num_train_timesteps - 1, device=unet.device)
+    modules = get_layers(unet, list(layers))
+    owners = dict(unet.named_modules())
+    for name in modules:
+        attn = owners.get(name.rsplit(".", 1)[0])
+        if getattr(unet, "encoder_hid_proj", None) is not None or getattr(attn, "norm_cross", None) is not None:
+            raise ConfigError(f"{name}: the UNet transforms the text conditioning before its value "
+                              "projections; NeMo's activations assume SD's attn2")
     for i in range(0, cond.shape[0], batch_size):
         c = cond[i:i + batch_size].to(unet.device, unet.dtype)
-        x = torch.zeros((c.shape[0], *shape), device=unet.device, dtype=unet.dtype)
-        with record(unet, list(layers)) as acts:
-            unet(x, t, encoder_hidden_states=c)
-        for name in layers:
-            out[name].append(acts[name][0].abs().mean(dim=1).float().cpu().numpy())
+        for name, module in modules.items():
+            out[name].append(module(c).abs().mean(dim=1).float().cpu().numpy())
     return {name: np.concatenate(v) for name, v in out.items()}
 
 
@@ -103,13 +107,17 @@ def _select(z: dict[str, np.ndarray], theta: float, k: int) -> Neurons:
 
 def localise(z: dict[str, np.ndarray], score: Callable[[Neurons], float], threshold: float, *,
              theta_start: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0,
-             refine: bool = True) -> Localisation:
+             refine: bool = True, max_checks: int | None = None) -> Localisation:
     """NeMo's search for one prompt with z-scores ``z`` (``{layer: [channels]}``, one row).
 
     ``score(neurons)`` is the memorisation score with ``neurons`` blocked (higher = memorised);
-    memorisation counts as suppressed once it is ``<= threshold``.
+    memorisation counts as suppressed once it is ``<= threshold``. ``max_checks`` caps the
+    scored candidates (each costs a detector run): the search stops with what it has then.
     """
     checks = 0
+
+    def spent() -> bool:
+        return max_checks is not None and checks >= max_checks
 
     def suppressed(neurons) -> tuple[bool, float]:
         nonlocal checks
@@ -128,23 +136,28 @@ def localise(z: dict[str, np.ndarray], score: Callable[[Neurons], float], thresh
         ok, s = suppressed(neurons)
         history.append({"phase": "initial", "theta": theta, "k": k,
                         "n_neurons": sum(map(len, neurons.values())), "score": s})
-        if ok or sum(map(len, neurons.values())) >= total:
+        if ok or sum(map(len, neurons.values())) >= total or spent():
             break
         theta, k = max(theta - theta_step, theta_min), k + 1
     if ok and refine:
         for layer in list(neurons):
+            if spent():
+                break
             trial = {n: v for n, v in neurons.items() if n != layer}
             ok_t, s_t = suppressed(trial)
             if ok_t:
                 neurons, s = trial, s_t
         order = sorted(((abs(z[n][i]), n, i) for n, idx in neurons.items() for i in idx))
         for _, layer, i in order:
+            if spent():
+                break
             trial = {n: [j for j in v if not (n == layer and j == i)] for n, v in neurons.items()}
             trial = {n: v for n, v in trial.items() if v}
             ok_t, s_t = suppressed(trial)
             if ok_t:
                 neurons, s = trial, s_t
-        history.append({"phase": "refined", "n_neurons": sum(map(len, neurons.values())), "score": s})
+        history.append({"phase": "refined", "n_neurons": sum(map(len, neurons.values())), "score": s,
+                        "capped": spent()})
     return Localisation(neurons, before, s, bool(ok), checks + 1, history)
 
 

@@ -33,11 +33,11 @@ def sample_images(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution:
 
 
 @torch.no_grad()
-def similarity_to_targets(extractor, images: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """Cosine similarity of each image to its own target (row-aligned): ``[N]``."""
-    a = extractor(images.float())
-    b = extractor(targets.float())
-    return (a * b).sum(1).double().cpu().numpy()
+def similarity_to_targets(extractor, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+    """Cosine similarity of each image to its own target (row-aligned): ``[N]``, ``batch_size`` rows at a time."""
+    out = [(extractor(a.float()) * extractor(b.float())).sum(1).double().cpu()
+           for a, b in zip(images.split(batch_size), targets.split(batch_size))]
+    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tensor, keys: pd.DataFrame, *,
@@ -56,7 +56,7 @@ def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tenso
     seeds = [sample_seed(seed, p, k) for p, k in zip(table["prompt_id"], table["k"])]
     images = sample_images(pipe, conds[torch.as_tensor(rep)], seeds, resolution=resolution, steps=steps,
                            guidance=guidance, batch_size=batch_size)
-    table["similarity"] = similarity_to_targets(extractor, images, targets[torch.as_tensor(rep)])
+    table["similarity"] = similarity_to_targets(extractor, images, targets[torch.as_tensor(rep)], batch_size)
     if image_dir is not None:
         table["image"] = [f"{i:04d}.png" for i in range(len(table))]
         for name, img in zip(table["image"], to_uint8(images)):

@@ -66,7 +66,8 @@ def localise_one(ctx: ProbeContext, setup, cond: torch.Tensor, prompt_id: int, s
     z = {k: v[0] for k, v in stats.zscores(nemo_lib.value_activations(ctx.pipe, cond[None], layers)).items()}
     score = nemo_lib.blocked_score(ctx.pipe, detector, cond, prompt_id, seed=ctx.seed, resolution=ctx.resolution)
     found = nemo_lib.localise(z, score, threshold, theta_start=float(s.theta_start),
-                              theta_step=float(s.theta_step), theta_min=float(s.theta_min), refine=bool(s.refine))
+                              theta_step=float(s.theta_step), theta_min=float(s.theta_min), refine=bool(s.refine),
+                              max_checks=s.get("max_checks"))
     return {"neurons": found.neurons, "n_neurons": found.n_neurons, "score_before": found.score_before,
             "score_after": found.score_after, "suppressed": found.suppressed, "checks": found.checks,
             "threshold": threshold}

@@ -63,12 +63,12 @@ def trigger_seed(seed: int, prompt_id: int, restart: int) -> int:
     return sample_seed(seed, prompt_id, 1_000_000 + int(restart))
 
 
-@torch.no_grad()
-def image_latents(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Scaled VAE latents (posterior mean) of ``[B, 3, H, W]`` images in [0, 1]."""
-    vae = pipe.vae
-    x = images.to(vae.device, vae.dtype) * 2 - 1
-    return vae.encode(x).latent_dist.mean.float() * vae.config.scaling_factor
+def image_latents(pipe, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Scaled VAE latents (posterior mean; float32, CPU) of ``[B, 3, H, W]`` images in [0, 1],
+    ``batch_size`` at a time."""
+    from diffmem.training import encode_latents
+
+    return encode_latents(pipe.vae, (b * 2 - 1 for b in images.split(batch_size)))
 
 
 def initial_embedding(init: str, prompt_cond: torch.Tensor, other_cond: torch.Tensor | None,
@@ -91,8 +91,9 @@ def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 5
     """Adam on ``c_adv`` (from ``init``, ``[tokens, D]``) so ``pipe.unet`` denoises towards latent ``x0``.
 
     Each step draws ``batch_size`` (noise, timestep) pairs for the one target from a generator
-    seeded with ``seed``. The UNet's weights are untouched (no gradients to them). Returns the
-    trigger (float32, CPU) and the loss per step.
+    seeded with ``seed``. The UNet's weights are untouched (no gradients to them) and it runs
+    in its own dtype; ``c_adv`` stays fp32 (a grad scaler guards fp16). Returns the trigger
+    (float32, CPU) and the loss per step.
     """
     from diffusers import DDPMScheduler
 
@@ -106,6 +107,7 @@ def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 5
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     c_adv = init.detach().to(unet.device, torch.float32).clone().requires_grad_(True)
     opt = torch.optim.Adam([c_adv], lr=lr)
+    scaler = torch.amp.GradScaler(unet.device.type, enabled=unet.dtype == torch.float16)  # fp16 gradients underflow
     g = torch.Generator().manual_seed(int(seed))
     target = x0.to(unet.device, unet.dtype).expand(batch_size, -1, -1, -1)
     losses = []
@@ -117,8 +119,9 @@ def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 5
             cond = c_adv.to(unet.dtype).unsqueeze(0).expand(batch_size, -1, -1)
             loss = diffusion_loss(unet, noise_sched, target, cond, g)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             losses.append(float(loss.detach()))
     finally:
         for p in frozen:

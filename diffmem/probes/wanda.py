@@ -63,18 +63,22 @@ def wanda_masks(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: i
     c = cond.to(pipe.unet.device, pipe.unet.dtype).unsqueeze(0).expand(b, -1, -1)
     uncond = encode_prompts(pipe, [""])
     masks = {n: torch.zeros_like(m.weight, dtype=torch.bool) for n, m in modules.items()}
-    with record(pipe.unet, names, what="input") as acts:
+    with record(pipe.unet, names, what="input", reduce=_half_norms) as norms:
         for i, _ in enumerate(denoise(pipe, c, seeds, resolution, steps, guidance, uncond)):
             if i + 1 >= n_steps:
                 break
     for name, module in modules.items():
         w = module.weight.abs().float()
-        for x in acts[name][:n_steps]:  # [2B, tokens, in]: unconditional rows first
-            x_u, x_c = x.float().chunk(2)
-            norm_c = x_c.reshape(-1, x_c.shape[-1]).norm(dim=0)
-            norm_u = x_u.reshape(-1, x_u.shape[-1]).norm(dim=0)
+        for norm_u, norm_c in norms[name][:n_steps]:
             masks[name] |= row_topk_mask(w * norm_c, w * norm_u, fraction)
     return masks
+
+
+def _half_norms(x: torch.Tensor) -> torch.Tensor:
+    """``[2, in]``: the input-column L2 norms of the unconditional and the conditional half of a
+    guided batch ``[2B, tokens, in]`` (unconditional rows first). Wanda keeps only these per
+    step, never the activations."""
+    return torch.stack([half.float().reshape(-1, x.shape[-1]).norm(dim=0) for half in x.chunk(2)])
 
 
 def prompt_masks(pipe, conds: torch.Tensor, prompt_ids, *, seed: int, n_seeds: int, resolution: int, steps: int,
