@@ -478,7 +478,7 @@ _gen_config_case("negative-guidance", ConfigError, ["guidance_scale=-1"], ["guid
 _gen_config_case("zero-resolution", ConfigError, ["resolution=0"], ["resolution must be >= 1"])
 _gen_config_case("unknown-scheduler", ConfigError, ["scheduler=ddmi"],
                  ["scheduler 'ddmi'", "Did you mean", "'ddim'"])
-_gen_config_case("unknown-dtype", ConfigError, ["model.dtype=float64"], ["model.dtype", "'float64'"])
+_gen_config_case("unknown-precision", ConfigError, ["model.precision=float64"], ["model.precision", "'float64'"])
 _gen_config_case("model-path-unset", ConfigError, [], ["model.path"], no_model=True)
 
 
