@@ -338,7 +338,7 @@ def train_model(cfg: DictConfig) -> Path:
     pipe.to(device)
     for m in (pipe.vae, pipe.text_encoder, pipe.unet):
         m.requires_grad_(False)
-    mixed = mixed_precision(resolve_dtype(model_precision(cfg.model), device))
+    mixed = mixed_precision(resolve_dtype(model_precision(cfg.get("model") or {}), device))  # from scratch: fp32
 
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     vae_dir = run_dir / "vae"
