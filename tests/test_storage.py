@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from PIL import Image
 
 import diffmem
 from diffmem.data import load_dataset, load_image
+from diffmem.data.samples import SAMPLES
 from diffmem.errors import DataError
 from diffmem.features import build_extractor
 from diffmem.features.loader import embed_images
@@ -239,10 +241,13 @@ def copies_the_exif_photo(distinct_stores, monkeypatch):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def _audit(tiny_pipe_dir, spec, name, *extra):
-    args = ["model=local", f"model.path={tiny_pipe_dir}", "model.num_inference_steps=2", f"data={spec['kind']}",
+def _audit_args(tiny_pipe_dir, spec, name, *extra):
+    return ["model=local", f"model.path={tiny_pipe_dir}", "model.num_inference_steps=2", f"data={spec['kind']}",
             *[f"data.{k}={v}" for k, v in spec.items() if k != "kind"], f"name={name}", *extra]
-    return diffmem.run("audit", args)
+
+
+def _audit(*args):
+    return diffmem.run("audit", _audit_args(*args))
 
 
 def test_audit_gives_the_same_verdicts_in_every_storage(tiny_pipe_dir, distinct_stores, copies_the_exif_photo):
@@ -284,9 +289,17 @@ def test_audit_gives_the_same_verdicts_in_every_storage(tiny_pipe_dir, distinct_
 
 @pytest.mark.parametrize("kind", ["m.csv", "img2dataset", "webdataset"])
 def test_audit_stops_on_the_corrupt_file_in_one_line(tiny_pipe_dir, distinct_stores, kind):
-    """The default ``data.on_error=fail``: one line naming the file and the way out."""
+    """The default ``data.on_error=fail``: one line naming the file and the way out. The image
+    is found unreadable when the training set is embedded, after generation; the way out
+    resumes the run (the generations are kept)."""
     with pytest.raises(DataError) as err:
         _audit(tiny_pipe_dir, distinct_stores[kind], "fail")
     msg = str(err.value)
     assert "\n" not in msg and "corrupt or unreadable" in msg and "on_error=skip" in msg
     assert msg.split(":")[0].endswith(("broken.jpg", "000000008.jpg"))
+    samples = Path(diffmem.compose("audit", _audit_args(tiny_pipe_dir, distinct_stores[kind], "fail")).run_dir,
+                   "generate", SAMPLES)
+    generated = samples.stat().st_mtime_ns
+    res = diffmem.load_run(_audit(tiny_pipe_dir, distinct_stores[kind], "fail", "data.on_error=skip"))
+    assert res.done and res.metrics["reference_images_skipped"] == 1
+    assert samples.stat().st_mtime_ns == generated
