@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from diffmem.checks import check_positive, check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
+from diffmem.data.images import without_guards
 from diffmem.data.prompts import needs_dataset, stage_prompts, warn_long_prompts
 from diffmem.data.samples import PROMPTS, SAMPLES, plan_samples
 from diffmem.errors import ConfigError
@@ -41,7 +42,8 @@ def check_config(cfg: DictConfig) -> None:
 def fingerprint(cfg: DictConfig) -> dict:
     keys = ["model", "prompts", "seed", "n_per_prompt", "steps", "guidance_scale", "scheduler",
             "resolution", "num_shards", "batch_size"] + (["data"] if needs_dataset(cfg) else [])
-    return config_subset(cfg, keys)
+    fp = config_subset(cfg, keys)
+    return {**fp, "data": without_guards(fp["data"])} if "data" in fp else fp
 
 
 def run(cfg: DictConfig) -> Path:

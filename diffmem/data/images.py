@@ -25,13 +25,15 @@ ON_ERROR = ("fail", "skip")
 DATA_KINDS = ("testbed", "folder", "img2dataset", "webdataset")
 #: the default pixel budget of a decoded image (``data.max_pixels``): 80 Mpx, e.g. 8944 x 8944
 MAX_PIXELS = 80_000_000
-#: ``data`` settings that only guard (refuse inputs), never change a result
-GUARDS = ("max_pixels", "allow_outside_root")
+#: ``data`` settings that only guard (refuse inputs), never change a finished run's result
+#: (``on_error=fail`` finishes only when no image was unreadable, as ``skip`` would then)
+GUARDS = ("max_pixels", "allow_outside_root", "on_error")
 
 
 def without_guards(data: dict) -> dict:
     """``data`` settings as a run's fingerprint: without :data:`GUARDS`, so a run refused for a
-    too large image resumes with a raised ``data.max_pixels``."""
+    too large image resumes with a raised ``data.max_pixels``, and one stopped by a corrupt
+    image with ``data.on_error=skip``."""
     return {k: v for k, v in data.items() if k not in GUARDS}
 
 
