@@ -64,7 +64,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file; one that is not valid JSON (or not UTF-8) is a DataError naming it."""
+    from diffmem.errors import DataError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
 
 
 def write_parquet(path: str | os.PathLike, df) -> Path:
@@ -305,6 +311,12 @@ def is_done(run_dir: str | os.PathLike) -> bool:
 
 def mark_done(run_dir: str | os.PathLike, summary: dict[str, Any] | None = None) -> None:
     write_json(Path(run_dir) / SUCCESS, summary or {})
+
+
+def reopen(run_dir: str | os.PathLike) -> None:
+    """Take back a finished run's ``_SUCCESS`` (a damaged output found on resume), so that its
+    stage recomputes the damage and publishes again and no reader trusts it meanwhile."""
+    (Path(run_dir) / SUCCESS).unlink(missing_ok=True)
 
 
 def finish(run_dir: str | os.PathLike, cfg: Any, summary: dict[str, Any], **info: Any) -> Path:
