@@ -20,7 +20,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from diffmem.errors import ConfigError
 
@@ -303,6 +303,24 @@ def check_inputs(run_dir: str | os.PathLike, name: str, df) -> None:
                           f"({seen[name]['rows']} rows then, {len(df)} now); choose another name=...")
     if name not in seen:
         write_json(path, {**seen, name: {"sha256": digest, "rows": len(df)}})
+
+
+def resumed(path: str | os.PathLike, read: Callable[[Path], Any], make: Callable[[], Any]) -> Any:
+    """``read(path)`` of a piece of work an earlier attempt of this run stored at ``path``;
+    ``make()`` stores it first when it is missing, and again when it is damaged (``read``
+    fails on it: it is removed, with one warning line naming it), so that a resume never
+    trusts a damaged piece nor sticks on it."""
+    import logging
+
+    path = Path(path)
+    if path.exists():
+        try:
+            return read(path)
+        except Exception as err:  # safetensors, JSON and table readers raise many types for a damaged file
+            logging.getLogger(__name__).warning("%s is damaged (%s); recomputing it", path, type(err).__name__)
+            path.unlink()
+    make()
+    return read(path)
 
 
 def is_done(run_dir: str | os.PathLike) -> bool:
