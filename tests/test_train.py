@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import diffmem
 from diffmem.errors import DataError
 from tests.conftest import SMALL_DATA
+from tests.reliability.test_bad_inputs import _Planted  # a pickle that would run code on load
 
 ARGS = ["arch=tiny", "unet.steps=4", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2",
         "vae.steps=2", "vae.batch_size=4", "vae.ckpt_every=1", *SMALL_DATA]
@@ -107,12 +108,6 @@ def test_noised_follows_the_latents_dtype():
 
 
 # -- damaged checkpoints: the newest readable one is used, a damaged one removed with a warning ----
-
-class _Planted:  # a pickle that would run code on load: weights_only must refuse it
-    def __reduce__(self):
-        import os
-        return os.system, ("touch planted-pickle-ran",)
-
 
 def _fit(ckpt_dir, steps: int = 4):
     import torch
