@@ -21,7 +21,7 @@ from diffmem.config import hydra_app
 from diffmem.data import load_dataset
 from diffmem.data.images import without_guards
 from diffmem.data.prompts import stage_prompts
-from diffmem.data.samples import read_samples
+from diffmem.data.samples import read_samples, samples_intact
 from diffmem.errors import ConfigError
 from diffmem.features import check_extractor
 from diffmem.features.store import FeatureStore
@@ -29,7 +29,8 @@ from diffmem.index import stage as index_stage
 from diffmem.index.matches import find_matches, write_matches
 from diffmem.metrics import dcr_summary, median_mad, memorisation_rate, replication_rate
 from diffmem.checks import check_positive
-from diffmem.runs import check_claim, claim, config_subset, is_done, mark_done, provenance, write_json, write_parquet
+from diffmem.runs import (check_claim, claim, config_subset, is_done, mark_done, provenance, reopen, write_json,
+                          write_parquet)
 
 log = logging.getLogger(__name__)
 MEMORISED_KINDS = ("canary", "template")
@@ -151,10 +152,20 @@ def check_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg, {"baseline_split": baseline_split(cfg, manifest)})
 
 
+def _intact(run_dir: Path, cfg: DictConfig) -> bool:
+    """Whether a finished audit's samples and feature parts are all complete; if not, the
+    damaged sub-runs and the audit are reopened, so that the re-run recomputes the damage."""
+    embeds = [run_dir / d for d in ("embed-samples", "embed-train", "embed-baseline") if is_done(run_dir / d)]
+    ok = all([samples_intact(run_dir / "generate"), *(FeatureStore(d).intact(cfg.embed.part_size) for d in embeds)])
+    if not ok:
+        reopen(run_dir)
+    return ok
+
+
 def run(cfg: DictConfig) -> Path:
     """Run the whole audit per ``cfg``; returns the run dir."""
     cfg = check_config(cfg)
-    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir) and _intact(Path(cfg.run_dir), cfg):
         return Path(cfg.run_dir)
     # generate validates the model and prompts before writing anything; claim after it, so
     # a refused audit leaves nothing behind (the descriptor is checked before generating)

@@ -63,10 +63,11 @@ def embed_files(extractor, root: Path, items: pd.DataFrame, store: FeatureStore,
                 batch_size: int, shard: int = 0, num_shards: int = 1, resolution: int | None = None,
                 num_workers: int = 0, skip_errors: bool = False, max_pixels: int = MAX_PIXELS) -> None:
     """Embed the images of ``items`` into the parts of ``store``, skipping parts that exist
-    (images over ``max_pixels`` are refused before they are decoded)."""
+    (images over ``max_pixels`` are refused before they are decoded; a damaged part is recomputed)."""
     files = items["file"].tolist()
     n_parts = (len(files) + part_size - 1) // part_size
-    todo = [p for p in range(shard, n_parts, num_shards) if not store.has_part(p)]
+    todo = [p for p in range(shard, n_parts, num_shards)
+            if not store.has_part(p, len(files[p * part_size:(p + 1) * part_size]), extractor.dim)]
     total = sum(len(files[p * part_size:(p + 1) * part_size]) for p in todo)
     # closed on errors too: the bar's last line must not follow the CLI's error line
     with tqdm(total=total, desc=f"embed[{extractor.name}]", mininterval=2) as bar:
@@ -107,7 +108,8 @@ def run(cfg: DictConfig) -> Path:
     skip_errors = cfg.source == "dataset" and on_error(cfg.data) == "skip"
     check_shard(cfg.shard, cfg.num_shards)
     check_positive(cfg.resolution, "resolution", optional=True)
-    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir) and FeatureStore(cfg.run_dir).intact(
+            cfg.part_size):
         return Path(cfg.run_dir)
     if cfg.source == "dataset":
         root, items = dataset_items(cfg.data, cfg.split)

@@ -19,7 +19,7 @@ from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data.images import without_guards
 from diffmem.data.prompts import needs_dataset, stage_prompts, warn_long_prompts
-from diffmem.data.samples import PROMPTS, SAMPLES, plan_samples
+from diffmem.data.samples import PROMPTS, SAMPLES, drop_damaged, plan_samples, samples_intact
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model
 from diffmem.models.pipeline import check_scheduler
@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> Path:
     check_config(cfg)
     # Config, prompts and model are checked before the run dir is claimed: a refused run
     # creates nothing (and a later run with the corrected config is not refused).
-    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
+    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir) and samples_intact(cfg.run_dir):
         log.info("generate: %s is complete", cfg.run_dir)
         return Path(cfg.run_dir)
     device = configure_torch(cfg)
@@ -63,6 +63,7 @@ def run(cfg: DictConfig) -> Path:
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "prompt list", prompts)
     write_parquet(run_dir / PROMPTS, prompts)
+    drop_damaged(run_dir, mine["file"])  # a resumed run recomputes damaged samples
     generate_images(pipe, mine, run_dir, resolution=cfg.resolution, steps=cfg.steps,
                     guidance=cfg.guidance_scale, batch_size=cfg.batch_size)
     missing = sum(not (run_dir / f).exists() for f in plan["file"])

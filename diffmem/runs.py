@@ -20,7 +20,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from diffmem.errors import ConfigError
 
@@ -64,7 +64,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file; one that is not valid JSON (or not UTF-8) is a DataError naming it."""
+    from diffmem.errors import DataError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from err
 
 
 def write_parquet(path: str | os.PathLike, df) -> Path:
@@ -299,12 +305,36 @@ def check_inputs(run_dir: str | os.PathLike, name: str, df) -> None:
         write_json(path, {**seen, name: {"sha256": digest, "rows": len(df)}})
 
 
+def resumed(path: str | os.PathLike, read: Callable[[Path], Any], make: Callable[[], Any]) -> Any:
+    """``read(path)`` of a piece of work an earlier attempt of this run stored at ``path``;
+    ``make()`` stores it first when it is missing, and again when it is damaged (``read``
+    fails on it: it is removed, with one warning line naming it), so that a resume never
+    trusts a damaged piece nor sticks on it."""
+    import logging
+
+    path = Path(path)
+    if path.exists():
+        try:
+            return read(path)
+        except Exception as err:  # safetensors, JSON and table readers raise many types for a damaged file
+            logging.getLogger(__name__).warning("%s is damaged (%s); recomputing it", path, type(err).__name__)
+            path.unlink()
+    make()
+    return read(path)
+
+
 def is_done(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / SUCCESS).exists()
 
 
 def mark_done(run_dir: str | os.PathLike, summary: dict[str, Any] | None = None) -> None:
     write_json(Path(run_dir) / SUCCESS, summary or {})
+
+
+def reopen(run_dir: str | os.PathLike) -> None:
+    """Take back a finished run's ``_SUCCESS`` (a damaged output found on resume), so that its
+    stage recomputes the damage and publishes again and no reader trusts it meanwhile."""
+    (Path(run_dir) / SUCCESS).unlink(missing_ok=True)
 
 
 def finish(run_dir: str | os.PathLike, cfg: Any, summary: dict[str, Any], **info: Any) -> Path:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -64,14 +65,55 @@ def _save_state(ckpt_root: Path, step: int, module, opt, ema, losses: list, runn
         shutil.rmtree(old)
 
 
-def _latest_state(ckpt_root: Path):
-    done = sorted(p for p in ckpt_root.glob("step-*") if (p / "state.json").exists())
-    return done[-1] if done else None
+def _read_checkpoint(path: Path, files: Sequence[str]) -> dict:
+    """``files`` of checkpoint ``path`` read whole, nothing applied yet (tensors with
+    ``weights_only``: a pickle is refused, never run); ``ValueError`` naming the first
+    unreadable file, or a ``state.json`` that is not this checkpoint's."""
+    from safetensors.torch import load_file
+
+    def tensors(f: Path):
+        with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error says it
+            warnings.filterwarnings("ignore", "Detected pickle protocol")
+            return torch.load(f, weights_only=True)
+
+    readers = {"state.json": lambda f: json.loads(f.read_text()), "model.safetensors": load_file,
+               "optimizer.pt": tensors, "ema.pt": tensors}
+    out = {}
+    for name in files:
+        try:
+            out[name] = readers[name](path / name)
+        except Exception as err:  # json, safetensors and torch raise many types for a damaged file
+            raise ValueError(f"{path / name} is unreadable ({type(err).__name__})") from err
+    state = out["state.json"]
+    step = state.get("step") if isinstance(state, dict) else None
+    if not (isinstance(step, int) and path.name == f"step-{step:07d}" and isinstance(state.get("losses"), list)):
+        raise ValueError(f"{path / 'state.json'} is not the state of {path.name}")
+    return out
 
 
-def _logged_losses(ckpt_root: Path) -> list[dict]:
-    latest = _latest_state(ckpt_root)
-    return json.loads((latest / "state.json").read_text())["losses"] if latest else []
+def _latest_state(ckpt_root: Path, phase: str, files: Sequence[str] = ("state.json",)):
+    """``(path, its files read)`` of the newest checkpoint under ``ckpt_root`` whose ``files``
+    all read, or ``None``. A damaged newer one (a kill mid-copy, a bad disk, a planted pickle)
+    is removed with a one-line warning naming the file and what is used instead, so a resume
+    never sticks on it."""
+    damaged = []
+    found = None
+    for path in sorted(ckpt_root.glob("step-*"), reverse=True):
+        try:
+            found = path, _read_checkpoint(path, files)
+            break
+        except ValueError as err:
+            damaged.append((path, err))
+    instead = f"resuming from {found[0].name} instead" if found else "starting from scratch"
+    for path, err in damaged:
+        log.warning("%s: checkpoint %s; %s", phase, err, instead)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return found
+
+
+def _logged_losses(ckpt_root: Path, phase: str) -> list[dict]:
+    latest = _latest_state(ckpt_root, phase)
+    return latest[1]["state.json"]["losses"] if latest else []
 
 
 def mixed_precision(dtype: torch.dtype) -> str:
@@ -139,8 +181,6 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
     linearly over ``warmup`` steps and, from ``decay_from`` on, decays linearly to 0 at
     ``steps``. Returns the loss log.
     """
-    from safetensors.torch import load_file
-
     accum = check_positive(gradient_accumulation_steps, "gradient_accumulation_steps")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -153,13 +193,15 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
 
         ema = EMAModel(params, decay=ema_decay)
     start, losses, running = 0, [], []
-    latest = _latest_state(ckpt_dir)
+    files = ("state.json", "model.safetensors", "optimizer.pt") + (("ema.pt",) if ema is not None else ())
+    latest = _latest_state(ckpt_dir, phase, files)
     if latest is not None:
-        module.load_state_dict(load_file(latest / "model.safetensors"))
-        opt.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        path, saved = latest
+        module.load_state_dict(saved["model.safetensors"])
+        opt.load_state_dict(saved["optimizer.pt"])
         if ema is not None:
-            ema.load_state_dict(torch.load(latest / "ema.pt", weights_only=True))
-        state = json.loads((latest / "state.json").read_text())
+            ema.load_state_dict(saved["ema.pt"])
+        state = saved["state.json"]
         start, losses, running = state["step"], state["losses"], state.get("running", [])
         log.info("%s: resuming from step %d", phase, start)
     cpu_mixed = mixed != "no" and acc.device.type == "cpu"
@@ -360,7 +402,7 @@ def train_model(cfg: DictConfig) -> Path:
     cond = encode_prompts(pipe, unique).cpu()
     cond_index = pd.Series(range(len(unique)), index=unique).loc[captions].to_numpy()
     train_unet(pipe, latents, cond, cond_index, cfg.unet, cfg.seed, run_dir / "checkpoints" / "unet", mixed)
-    losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / "checkpoints" / phase)]
+    losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / "checkpoints" / phase, phase)]
 
     write_parquet(run_dir / "train_log.parquet", pd.DataFrame(losses))
     model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)

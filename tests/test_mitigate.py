@@ -230,6 +230,18 @@ def test_adversarial_ft_end_to_end_and_exact_resume(tiny_pipe_dir):
     diffmem.run("mitigate", args)
     again = _unet(run_dir)
     assert all(torch.equal(first[k], again[k]) for k in first)
+    # killed again, with its surrogates, first trigger set and step-2 checkpoint damaged since:
+    # each is recomputed (from scratch), not trusted, and the model is again the same
+    for name in ("_SUCCESS", "info.json", "metrics.json"):
+        (run_dir / name).unlink()
+    for name in ("model", "checkpoints/step-0000004"):
+        shutil.rmtree(run_dir / name)
+    for name in ("surrogates.safetensors", "triggers/refresh-00000.safetensors",
+                 "checkpoints/step-0000002/model.safetensors"):
+        (run_dir / name).write_bytes((run_dir / name).read_bytes()[:40])
+    diffmem.run("mitigate", args)
+    again = _unet(run_dir)
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_bad_mitigation_configs_are_one_line_errors(tiny_pipe_dir):

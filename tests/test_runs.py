@@ -10,7 +10,8 @@ import time
 import pytest
 
 from diffmem.errors import ConfigError
-from diffmem.runs import STALE_TMP_S, atomic_path, check_claim, check_run_name, claim, digest, read_json
+from diffmem.runs import (STALE_TMP_S, atomic_path, check_claim, check_run_name, claim, digest, read_json, resumed,
+                          write_json)
 
 
 def test_key_added_with_null_default_keeps_run_dir_resumable(tmp_path):
@@ -97,3 +98,22 @@ def test_a_run_dir_that_cannot_be_made_is_one_line(tmp_path):
         with pytest.raises(ConfigError, match="cannot create the run dir there") as err:
             claim(run_dir, {"a": 1})
         assert str(run_dir) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resumed_work_is_read_made_when_missing_and_remade_when_damaged(tmp_path, caplog):
+    path, made = tmp_path / "tau.json", []
+
+    def make():
+        made.append(1)
+        write_json(path, {"tau": 0.5})
+
+    def read(p):
+        return read_json(p)["tau"]
+
+    assert resumed(path, read, make) == 0.5 and len(made) == 1  # missing: made
+    assert resumed(path, read, make) == 0.5 and len(made) == 1  # intact: read, not made again
+    path.write_text('{"tau": 0.')  # cut short
+    caplog.set_level("WARNING")
+    assert resumed(path, read, make) == 0.5 and len(made) == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and str(path) in warned[0] and "recomputing it" in warned[0], warned

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import diffmem
 from diffmem.errors import DataError
 from tests.conftest import SMALL_DATA
+from tests.reliability.test_bad_inputs import _Planted  # a pickle that would run code on load
 
 ARGS = ["arch=tiny", "unet.steps=4", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2",
         "vae.steps=2", "vae.batch_size=4", "vae.ckpt_every=1", *SMALL_DATA]
@@ -104,3 +105,65 @@ def test_noised_follows_the_latents_dtype():
     xt32, t32, target32 = noised(sched, x0.float(), torch.Generator().manual_seed(0))
     assert torch.equal(t, t32) and xt32.dtype == torch.float32  # the same draws in any dtype
     assert torch.equal(target, target32.to(torch.bfloat16))
+
+
+# -- damaged checkpoints: the newest readable one is used, a damaged one removed with a warning ----
+
+def _fit(ckpt_dir, steps: int = 4):
+    import torch
+
+    from diffmem.training import fit
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(3, 2)
+    x = torch.randn(8, 3)
+    losses = fit(module, lambda step, g: module(x[torch.randint(8, (4,), generator=g)]).pow(2).mean(),
+                 steps=steps, lr=1e-2, seed=0, phase="unit", ckpt_dir=ckpt_dir, ckpt_every=2, log_every=1)
+    return module.state_dict(), losses
+
+
+def _pickle(path):
+    import pickle
+
+    path.write_bytes(pickle.dumps(_Planted()))
+
+
+DAMAGES = {
+    "optimizer-is-a-pickle": ("optimizer.pt", _pickle),
+    "truncated-model": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:50])),
+    "truncated-state": ("state.json", lambda p: p.write_text(p.read_text()[:20])),
+    "state-of-another-step": ("state.json", lambda p: p.write_text('{"step": 2, "losses": []}')),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch, caplog, damage):
+    """A killed run whose newest checkpoint is damaged resumes from the one before, with one
+    warning line naming the file, and ends where an undisturbed run ends; no code is run."""
+    monkeypatch.chdir(tmp_path)
+    want, want_losses = _fit(tmp_path / "full")
+    _fit(tmp_path / "ckpt")  # as if killed right after the step-4 checkpoint was written
+    name, spoil = DAMAGES[damage]
+    spoil(tmp_path / "ckpt" / "step-0000004" / name)
+    caplog.set_level("WARNING")
+    got, losses = _fit(tmp_path / "ckpt")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert str(tmp_path / "ckpt" / "step-0000004" / name) in warned[0] and "resuming from step-0000002" in warned[0]
+    assert not (tmp_path / "planted-pickle-ran").exists()
+    assert losses == want_losses and all((got[k] == want[k]).all() for k in want)
+    caplog.clear()
+    _fit(tmp_path / "ckpt")  # the damaged checkpoint was replaced: no warning any more
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_all_checkpoints_damaged_starts_from_scratch(tmp_path, caplog):
+    want, _ = _fit(tmp_path / "full")
+    _fit(tmp_path / "ckpt")
+    for step in ("step-0000002", "step-0000004"):
+        _pickle(tmp_path / "ckpt" / step / "optimizer.pt")
+    caplog.set_level("WARNING")
+    got, _ = _fit(tmp_path / "ckpt")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and all("starting from scratch" in w for w in warned), warned
+    assert all((got[k] == want[k]).all() for k in want)

@@ -69,6 +69,12 @@ def _read_table(path: Path) -> pd.DataFrame:
                             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
                         if not isinstance(row, dict):
                             raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+                        if "\\u" in line:  # an escape may spell a lone UTF-16 surrogate: not text
+                            try:
+                                json.dumps(row, ensure_ascii=False).encode("utf-8")
+                            except UnicodeEncodeError as err:
+                                raise DataError(f"{path}:{lineno}: a lone UTF-16 surrogate "
+                                                f"({ascii(err.object[err.start])}) is not text") from err
                         rows.append(row)
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err

@@ -12,6 +12,7 @@ Held-out images come from the ordinary distribution and are never trained on.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pandas as pd
 from PIL import Image
 
 from diffmem.errors import DataError
-from diffmem.runs import atomic_path, read_json, write_json, write_parquet
+from diffmem.runs import atomic_path, read_json, read_parquet, write_json, write_parquet
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
@@ -29,6 +30,7 @@ _SYLLABLES = ("zor", "blax", "quin", "tel", "vrim", "oda", "plu", "gex", "mav", 
               "sno", "kad", "wex", "ulo", "trin", "fep")
 MANIFEST = "manifest.parquet"
 PARAMS = "testbed.json"
+log = logging.getLogger(__name__)
 
 
 def _shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -134,7 +136,10 @@ def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_or
         if made != params:
             raise DataError(f"{root} holds a testbed generated with other parameters "
                             f"({made}); set data.root to another folder")
-        return pd.read_parquet(root / MANIFEST)
+        try:
+            return read_parquet(root / MANIFEST)
+        except DataError as err:  # a damaged cache (a bad disk, a copy cut short) is rebuilt
+            log.warning("%s; rebuilding the testbed", err)
     rng = np.random.default_rng(seed)
     rows, used = [], set()
 

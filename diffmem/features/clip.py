@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -175,13 +177,16 @@ class ClipExtractor(Extractor):
         level = logging.getLogger().level
         logging.getLogger().setLevel(max(level, logging.ERROR))  # "initialized randomly" warning
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected pickle protocol")  # a foreign pickle: the error says it
                 torch.manual_seed(0)  # random-init weights (pretrained=random) are the same in every process
                 model = open_clip.create_model(
                     model_name, pretrained=None if model_name.startswith("local-dir:") else self.weights_path,
                     **kwargs)
-        except (RuntimeError, ValueError, KeyError, OSError) as err:
-            raise DataError(f"clip: cannot build '{arch}' with weights {self.weights_path}: {_first_line(err)}") from err
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
+            why = ("a pickle that is not a plain tensor file (refused by weights_only, nothing run)"
+                   if isinstance(err, pickle.UnpicklingError) else _first_line(err))
+            raise DataError(f"clip: cannot build '{arch}' with weights {self.weights_path}: {why}") from err
         finally:
             logging.getLogger().setLevel(level)
         if self.random_init:

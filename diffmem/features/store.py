@@ -10,12 +10,14 @@ fewer rows when some of its images could not be read under ``data.on_error=skip`
 ``info.json`` (``feature``, ``dim``, extractor info, provenance). The embed stage writes
 through :class:`FeatureStore`; the index and search stages read through it, so every
 reader gets the same checks (finished run, readable float parts of the recorded D, as many
-ids as vectors) and the same one-line errors.
+ids as vectors) and the same one-line errors. A resumed embed run checks its parts from
+their headers and sizes and recomputes a damaged one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,13 @@ import pandas as pd
 
 from diffmem.errors import DataError
 from diffmem.runs import (INFO, RUN_FILE, atomic_path, digest, file_stamp, is_done, parquet_rows, read_json, read_parquet,
-                          write_parquet)
+                          reopen, write_parquet)
 
 PARTS = "features"
 IDS = "ids.parquet"
 ITEMS = "items.parquet"
 SKIPPED = "skipped.parquet"
+log = logging.getLogger(__name__)
 
 
 class FeatureStore:
@@ -44,8 +47,47 @@ class FeatureStore:
     def part_path(self, p: int) -> Path:
         return self.run_dir / PARTS / f"part-{p:05d}.npy"
 
-    def has_part(self, p: int) -> bool:
-        return self.part_path(p).exists()
+    def has_part(self, p: int, n_items: int | None = None, dim: int | None = None) -> bool:
+        """Whether part ``p`` exists; given the number of items planned for it (and ``dim``),
+        whether it is also complete: a damaged part is removed, with one warning line naming
+        it, so that the embed stage recomputes it instead of trusting it."""
+        if not self.part_path(p).exists():
+            return False
+        return n_items is None or self._keep_if_intact(p, n_items, dim)
+
+    def intact(self, part_size: int) -> bool:
+        """Whether every part of this finished run is complete, checked cheaply (each part's
+        ``.npy`` header and file size against the ids and skipped counts: no vector read). If
+        not, the damaged parts are removed (one warning line each) and the run reopened, so
+        that a re-run of the embed stage recomputes them."""
+        try:
+            skipped = parquet_rows(self.skipped_path) if self.skipped_path.is_file() else 0
+            n, dim = parquet_rows(self.ids_path) + skipped, self.info().get("dim")
+        except DataError as err:
+            log.warning("%s; recomputing the run's tables", err)
+            reopen(self.run_dir)
+            return False
+        kept = []
+        for p in range(-(-n // part_size)):
+            if not self.part_path(p).exists():
+                log.warning("%s: missing; recomputing it", self.part_path(p))
+            kept.append(self.has_part(p, min(part_size, n - p * part_size), dim))
+        if not all(kept):
+            reopen(self.run_dir)
+        return all(kept)
+
+    def _keep_if_intact(self, p: int, n_items: int, dim: int | None) -> bool:
+        path, skipped = self.part_path(p), self._skipped_path(p)
+        try:
+            why = _part_damage(path, n_items - (parquet_rows(skipped) if skipped.is_file() else 0), dim)
+        except DataError as err:  # its list of skipped images is damaged: recompute both
+            why = str(err)
+        if why is None:
+            return True
+        log.warning("%s: %s; recomputing it", path, why)
+        path.unlink()
+        skipped.unlink(missing_ok=True)
+        return False
 
     def write_part(self, p: int, vectors: np.ndarray, skipped: pd.DataFrame | None = None) -> None:
         """Part ``p`` as float32, atomically (a killed write leaves no part behind), after the
@@ -102,10 +144,7 @@ class FeatureStore:
         path = self.run_dir / INFO
         if not path.is_file():
             raise DataError(f"{self.run_dir}: not an embed run ({INFO} missing)")
-        try:
-            info = read_json(path)
-        except ValueError as err:
-            raise DataError(f"{path}: not valid JSON ({err})") from err
+        info = read_json(path)
         if not isinstance(info, dict) or "feature" not in info:
             raise DataError(f"{path}: no 'feature' field (is {self.run_dir} an embed run?)")
         return info
@@ -171,6 +210,27 @@ class FeatureStore:
             raise DataError(f"{self.run_dir}: {n_ids} ids but {n_vectors} vectors")
 
 
+def _part_damage(path: Path, rows: int, dim: int | None) -> str | None:
+    """What is wrong with the part at ``path`` that should hold ``rows`` float32 vectors of
+    ``dim`` (any D when None), from its header and file size alone; None when nothing is."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            start = fh.tell()
+    except (ValueError, OSError, EOFError) as err:
+        return f"not a readable .npy array ({type(err).__name__})"
+    want = (rows, dim if dim is not None else (shape[-1] if len(shape) == 2 else -1))
+    if tuple(shape) != want or dtype != np.float32:
+        return f"holds {dtype} {tuple(shape)}, expected float32 {want}"
+    size, expected = path.stat().st_size, start + rows * want[1] * 4
+    if size != expected:
+        return f"{size} bytes, expected {expected} (cut short or padded)"
+    return None
+
+
 def _read_part(path: Path, dim: int | None, scan_rows: bool) -> np.ndarray:
     """One part: a readable float [n, D] array (D = ``dim`` when given); with ``scan_rows``
     loaded and every row checked finite, else memory-mapped (errors name the file and row)."""
@@ -178,7 +238,7 @@ def _read_part(path: Path, dim: int | None, scan_rows: bool) -> np.ndarray:
         x = np.load(path, allow_pickle=False, mmap_mode=None if scan_rows else "r")
     except (ValueError, OSError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: not a readable .npy array ({first})") from err
+        raise DataError(f"{path}: not a readable .npy array ({first}); re-run the embed stage") from err
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"{path}: expected a float array [n, D], got {x.dtype} of shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:

@@ -21,6 +21,7 @@ from diffmem.probes import wanda as wanda_lib
 from diffmem.probes.replication import sample_images, similarity_to_targets
 from diffmem.probes.trigger import (TRIGGER_DIR, image_latents, initial_embedding, load_triggers, save_triggers,
                                     search_trigger, trigger_file, trigger_seed)
+from diffmem.runs import resumed
 from diffmem.sampling import encode_prompts, sample_seed
 from diffmem.training import diffusion_loss, fit, fit_settings, mixed_precision, prepare_trainables
 
@@ -57,19 +58,17 @@ def surrogates(pipe, extractor, cond: torch.Tensor, images: torch.Tensor, prompt
 def _trigger_set(pipe, x0: torch.Tensor, cond: torch.Tensor, other: torch.Tensor, ts, refresh: int,
                  seed: int, path: Path) -> torch.Tensor:
     """The triggers of one refresh (one per memorised image), stored at ``path``."""
-    if path.exists():
-        return load_triggers(path)
-    inits = list(ts.inits)
-    out = []
-    for i in range(len(cond)):
-        g = torch.Generator().manual_seed(trigger_seed(seed, i, refresh))
-        start = initial_embedding(inits[(refresh + i) % len(inits)], cond[i], other[(refresh + i) % len(other)], g)
-        emb, _ = search_trigger(pipe, x0[i:i + 1], start, steps=int(ts.steps), lr=float(ts.lr),
-                                batch_size=int(ts.batch_size), seed=trigger_seed(seed, i, refresh) + 1)
-        out.append(emb)
-    triggers = torch.stack(out)
-    save_triggers(path, triggers)
-    return triggers
+    def make():
+        inits, out = list(ts.inits), []
+        for i in range(len(cond)):
+            g = torch.Generator().manual_seed(trigger_seed(seed, i, refresh))
+            start = initial_embedding(inits[(refresh + i) % len(inits)], cond[i], other[(refresh + i) % len(other)], g)
+            emb, _ = search_trigger(pipe, x0[i:i + 1], start, steps=int(ts.steps), lr=float(ts.lr),
+                                    batch_size=int(ts.batch_size), seed=trigger_seed(seed, i, refresh) + 1)
+            out.append(emb)
+        save_triggers(path, torch.stack(out))
+
+    return resumed(path, load_triggers, make)
 
 
 def refreshes(run_dir: Path) -> int:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmem.data import load_unit_images
 from diffmem.errors import DataError
-from diffmem.runs import atomic_path, read_json, write_json, write_parquet
+from diffmem.runs import atomic_path, read_json, resumed, write_json, write_parquet
 from diffmem.sampling import encode_prompts
 from diffmem.training import encode_files
 
@@ -110,10 +110,9 @@ def build_finetune(task: MitigationTask) -> dict:
         tau = f.get("tau")
         if tau is None:
             tau_file = task.run_dir / "tau.json"
-            if not tau_file.exists():
-                write_json(tau_file, {"tau": calibrate_tau(task.pipe, latents, captions, float(f.quantile),
-                                                           int(f.n_calibration), int(task.cfg.seed))})
-            tau = read_json(tau_file)["tau"]
+            tau = resumed(tau_file, lambda p: float(read_json(p)["tau"]), lambda: write_json(tau_file, {
+                "tau": calibrate_tau(task.pipe, latents, captions, float(f.quantile), int(f.n_calibration),
+                                     int(task.cfg.seed))}))
     total = sum(p.numel() for p in unet.parameters())
     blocks = selected_blocks(unet, s.get("mask"))
     trainable = prepare(unet, s.method, blocks, int(s.get("rank", 4)))
@@ -145,7 +144,8 @@ def build_adversarial_ft(task: MitigationTask) -> dict:
     target_images = task.images(mem["target_file"])
     target_cond = task.cond(mem["caption"])
     sur_file = task.run_dir / "surrogates.safetensors"
-    if not sur_file.exists():
+
+    def make_surrogates():
         extractor = build_extractor(cfg.features.extractor, device=str(task.pipe.unet.device))
         images, table = surrogates(task.pipe, extractor, target_cond, target_images, mem["prompt_id"], s.surrogate,
                                    seed=int(cfg.seed), threshold=float(cfg.features.replication_threshold),
@@ -153,7 +153,8 @@ def build_adversarial_ft(task: MitigationTask) -> dict:
         write_parquet(task.run_dir / "surrogates.parquet", table.assign(caption=mem["caption"].to_numpy()))
         with atomic_path(sur_file) as tmp:
             save_file({"images": images.contiguous()}, str(tmp))
-    sur = load_file(str(sur_file))["images"]
+
+    sur = resumed(sur_file, lambda p: load_file(str(p))["images"], make_surrogates)
     rows = task.train_rows()
     rows = rows[~rows["caption"].isin(set(mem["caption"]))]
     if "kind" in rows:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from diffmem.checks import check_positive
+from diffmem.data.images import check_regular
 from diffmem.errors import ConfigError, DataError
 from diffmem.registry import Registry
 from diffmem.runs import read_json, write_json
@@ -178,8 +179,12 @@ def is_defence(folder: str | Path) -> bool:
 def read_defence(folder: str | Path) -> tuple[str, Defence]:
     """(base model: repo id or path, defence) of a wrapper folder."""
     path = Path(folder).expanduser() / DEFENCE_FILE
+    check_regular(path)
     spec = read_json(path)
-    for field in ("defence", "settings", "base"):
-        if field not in spec:
-            raise DataError(f"{path}: missing field '{field}'")
+    if not isinstance(spec, dict):
+        raise DataError(f"{path}: expected a JSON object with defence, settings and base")
+    for field, kind in (("defence", str), ("settings", dict), ("base", str)):
+        if not isinstance(spec.get(field), kind):
+            raise DataError(f"{path}: field '{field}' " + ("missing" if field not in spec else
+                                                           f"must be a {'string' if kind is str else 'mapping'}"))
     return spec["base"], build_defence(spec["defence"], dict(spec["settings"]))

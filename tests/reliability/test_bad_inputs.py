@@ -771,6 +771,97 @@ def _(tmp, pipe):
                 after=lambda: {f: (run / f).read_bytes() for f in _files(run)} == before)
 
 
+# -- damaged files a run reads: one line naming the file, nothing run, nothing made --------------
+
+_prompt_case("jsonl-lone-surrogate", "p.jsonl", '{"caption": "ok \\ud83d\\ude00"}\n{"caption": "a \\ud800 cat"}\n',
+             ["p.jsonl:2", "lone UTF-16 surrogate", "'\\ud800'"])
+_prompt_case("jsonl-lone-surrogate-in-metadata", "p.jsonl", '{"caption": "a cat", "url": "http://x/\\udc80"}\n',
+             ["p.jsonl:1", "lone UTF-16 surrogate"])
+_manifest_case("jsonl-lone-surrogate", "m2.jsonl", '{"file": "0.png", "caption": "a \\udfff"}\n',
+               ["m2.jsonl:1", "lone UTF-16 surrogate"])
+_special_file_case("prompts-symlink-to-dev-zero", lambda r: (r / "p.txt").symlink_to("/dev/zero"),
+                   lambda r, t: [r / "p.txt", "not a regular file"], stage="generate")
+
+
+def _defence_case(id: str, spoil: Callable[[Path], None], names: list[str]):
+    """A defence wrapper folder (``defence.json`` over the tiny pipeline) whose file is damaged."""
+    @case(f"defence-json-{id}", DataError)
+    def _(tmp, pipe):
+        from diffmem.mitigations.defences import build_defence, save_defence
+
+        wrapper = save_defence(tmp / "wrapped", build_defence("gni", {"lam": 0.1}), pipe())
+        spoil(wrapper / "defence.json")
+        (tmp / "p.txt").write_text("a red circle\n")
+        run = tmp / "run"
+        return dict(call=_run("generate", _gen_args(wrapper, tmp / "p.txt", run)), run_dir=run,
+                    names=[wrapper / "defence.json", *names])
+
+
+def _replace(text: str) -> Callable[[Path], None]:
+    def spoil(path: Path) -> None:
+        path.unlink()
+        path.write_text(text)
+    return spoil
+
+
+_defence_case("truncated", lambda p: p.write_text(p.read_text()[:25]), ["not valid JSON"])
+_defence_case("a-list", _replace('["gni", {}]'), ["expected a JSON object"])
+_defence_case("settings-not-a-mapping", _replace('{"defence": "gni", "settings": 3, "base": "x"}'),
+              ["'settings'", "mapping"])
+_defence_case("base-missing", _replace('{"defence": "gni", "settings": {}}'), ["'base'", "missing"])
+_defence_case("is-a-fifo", lambda p: (p.unlink(), os.mkfifo(p)), ["not a regular file"])
+_defence_case("empty", lambda p: p.write_bytes(b""), ["not valid JSON"])
+_defence_case("not-utf8", lambda p: p.write_bytes(b'{"defence": "\xff"}'), ["not valid JSON"])
+
+def _invalid_info(p: Path) -> Path:
+    d = _embed_dir(p, [_unit(4, 8)])
+    (d / "info.json").write_text("{oops")
+    return d
+
+
+_features_case("info-json-invalid", _invalid_info, lambda d: [d / "info.json", "not valid JSON"])
+_stream_case("truncated-part", lambda r: (r / PART0).write_bytes((r / PART0).read_bytes()[:140]),
+             lambda r: [r / PART0, "not a readable .npy", "re-run the embed stage"])
+
+
+def _samples_case(id: str, spoil: Callable[[Path], None], why: str):
+    """A finished generate run whose sample was damaged afterwards: embed refuses to read it,
+    naming the file (re-running generate recomputes it, ``test_integrity.py``)."""
+    @case(f"embed-samples-{id}", DataError)
+    def _(tmp, pipe):
+        (tmp / "p.txt").write_text("a red circle\na blue square\n")
+        gen = diffmem.run("generate", _gen_args(pipe(), tmp / "p.txt", tmp / "gen"))
+        png = gen / "samples" / "p00001-s000.png"
+        spoil(png)
+        run = tmp / "run"
+        return dict(call=_run("embed", ["source=samples", f"samples_dir={gen}", "features.extractor.size=4",
+                                        f"run_dir={run}"]), run_dir=run,
+                    names=[png, why, "re-run the generate stage"])
+
+
+_samples_case("truncated-png", lambda p: p.write_bytes(p.read_bytes()[:-30]), "cut short")
+_samples_case("jpeg-named-png", lambda p: p.write_bytes(_encoded("JPEG")), "not a PNG")
+_samples_case("png-deleted", lambda p: p.unlink(), "missing")
+
+
+class _Planted:  # a pickle that would run code on load
+    def __reduce__(self):
+        return os.system, ("touch planted-pickle-ran",)
+
+
+@case("clip-pretrained-is-a-pickle", DataError)
+def _(tmp, pipe):
+    """``weights_only`` refuses it unread: one line, and the planted command never runs."""
+    (tmp / "evil.pt").write_bytes(pickle.dumps(_Planted()))
+    root, run = _folder(tmp), tmp / "run"
+    args = [a for a in _embed_args(root, run) if not a.startswith("features.extractor.size")]
+    args += ["features=clip", "features.extractor.arch=ViT-S-32", "features.extractor.device=cpu",
+             f"features.extractor.pretrained={tmp / 'evil.pt'}"]
+    return dict(call=_run("embed", args), run_dir=run,
+                names=[tmp / "evil.pt", "not a plain tensor file", "nothing run"],
+                after=lambda: not any((d / "planted-pickle-ran").exists() for d in (Path.cwd(), tmp)))
+
+
 # ------------------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])

@@ -1,8 +1,9 @@
 """Fault injection: SIGKILL a stage at a random point, re-run the same command, compare.
 
 For every stage (generate, embed, index in ``mode=single`` and the sharded
-train/add/merge sequence, train, and mitigate: MemControl's masked LoRA inner loop and
-adversarial fine-tuning) an uninterrupted reference run is made first. Then each
+train/add/merge sequence, with kills during its merge on their own, search, train, and
+mitigate: MemControl's masked LoRA inner loop and adversarial fine-tuning) an uninterrupted
+reference run is made first. Then each
 case deletes the run dir, runs the stage's commands, SIGKILLs one of them at a random
 (seeded) point, checks that every file visible under its final name parses, re-runs the
 killed command (sometimes killing it again) and the rest, and requires the run dir's
@@ -20,6 +21,7 @@ number of kills.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -135,6 +137,24 @@ def _sharded_point(rng, ref):
     ])
 
 
+def _merge_point(rng, ref):
+    """A kill during ``mode=merge`` (the train and add commands before it complete)."""
+    return 3, _pick(rng, [
+        (1, lambda: KillPoint(".*.tmp")),
+        (1, lambda: KillPoint("index.faiss", 1, _soon(rng))),
+        (4, lambda: _mid_write(rng, ref, 3)),
+    ])
+
+
+def _search_point(rng, ref):
+    return 0, _pick(rng, [
+        (1, lambda: KillPoint(".*.tmp")),
+        (1, lambda: KillPoint("matches.parquet", 1, _soon(rng))),
+        (1, lambda: _timed(rng, ref.seconds)),
+        (4, lambda: _mid_write(rng, ref, 0)),
+    ])
+
+
 def _train_point(rng, ref):
     return 0, _pick(rng, [
         (2, lambda: KillPoint("checkpoints/vae/step-*", int(rng.integers(1, 3)), _soon(rng))),
@@ -166,16 +186,23 @@ def _features_dir(outputs: Path) -> str:
     return f"features_dir={outputs / 'embed' / 'e'}"
 
 
+def _sharded(out: Path, name: str) -> list[Command]:
+    """Train an IVF index, add its two shards, merge them."""
+    return [("index", [_features_dir(out), *IVF, f"name={name}", *extra])
+            for extra in (["mode=train"], ["mode=add", "num_shards=2", "shard=0"],
+                          ["mode=add", "num_shards=2", "shard=1"], ["mode=merge", "num_shards=2"])]
+
+
 SCENARIOS = {s.name: s for s in [
     Scenario("generate", lambda pipe, out: [("generate", [*GEN, f"model.path={pipe}"])], _generate_point),
     Scenario("embed", lambda pipe, out: [("embed", EMBED)], _embed_point),
     Scenario("index-single", lambda pipe, out: [("index", [_features_dir(out), *IVF, "name=i"])],
              _index_point, needs=("embed",)),
-    Scenario("index-sharded", lambda pipe, out: [
-        ("index", [_features_dir(out), *IVF, "name=s", *extra])
-        for extra in (["mode=train"], ["mode=add", "num_shards=2", "shard=0"],
-                      ["mode=add", "num_shards=2", "shard=1"], ["mode=merge", "num_shards=2"])],
-        _sharded_point, needs=("embed",)),
+    Scenario("index-sharded", lambda pipe, out: _sharded(out, "s"), _sharded_point, needs=("embed",)),
+    Scenario("index-merge", lambda pipe, out: _sharded(out, "m"), _merge_point, needs=("embed",)),
+    Scenario("search", lambda pipe, out: [("search", [f"index_dir={out / 'index' / 'i'}",
+                                                      f"queries_dir={out / 'embed' / 'e'}", "k=3", "name=q"])],
+             _search_point, needs=("index-single",)),
     # checkpoints/ is left out of the comparison (still checked readable): a kill between
     # saving the last checkpoint and pruning the oldest one leaves one more behind
     Scenario("train", lambda pipe, out: [("train", TRAIN)], _train_point, skip=("checkpoints",)),
@@ -270,10 +297,10 @@ def test_kill_and_resume(name, references, tiny_pipe_dir, workdir, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kills", [("generate", 5), ("embed", 4), ("index-single", 3),
-                                        ("index-sharded", 5), ("train", 5), ("mitigate-finetune", 3),
-                                        ("mitigate-adversarial", 3)])
+                                        ("index-sharded", 5), ("index-merge", 3), ("search", 3), ("train", 5),
+                                        ("mitigate-finetune", 3), ("mitigate-adversarial", 3)])
 def test_many_kills_and_resumes(name, kills, references, tiny_pipe_dir, workdir, monkeypatch):
-    """At least 28 random SIGKILLs across the stages (seeds 1000 on), resumed and compared."""
+    """At least 34 random SIGKILLs across the stages (seeds 1000 on), resumed and compared."""
     _kill_cases(name, kills, 1000, references, tiny_pipe_dir, workdir, monkeypatch)
 
 
@@ -300,3 +327,50 @@ def test_killed_memcontrol_study_resumes(tiny_pipe_dir, workdir, monkeypatch):
                  (read_json(p) for p in sweep.glob("trial-*/objectives.json"))}
     assert set(zip(table["memorisation"], table["fd"])) <= published
     KILLS["checked"] += 1
+
+
+def _blocked_on(lock: Path) -> int:
+    """How many processes wait for a flock on ``lock`` (``/proc/locks``: waiters are ``->`` lines)."""
+    inode = f":{lock.stat().st_ino} "
+    return sum(line.split()[1] == "->" and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_concurrent_claims_with_two_configs(tmp_path):
+    """Two ``diffmem search`` runs of one run dir with different configs, released at once onto
+    its claim lock (held by the test until both wait for it): exactly one claims the run dir
+    and completes; the other is refused with one error line (exit 2) and changes nothing."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from tests.reliability.test_bad_inputs import _embed_dir, _unit
+
+    ref = _embed_dir(tmp_path / "ref", [_unit(12, 8)])
+    q = _embed_dir(tmp_path / "q", [_unit(3, 8, 1)])
+    outputs = tmp_path / "outputs"
+    lock = outputs / "search" / ".x.lock"  # runs.claim's lock file of run dir outputs/search/x
+    lock.parent.mkdir(parents=True)
+    env = {**os.environ, "DIFFMEM_OUTPUTS": str(outputs), "OMP_NUM_THREADS": "1"}
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        procs = [subprocess.Popen([sys.executable, "-m", "diffmem.cli", "search", f"stream_dir={ref}",
+                                   f"queries_dir={q}", "name=x", f"k={k}"], env=env, cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (2, 3)]
+        deadline = time.monotonic() + 120
+        while _blocked_on(lock) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [p.communicate() for p in procs if p.poll() is not None]
+            time.sleep(0.05)
+        assert not (outputs / "search" / "x" / "run.json").exists()  # both wait to claim it
+    outs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in outs)
+    assert codes == [0, 2], outs
+    winner = next(i for i, (code, _, _) in enumerate(outs) if code == 0)
+    refused = outs[1 - winner][2].strip()
+    assert "\n" not in refused and "Traceback" not in refused, refused
+    assert refused.startswith("diffmem search: error: ") and "holds a run with another config" in refused
+    assert f"k: {(2, 3)[winner]} there, {(2, 3)[1 - winner]} now" in refused, refused
+    from diffmem.runs import read_json
+
+    assert read_json(outputs / "search" / "x" / "run.json")["k"] == (2, 3)[winner]
+    assert (outputs / "search" / "x" / "_SUCCESS").exists()
