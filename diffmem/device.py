@@ -11,8 +11,8 @@ from diffmem.errors import ConfigError
 
 def check_device(device, name: str = "device") -> str:
     """``device`` if this machine has it: ``auto``, ``cpu``, ``cuda``, ``cuda:<i>`` or ``mps``
-    (a one-line ConfigError naming the field otherwise, before any work starts)."""
-    text = str(device)
+    (a one-line ConfigError naming the field otherwise, before any work starts); null is auto."""
+    text = "auto" if device is None else str(device)
     m = re.fullmatch(r"(auto|cpu|cuda|mps)(?::(\d+))?", text)
     if m is None or m[2] is not None and m[1] != "cuda":
         raise ConfigError(f"{name}={text!r} is not a device (auto, cpu, cuda, cuda:<index> or mps)")
