@@ -28,7 +28,6 @@ from diffmem.features.store import FeatureStore
 from diffmem.index import stage as index_stage
 from diffmem.index.matches import find_matches, write_matches
 from diffmem.metrics import dcr_summary, median_mad, memorisation_rate, replication_rate
-from diffmem.checks import check_positive
 from diffmem.runs import (check_claim, claim, config_subset, is_done, mark_done, provenance, reopen, write_json,
                           write_parquet)
 
@@ -145,8 +144,6 @@ def baseline_split(cfg: DictConfig, manifest: pd.DataFrame) -> str | None:
 def check_config(cfg: DictConfig) -> DictConfig:
     """``cfg`` with ``baseline_split`` resolved, after checking the data, the prompts and the
     settings (nothing is generated or written before this)."""
-    check_positive(cfg.k, "k")
-    check_positive(cfg.n_per_prompt, "n_per_prompt")
     manifest = load_dataset(cfg.data)[1]
     stage_prompts(cfg, manifest)
     return OmegaConf.merge(cfg, {"baseline_split": baseline_split(cfg, manifest)})

@@ -31,15 +31,24 @@ def check_positive(value, name: str, optional: bool = False) -> int | None:
     return check_int(value, name, 1, optional)
 
 
-def check_float(value, name: str, minimum: float | None = None) -> float:
-    """``value`` as a finite float ``>= minimum``."""
+def check_float(value, name: str, minimum: float | None = None, maximum: float | None = None,
+                above: float | None = None, optional: bool = False) -> float | None:
+    """``value`` as a finite float in ``[minimum, maximum]`` and ``> above`` (``None`` passes when
+    ``optional``); NaN and infinities never pass."""
+    if value is None and optional:
+        return None
     try:
+        if isinstance(value, bool):
+            raise TypeError
         out = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number (got {value!r})") from None
-    if not np.isfinite(out) or (minimum is not None and out < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise ConfigError(f"{name} must be a finite number{bound} (got {value})")
+    bounds = [f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else "",
+              f"> {above}" if above is not None else ""]
+    if not np.isfinite(out) or (minimum is not None and out < minimum) or (
+            maximum is not None and out > maximum) or (above is not None and out <= above):
+        bound = " and ".join(b for b in bounds if b)
+        raise ConfigError(f"{name} must be a finite number{' ' + bound if bound else ''} (got {value})")
     return out
 
 

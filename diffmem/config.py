@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffmem.errors import DiffmemError
+from diffmem.checks import did_you_mean
+from diffmem.errors import ConfigError, DiffmemError
 from diffmem.registry import Registry
 from diffmem.runs import check_run_name
 
@@ -70,20 +71,60 @@ def local_overrides() -> list[str]:
 
 
 def compose(stage: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """The config of ``stage`` with Hydra-style ``overrides``, as the CLI would build it."""
+    """The config of ``stage`` with Hydra-style ``overrides``, as the CLI would build it; an
+    override Hydra cannot apply (unknown key or option, malformed) is a one-line ConfigError."""
     from hydra import compose as _compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     stage_module(stage)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = _compose(config_name=config_name(stage), overrides=[*local_overrides(), *overrides],
-                       return_hydra_config=return_hydra_config)
-    return cfg
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return _compose(config_name=config_name(stage), overrides=[*local_overrides(), *overrides],
+                            return_hydra_config=return_hydra_config)
+    except HydraException as err:
+        raise _composition_error(stage, overrides, err) from None
+
+
+def _composition_error(stage: str, overrides: Sequence[str], err: Exception) -> ConfigError:
+    """Hydra's multi-line composition error as one line, with a "did you mean" over the keys
+    (or group options) that exist."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    if isinstance(err, MissingConfigException) and err.options:
+        group, _, option = str(err.missing_cfg_file).rpartition("/")
+        return ConfigError(f"{group}={option}: no such option (options: {', '.join(err.options)})."
+                           + did_you_mean(option, err.options))
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        parent, _, key = str(cause.full_key).rpartition(".")
+        hint = did_you_mean(key, _keys(stage, parent, overrides, str(cause.full_key)), paren=True)
+        return ConfigError(f"{cause.full_key}: no such key in the {stage} config{hint}; "
+                           f"add a new key with +{cause.full_key}=...")
+    if isinstance(err, OverrideParseException):
+        lines = [ln for ln in err.message.splitlines() if ln.strip() and not ln.startswith("See https")]
+        return ConfigError(f"cannot parse the override {err.override!r}: {lines[-1]}")
+    return ConfigError("; ".join(ln.strip() for ln in str(err).splitlines() if ln.strip()))
+
+
+def _keys(stage: str, parent: str, overrides: Sequence[str], unknown: str) -> list[str]:
+    """The keys under ``parent`` in ``stage``'s config with the ``overrides`` other than the one
+    setting the ``unknown`` key (so ``data=folder`` counts), for "did you mean" hints."""
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != unknown]
+    try:
+        cfg = compose(stage, rest)
+    except ConfigError:  # another bad override: the stage's defaults
+        cfg = compose(stage)
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
 
 def run(stage: str, overrides: Sequence[str] = ()) -> Path:
     """Run ``stage`` in-process (as ``diffmem <stage> overrides`` would); returns its run dir."""
+    from diffmem.schema import validate
+
     cfg = compose(stage, overrides)
-    check_run_name(cfg.get("name", "-"))
+    validate(stage, cfg)
     stage_module(stage).run(cfg)
     return Path(cfg.run_dir)
 
@@ -95,26 +136,32 @@ def _exit(stage: str, err: DiffmemError):
 
 
 def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], object]:
-    """A Hydra ``main`` for ``stage``: sets ``run_dir`` from Hydra, turns user errors into one line."""
+    """A Hydra ``main`` for ``stage``: sets ``run_dir`` from Hydra, checks the config against the
+    stage's schema, turns user errors into one line."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+
+    from diffmem.schema import validate
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name(stage))
     def _app(cfg: DictConfig):
         try:
-            check_run_name(cfg.get("name", "-"))
             with open_dict(cfg):
                 cfg.run_dir = HydraConfig.get().runtime.output_dir
+            validate(stage, cfg)
             return fn(cfg)
         except DiffmemError as err:
             _exit(stage, err)
 
     def main():
+        args = sys.argv[1:]
         try:  # before Hydra creates the run dir named after it
-            for arg in sys.argv[1:]:
+            for arg in args:
                 key, eq, value = arg.lstrip("+").partition("=")
                 if eq and key == "name":
                     check_run_name(value.strip("'\""))
+            if not any(arg.startswith("-") for arg in args):  # a single run: compose it as Hydra will
+                validate(stage, compose(stage, args))
         except DiffmemError as err:
             _exit(stage, err)
         sys.argv[1:1] = local_overrides()

@@ -29,7 +29,6 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data.prompts import needs_dataset, stage_prompts
@@ -61,7 +60,6 @@ GROUND_TRUTH = ("kind", "group", "dup_count", "type", "overfit_type", "memorisat
 def check_config(cfg: DictConfig) -> Detector:
     """Validate ``cfg`` (before anything is written); returns the configured detector."""
     detector = build_detector(cfg.detect)
-    check_positive(cfg.batch_size, "batch_size")
     if not 0 <= float(cfg.fpr) < 1:
         raise ConfigError(f"fpr must be in [0, 1) (got {cfg.fpr})")
     if cfg.attribution and not detector.supports_attribution:

@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+from diffmem.errors import ConfigError
+
+
+def check_device(device, name: str = "device") -> str:
+    """``device`` if this machine has it: ``auto``, ``cpu``, ``cuda``, ``cuda:<i>`` or ``mps``
+    (a one-line ConfigError naming the field otherwise, before any work starts); null is auto."""
+    text = "auto" if device is None else str(device)
+    m = re.fullmatch(r"(auto|cpu|cuda|mps)(?::(\d+))?", text)
+    if m is None or m[2] is not None and m[1] != "cuda":
+        raise ConfigError(f"{name}={text!r} is not a device (auto, cpu, cuda, cuda:<index> or mps)")
+    if m[1] == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if m[2] is None and count == 0 or m[2] is not None and int(m[2]) >= count:
+            raise ConfigError(f"{name}={text}: this machine has {count} CUDA device{'s' * (count != 1)}"
+                              f" (use {name}=auto or {name}=cpu)")
+    if m[1] == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{name}=mps: MPS is not available on this machine (use {name}=auto or {name}=cpu)")
+    return text
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from diffmem.checks import check_int, check_positive, check_shard
+from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset
@@ -102,12 +102,9 @@ def run(cfg: DictConfig) -> Path:
     counted); the parts finished before it stay (a re-run resumes), and the ids table,
     ``info.json`` and ``_SUCCESS`` appear only once every part exists.
     """
-    for key in ("batch_size", "part_size"):
-        check_positive(cfg[key], key)
-    num_workers = check_int(cfg.get("num_workers", 0), "num_workers", minimum=0)
+    num_workers = int(cfg.get("num_workers", 0))
     skip_errors = cfg.source == "dataset" and on_error(cfg.data) == "skip"
     check_shard(cfg.shard, cfg.num_shards)
-    check_positive(cfg.resolution, "resolution", optional=True)
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir) and FeatureStore(cfg.run_dir).intact(
             cfg.part_size):
         return Path(cfg.run_dir)

@@ -11,3 +11,7 @@ class ConfigError(DiffmemError):
 
 class DataError(DiffmemError):
     """An input file (image, manifest, prompt list, feature file, weights) is unusable."""
+
+
+class OutputError(DiffmemError):
+    """An output file cannot be written there (read-only, no permission, disk full, size limit)."""

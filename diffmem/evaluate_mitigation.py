@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from diffmem.checks import check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_unit_images
@@ -58,10 +57,6 @@ def check_config(cfg: DictConfig) -> dict:
     if cfg.reference not in models:
         raise ConfigError(f"reference '{cfg.reference}' is not one of models ({', '.join(models)})")
     check_settings("evaluate", OmegaConf.create({"trigger": cfg.trigger}), prefix="evaluate-mitigation")
-    for field in ("n_per_prompt", "batch_size", "steps"):
-        check_positive(cfg[field], field)
-    for field in ("n_prompts", "n_per_prompt"):
-        check_positive(cfg.utility[field], f"utility.{field}")
     return models
 
 

@@ -55,9 +55,6 @@ VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def check_config(cfg: DictConfig) -> None:
-    for key, low in (("n", 1), ("samples", 2), ("sample_steps", 1), ("batch_size", 1)):
-        if int(cfg[key]) < low:
-            raise ConfigError(f"{key} must be >= {low} (got {cfg[key]})")
     if not (Path(cfg.vae_path) / VAE_WEIGHTS).is_file():
         raise ConfigError(f"vae_path: no diffusers VAE ({VAE_WEIGHTS}) in {cfg.vae_path}")
 

@@ -14,26 +14,22 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from diffmem.checks import check_positive, check_shard
+from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data.images import without_guards
 from diffmem.data.prompts import needs_dataset, stage_prompts, warn_long_prompts
 from diffmem.data.samples import PROMPTS, SAMPLES, drop_damaged, plan_samples, samples_intact
-from diffmem.errors import ConfigError
 from diffmem.loading import load_model
 from diffmem.models.pipeline import check_scheduler
 from diffmem.runs import check_claim, check_inputs, claim, config_subset, finish, is_done, require, write_parquet
-from diffmem.sampling import generate_images
+from diffmem.sampling import check_resolution, generate_images
 
 log = logging.getLogger(__name__)
 
 
 def check_config(cfg: DictConfig) -> None:
-    for key in ("n_per_prompt", "batch_size", "steps", "resolution"):
-        check_positive(cfg[key], key)
-    if cfg.guidance_scale < 0:
-        raise ConfigError(f"guidance_scale must be >= 0 (got {cfg.guidance_scale})")
+    """What the schema (:mod:`diffmem.schema`) cannot check field by field."""
     check_shard(cfg.shard, cfg.num_shards)
     check_scheduler(cfg.scheduler)
     require(cfg.model, "path", prefix="model.", hint="a diffusers pipeline folder or HF-cache repo id")
@@ -60,6 +56,7 @@ def run(cfg: DictConfig) -> Path:
     mine = plan.iloc[cfg.shard::cfg.num_shards]
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     warn_long_prompts(prompts["caption"], pipe.tokenizer)
+    check_resolution(pipe, cfg.resolution)
     run_dir = claim(cfg.run_dir, fingerprint(cfg))
     check_inputs(run_dir, "prompt list", prompts)
     write_parquet(run_dir / PROMPTS, prompts)

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from diffmem.checks import check_int, check_positive
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset
@@ -41,10 +40,6 @@ def check_config(cfg: DictConfig):
     """The probe function, after checking the settings (nothing is written before this)."""
     fn = PROBES.get(cfg.probe.name)
     check_settings(cfg.probe.name, cfg.probe)
-    for field in ("n_per_prompt", "batch_size", "steps"):
-        check_positive(cfg[field], field)
-    check_positive(cfg.get("max_targets"), "max_targets", optional=True)
-    check_int(cfg.n_controls, "n_controls", 0)
     return fn
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
+import math
 import os
 import platform
 import re
@@ -22,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from diffmem.errors import ConfigError
+from diffmem.errors import ConfigError, OutputError
 
 SUCCESS = "_SUCCESS"
 INFO = "info.json"
@@ -38,28 +40,41 @@ _TRACKED_PACKAGES = (
     "diffmem", "torch", "torchvision", "diffusers", "transformers", "accelerate",
     "open_clip_torch", "peft", "faiss-cpu", "hydra-core", "numpy", "pandas",
 )
+#: OS errors of writing output (read-only, no permission, disk full, quota, file-size limit)
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    A write the file system refuses (read-only, no permission, disk full, file-size limit) is
+    an :class:`OutputError` naming ``path``; the temporary file is removed either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual mode
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual mode
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in _OUTPUT_ERRNOS:
+            raise OutputError(f"{path}: cannot write there ({os.strerror(err.errno)})") from err
+        raise
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """``obj`` as JSON; non-finite floats (NaN, infinities) are written as null, so the file is
+    always valid JSON."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default,
+                                  allow_nan=False) + "\n")
     return Path(path)
 
 
@@ -100,6 +115,19 @@ def _parquet(path, read):
         return read(path)
     except Exception as err:  # pyarrow raises many types for a corrupt file
         raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__})") from err
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NumPy's included) replaced by None, at any depth."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
 
 
 def _json_default(obj):
@@ -176,6 +204,17 @@ def check_run_name(name: Any) -> None:
     text = "" if name is None else str(name)
     if text in ("", ".", "..") or any(c in text for c in "/\\\0"):
         raise ConfigError(f"name={text!r} must be one folder name (not empty, '.' or '..', no '/')")
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> None:
+    """Refuse a run dir that cannot be made or written (a file of that name or of a folder
+    above it, a read-only or not-writable folder) before any work starts; creates nothing."""
+    path = Path(run_dir)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise OutputError(f"run_dir={path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"run_dir={path}: cannot write in {existing} (read-only or no permission)")
 
 
 def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool:

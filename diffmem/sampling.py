@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from diffmem.errors import ConfigError
+
 #: the pipeline attribute that holds its sampler hooks
 HOOKS_ATTR = "diffmem_defence"
 
@@ -71,9 +73,23 @@ def encode_prompts(pipe, captions: Sequence[str], batch_size: int = 64) -> torch
     return torch.cat(out)
 
 
+def vae_factor(pipe) -> int:
+    """How many pixels one latent is wide (8 for Stable Diffusion's VAE)."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def check_resolution(pipe, resolution: int, name: str = "resolution") -> int:
+    """``resolution`` if ``pipe`` makes images of that size (a multiple of its VAE's factor)."""
+    factor = vae_factor(pipe)
+    if int(resolution) % factor:
+        raise ConfigError(f"{name}={resolution} is not a multiple of {factor}, the model's VAE downscale "
+                          f"factor (it would make {int(resolution) // factor * factor}-pixel images)")
+    return int(resolution)
+
+
 def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return (pipe.unet.config.in_channels, resolution // factor, resolution // factor)
+    size = check_resolution(pipe, resolution) // vae_factor(pipe)
+    return (pipe.unet.config.in_channels, size, size)
 
 
 def initial_latents(pipe, seeds: Sequence[int], resolution: int) -> torch.Tensor:

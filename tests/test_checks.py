@@ -26,6 +26,33 @@ def test_checks_return_values_and_name_the_field():
             call()
 
 
+def test_check_float_bounds_and_finiteness():
+    assert check_float(0.5, "p", 0.0, 1.0) == 0.5 and check_float(None, "decay", optional=True) is None
+    for value, kw, msg in [(float("inf"), {}, r"^x must be a finite number \(got inf\)$"),
+                           (1.5, dict(minimum=0.0, maximum=1.0), r"^x must be a finite number >= 0.0 and <= 1.0"),
+                           (0.0, dict(above=0.0), r"^x must be a finite number > 0.0 \(got 0.0\)$"),
+                           (True, {}, "x must be a number"), ("abc", {}, "x must be a number")]:
+        with pytest.raises(ConfigError, match=msg):
+            check_float(value, "x", **kw)
+
+
+def test_check_device_names_what_this_machine_lacks():
+    import torch
+
+    from diffmem.device import check_device
+
+    assert check_device("auto") == "auto" and check_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match=r"^device='foo' is not a device"):
+        check_device("foo")
+    with pytest.raises(ConfigError, match=r"^features.extractor.device='cpu:1' is not a device"):
+        check_device("cpu:1", "features.extractor.device")
+    with pytest.raises(ConfigError, match=r"^device=cuda:99: this machine has \d+ CUDA device"):
+        check_device("cuda:99")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="^device=cuda: this machine has 0 CUDA devices"):
+            check_device("cuda")
+
+
 def test_did_you_mean():
     assert did_you_mean("pixle", ["pixel", "clip"]) == " Did you mean 'pixel'?"
     assert did_you_mean("siez", ["size", "grayscale"], paren=True) == " (did you mean 'size'?)"

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 import diffmem
 from diffmem.config import CONF_DIR, STAGES, config_name
 from diffmem.errors import ConfigError
+from diffmem.schema import validate
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
@@ -51,6 +52,7 @@ def test_every_config_composes_and_resolves(stage, override):
     assert cfg.stage == stage
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert plain["run_dir"].endswith(f"{stage}/{plain['name']}")
+    validate(stage, cfg)  # the schema never rejects a shipped config
 
 
 def test_shared_groups_replace_copies():

@@ -247,8 +247,9 @@ def test_adversarial_ft_end_to_end_and_exact_resume(tiny_pipe_dir):
 def test_bad_mitigation_configs_are_one_line_errors(tiny_pipe_dir):
     with pytest.raises(ConfigError, match=r"unknown mitigation kind 'finetun'.*Did you mean 'finetune'"):
         task(_cfg(tiny_pipe_dir, "full_ft", "mitigation.kind=finetun"))
-    with pytest.raises(ConfigError, match=r"mitigation.steps must be >= 1 \(got -3\)"):
-        task(_cfg(tiny_pipe_dir, "full_ft", "mitigation.steps=-3"))
+    with pytest.raises(ConfigError, match=r"mitigation.steps must be >= 1 \(got -3\)"):  # the schema's
+        diffmem.run("mitigate", ["mitigation=full_ft", "model=local", f"model.path={tiny_pipe_dir}", *COMMON,
+                                 "mitigation.steps=-3"])
     with pytest.raises(ConfigError, match=r"mitigation.trigger.lr must be > 0"):
         task(_cfg(tiny_pipe_dir, "adversarial_ft", "mitigation.trigger.lr=0"))
     with pytest.raises(ConfigError, match="not a transformer block"):

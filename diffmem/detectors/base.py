@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
-from diffmem.sampling import encode_prompts, sample_seed
+from diffmem.sampling import encode_prompts, sample_seed, vae_factor
 
 
 class Detector:
@@ -67,7 +67,7 @@ class Detector:
         if len(prompt_ids) != cond.shape[0]:
             raise DataError(f"{self.name}: {len(prompt_ids)} prompt ids for {cond.shape[0]} prompts")
         check_positive(batch_size, "batch_size")
-        resolution = int(resolution or pipe.unet.config.sample_size * _vae_factor(pipe))
+        resolution = int(resolution or pipe.unet.config.sample_size * vae_factor(pipe))
         cond = cond.to(pipe.unet.device, pipe.unet.dtype)
         rows = [(i, sample_seed(seed, pid, k)) for i, pid in enumerate(prompt_ids)
                 for k in range(self.per_prompt)]
@@ -120,10 +120,6 @@ def to_epsilon(sched, output: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
         a = sched.alphas_cumprod[int(t)].to(output.device, output.dtype)
         return a.sqrt() * output + (1 - a).sqrt() * x
     raise ConfigError(f"detectors need an epsilon or v_prediction model, not prediction_type '{kind}'")
-
-
-def _vae_factor(pipe) -> int:
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
 @dataclass

@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from diffmem.checks import check_float, check_int
-from diffmem.detectors.base import Detector, _vae_factor, to_epsilon
+from diffmem.detectors.base import Detector, to_epsilon
 from diffmem.errors import ConfigError, DataError
-from diffmem.sampling import encode_prompts, fresh_scheduler, initial_latents, sample_seed
+from diffmem.sampling import encode_prompts, fresh_scheduler, initial_latents, sample_seed, vae_factor
 
 REDUCTIONS = ("mean", "max")
 
@@ -108,7 +108,7 @@ class NoiseNorm(Detector):
                              truncation=True, return_tensors="pt")
         ids = tok.input_ids.to(pipe.text_encoder.device)
         n_tokens = int(tok.attention_mask[0].sum())
-        resolution = int(resolution or pipe.unet.config.sample_size * _vae_factor(pipe))
+        resolution = int(resolution or pipe.unet.config.sample_size * vae_factor(pipe))
         seeds = [sample_seed(seed, prompt_id, k) for k in range(self.n_generations)]
         uncond = self._uncond_for(pipe)
         captured = {}

@@ -28,6 +28,7 @@ Odd but valid images (CMYK, grayscale 8/16 bit, alpha, palette, 1 bit) must load
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -46,7 +47,7 @@ import torch
 from PIL import Image
 
 import diffmem
-from diffmem.errors import ConfigError, DataError
+from diffmem.errors import ConfigError, DataError, OutputError
 from diffmem.features.store import FeatureStore
 from diffmem.runs import write_json
 
@@ -862,6 +863,97 @@ def _(tmp, pipe):
                 after=lambda: not any((d / "planted-pickle-ran").exists() for d in (Path.cwd(), tmp)))
 
 
+# -- the config schema (diffmem/schema.py): checked before any run dir is claimed -----------------
+
+for _id, _override, _names in [  # (case, override, what the one line names)
+    ("guidance-nan", "guidance_scale=nan", ["guidance_scale must be a finite number", "nan"]),
+    ("guidance-inf", "guidance_scale=inf", ["guidance_scale must be a finite number", "inf"]),
+    ("fractional-steps", "steps=2.7", ["steps must be an integer", "2.7"]),
+    ("n-per-prompt-text", "n_per_prompt=abc", ["n_per_prompt must be an integer", "'abc'"]),
+    ("fractional-n-per-prompt", "n_per_prompt=1.5", ["n_per_prompt must be an integer"]),
+    ("negative-seed", "seed=-1", ["seed must be >= 0", "-1"]),
+    ("resolution-not-a-vae-multiple", "resolution=33", ["resolution=33", "not a multiple of 2", "VAE"]),
+    ("negative-threads", "threads=-1", ["threads must be >= 1 or null"]),
+    ("cuda-device-beyond-count", "device=cuda:99", ["device=cuda:99", "CUDA device"]),
+    ("mps-device-unavailable", "device=mps", ["device=mps", "not available"]),
+    ("unknown-device", "device=foo", ["device='foo'", "not a device"]),
+    ("misspelt-key", "stepz=3", ["stepz: no such key", "did you mean 'steps'"]),
+    ("misspelt-nested-key", "model.pathh=x", ["model.pathh", "did you mean 'path'"]),
+    ("malformed-override", "steps=[", ["cannot parse the override 'steps=['"]),
+    ("unknown-group-option", "debug=fastt", ["debug=fastt", "Did you mean 'fast'"]),
+]:
+    _gen_config_case(_id, ConfigError, [_override], _names)
+
+
+def _stage_config_case(stage: str, id: str, extra: list[str], names: list[str]):
+    """A stage refused on its settings alone (before its data or model are read)."""
+    @case(f"{stage}-{id}", ConfigError)
+    def _(tmp, pipe):
+        run = tmp / "run"
+        return dict(call=_run(stage, [*extra, f"run_dir={run}"]), run_dir=run, names=names)
+
+
+_stage_config_case("audit", "threshold-nan", ["threshold=nan"], ["threshold must be a finite number", "nan"])
+_stage_config_case("audit", "dcr-threshold-inf", ["dcr_threshold=inf"], ["dcr_threshold must be a finite number"])
+_stage_config_case("audit", "k-zero", ["k=0"], ["k must be >= 1 (got 0)"])
+_stage_config_case("audit", "sub-stage-steps-zero", ["generate.steps=0"], ["generate.steps must be >= 1"])
+_stage_config_case("audit", "sub-stage-misspelt-key", ["embed.part_sise=3"], ["embed.part_sise", "'part_size'"])
+_stage_config_case("train", "negative-unet-steps", ["arch=tiny", "unet.steps=-5"], ["unet.steps must be >= 1", "-5"])
+_stage_config_case("train", "unet-lr-nan", ["arch=tiny", "unet.lr=nan"], ["unet.lr must be a finite number > 0"])
+_stage_config_case("train", "caption-dropout-above-one", ["arch=tiny", "unet.caption_dropout=1.5"],
+                   ["unet.caption_dropout", "<= 1.0"])
+_stage_config_case("embed", "negative-num-workers", ["num_workers=-1"], ["num_workers must be >= 0"])
+_stage_config_case("index", "recall-noise-nan", ["features_dir=x", "recall.noise=nan"], ["recall.noise"])
+_stage_config_case("search", "normalisation-beta-inf", ["queries_dir=x", "stream_dir=y", "normalisation.beta=inf"],
+                   ["normalisation.beta"])
+_stage_config_case("detect", "threads-zero", ["threads=0"], ["threads must be >= 1 or null (got 0)"])
+_stage_config_case("probe", "guidance-nan", ["guidance_scale=nan"], ["guidance_scale must be a finite number"])
+_stage_config_case("mitigate", "mitigation-lr-zero", ["mitigation.lr=0"], ["mitigation.lr must be a finite number > 0"])
+
+
+# -- the output path: not a folder, or the file system refuses a write ----------------------------
+
+@case("run-dir-is-a-file", OutputError)
+def _(tmp, pipe):
+    (tmp / "p.txt").write_text("a red circle\n")
+    (tmp / "taken").write_text("not a folder\n")
+    return dict(call=_run("generate", _gen_args(pipe(), tmp / "p.txt", tmp / "taken")), run_dir=None,
+                names=[f"run_dir={tmp / 'taken'}", "is a file"], after=lambda: (tmp / "taken").is_file())
+
+
+@case("run-dir-below-a-file", OutputError)
+def _(tmp, pipe):
+    (tmp / "taken").write_text("not a folder\n")
+    run = tmp / "taken" / "run"
+    return dict(call=_run("index", [f"features_dir={tmp}", f"run_dir={run}"]), run_dir=None,
+                names=[f"{tmp / 'taken'} is a file"])
+
+
+def _refused_write_case(code: int):
+    """The file system refuses the first table written after the feature parts: one line
+    naming the file and the reason, no temporary file left, nothing under a final name."""
+    @case(f"embed-write-refused-{errno.errorcode[code].lower()}", OutputError, claimed=True)
+    def _(tmp, pipe):
+        root, run = _folder(tmp), tmp / "run"
+        replace = os.replace
+
+        def refusing(src, dst, *a, **k):
+            if Path(dst).name == "skipped.parquet":
+                raise OSError(code, os.strerror(code), str(src))
+            return replace(src, dst, *a, **k)
+
+        def call():
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(os, "replace", refusing)
+                diffmem.run("embed", _embed_args(root, run))
+
+        return dict(call=call, run_dir=run, names=[run / "skipped.parquet", os.strerror(code)])
+
+
+for _code in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS", "EACCES"):
+    _refused_write_case(getattr(errno, _code))
+
+
 # ------------------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
@@ -988,11 +1080,11 @@ def test_embed_accepts_odd_image_modes(tmp_path):
 
 # -- the CLI: exit status 2 and one line on stderr -------------------------------------------------
 
-def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+def _cli(tmp_path, *args: str, preexec_fn=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "DIFFMEM_OUTPUTS": str(tmp_path / "outputs"),
            "DIFFMEM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "diffmem.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+                          env=env, cwd=tmp_path, timeout=300, preexec_fn=preexec_fn)
 
 
 def _one_error_line(out: subprocess.CompletedProcess, stage: str, *names: str) -> str:
@@ -1045,6 +1137,123 @@ def test_cli_unsafe_run_name_is_one_line_before_any_folder(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, no ../../x
 
 
+# -- the CLI: schema, composition and output-path errors before Hydra makes the run dir ------------
+
+NO_CUDA = "device=cuda" if not torch.cuda.is_available() else "device=cuda:99"
+CLI_CONFIG_CASES = [  # (stage, bad override, what the one line names)
+    ("generate", "guidance_scale=nan", "guidance_scale must be a finite number >= 0.0 (got nan)"),
+    ("generate", "steps=2.7", "steps must be an integer (got 2.7)"),
+    ("generate", "stepz=3", "stepz: no such key in the generate config (did you mean 'steps'?)"),
+    ("generate", NO_CUDA, f"{NO_CUDA}: this machine has"),
+    ("audit", "k=0", "k must be >= 1 (got 0)"),
+    ("train", "unet.steps=-5", "unet.steps must be >= 1 (got -5)"),
+]
+
+
+@pytest.mark.parametrize("stage,bad,named", CLI_CONFIG_CASES, ids=[c[1] for c in CLI_CONFIG_CASES])
+def test_cli_bad_setting_is_one_line_and_creates_nothing(tmp_path, stage, bad, named):
+    run = tmp_path / "run"
+    out = _cli(tmp_path, stage, bad, f"run_dir={run}")
+    assert out.stderr.strip() == _one_error_line(out, stage, named)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run dir, no outputs/
+
+
+def _gen_cli(tmp_path: Path, pipe: Path, run: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    return _cli(tmp_path, "generate", *_gen_args(pipe, tmp_path / "p.txt", run, *extra), **kw)
+
+
+def test_cli_corrected_command_runs_where_the_bad_one_was_refused(tmp_path, tiny_pipe_dir):
+    """``steps=2.7`` used to fail after ``run.json`` was written, so ``steps=1`` was then refused."""
+    run = tmp_path / "run"
+    out = _gen_cli(tmp_path, tiny_pipe_dir, run, "steps=2.7")
+    assert out.stderr.strip() == _one_error_line(out, "generate", "steps must be an integer (got 2.7)")
+    assert not run.exists()
+    out = _gen_cli(tmp_path, tiny_pipe_dir, run, "steps=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(pd.read_parquet(run / "samples.parquet")) == 2
+
+
+@pytest.mark.slow
+def test_cli_resolution_off_the_vae_grid_claims_nothing(tmp_path, tiny_pipe_dir):
+    """Checked once the model is loaded (its VAE factor), still before the claim: Hydra's own
+    ``.hydra/`` folder is there, ``run.json`` is not, and ``resolution=32`` then runs."""
+    run = tmp_path / "run"
+    out = _gen_cli(tmp_path, tiny_pipe_dir, run, "resolution=33")
+    _one_error_line(out, "generate", "resolution=33 is not a multiple of 2")
+    assert not (run / "run.json").exists()
+    assert _gen_cli(tmp_path, tiny_pipe_dir, run, "resolution=32").returncode == 0
+    assert Image.open(run / pd.read_parquet(run / "samples.parquet")["file"][0]).size == (32, 32)
+
+
+def test_cli_run_dir_that_is_a_file(tmp_path):
+    ref = _embed_dir(tmp_path / "ref", [_unit(12, 8)])
+    (tmp_path / "taken").write_text("a file\n")
+    out = _cli(tmp_path, "index", f"features_dir={ref}", f"run_dir={tmp_path / 'taken'}")
+    assert out.stderr.strip() == _one_error_line(out, "index", f"{tmp_path / 'taken'} is a file, not a folder")
+    assert (tmp_path / "taken").read_text() == "a file\n"
+    assert _cli(tmp_path, "index", f"features_dir={ref}", f"run_dir={tmp_path / 'idx'}").returncode == 0
+
+
+def _without_dac_override():
+    """In the child: root loses the capability to write where permissions say no (as any user)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH: dropped from the bounding set
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl")
+
+
+def test_cli_read_only_outputs_folder(tmp_path):
+    ref = _embed_dir(tmp_path / "ref", [_unit(12, 8)])
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    outputs.chmod(0o555)
+    try:
+        out = _cli(tmp_path, "index", f"features_dir={ref}",
+                   preexec_fn=_without_dac_override if os.geteuid() == 0 else None)
+    finally:
+        outputs.chmod(0o755)
+    named = f"cannot write in {outputs} (read-only or no permission)"
+    assert out.stderr.strip() == _one_error_line(out, "index", named)
+    assert list(outputs.iterdir()) == []
+    assert _cli(tmp_path, "index", f"features_dir={ref}").returncode == 0
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_cli_file_size_limit_while_writing(tmp_path, tiny_pipe_dir):
+    """A disk that fills up mid-run (here: a 5000-byte file-size limit, over which the samples
+    table is): one line naming the file, nothing half-written, and the re-run completes."""
+    run = tmp_path / "run"
+    out = _gen_cli(tmp_path, tiny_pipe_dir, run, preexec_fn=_file_size_limit(5000))
+    _one_error_line(out, "generate", f"{run / 'samples.parquet'}: cannot write there (File too large)")
+    assert not (run / "samples.parquet").exists() and not (run / "_SUCCESS").exists()
+    assert not [p for p in run.rglob("*.tmp")]
+    out = _gen_cli(tmp_path, tiny_pipe_dir, run)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(pd.read_parquet(run / "samples.parquet")) == 2
+
+
+def test_metrics_json_is_always_valid_json(tmp_path):
+    """A non-finite result (a mean over nothing) is written as null, never as a bare NaN."""
+    import json
+
+    path = write_json(tmp_path / "metrics.json", {"rate": float("nan"), "top": [np.float32("inf"), 1.0],
+                                                  "arr": np.array([np.nan, 2.0])})
+    strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert strict == {"rate": None, "top": [None, 1.0], "arr": [None, 2.0]}
+
+
 # -- the count ---------------------------------------------------------------------------------------
 
 def test_case_count(capsys):
@@ -1054,4 +1263,4 @@ def test_case_count(capsys):
     assert len(CASES) >= 30
     with capsys.disabled():
         print(f"\n[reliability] {len(CASES)} malformed-input cases, {len(ODD_MODES)} odd-but-valid "
-              f"image modes, 6 CLI checks")
+              f"image modes, {11 + len(CLI_CONFIG_CASES)} CLI checks")
