@@ -123,7 +123,7 @@ class FeatureStore:
             raise DataError(f"{self.run_dir}: no feature parts ({PARTS}/part-*.npy)")
         for p, path in enumerate(parts):
             if path != self.part_path(p):
-                raise DataError(f"{self.part_path(p)}: missing (the run has {len(parts)} parts up to "
+                raise DataError(f"{self.part_path(p)}: missing (only {len(parts)} parts, numbered up to "
                                 f"{parts[-1].name}); re-run the embed stage")
         return parts
 
