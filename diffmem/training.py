@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from diffmem.checks import check_positive
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
+from diffmem.data.images import TESTBED_KINDS
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model, model_precision
 from diffmem.models import save_pipeline
@@ -264,7 +265,8 @@ def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path, mixed: 
         return torch.nn.functional.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
 
     vae.requires_grad_(True)
-    losses = fit(vae, loss_fn, seed=seed, phase="vae", ckpt_dir=ckpt_dir, **fit_settings(cfg, mixed))
+    losses = fit(vae, loss_fn, seed=seed, phase="vae", ckpt_dir=ckpt_dir, decay_from=cfg.get("decay_from"),
+                 **fit_settings(cfg, mixed))
     vae.requires_grad_(False)
     with torch.no_grad():
         z = torch.cat([vae.encode(images[i:i + 256].to(vae.device)).latent_dist.mean
@@ -386,7 +388,11 @@ def train_model(cfg: DictConfig) -> Path:
     vae_dir = run_dir / "vae"
     if cfg.vae.steps > 0:
         if not (vae_dir / "config.json").exists():
-            train_vae(pipe.vae, images, cfg.vae, cfg.seed, run_dir / "checkpoints" / "vae", mixed)
+            vae_images = images
+            if cfg.vae.get("data"):  # its own pool (e.g. random photo crops), so the VAE does not memorise
+                vae_root, vae_rows = load_dataset(cfg.vae.data)
+                vae_images = to_tensor(load_images(vae_root, vae_rows["file"], cfg.resolution))
+            train_vae(pipe.vae, vae_images, cfg.vae, cfg.seed, run_dir / "checkpoints" / "vae", mixed)
             tmp = run_dir / ".vae.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             pipe.vae.save_pretrained(tmp, safe_serialization=True)
@@ -406,7 +412,7 @@ def train_model(cfg: DictConfig) -> Path:
 
     write_parquet(run_dir / "train_log.parquet", pd.DataFrame(losses))
     model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)
-    if cfg.get("evaluate") and cfg.data.kind == "testbed":
+    if cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS:
         from diffmem.models.testbed import memorisation_figures
 
         saved = load_model(model_dir, device)  # measure what was published

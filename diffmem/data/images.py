@@ -22,7 +22,9 @@ from diffmem.runs import read_parquet, require
 PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 ON_ERROR = ("fail", "skip")
-DATA_KINDS = ("testbed", "folder", "img2dataset", "webdataset")
+DATA_KINDS = ("testbed", "testbed_photo", "photo_crops", "folder", "img2dataset", "webdataset")
+#: The generated testbeds (ground-truth columns, testbed prompts and memorisation figures).
+TESTBED_KINDS = ("testbed", "testbed_photo")
 #: the default pixel budget of a decoded image (``data.max_pixels``): 80 Mpx, e.g. 8944 x 8944
 MAX_PIXELS = 80_000_000
 #: ``data`` settings that only guard (refuse inputs), never change a finished run's result
@@ -238,14 +240,20 @@ def on_error(data_cfg) -> str:
 
 
 def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
-    """``(root, manifest)`` for a ``data`` config (``kind``: testbed, folder, img2dataset or
-    webdataset), restricted to ``data.subset`` when it is set (:func:`select_subset`)."""
-    if cfg.kind == "testbed":
+    """``(root, manifest)`` for a ``data`` config (``kind``: one of ``DATA_KINDS``), restricted
+    to ``data.subset`` when it is set (:func:`select_subset`)."""
+    if cfg.kind in TESTBED_KINDS:
         from diffmem.data.testbed import generate_testbed
+        from diffmem.data.testbed_photo import generate_testbed_photo
 
         kwargs = {k: cfg[k] for k in ("seed", "resolution", "n_ordinary", "canaries_per_count",
                                       "n_templates", "template_copies", "n_heldout")}
-        df = generate_testbed(cfg.root, canary_counts=tuple(cfg.canary_counts), **kwargs)
+        generate = generate_testbed if cfg.kind == "testbed" else generate_testbed_photo
+        df = generate(cfg.root, canary_counts=tuple(cfg.canary_counts), **kwargs)
+    elif cfg.kind == "photo_crops":
+        from diffmem.data.testbed_photo import photo_crops
+
+        df = photo_crops(cfg.root, seed=cfg.seed, resolution=cfg.resolution, n=cfg.n)
     elif cfg.kind == "folder":
         require(cfg, "root", "manifest", prefix="data.",
                 hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>")

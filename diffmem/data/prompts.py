@@ -11,7 +11,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from diffmem.checks import check_positive
-from diffmem.data.images import _read_table, check_regular, load_dataset
+from diffmem.data.images import TESTBED_KINDS, _read_table, check_regular, load_dataset
 from diffmem.data.prompt_lists import (check_files, prompts_from_dataset, record_lines, resolve_targets,
                                        with_ground_truth)
 from diffmem.errors import ConfigError, DataError
@@ -134,7 +134,7 @@ def prompt_kind(prompts_cfg, data_kind: str) -> str:
     if kind not in KINDS:
         raise ConfigError(f"prompts.kind '{kind}' is not one of {', '.join(KINDS)}")
     if kind == "auto":
-        return "testbed" if data_kind == "testbed" else "dataset"
+        return "testbed" if data_kind in TESTBED_KINDS else "dataset"
     return kind
 
 

@@ -50,13 +50,17 @@ def _paint(img: np.ndarray, kind: str, color, cx, cy, r) -> None:
     img[_shape_mask(kind, cx, cy, r, img.shape[0])] = color
 
 
-def ordinary_scene(rng: np.random.Generator, size: int):
-    """Two shapes in a relation; returns (image uint8 HxWx3, caption, attributes)."""
+def ordinary_scene(rng: np.random.Generator, size: int, background: np.ndarray | None = None):
+    """Two shapes in a relation on ``background`` (default: a random muted colour);
+    returns (image uint8 HxWx3, caption)."""
     s1, s2 = rng.choice(SHAPES, 2)
     c1, c2 = rng.choice(list(COLORS), 2, replace=False)
     rel = rng.choice(RELATIONS)
     img = np.empty((size, size, 3), np.uint8)
-    img[:] = np.clip(rng.uniform(20, 150) + rng.uniform(-25, 25, 3), 0, 255)  # muted, unnamed
+    if background is None:
+        img[:] = np.clip(rng.uniform(20, 150) + rng.uniform(-25, 25, 3), 0, 255)  # muted, unnamed
+    else:
+        img[:] = background
     r1, r2 = rng.uniform(0.13, 0.2, 2) * size
     a, b = rng.uniform(0.25, 0.42) * size, rng.uniform(0.58, 0.75) * size  # first, second
     o1, o2 = rng.uniform(0.3, 0.7, 2) * size
@@ -118,28 +122,44 @@ def _save_png(path: Path, img: np.ndarray) -> None:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
+def cached_manifest(root: Path, params: dict, what: str) -> pd.DataFrame | None:
+    """The manifest already generated under ``root`` with ``params`` (None if there is none);
+    a DataError when ``root`` holds ``what`` generated with other parameters."""
+    if not (root / MANIFEST).exists():
+        return None
+    made = read_json(root / PARAMS) if (root / PARAMS).exists() else None
+    if made != params:
+        raise DataError(f"{root} holds {what} generated with other parameters "
+                        f"({made}); set data.root to another folder")
+    try:
+        return read_parquet(root / MANIFEST)
+    except DataError as err:  # a damaged cache (a bad disk, a copy cut short) is rebuilt
+        log.warning("%s; rebuilding %s", err, what)
+        return None
+
+
 def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_ordinary: int = 512,
                      canary_counts=(1, 4, 16, 64), canaries_per_count: int = 4, n_templates: int = 2,
-                     template_copies: int = 32, n_heldout: int = 256) -> pd.DataFrame:
+                     template_copies: int = 32, n_heldout: int = 256, scenes=None,
+                     variant: dict | None = None) -> pd.DataFrame:
     """Write the testbed images and ``manifest.parquet`` under ``root``; returns the manifest.
 
     One row per training example (a canary duplicated 16x has 16 rows pointing at one
     file), with ``kind`` (ordinary/canary/template/heldout), ``group``, ``dup_count`` and
     ``split`` (train/heldout) as ground truth for every later stage. Idempotent.
+    ``scenes``: the ``(ordinary, canary, template)`` scene functions (default: the flat
+    ones here); ``variant``: what names other scenes among the recorded parameters.
     """
     root = Path(root)
+    ordinary_scene_, canary_scene_, template_layout_ = scenes or (ordinary_scene, canary_scene,
+                                                                  template_layout)
     params = dict(seed=seed, resolution=resolution, n_ordinary=n_ordinary,
                   canary_counts=list(canary_counts), canaries_per_count=canaries_per_count,
-                  n_templates=n_templates, template_copies=template_copies, n_heldout=n_heldout)
-    if (root / MANIFEST).exists():
-        made = read_json(root / PARAMS) if (root / PARAMS).exists() else None
-        if made != params:
-            raise DataError(f"{root} holds a testbed generated with other parameters "
-                            f"({made}); set data.root to another folder")
-        try:
-            return read_parquet(root / MANIFEST)
-        except DataError as err:  # a damaged cache (a bad disk, a copy cut short) is rebuilt
-            log.warning("%s; rebuilding the testbed", err)
+                  n_templates=n_templates, template_copies=template_copies, n_heldout=n_heldout,
+                  **(variant or {}))
+    cached = cached_manifest(root, params, "a testbed")
+    if cached is not None:
+        return cached
     rng = np.random.default_rng(seed)
     rows, used = [], set()
 
@@ -151,18 +171,18 @@ def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_or
                              kind=kind, group=group, dup_count=dup, split=split))
 
     for i in range(n_ordinary):
-        img, cap = ordinary_scene(rng, resolution)
+        img, cap = ordinary_scene_(rng, resolution)
         add(img, cap, "ordinary", "", 1, "train")
     for count in canary_counts:
         for j in range(canaries_per_count):
-            add(canary_scene(rng, resolution), f"the {_word(rng, used)} emblem", "canary",
+            add(canary_scene_(rng, resolution), f"the {_word(rng, used)} emblem", "canary",
                 f"canary-x{count}-{j}", count, "train", copies=count)
     for t in range(n_templates):
-        variant, cap = template_layout(rng, resolution), f"a {_word(rng, used)} poster"
+        detail, cap = template_layout_(rng, resolution), f"a {_word(rng, used)} poster"
         for _ in range(template_copies):
-            add(variant(rng), cap, "template", f"template-{t}", template_copies, "train")
+            add(detail(rng), cap, "template", f"template-{t}", template_copies, "train")
     for i in range(n_heldout):
-        img, cap = ordinary_scene(rng, resolution)
+        img, cap = ordinary_scene_(rng, resolution)
         add(img, cap, "heldout", "", 0, "heldout")
     df = pd.DataFrame(rows)
     write_json(root / PARAMS, params)

@@ -55,7 +55,8 @@ ONNX_MODELS: dict[str, dict[str, Any]] = {
 FLAT_TESTBED_WARNING = (
     "{name}: SSCD is not meaningful on the flat synthetic testbed images (data.kind=testbed): "
     "pixel copies of 64x canaries score only 0.15-0.40 against their training image while unrelated "
-    "ordinary scenes score 0.46-0.85 with each other; use features=pixel there")
+    "ordinary scenes score 0.46-0.85 with each other; use features=pixel there, or the photo testbed "
+    "(data=testbed_photo model=testbed_photo) for SSCD")
 _warned: set[str] = set()
 
 

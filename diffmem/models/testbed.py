@@ -85,13 +85,17 @@ def pairwise_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def memorisation_figures(pipe, root, manifest, n_seeds: int = 8, steps: int = 25,
                          guidance: float = 5.0, copy_rmse: float = 0.3, batch_size: int = 64,
-                         seed: int = 0, n_ordinary: int = 16, n_heldout: int = 16) -> dict:
+                         seed: int = 0, n_ordinary: int = 16, n_heldout: int = 16,
+                         descriptor: str | None = None, descriptor_threshold: float = 0.7) -> dict:
     """How strongly the model reproduces its training images, by canary duplication count.
 
     Generates ``n_seeds`` images per testbed prompt and measures pixel RMSE (images on
     [-1, 1]) to the prompt's own training image(s) and to the nearest training image.
     A generation is a *copy* when that RMSE is below ``copy_rmse``. The baseline is the
     nearest-training-image RMSE of held-out real images (what "novel" looks like).
+    With ``descriptor`` (a registered feature name, e.g. ``sscd_distilled``) the same
+    figures in its cosine similarity stand beside them: a *descriptor copy* is a generation
+    whose most similar training image is its prompt's own, above ``descriptor_threshold``.
     """
     import pandas as pd
 
@@ -123,7 +127,22 @@ def memorisation_figures(pipe, root, manifest, n_seeds: int = 8, steps: int = 25
     rows["copy"] = rows["own_rmse"] < copy_rmse
     rows["near_copy"] = rows["nn_rmse"] < copy_rmse
     held = manifest[manifest["split"] == "heldout"].drop_duplicates("file")
-    held_d = pairwise_rmse(to_tensor(load_images(root, held["file"], res)), real).min(1).values
+    held_real = to_tensor(load_images(root, held["file"], res))
+    held_d = pairwise_rmse(held_real, real).min(1).values
+    held_sim = None
+    if descriptor is not None:
+        from diffmem.features import build_extractor
+
+        ext = build_extractor(descriptor, device="cpu")
+        ref = ext((real + 1) / 2)
+        sim = ext((gens + 1) / 2) @ ref.T
+        groups = train["group"].to_numpy()
+        rows["nn_sim"] = sim.max(1).values.numpy()
+        rows["nn_sim_group"] = groups[sim.argmax(1).numpy()]
+        rows["own_sim"] = [float(s[torch.from_numpy(groups == r.group)].max()) if r.group else float("nan")
+                           for r, s in zip(rows.itertuples(), sim)]
+        rows["sim_copy"] = (rows["nn_sim_group"] == rows["group"]) & (rows["nn_sim"] > descriptor_threshold)
+        held_sim = (ext((held_real + 1) / 2) @ ref.T).max(1).values
     summary = []
     for (kind, dup), g in rows.groupby(["kind", "dup_count"], sort=True):
         summary.append({
@@ -134,10 +153,23 @@ def memorisation_figures(pipe, root, manifest, n_seeds: int = 8, steps: int = 25
             "near_copy_share": float(g["near_copy"].mean()),
             "median_nn_rmse": float(g["nn_rmse"].median()),
         })
-    return {
+        if descriptor is not None:
+            special = kind in ("canary", "template")
+            summary[-1].update({
+                "sim_copy_share": float(g["sim_copy"].mean()) if special else None,
+                "median_own_sim": float(g["own_sim"].median()) if special else None,
+                "median_nn_sim": float(g["nn_sim"].median()), "max_nn_sim": float(g["nn_sim"].max()),
+            })
+    out = {
         "copy_rmse": copy_rmse, "n_seeds": n_seeds, "steps": steps, "guidance": guidance,
         "summary": summary,
         "heldout_real_nn_rmse": {"median": float(held_d.median()), "p05": float(held_d.quantile(0.05)),
                                  "share_below_copy_rmse": float((held_d < copy_rmse).float().mean())},
-        "per_generation": pd.DataFrame(rows).drop(columns=["target_file"]).to_dict("records"),
     }
+    if descriptor is not None:
+        out["descriptor"] = {"name": descriptor, "threshold": descriptor_threshold}
+        out["heldout_real_nn_sim"] = {"median": float(held_sim.median()), "p95": float(held_sim.quantile(0.95)),
+                                      "max": float(held_sim.max()),
+                                      "share_above_threshold": float((held_sim > descriptor_threshold).float().mean())}
+    out["per_generation"] = pd.DataFrame(rows).drop(columns=["target_file"]).to_dict("records")
+    return out
