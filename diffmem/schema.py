@@ -50,7 +50,8 @@ def _under(prefix: str, fields: dict[str, Check]) -> dict[str, Check]:
 
 
 SCHEMAS: dict[str, dict[str, Check]] = {
-    "train": {**TORCH, "resolution": COUNT, **_under("unet", FIT), "unet.caption_dropout": _float(0.0, 1.0),
+    "train": {**TORCH, "resolution": COUNT, **_under("unet", {**FIT, "steps": _int(0)}),  # 0: the VAE alone
+              "unet.caption_dropout": _float(0.0, 1.0),
               **_under("vae", {**FIT, "steps": _int(0)}), "vae.kl_weight": _float(0.0)},
     "generate": {**TORCH, **SAMPLING},
     "embed": {**TORCH, "batch_size": COUNT, "part_size": COUNT, "num_workers": _int(0),

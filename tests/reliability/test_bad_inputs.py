@@ -898,7 +898,7 @@ _stage_config_case("audit", "dcr-threshold-inf", ["dcr_threshold=inf"], ["dcr_th
 _stage_config_case("audit", "k-zero", ["k=0"], ["k must be >= 1 (got 0)"])
 _stage_config_case("audit", "sub-stage-steps-zero", ["generate.steps=0"], ["generate.steps must be >= 1"])
 _stage_config_case("audit", "sub-stage-misspelt-key", ["embed.part_sise=3"], ["embed.part_sise", "'part_size'"])
-_stage_config_case("train", "negative-unet-steps", ["arch=tiny", "unet.steps=-5"], ["unet.steps must be >= 1", "-5"])
+_stage_config_case("train", "negative-unet-steps", ["arch=tiny", "unet.steps=-5"], ["unet.steps must be >= 0", "-5"])
 _stage_config_case("train", "unet-lr-nan", ["arch=tiny", "unet.lr=nan"], ["unet.lr must be a finite number > 0"])
 _stage_config_case("train", "caption-dropout-above-one", ["arch=tiny", "unet.caption_dropout=1.5"],
                    ["unet.caption_dropout", "<= 1.0"])
@@ -1146,7 +1146,7 @@ CLI_CONFIG_CASES = [  # (stage, bad override, what the one line names)
     ("generate", "stepz=3", "stepz: no such key in the generate config (did you mean 'steps'?)"),
     ("generate", NO_CUDA, f"{NO_CUDA}: this machine has"),
     ("audit", "k=0", "k must be >= 1 (got 0)"),
-    ("train", "unet.steps=-5", "unet.steps must be >= 1 (got -5)"),
+    ("train", "unet.steps=-5", "unet.steps must be >= 0 (got -5)"),
 ]
 
 
