@@ -242,7 +242,7 @@ def _stages(model_dir: Path, precision: str):
              "model.num_inference_steps=2", "model.vae_slicing=true"]
     common = [*model, *SD_DATA, *SD_RUN]
     yield "generate", "generate", [*common, "n_per_prompt=1", "batch_size=4", "prompts.n_ordinary=2", "prompts.n_heldout=0"]
-    yield "detect", "detect", [*common, "detect=noise_norm", "batch_size=4"]
+    yield "detect", "detect", [*model, *SD_DATA, "resolution=64", "seed=0", "detect=noise_norm", "batch_size=4"]
     probe = [*common, "n_per_prompt=1", "max_targets=1", "n_controls=0"]
     yield "probe trigger_search", "probe", [*probe, "probe=trigger_search", "probe.steps=2", "probe.restarts=1",
                                             "probe.batch_size=2"]
@@ -258,6 +258,16 @@ def _stages(model_dir: Path, precision: str):
                                          "mitigation.surrogate.n_candidates=1", "mitigation.surrogate.n_steps=1"]
     for kind in ("wen", "gni", "random_tokens"):
         yield kind, "mitigate", [*common, f"mitigation={kind}", "objectives.enabled=false"]
+
+
+def test_sd14_shape_stage_configs_compose(tmp_path):
+    """Every override of the slow tier below composes and validates (no model is loaded), so a
+    renamed key fails the default suite, not an hour into ``-m slow``."""
+    from diffmem.config import compose
+    from diffmem.schema import validate
+
+    for label, stage, overrides in _stages(tmp_path / "sd14", "bf16"):
+        validate(stage, compose(stage, [*overrides, f"run_dir={tmp_path / label.replace(' ', '-')}"]))
 
 
 @pytest.mark.slow
