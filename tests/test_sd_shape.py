@@ -14,6 +14,7 @@ seconds and peak RSS are printed (``-s``).
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -228,6 +229,7 @@ def sd14_shape_dir() -> Path:
 #: stages at 64 px with a couple of steps each, on a small testbed generated at 64 px
 SD_RUN = ["resolution=64", "steps=2", "guidance_scale=7.5", "seed=0"]
 SD_DATA = [*SMALL_DATA, "data.resolution=64"]
+POSITIVES = ["positives.min_dup_count=4"]  # the small testbed's most duplicated canary counts as memorised
 PEAK_GIB = 8.0  # every stage but full-UNet fine-tuning (a 860M UNet in fp32 + AdamW + grads: ~14 GiB)
 FULL_UNET = ("full_ft", "train_rc", "train_noise_filter", "adversarial_ft")
 
@@ -241,9 +243,10 @@ def _stages(model_dir: Path, precision: str):
     model = ["model=local", f"model.path={model_dir}", f"model.precision={precision}", "model.resolution=64",
              "model.num_inference_steps=2", "model.vae_slicing=true"]
     common = [*model, *SD_DATA, *SD_RUN]
+    judged = [*common, *POSITIVES]  # stages that pick memorised prompts
     yield "generate", "generate", [*common, "n_per_prompt=1", "batch_size=4", "prompts.n_ordinary=2", "prompts.n_heldout=0"]
-    yield "detect", "detect", [*model, *SD_DATA, "resolution=64", "seed=0", "detect=noise_norm", "batch_size=4"]
-    probe = [*common, "n_per_prompt=1", "max_targets=1", "n_controls=0"]
+    yield "detect", "detect", [*model, *SD_DATA, *POSITIVES, "resolution=64", "seed=0", "detect=noise_norm", "batch_size=4"]
+    probe = [*judged, "n_per_prompt=1", "max_targets=1", "n_controls=0"]
     yield "probe trigger_search", "probe", [*probe, "probe=trigger_search", "probe.steps=2", "probe.restarts=1",
                                             "probe.batch_size=2"]
     yield "probe nemo", "probe", [*probe, "probe=nemo", "probe.detector.n_seeds=2", "probe.max_checks=4"]
@@ -252,12 +255,12 @@ def _stages(model_dir: Path, precision: str):
             "mitigation.gradient_checkpointing=true"]
     for kind in ("lora", "memcontrol", "full_ft", "train_rc", "train_noise_filter"):
         extra = ["mitigation.noise_filter.n_calibration=4"] if kind == "train_noise_filter" else []
-        yield kind, "mitigate", [*common, f"mitigation={kind}", *fine, *extra]
-    yield "adversarial_ft", "mitigate", [*common, "mitigation=adversarial_ft", *fine, "mitigation.refresh_every=2",
+        yield kind, "mitigate", [*judged, f"mitigation={kind}", *fine, *extra]
+    yield "adversarial_ft", "mitigate", [*judged, "mitigation=adversarial_ft", *fine, "mitigation.refresh_every=2",
                                          "mitigation.trigger.steps=1", "mitigation.trigger.batch_size=1",
                                          "mitigation.surrogate.n_candidates=1", "mitigation.surrogate.n_steps=1"]
     for kind in ("wen", "gni", "random_tokens"):
-        yield kind, "mitigate", [*common, f"mitigation={kind}", "objectives.enabled=false"]
+        yield kind, "mitigate", [*judged, f"mitigation={kind}", "objectives.enabled=false"]
 
 
 def test_sd14_shape_stage_configs_compose(tmp_path):
@@ -289,10 +292,12 @@ def test_sd14_shape_every_stage(sd14_shape_dir, precision):
         print(f"{precision} {label:22s} {used['seconds']:7.1f} s  peak RSS {used['peak'] / 2**30:5.2f} GiB", flush=True)
         assert (runs[label] / "_SUCCESS").exists()
         assert label in FULL_UNET or used["peak"] < PEAK_GIB * 2**30, f"{label}: {used['peak'] / 2**30:.1f} GiB"
+        for bulky in ("checkpoints", *(("model",) if label != "lora" else ())):  # ~10 GB a full fine-tune
+            shutil.rmtree(runs[label] / bulky, ignore_errors=True)
     pipe = load_pipeline(runs["lora"] / "model", precision=precision)
     assert _dtypes(pipe) == {dtype} and all(torch.isfinite(p).all() for p in pipe.unet.parameters())
     with peak_rss() as used:
-        diffmem.run("evaluate-mitigation", [*SD_DATA, *SD_RUN, f"precision={precision}", "vae_slicing=true",
+        diffmem.run("evaluate-mitigation", [*SD_DATA, *POSITIVES, *SD_RUN, f"precision={precision}", "vae_slicing=true",
                                             f"models.original={sd14_shape_dir}", f"models.lora={runs['lora'] / 'model'}",
                                             "n_per_prompt=1", "max_targets=1", "trigger.steps=1", "trigger.restarts=1",
                                             "trigger.batch_size=1", "utility.n_prompts=2", "utility.n_per_prompt=1",
