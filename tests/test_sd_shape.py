@@ -269,8 +269,17 @@ def test_sd14_shape_stage_configs_compose(tmp_path):
     from diffmem.config import compose
     from diffmem.schema import validate
 
-    for label, stage, overrides in _stages(tmp_path / "sd14", "bf16"):
+    runs = [*_stages(tmp_path / "sd14", "bf16"),
+            ("evaluate", "evaluate-mitigation", _evaluation(tmp_path / "sd14", tmp_path / "lora", "bf16"))]
+    for label, stage, overrides in runs:
         validate(stage, compose(stage, [*overrides, f"run_dir={tmp_path / label.replace(' ', '-')}"]))
+
+
+def _evaluation(original: Path, lora: Path, precision: str) -> list[str]:
+    """evaluate-mitigation of the LoRA run against the original, at the tier's small budget."""
+    return [*SD_DATA, *POSITIVES, *SD_RUN, f"precision={precision}", "vae_slicing=true", f"models.original={original}",
+            f"+models.lora={lora}", "n_per_prompt=1", "max_targets=1", "trigger.steps=1", "trigger.restarts=1",
+            "trigger.batch_size=1", "utility.n_prompts=2", "utility.n_per_prompt=1", f"name=sd-{precision}"]
 
 
 @pytest.mark.slow
@@ -297,10 +306,6 @@ def test_sd14_shape_every_stage(sd14_shape_dir, precision):
     pipe = load_pipeline(runs["lora"] / "model", precision=precision)
     assert _dtypes(pipe) == {dtype} and all(torch.isfinite(p).all() for p in pipe.unet.parameters())
     with peak_rss() as used:
-        diffmem.run("evaluate-mitigation", [*SD_DATA, *POSITIVES, *SD_RUN, f"precision={precision}", "vae_slicing=true",
-                                            f"models.original={sd14_shape_dir}", f"models.lora={runs['lora'] / 'model'}",
-                                            "n_per_prompt=1", "max_targets=1", "trigger.steps=1", "trigger.restarts=1",
-                                            "trigger.batch_size=1", "utility.n_prompts=2", "utility.n_per_prompt=1",
-                                            f"name=sd-{precision}"])
+        diffmem.run("evaluate-mitigation", _evaluation(sd14_shape_dir, runs["lora"] / "model", precision))
     print(f"{precision} {'evaluate-mitigation':22s} {used['seconds']:7.1f} s  peak RSS {used['peak'] / 2**30:5.2f} GiB")
     assert used["peak"] < PEAK_GIB * 2**30
