@@ -52,6 +52,15 @@ def check_float(value, name: str, minimum: float | None = None, maximum: float |
     return out
 
 
+def check_choice(value, name: str, choices: Iterable[str]) -> str:
+    """``value`` when it is one of ``choices``; else a ConfigError with the closest ones."""
+    choices = list(choices)
+    if value not in choices:
+        hint = did_you_mean(value, choices, paren=True)
+        raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {value!r}){hint}")
+    return value
+
+
 def did_you_mean(name, choices: Iterable[str], n: int = 1, cutoff: float = 0.5,
                  paren: bool = False) -> str:
     """A hint naming the ``choices`` closest to ``name``, or ``""`` when none is close.

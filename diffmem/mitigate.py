@@ -10,7 +10,8 @@ Writes ``model/`` (a diffusers folder, or a defence wrapper for inference-time m
 any stage loads it as ``model=local model.path=<run dir>/model``), ``objectives.json``
 (MemControl's two objectives, measured on the published model), ``metrics.json`` with
 provenance, ``train_log.parquet`` for fine-tuning kinds, and ``info.json`` + ``_SUCCESS``
-last. A killed run re-run with the same config resumes from its checkpoints. Under the
+last. A killed run re-run with the same config resumes from its checkpoints (removed once
+``_SUCCESS`` is written, unless ``keep_checkpoints=true``). Under the
 Optuna sweeper the task returns ``[memorisation, fd]``.
 """
 
@@ -37,6 +38,7 @@ from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, pr
                           write_json)
 from diffmem.loading import load_model
 from diffmem.sampling import encode_prompts, get_hooks
+from diffmem.training import drop_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,9 @@ def run(cfg: DictConfig) -> Path:
                                           "model": cfg.model.name, "seconds": seconds, **summary,
                                           "provenance": provenance(cfg)})
     log.info("mitigate: %s in %.0f s -> %s", cfg.mitigation.name, seconds, run_dir / "model")
-    return finish(run_dir, cfg, {"mitigation": cfg.mitigation.name, "model": str(run_dir / "model")})
+    finish(run_dir, cfg, {"mitigation": cfg.mitigation.name, "model": str(run_dir / "model")})
+    drop_checkpoints(run_dir, bool(cfg.get("keep_checkpoints", False)))
+    return run_dir
 
 
 def task(cfg: DictConfig):

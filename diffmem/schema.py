@@ -16,7 +16,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from diffmem.checks import check_float, check_int
+from diffmem.checks import check_choice, check_float, check_int
 from diffmem.device import check_device
 from diffmem.errors import ConfigError
 from diffmem.runs import check_run_dir, check_run_name
@@ -65,6 +65,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "generalise": {**TORCH, "resolution": COUNT, **_under("unet", FIT), "n": COUNT, "samples": _int(2),
                    "sample_steps": COUNT, "batch_size": COUNT},
     "mitigate": {**TORCH, **SAMPLING, **_under("mitigation", {**FIT, "refresh_every": COUNT}),
+                 "mitigation.publish": partial(check_choice, choices=("adapter", "pipeline")),
                  "objectives.n_prompts": COUNT, "objectives.n_per_prompt": COUNT},
     "evaluate-mitigation": {**TORCH, **SAMPLING, **REPLICATION, "utility.n_prompts": COUNT,
                             "utility.n_per_prompt": COUNT},

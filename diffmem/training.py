@@ -236,6 +236,17 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
     return losses
 
 
+def drop_checkpoints(run_dir: str | Path, keep: bool) -> None:
+    """After ``_SUCCESS``: remove ``<run dir>/checkpoints`` (only a resume needs them; a full SD
+    fine-tune keeps ~10 GB there) unless ``keep`` (``keep_checkpoints=true``)."""
+    ckpt = Path(run_dir) / "checkpoints"
+    if keep or not ckpt.is_dir():
+        return
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    shutil.rmtree(ckpt)
+    log.info("removed %s (%.2f GB; keep_checkpoints=true keeps them)", ckpt, size / 1e9)
+
+
 def fit_settings(cfg, mixed: str) -> dict:
     """The :func:`fit` settings of a training config (``steps``, ``lr``, ``ckpt_every``,
     ``warmup``, ``gradient_accumulation_steps``): train's ``vae``/``unet`` and the mitigations'."""
@@ -419,4 +430,5 @@ def train_model(cfg: DictConfig) -> Path:
         figures = memorisation_figures(saved, root, manifest, **cfg.evaluate)
         write_json(model_dir / "memorisation.json", figures)
     finish(run_dir, cfg, {"model": str(model_dir)})
+    drop_checkpoints(run_dir, bool(cfg.get("keep_checkpoints", False)))
     return run_dir

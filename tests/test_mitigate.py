@@ -24,7 +24,9 @@ from diffmem.mitigations import captions as cap
 from diffmem.mitigations.defences import GaussianNoise, RandomTokens, WenMinimisation, read_defence
 from diffmem.mitigations.finetune import lora_targets, merge, prepare, selected_blocks, transformer_blocks
 from diffmem.mitigations.memcontrol import pareto_mask, remaining_trials, study_table
+from diffmem.loading import load_model
 from diffmem.models import load_pipeline
+from diffmem.models.adapters import is_adapter, read_adapter
 from diffmem.sampling import encode_prompts
 from tests.conftest import SMALL_DATA
 
@@ -41,6 +43,11 @@ def _cfg(pipe_dir, name, *extra):
 
 def _unet(run_dir):
     return load_file(str(next((run_dir / "model" / "unet").glob("*.safetensors"))))
+
+
+def _published_unet(run_dir):
+    """The UNet weights of the published model as every stage loads it (a pipeline or an adapter)."""
+    return {k: v.contiguous() for k, v in load_model(run_dir / "model").unet.state_dict().items()}
 
 
 def _sd_unet():
@@ -175,15 +182,19 @@ def test_fine_tuning_mitigations_publish_a_model_and_both_objectives(tiny_pipe_d
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["objectives"]["memorisation"] == values[0]
     assert metrics["provenance"]["config"]["mitigation"]["name"] == name
-    before, after = load_file(str(next((tiny_pipe_dir / "unet").glob("*.safetensors")))), _unet(run_dir)
+    before, after = load_file(str(next((tiny_pipe_dir / "unet").glob("*.safetensors")))), _published_unet(run_dir)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert set(after) == set(before) and changed
+    lora = name in ("lora", "memcontrol")  # published as the adapter over the base, not a pipeline copy
+    assert metrics["published"] == ("adapter" if lora else "pipeline") and is_adapter(run_dir / "model") == lora
     if name == "memcontrol":
         assert all(k.startswith("mid_block.attentions.0.") for k in changed)
         assert metrics["blocks"] == ["mid_block.attentions.0"] and metrics["trainable_share"] < 0.05
     if name == "train_noise_filter":
         assert metrics["tau"] == json.loads((run_dir / "tau.json").read_text())["tau"] > 0
-    load_pipeline(run_dir / "model")  # a plain diffusers folder
+    if not lora:
+        load_pipeline(run_dir / "model")  # a plain diffusers folder
+    assert not (run_dir / "checkpoints").exists()  # removed once _SUCCESS is written (keep_checkpoints=false)
 
 
 def test_an_all_zero_mask_publishes_the_model_unchanged(tiny_pipe_dir):
@@ -192,9 +203,48 @@ def test_an_all_zero_mask_publishes_the_model_unchanged(tiny_pipe_dir):
     values = task(cfg)
     assert len(values) == 2 and all(np.isfinite(values))
     before = load_file(str(next((tiny_pipe_dir / "unet").glob("*.safetensors"))))
-    after = _unet(Path(cfg.run_dir))
+    after = _published_unet(Path(cfg.run_dir))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["trainable_params"] == 0
+    assert read_adapter(Path(cfg.run_dir) / "model") == (str(tiny_pipe_dir.resolve()), None)  # no weights: KBs
+
+
+def test_a_lora_adapter_loads_as_the_merged_pipeline_it_replaces(tiny_pipe_dir, tmp_path):
+    """``publish: adapter`` (the default for LoRA) and ``publish: pipeline`` of one run give the
+    same UNet once loaded, in fp32 and bf16; the adapter folder is a small fraction of the copy."""
+    runs = {}
+    for publish in ("adapter", "pipeline"):
+        cfg = _cfg(tiny_pipe_dir, "lora", *FT, "objectives.enabled=false", f"mitigation.publish={publish}",
+                   f"name=lora-{publish}")
+        task(cfg)
+        runs[publish] = Path(cfg.run_dir) / "model"
+    assert is_adapter(runs["adapter"]) and not is_adapter(runs["pipeline"])
+    size = {k: sum(f.stat().st_size for f in v.rglob("*") if f.is_file()) for k, v in runs.items()}
+    assert size["adapter"] < 0.2 * size["pipeline"]
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, p = (load_model(runs[k], precision=precision).unet.state_dict() for k in ("adapter", "pipeline"))
+        assert set(a) == set(p) and {v.dtype for v in a.values()} == {dtype}
+        for k in a:  # fp32: identical; bf16: fused after the cast vs cast after fusing, one ulp apart at most
+            ulp = 0.0 if precision == "fp32" else 2.0 ** -7 * float(p[k].float().abs().max())
+            assert float((a[k].float() - p[k].float()).abs().max()) <= ulp, (precision, k)
+
+
+def test_adapter_folders_refuse_bad_files(tiny_pipe_dir, tmp_path):
+    cfg = _cfg(tiny_pipe_dir, "lora", *FT, "objectives.enabled=false", "name=lora-bad")
+    task(cfg)
+    model = Path(cfg.run_dir) / "model"
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    (bad / "lora.safetensors").write_bytes((bad / "lora.safetensors").read_bytes()[:100])
+    with pytest.raises(DataError, match=r"bad/lora.safetensors: unreadable adapter weights"):
+        load_model(bad)
+    spec = json.loads((model / "adapter.json").read_text())
+    (bad / "adapter.json").write_text(json.dumps({**spec, "lora": {"r": 4}}))
+    with pytest.raises(DataError, match=r"adapter.json: field 'lora' must be null or hold r, lora_alpha"):
+        load_model(bad)
+    (bad / "adapter.json").write_text(json.dumps({**spec, "base": str(tmp_path / "gone")}))
+    with pytest.raises(DataError, match=r"cannot load pipeline .*gone"):
+        load_model(bad)
 
 
 @pytest.mark.parametrize("name", ["wen", "gni", "random_tokens"])
@@ -214,8 +264,10 @@ def test_defences_publish_wrappers_every_stage_loads(tiny_pipe_dir, name):
 
 
 def test_adversarial_ft_end_to_end_and_exact_resume(tiny_pipe_dir):
-    args = ["mitigation=adversarial_ft", "model=local", f"model.path={tiny_pipe_dir}", *COMMON, *ADV]
+    args = ["mitigation=adversarial_ft", "model=local", f"model.path={tiny_pipe_dir}", *COMMON, *ADV,
+            "keep_checkpoints=true"]  # kept after _SUCCESS, so a kill can be simulated below
     run_dir = diffmem.run("mitigate", args)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["trigger_refreshes"] == 2 and metrics["n_targets"] >= 1
     assert (run_dir / "surrogates.parquet").exists()

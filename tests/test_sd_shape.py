@@ -7,7 +7,7 @@ in bf16, so half-precision dtype bugs fail CI: generation, trigger search, a fin
 Slow tier (``-m slow``): SD v1.4's exact shapes (``conf/arch/sd14_shape.yaml``: UNet 860M, VAE
 84M, CLIP text 123M), built once with random weights and kept under the diffmem cache
 (``sd14_shape-seed0``, ~4 GB of fp32 safetensors; never in the repo), and every stage run at
-64 px in fp32 and bf16, asserting dtypes, finite outputs and a peak-memory bound. Each stage's
+64 px (``DIFFMEM_SD_SHAPE_RES=128``: 128 px) in fp32 and bf16, asserting dtypes, finite outputs and a peak-memory bound. Each stage's
 seconds and peak RSS are printed (``-s``).
 """
 
@@ -25,6 +25,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from diffmem.loading import load_model
 from diffmem.models import load_pipeline, save_pipeline
 from diffmem.models.testbed import build_testbed_pipeline, cached_pipeline
 from diffmem.probes import nemo as nemo_lib
@@ -226,9 +227,11 @@ def sd14_shape_dir() -> Path:
     return cached_pipeline(OmegaConf.load(CONF / "arch" / "sd14_shape.yaml"), where)
 
 
-#: stages at 64 px with a couple of steps each, on a small testbed generated at 64 px
-SD_RUN = ["resolution=64", "steps=2", "guidance_scale=7.5", "seed=0"]
-SD_DATA = [*SMALL_DATA, "data.resolution=64"]
+#: stages at 64 px (``DIFFMEM_SD_SHAPE_RES=128``: 128 px) with a couple of steps each, on a small
+#: testbed generated at that resolution
+RES = int(os.environ.get("DIFFMEM_SD_SHAPE_RES", "64"))
+SD_RUN = [f"resolution={RES}", "steps=2", "guidance_scale=7.5", "seed=0"]
+SD_DATA = [*SMALL_DATA, f"data.resolution={RES}"]
 POSITIVES = ["positives.min_dup_count=4"]  # the small testbed's most duplicated canary counts as memorised
 PEAK_GIB = 8.0  # every stage but full-UNet fine-tuning (a 860M UNet in fp32 + AdamW + grads: ~14 GiB)
 FULL_UNET = ("full_ft", "train_rc", "train_noise_filter", "adversarial_ft")
@@ -240,12 +243,12 @@ def _available() -> int:
 
 
 def _stages(model_dir: Path, precision: str):
-    model = ["model=local", f"model.path={model_dir}", f"model.precision={precision}", "model.resolution=64",
+    model = ["model=local", f"model.path={model_dir}", f"model.precision={precision}", f"model.resolution={RES}",
              "model.num_inference_steps=2", "model.vae_slicing=true"]
     common = [*model, *SD_DATA, *SD_RUN]
     judged = [*common, *POSITIVES]  # stages that pick memorised prompts
     yield "generate", "generate", [*common, "n_per_prompt=1", "batch_size=4", "prompts.n_ordinary=2", "prompts.n_heldout=0"]
-    yield "detect", "detect", [*model, *SD_DATA, *POSITIVES, "resolution=64", "seed=0", "detect=noise_norm", "batch_size=4"]
+    yield "detect", "detect", [*model, *SD_DATA, *POSITIVES, f"resolution={RES}", "seed=0", "detect=noise_norm", "batch_size=4"]
     probe = [*judged, "n_per_prompt=1", "max_targets=1", "n_controls=0"]
     yield "probe trigger_search", "probe", [*probe, "probe=trigger_search", "probe.steps=2", "probe.restarts=1",
                                             "probe.batch_size=2"]
@@ -285,7 +288,7 @@ def _evaluation(original: Path, lora: Path, precision: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_sd14_shape_every_stage(sd14_shape_dir, precision):
-    """Every stage on SD v1.4's shapes at 64 px; per-stage seconds and peak RSS printed. Full-UNet
+    """Every stage on SD v1.4's shapes at ``RES`` px; per-stage seconds and peak RSS printed. Full-UNet
     fine-tuning runs only with 16 GiB available (it is skipped, and says so, on a smaller machine)."""
     import diffmem
 
@@ -301,9 +304,13 @@ def test_sd14_shape_every_stage(sd14_shape_dir, precision):
         print(f"{precision} {label:22s} {used['seconds']:7.1f} s  peak RSS {used['peak'] / 2**30:5.2f} GiB", flush=True)
         assert (runs[label] / "_SUCCESS").exists()
         assert label in FULL_UNET or used["peak"] < PEAK_GIB * 2**30, f"{label}: {used['peak'] / 2**30:.1f} GiB"
-        for bulky in ("checkpoints", *(("model",) if label != "lora" else ())):  # ~10 GB a full fine-tune
-            shutil.rmtree(runs[label] / bulky, ignore_errors=True)
-    pipe = load_pipeline(runs["lora"] / "model", precision=precision)
+        assert not (runs[label] / "checkpoints").exists()  # ~10 GB a full fine-tune: removed on _SUCCESS
+        if label != "lora":
+            shutil.rmtree(runs[label] / "model", ignore_errors=True)  # 4 GB each; the LoRA model is checked below
+    adapter = sum(f.stat().st_size for f in (runs["lora"] / "model").rglob("*") if f.is_file())
+    print(f"{precision} LoRA adapter folder {adapter / 2**20:.1f} MiB (a merged pipeline copy: ~4 GB)")
+    assert adapter < 100 * 2**20
+    pipe = load_model(runs["lora"] / "model", precision=precision)  # the adapter over the SD-shaped base
     assert _dtypes(pipe) == {dtype} and all(torch.isfinite(p).all() for p in pipe.unet.parameters())
     with peak_rss() as used:
         diffmem.run("evaluate-mitigation", _evaluation(sd14_shape_dir, runs["lora"] / "model", precision))

@@ -23,6 +23,7 @@ def test_train_from_scratch_writes_a_loadable_model():
     run_dir = diffmem.run("train", ARGS + ["name=a"])
     model = run_dir / "model"
     assert (model / "model_index.json").exists() and (run_dir / "_SUCCESS").exists()
+    assert not (run_dir / "checkpoints").exists()  # only a resume needs them (keep_checkpoints=true keeps them)
     log = pd.read_parquet(run_dir / "train_log.parquet")
     assert set(log["phase"]) == {"vae", "unet"} and log["loss"].notna().all()
     from diffmem.models import load_pipeline

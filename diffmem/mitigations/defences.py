@@ -29,6 +29,7 @@ import torch
 from diffmem.checks import check_positive
 from diffmem.data.images import check_regular
 from diffmem.errors import ConfigError, DataError
+from diffmem.models.adapters import model_reference
 from diffmem.registry import Registry
 from diffmem.runs import read_json, write_json
 from diffmem.sampling import SamplerHooks
@@ -165,9 +166,8 @@ def save_defence(out_dir: str | Path, defence: Defence, base: str | Path) -> Pat
     existing local path, so the wrapper reloads from any working directory.
     """
     out = Path(out_dir)
-    local = Path(base).expanduser()
     write_json(out / DEFENCE_FILE, {"defence": defence.name, "settings": defence.settings(),
-                                     "base": str(local.resolve()) if local.exists() else str(base)})
+                                     "base": model_reference(base)})
     return out
 
 

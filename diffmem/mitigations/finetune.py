@@ -24,6 +24,7 @@ import torch
 from diffmem.checks import check_positive
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
+from diffmem.models.adapters import fuse_lora
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,8 @@ def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | 
 
 def merge(unet, method: str) -> None:
     """Fold LoRA adapters into the weights (a plain diffusers UNet again)."""
-    if method == "lora" and getattr(unet, "_hf_peft_config_loaded", False):
-        unet.fuse_lora()
-        unet.unload_lora()
+    if method == "lora":
+        fuse_lora(unet)
     unet.requires_grad_(False)
 
 

@@ -32,7 +32,7 @@ FORBIDDEN = {"models": ("mitigations", "probes")}
 #: Names several formats share (info.json, metrics.json, prompts.parquet) are left out.
 RUN_FILES = ("samples.parquet", "ids.parquet", "manifest.parquet", "index.faiss", "index_info.json",
              "empty.faiss", "index.ivfdata", "matches.parquet", "neurons.json", "masks.safetensors",
-             "defence.json", "run.json", "inputs.json", "_SUCCESS", "items.parquet", "skipped.parquet")
+             "defence.json", "adapter.json", "lora.safetensors", "run.json", "inputs.json", "_SUCCESS", "items.parquet", "skipped.parquet")
 
 _DOTTED = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?::\w*)?$")
 

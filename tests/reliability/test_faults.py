@@ -174,7 +174,7 @@ def _mitigate_point(*patterns: str):
         return 0, _pick(rng, [
             (3, lambda: KillPoint("checkpoints/step-*", int(rng.integers(1, 3)), _soon(rng))),
             (1, lambda: KillPoint("checkpoints/.*.tmp")),
-            (1, lambda: KillPoint("model/unet/*", 1, _soon(rng))),
+            (1, lambda: KillPoint("model/*", 1, _soon(rng))),  # a pipeline or an adapter folder
             *[(1, lambda p=p: KillPoint(p, 1, _soon(rng))) for p in patterns],
             (2, lambda: _timed(rng, ref.seconds)),
             (4, lambda: _mid_write(rng, ref, 0)),
