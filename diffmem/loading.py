@@ -33,8 +33,8 @@ def load_model(model: Mapping | str | os.PathLike, device: str | torch.device = 
 
     A path (or a config without them) means ``fp32`` and offline; ``precision`` overrides the
     config's. An adapter folder loads its base with the adapter fused into the UNet
-    (:mod:`diffmem.models.adapters`). A defence wrapper loads its base model (with the same settings) with the
-    defence as the pipeline's sampler hooks; defences do not stack.
+    (:mod:`diffmem.models.adapters`). A defence wrapper loads its base model (with the same
+    settings) with the defence as the pipeline's sampler hooks; defences do not stack.
     """
     spec = {"path": model} if isinstance(model, (str, os.PathLike)) else model
     path = spec["path"]

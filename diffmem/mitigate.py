@@ -6,13 +6,14 @@ LoRA with a searched learning rate; ``experiment=memcontrol`` runs the Optuna NS
 (Somepalli et al.'s caption mitigations while fine-tuning), ``train_noise_filter`` (Wen et al.'s
 training-time mitigation), and the inference-time ``wen``, ``gni``, ``random_tokens``.
 
-Writes ``model/`` (a diffusers folder, or a defence wrapper for inference-time mitigations;
-any stage loads it as ``model=local model.path=<run dir>/model``), ``objectives.json``
-(MemControl's two objectives, measured on the published model), ``metrics.json`` with
-provenance, ``train_log.parquet`` for fine-tuning kinds, and ``info.json`` + ``_SUCCESS``
-last. A killed run re-run with the same config resumes from its checkpoints (removed once
-``_SUCCESS`` is written, unless ``keep_checkpoints=true``). Under the
-Optuna sweeper the task returns ``[memorisation, fd]``.
+Writes ``model/`` (a diffusers folder; for LoRA kinds an adapter folder over the base model,
+:mod:`diffmem.models.adapters`; for inference-time mitigations a defence wrapper; any stage
+loads each as ``model=local model.path=<run dir>/model``), ``objectives.json`` (MemControl's
+two objectives, measured on the published model), ``metrics.json`` with provenance,
+``train_log.parquet`` for fine-tuning kinds, and ``info.json`` + ``_SUCCESS`` last. A killed
+run re-run with the same config resumes from its checkpoints (removed once ``_SUCCESS`` is
+written, unless ``keep_checkpoints=true``). Under the Optuna sweeper the task returns
+``[memorisation, fd]``.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def build_finetune(task: MitigationTask) -> dict:
     """MemControl's inner loop and every other fine-tuning mitigation (masked full/LoRA)."""
     from diffmem.mitigations.finetune import calibrate_tau, finetune, merge, prepare, selected_blocks
     from diffmem.models import save_pipeline
-    from diffmem.models.adapters import is_adapter, save_adapter
+    from diffmem.models.adapters import save_adapter
 
     s, unet = task.settings, task.pipe.unet
     rows = task.train_rows()
@@ -124,12 +124,13 @@ def build_finetune(task: MitigationTask) -> dict:
         log.warning("mitigation.mask selects no transformer block: the model is published unchanged")
         losses = []
     write_parquet(task.run_dir / "train_log.parquet", pd.DataFrame(losses))
-    if s.method == "lora" and s.get("publish", "adapter") == "adapter":  # MBs, not a pipeline copy
+    published = "adapter" if s.method == "lora" and s.get("publish", "adapter") == "adapter" else "pipeline"
+    if published == "adapter":  # MBs over the base model, not a pipeline copy
         save_adapter(task.run_dir / "model", unet, task.cfg.model.path)
     else:
         merge(unet, s.method)
         save_pipeline(task.pipe, task.run_dir / "model")
-    return {"method": s.method, "published": "adapter" if is_adapter(task.run_dir / "model") else "pipeline", "blocks": blocks, "trainable_params": int(trainable),
+    return {"method": s.method, "published": published, "blocks": blocks, "trainable_params": int(trainable),
             "trainable_share": trainable / total, "tau": tau, "final_loss": losses[-1]["loss"] if losses else None}
 
 
