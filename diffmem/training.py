@@ -208,28 +208,30 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
     cpu_mixed = mixed != "no" and acc.device.type == "cpu"
     module.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase, mininterval=2)
-    for step in bar:
-        for group in opt.param_groups:  # a pure function of the step, so resume is exact
-            group["lr"] = lr * _lr_factor(step, steps, warmup, decay_from)
-        loss = 0.0
-        for micro in range(step * accum, (step + 1) * accum):
-            with acc.autocast(), norms_in_fp32(module) if cpu_mixed else contextlib.nullcontext():
-                part = loss_fn(step, step_generator(seed, phase, micro)) / accum
-            acc.backward(part)
-            loss += part.detach().float()
-        if grad_clip:
-            acc.clip_grad_norm_(params, grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(params)
-        running.append(float(loss))
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            losses.append({"phase": phase, "step": step + 1, "loss": float(np.mean(running))})
-            bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
-            running = []
-        if (step + 1) % ckpt_every == 0 or step + 1 == steps:
-            _save_state(ckpt_dir, step + 1, module, opt, ema, losses, running, keep)
+    # the norm hooks stay for the backward too: gradient checkpointing reruns the forward there
+    with norms_in_fp32(module) if cpu_mixed else contextlib.nullcontext():
+        for step in bar:
+            for group in opt.param_groups:  # a pure function of the step, so resume is exact
+                group["lr"] = lr * _lr_factor(step, steps, warmup, decay_from)
+            loss = 0.0
+            for micro in range(step * accum, (step + 1) * accum):
+                with acc.autocast():
+                    part = loss_fn(step, step_generator(seed, phase, micro)) / accum
+                acc.backward(part)
+                loss += part.detach().float()
+            if grad_clip:
+                acc.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
+            running.append(float(loss))
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                losses.append({"phase": phase, "step": step + 1, "loss": float(np.mean(running))})
+                bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
+                running = []
+            if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+                _save_state(ckpt_dir, step + 1, module, opt, ema, losses, running, keep)
     if ema is not None:
         ema.copy_to(params)
     module.eval()

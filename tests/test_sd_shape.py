@@ -69,8 +69,8 @@ def test_mid_generate_and_trigger_search_bf16(mid_bf16):
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_mid_finetune_step_bf16(mid_dir, method, tmp_path):
-    """A fine-tuning step on a bf16 pipeline: fp32 trainables (master weights / LoRA), autocast,
-    the frozen rest stays bf16, the loss is finite and the weights move."""
+    """A fine-tuning step on a bf16 pipeline with gradient checkpointing: fp32 trainables (master
+    weights / LoRA), autocast, the frozen rest stays bf16, the loss is finite and the weights move."""
     from safetensors.torch import load_file
 
     from diffmem.mitigations.finetune import finetune, merge, prepare, transformer_blocks
@@ -82,7 +82,8 @@ def test_mid_finetune_step_bf16(mid_dir, method, tmp_path):
     trainable = {n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}
     s = OmegaConf.create({"method": method, "steps": 1, "batch_size": 2, "lr": 1e-3, "ckpt_every": 1,
-                          "caption_dropout": 0.5, "gradient_accumulation_steps": 2})
+                          "caption_dropout": 0.5, "gradient_accumulation_steps": 2,
+                          "gradient_checkpointing": True})  # recomputed in the backward: same dtypes
     losses = finetune(pipe, latents, PROMPTS[:2], s, seed=0, ckpt_dir=tmp_path / "ckpt")
     assert np.isfinite(losses[-1]["loss"])
     saved = load_file(next((tmp_path / "ckpt").glob("step-*")) / "model.safetensors")
