@@ -296,6 +296,18 @@ def test_adversarial_ft_end_to_end_and_exact_resume(tiny_pipe_dir):
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
+@pytest.mark.parametrize("name, extra", [("adversarial_ft", ADV), ("full_ft", [*FT, "mitigation.gradient_checkpointing=true"])])
+def test_fine_tuning_on_a_bf16_pipeline(tiny_pipe_dir, name, extra):
+    """The fp32 master UNet under bf16 autocast, the text encoder and captions in bf16: the
+    published weights are finite and moved (the SD-shaped tier runs the same at SD's size)."""
+    run_dir = diffmem.run("mitigate", [f"mitigation={name}", "model=local", f"model.path={tiny_pipe_dir}",
+                                       "model.precision=bf16", *COMMON, *extra, "objectives.enabled=false",
+                                       f"name={name}-bf16"])
+    before, after = load_file(str(next((tiny_pipe_dir / "unet").glob("*.safetensors")))), _unet(run_dir)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_bad_mitigation_configs_are_one_line_errors(tiny_pipe_dir):
     with pytest.raises(ConfigError, match=r"unknown mitigation kind 'finetun'.*Did you mean 'finetune'"):
         task(_cfg(tiny_pipe_dir, "full_ft", "mitigation.kind=finetun"))

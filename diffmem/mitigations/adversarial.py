@@ -99,7 +99,7 @@ def adversarial_finetune(pipe, util_latents: torch.Tensor, util_cond: torch.Tens
         idx = torch.randint(n, (int(s.batch_size),), generator=g)
         c = util_cond[idx].to(unet.device)
         drop = torch.rand(len(idx), generator=g) < float(s.caption_dropout)
-        c[drop.to(unet.device)] = uncond
+        c[drop.to(unet.device)] = uncond.to(c.dtype)  # the text encoder's dtype (bf16/fp16) into fp32 rows
         loss_u = diffusion_loss(unet, noise_sched, util_latents[idx].to(unet.device), c, g)
         c_adv = torch.cat([cache[r], target_cond]).to(unet.device, unet.dtype)
         loss_a = diffusion_loss(unet, noise_sched, torch.cat([x_sur, x_sur]).to(unet.device), c_adv, g)
