@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -191,31 +189,26 @@ def test_mid_wanda_bf16(mid_bf16):
 # --------------------------------------------------------------------------- slow: SD v1.4's shapes
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def run_stage(stage: str, overrides: list[str]) -> tuple[Path, float, int]:
+    """``(run dir, seconds, peak RSS in bytes)`` of ``diffmem <stage> <overrides>`` run in a
+    fresh process (its own ``ru_maxrss``), so each stage's peak is its own, not this process's
+    leftovers from the stages before it."""
+    import subprocess
+    import sys
+    import tempfile
 
+    from diffmem.config import compose
 
-@contextmanager
-def peak_rss(interval: float = 0.05):
-    """``{"peak": bytes, "seconds": s}`` of the block: RSS sampled by a thread (Linux)."""
-    out, stop = {"peak": _rss()}, threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            out["peak"] = max(out["peak"], _rss())
-            stop.wait(interval)
-
-    thread = threading.Thread(target=poll, daemon=True)
+    run_dir = Path(compose(stage, overrides).run_dir)
     start = time.perf_counter()
-    thread.start()
-    try:
-        yield out
-    finally:
-        stop.set()
-        thread.join()
-        out["peak"] = max(out["peak"], _rss())
-        out["seconds"] = time.perf_counter() - start
+    with tempfile.TemporaryFile() as log:
+        child = subprocess.Popen([sys.executable, "-m", "diffmem.cli", stage, *overrides],
+                                 stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        assert child.returncode == 0, f"diffmem {stage} failed: {log.read().decode()[-3000:]}"
+    return run_dir, time.perf_counter() - start, usage.ru_maxrss * 1024
 
 
 @pytest.fixture(scope="session")
@@ -291,8 +284,6 @@ def _evaluation(original: Path, lora: Path, precision: str) -> list[str]:
 def test_sd14_shape_every_stage(sd14_shape_dir, precision):
     """Every stage on SD v1.4's shapes at ``RES`` px; per-stage seconds and peak RSS printed. Full-UNet
     fine-tuning runs only with 16 GiB available (it is skipped, and says so, on a smaller machine)."""
-    import diffmem
-
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     runs = {}
     for label, stage, overrides in _stages(sd14_shape_dir, precision):
@@ -300,11 +291,10 @@ def test_sd14_shape_every_stage(sd14_shape_dir, precision):
             print(f"{precision} {label:22s} skipped: full-UNet fine-tuning needs ~14 GiB, "
                   f"{_available() / 2**30:.1f} GiB available", flush=True)
             continue
-        with peak_rss() as used:
-            runs[label] = Path(diffmem.run(stage, [*overrides, f"name={label.replace(' ', '-')}-{precision}"]))
-        print(f"{precision} {label:22s} {used['seconds']:7.1f} s  peak RSS {used['peak'] / 2**30:5.2f} GiB", flush=True)
+        runs[label], seconds, peak = run_stage(stage, [*overrides, f"name={label.replace(' ', '-')}-{precision}"])
+        print(f"{precision} {label:22s} {seconds:7.1f} s  peak RSS {peak / 2**30:5.2f} GiB", flush=True)
         assert (runs[label] / "_SUCCESS").exists()
-        assert label in FULL_UNET or used["peak"] < PEAK_GIB * 2**30, f"{label}: {used['peak'] / 2**30:.1f} GiB"
+        assert label in FULL_UNET or peak < PEAK_GIB * 2**30, f"{label}: {peak / 2**30:.1f} GiB"
         assert not (runs[label] / "checkpoints").exists()  # ~10 GB a full fine-tune: removed on _SUCCESS
         if label != "lora":
             shutil.rmtree(runs[label] / "model", ignore_errors=True)  # 4 GB each; the LoRA model is checked below
@@ -313,7 +303,6 @@ def test_sd14_shape_every_stage(sd14_shape_dir, precision):
     assert adapter < 100 * 2**20
     pipe = load_model(runs["lora"] / "model", precision=precision)  # the adapter over the SD-shaped base
     assert _dtypes(pipe) == {dtype} and all(torch.isfinite(p).all() for p in pipe.unet.parameters())
-    with peak_rss() as used:
-        diffmem.run("evaluate-mitigation", _evaluation(sd14_shape_dir, runs["lora"] / "model", precision))
-    print(f"{precision} {'evaluate-mitigation':22s} {used['seconds']:7.1f} s  peak RSS {used['peak'] / 2**30:5.2f} GiB")
-    assert used["peak"] < PEAK_GIB * 2**30
+    _, seconds, peak = run_stage("evaluate-mitigation", _evaluation(sd14_shape_dir, runs["lora"] / "model", precision))
+    print(f"{precision} {'evaluate-mitigation':22s} {seconds:7.1f} s  peak RSS {peak / 2**30:5.2f} GiB")
+    assert peak < PEAK_GIB * 2**30
