@@ -31,7 +31,7 @@ from diffmem.data.images import TESTBED_KINDS
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model, model_precision
 from diffmem.models import save_pipeline
-from diffmem.models.pipeline import resolve_dtype
+from diffmem.models.pipeline import resolve_dtype, staged_dir
 from diffmem.runs import check_claim, claim, config_subset, finish, is_done, write_json, write_parquet
 from diffmem.sampling import encode_prompts
 
@@ -406,10 +406,8 @@ def train_model(cfg: DictConfig) -> Path:
                 vae_root, vae_rows = load_dataset(cfg.vae.data)
                 vae_images = to_tensor(load_images(vae_root, vae_rows["file"], cfg.resolution))
             train_vae(pipe.vae, vae_images, cfg.vae, cfg.seed, run_dir / "checkpoints" / "vae", mixed)
-            tmp = run_dir / ".vae.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            pipe.vae.save_pretrained(tmp, safe_serialization=True)
-            tmp.rename(vae_dir)
+            with staged_dir(vae_dir) as tmp:
+                pipe.vae.save_pretrained(tmp, safe_serialization=True)
         from diffusers import AutoencoderKL
 
         pipe.vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).to(device)

@@ -38,29 +38,22 @@ def save_adapter(out_dir: str | Path, unet, base: str | Path) -> Path:
 
     Written into a temporary folder renamed into place, so a kill leaves no half folder.
     """
-    import os
-    import shutil
-
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from diffmem.models.pipeline import staged_dir
     from diffmem.runs import write_json
 
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lora = None
-    if getattr(unet, "_hf_peft_config_loaded", False):
-        config = unet.peft_config["default"]
-        lora = {"r": int(config.r), "lora_alpha": float(config.lora_alpha),
-                "target_modules": sorted(config.target_modules)}
-        state = get_peft_model_state_dict(unet, adapter_name="default")
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
-    write_json(tmp / ADAPTER_FILE, {"base": model_reference(base), "lora": lora})
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    with staged_dir(out_dir) as tmp:
+        lora = None
+        if getattr(unet, "_hf_peft_config_loaded", False):
+            config = unet.peft_config["default"]
+            lora = {"r": int(config.r), "lora_alpha": float(config.lora_alpha),
+                    "target_modules": sorted(config.target_modules)}
+            state = get_peft_model_state_dict(unet, adapter_name="default")
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
+        write_json(tmp / ADAPTER_FILE, {"base": model_reference(base), "lora": lora})
+    return Path(out_dir)
 
 
 def read_adapter(folder: str | Path) -> tuple[str, dict | None]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -104,24 +106,32 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", precisio
     return pipe
 
 
+@contextmanager
+def staged_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A fresh ``.<name>.tmp`` folder beside ``out_dir`` to write into; on success it replaces
+    ``out_dir``, so a kill never leaves a half-written model folder in place."""
+    import os
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
 def save_pipeline(pipe, out_dir: str | Path, dtype: str = "float32") -> Path:
     """``save_pretrained`` in safetensors (weights cast to ``dtype`` on disk) into a temp
     folder, then rename into place. The pipeline in memory is left as it was."""
     import copy
-    import os
-    import shutil
 
     if dtype not in _DTYPES:
         raise ConfigError(f"save dtype '{dtype}' is not one of {', '.join(_DTYPES)}")
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     cast = any(p.dtype != _DTYPES[dtype] for m in modules for p in m.parameters())
     on_disk = copy.deepcopy(pipe).to(dtype=_DTYPES[dtype]) if cast else pipe
-    on_disk.save_pretrained(tmp, safe_serialization=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with staged_dir(out_dir) as tmp:
+        on_disk.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
