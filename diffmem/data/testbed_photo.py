@@ -8,8 +8,12 @@ was trained on:
 - ordinary and held-out images: the testbed's captioned shapes ("a red circle above a
   blue square") on an unsaid photo-texture background (a tinted crop of a texture photo
   blended with a crop of another one);
-- canaries: crops of the *subject* photos (astronaut, cat, coffee, rocket, ...), a
-  random region at a random zoom, flipped or not;
+- canaries: crops of the *subject* photos (astronaut, cat, coffee, Grace Hopper, ...), a
+  random region at a random zoom, flipped or not. Subjects are the bundled photos whose
+  32-px crops a copy detector still recognises after small changes (``sscd_distilled``
+  cosine >= 0.75 to the crop plus N(0, 4/255) noise, median per half; see
+  ``tests/test_testbed_photo.py``): smooth photos (clock 0.36, rocket 0.50, camera 0.69)
+  failed it, and their copies were missed even when pixel-exact;
 - template canaries: one subject-photo crop shared by all copies, with a varying inset
   (a crop of another photo) at its centre.
 
@@ -31,17 +35,19 @@ from PIL import Image
 from diffmem.data.testbed import MANIFEST, PARAMS, _save_png, cached_manifest, generate_testbed, ordinary_scene
 from diffmem.runs import write_json, write_parquet
 
-VERSION = 1
-#: Colour photos with a subject: the canaries' and templates' content.
-SUBJECTS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-            "immunohistochemistry", "retina", "stereo_motorcycle", "camera", "coins", "clock")
+VERSION = 3
+#: Photos with a subject, stable to a copy detector at 32 px: the canaries' and templates'
+#: content (two halves each: 18 sources for 16 canaries and 2 templates).
+SUBJECTS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",
+            "retina", "stereo_motorcycle", "coins", "grace_hopper")
 #: Texture photos (grey): the ordinary images' unsaid backgrounds.
 TEXTURES = ("grass", "gravel", "brick", "moon", "cell", "page", "text", "microaneurysms")
 
 
 @lru_cache(maxsize=None)
 def photo(name: str) -> np.ndarray:
-    """A photo ``skimage.data`` ships in its wheel as uint8 RGB [H, W, 3], full size."""
+    """A photo a dependency ships in its wheel (scikit-image, matplotlib) as uint8 RGB
+    [H, W, 3], full size."""
     from diffmem.features.copyset import natural_photos
 
     return natural_photos((name,), max_side=10 ** 6)[name]
