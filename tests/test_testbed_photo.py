@@ -105,12 +105,15 @@ def test_subject_photos_stay_recognisable_at_32_px(name):
     assert (min(medians) >= 0.75) == (name in SUBJECTS), medians
 
 
-def test_audit_uses_the_dataset_calibrated_threshold():
+def test_audit_uses_the_dataset_calibrated_threshold_and_generations_per_prompt():
     from diffmem.config import compose
 
-    assert compose("audit", ["data=testbed_photo", "features=sscd_distilled"]).threshold == 0.75
+    photo = compose("audit", ["data=testbed_photo", "features=sscd_distilled"])
+    assert photo.threshold == 0.75 and photo.n_per_prompt == photo.generate.n_per_prompt == 8
     assert compose("audit", ["data=testbed_photo", "features=pixel"]).threshold == 0.93  # none calibrated
-    assert compose("audit", ["features=sscd_distilled"]).threshold == 0.7
+    flat = compose("audit", ["features=sscd_distilled"])
+    assert flat.threshold == 0.7 and flat.n_per_prompt == 4
+    assert compose("audit", ["data=testbed_photo", "n_per_prompt=2"]).generate.n_per_prompt == 2
 
 
 def test_train_recipes_fit_the_vae_on_the_photo_crops_pool_then_the_unet_on_it(tmp_path):
@@ -134,11 +137,11 @@ def test_train_recipes_fit_the_vae_on_the_photo_crops_pool_then_the_unet_on_it(t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("features, heavy_flagged", [("sscd_distilled", 6), ("pixel", 8)])
-def test_audit_of_the_shipped_photo_model(features, heavy_flagged, tmp_path):
-    """As measured for the README: of the 8 canaries duplicated >= 16x the audit flags 6 (SSCD;
-    issue 14 asks for all 8) or 8 (pixel), each with its own training image as the top-1 match,
-    and no ordinary or held-out prompt."""
+@pytest.mark.parametrize("features", ["sscd_distilled", "pixel"])
+def test_audit_of_the_shipped_photo_model(features, tmp_path):
+    """As measured for the README: the audit (8 generations per prompt, as the data config
+    sets) flags all 8 canaries duplicated >= 16x, each with its own training image as the
+    top-1 match, and no ordinary or held-out prompt, with SSCD as with pixels."""
     pytest.importorskip("onnxruntime")
     import diffmem
 
@@ -146,7 +149,7 @@ def test_audit_of_the_shipped_photo_model(features, heavy_flagged, tmp_path):
                                     f"paths.output_dir={tmp_path}", "threads=1"])
     prompts = diffmem.load_run(run_dir).table("prompts")
     heavy = prompts[(prompts["kind"] == "canary") & (prompts["dup_count"] >= 16) & prompts["memorised"]]
-    assert len(heavy) >= heavy_flagged and (heavy["correct_match_share_of_replicated"] == 1).all()
+    assert len(heavy) == 8 and (heavy["correct_match_share_of_replicated"] == 1).all()
     assert not prompts.loc[prompts["kind"].isin(["ordinary", "heldout"]), "memorised"].any()
 
 
