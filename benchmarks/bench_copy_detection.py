@@ -2,10 +2,10 @@
 """Copy-detection benchmark: every descriptor on natural photos and their edited copies.
 
 The set (``diffmem.features.copyset``, shared with ``tests/test_sscd_onnx.py``): the 19
-photos scikit-image ships, one copy per edit family of the SSCD / DISC evaluation (crop,
-down-scale + JPEG, blur, rotation, colour jitter, blend with another photo, text overlay,
-flip). Every original is scored against every copy: positives are (original, its own
-copy), negatives (original, another photo's copy).
+photos scikit-image ships and matplotlib's Grace Hopper, one copy per edit family of the
+SSCD / DISC evaluation (crop, down-scale + JPEG, blur, rotation, colour jitter, blend with
+another photo, text overlay, flip). Every original is scored against every copy: positives
+are (original, its own copy), negatives (original, another photo's copy).
 
 For each descriptor (its ``conf/features`` defaults: pixel, CLIP with random weights,
 sscd_onnx, sscd_distilled, and the TorchScript sscd_disc_mixup when its file is in the
@@ -52,7 +52,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import diffmem  # noqa: E402
 from diffmem.errors import DataError  # noqa: E402
 from diffmem.features import build_extractor  # noqa: E402
-from diffmem.features.copyset import build_copy_set, detection_metrics, embed_arrays, natural_photos  # noqa: E402
+from diffmem.features.copyset import (OTHER_PHOTOS, PHOTOS, build_copy_set, detection_metrics,  # noqa: E402
+                                      embed_arrays, natural_photos)
 from diffmem.runs import write_json  # noqa: E402
 
 
@@ -113,7 +114,7 @@ def table(rows: list[dict], thresholds) -> str:
 def main(args) -> dict:
     torch.set_num_threads(args.threads)
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    cs = build_copy_set(natural_photos(max_side=args.max_side), seed=args.seed)
+    cs = build_copy_set(natural_photos(PHOTOS + OTHER_PHOTOS, max_side=args.max_side), seed=args.seed)
     log(f"set: {len(cs.originals)} photos, {len(cs.copies)} copies ({len(set(cs.copy_family))} families), "
         f"{int(cs.labels().sum())} positive and {int((~cs.labels()).sum())} negative pairs; {args.threads} thread(s)")
     rows = []

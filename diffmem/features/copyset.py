@@ -1,11 +1,11 @@
-"""A small copy-detection set from the natural photos scikit-image ships, to validate descriptors.
+"""A small copy-detection set from natural photos installed packages ship, to validate descriptors.
 
 Positives are (original, an edited copy of it), negatives (original, an edited copy of
 another photo). The edits are the augmentation families of the SSCD / DISC 2021
 evaluation (Pizzi et al. 2022; Douze et al. 2021): crops, down-scaling + JPEG, blur,
 rotation, colour jitter, blends with another photo (mixup-like overlays), text overlays
-and flips. Everything is bundled in the scikit-image wheel (nothing is downloaded) and
-deterministic for a seed. ``benchmarks/bench_copy_detection.py`` and
+and flips. Every photo is bundled in an installed wheel (scikit-image's, and matplotlib's
+sample data; nothing is downloaded) and the set is deterministic for a seed. ``benchmarks/bench_copy_detection.py`` and
 ``tests/test_sscd_onnx.py`` both build their set here.
 """
 
