@@ -114,3 +114,18 @@ def test_flat_testbed_warns_once(monkeypatch, caplog):
     assert len(warned) == 1 and "0.15-0.40" in warned[0] and "0.46-0.85" in warned[0]
     x = np.concatenate([np.load(p) for p in sorted((run_dir / "features").glob("part-*.npy"))])
     assert x.shape[1] == 512 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+
+
+def test_copy_detection_benchmark_builds_every_descriptor_it_names():
+    """The benchmark's own extractor set-up for each default descriptor (a config change such as
+    CLIP's explicit ``pretrained=random`` must not leave the README's table unreproducible)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_copy_detection.py"
+    spec = importlib.util.spec_from_file_location("bench_copy_detection", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    built = {name: bench.extractor(name) for name in bench.parse_args([]).descriptors.split(",")}
+    assert {n for n, e in built.items() if e is not None} >= {"pixel", "clip", *MODELS}
+    assert built["clip"].info()["weights"]["random_init"]
