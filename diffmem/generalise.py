@@ -44,8 +44,9 @@ from diffmem.loading import load_model
 from diffmem.metrics import top1_similarity
 from diffmem.models import resolve_device
 from diffmem.report.figures import GridPair, save_figure, image_grid
-from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance, read_json,
-                          read_parquet, write_json, write_parquet)
+from diffmem.runner import Job, Outcome, StageSpec, fingerprint
+from diffmem.runs import (check_claim, claim, is_done, provenance, read_json, read_parquet, write_json,
+                          write_parquet)
 from diffmem.sampling import decode, generate_images
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,6 @@ VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 def check_config(cfg: DictConfig) -> None:
     if not (Path(cfg.vae_path) / VAE_WEIGHTS).is_file():
         raise ConfigError(f"vae_path: no diffusers VAE ({VAE_WEIGHTS}) in {cfg.vae_path}")
-
-
-def fingerprint(cfg: DictConfig) -> dict:
-    """What every n of one experiment shares (n excluded); the VAE by content."""
-    fp = config_subset(cfg, ("seed", "data", "arch", "kinds", "unet", "samples", "sample_steps",
-                             "resolution", "features"))
-    return {**fp, "vae_sha256": sha256_file(Path(cfg.vae_path) / VAE_WEIGHTS)}
 
 
 def n_dir(run_dir, n: int) -> Path:
@@ -86,15 +80,18 @@ def _nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8: the extractors take it as is
 
 
-def measure(cfg: DictConfig, out: Path, configs: list[DictConfig], parts: list) -> None:
-    """Train both models, sample the same noises with both, write ``pairs``/``subsets`` tables."""
+def measure(cfg: DictConfig, out: Path, configs: list[DictConfig], parts: list) -> float:
+    """Train both models, sample the same noises with both, write ``pairs``/``subsets`` tables;
+    returns the VAE's reconstruction ceiling."""
+    from diffmem import train
+
     ext = build_extractor(cfg.features.extractor)
     device = resolve_device(cfg.device)
     plan = plan_samples(pd.DataFrame({"prompt_id": [0], "caption": [""]}), int(cfg.samples),
                         int(cfg.seed))  # one seed per noise, the same for both models
     feats, nearest, subsets, ceiling = {}, {}, [], []
     for model, tcfg, (root, rows) in zip(MODELS, configs, parts):
-        pipe = load_model(training.train_model(tcfg) / "model", device)
+        pipe = load_model(train.run(tcfg) / "model", device)
         generate_images(pipe, plan, out / model, resolution=cfg.resolution, steps=cfg.sample_steps,
                         guidance=1.0, batch_size=cfg.batch_size, desc=f"generate n={cfg.n} {model}")
         feats[model] = ext(_nchw(load_images(out / model, plan["file"])))
@@ -118,9 +115,7 @@ def measure(cfg: DictConfig, out: Path, configs: list[DictConfig], parts: list) 
     write_parquet(out / "pairs.parquet", pairs)
     image_grid([GridPair(out / p.file_a, out / p.file_b, f"{p.cross_sim:.2f}")
                 for p in pairs.head(8).itertuples()], out / "pairs.png")
-    vae_ceiling = float(torch.cat(ceiling).mean())
-    finish(out, cfg, {"n": int(cfg.n), "cross_sim": float(pairs.cross_sim.mean())},
-           vae_ceiling=vae_ceiling)
+    return float(torch.cat(ceiling).mean())
 
 
 def transition_n(n, cross, nn) -> float | None:
@@ -221,23 +216,39 @@ def summarise(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def run(cfg: DictConfig) -> Path:
-    """Measure size ``cfg.n`` (skipped when already done), then rewrite the summary; returns run_dir.
+def prepare(cfg: DictConfig) -> tuple[list, list]:
+    """Both subsets' train configs and data (the dataset made), checked before anything is
+    written; the experiment's folder must hold this experiment (every setting but n)."""
+    if not (Path(cfg.vae_path) / VAE_WEIGHTS).is_file():
+        raise ConfigError(f"vae_path: no diffusers VAE ({VAE_WEIGHTS}) in {cfg.vae_path}")
+    check_claim(cfg.run_dir, experiment_fingerprint(cfg))
+    configs = [train_config(cfg, part) for part in range(len(MODELS))]
+    return configs, [load_dataset(c.data) for c in configs]
 
-    Both subsets are checked (and the dataset made) before anything is written.
-    """
-    check_config(cfg)
-    fp = fingerprint(cfg)
-    check_claim(cfg.run_dir, fp)
-    out, n_fp = n_dir(cfg.run_dir, cfg.n), {**fp, "n": int(cfg.n)}
-    if check_claim(out, n_fp) and is_done(out):
-        log.info("generalise: n=%d is complete", cfg.n)
-    else:
-        configure_torch(cfg)
-        configs = [train_config(cfg, part) for part in range(len(MODELS))]
-        parts = [load_dataset(c.data) for c in configs]
-        claim(cfg.run_dir, fp)
-        measure(cfg, claim(out, n_fp), configs, parts)
+
+def experiment_fingerprint(cfg: DictConfig) -> dict:
+    """What every n of one experiment shares (n excluded); the VAE by content."""
+    return fingerprint(cfg, ("n", "batch_size"), {"vae_sha256": sha256_file(Path(cfg.vae_path) / VAE_WEIGHTS)})
+
+
+def body(job: Job) -> Outcome:
+    """Measure size ``cfg.n`` in its own folder ``n-<n>`` of the experiment."""
+    cfg = job.cfg
+    configure_torch(cfg)
+    claim(cfg.run_dir, experiment_fingerprint(cfg))
+    vae_ceiling = measure(cfg, job.dir, *job.ctx)
+    return Outcome({"n": int(cfg.n)}, {"vae_ceiling": vae_ceiling})
+
+
+#: one run dir per n (a multirun over n fills one experiment); every job then rewrites the summary
+SPEC = StageSpec("generalise", body, prepare, volatile=("batch_size",),
+                 extra=lambda cfg, _: {"vae_sha256": sha256_file(Path(cfg.vae_path) / VAE_WEIGHTS)},
+                 run_dir=lambda cfg: n_dir(cfg.run_dir, cfg.n))
+
+
+def run(cfg: DictConfig) -> Path:
+    """Measure size ``cfg.n`` (skipped when already done), then rewrite the summary; returns run_dir."""
+    SPEC.run(cfg)
     return summarise(cfg)
 
 
