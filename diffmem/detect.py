@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -42,11 +41,10 @@ from diffmem.metrics.detection import (
     ground_truth,
     ground_truth_labels,
     rates_at_threshold,
-    roc_points,
 )
 from diffmem.loading import load_model
 from diffmem.report import write_detect_report
-from diffmem.report.figures import save_figure
+from diffmem.report.figures import ROC_FIGURE, roc_figure
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import write_parquet
 
@@ -151,23 +149,6 @@ def group_summary(table: pd.DataFrame) -> list[dict]:
             for row in g.to_dict(orient="records")]
 
 
-def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
-    """The ROC curve of a labelled ``scores`` table as a PNG (matplotlib ``Figure``, no pyplot)."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import auc
-
-    known = table[table["label"].notna()]
-    fprs, tprs, _ = roc_points(known["score"].to_numpy(float), known["label"].to_numpy(int))
-    fig = Figure(figsize=(4.2, 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(fprs, tprs, color="#1f77b4", linewidth=2, label=f"AUC = {auc(fprs, tprs):.3f}")
-    ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-           title=title)
-    ax.legend(loc="lower right", frameon=False)
-    return save_figure(fig, path)
-
-
 def prepare(cfg: DictConfig) -> tuple[Detector, pd.DataFrame]:
     return check_config(cfg), stage_prompts(cfg)
 
@@ -201,7 +182,7 @@ def body(job: Job) -> Outcome:
         metrics["ground_truth"] = {"positives": describe_positives(prompts, positives), **results}
         metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr") if k in results})
         if "roc_auc" in results:
-            roc_figure(table, run_dir / "roc.png", title=f"{detector.name} on {cfg.model.name}")
+            roc_figure(table, run_dir / ROC_FIGURE, title=f"{detector.name} on {cfg.model.name}")
     write_detect_report(run_dir, table, {**metrics, "fpr": cfg.fpr}, attr,
                         title=f"diffmem detect: {detector.name} on {cfg.model.name}")
     log.info("detect: %s scored %d prompts with %d UNet evaluations%s", detector.name, len(table),

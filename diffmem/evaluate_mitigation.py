@@ -21,16 +21,16 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
-from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_unit_images
 from diffmem.data.prompts import stage_prompts
+from diffmem.device import configure_torch
 from diffmem.errors import ConfigError, DataError
+from diffmem.mitigations.evaluation import evaluate_model, pareto_points
 from diffmem.report.figures import mitigation_figure, pareto_figure
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import digest, write_parquet
@@ -54,38 +54,9 @@ def check_config(cfg: DictConfig) -> dict:
     return models
 
 
-def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor, u, util_extractor,
-                   clip=None) -> dict:
-    """The three axes for the model in ``ctx`` (parts cached under ``ctx.run_dir``)."""
-    from diffmem.mitigations.objectives import utility
-    from diffmem.probes.context import attack, attack_summary, baseline_summary
-    from diffmem.sampling import encode_prompts
-
-    base = ctx.baseline("model")
-    attacked = pd.concat([attack(ctx, "target", i, ts, f"attack-target-{i}") for i in range(len(ctx.targets))],
-                         ignore_index=True)
-    util = ctx.json_part("utility", lambda: utility(
-        ctx.pipe, util_extractor, encode_prompts(ctx.pipe, utility_rows["caption"].tolist()),
-        np.arange(len(utility_rows)), real, n_per_prompt=int(u.n_per_prompt), seed=ctx.seed,
-        resolution=ctx.resolution, steps=ctx.steps, guidance=ctx.guidance, batch_size=ctx.batch_size,
-        clip=clip, captions=utility_rows["caption"].tolist()))
-    b, a = baseline_summary(ctx, base), attack_summary(ctx, attacked)
-    return {"mr": b["mr"], "similarity": b["similarity"], "mr_attacked": a["mr"], "similarity_attacked": a["similarity"],
-            "fd": util["fd"], "diversity": util.get("diversity", float("nan")),
-            **({"clip_score": util["clip_score"]} if "clip_score" in util else {})}
-
-
 def pareto(cfg: DictConfig, run_dir: Path) -> dict:
     """``pareto.parquet`` (trials + runs) and ``pareto.png`` from the study and the runs' objectives."""
-    from diffmem.mitigations.memcontrol import study_table, storage_url
-    from diffmem.mitigations.objectives import read_objectives
-
-    trials = study_table(storage_url(cfg.study.path), str(cfg.study.name))
-    runs = []
-    for name, path in (OmegaConf.to_container(cfg.pareto_runs, resolve=True) or {}).items():
-        o = read_objectives(path, f"pareto_runs.{name}")
-        runs.append({"run": name, "memorisation": o["memorisation"], "fd": o["fd"]})
-    runs = pd.DataFrame(runs, columns=["run", "memorisation", "fd"])
+    trials, runs = pareto_points(cfg.study, OmegaConf.to_container(cfg.pareto_runs, resolve=True) or {})
     write_parquet(run_dir / "pareto.parquet", pd.concat([trials.assign(run="memcontrol"), runs], ignore_index=True))
     pareto_figure(trials, runs, run_dir / "pareto.png")
     front = trials[trials["pareto"]]

@@ -37,6 +37,7 @@ from diffmem.sampling import encode_prompts
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # a run dir's resume state (not an output)
+TRAIN_LOG = "train_log.parquet"  # the mean loss per logged step of a training run
 
 
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
@@ -410,7 +411,7 @@ def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.Data
     train_unet(pipe, latents, cond, cond_index, cfg.unet, cfg.seed, run_dir / CHECKPOINTS / "unet", mixed)
     losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / CHECKPOINTS / phase, phase)]
 
-    write_parquet(run_dir / "train_log.parquet", pd.DataFrame(losses))
+    write_parquet(run_dir / TRAIN_LOG, pd.DataFrame(losses))
     model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)
     if cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS:
         from diffmem.models.testbed import memorisation_figures

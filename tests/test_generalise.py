@@ -17,7 +17,7 @@ import diffmem.generalise
 import diffmem.sampling
 import diffmem.training
 from diffmem.errors import ConfigError
-from diffmem.generalise import transition_n
+from diffmem.metrics.generalisation import transition_n
 from diffmem.runs import read_json
 from tests.conftest import SMALL_DATA
 

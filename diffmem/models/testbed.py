@@ -68,10 +68,10 @@ def cached_pipeline(arch, path: str | Path, seed: int = 0) -> Path:
     """:func:`build_testbed_pipeline` of ``arch`` saved at ``path`` (fp32 safetensors) the first
     time, reused afterwards: the SD-shaped random pipeline (``conf/arch/sd14_shape.yaml``, ~4 GB)
     is built once per machine, not once per test run."""
-    from diffmem.models.pipeline import save_pipeline
+    from diffmem.models.pipeline import is_pipeline_dir, save_pipeline
 
     path = Path(path)
-    if not (path / "model_index.json").exists():
+    if not is_pipeline_dir(path):
         save_pipeline(build_testbed_pipeline(arch, seed=seed), path)
     return path
 

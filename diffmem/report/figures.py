@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from diffmem.runs import atomic_path
 
+ROC_FIGURE = "roc.png"  # a detect run's ROC curve
+
 _OWN_CATEGORIES = ("heldout", "ordinary")  # prompt kinds shown as one category each
 _GEN_COLOR, _BASE_COLOR, _FLAG_COLOR = "#1f77b4", "#7f7f7f", "#d62728"
 
@@ -235,4 +237,46 @@ def pareto_figure(trials: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
     ax.set(xlabel="memorisation: noise norm on memorised prompts (lower = less)",
            ylabel="FD on held-out captions (lower = better)")
     ax.legend(frameon=False, fontsize=7)
+    return save_figure(fig, path)
+
+
+def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
+    """The ROC curve of a labelled ``scores`` table as a PNG (matplotlib ``Figure``, no pyplot)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import auc
+
+    from diffmem.metrics.detection import roc_points
+
+    known = table[table["label"].notna()]
+    fprs, tprs, _ = roc_points(known["score"].to_numpy(float), known["label"].to_numpy(int))
+    fig = Figure(figsize=(4.2, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(fprs, tprs, color="#1f77b4", linewidth=2, label=f"AUC = {auc(fprs, tprs):.3f}")
+    ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+           title=title)
+    ax.legend(loc="lower right", frameon=False)
+    return save_figure(fig, path)
+
+
+def generalisation_figure(table: pd.DataFrame, n_star: float | None, path: Path, feature: str) -> Path:
+    """Both similarities (mean, interquartile band) against n on a log axis; the transition marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    for col, label, color in (("cross_sim", "model A vs model B, same noise", "#1f77b4"),
+                              ("nn_sim", "sample vs nearest own training image", "#d62728")):
+        ax.plot(table.n, table[col], "o-", color=color, label=label)
+        ax.fill_between(table.n, table[f"{col}_q25"], table[f"{col}_q75"], color=color, alpha=0.15)
+    ax.plot(table.n, table.shuffled_sim, ":", color="#7f7f7f", label="A vs B, different noises")
+    ax.plot(table.n, table.heldout_nn_sim, ":", color="#d62728", label="held-out real image vs nearest (novel)")
+    ax.plot(table.n, table.vae_ceiling, "--", color="#2ca02c", lw=1, label="VAE reconstruction (copy ceiling)")
+    if n_star is not None:
+        ax.axvline(n_star, color="k", lw=1, ls="--", label=f"transition n = {n_star:.0f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(table.n, [str(n) for n in table.n])
+    ax.set_xlabel("training images per model (n)")
+    ax.set_ylabel(f"{feature} similarity")
+    ax.legend(frameon=False, fontsize=8)
     return save_figure(fig, path)
