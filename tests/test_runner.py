@@ -8,10 +8,12 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 import diffmem
 from diffmem.errors import ConfigError, DataError
+from diffmem.features.store import FeatureStore
 from diffmem.runner import Job, Outcome, StageSpec, fingerprint, require_items
 from diffmem.runs import INFO, METRICS, RUN_FILE, SUCCESS, write_json
 from tests.test_formats import _store, _unit
@@ -174,3 +176,20 @@ def test_a_deleted_index_is_rebuilt_not_trusted(tmp_path):
     diffmem.run("index", args)
     assert "tampered" not in json.loads((idx / "index_info.json").read_text())
     assert np.isfinite(json.loads((idx / SUCCESS).read_text())["summary"]["ntotal"])
+
+
+def test_volatile_batch_sizes_do_not_change_results(tiny_pipe, tmp_path):
+    """The batch sizes the specs mark volatile: sampling (probe, mitigate, evaluate-mitigation,
+    generalise) gives the same images whatever the batch, and embed the same vectors."""
+    from diffmem.probes.replication import sample_images
+    from diffmem.sampling import encode_prompts
+    from tests.conftest import SMALL_DATA
+
+    cond = encode_prompts(tiny_pipe, ["a red circle", "a blue square", "a green star"])
+    kw = dict(resolution=32, steps=2, guidance=3.0)
+    one = sample_images(tiny_pipe, cond, [5, 6, 7], batch_size=1, **kw)
+    three = sample_images(tiny_pipe, cond, [5, 6, 7], batch_size=3, **kw)
+    assert torch.allclose(one, three, atol=1e-5)
+    vectors = [FeatureStore(diffmem.run("embed", [*SMALL_DATA, "features.extractor.size=8", f"batch_size={b}",
+                                                  f"run_dir={tmp_path / f'e{b}'}"])).load()[0] for b in (1, 7)]
+    assert np.array_equal(*vectors)
