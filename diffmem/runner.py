@@ -27,7 +27,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffmem.errors import DataError
-from diffmem.runs import (INFO, INPUTS, METRICS, RUN_FILE, SUCCESS, TMP_NAME, check_claim, check_inputs, claim,
+from diffmem.runs import (INFO, INPUTS, METRICS, RUN_FILE, SUCCESS, check_claim, check_inputs, claim,
                           file_stamp, mark_done, provenance, read_json, write_json)
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,13 @@ def output_digests(run_dir: Path, scratch: tuple[str, ...] = ()) -> dict[str, di
     out: dict[str, dict] = {}
     subruns = {p.parent for p in run_dir.rglob(SUCCESS) if p.parent != run_dir} | {run_dir / s for s in scratch}
     for path in sorted(run_dir.rglob("*")):
-        if not path.is_file() or path.name in _OWN or TMP_NAME.match(path.name) or _lock(path):
-            continue
-        if any(s in path.parents for s in subruns):
+        rel = path.relative_to(run_dir)
+        if not path.is_file() or path.name in _OWN or _unpublished(rel) or any(s in path.parents for s in subruns):
             continue
         size = path.stat().st_size
         stamp = ({"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
                  if size <= _FULL_HASH_BYTES else file_stamp(path))
-        out[str(path.relative_to(run_dir))] = stamp
+        out[str(rel)] = stamp
     return out
 
 
@@ -201,8 +200,14 @@ def _lock(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".lock")
 
 
+def _unpublished(rel: Path) -> bool:
+    """Files in a run dir that are no outputs: hidden ones (Hydra's ``.hydra/``, temporary files,
+    claim locks) and logs, which grow after publishing."""
+    return any(part.startswith(".") for part in rel.parts) or rel.suffix == ".log"
+
+
 def _files(run_dir: Path) -> set[Path]:
-    return {p for p in run_dir.rglob("*") if p.is_file() and not TMP_NAME.match(p.name) and not _lock(p)}
+    return {p for p in run_dir.rglob("*") if p.is_file() and not _unpublished(p.relative_to(run_dir))}
 
 
 def _release_if_unused(run_dir: Path, before: set[Path]) -> None:
