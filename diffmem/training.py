@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from diffmem.checks import check_positive
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
-from diffmem.data.images import TESTBED_KINDS
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model, model_precision
 from diffmem.models import save_pipeline
@@ -361,12 +360,14 @@ def fingerprint(cfg: DictConfig) -> dict:
     return config_subset(cfg, ("seed", "model", "arch", "data", "vae", "unet", "resolution"))
 
 
-def train_model(cfg: DictConfig) -> Path:
+def train_model(cfg: DictConfig, evaluate: Callable[..., dict] | None = None) -> Path:
     """Train per a ``train`` config into ``cfg.run_dir``; returns the run dir.
 
     Writes ``model/`` (diffusers format) and ``train_log.parquet``; resumable, and a
     finished run is a no-op. Data and model are loaded before the run dir is claimed: a
-    refused run creates nothing.
+    refused run creates nothing. ``evaluate(model, data root, manifest) -> figures`` (the
+    train stage's, a hook so that the engine imports no metric) measures the published model
+    into ``model/memorisation.json`` before the run is marked done.
     """
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
         log.info("train: %s is complete", cfg.run_dir)
@@ -423,12 +424,9 @@ def train_model(cfg: DictConfig) -> Path:
 
     write_parquet(run_dir / "train_log.parquet", pd.DataFrame(losses))
     model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)
-    if cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS:
-        from diffmem.models.testbed import memorisation_figures
-
+    if evaluate is not None:
         saved = load_model(model_dir, device)  # measure what was published
-        figures = memorisation_figures(saved, root, manifest, **cfg.evaluate)
-        write_json(model_dir / "memorisation.json", figures)
+        write_json(model_dir / "memorisation.json", evaluate(saved, root, manifest))
     finish(run_dir, cfg, {"model": str(model_dir)})
     drop_checkpoints(run_dir, bool(cfg.get("keep_checkpoints", False)))
     return run_dir

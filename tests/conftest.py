@@ -8,6 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import diffmem  # noqa: F401 (arms the CPU torchvision shim before a test module imports open_clip)
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # A small testbed for tests (the real one is data=testbed's defaults).
 SMALL_DATA = ["data.root=${paths.data_dir}/testbed-small", "data.n_ordinary=24", "data.canaries_per_count=1", "data.canary_counts=[1,4]",
