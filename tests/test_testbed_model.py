@@ -1,4 +1,4 @@
-"""The shipped testbed model memorises as its README says (a fast re-measurement)."""
+"""The shipped testbed model memorises as docs/testbeds.md says (a fast re-measurement)."""
 
 from __future__ import annotations
 
