@@ -3,8 +3,10 @@ every heavy import works in a fresh process; a process without diffmem is left a
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,8 @@ def test_shim_is_scoped_to_diffmem():
     code = ("import sys, torch; names = lambda: [type(f).__name__ for f in sys.meta_path]; "
             "before = '_TorchvisionHook' in names(); import diffmem; print(before, '_TorchvisionHook' in names())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    stale = [str(p) for p in map(Path, site.getsitepackages()) if (p / "diffmem_compat.pth").exists()]
+    assert not stale, f"{stale[0]}/diffmem_compat.pth (an older install) arms the shim at every start: pip install -e ."
     assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
 
 
