@@ -99,8 +99,8 @@ def test_checker_fails_on_each_rule(tmp_path):
 
 
 def test_checker_fails_on_package_order_cycles_and_unlisted_packages(tmp_path):
-    """Rule 5 (a lower layer referencing a higher one, lazily or by a registry string; a
-    package in no layer) and rule 6 (a cycle between the packages of one layer)."""
+    """Rule 5 (a lower layer referencing a higher one, lazily or by a registry string, or the
+    stage layer; a package in no layer) and rule 6 (a cycle between the packages of one layer)."""
     pkg = _package(tmp_path, {
         **CLEAN,
         "lib.py": "TARGETS = {'probe': 'fakepkg.probes.run:main'}\n",  # base -> methods, by name
@@ -108,11 +108,13 @@ def test_checker_fails_on_package_order_cycles_and_unlisted_packages(tmp_path):
         "models/x.py": "from fakepkg import engine\n",
         "engine.py": "def fit():\n    from fakepkg.models import x\n",  # models <-> engine: one layer
         "extra.py": "",
+        "b.py": "from fakepkg import cli\n",  # the stage layer's dispatcher
     })
     assert check(pkg, "fakepkg", ["train"], layers=FAKE_LAYERS) == [
         "fakepkg/extra.py: fakepkg.extra is in no layer (add it to diffmem.tools.layers.LAYERS and "
         "docs/architecture.md section 2)",
         "fakepkg/a.py:2: fakepkg.a (base) references fakepkg.engine (models, a higher layer)",
+        "fakepkg/b.py:1: library fakepkg.b references fakepkg.cli (the stage layer)",
         "fakepkg/lib.py:1: fakepkg.lib (base) references fakepkg.probes.run (methods, a higher layer)",
         "package cycle: engine -> models -> engine",
     ]

@@ -11,8 +11,8 @@ registry strings included) that reports:
 4. a run-dir file name of :data:`RUN_FILES` written as a string literal in more than one
    module (each run format has one owner that reads and writes it; ``tools`` aside);
 5. a library referencing a package of a higher layer of :data:`LAYERS` (the bottom-up order
-   of docs/architecture.md section 2; lazy imports and registry strings count), or a library
-   package or module that is in no layer;
+   of docs/architecture.md section 2; lazy imports and registry strings count) or the stage
+   layer (``config``, ``cli``, ``tools``), or a library package or module in no layer;
 6. a cycle between library packages (every reference counts, lazy ones included).
 
 Prints one line per violation and exits 1 if there is any, 0 otherwise.
@@ -223,6 +223,8 @@ def check(root: str | Path, package: str, stages: Iterable[str],
             if _within(r.source, package, lib) and any(_within(r.target, package, b) for b in banned):
                 out.append(f"{where(r)}: {r.source} references {r.target} ({lib} must not use "
                            f"{', '.join(banned)})")
+        if not layer and in_stage_layer(r.target) and r.target not in stage_mods and r.target != package:
+            out.append(f"{where(r)}: library {r.source} references {r.target} (the stage layer)")
         src, dst = top.get(r.source), top.get(r.target)
         if layer or in_stage_layer(r.target) or src == dst or src not in level or dst not in level:
             continue
