@@ -13,6 +13,7 @@ from diffmem.data.prompts import prompts_from_testbed
 from diffmem.features import build_extractor
 from diffmem.sampling import encode_prompts, sample, sample_seed
 
+
 def pairwise_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """RMSE between every row of ``a`` [N, ...] and of ``b`` [M, ...] -> [N, M]."""
     a, b = a.flatten(1).double(), b.flatten(1).double()
