@@ -33,15 +33,8 @@ from diffmem.device import configure_torch
 from diffmem.data.prompts import stage_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
 from diffmem.errors import ConfigError
-from diffmem.metrics.detection import (
-    calibrate_threshold,
-    check_positives,
-    describe_positives,
-    detection_metrics,
-    ground_truth,
-    ground_truth_labels,
-    rates_at_threshold,
-)
+from diffmem.data.labels import check_positives, describe_positives, ground_truth, ground_truth_labels
+from diffmem.metrics.detection import calibrate_threshold, detection_metrics, rates_at_threshold
 from diffmem.loading import load_model
 from diffmem.report import write_detect_report
 from diffmem.report.figures import ROC_FIGURE, roc_figure

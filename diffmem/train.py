@@ -8,10 +8,14 @@ with the same config resumes exactly from ``checkpoints/``, removed once the run
 
 from __future__ import annotations
 
+from functools import partial
+
 from omegaconf import DictConfig
 
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
+from diffmem.data.images import TESTBED_KINDS
+from diffmem.metrics.memorisation import memorisation_figures
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.training import CHECKPOINTS, drop_checkpoints, train_pipeline, training_rows
 
@@ -23,7 +27,11 @@ def prepare(cfg: DictConfig):
 
 
 def body(job: Job) -> Outcome:
-    model_dir = train_pipeline(job.cfg, job.dir, *job.ctx)
+    """Train; with ``evaluate`` on a testbed, the model's memorisation figures go to
+    ``model/memorisation.json``."""
+    cfg = job.cfg
+    testbed = cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS
+    model_dir = train_pipeline(cfg, job.dir, *job.ctx, partial(memorisation_figures, **cfg.evaluate) if testbed else None)
     return Outcome({"model": str(model_dir)})
 
 

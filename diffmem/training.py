@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from diffmem.checks import check_positive
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
-from diffmem.data.images import TESTBED_KINDS
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model, model_precision
 from diffmem.models import save_pipeline
@@ -358,12 +357,14 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
     return losses
 
 
-def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.DataFrame) -> Path:
+def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.DataFrame,
+                   evaluate: Callable[..., dict] | None = None) -> Path:
     """Train per a ``train`` config into the claimed ``run_dir`` (the VAE, then the UNet, each
     resuming from its checkpoints) on the training rows of ``manifest``; returns the model dir.
 
-    Writes ``model/`` (diffusers format), ``train_log.parquet`` and, on the testbeds with
-    ``evaluate``, ``model/memorisation.json``.
+    Writes ``model/`` (diffusers format) and ``train_log.parquet``. ``evaluate(model, data root,
+    manifest) -> figures`` (the train stage's, a hook so that the engine imports no metric)
+    measures the published model into ``model/memorisation.json``.
     """
     torch.manual_seed(cfg.seed)
     device = configure_torch(cfg)
@@ -413,12 +414,9 @@ def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.Data
 
     write_parquet(run_dir / TRAIN_LOG, pd.DataFrame(losses))
     model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)
-    if cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS:
-        from diffmem.models.testbed import memorisation_figures
-
+    if evaluate is not None:
         saved = load_model(model_dir, device)  # measure what was published
-        figures = memorisation_figures(saved, root, manifest, **cfg.evaluate)
-        write_json(model_dir / "memorisation.json", figures)
+        write_json(model_dir / "memorisation.json", evaluate(saved, root, manifest))
     return model_dir
 
 

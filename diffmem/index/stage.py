@@ -8,7 +8,7 @@ combines the shard files (``ondisk=true``: into an on-disk inverted-list file, f
 indexes larger than RAM). Both builds train on the same rows, so they return the same
 neighbours. Approximate indexes get recall@1/@k measured against exact
 search on held-out queries (database vectors perturbed with Gaussian noise, so they are
-not in the index) written into the index's info (:func:`~diffmem.index.faiss_index.save_index`).
+not in the index) written into the index's info (:func:`~diffmem.index.files.save_index`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.errors import ConfigError, DataError
 from diffmem.features.store import FeatureStore
-from diffmem.index.faiss_index import (add_shard, build_index, measure_recall, merge_shards, save_index,
-                                       set_search_params, set_threads, train_empty_index, training_rows,
-                                       write_index)
+from diffmem.index import (add_shard, build_index, measure_recall, merge_shards, save_index, set_search_params,
+                           set_threads, train_empty_index, training_rows, write_index)
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import provenance, require
 

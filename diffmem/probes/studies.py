@@ -1,4 +1,5 @@
-"""The probes ``diffmem probe`` runs: trigger search, NeMo, Wanda, locality, and Finding Dori's table.
+"""The probe studies ``diffmem probe`` runs (registered in ``PROBES``): trigger search, NeMo,
+Wanda, locality, and Finding Dori's table.
 
 Each probe is ``fn(ctx, settings) -> (tables, metrics)``: ``ctx``
 (:class:`~diffmem.probes.context.ProbeContext`) holds the model, the descriptor, the memorised
