@@ -244,6 +244,10 @@ def test_detect_stage_outputs(tiny_pipe_dir):
     assert m["unet_calls"] == 2 * len(scores)  # steps=[0], one generation
     sub = scores[scores["label"].notna()]
     assert m["roc_auc"] == pytest.approx(roc_auc(sub["score"], sub["label"]))
+    for key in ("roc_auc", "tpr_at_fpr"):  # 95 % bootstrap intervals around the point values
+        lo, hi = m[f"{key}_ci"]
+        assert 0 <= lo <= m[key] <= hi <= 1 and m["ground_truth"][f"{key}_ci"] == [lo, hi]
+    assert m["ci_level"] == 0.95
     assert m["ground_truth"]["n_pos"] == int(sub["label"].sum())
     assert "threshold" in m["ground_truth"]["calibrated_threshold"]
     assert (run_dir / "roc.png").stat().st_size > 1000
@@ -315,3 +319,50 @@ def test_noise_norm_separates_duplicated_canaries_on_the_shipped_testbed():
     assert metrics["roc_auc"] >= 0.99, metrics["by_group"]
     hard = metrics["ground_truth"]["hard_negatives"]  # the 1x/4x canaries: trained on, not copied
     assert hard["n_neg"] == 8 and 0.6 <= hard["roc_auc"] < 0.9  # about 0.75
+
+
+def test_bootstrap_intervals_reference_cases():
+    """Replicates equal the metrics of the resampled prompts; a binormal sample's AUC interval
+    covers the true AUC with Hanley & McNeil's (1982) width; perfect separation collapses it."""
+    from scipy.stats import norm
+
+    from diffmem.metrics.detection import bootstrap_ci, bootstrap_replicates
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(30, int), np.zeros(70, int)]
+    s = rng.normal(size=100) + 1.0 * y
+    s[:10] = np.round(s[:10], 1)  # ties
+    reps = bootstrap_replicates(s, y, fpr=0.05, n_boot=5, seed=3)
+    r = np.random.default_rng(3)  # the same draws, by hand
+    ip, ineg = r.integers(0, 30, (5, 30)), r.integers(0, 70, (5, 70))
+    for b in range(5):
+        ss = np.r_[s[y == 1][ip[b]], s[y == 0][ineg[b]]]
+        yy = np.r_[np.ones(30, int), np.zeros(70, int)]
+        assert reps["roc_auc"][b] == pytest.approx(roc_auc(ss, yy))
+        assert reps["tpr_at_fpr"][b] == pytest.approx(tpr_at_fpr(ss, yy, 0.05))
+
+    d, n_pos, n_neg = 1.2, 200, 400
+    y = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+    s = rng.normal(size=y.size) + d * y
+    true_auc = norm.cdf(d / np.sqrt(2))
+    ci = bootstrap_ci(s, y, n_boot=2000)["roc_auc"]
+    a = roc_auc(s, y)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = np.sqrt((a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg))
+    assert ci[0] < true_auc < ci[1] and ci[0] < a < ci[1]
+    assert (ci[1] - ci[0]) / 2 == pytest.approx(1.96 * se, rel=0.2)
+
+    sep = detection_metrics([0.1, 0.2, 0.3, 0.9, 0.95], [0, 0, 0, 1, 1], ci_level=0.95)
+    assert sep["roc_auc_ci"] == [1.0, 1.0] and sep["tpr_at_fpr_ci"] == [1.0, 1.0] and sep["ci_level"] == 0.95
+    swap = detection_metrics([0.1, 0.2, 0.3, 0.9, 0.05], [0, 0, 0, 1, 1], ci_level=0.9)
+    assert swap["roc_auc_ci"][0] < swap["roc_auc"] == 0.5 < swap["roc_auc_ci"][1] <= 1.0
+    with pytest.raises(ConfigError, match="level"):
+        bootstrap_ci(s, y, level=95)
+
+
+def test_copy_detection_thresholds_in_the_shared_metrics():
+    out = detection_metrics([0.9, 0.6, 0.4, 0.8, 0.2], [1, 1, 1, 0, 0], thresholds=(0.5, 0.95))
+    assert out["roc_auc"] == pytest.approx(4 / 6) and out["positive_median"] == 0.6
+    assert out["negative_median"] == pytest.approx(0.5)
+    assert out["precision@0.5"] == pytest.approx(2 / 3) and out["recall@0.5"] == pytest.approx(2 / 3)
+    assert out["precision@0.95"] is None and out["recall@0.95"] == 0.0
