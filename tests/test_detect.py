@@ -32,7 +32,9 @@ CAPTIONS = ["the zorblax emblem", "a red circle above a blue square on a grey ba
             "a vintage poster", "two green triangles"]
 FAST = {"noise_norm": dict(steps=[0, 1], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
         "noise_ssim": dict(n_seeds=3, step=1, num_inference_steps=4),
-        "one_step": dict(n_seeds=2, num_inference_steps=4, guidance_scale=3.0)}
+        "one_step": dict(n_seeds=2, num_inference_steps=4, guidance_scale=3.0),
+        "attention_entropy": dict(steps=[0, 2], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
+        "bright_ending": dict(steps=[0, 3], n_generations=2, num_inference_steps=4, guidance_scale=3.0)}
 
 
 def _args(pipe_dir, *extra, prompt_file=None):
