@@ -1,7 +1,8 @@
 """``diffmem detect``: score prompts for memorisation without the training set (docs/methods.md section 2).
 
-``detect=noise_norm|noise_ssim|one_step`` picks the detector (``diffmem.detectors``). Writes
-to the run dir:
+``detect=noise_ssim`` (the default) ``|noise_norm|one_step|attention_entropy|bright_ending``
+picks the detector (``diffmem.detectors``; docs/detection.md says which to use). Writes to the
+run dir:
 
 - ``scores.parquet``: ``prompt_id, caption, detector, score`` (higher = more likely memorised)
   plus the prompts' ground-truth columns when present (testbed ``kind``, ``group``,
