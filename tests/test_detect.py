@@ -384,3 +384,27 @@ def test_default_detector_holds_on_the_shipped_testbeds(model):
     hard = m["ground_truth"]["hard_negatives"]
     assert hard["n_neg"] == 8 and hard["roc_auc"] >= 0.9, hard
     assert m["roc_auc_ci"][0] <= m["roc_auc"] <= m["roc_auc_ci"][1] and len(hard["roc_auc_ci"]) == 2
+
+
+def test_detect_benchmark_suite_builds_and_tabulates():
+    """Every detector setting of ``benchmarks/bench_detect.py`` composes and builds, and its
+    metrics / table come from a scores table as the stage's would."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_detect.py"
+    spec = importlib.util.spec_from_file_location("bench_detect", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    built = {label: build_detector(diffmem.compose("detect", overrides).detect) for label, overrides in bench.SUITE}
+    assert set(DETECTORS.names()) <= {d.name for d in built.values()}  # every registered detector is benchmarked
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"score": np.r_[rng.normal(2, 1, 8), rng.normal(1, 1, 8), rng.normal(0, 1, 60)],
+                          "label": np.r_[np.ones(8), np.full(8, np.nan), np.zeros(60)],
+                          "hard_negative": np.r_[np.zeros(8, bool), np.ones(8, bool), np.zeros(60, bool)],
+                          "evals_per_prompt": 10.0, "seconds_per_prompt": 0.1})
+    m = bench.suite_metrics(table)
+    known = table[table.label.notna()]
+    assert m["roc_auc"] == pytest.approx(roc_auc(known.score, known.label)) and m["n_hard"] == 8
+    assert m["hard_roc_auc"] == pytest.approx(roc_auc(table.score[:16], np.r_[np.ones(8), np.zeros(8)]))
+    lines = bench.markdown({tb: {"x": m} for tb in bench.TESTBEDS}).splitlines()
+    assert len(lines) == 3 and lines[2].count("[") == 3 * len(bench.TESTBEDS)
