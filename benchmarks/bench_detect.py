@@ -132,7 +132,7 @@ def roc_figure(tables: dict, path: Path) -> Path:
             ax.plot(f, t, linewidth=1.5, label=f"{label} ({roc_auc(known['score'], known['label'].astype(int)):.3f})")
         ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-               title=f"{model}: {int(known['label'].sum())} memorised vs {int((known['label'] == 0).sum())}")
+               title=f"{model}: {int(known['label'].sum())} memorised vs {int((known['label'] == 0).sum())} not")
         ax.legend(loc="lower right", fontsize=7, frameon=False)
     return save_figure(fig, path)
 
