@@ -38,8 +38,9 @@ from diffmem.detectors import build_detector, count_unet_evals
 from diffmem.features import build_extractor
 from diffmem.data.samples import plan_samples
 from diffmem.sampling import generate_images
-from diffmem.index.faiss_index import build_index, search
-from diffmem.metrics.detection import detection_metrics, ground_truth, ground_truth_labels, roc_auc, roc_points
+from diffmem.index import build_index, search
+from diffmem.data.labels import ground_truth, ground_truth_labels
+from diffmem.metrics.detection import detection_metrics, roc_auc, roc_points
 from diffmem.models import load_pipeline
 from diffmem.report.figures import save_figure
 from diffmem.runs import write_json, write_parquet

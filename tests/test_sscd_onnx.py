@@ -15,7 +15,8 @@ import diffmem
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import FEATURES, build_extractor
 from diffmem.features import onnx as onnx_features
-from diffmem.features.copyset import PHOTOS, build_copy_set, natural_photos, score_copy_set
+from diffmem.data.photos import PHOTOS, natural_photos
+from diffmem.features.copyset import build_copy_set, score_copy_set
 from diffmem.metrics.detection import detection_metrics
 from tests.conftest import SMALL_DATA
 
