@@ -1,7 +1,8 @@
 """``diffmem detect``: score prompts for memorisation without the training set (docs/methods.md section 2).
 
-``detect=noise_norm|noise_ssim|one_step`` picks the detector (``diffmem.detectors``). Writes
-to the run dir:
+``detect=noise_ssim`` (the default) ``|noise_norm|one_step|attention_entropy|bright_ending``
+picks the detector (``diffmem.detectors``; docs/detection.md says which to use). Writes to the
+run dir:
 
 - ``scores.parquet``: ``prompt_id, caption, detector, score`` (higher = more likely memorised)
   plus the prompts' ground-truth columns when present (testbed ``kind``, ``group``,
@@ -14,7 +15,8 @@ to the run dir:
   ``unet_forward_passes`` (batched calls), time, score summaries per ground-truth group and,
   with ground truth, ``roc_auc``, ``tpr_at_fpr`` (at ``fpr``) and the NeMo threshold
   (mean + 1 std of the negatives) with its TPR/FPR, and where the data has hard negatives
-  ``ground_truth.hard_negatives`` (memorised vs hard negatives: ROC-AUC, TPR@FPR); plus
+  ``ground_truth.hard_negatives`` (memorised vs hard negatives: ROC-AUC, TPR@FPR), each AUC
+  and TPR with a 95 % bootstrap interval over prompts (``roc_auc_ci``, ``tpr_at_fpr_ci``); plus
   provenance. The console says both AUCs, or why no ROC metric was computed.
 - ``roc.png`` with ground truth; ``report.html`` (ranked prompts, ROC curve, tokens shaded by
   their attribution); ``info.json`` and ``_SUCCESS`` last.
@@ -34,7 +36,7 @@ from diffmem.data.prompts import stage_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
 from diffmem.errors import ConfigError
 from diffmem.data.labels import check_positives, describe_positives, ground_truth, ground_truth_labels
-from diffmem.metrics.detection import calibrate_threshold, detection_metrics, rates_at_threshold
+from diffmem.metrics.detection import calibrate_threshold, detection_metrics, rates_at_threshold, with_ci
 from diffmem.loading import load_model
 from diffmem.report import write_detect_report
 from diffmem.report.figures import ROC_FIGURE, roc_figure
@@ -44,6 +46,7 @@ from diffmem.runs import write_parquet
 log = logging.getLogger(__name__)
 SCORES = "scores.parquet"
 ATTRIBUTION = "attribution.parquet"
+CI_LEVEL = 0.95  # bootstrap intervals of AUC and TPR in metrics.json and on the console
 GROUND_TRUTH = ("kind", "group", "dup_count", "type", "overfit_type", "memorisation_type", "is_memorised",
                 "source", "target_id")
 
@@ -99,12 +102,12 @@ def evaluate(table: pd.DataFrame, fpr: float = 0.01) -> dict:
     if n_pos and "hard_negative" in table:  # memorised vs trained-on-but-not-memorised
         hard = table[(table["label"] == 1) | table["hard_negative"].fillna(False).astype(bool)]
         out["hard_negatives"] = detection_metrics(hard["score"].to_numpy(float),
-                                                  hard["label"].eq(1).to_numpy(int), fpr=fpr)
+                                                  hard["label"].eq(1).to_numpy(int), fpr=fpr, ci_level=CI_LEVEL)
     if n_pos == 0 or n_neg == 0:
         out["note"] = (f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts "
                        "(ROC needs both; see positives=... and the prompts' ground truth)")
         return out
-    out.update(detection_metrics(s, y, fpr=fpr))
+    out.update(detection_metrics(s, y, fpr=fpr, ci_level=CI_LEVEL))
     if n_neg >= 2:
         thr = calibrate_threshold(s[y == 0])
         out["calibrated_threshold"] = {"rule": "mean + 1 std of negatives",
@@ -120,13 +123,14 @@ def summary_lines(results: dict) -> list[str]:
     lines = [f"{results['n_pos']} memorised vs {results['n_neg']} not memorised prompts "
              f"({results['n_excluded']} left out)"]
     if "roc_auc" in results:
-        lines.append(f"ROC-AUC {results['roc_auc']:.3f}, TPR@{results['fpr']:g}FPR {results['tpr_at_fpr']:.3f}")
+        lines.append(f"ROC-AUC {with_ci(results, 'roc_auc')}, TPR@{results['fpr']:g}FPR "
+                     f"{with_ci(results, 'tpr_at_fpr')}")
     else:
         lines.append(results["note"])
     if "hard_negatives" in results:
         h = results["hard_negatives"]
         lines.append(f"memorised vs hard negatives ({h['n_neg']} prompts trained on but not memorised): "
-                     f"ROC-AUC {h['roc_auc']:.3f}, TPR@{h['fpr']:g}FPR {h['tpr_at_fpr']:.3f}")
+                     f"ROC-AUC {with_ci(h, 'roc_auc')}, TPR@{h['fpr']:g}FPR {with_ci(h, 'tpr_at_fpr')}")
     return lines
 
 
@@ -173,7 +177,8 @@ def body(job: Job) -> Outcome:
     results = evaluate(table, cfg.fpr)
     if results:
         metrics["ground_truth"] = {"positives": describe_positives(prompts, positives), **results}
-        metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr") if k in results})
+        metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr", "roc_auc_ci", "tpr_at_fpr_ci",
+                                                 "ci_level") if k in results})
         if "roc_auc" in results:
             roc_figure(table, run_dir / ROC_FIGURE, title=f"{detector.name} on {cfg.model.name}")
     write_detect_report(run_dir, table, {**metrics, "fpr": cfg.fpr}, attr,

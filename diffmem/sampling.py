@@ -73,6 +73,16 @@ def encode_prompts(pipe, captions: Sequence[str], batch_size: int = 64) -> torch
     return torch.cat(out)
 
 
+def token_counts(pipe, captions: Sequence[str]) -> list[int]:
+    """Tokens per caption as :func:`encode_prompts` feeds them (BOS and EOS included, truncated)."""
+    hooks = get_hooks(pipe)
+    if hooks is not None:
+        captions = hooks.text(captions, pipe)
+    mask = pipe.tokenizer(list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").attention_mask
+    return [int(n) for n in mask.sum(dim=1)]
+
+
 def vae_factor(pipe) -> int:
     """How many pixels one latent is wide (8 for Stable Diffusion's VAE)."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
