@@ -196,7 +196,7 @@ def test_fast_path_keeps_the_copy_detection_auc(tmp_path, distilled):
 
 def test_mixed_shapes_batch_and_equal_one_at_a_time(camera_jpegs, distilled, monkeypatch, tmp_path):
     """Images of one resized shape share an ONNX call (at most UINT8_BATCH); the vectors equal
-    those of each image run alone."""
+    those of each image run alone, decoded in the main thread or in 2 threads."""
     import shutil
 
     from diffmem.features.loader import UINT8_BATCH, decode_uint8, embed_images
@@ -218,6 +218,8 @@ def test_mixed_shapes_batch_and_equal_one_at_a_time(camera_jpegs, distilled, mon
     alone = np.concatenate([distilled.embed_uint8(decode_uint8(tmp_path / f, distilled.preprocess)[None])
                             for f in files])
     assert np.allclose(x, alone, atol=1e-6)
+    (_, y, _), = embed_images(distilled, tmp_path, files, [0], 100, batch_size=64, num_workers=2)
+    assert np.array_equal(x, y)
 
 
 def test_fast_path_unreadable_images(tmp_path, distilled):
@@ -228,8 +230,9 @@ def test_fast_path_unreadable_images(tmp_path, distilled):
 
     Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "a.jpg")
     (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not a JPEG")
-    with pytest.raises(DataError, match="b.jpg: corrupt or unreadable image"):
-        list(embed_images(distilled, tmp_path, ["a.jpg", "b.jpg"], [0], 10, batch_size=4))
+    for workers in (0, 2):
+        with pytest.raises(DataError, match="b.jpg: corrupt or unreadable image"):
+            list(embed_images(distilled, tmp_path, ["a.jpg", "b.jpg"], [0], 10, batch_size=4, num_workers=workers))
     (_, x, skipped), = embed_images(distilled, tmp_path, ["a.jpg", "b.jpg"], [0], 10, batch_size=4,
                                     skip_errors=True)
     assert x.shape == (1, 512) and skipped["file"].tolist() == ["b.jpg"]

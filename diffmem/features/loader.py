@@ -2,9 +2,9 @@
 
 A descriptor that takes uint8 images (``embed_uint8``: the ONNX ones) gets the fast path:
 each image is decoded at reduced size where the format allows (JPEG draft) and resized in
-uint8 to the recipe's exact size (:func:`decode_uint8`), in ``max(1, num_workers)`` threads
-while the descriptor runs (PIL and onnxruntime release the GIL); no float copy of an image
-is made and at most a few batches of small uint8 images are held. Its vectors differ from
+uint8 to the recipe's exact size (:func:`decode_uint8`), in ``num_workers`` threads while
+the descriptor runs (PIL and onnxruntime release the GIL; 0: in turn, in the main thread);
+no float copy of an image is made and at most a few batches of small uint8 images are held. Its vectors differ from
 the float path's (full decode, float resize) by resampling rounding only: cosine >= 0.995
 on photos (``docs/embedding.md``).
 
@@ -76,7 +76,10 @@ def decode_uint8(path: Path, pre: Preprocess, resolution: int | None = None,
 
 def threaded(fn: Callable, items: Iterable, threads: int, ahead: int) -> Iterator:
     """``map(fn, items)`` in order, computed by ``threads`` threads at most ``ahead`` items
-    ahead of the consumer (bounded memory)."""
+    ahead of the consumer (bounded memory); in the caller's thread when ``threads`` is 0."""
+    if threads == 0:
+        yield from map(fn, items)
+        return
     items = iter(items)
     with ThreadPoolExecutor(threads) as pool:
         pending = deque(pool.submit(fn, x) for x in islice(items, ahead))
@@ -111,7 +114,7 @@ def embed_images(extractor, root: Path, files: list[str], parts: list[int], part
                 return i, None, str(err)
 
         batch_size = min(batch_size, extractor.batch_size, UINT8_BATCH)
-        items = threaded(load, indices, max(1, num_workers), ahead=2 * batch_size)
+        items = threaded(load, indices, num_workers, ahead=2 * batch_size)
         forward, stack = extractor.embed_uint8, np.stack
     else:
         dataset = DecodedImages(root, files, indices, resolution, pre.resize_only if pre is not None else None,
