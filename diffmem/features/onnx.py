@@ -9,7 +9,9 @@ normalisation is inside the graph) and return 512-d unit vectors.
 Preprocessing (``resize``, ``size``): the image is resized so its short side is
 ``size`` (288: the SSCD authors' evaluation setting, aspect kept), or to ``size`` x
 ``size`` with ``resize=square`` (their batching-friendly alternative), then rounded to
-uint8 NHWC. Images that resize to the same shape run as one batch (``batch_size``).
+uint8 NHWC. Images that resize to the same shape run as one batch (``batch_size``). The
+embed stage skips the float images: it decodes and resizes in uint8 and calls
+:meth:`OnnxExtractor.embed_uint8` (:mod:`diffmem.features.loader`).
 ``threads`` (null = torch's thread count, i.e. the stage's ``threads``) sets
 onnxruntime's intra-op threads. The graph runs on the CPU; descriptors are returned on
 ``device`` (so the GPU stages can use them like any other descriptor).
