@@ -59,10 +59,10 @@ def decode_image(source: str | BinaryIO, resolution: int | None = None,
                  resample: int = Image.Resampling.BILINEAR) -> np.ndarray:
     """An RGB uint8 array [H, W, 3] of the file or binary stream ``source``, resized
     (bicubic) to a square ``resolution`` if given, then, with ``size`` (displayed ``(h, w)``
-    -> target ``(h, w)``), to that target with ``resample`` (a JPEG is decoded at the smallest
-    size still covering it when ``resolution`` is unset). An image declaring more than
-    ``max_pixels`` pixels is refused (a DataError the caller prefixes with the file) before it is decoded. PIL's errors
-    propagate (the caller names the file)."""
+    -> target ``(h, w)``), to that target with ``resample`` (a JPEG decoded at reduced size,
+    at least :data:`DRAFT_MARGIN` x the target, when ``resolution`` is unset). An image
+    declaring more than ``max_pixels`` pixels is refused (a DataError the caller prefixes
+    with the file) before it is decoded. PIL's errors propagate (the caller names the file)."""
     with warnings.catch_warnings():
         # the budget decides; PIL's own limit (twice its warning size) still raises
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

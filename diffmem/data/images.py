@@ -281,8 +281,9 @@ def load_image(path: str | Path, resolution: int | None = None, max_pixels: int 
                **resize) -> np.ndarray:
     """An RGB uint8 array [H, W, 3] as displayed (:mod:`diffmem.data.decode`: EXIF
     orientation, float and 16-bit scaling, alpha over white), resized (bicubic) to a square
-    ``resolution`` if given, then to a descriptor's size (``resize``: ``size``, ``resample``
-    of :func:`~diffmem.data.decode.decode_image`, a JPEG decoded at reduced size). ``path`` may name a member of a webdataset shard
+    ``resolution`` if given, then to a descriptor's size (``resize``: ``size`` and
+    ``resample`` of :func:`~diffmem.data.decode.decode_image`; a JPEG is then decoded at
+    reduced size). ``path`` may name a member of a webdataset shard
     (``<root>/<shard>.tar/<member>``), read in place. An image declaring more than
     ``max_pixels`` pixels is refused before it is decoded (a small file can declare a huge
     image: a decompression bomb).

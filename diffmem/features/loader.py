@@ -3,13 +3,13 @@
 A descriptor that takes uint8 images (``embed_uint8``: the ONNX ones) gets the fast path:
 each image is decoded at reduced size where the format allows (JPEG draft) and resized in
 uint8 to the recipe's exact size (:func:`decode_uint8`), in ``num_workers`` threads while
-the descriptor runs (PIL and onnxruntime release the GIL; 0: in turn, in the main thread);
-no float copy of an image is made and at most a few batches of small uint8 images are held. Its vectors differ from
-the float path's (full decode, float resize) by resampling rounding only: cosine >= 0.995
-on photos (``docs/embedding.md``).
+the descriptor runs (PIL and onnxruntime release the GIL; 0: in turn, in the main thread).
+No float copy of an image is made and at most a few batches of small uint8 images are held.
+Its vectors differ from the float path's (full decode, float resize) by resampling rounding
+only: cosine >= 0.995 to it on photos (``docs/embedding.md``).
 
-Otherwise each image is decoded (:func:`diffmem.data.load_image`) and resized by the extractor's
-own resize step (:meth:`~diffmem.features.transforms.Preprocess.resize_only`) in a worker,
+Otherwise each image is decoded (:func:`diffmem.data.load_image`) and resized by the
+extractor's own resize step (:meth:`~diffmem.features.transforms.Preprocess.resize_only`) in a worker,
 so the main process only runs the descriptor. Resized images of one shape form a bucket;
 a full bucket (``batch_size`` images) runs as one batch. Mixed-size photos thus batch by
 their resized shape (one shape for square recipes, one per aspect ratio for short-side
@@ -123,11 +123,11 @@ def embed_images(extractor, root: Path, files: list[str], parts: list[int], part
                                              worker_init_fn=_one_thread if num_workers else None)
         items = (item for chunk in loader for item in chunk)
         forward, stack = (lambda x: extractor(x).cpu().numpy()), torch.stack
-    buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+    buckets: dict[tuple, list[tuple]] = {}  # shape -> [(index, image)]
     vectors: dict[int, np.ndarray] = {}
     skipped: list[dict] = []
 
-    def run(bucket: list[tuple[int, torch.Tensor]]) -> None:
+    def run(bucket: list[tuple]) -> None:
         out = forward(stack([x for _, x in bucket]))
         vectors.update(zip((i for i, _ in bucket), out))
         bucket.clear()

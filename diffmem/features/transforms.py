@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 import torch.nn.functional as F
+from PIL import Image
 
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
@@ -73,13 +73,16 @@ def resize_short(x: torch.Tensor, size: int, interpolation: str = "bilinear") ->
     return resize_to(x, short_side_size(x.shape[-2], x.shape[-1], int(size)), interpolation)
 
 
+def long_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) after resizing the long side to ``size`` (aspect kept)."""
+    scale = size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def resize_long(x: torch.Tensor, size: int, interpolation: str = "bilinear",
                 fill: float = 0.0) -> torch.Tensor:
     """Resize so the long side is ``size`` (aspect kept), then pad to ``size`` x ``size``."""
-    h, w = x.shape[-2:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = resize_to(x, (nh, nw), interpolation)
+    x = resize_to(x, long_side_size(x.shape[-2], x.shape[-1], size), interpolation)
     return center_crop(x, size, fill=fill)
 
 
@@ -181,8 +184,7 @@ class Preprocess:
         if self.resize == "square":
             return self.size, self.size
         if self.resize == "long":
-            scale = self.size / max(h, w)
-            return max(1, round(h * scale)), max(1, round(w * scale))
+            return long_side_size(h, w, self.size)
         return h, w
 
     def finish_uint8(self, x: np.ndarray) -> np.ndarray:
