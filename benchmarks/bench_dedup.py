@@ -9,14 +9,18 @@ listed in ``pairs.csv``.
 
 Sections (``--section``, default all):
 
-- ``embed``: ``diffmem embed data=folder features=<--features>`` in a fresh process, and
-  when ``--immaculate`` (or ``$IMMACULATE``) names its CLI, Immaculate's whole dedup
-  (``--method sscd_distilled``) on the same folder, alternating, ``--repeats`` runs each:
-  median wall seconds, images/s, CPU seconds (user + system of the process and its
+- ``embed``: ``diffmem embed data=folder features=<--features>`` in a fresh process; with
+  ``--compare-src``, the same from another checkout (e.g. main before a change); when
+  ``--immaculate`` (or ``$IMMACULATE``) names its CLI, Immaculate's whole dedup
+  (``--method sscd_distilled``) on the same folder. They alternate, ``--repeats`` runs
+  each: median wall seconds, images/s, CPU seconds (user + system of the process and its
   children) and peak RSS, and the recall / precision of the copy pairs at ``--threshold``
-  from diffmem's vectors.
+  from diffmem's vectors. Immaculate needs Python 3.12, so it lives in its own venv
+  (``python3.12 -m venv /work/imm312 && /work/imm312/bin/pip install 'immaculate[sscd]==0.3.0'``);
+  without it that part is skipped.
 
     python benchmarks/bench_dedup.py --n 500 --immaculate /work/imm312/bin/immaculate
+    python benchmarks/bench_dedup.py --section embed --folder /tmp/photos --compare-src /path/to/main
 """
 
 from __future__ import annotations
