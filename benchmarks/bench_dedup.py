@@ -40,6 +40,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (1, 1)]
+#: the sections; section ``name`` is ``section_<name>(args, folder, made, work) -> dict``
 SECTIONS = ("embed",)
 
 
@@ -267,10 +268,9 @@ def main(argv=None) -> int:
         print(f"folder {folder}: {len(made['files'])} JPEGs, {len(made['pairs'])} copies "
               f"({time.perf_counter() - t:.1f} s)", flush=True)
         result = {"folder": {"n": len(made["files"]), "copies": len(made["pairs"]), "seed": args.seed}}
-        if "embed" in args.section:
-            result["embed"] = section_embed(args, folder, made, Path(tmp) / "work")
-            e = result["embed"]
-            print(json.dumps({k: v for k, v in e.items() if k != "immaculate_output_tail"}, indent=1), flush=True)
+        for name in args.section:
+            result[name] = globals()[f"section_{name}"](args, folder, made, Path(tmp) / "work" / name)
+            print(json.dumps({k: v for k, v in result[name].items() if not k.endswith("_tail")}, indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
