@@ -265,10 +265,13 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
     return Path(cfg.root), select_subset(df, cfg.get("subset"))
 
 
-def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS,
+               **resize) -> np.ndarray:
     """An RGB uint8 array [H, W, 3] as displayed (:mod:`diffmem.data.decode`: EXIF
     orientation, float and 16-bit scaling, alpha over white), resized (bicubic) to a square
-    ``resolution`` if given. ``path`` may name a member of a webdataset shard
+    ``resolution`` if given, then to a descriptor's size (``resize``: ``size`` and
+    ``resample`` of :func:`~diffmem.data.decode.decode_image`; a JPEG is then decoded at
+    reduced size). ``path`` may name a member of a webdataset shard
     (``<root>/<shard>.tar/<member>``), read in place. An image declaring more than
     ``max_pixels`` pixels is refused before it is decoded (a small file can declare a huge
     image: a decompression bomb).
@@ -279,7 +282,7 @@ def load_image(path: str | Path, resolution: int | None = None, max_pixels: int 
         check_regular(path, "image file")
     source = io.BytesIO(read_member(*member)) if member else path  # errors name the member
     try:
-        return decode_image(source, resolution, max_pixels)
+        return decode_image(source, resolution, max_pixels, **resize)
     except DataError as err:  # the pixel budget
         raise DataError(f"{path}: {err}") from err
     except Image.DecompressionBombError as err:
