@@ -68,7 +68,7 @@ def parse_args(argv=None):
 def _source_photos() -> list[np.ndarray]:
     """The colour and grey photos scikit-image and matplotlib ship, as RGB arrays."""
     sys.path.insert(0, str(REPO))
-    from diffmem.features.copyset import OTHER_PHOTOS, PHOTOS, natural_photos
+    from diffmem.data.photos import OTHER_PHOTOS, PHOTOS, natural_photos
 
     return list(natural_photos(PHOTOS + OTHER_PHOTOS, max_side=2048).values())
 

@@ -81,7 +81,7 @@ def camera_jpegs(tmp_path_factory):
     the Hubble deep field), where resampling shows most."""
     from PIL import Image
 
-    from diffmem.features.copyset import OTHER_PHOTOS, PHOTOS, natural_photos
+    from diffmem.data.photos import OTHER_PHOTOS, PHOTOS, natural_photos
 
     root = tmp_path_factory.mktemp("camera")
     files = []
@@ -176,8 +176,9 @@ def test_fast_path_keeps_the_copy_detection_auc(tmp_path, distilled):
     path does (within 0.005, and above the descriptor's bar)."""
     from PIL import Image
 
-    from diffmem.features.copyset import (PHOTOS, build_copy_set, detection_metrics, natural_photos,
-                                          score_copy_set)
+    from diffmem.data.photos import PHOTOS, natural_photos
+    from diffmem.features.copyset import build_copy_set, score_copy_set
+    from diffmem.metrics.detection import detection_metrics
     from diffmem.features.loader import embed_images
 
     cs = build_copy_set(natural_photos(PHOTOS[:10], max_side=256), families=("crop", "resize_jpeg", "blur", "rotate"),
@@ -189,8 +190,8 @@ def test_fast_path_keeps_the_copy_detection_auc(tmp_path, distilled):
             Image.fromarray(a).save(tmp_path / files[-1])
     (_, x, _), = embed_images(distilled, tmp_path, files, [0], 1000, batch_size=16)
     a, b = x[:len(cs.originals)], x[len(cs.originals):]
-    fast = detection_metrics((a @ b.T).ravel(), cs.labels().ravel(), [0.75])["auc"]
-    ref = detection_metrics(*score_copy_set(distilled, cs))["auc"]
+    fast = detection_metrics((a @ b.T).ravel(), cs.labels().ravel(), thresholds=[0.75])["roc_auc"]
+    ref = detection_metrics(*score_copy_set(distilled, cs))["roc_auc"]
     assert fast >= 0.99 and abs(fast - ref) <= 0.005, (fast, ref)
 
 
