@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.replication import Metric, as_array
@@ -175,3 +176,61 @@ class TPRAtFPR(Metric):
 
 class CalibrateThreshold(Metric):
     name, higher_is_better, fn = "calibrate_threshold", None, staticmethod(calibrate_threshold)
+
+
+CI_LEVEL = 0.95  # bootstrap intervals of AUC and TPR in detect's metrics.json and on its console
+
+
+def evaluate(table: pd.DataFrame, fpr: float = 0.01) -> dict:
+    """Ground-truth metrics of a ``scores`` table (empty without a usable ``label`` column)."""
+    if "label" not in table:
+        return {}
+    known = table[table["label"].notna()]
+    y, s = known["label"].to_numpy(int), known["score"].to_numpy(float)
+    n_pos, n_neg = int(y.sum()), int((y == 0).sum())
+    out: dict = {"n_pos": n_pos, "n_neg": n_neg, "n_excluded": int(len(table) - len(known))}
+    if n_pos and "hard_negative" in table:  # memorised vs trained-on-but-not-memorised
+        hard = table[(table["label"] == 1) | table["hard_negative"].fillna(False).astype(bool)]
+        out["hard_negatives"] = detection_metrics(hard["score"].to_numpy(float),
+                                                  hard["label"].eq(1).to_numpy(int), fpr=fpr, ci_level=CI_LEVEL)
+    if n_pos == 0 or n_neg == 0:
+        out["note"] = (f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts "
+                       "(ROC needs both; see positives=... and the prompts' ground truth)")
+        return out
+    out.update(detection_metrics(s, y, fpr=fpr, ci_level=CI_LEVEL))
+    if n_neg >= 2:
+        thr = calibrate_threshold(s[y == 0])
+        out["calibrated_threshold"] = {"rule": "mean + 1 std of negatives",
+                                       **rates_at_threshold(s, y, thr)}
+    return out
+
+
+def summary_lines(results: dict) -> list[str]:
+    """What the console says about the ground truth: the AUCs, or why there are none."""
+    if not results:
+        return ["no ROC metrics: the prompts carry no ground truth (a type/overfit_type/memorisation_type "
+                "column, a file label, or testbed kind/dup_count)"]
+    lines = [f"{results['n_pos']} memorised vs {results['n_neg']} not memorised prompts "
+             f"({results['n_excluded']} left out)"]
+    if "roc_auc" in results:
+        lines.append(f"ROC-AUC {with_ci(results, 'roc_auc')}, TPR@{results['fpr']:g}FPR "
+                     f"{with_ci(results, 'tpr_at_fpr')}")
+    else:
+        lines.append(results["note"])
+    if "hard_negatives" in results:
+        h = results["hard_negatives"]
+        lines.append(f"memorised vs hard negatives ({h['n_neg']} prompts trained on but not memorised): "
+                     f"ROC-AUC {with_ci(h, 'roc_auc')}, TPR@{h['fpr']:g}FPR {with_ci(h, 'tpr_at_fpr')}")
+    return lines
+
+
+def group_summary(table: pd.DataFrame) -> list[dict]:
+    """Mean / std / n of the score per ground-truth group (testbed kind x dup_count, or type)."""
+    keys = ([c for c in ("kind", "dup_count") if c in table] or [c for c in ("type",) if c in table]
+            or [c for c in ("memorisation_type",) if c in table])
+    if not keys:
+        return []
+    g = table.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
+    g = g.astype(object).where(g.notna(), None)  # std of a single prompt: null, not NaN
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            for row in g.to_dict(orient="records")]
