@@ -1137,6 +1137,25 @@ def test_cli_unsafe_run_name_is_one_line_before_any_folder(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, no ../../x
 
 
+@pytest.mark.parametrize("stage,typo,named", [
+    ("generate", "nosuch=1", "nosuch: no such key"),
+    ("generate", "nosuch.key=1", "nosuch.key: no such key in the generate config ('nosuch' does not exist)"),
+    ("embed", "data.foo.bar=1", "data.foo.bar: no such key in the embed config ('data.foo' does not exist)"),
+    ("probe", "trigger.steps=1", "trigger.steps: no such key in the probe config ('trigger' does not exist)"),
+    ("generate", "model.x.y.z=1", "model.x.y.z: no such key in the generate config ('model.x' does not exist)"),
+], ids=["depth-1", "depth-2", "depth-3-data", "probe-depth-2", "depth-4"])
+def test_cli_nested_typo_is_one_line_and_fast(tmp_path, stage, typo, named):
+    """A mistyped key below a missing node once re-composed the config recursively for a
+    minute and ended in a RecursionError: now one line, in well under 10 s."""
+    import time
+
+    start = time.monotonic()
+    out = _cli(tmp_path, stage, typo)
+    took = time.monotonic() - start
+    assert out.stderr.strip() == _one_error_line(out, stage, named)
+    assert took < 10, f"{typo}: {took:.1f} s"
+
+
 # -- the CLI: schema, composition and output-path errors before Hydra makes the run dir ------------
 
 NO_CUDA = "device=cuda" if not torch.cuda.is_available() else "device=cuda:99"
