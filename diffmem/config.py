@@ -131,10 +131,11 @@ def _keys(stage: str, parent: str, overrides: Sequence[str], unknown: str) -> li
 
 def run(stage: str, overrides: Sequence[str] = ()) -> Path:
     """Run ``stage`` in-process (as ``diffmem <stage> overrides`` would); returns its run dir."""
-    from diffmem.schema import validate
+    from diffmem.schema import settle_precision, validate
 
     cfg = compose(stage, overrides)
     validate(stage, cfg)
+    settle_precision(cfg)
     stage_module(stage).run(cfg)
     return Path(cfg.run_dir)
 
@@ -151,7 +152,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from diffmem.schema import validate
+    from diffmem.schema import settle_precision, validate
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name(stage))
     def _app(cfg: DictConfig):
@@ -159,6 +160,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
             with open_dict(cfg):
                 cfg.run_dir = HydraConfig.get().runtime.output_dir
             validate(stage, cfg)
+            settle_precision(cfg)
             return fn(cfg)
         except DiffmemError as err:
             _exit(stage, err)
