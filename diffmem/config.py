@@ -107,8 +107,19 @@ def _composition_error(stage: str, overrides: Sequence[str], err: Exception, hin
         return ConfigError(f"{name}: no such key in the {stage} config{where}{hint}; add a new key with +{name}=...")
     if isinstance(err, OverrideParseException):
         lines = [ln for ln in err.message.splitlines() if ln.strip() and not ln.startswith("See https")]
-        return ConfigError(f"cannot parse the override {err.override!r}: {lines[-1]}")
+        return ConfigError(f"cannot parse the override {err.override!r}: {_parse_problem(lines)}")
     return ConfigError("; ".join(ln.strip() for ln in str(err).splitlines() if ln.strip()))
+
+
+def _parse_problem(lines: list[str]) -> str:
+    """Hydra's parse error as words: the lexer's "line + caret" becomes the character it stopped at."""
+    if len(lines) >= 2 and lines[-1].strip() == "^" and lines[0].startswith("LexerNoViableAltException"):
+        at = lines[-1].index("^")
+        char = lines[0][at] if at < len(lines[0]) else "?"
+        key, _, value = lines[0].partition(": ")[2].partition("=")
+        return (f"the character {char!r} is not allowed unquoted (non-ASCII or special characters "
+                f"need quotes: {key}='{value}')")
+    return lines[-1]
 
 
 def _override_key(override: str) -> str:

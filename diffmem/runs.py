@@ -198,12 +198,27 @@ def _drop_nulls(v: Any) -> Any:
     return v
 
 
+#: the longest folder name common file systems take (ext4, XFS, APFS, NTFS: 255 bytes)
+MAX_NAME_BYTES = 255
+
+
 def check_run_name(name: Any) -> None:
     """Refuse a run name (``name=``, the last folder of a run dir) that is not one safe path
-    component: empty, ``.``/``..`` or with a separator would write outside ``outputs/<stage>/``."""
+    component: empty, ``.``/``..`` or with a separator would write outside ``outputs/<stage>/``;
+    control characters, text that is not UTF-8 or more than :data:`MAX_NAME_BYTES` bytes cannot
+    be a folder name."""
     text = "" if name is None else str(name)
     if text in ("", ".", "..") or any(c in text for c in "/\\\0"):
         raise ConfigError(f"name={text!r} must be one folder name (not empty, '.' or '..', no '/')")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # undecodable bytes on the command line (surrogate escapes)
+        raise ConfigError(f"name={ascii(text)} is not UTF-8 text; use a UTF-8 folder name") from None
+    if any(not c.isprintable() for c in text):
+        raise ConfigError(f"name={ascii(text)} holds a control character; use a printable folder name")
+    if size > MAX_NAME_BYTES:
+        raise ConfigError(f"name={text[:40]!r}... is {size} bytes long; a folder name takes at most "
+                          f"{MAX_NAME_BYTES} bytes")
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> None:

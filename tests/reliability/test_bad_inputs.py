@@ -645,13 +645,14 @@ _outside_case("absolute-path-outside-root", lambda root, tmp: str(tmp / "outside
 _outside_case("symlink-out-of-root", _link_out)
 
 
-def _name_case(id: str, name: str):
+def _name_case(id: str, name: str, names: list[str] | None = None):
     @case(f"run-name-{id}", ConfigError)
     def _(tmp, pipe):
         fdir = _embed_dir(tmp / "emb", [_unit(10, 8)])
         out = tmp / "out" / "sub"
         args = [f"features_dir={fdir}", f"paths.output_dir={out}", f"name={name}"]
-        return dict(call=_run("index", args), run_dir=None, names=[f"name={name!r}", "one folder name"],
+        return dict(call=_run("index", args), run_dir=None,
+                    names=names or [f"name={name!r}", "one folder name"],
                     after=lambda: not (tmp / "out").exists() and not (tmp / "x").exists())
 
 
@@ -659,6 +660,12 @@ _name_case("dotdot", "../../x")
 _name_case("slash", "a/b")
 _name_case("empty", "")
 _name_case("dot", ".")
+_name_case("300-chars", "a" * 300, ["name='aaaa", "300 bytes long", "at most 255 bytes"])
+_name_case("256-bytes-of-utf8", "'" + "é" * 128 + "'", ["256 bytes long", "at most 255 bytes"])
+_name_case("unquoted-non-ascii", "café", ["'name=café'", "the character 'é' is not allowed unquoted",
+                                          "name='café'"])
+_name_case("control-character", "'a\tb'", ["name='a\\tb'", "control character"])
+_name_case("undecodable-bytes", "'a\udcffb'", ["is not UTF-8 text"])
 
 
 # -- prompts: BOM, empty after normalisation, non-string JSON captions ---------------------------
