@@ -35,6 +35,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -684,6 +685,175 @@ _prompt_case("jsonl-bool-caption", "p.jsonl", '{"caption": true}\n', ["p.jsonl",
 _prompt_case("jsonl-object-caption", "p.jsonl", '{"caption": {"text": "a"}}\n', ["p.jsonl", "row 1", "dict"])
 
 
+# -- captions and columns of data manifests (issue 27): strings, not blank, columns once -------------
+
+def _parquet(df: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf)
+    return buf.getvalue()
+
+
+def _captions(*captions) -> pd.DataFrame:
+    return pd.DataFrame({"file": [f"{i}.png" for i in range(len(captions))], "caption": list(captions)})
+
+
+_manifest_case("parquet-list-captions", "m2.parquet", _parquet(_captions(["a", "b"], ["c"], ["d"])),
+               ["row 1", "the caption is list", "not a string"])
+_manifest_case("parquet-bytes-caption", "m2.parquet", _parquet(_captions(b"\xff\xfe", b"b", b"c")),
+               ["row 1", "the caption is bytes", "not a string"])
+_manifest_case("parquet-null-caption", "m2.parquet", _parquet(_captions("a", None, "c")),
+               ["row 2", "the caption is missing (null)"])
+_manifest_case("parquet-int-caption", "m2.parquet", _parquet(_captions(1, 2, 3)), ["row 1", "int", "not a string"])
+_manifest_case("csv-empty-caption", "m2.csv", "file,caption\n0.png,a\n1.png,\n", ["row 2", "empty caption"])
+_manifest_case("csv-whitespace-caption", "m2.csv", 'file,caption\n0.png,"   "\n1.png,b\n', ["row 1", "empty caption"])
+_manifest_case("jsonl-zero-width-caption", "m2.jsonl", '{"file": "0.png", "caption": "\\u200b"}\n',
+               ["row 1", "empty caption"])
+_manifest_case("jsonl-list-caption", "m2.jsonl", '{"file": "0.png", "caption": ["a", "b"]}\n',
+               ["row 1", "the caption is list"])
+_manifest_case("jsonl-null-caption", "m2.jsonl", '{"file": "0.png", "caption": null}\n', ["row 1", "missing (null)"])
+_manifest_case("duplicated-column", "m2.csv", "file,caption,caption\n0.png,a,b\n",
+               ["the column 'caption' appears twice"])
+_manifest_case("duplicated-column-other-case", "m2.csv", "file,Caption,caption\n0.png,a,b\n",
+               ["the column 'caption' appears twice"])
+_manifest_case("jsonl-duplicated-key", "m2.jsonl", '{"file": "0.png", "caption": "a", "caption": "b"}\n',
+               ["m2.jsonl:1", "the key 'caption' appears twice"])
+
+
+def _i2d_args(root: Path, run: Path, *extra: str) -> list[str]:
+    return ["data=img2dataset", f"data.root={root}", "features.extractor.size=4", "part_size=2", "batch_size=2",
+            f"run_dir={run}", *extra]
+
+
+def _i2d_case(id: str, keys: list, captions: list, names: list[str], images=("000", "001"), *extra: str):
+    """img2dataset output (one shard table + its images) with one bad row: refused before any work."""
+    @case(f"img2dataset-{id}", DataError)
+    def _(tmp, pipe):
+        root, run = tmp / "i2d", tmp / "run"
+        (root / "00000").mkdir(parents=True)
+        pd.DataFrame({"key": keys, "status": ["success"] * len(keys), "caption": captions}).to_parquet(
+            root / "00000.parquet")
+        for key in images:
+            Image.fromarray(_rgb(int(key))).save(root / "00000" / f"{key}.jpg", format="JPEG")
+        Image.fromarray(_rgb(5)).save(tmp / "x.jpg", format="JPEG")
+        return dict(call=_run("embed", _i2d_args(root, run, *extra)), run_dir=run,
+                    names=[root / "00000.parquet", *names])
+
+
+_i2d_case("null-key", ["000", None], ["a", "b"], ["row 2", "the key is null"])
+_i2d_case("key-leads-out", ["000", "../../x"], ["a", "b"], ["row 2", "'00000/../../x.jpg'", "outside data.root",
+                                                          "data.allow_outside_root=true"])
+_i2d_case("missing-jpg", ["000", "001", "002"], ["a", "b", "c"], ["row 3", "'00000/002.jpg' not found"])
+_i2d_case("list-caption", ["000", "001"], [["a"], ["b"]], ["row 1", "the caption is list"])
+_i2d_case("null-caption", ["000", "001"], ["a", None], ["row 2", "missing (null)"])
+_i2d_case("blank-caption", ["000", "001"], ["a", " \t "], ["row 2", "empty caption"])
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _wds_case(id: str, members: list[tuple[str, bytes]], names: list[str]):
+    """One webdataset shard ``tmp/wds/s.tar`` with one bad sample: refused before any work."""
+    @case(f"webdataset-{id}", DataError)
+    def _(tmp, pipe):
+        (tmp / "wds").mkdir()
+        _tar(tmp / "wds" / "s.tar", members)
+        run = tmp / "run"
+        args = ["data=webdataset", f"data.root={tmp / 'wds'}", "features.extractor.size=4", f"run_dir={run}"]
+        return dict(call=_run("embed", args), run_dir=run, names=names)
+
+
+_PNG = _encoded("PNG")
+_wds_case("non-utf8-member-name", [("a.png", _PNG), ("a.txt", b"cap"), (b"b\xff.png".decode("utf-8", "surrogateescape"),
+                                                                         _PNG)],
+          ["s.tar", "a member name is not UTF-8", "b\\xff.png"])
+_wds_case("json-list-caption", [("a.png", _PNG), ("a.json", b'{"caption": ["x", "y"]}')],
+          ["s.tar/a.png", "the caption is list"])
+_wds_case("no-caption-member", [("a.png", _PNG), ("b.png", _PNG), ("b.txt", b"cap")],
+          ["s.tar/a.png", "missing (null)"])
+_wds_case("blank-txt-caption", [("a.png", _PNG), ("a.txt", b"  \n")], ["s.tar/a.png", "empty caption"])
+
+
+@case("webdataset-shards-glob-leads-out", DataError)
+def _(tmp, pipe):
+    (tmp / "wds" / "inner").mkdir(parents=True)
+    _tar(tmp / "wds" / "s.tar", [("a.png", _PNG), ("a.txt", b"c")])
+    run = tmp / "run"
+    args = ["data=webdataset", f"data.root={tmp / 'wds' / 'inner'}", "data.shards=../*.tar", f"run_dir={run}"]
+    return dict(call=_run("embed", args), run_dir=run,
+                names=["data.shards='../*.tar'", "'../s.tar' is outside data.root", "data.allow_outside_root=true"])
+
+
+@case("webdataset-absolute-shards-glob", ConfigError)
+def _(tmp, pipe):
+    (tmp / "wds").mkdir()
+    _tar(tmp / "wds" / "s.tar", [("a.png", _PNG), ("a.txt", b"c")])
+    run = tmp / "run"
+    args = ["data=webdataset", f"data.root={tmp / 'wds'}", f"data.shards={tmp}/*.tar", f"run_dir={run}"]
+    return dict(call=_run("embed", args), run_dir=run, names=[f"data.shards='{tmp}/*.tar'", "relative to data.root"])
+
+
+@case("generate-dataset-prompts-null-caption", DataError)
+def _(tmp, pipe):
+    """``prompts=dataset`` takes the captions as prompts: a null one is refused, not tokenized."""
+    root, run = _folder(tmp), tmp / "run"
+    (root / "m2.parquet").write_bytes(_parquet(_captions("a", None, "c")))
+    args = ["model=local", f"model.path={pipe()}", "prompts=dataset", "data=folder", f"data.root={root}",
+            "data.manifest=m2.parquet", "steps=1", "n_per_prompt=1", f"run_dir={run}"]
+    return dict(call=_run("generate", args), run_dir=run, names=[root / "m2.parquet", "row 2", "missing (null)"])
+
+
+# -- ground truth without contradictions: one label per prompt ----------------------------------------
+
+@case("prompts-labelled-both-ways-across-files", DataError)
+def _(tmp, pipe):
+    (tmp / "mem.txt").write_text("a cat\na dog\n")
+    (tmp / "unmem.txt").write_text("a cow\na dog\n")
+    run = tmp / "run"
+    files = f"prompts.files=[{{path: {tmp / 'mem.txt'}, label: positive}}, {{path: {tmp / 'unmem.txt'}, label: negative}}]"
+    args = [a for a in _gen_args(pipe(), None, run) if not a.startswith("prompts.path")] + [files]
+    return dict(call=_run("generate", args), run_dir=run,
+                names=["prompt 'a dog'", f"memorised in {tmp / 'mem.txt'}", f"not memorised in {tmp / 'unmem.txt'}"])
+
+
+@case("prompts-labelled-both-ways-in-one-file", DataError)
+def _(tmp, pipe):
+    (tmp / "p.csv").write_text("Caption;type\na cat;VM\na cow;N\na cat;N\n")
+    run = tmp / "run"
+    return dict(call=_run("generate", _gen_args(pipe(), tmp / "p.csv", run)), run_dir=run,
+                names=["prompt 'a cat'", "labelled memorised", "and not memorised", "p.csv"])
+
+
+@case("probe-target-file-leads-out", DataError)
+def _(tmp, pipe):
+    """A prompt list's ``target_file`` is a path under data.root: ``../`` is refused as manifest rows are."""
+    root = _folder(tmp)
+    Image.fromarray(_rgb(5)).save(tmp / "outside.png")
+    (tmp / "p.jsonl").write_text('{"caption": "a cat", "target_file": "../outside.png"}\n{"caption": "a dog"}\n')
+    run = tmp / "run"
+    args = ["model=local", f"model.path={pipe()}", "data=folder", f"data.root={root}", "data.manifest=m.csv",
+            "prompts=file", f"prompts.path={tmp / 'p.jsonl'}", "prompts.label=positive", f"run_dir={run}"]
+    return dict(call=_run("probe", args), run_dir=run,
+                names=[tmp / "p.jsonl", "prompt 1 ('a cat')", "target_file '../outside.png' is outside data.root",
+                       "data.allow_outside_root=true"])
+
+
+@case("probe-absolute-target-file", DataError)
+def _(tmp, pipe):
+    root = _folder(tmp)
+    Image.fromarray(_rgb(5)).save(tmp / "outside.png")
+    (tmp / "p.jsonl").write_text(f'{{"caption": "a cat", "target_file": "{tmp / "outside.png"}"}}\n')
+    run = tmp / "run"
+    args = ["model=local", f"model.path={pipe()}", "data=folder", f"data.root={root}", "data.manifest=m.csv",
+            "prompts=file", f"prompts.path={tmp / 'p.jsonl'}", "prompts.label=positive", f"run_dir={run}"]
+    return dict(call=_run("probe", args), run_dir=run, names=[f"target_file '{tmp / 'outside.png'}' is outside"])
+
+
 # -- random weights only on request ----------------------------------------------------------------
 
 @case("embed-clip-without-weights", ConfigError)
@@ -1036,6 +1206,41 @@ def test_refused_run_can_be_rerun_with_the_fix(tmp_path, tiny_pipe_dir):
         diffmem.run("generate", _gen_args(tiny_pipe_dir, bad, run))
     diffmem.run("generate", _gen_args(tiny_pipe_dir, good, run))
     assert (run / "_SUCCESS").exists() and len(pd.read_parquet(run / "samples.parquet")) == 1
+
+
+def test_outside_root_is_read_when_allowed(tmp_path):
+    """The containment rule is one switch: ``data.allow_outside_root=true`` lets an img2dataset
+    key and a shard glob lead out of data.root (the refusals above are not a blanket ban)."""
+    from omegaconf import OmegaConf
+
+    from diffmem.data.images import load_dataset
+
+    root = tmp_path / "i2d"
+    (root / "00000").mkdir(parents=True)
+    Image.fromarray(_rgb(1)).save(tmp_path / "x.jpg", format="JPEG")
+    pd.DataFrame({"key": ["../../x"], "status": ["success"], "caption": ["a"]}).to_parquet(root / "00000.parquet")
+    (tmp_path / "wds" / "inner").mkdir(parents=True)
+    _tar(tmp_path / "wds" / "s.tar", [("a.png", _PNG), ("a.txt", b"a cat")])
+    for spec in ({"kind": "img2dataset", "root": str(root)},
+                 {"kind": "webdataset", "root": str(tmp_path / "wds" / "inner"), "shards": "../*.tar"}):
+        data = OmegaConf.create({"subset": None, "on_error": "fail", **spec})
+        with pytest.raises(DataError, match="outside data.root"):
+            load_dataset(data)
+        data.allow_outside_root = True
+        assert len(load_dataset(data)[1]) == 1
+
+
+def test_tar_member_stored_twice_is_warned_and_the_last_copy_read(tmp_path, caplog):
+    """``tar -r`` appends: a member stored twice is said once (not kept silently), and the copy
+    read is the last, as tar itself extracts it."""
+    from diffmem.data.images import load_image
+    from diffmem.data.webdataset import load_webdataset
+
+    first, last = _encoded("PNG", seed=1), _encoded("PNG", seed=2)
+    _tar(tmp_path / "s.tar", [("a.png", first), ("a.txt", b"a cat"), ("a.png", last)])
+    df = load_webdataset(tmp_path)
+    assert "stored twice (first: a.png)" in caplog.text and "last copy" in caplog.text
+    np.testing.assert_array_equal(load_image(tmp_path / df["file"][0]), np.asarray(Image.open(io.BytesIO(last))))
 
 
 # -- odd but valid images: converted to RGB ------------------------------------------------------
