@@ -232,6 +232,13 @@ def check_run_dir(run_dir: str | os.PathLike) -> None:
         raise OutputError(f"run_dir={path}: cannot write in {existing} (read-only or no permission)")
 
 
+def _cause_first(key: str) -> tuple:
+    """Sort key of a fingerprint difference: a group's identity (``features.extractor.name``,
+    ``data.kind``) first, as its change explains the others (``features=sscd`` also changes the
+    ``dcr_threshold`` it interpolates), then shallow keys before deep ones."""
+    return key.rpartition(".")[2] not in ("name", "kind"), key.count("."), key
+
+
 def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool:
     """Refuse ``run_dir`` if it holds a run with another config; create nothing.
 
@@ -248,11 +255,12 @@ def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool
     old = _drop_nulls(read_json(marker))
     if old != fingerprint:
         a, b = _flatten(old), _flatten(fingerprint)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=_cause_first)
         key = diff[0] if diff else "?"
+        more = f"; also {', '.join(diff[1:4])}{', ...' if len(diff) > 4 else ''}" if len(diff) > 1 else ""
         raise ConfigError(
             f"{run_dir} holds a run with another config ({key}: {a.get(key)!r} there, "
-            f"{b.get(key)!r} now); choose another name=... or delete the folder"
+            f"{b.get(key)!r} now{more}); choose another name=... or delete the folder"
         )
     return True
 

@@ -554,7 +554,8 @@ def search(index: faiss.Index, queries: Any, k: int, info: dict | None = None,
     if index.ntotal == 0:
         raise DataError("the index is empty (ntotal=0)")
     if k > index.ntotal:
-        warnings.warn(f"k={k} > ntotal={index.ntotal}; missing results have id -1", stacklevel=2)
+        LOG.warning("k=%d but the index holds %d vectors: the last %d neighbours of each query are "
+                    "missing (id -1)", k, index.ntotal, k - index.ntotal)
     nq = q.shape[0]
     scores = np.empty((nq, k), dtype=np.float32)
     ids = np.empty((nq, k), dtype=np.int64)
