@@ -19,6 +19,8 @@ from diffmem.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
 KINDS = ("auto", "testbed", "dataset", "file")
+#: above this many prompts a stage says so (with the images it will make) before it starts
+LARGE_PROMPTS = 10_000
 
 
 def _format_of(path: Path, fmt: str) -> str:
@@ -203,6 +205,12 @@ def stage_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
     prompts = load_prompts(cfg.prompts, manifest, cfg.data.kind)
     if prompts.empty:
         raise DataError(f"{cfg.get('stage', 'prompts')}: the prompt list is empty")
+    if len(prompts) > LARGE_PROMPTS:
+        n = cfg.get("n_per_prompt")
+        images = f" x n_per_prompt={n} = {len(prompts) * int(n):,} images" if isinstance(n, int) else ""
+        log.warning("%s: %s prompts%s: a large run (the progress bar gives the rate and the time left; "
+                    "prompts.limit or prompts.max_prompts take fewer)", cfg.get("stage", "prompts"),
+                    f"{len(prompts):,}", images)
     if "target_file" in prompts and prompt_kind(cfg.prompts, cfg.data.kind) == "file" and cfg.data.get("root"):
         check_targets_inside(prompts, cfg.data.root, bool(cfg.data.get("allow_outside_root", False)))
     return prompts
