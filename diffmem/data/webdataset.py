@@ -85,7 +85,8 @@ def _scan(shard: Path) -> tuple[dict[str, tuple[int, int]], list[dict]]:
 
 def load_webdataset(root: str | Path, shards: str = "*.tar", allow_outside_root: bool = False) -> pd.DataFrame:
     """The manifest of the shards matching ``shards`` under ``root`` (sorted by name):
-    ``image_id`` (the sample key), ``file`` (``<shard>/<member>``), ``caption``, ``shard``.
+    ``image_id`` (the sample key), ``file`` (``<shard>/<member>``; ``<member>`` when ``root`` is
+    one shard: files are relative to ``root``), ``caption``, ``shard``.
     A shard outside ``root`` (``../*.tar``, a symlink out) is refused unless
     ``allow_outside_root``; so is a caption that is not a non-blank string, naming the sample."""
     root = Path(root)
@@ -102,7 +103,8 @@ def load_webdataset(root: str | Path, shards: str = "*.tar", allow_outside_root:
         members, samples = _scan(shard)
         _MEMBERS[shard.resolve()] = members
         rel = shard.relative_to(base).as_posix()
-        rows += [{"image_id": s["key"], "file": f"{rel}/{s['member']}", "caption": s.get("caption"),
+        inside = "" if root.is_file() else f"{rel}/"  # files are relative to root, a .tar itself here
+        rows += [{"image_id": s["key"], "file": f"{inside}{s['member']}", "caption": s.get("caption"),
                   "shard": rel} for s in samples]
     if not rows:
         raise DataError(f"{root}: the shards hold no images ({', '.join(IMAGE_EXTENSIONS)})")

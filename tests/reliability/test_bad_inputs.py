@@ -1232,15 +1232,17 @@ def test_outside_root_is_read_when_allowed(tmp_path):
 
 def test_tar_member_stored_twice_is_warned_and_the_last_copy_read(tmp_path, caplog):
     """``tar -r`` appends: a member stored twice is said once (not kept silently), and the copy
-    read is the last, as tar itself extracts it."""
+    read is the last, as tar itself extracts it; with data.root a folder of shards or the
+    shard itself (whose files once doubled the shard's name: ``s.tar/s.tar/a.png``)."""
     from diffmem.data.images import load_image
     from diffmem.data.webdataset import load_webdataset
 
     first, last = _encoded("PNG", seed=1), _encoded("PNG", seed=2)
-    _tar(tmp_path / "s.tar", [("a.png", first), ("a.txt", b"a cat"), ("a.png", last)])
-    df = load_webdataset(tmp_path)
-    assert "stored twice (first: a.png)" in caplog.text and "last copy" in caplog.text
-    np.testing.assert_array_equal(load_image(tmp_path / df["file"][0]), np.asarray(Image.open(io.BytesIO(last))))
+    shard = _tar(tmp_path / "s.tar", [("a.png", first), ("a.txt", b"a cat"), ("a.png", last)])
+    for root in (tmp_path, shard):
+        df = load_webdataset(root)
+        assert "stored twice (first: a.png)" in caplog.text and "last copy" in caplog.text
+        np.testing.assert_array_equal(load_image(root / df["file"][0]), np.asarray(Image.open(io.BytesIO(last))))
 
 
 # -- odd but valid images: converted to RGB ------------------------------------------------------
