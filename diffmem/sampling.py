@@ -26,7 +26,7 @@ from diffmem.errors import ConfigError
 log = logging.getLogger(__name__)
 
 #: the pipeline attribute that holds its sampler hooks
-HOOKS_ATTR = "diffmem_defence"
+HOOKS_ATTR = "diffmem_sampler_hooks"
 
 
 class SamplerHooks(Protocol):
