@@ -114,11 +114,8 @@ PRECISION_KEYS = ("model.precision", "precision")
 def settle_precision(cfg: DictConfig) -> None:
     """fp16 on the CPU runs as fp32 (:func:`~diffmem.models.pipeline.resolve_dtype`): set it so in
     ``cfg``, with one log line, so that ``info.json`` and the fingerprint record what ran."""
-    from diffmem.models.pipeline import check_precision
-
     for key in PRECISION_KEYS:
-        value = _value(cfg, key)
-        if value is _ABSENT or value is None or check_precision(str(value)) != "fp16":
+        if str(_value(cfg, key)) not in ("fp16", "float16"):  # float16: its older name
             continue
         device = cfg.get("device", "auto")
         if resolve_device(device).type == "cpu":
