@@ -82,7 +82,8 @@ def _read_table(path: Path) -> pd.DataFrame:
                         except json.JSONDecodeError as err:
                             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
                         except _DuplicateKey as err:
-                            raise DataError(f"{path}:{lineno}: the key '{err}' appears twice (keys must be unique)") from None
+                            raise DataError(f"{path}:{lineno}: the key '{err}' appears twice "
+                                            "(keys must be unique)") from None
                         if not isinstance(row, dict):
                             raise DataError(f"{path}:{lineno}: expected a JSON object per line")
                         if "\\u" in line:  # an escape may spell a lone UTF-16 surrogate: not text

@@ -815,7 +815,8 @@ def _(tmp, pipe):
     (tmp / "mem.txt").write_text("a cat\na dog\n")
     (tmp / "unmem.txt").write_text("a cow\na dog\n")
     run = tmp / "run"
-    files = f"prompts.files=[{{path: {tmp / 'mem.txt'}, label: positive}}, {{path: {tmp / 'unmem.txt'}, label: negative}}]"
+    files = (f"prompts.files=[{{path: {tmp / 'mem.txt'}, label: positive}}, "
+             f"{{path: {tmp / 'unmem.txt'}, label: negative}}]")
     args = [a for a in _gen_args(pipe(), None, run) if not a.startswith("prompts.path")] + [files]
     return dict(call=_run("generate", args), run_dir=run,
                 names=["prompt 'a dog'", f"memorised in {tmp / 'mem.txt'}", f"not memorised in {tmp / 'unmem.txt'}"])
@@ -1087,15 +1088,18 @@ _stage_config_case("detect", "threads-zero", ["threads=0"], ["threads must be >=
 _stage_config_case("probe", "guidance-nan", ["guidance_scale=nan"], ["guidance_scale must be a finite number"])
 _stage_config_case("mitigate", "mitigation-lr-zero", ["mitigation.lr=0"], ["mitigation.lr must be a finite number > 0"])
 # cosine thresholds live in [-1, 1]: beyond, they flag nothing or everything
-_stage_config_case("audit", "threshold-above-one", ["threshold=1.5"], ["threshold must be a finite number >= -1.0 and <= 1.0 (got 1.5)"])
+_stage_config_case("audit", "threshold-above-one", ["threshold=1.5"],
+                   ["threshold must be a finite number >= -1.0 and <= 1.0 (got 1.5)"])
 _stage_config_case("audit", "threshold-below-minus-one", ["threshold=-1.5"], ["threshold", "(got -1.5)"])
 _stage_config_case("audit", "dcr-threshold-above-one", ["dcr_threshold=2"], ["dcr_threshold", "<= 1.0 (got 2)"])
 _stage_config_case("probe", "threshold-above-one", ["threshold=1.5"], ["threshold", "<= 1.0 (got 1.5)"])
 _stage_config_case("evaluate-mitigation", "threshold-below-minus-one", ["threshold=-2"], ["threshold", "(got -2)"])
 # a typo below a node that does not exist: one line, not a RecursionError after a minute
 _stage_config_case("generate", "typo-depth-2", ["nosuch.key=1"], ["nosuch.key: no such key", "'nosuch' does not exist"])
-_stage_config_case("embed", "typo-depth-3", ["data.foo.bar=1"], ["data.foo.bar: no such key", "'data.foo' does not exist"])
-_stage_config_case("probe", "typo-under-missing-group", ["trigger.steps=1"], ["trigger.steps", "'trigger' does not exist"])
+_stage_config_case("embed", "typo-depth-3", ["data.foo.bar=1"],
+                   ["data.foo.bar: no such key", "'data.foo' does not exist"])
+_stage_config_case("probe", "typo-under-missing-group", ["trigger.steps=1"],
+                   ["trigger.steps", "'trigger' does not exist"])
 
 
 # -- the output path: not a folder, or the file system refuses a write ----------------------------
