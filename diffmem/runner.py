@@ -32,11 +32,13 @@ from diffmem.runs import (INFO, INPUTS, METRICS, RUN_FILE, SUCCESS, check_claim,
 
 log = logging.getLogger(__name__)
 
-#: settings of every stage that never change results: where and how fast it runs, and naming
-#: (``data``'s guards only refuse inputs: a run stopped by a corrupt image resumes with
-#: ``data.on_error=skip``, one refused for a large image with a raised ``data.max_pixels``)
-VOLATILE = ("name", "run_dir", "stage", "paths", "threads", "device", "num_workers", "shard",
-            "data.on_error", "data.max_pixels", "data.allow_outside_root")
+#: settings of every stage that never change results: where a run goes and its name (top level)
+TOP_VOLATILE = ("name", "run_dir", "stage", "paths")
+#: ... and, at any depth (a sub-stage's copy too: the audit's ``embed.data.on_error``), how fast
+#: it runs and ``data``'s guards, which only refuse inputs (a run stopped by a corrupt image
+#: resumes with ``data.on_error=skip``, one refused for a large image with a raised ``max_pixels``)
+VOLATILE = ("threads", "device", "num_workers", "shard", "data.on_error", "data.max_pixels",
+            "data.allow_outside_root")
 #: files of the runner itself, never outputs
 _OWN = {RUN_FILE, INPUTS, SUCCESS}
 _FULL_HASH_BYTES = 1 << 20  # outputs up to this size are hashed whole; larger ones by size and ends
@@ -64,17 +66,30 @@ class Outcome:
 
 
 def fingerprint(cfg: DictConfig, volatile: tuple[str, ...] = (), extra: dict | None = None) -> dict:
-    """Every resolved setting of ``cfg`` except the ``volatile`` ones (and :data:`VOLATILE`), at
-    any depth (``data.on_error``), plus ``extra`` (content digests)."""
+    """Every resolved setting of ``cfg`` except the ``volatile`` ones (dotted paths from the top),
+    :data:`TOP_VOLATILE` and :data:`VOLATILE` (at any depth), plus ``extra`` (content digests)."""
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else dict(cfg)
-    for key in (*VOLATILE, *volatile):
-        *parents, leaf = key.split(".")
-        node = plain
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(leaf, None)
+    for key in (*TOP_VOLATILE, *volatile):
+        _drop(plain, key.split("."))
+    _drop_anywhere(plain, [key.split(".") for key in VOLATILE])
     return {**plain, **(extra or {})}
+
+
+def _drop(node: Any, path: list[str]) -> None:
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(path[-1], None)
+
+
+def _drop_anywhere(node: Any, paths: list[list[str]]) -> None:
+    """Remove every one of ``paths`` from ``node`` and from each mapping nested in it."""
+    if not isinstance(node, dict):
+        return
+    for path in paths:
+        _drop(node, path)
+    for value in node.values():
+        _drop_anywhere(value, paths)
 
 
 def output_digests(run_dir: Path, scratch: tuple[str, ...] = ()) -> dict[str, dict]:
@@ -94,23 +109,26 @@ def output_digests(run_dir: Path, scratch: tuple[str, ...] = ()) -> dict[str, di
     return out
 
 
-def damaged_outputs(run_dir: Path) -> list[str]:
-    """The files ``_SUCCESS`` lists that are now missing or changed (all of them: a ``_SUCCESS``
-    of an older version lists none, so nothing is checked)."""
+def damaged_outputs(run_dir: Path) -> dict[str, str]:
+    """The files ``_SUCCESS`` lists that are now missing or changed, each with what happened to it
+    (a ``_SUCCESS`` of an older version lists none, so nothing is checked)."""
     try:
         listed = read_json(run_dir / SUCCESS).get("outputs", {})
     except (DataError, AttributeError):  # a damaged marker: nothing it says is trusted
-        return [SUCCESS]
-    bad = []
+        return {SUCCESS: "unreadable"}
+    bad = {}
     for rel, stamp in listed.items():
         path = run_dir / rel
         try:
-            now = ({"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            size = path.stat().st_size
+            now = ({"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
                    if "sha256" in stamp else file_stamp(path))
         except OSError:
-            now = None
+            bad[rel] = "missing"
+            continue
         if now != stamp:
-            bad.append(rel)
+            bad[rel] = (f"cut short ({size} of {stamp['size']} bytes)" if size < stamp["size"]
+                        else "changed since it was published")
     return bad
 
 
@@ -167,22 +185,25 @@ class StageSpec:
         return run_dir
 
     def _still_done(self, run_dir: Path, cfg: DictConfig) -> bool:
-        """Whether a finished run may be reused: its outputs intact, its guard holding. If not,
-        ``_SUCCESS`` is taken back (and the damaged files removed), saying why in one line."""
+        """Whether a finished run may be reused: its outputs and sub-runs intact, its guard
+        holding. If not, ``_SUCCESS`` is taken back and the damaged files removed, one warning
+        line each (a damaged sub-run says so itself when the body runs it again)."""
         damaged = damaged_outputs(run_dir)
-        subruns = [p.parent for p in run_dir.rglob(SUCCESS) if p.parent != run_dir and damaged_outputs(p.parent)]
+        for rel, what in damaged.items():
+            log.warning("%s: %s of a finished run is %s; recomputing it", self.name, run_dir / rel, what)
+            (run_dir / rel).unlink(missing_ok=True)
         if damaged:
-            reason = f"{len(damaged)} published file(s) missing or changed ({', '.join(damaged[:3])})"
-        elif subruns:  # each sub-run recomputes its own damage when the body runs it again
-            reason = f"its step {subruns[0].relative_to(run_dir)} is damaged"
+            return False
+        subrun = next((p.parent for p in run_dir.rglob(SUCCESS) if p.parent != run_dir and damaged_outputs(p.parent)),
+                      None)
+        if subrun is not None:
+            log.info("%s: %s is finished but its step %s is damaged", self.name, run_dir, subrun.relative_to(run_dir))
         else:
             reason = self.guard(cfg, read_json(run_dir / SUCCESS).get("summary", {})) if self.guard else None
-        if reason is None:
-            return True
-        log.warning("%s: %s was finished but %s; recomputing", self.name, run_dir, reason)
-        for rel in damaged:
-            (run_dir / rel).unlink(missing_ok=True)
-        (run_dir / SUCCESS).unlink(missing_ok=True)
+            if reason is None:
+                return True
+            log.warning("%s: %s was finished but %s; recomputing", self.name, run_dir, reason)
+        (run_dir / SUCCESS).unlink()
         return False
 
     def publish(self, run_dir: Path, cfg: DictConfig, outcome: Outcome) -> None:
