@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from diffmem import distributed
 from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
@@ -57,12 +58,18 @@ def run(cfg: DictConfig) -> Path:
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     warn_long_prompts(prompts["caption"], pipe.tokenizer)
     check_resolution(pipe, cfg.resolution)
-    run_dir = claim(cfg.run_dir, fingerprint(cfg))
-    check_inputs(run_dir, "prompt list", prompts)
-    write_parquet(run_dir / PROMPTS, prompts)
-    drop_damaged(run_dir, mine["file"])  # a resumed run recomputes damaged samples
+    run_dir = Path(cfg.run_dir)
+    if distributed.is_main():  # rank 0 alone writes the run dir's own files
+        run_dir = claim(cfg.run_dir, fingerprint(cfg))
+        check_inputs(run_dir, "prompt list", prompts)
+        write_parquet(run_dir / PROMPTS, prompts)
+        drop_damaged(run_dir, mine["file"])  # a resumed run recomputes damaged samples
+    distributed.barrier("generate: run dir claimed")
     generate_images(pipe, mine, run_dir, resolution=cfg.resolution, steps=cfg.steps,
-                    guidance=cfg.guidance_scale, batch_size=cfg.batch_size)
+                    guidance=cfg.guidance_scale, batch_size=cfg.batch_size, shard=True)
+    distributed.barrier("generate: samples written")
+    if not distributed.is_main():  # rank 0 publishes
+        return run_dir
     missing = sum(not (run_dir / f).exists() for f in plan["file"])
     if missing:  # other shards still running: the last one to finish publishes the table
         log.info("generate: shard %d/%d done; %d samples of other shards missing",
@@ -71,7 +78,8 @@ def run(cfg: DictConfig) -> Path:
     table = plan.assign(steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                         scheduler=cfg.scheduler, resolution=cfg.resolution, model=cfg.model.name)
     write_parquet(run_dir / SAMPLES, table)
-    return finish(run_dir, cfg, {"samples": len(table)})
+    return finish(run_dir, cfg, {"samples": len(table)}, data_parallel=distributed.summary(
+        lambda r, w: len(distributed.shard_rows(len(mine), cfg.batch_size, r, w))))
 
 
 main = hydra_app("generate", run)

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem import distributed
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_unit_images
@@ -99,11 +100,16 @@ def run(cfg: DictConfig) -> Path:
     pipe = load_model(cfg.model, configure_torch(cfg), scheduler=cfg.scheduler)
     if get_hooks(pipe) is not None:
         raise ConfigError(f"model.path {cfg.model.path} is an inference-time defence; mitigate a plain model")
-    run_dir = claim(cfg.run_dir, fingerprint(cfg))
+    run_dir = claim(cfg.run_dir, fingerprint(cfg)) if distributed.is_main() else Path(cfg.run_dir)
+    distributed.barrier("mitigate: run dir claimed")
+    if not (distributed.is_main() or cfg.mitigation.kind in ("finetune", "adversarial_ft")):
+        return run_dir  # rank 0 builds a defence alone; the other ranks share fine-tunes only
     torch.manual_seed(int(cfg.seed))
     start = time.perf_counter()
     summary = fn(MitigationTask(cfg=cfg, pipe=pipe, root=root, manifest=manifest, memorised=memorised,
                                 negatives=negatives, run_dir=run_dir))
+    if not distributed.is_main():  # rank 0 publishes
+        return run_dir
     seconds = time.perf_counter() - start
     if cfg.objectives.enabled:
         obj_file = run_dir / "objectives.json"
@@ -114,7 +120,8 @@ def run(cfg: DictConfig) -> Path:
                                           "model": cfg.model.name, "seconds": seconds, **summary,
                                           "provenance": provenance(cfg)})
     log.info("mitigate: %s in %.0f s -> %s", cfg.mitigation.name, seconds, run_dir / "model")
-    finish(run_dir, cfg, {"mitigation": cfg.mitigation.name, "model": str(run_dir / "model")})
+    finish(run_dir, cfg, {"mitigation": cfg.mitigation.name, "model": str(run_dir / "model")},
+           data_parallel=summary.pop("data_parallel", distributed.summary(lambda r, w: 0)))
     drop_checkpoints(run_dir, bool(cfg.get("keep_checkpoints", False)))
     return run_dir
 
@@ -123,7 +130,7 @@ def task(cfg: DictConfig):
     """The Hydra task: runs :func:`run`; returns ``[memorisation, fd]`` (the Optuna objectives)
     when ``objectives.enabled``."""
     run_dir = run(cfg)
-    if cfg.objectives.enabled:
+    if cfg.objectives.enabled and distributed.is_main():
         o = read_json(Path(run_dir) / "objectives.json")
         return [o["memorisation"], o["fd"]]
     return None
