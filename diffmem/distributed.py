@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,9 +111,10 @@ def _collective(what: str, fn):
     r = ranks()
     try:
         return fn()
-    except RuntimeError as err:
+    except RuntimeError as err:  # gloo/NCCL: "[file:line] Connection closed by peer ...", "Timed out ..."
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]).split(". ")[0][:160]
         raise RankError(f"rank {r.rank} of {r.world_size}: another rank died, failed or hangs "
-                        f"({what}: {str(err).splitlines()[0][:200]}); the job stops") from err
+                        f"({what}: {cause}); the job stops") from err
 
 
 def barrier(what: str, timeout: float | None = None) -> None:

@@ -190,8 +190,8 @@ def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int,
     if not starts:
         return
     uncond = encode_prompts(pipe, [""])
-    with tqdm(total=int(missing[np.concatenate([np.arange(s, min(s + batch_size, len(plan))) for s in starts])].sum()),
-              desc=desc, mininterval=2) as bar:  # closed on errors too
+    todo_total = sum(int(missing[s:s + batch_size].sum()) for s in starts)
+    with tqdm(total=todo_total, desc=desc, mininterval=2) as bar:  # closed on errors too
         for start in starts:
             batch = plan.iloc[start:start + batch_size]
             todo = missing[start:start + batch_size]
