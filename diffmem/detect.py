@@ -176,6 +176,9 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> Path:
     """Detect per ``cfg``; returns the run dir."""
+    from diffmem.distributed import single_process
+
+    single_process("detect")  # its sampling is not split across ranks yet
     detector = check_config(cfg)
     prompts = stage_prompts(cfg)
     if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffmem.errors import DiffmemError
+from diffmem.errors import ConfigError, DiffmemError
 
 #: seconds a rank waits for the others at a barrier or collective before failing the job
 TIMEOUT_ENV = "DIFFMEM_DIST_TIMEOUT_S"
@@ -68,6 +68,15 @@ def world_size() -> int:
 def is_main() -> bool:
     """Whether this process publishes (rank 0, or the only process)."""
     return ranks().rank == 0
+
+
+def single_process(stage: str) -> None:
+    """Refuse a data-parallel start of a stage that does not split its rows across ranks yet
+    (each rank would redo the whole stage into the same run dir)."""
+    r = ranks()
+    if r.world_size > 1:
+        raise ConfigError(f"{stage} runs as one process (started as rank {r.rank} of {r.world_size}): "
+                          "run it without accelerate/torchrun/tasks_per_node")
 
 
 def timeout_s() -> float:

@@ -20,6 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from diffmem import distributed
 from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
@@ -119,13 +120,19 @@ def run(cfg: DictConfig) -> Path:
     device = configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     warn_flat_testbed(extractor.name, cfg.data.get("kind"))
-    run_dir = claim(cfg.run_dir, fingerprint(cfg))
-    _check_items(run_dir, items)
+    run_dir, ranks = Path(cfg.run_dir), distributed.ranks()
+    if ranks.rank == 0:  # rank 0 alone claims; each rank of a data-parallel job embeds its parts
+        run_dir = claim(cfg.run_dir, fingerprint(cfg))
+        _check_items(run_dir, items)
+    distributed.barrier("embed: run dir claimed")
     store = FeatureStore(run_dir)
-    embed_files(extractor, root, items, store, part_size=cfg.part_size,
-                batch_size=cfg.batch_size, shard=cfg.shard, num_shards=cfg.num_shards,
+    embed_files(extractor, root, items, store, part_size=cfg.part_size, batch_size=cfg.batch_size,
+                shard=cfg.shard + cfg.num_shards * ranks.rank, num_shards=cfg.num_shards * ranks.world_size,
                 resolution=cfg.resolution, num_workers=num_workers, skip_errors=skip_errors,
                 max_pixels=cfg.data.get("max_pixels", MAX_PIXELS))
+    distributed.barrier("embed: parts written")
+    if ranks.rank != 0:  # rank 0 publishes
+        return run_dir
     n_parts = (len(items) + cfg.part_size - 1) // cfg.part_size
     if not all(store.has_part(p) for p in range(n_parts)):
         log.info("embed: shard %d/%d done; waiting for other shards", cfg.shard, cfg.num_shards)
@@ -136,8 +143,12 @@ def run(cfg: DictConfig) -> Path:
     if n_skipped:
         log.warning("embed: %d of %d images skipped (unreadable; listed in %s)", n_skipped, len(items),
                     store.skipped_path)
-    return finish(run_dir, cfg, counts, extractor=extractor.info(), dim=extractor.dim,
-                  feature=extractor.name, source=cfg.source, **counts)
+    def rank_items(r, w):  # the items of the parts rank r of w embedded
+        return sum(min(cfg.part_size, len(items) - p * cfg.part_size)
+                   for p in range(cfg.shard + cfg.num_shards * r, n_parts, cfg.num_shards * w))
+
+    return finish(run_dir, cfg, counts, extractor=extractor.info(), dim=extractor.dim, feature=extractor.name,
+                  source=cfg.source, **counts, data_parallel=distributed.summary(rank_items))
 
 
 main = hydra_app("embed", run)

@@ -148,6 +148,9 @@ def run(cfg: DictConfig) -> Path:
     from diffmem.loading import load_model
     from diffmem.probes.context import ProbeContext, rows_conditioning, trigger_settings
     from diffmem.sampling import get_hooks
+    from diffmem.distributed import single_process
+
+    single_process("evaluate-mitigation")  # its sampling is not split across ranks yet
 
     models = check_config(cfg)
     root, manifest = load_dataset(cfg.data)

@@ -81,6 +81,9 @@ def run(cfg: DictConfig) -> Path:
     """Probe per ``cfg``; returns the run dir."""
     from diffmem.features import build_extractor
     from diffmem.loading import load_model
+    from diffmem.distributed import single_process
+
+    single_process("probe")  # its sampling is not split across ranks yet
 
     fn = check_config(cfg)
     root, manifest = load_dataset(cfg.data)

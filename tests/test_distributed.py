@@ -58,6 +58,17 @@ def test_submitit_tasks_become_torch_ranks(monkeypatch):
     assert os.environ["MASTER_ADDR"] and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
 
 
+@pytest.mark.parametrize("stage", ["detect", "probe", "evaluate-mitigation"])
+def test_stages_that_do_not_split_refuse_several_ranks(monkeypatch, stage):
+    import diffmem
+    from diffmem.errors import ConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=f"{stage} runs as one process \\(started as rank 1 of 2\\)"):
+        diffmem.run(stage, [])
+
+
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
@@ -152,7 +163,7 @@ def test_train_on_two_ranks_equals_one_process_and_resumes_after_a_rank_is_kille
     out = Path(os.environ["DIFFMEM_OUTPUTS"]) / "train"
     weights = "model/unet/diffusion_pytorch_model.safetensors"
     assert _max_rel_diff(load_file(one / weights), load_file(out / "two" / weights)) <= 1e-4
-    assert _data_parallel(out / "two") == {"world_size": 2, "rank_items": [44, 44]}  # (2 + 10 steps) x 2 rows
+    assert _data_parallel(out / "two") == {"world_size": 2, "rank_items": [24, 24]}  # (2 + 10 steps) x 2 rows
 
     # SIGKILL rank 1 once a checkpoint is written, then relaunch: the same weights
     procs = _ranks([sys.executable, "-m", "diffmem.train", *TRAIN, "name=killed"], DIFFMEM_DIST_TIMEOUT_S="20")
@@ -184,20 +195,43 @@ def test_lora_mitigation_on_two_ranks_equals_one_process():
     assert _data_parallel(two_dir) == {"world_size": 2, "rank_items": [12, 12]}
 
 
+def _outputs(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and ".hydra" not in p.parts and p.name not in ("info.json", "config.log")}
+
+
 @pytest.mark.slow
-def test_generate_on_two_ranks_writes_the_same_bytes():
+@pytest.mark.parametrize("launcher", ["accelerate", "submitit_local"])
+def test_generate_on_two_ranks_writes_the_same_bytes(launcher):
     import diffmem
 
     args = ["prompts.n_ordinary=3", "prompts.n_heldout=2", "n_per_prompt=2", "batch_size=3", "steps=4", "threads=1"]
     one = diffmem.run("generate", args + ["name=one"])
-    two = _launch(ACCELERATE, "generate", args + ["name=two"])
+    if launcher == "accelerate":
+        two = _launch(ACCELERATE, "generate", args + ["name=two"])
+        two_dir = one.parent / "two"
+    else:  # hydra/launcher=submitit_local with 2 tasks: submitit's environment becomes the ranks
+        two = subprocess.run([sys.executable, "-m", "diffmem.generate", "--multirun", "hydra/launcher=submitit_local",
+                              "hydra.launcher.tasks_per_node=2", *args, "name=two"], cwd=ROOT, env=_env(),
+                             text=True, capture_output=True, timeout=600)
+        two_dir = one.parent / "multirun" / "two" / "0"
     assert two.returncode == 0, two.stderr[-2000:]
-    two_dir = one.parent / "two"
-    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and ".hydra" not in p.parts
-                   and p.name not in ("info.json", "config.log"))
-    assert any(f.suffix == ".png" for f in files)
-    assert files == sorted(p.relative_to(two_dir) for p in two_dir.rglob("*") if p.is_file()
-                           and ".hydra" not in p.parts and p.name not in ("info.json", "config.log"))
-    assert all((one / f).read_bytes() == (two_dir / f).read_bytes() for f in files)
+    a, b = _outputs(one), _outputs(two_dir)
+    assert any(f.endswith(".png") for f in a) and a.keys() == b.keys()
+    assert [f for f in a if a[f] != b[f]] == []
     items = _data_parallel(two_dir)["rank_items"]
-    assert len(items) == 2 and sum(items) == len(list(one.rglob("*.png"))) and min(items) > 0
+    assert len(items) == 2 and sum(items) == sum(f.endswith(".png") for f in a) and min(items) > 0
+
+
+@pytest.mark.slow
+def test_embed_on_two_ranks_writes_the_same_vectors():
+    import diffmem
+    from tests.conftest import EMBED
+
+    one = diffmem.run("embed", EMBED + ["name=one"])
+    two = _launch(TORCHRUN, "embed", EMBED + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _outputs(one), _outputs(one.parent / "two")
+    assert len(a) > 4 and a.keys() == b.keys() and [f for f in a if a[f] != b[f]] == []
+    items = _data_parallel(one.parent / "two")["rank_items"]
+    assert sum(items) == json.loads((one / "info.json").read_text())["n"] and min(items) > 0
