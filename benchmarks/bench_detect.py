@@ -26,8 +26,9 @@ from diffmem.detectors import build_detector, count_unet_evals
 from diffmem.features import build_extractor
 from diffmem.data.samples import plan_samples
 from diffmem.sampling import generate_images
-from diffmem.index.faiss_index import build_index, search
-from diffmem.metrics.detection import ground_truth_labels, roc_auc
+from diffmem.index import build_index, search
+from diffmem.data.labels import ground_truth_labels
+from diffmem.metrics.detection import roc_auc
 from diffmem.models import load_pipeline
 from diffmem.runs import write_json
 

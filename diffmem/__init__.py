@@ -8,8 +8,16 @@ Public API (what notebooks use; the CLI runs the same functions)::
     res = diffmem.load_run(run_dir)                           # its tables and metrics
 """
 
+from diffmem import _torchvision_shim
+from diffmem.registry import MODEL_WRAPPERS as _WRAPPERS
+
+_torchvision_shim.install()  # before anything diffmem loads imports torchvision (docs/shim.md)
+
 __version__ = "0.1.0"
 __all__ = ["compose", "run", "load_run", "__version__"]
+
+# wired here, above every layer: model loading reads defence folders without importing a method
+_WRAPPERS.register("defence", "diffmem.mitigations.defences:wrapped")
 
 
 def __getattr__(name):  # keep `import diffmem` light: torch etc. load on first use

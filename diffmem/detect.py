@@ -24,31 +24,22 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
-from diffmem.data.prompts import needs_dataset, stage_prompts
+from diffmem.data.prompts import stage_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
 from diffmem.errors import ConfigError
-from diffmem.metrics.detection import (
-    calibrate_threshold,
-    check_positives,
-    describe_positives,
-    detection_metrics,
-    ground_truth,
-    ground_truth_labels,
-    rates_at_threshold,
-    roc_points,
-)
+from diffmem.data.labels import check_positives, describe_positives, ground_truth, ground_truth_labels
+from diffmem.metrics.detection import calibrate_threshold, detection_metrics, rates_at_threshold
 from diffmem.loading import load_model
 from diffmem.report import write_detect_report
-from diffmem.report.figures import save_figure
-from diffmem.runs import (check_claim, claim, config_subset, finish, is_done, provenance, write_json,
-                          write_parquet)
+from diffmem.report.figures import ROC_FIGURE, roc_figure
+from diffmem.runner import Job, Outcome, StageSpec
+from diffmem.runs import write_parquet
 
 log = logging.getLogger(__name__)
 SCORES = "scores.parquet"
@@ -151,43 +142,15 @@ def group_summary(table: pd.DataFrame) -> list[dict]:
             for row in g.to_dict(orient="records")]
 
 
-def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
-    """The ROC curve of a labelled ``scores`` table as a PNG (matplotlib ``Figure``, no pyplot)."""
-    from matplotlib.figure import Figure
-    from sklearn.metrics import auc
-
-    known = table[table["label"].notna()]
-    fprs, tprs, _ = roc_points(known["score"].to_numpy(float), known["label"].to_numpy(int))
-    fig = Figure(figsize=(4.2, 4.0), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(fprs, tprs, color="#1f77b4", linewidth=2, label=f"AUC = {auc(fprs, tprs):.3f}")
-    ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-           title=title)
-    ax.legend(loc="lower right", frameon=False)
-    return save_figure(fig, path)
+def prepare(cfg: DictConfig) -> tuple[Detector, pd.DataFrame]:
+    return check_config(cfg), stage_prompts(cfg)
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    keys = ["model", "prompts", "detect", "seed", "resolution", "scheduler", "attribution",
-            "positives", "fpr"] + (["data"] if needs_dataset(cfg) else [])
-    return config_subset(cfg, keys)
-
-
-def run(cfg: DictConfig) -> Path:
-    """Detect per ``cfg``; returns the run dir."""
-    from diffmem.distributed import single_process
-
-    single_process("detect")  # its sampling is not split across ranks yet
-    detector = check_config(cfg)
-    prompts = stage_prompts(cfg)
-    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
-        log.info("detect: %s is complete", cfg.run_dir)
-        return Path(cfg.run_dir)
+def body(job: Job) -> Outcome:
+    cfg, run_dir, (detector, prompts) = job.cfg, job.dir, job.ctx
     device = configure_torch(cfg)
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
-    run_dir = claim(cfg.run_dir, fingerprint(cfg))  # only once the inputs are usable
     start = time.perf_counter()
     with count_unet_evals(pipe.unet) as used:
         table = score_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution,
@@ -212,19 +175,19 @@ def run(cfg: DictConfig) -> Path:
         metrics["ground_truth"] = {"positives": describe_positives(prompts, positives), **results}
         metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr") if k in results})
         if "roc_auc" in results:
-            roc_figure(table, run_dir / "roc.png", title=f"{detector.name} on {cfg.model.name}")
-    metrics["provenance"] = provenance(cfg)
-    write_json(run_dir / "metrics.json", metrics)
+            roc_figure(table, run_dir / ROC_FIGURE, title=f"{detector.name} on {cfg.model.name}")
     write_detect_report(run_dir, table, {**metrics, "fpr": cfg.fpr}, attr,
                         title=f"diffmem detect: {detector.name} on {cfg.model.name}")
     log.info("detect: %s scored %d prompts with %d UNet evaluations%s", detector.name, len(table),
              used.evals, f"; ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else "")
     for line in summary_lines(results):
         log.info("detect: %s", line)
-    return finish(run_dir, cfg, {"n_prompts": len(table), "roc_auc": results.get("roc_auc")},
-                  detector=detector.name, unet_calls=used.evals)
+    return Outcome({"n_prompts": len(table), "roc_auc": results.get("roc_auc")},
+                   {"detector": detector.name, "unet_calls": used.evals}, metrics)
 
 
+SPEC = StageSpec("detect", body, prepare, volatile=("batch_size",), inputs=lambda cfg, ctx: {"prompt list": ctx[1]})
+run = SPEC.run
 main = hydra_app("detect", run)
 
 if __name__ == "__main__":

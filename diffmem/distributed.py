@@ -221,6 +221,17 @@ def mean_over_ranks(value: float) -> float:
     return float(t) / world_size()
 
 
+def share(obj=None):
+    """Rank 0's ``obj`` on every rank (e.g. whether the others have work); ``obj`` in one process."""
+    if not init():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    _collective("share", lambda: dist.broadcast_object_list(box, src=0, group=_gloo_group()))
+    return box[0]
+
+
 def gather(obj):
     """Every rank's ``obj`` as a list on rank 0 (rank order), None on the others; ``[obj]``
     for one process."""

@@ -25,7 +25,7 @@ from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset
-from diffmem.data.images import MAX_PIXELS, on_error, without_guards
+from diffmem.data.images import MAX_PIXELS, on_error
 from diffmem.data.manifests import NOT_SUCCESS
 from diffmem.data.samples import read_samples
 from diffmem.errors import ConfigError, DataError
@@ -33,7 +33,7 @@ from diffmem.features import build_extractor
 from diffmem.features.loader import embed_images
 from diffmem.features.onnx import warn_flat_testbed
 from diffmem.features.store import FeatureStore
-from diffmem.runs import check_claim, check_inputs, claim, config_subset, finish, is_done
+from diffmem.runner import Job, Outcome, StageSpec, on_error_guard, require_items
 
 log = logging.getLogger(__name__)
 
@@ -82,75 +82,71 @@ def embed_files(extractor, root: Path, items: pd.DataFrame, store: FeatureStore,
             store.write_part(p, vectors, skipped)
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    fp = config_subset(cfg, ["features", "source", "split", "samples_dir", "part_size", "num_shards",
-                             "resolution"] + (["data"] if cfg.source == "dataset" else []))
-    return {**fp, "data": without_guards(fp["data"])} if "data" in fp else fp
-
-
-def _check_items(run_dir: Path, items: pd.DataFrame) -> None:
-    """Refuse a resume whose item list changed: its ids and files (what the parts' rows are),
-    hashed once; captions and labels are not what a vector depends on."""
-    check_inputs(run_dir, "item list", items[["item_id", "file"]])
-
-
-def run(cfg: DictConfig) -> Path:
-    """Embed per ``cfg``; returns the run dir.
-
-    Config, item list and extractor are checked before the run dir is claimed, so a
-    refused run creates nothing. An image that cannot be read fails the run naming the
-    file (``data.on_error=skip``: it is left out, listed in ``skipped.parquet`` and
-    counted); the parts finished before it stay (a re-run resumes), and the ids table,
-    ``info.json`` and ``_SUCCESS`` appear only once every part exists.
-    """
-    num_workers = int(cfg.get("num_workers", 0))
-    skip_errors = cfg.source == "dataset" and on_error(cfg.data) == "skip"
+def prepare(cfg: DictConfig) -> tuple[Path, pd.DataFrame]:
+    """The items to embed (checked before anything is written)."""
     check_shard(cfg.shard, cfg.num_shards)
-    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir) and FeatureStore(cfg.run_dir).intact(
-            cfg.part_size):
-        return Path(cfg.run_dir)
     if cfg.source == "dataset":
-        root, items = dataset_items(cfg.data, cfg.split)
-    elif cfg.source == "samples":
+        return dataset_items(cfg.data, cfg.split)
+    if cfg.source == "samples":
         if not cfg.samples_dir:
             raise ConfigError("source=samples needs samples_dir=<a generate run dir>")
-        root, items = samples_items(cfg.samples_dir)
-    else:
-        raise ConfigError(f"source '{cfg.source}' is not one of dataset, samples")
+        return samples_items(cfg.samples_dir)
+    raise ConfigError(f"source '{cfg.source}' is not one of dataset, samples")
+
+
+def body(job: Job) -> Outcome:
+    """Embed every missing part. An image that cannot be read fails the run naming the file
+    (``data.on_error=skip``: it is left out, listed in ``skipped.parquet`` and counted); the
+    parts finished before it stay (a re-run resumes), and the ids table appears only once
+    every part exists (the last shard to finish publishes)."""
+    cfg, (root, items) = job.cfg, job.ctx
+    skip_errors = cfg.source == "dataset" and on_error(cfg.data) == "skip"
     device = configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     warn_flat_testbed(extractor.name, cfg.data.get("kind"))
-    run_dir, ranks = Path(cfg.run_dir), distributed.ranks()
-    if ranks.rank == 0:  # rank 0 alone claims; each rank of a data-parallel job embeds its parts
-        run_dir = claim(cfg.run_dir, fingerprint(cfg))
-        _check_items(run_dir, items)
-    distributed.barrier("embed: run dir claimed")
-    store = FeatureStore(run_dir)
+    ranks = distributed.ranks()  # each rank of a data-parallel job embeds its share of the parts
+    store = FeatureStore(job.dir)
     embed_files(extractor, root, items, store, part_size=cfg.part_size, batch_size=cfg.batch_size,
                 shard=cfg.shard + cfg.num_shards * ranks.rank, num_shards=cfg.num_shards * ranks.world_size,
-                resolution=cfg.resolution, num_workers=num_workers, skip_errors=skip_errors,
+                resolution=cfg.resolution, num_workers=int(cfg.get("num_workers", 0)), skip_errors=skip_errors,
                 max_pixels=cfg.data.get("max_pixels", MAX_PIXELS))
     distributed.barrier("embed: parts written")
     if ranks.rank != 0:  # rank 0 publishes
-        return run_dir
+        return Outcome(complete=False)
     n_parts = (len(items) + cfg.part_size - 1) // cfg.part_size
     if not all(store.has_part(p) for p in range(n_parts)):
         log.info("embed: shard %d/%d done; waiting for other shards", cfg.shard, cfg.num_shards)
-        return run_dir
+        return Outcome(complete=False)
     n_skipped = store.write_ids(items)
+    require_items(len(items) - n_skipped, "images", f"embed {job.dir}")
     counts = {"n": len(items) - n_skipped, "n_skipped": n_skipped,
               "n_not_success": int(items.attrs.get(NOT_SUCCESS, 0))}
     if n_skipped:
         log.warning("embed: %d of %d images skipped (unreadable; listed in %s)", n_skipped, len(items),
                     store.skipped_path)
+
     def rank_items(r, w):  # the items of the parts rank r of w embedded
         return sum(min(cfg.part_size, len(items) - p * cfg.part_size)
                    for p in range(cfg.shard + cfg.num_shards * r, n_parts, cfg.num_shards * w))
 
-    return finish(run_dir, cfg, counts, extractor=extractor.info(), dim=extractor.dim, feature=extractor.name,
-                  source=cfg.source, **counts, data_parallel=distributed.summary(rank_items))
+    return Outcome(counts, dict(extractor=extractor.info(), dim=extractor.dim, feature=extractor.name,
+                                source=cfg.source, **counts, data_parallel=distributed.summary(rank_items)))
 
 
+def item_list(cfg: DictConfig, ctx) -> dict:
+    """A resume whose item list changed is refused: its ids and files (what the parts' rows are);
+    captions and labels are not what a vector depends on."""
+    return {"item list": ctx[1][["item_id", "file"]]}
+
+
+def skipped_guard(cfg: DictConfig, summary: dict) -> str | None:
+    return on_error_guard(on_error(cfg.data) if cfg.source == "dataset" else "fail", summary.get("n_skipped", 0))
+
+
+#: ``batch_size`` does not change the vectors (tests/test_embed.py)
+SPEC = StageSpec("embed", body, prepare, volatile=("batch_size",), inputs=item_list, guard=skipped_guard,
+                 data_parallel=True)
+run = SPEC.run
 main = hydra_app("embed", run)
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """One loader for every model a stage names: a diffusers pipeline, a LoRA adapter folder over
-one, or a defence wrapper over either.
+one, or a wrapper over either (a defence).
 
-Above :mod:`diffmem.models` (plain pipelines) and :mod:`diffmem.mitigations.defences` (the
-wrapper format), so neither needs the other: a wrapper folder loads as its base pipeline
-with the defence attached as sampler hooks (:func:`diffmem.sampling.set_hooks`).
+Above :mod:`diffmem.models` (plain pipelines). Wrapper formats are a hook: each is a reader
+registered in :data:`diffmem.registry.MODEL_WRAPPERS` (the defence format by the package
+root), so this module imports no method. A wrapper folder loads as its base pipeline with the
+wrapper's sampler hooks attached (:func:`diffmem.sampling.set_hooks`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from collections.abc import Mapping
 import torch
 
 from diffmem.errors import DataError
-from diffmem.mitigations.defences import is_defence, read_defence
 from diffmem.models import load_pipeline
 from diffmem.models.adapters import apply_adapter, is_adapter, read_adapter
 from diffmem.models.pipeline import check_precision
-from diffmem.sampling import set_hooks
+from diffmem.registry import MODEL_WRAPPERS
+from diffmem.sampling import SamplerHooks, set_hooks
 
 
 def model_precision(spec: Mapping) -> str:
@@ -33,20 +34,31 @@ def load_model(model: Mapping | str | os.PathLike, device: str | torch.device = 
 
     A path (or a config without them) means ``fp32`` and offline; ``precision`` overrides the
     config's. An adapter folder loads its base with the adapter fused into the UNet
-    (:mod:`diffmem.models.adapters`). A defence wrapper loads its base model (with the same
-    settings) with the defence as the pipeline's sampler hooks; defences do not stack.
+    (:mod:`diffmem.models.adapters`). A wrapper (a defence) loads its base model (with the same
+    settings) with the wrapper as the pipeline's sampler hooks; wrappers do not stack.
     """
     spec = {"path": model} if isinstance(model, (str, os.PathLike)) else model
     path = spec["path"]
     precision = check_precision(precision) if precision else model_precision(spec)
     settings = dict(local_files_only=spec.get("local_files_only", True), scheduler=scheduler,
                     vae_slicing=bool(spec.get("vae_slicing", False)), vae_tiling=bool(spec.get("vae_tiling", False)))
-    if not is_defence(path):
+    wrapper = _wrapper(path)
+    if wrapper is None:
         return _weights(path, device, precision, settings)
-    base, defence = read_defence(path)
-    if is_defence(base):
-        raise DataError(f"{os.path.expanduser(path)}: wraps another defence ({base}); defences do not stack")
-    return set_hooks(_weights(base, device, precision, settings), defence)
+    kind, base, hooks = wrapper
+    if _wrapper(base) is not None:
+        raise DataError(f"{os.path.expanduser(path)}: wraps another {kind} ({base}); {kind}s do not stack")
+    return set_hooks(_weights(base, device, precision, settings), hooks)
+
+
+def _wrapper(path) -> tuple[str, str, SamplerHooks] | None:
+    """(format name, base model, sampler hooks) when ``path`` is a folder of a registered
+    wrapper format, else None."""
+    for kind in MODEL_WRAPPERS.names():
+        found = MODEL_WRAPPERS.get(kind)(path)
+        if found is not None:
+            return (kind, *found)
+    return None
 
 
 def _weights(path, device, precision: str, settings: dict):
@@ -55,6 +67,7 @@ def _weights(path, device, precision: str, settings: dict):
     if not is_adapter(path):
         return load_pipeline(path, device, precision, **settings)
     base, _ = read_adapter(path)
-    if is_defence(base):
-        raise DataError(f"{os.path.expanduser(path)}: an adapter over a defence ({base}); adapt the plain model")
+    wrapper = _wrapper(base)
+    if wrapper is not None:
+        raise DataError(f"{os.path.expanduser(path)}: an adapter over a {wrapper[0]} ({base}); adapt the plain model")
     return apply_adapter(_weights(base, device, precision, settings), path)

@@ -79,3 +79,10 @@ class Registry:
     def build(self, name: str, *args, **kwargs) -> Any:
         """``get(name)(*args, **kwargs)``."""
         return self.get(name)(*args, **kwargs)
+
+
+#: Model-folder wrapper formats :func:`diffmem.loading.load_model` recognises: name -> a
+#: reader ``(folder) -> (base model, sampler hooks)``, or None for a folder of another
+#: format. The package root (``diffmem/__init__.py``) registers the defence format, so that
+#: loading (data and models layer) imports no method (docs/architecture.md section 3).
+MODEL_WRAPPERS = Registry("model wrapper", expects=callable)

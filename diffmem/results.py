@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from diffmem.errors import DataError
-from diffmem.runs import RUN_FILE, is_done, read_json
+from diffmem.runs import METRICS, RUN_FILE, is_done, read_json
 
 
 @dataclass
@@ -45,6 +45,6 @@ def load_run(path) -> RunResult:
     res = RunResult(path=path)
     if (path / RUN_FILE).exists():
         res.fingerprint = read_json(path / RUN_FILE)
-    if (path / "metrics.json").exists():
-        res.metrics = read_json(path / "metrics.json")
+    if (path / METRICS).exists():
+        res.metrics = read_json(path / METRICS)
     return res

@@ -29,12 +29,14 @@ from diffmem.errors import ConfigError, OutputError
 SUCCESS = "_SUCCESS"
 INFO = "info.json"
 RUN_FILE = "run.json"    # the fingerprint a run dir was claimed with
+INPUTS = "inputs.json"   # digests of the input tables a run started on
+METRICS = "metrics.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _HOST = re.sub(r"[^\w]", "_", socket.gethostname().split(".")[0]) or "host"
 #: a temporary file of :func:`atomic_path`: ``.<name>.<host>-<pid>.<random>.tmp`` (older
 #: versions: ``.<name>.<random>.tmp``)
-_TMP = re.compile(r"^\..+?(?:\.(?P<host>\w+)-(?P<pid>\d+))?\.\w+\.tmp$")
+TMP_NAME = re.compile(r"^\..+?(?:\.(?P<host>\w+)-(?P<pid>\d+))?\.\w+\.tmp$")
 STALE_TMP_S = 3600  # a temporary file untouched this long is a killed write's, whoever made it
 _TRACKED_PACKAGES = (
     "diffmem", "torch", "torchvision", "diffusers", "transformers", "accelerate",
@@ -279,7 +281,7 @@ def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
     removed = []
     for folder, _, files in os.walk(run_dir):
         for name in files:
-            m = _TMP.match(name)
+            m = TMP_NAME.match(name)
             if m is None:
                 continue
             path = Path(folder) / name
@@ -334,7 +336,7 @@ def check_inputs(run_dir: str | os.PathLike, name: str, df) -> None:
     The config fingerprint names input files, not their content: a manifest or prompt list
     edited between a kill and a resume would otherwise pair old outputs with new rows.
     """
-    path = Path(run_dir) / "inputs.json"
+    path = Path(run_dir) / INPUTS
     seen = read_json(path) if path.exists() else {}
     digest = table_digest(df)
     if name in seen and seen[name]["sha256"] != digest:
@@ -376,13 +378,6 @@ def reopen(run_dir: str | os.PathLike) -> None:
     (Path(run_dir) / SUCCESS).unlink(missing_ok=True)
 
 
-def finish(run_dir: str | os.PathLike, cfg: Any, summary: dict[str, Any], **info: Any) -> Path:
-    """Publish ``info.json`` (``info`` + provenance) and the ``_SUCCESS`` marker, last."""
-    write_json(Path(run_dir) / INFO, {**info, **provenance(cfg)})
-    mark_done(run_dir, summary)
-    return Path(run_dir)
-
-
 def require(cfg: Any, *keys: str, prefix: str = "", hint: str = "") -> None:
     """Raise a ConfigError naming the first of ``keys`` that is unset (``???``, null or "")."""
     from omegaconf import DictConfig, OmegaConf
@@ -391,14 +386,6 @@ def require(cfg: Any, *keys: str, prefix: str = "", hint: str = "") -> None:
         missing = isinstance(cfg, DictConfig) and OmegaConf.is_missing(cfg, key)
         if missing or cfg.get(key) in (None, ""):
             raise ConfigError(f"{prefix}{key} is required" + (f": {hint}" if hint else ""))
-
-
-def config_subset(cfg: Any, keys) -> dict[str, Any]:
-    """The plain, resolved values of ``keys`` in ``cfg`` (a run's fingerprint)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return {k: OmegaConf.to_container(cfg[k], resolve=True)
-            if isinstance(cfg[k], (DictConfig, ListConfig)) else cfg[k] for k in keys if k in cfg}
 
 
 def digest(value: Any) -> str:

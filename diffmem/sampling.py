@@ -22,7 +22,7 @@ import torch
 from diffmem.errors import ConfigError
 
 #: the pipeline attribute that holds its sampler hooks
-HOOKS_ATTR = "diffmem_defence"
+HOOKS_ATTR = "diffmem_sampler_hooks"
 
 
 class SamplerHooks(Protocol):

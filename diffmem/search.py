@@ -12,39 +12,39 @@ nearest background images.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 
 from diffmem.config import hydra_app
 from diffmem.errors import ConfigError
 from diffmem.features.store import FeatureStore
 from diffmem.index.matches import find_matches, input_digests, write_matches
-from diffmem.runs import check_claim, claim, finish, is_done, require
+from diffmem.runner import Job, Outcome, StageSpec
+from diffmem.runs import require
 
 
-def run(cfg: DictConfig) -> Path:
-    """Search per ``cfg``; the matches are computed before the run dir is claimed, so a
-    refused run creates nothing."""
+def prepare(cfg: DictConfig) -> None:
     if (cfg.get("index_dir") is None) == (cfg.get("stream_dir") is None):
         raise ConfigError("search needs exactly one of index_dir=<an index run> or stream_dir=<an embed run>")
     require(cfg, "queries_dir", hint="search needs queries_dir=<an embed run>")
+
+
+def inputs_digest(cfg: DictConfig, _ctx) -> dict:
+    """The upstream runs by content: one recomputed under the same path needs a new search."""
     norm = cfg.normalisation
-    ref = cfg.index_dir or cfg.stream_dir
-    fp = {"index_dir" if cfg.index_dir else "stream_dir": str(Path(ref).resolve()),
-          "queries_dir": str(Path(cfg.queries_dir).resolve()), "k": cfg.k,
-          "background_dir": norm.background_dir, "beta": norm.beta,
-          "inputs": input_digests(cfg.queries_dir, cfg.index_dir, cfg.stream_dir, norm.background_dir)}
-    if check_claim(cfg.run_dir, fp) and is_done(cfg.run_dir):
-        return Path(cfg.run_dir)
+    return {"inputs": input_digests(cfg.queries_dir, cfg.index_dir, cfg.stream_dir, norm.background_dir)}
+
+
+def body(job: Job) -> Outcome:
+    cfg, norm = job.cfg, job.cfg.normalisation
     matches = find_matches(cfg.index_dir, cfg.queries_dir, cfg.k, norm.background_dir, norm.beta, norm.k,
                            stream_dir=cfg.stream_dir)
-    run_dir = claim(cfg.run_dir, fp)
-    write_matches(run_dir, matches)
+    write_matches(job.dir, matches)
     warning = FeatureStore(cfg.queries_dir).warning()  # a random CLIP: the matches mean nothing
-    return finish(run_dir, cfg, {"rows": len(matches)}, **({"warning": warning} if warning else {}))
+    return Outcome({"rows": len(matches)}, {"warning": warning} if warning else {})
 
 
+SPEC = StageSpec("search", body, prepare, extra=inputs_digest)
+run = SPEC.run
 main = hydra_app("search", run)
 
 if __name__ == "__main__":

@@ -1,25 +1,48 @@
 """``diffmem train``: train a text-to-image model from scratch (the testbed) or fine-tune one.
 
-The engine is :mod:`diffmem.training` (loss, resumable loop, VAE then UNet); this stage runs
-it on a composed ``train`` config. Writes ``model/`` (diffusers format), ``train_log.parquet``
-and ``info.json`` + ``_SUCCESS``; a killed run re-run with the same config resumes exactly.
+The engine is :mod:`diffmem.training` (loss, resumable loop, VAE then UNet). Writes ``model/``
+(diffusers format), ``train_log.parquet`` and ``info.json`` + ``_SUCCESS``; a killed run re-run
+with the same config resumes exactly from ``checkpoints/``, removed once the run is published
+(``keep_checkpoints=true`` keeps them).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 from omegaconf import DictConfig
 
+from diffmem import distributed
 from diffmem.config import hydra_app
-from diffmem.training import train_model
+from diffmem.data import load_dataset
+from diffmem.data.images import TESTBED_KINDS
+from diffmem.metrics.memorisation import memorisation_figures
+from diffmem.runner import Job, Outcome, StageSpec
+from diffmem.training import CHECKPOINTS, drop_checkpoints, fit_items, train_pipeline, training_rows
 
 
-def run(cfg: DictConfig) -> Path:
-    """Train per ``cfg``; returns the run dir (the model is ``<run dir>/model``)."""
-    return train_model(cfg)
+def prepare(cfg: DictConfig):
+    root, manifest = load_dataset(cfg.data)
+    training_rows(root, manifest)
+    return root, manifest
 
 
+def body(job: Job) -> Outcome:
+    """Train; with ``evaluate`` on a testbed, the model's memorisation figures go to
+    ``model/memorisation.json``."""
+    cfg = job.cfg
+    testbed = cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS
+    model_dir = train_pipeline(cfg, job.dir, *job.ctx, partial(memorisation_figures, **cfg.evaluate) if testbed else None)
+    ranks = distributed.summary(lambda r, w: sum(fit_items(c, r, w) for c in (cfg.vae, cfg.unet)))
+    return Outcome({"model": str(model_dir)}, info={"data_parallel": ranks})
+
+
+SPEC = StageSpec("train", body, prepare, volatile=("keep_checkpoints", "unet.ckpt_every", "vae.ckpt_every"),
+                 inputs=lambda cfg, ctx: {"training set": training_rows(*ctx)[["file", "caption"]]},
+                 scratch=(CHECKPOINTS,),
+                 after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))),
+                 data_parallel=True)
+run = SPEC.run
 main = hydra_app("train", run)
 
 if __name__ == "__main__":

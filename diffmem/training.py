@@ -1,5 +1,5 @@
 """The training engine: the diffusion loss, a resumable optimisation loop, and the training of
-a text-to-image model into a run dir (the ``train`` stage; ``generalise`` trains its models with it).
+a text-to-image model into a claimed run dir (what the ``train`` stage runs).
 
 Noise-prediction loss with classifier-free-guidance caption dropout, optional EMA,
 AdamW, checkpoints that make a killed run resume exactly (every step's batch, noise and
@@ -28,15 +28,16 @@ from diffmem import distributed as dist
 from diffmem.checks import check_positive
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
-from diffmem.data.images import TESTBED_KINDS
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model, model_precision
 from diffmem.models import save_pipeline
 from diffmem.models.pipeline import resolve_dtype, staged_dir
-from diffmem.runs import check_claim, claim, config_subset, finish, is_done, write_json, write_parquet
+from diffmem.runs import write_json, write_parquet
 from diffmem.sampling import encode_prompts
 
 log = logging.getLogger(__name__)
+CHECKPOINTS = "checkpoints"  # a run dir's resume state (not an output)
+TRAIN_LOG = "train_log.parquet"  # the mean loss per logged step of a training run
 
 
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
@@ -250,7 +251,7 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
 def drop_checkpoints(run_dir: str | Path, keep: bool) -> None:
     """After ``_SUCCESS``: remove ``<run dir>/checkpoints`` (only a resume needs them; a full SD
     fine-tune keeps ~10 GB there) unless ``keep`` (``keep_checkpoints=true``)."""
-    ckpt = Path(run_dir) / "checkpoints"
+    ckpt = Path(run_dir) / CHECKPOINTS
     if keep or not ckpt.is_dir():
         return
     size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
@@ -379,27 +380,18 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
     return losses
 
 
-def fingerprint(cfg: DictConfig) -> dict:
-    """What a training run is (its run dir refuses another)."""
-    return config_subset(cfg, ("seed", "model", "arch", "data", "vae", "unet", "resolution"))
+def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.DataFrame,
+                   evaluate: Callable[..., dict] | None = None) -> Path:
+    """Train per a ``train`` config into the claimed ``run_dir`` (the VAE, then the UNet, each
+    resuming from its checkpoints) on the training rows of ``manifest``; returns the model dir.
 
-
-def train_model(cfg: DictConfig) -> Path:
-    """Train per a ``train`` config into ``cfg.run_dir``; returns the run dir.
-
-    Writes ``model/`` (diffusers format) and ``train_log.parquet``; resumable, and a
-    finished run is a no-op. Data and model are loaded before the run dir is claimed: a
-    refused run creates nothing.
+    Writes ``model/`` (diffusers format) and ``train_log.parquet``. ``evaluate(model, data root,
+    manifest) -> figures`` (the train stage's, a hook so that the engine imports no metric)
+    measures the published model into ``model/memorisation.json``.
     """
-    if check_claim(cfg.run_dir, fingerprint(cfg)) and is_done(cfg.run_dir):
-        log.info("train: %s is complete", cfg.run_dir)
-        return Path(cfg.run_dir)
     torch.manual_seed(cfg.seed)
     device = configure_torch(cfg)
-    root, manifest = load_dataset(cfg.data)
-    train_rows = manifest[manifest["split"] == "train"] if "split" in manifest else manifest
-    if train_rows.empty:
-        raise ConfigError(f"{root}: the dataset has no training rows")
+    train_rows = training_rows(root, manifest)
     images = to_tensor(load_images(root, train_rows["file"], cfg.resolution))
 
     if cfg.get("arch") is not None:
@@ -420,8 +412,6 @@ def train_model(cfg: DictConfig) -> Path:
         m.requires_grad_(False)
     mixed = mixed_precision(resolve_dtype(model_precision(cfg.get("model") or {}), device))  # from scratch: fp32
 
-    run_dir = claim(cfg.run_dir, fingerprint(cfg)) if dist.is_main() else Path(cfg.run_dir)
-    dist.barrier("train: run dir claimed")
     vae_dir = run_dir / "vae"
     if cfg.vae.steps > 0:
         if not (vae_dir / "config.json").exists():
@@ -429,8 +419,8 @@ def train_model(cfg: DictConfig) -> Path:
             if cfg.vae.get("data"):  # its own pool (e.g. random photo crops), so the VAE does not memorise
                 vae_root, vae_rows = load_dataset(cfg.vae.data)
                 vae_images = to_tensor(load_images(vae_root, vae_rows["file"], cfg.resolution))
-            train_vae(pipe.vae, vae_images, cfg.vae, cfg.seed, run_dir / "checkpoints" / "vae", mixed)
-            if dist.is_main():
+            train_vae(pipe.vae, vae_images, cfg.vae, cfg.seed, run_dir / CHECKPOINTS / "vae", mixed)
+            if dist.is_main():  # rank 0 alone writes the run dir
                 with staged_dir(vae_dir) as tmp:
                     pipe.vae.save_pretrained(tmp, safe_serialization=True)
         dist.barrier("train: VAE saved")
@@ -444,20 +434,22 @@ def train_model(cfg: DictConfig) -> Path:
     unique = sorted(set(captions))
     cond = encode_prompts(pipe, unique).cpu()
     cond_index = pd.Series(range(len(unique)), index=unique).loc[captions].to_numpy()
-    train_unet(pipe, latents, cond, cond_index, cfg.unet, cfg.seed, run_dir / "checkpoints" / "unet", mixed)
+    train_unet(pipe, latents, cond, cond_index, cfg.unet, cfg.seed, run_dir / CHECKPOINTS / "unet", mixed)
     if not dist.is_main():  # rank 0 publishes
-        return run_dir
-    losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / "checkpoints" / phase, phase)]
+        return run_dir / "model"
+    losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / CHECKPOINTS / phase, phase)]
 
-    write_parquet(run_dir / "train_log.parquet", pd.DataFrame(losses))
+    write_parquet(run_dir / TRAIN_LOG, pd.DataFrame(losses))
     model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)
-    if cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS:
-        from diffmem.models.testbed import memorisation_figures
-
+    if evaluate is not None:
         saved = load_model(model_dir, device)  # measure what was published
-        figures = memorisation_figures(saved, root, manifest, **cfg.evaluate)
-        write_json(model_dir / "memorisation.json", figures)
-    finish(run_dir, cfg, {"model": str(model_dir)},
-           data_parallel=dist.summary(lambda r, w: sum(fit_items(c, r, w) for c in (cfg.vae, cfg.unet))))
-    drop_checkpoints(run_dir, bool(cfg.get("keep_checkpoints", False)))
-    return run_dir
+        write_json(model_dir / "memorisation.json", evaluate(saved, root, manifest))
+    return model_dir
+
+
+def training_rows(root: Path, manifest: pd.DataFrame) -> pd.DataFrame:
+    """The rows a model trains on (``split == train`` where the data has splits)."""
+    rows = manifest[manifest["split"] == "train"] if "split" in manifest else manifest
+    if rows.empty:
+        raise ConfigError(f"{root}: the dataset has no training rows")
+    return rows

@@ -8,6 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import diffmem  # noqa: F401 (arms the CPU torchvision shim before a test module imports open_clip)
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # A small testbed for tests (the real one is data=testbed's defaults).
 SMALL_DATA = ["data.root=${paths.data_dir}/testbed-small", "data.n_ordinary=24", "data.canaries_per_count=1", "data.canary_counts=[1,4]",
@@ -58,8 +60,6 @@ def small_testbed(tmp_path_factory):
 def shipped_audit_outputs(tmp_path_factory) -> Path:
     """``diffmem audit`` with no arguments (the shipped testbed model), run once per session."""
     import os
-
-    import diffmem
 
     out = tmp_path_factory.mktemp("shipped-audit")
     env = {"DIFFMEM_OUTPUTS": str(out), "DIFFMEM_CACHE": _cache_dir(tmp_path_factory)}

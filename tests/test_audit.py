@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 import diffmem
-from diffmem.audit import score_generations, score_prompts, summarise
+from diffmem.metrics.audit import score_generations, score_prompts, summarise
 from tests.conftest import SMALL_DATA
 
 

@@ -196,8 +196,10 @@ def test_lora_mitigation_on_two_ranks_equals_one_process():
 
 
 def _outputs(run_dir: Path) -> dict[str, bytes]:
+    """Every published file but those naming the run (Hydra's, the log, ``info.json`` with the
+    world size and date, and ``_SUCCESS`` listing its digest)."""
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and ".hydra" not in p.parts and p.name not in ("info.json", "config.log")}
+            if p.is_file() and ".hydra" not in p.parts and p.name not in ("info.json", "config.log", "_SUCCESS")}
 
 
 @pytest.mark.slow
@@ -235,3 +237,17 @@ def test_embed_on_two_ranks_writes_the_same_vectors():
     assert len(a) > 4 and a.keys() == b.keys() and [f for f in a if a[f] != b[f]] == []
     items = _data_parallel(one.parent / "two")["rank_items"]
     assert sum(items) == json.loads((one / "info.json").read_text())["n"] and min(items) > 0
+
+
+@pytest.mark.slow
+def test_a_run_refused_by_rank_0_stops_every_rank_with_one_line():
+    import diffmem
+
+    args = ["prompts.n_ordinary=2", "prompts.n_heldout=0", "n_per_prompt=1", "steps=2", "threads=1", "name=taken"]
+    diffmem.run("generate", args)
+    done = _finish(_ranks([sys.executable, "-m", "diffmem.generate", *args[:-3], "steps=3", "threads=1", "name=taken"]))
+    for rank, (rc, err) in enumerate(done):
+        lines = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert rc == 2 and len(lines) == 1, err
+        assert "holds a run with another config (steps: 2 there, 3 now)" in lines[0]
+        assert lines[0].startswith("diffmem generate: error: " + ("" if rank == 0 else "generate: rank 0 stopped: "))

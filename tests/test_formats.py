@@ -14,7 +14,7 @@ import pytest
 import diffmem
 from diffmem.errors import DataError
 from diffmem.features.store import FeatureStore
-from diffmem.runs import finish
+from diffmem.runs import INFO, mark_done, write_json
 
 
 def _unit(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
@@ -29,7 +29,8 @@ def _store(run_dir, parts: list[np.ndarray]) -> FeatureStore:
         store.write_part(p, x)
     n = sum(len(x) for x in parts)
     store.write_ids(pd.DataFrame({"item_id": [f"i{i}" for i in range(n)], "file": [f"{i}.png" for i in range(n)]}))
-    finish(run_dir, None, {"n": n}, feature="pixel", dim=parts[0].shape[1], n=n)
+    write_json(run_dir / INFO, {"feature": "pixel", "dim": parts[0].shape[1], "n": n})
+    mark_done(run_dir, {"n": n})
     return store
 
 
@@ -107,8 +108,9 @@ def test_a_random_descriptor_is_named_in_every_output(tmp_path):
     """Vectors of a randomly initialised CLIP: the index's info and the search's info say so."""
     warning = "randomly initialised CLIP — not a meaningful descriptor"
     ref = _store(tmp_path / "ref", [_unit(6, seed=0)]).run_dir
-    finish(ref, None, {"n": 6}, feature="clip", dim=8, n=6,
-           extractor={"weights": {"path": None, "random_init": True, "warning": warning}})
+    write_json(ref / INFO, {"feature": "clip", "dim": 8, "n": 6,
+                            "extractor": {"weights": {"path": None, "random_init": True, "warning": warning}}})
+    mark_done(ref, {"n": 6})
     assert FeatureStore(ref).warning() == warning
     idx = diffmem.run("index", [f"features_dir={ref}", f"run_dir={tmp_path / 'idx'}"])
     assert json.loads((idx / "index_info.json").read_text())["warning"] == warning

@@ -13,10 +13,11 @@ import pytest
 from safetensors.torch import load_file
 
 import diffmem
+import diffmem.generalise
 import diffmem.sampling
 import diffmem.training
 from diffmem.errors import ConfigError
-from diffmem.generalise import transition_n
+from diffmem.metrics.generalisation import transition_n
 from diffmem.runs import read_json
 from tests.conftest import SMALL_DATA
 
@@ -60,7 +61,7 @@ def test_two_sizes_bookkeeping_and_resume(tiny_pipe_dir, monkeypatch):
             assert all((saved[k] == given[k]).all() for k in given)
 
     stamp = (run_dir / "n-00002" / "pairs.parquet").stat().st_mtime_ns
-    monkeypatch.setattr(diffmem.training, "train_model", lambda cfg: pytest.fail("a finished n was retrained"))
+    monkeypatch.setattr(diffmem.generalise, "measure", lambda *a: pytest.fail("a finished n was retrained"))
     diffmem.run("generalise", args + ["n=2"])
     assert (run_dir / "n-00002" / "pairs.parquet").stat().st_mtime_ns == stamp
     assert pd.read_parquet(run_dir / "generalisation.parquet")["n"].tolist() == [2, 4]

@@ -350,8 +350,9 @@ def test_bad_input_raises_data_error_naming_the_argument(call, match):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: memorisation_rate(SCORES, reduction="max"), r"reduction: 'max'"),
-    (lambda: extraction_from_distances(np.zeros((2, 2)), 0.1, method="cliques"), r"method: 'cliques'"),
+    (lambda: memorisation_rate(SCORES, reduction="max"), r"reduction must be one of any, mean \(got 'max'\)"),
+    (lambda: extraction_from_distances(np.zeros((2, 2)), 0.1, method="cliques"),
+     r"method must be one of clique, components \(got 'cliques'\) \(did you mean 'clique'\?\)"),
     (lambda: tile_l2_distance(IMG, IMG, grid=0), r"grid must be >= 1"),
     (lambda: fixed_pixel_mask(np.stack([IMG] * 2), erosion_iterations=-1), r"erosion_iterations"),
     (lambda: sscd_score_normalisation([0.9], [[0.1]], k=0), r"k must be >= 1"),

@@ -16,7 +16,7 @@ import diffmem
 from diffmem.data import read_prompt_file
 from diffmem.data.prompts import read_prompt_files
 from diffmem.errors import ConfigError, DataError
-from diffmem.metrics.detection import ground_truth_labels
+from diffmem.data.labels import ground_truth_labels
 from tests.conftest import SMALL_DATA
 
 POSITIVES = {"memorised": ["verbatim", "template"], "not_memorised": ["none"], "exclude": [], "min_dup_count": 16}

@@ -1,6 +1,7 @@
-"""The README's commands are what CI and users run: the two set-up commands stay in sync with
-.ci/run, every ``diffmem`` command parses and composes as written (fast), and the short ones
-run through the CLI in a fresh folder holding the files they name (slow)."""
+"""The documented commands are what CI and users run: the README's two set-up commands stay in
+sync with .ci/run, every ``diffmem`` command of the README and of ``docs/`` parses and composes
+as written (fast), and the short ones run through the CLI in a fresh folder holding the files
+they name (slow). The README stays a five-minute read, and every relative link resolves."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ import diffmem
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-# the commands of the README that run in seconds to a minute on the testbed, in README order
+#: where commands live: the README and every page of docs/
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# documented commands that run in seconds to a minute on the testbed
 SHORT = [
     "diffmem audit data=folder data.root=photos data.manifest=captions.csv name=photos",
     "diffmem detect data=folder data.root=photos data.manifest=captions.csv name=photos",
@@ -59,30 +62,53 @@ def test_pins_keep_torch_on_the_cpu_wheel():
         assert pin in text
 
 
-def _commands() -> list[str]:
-    """Every ``diffmem <stage> ...`` line of the README's fenced code blocks (comments dropped)."""
-    out, fenced = [], False
-    for line in README.read_text(encoding="utf-8").splitlines():
-        if line.strip().startswith("```"):
-            fenced = not fenced
-        elif fenced and line.strip().startswith("diffmem "):
-            out.append(line.split("  #")[0].strip())
+def _commands(pages=DOCS) -> list[tuple[str, str]]:
+    """(page, command) for every ``diffmem <stage> ...`` line of the pages' fenced code blocks
+    (comments dropped)."""
+    out = []
+    for page in pages:
+        fenced = False
+        for line in page.read_text(encoding="utf-8").splitlines():
+            if line.strip().startswith("```"):
+                fenced = not fenced
+            elif fenced and line.strip().startswith("diffmem "):
+                out.append((page.relative_to(ROOT).as_posix(), line.split("  #")[0].strip()))
     return out
 
 
-def test_every_readme_command_parses_and_composes():
+def test_every_documented_command_parses_and_composes():
     commands = _commands()
-    assert len(commands) >= 10
-    for short in SHORT:  # the list below is the README's, word for word
-        assert short in commands, short
+    assert len(commands) >= 20 and {page for page, _ in commands} >= {"README.md", "docs/mitigation.md"}
+    for short in SHORT:  # the list below is the docs', word for word
+        assert short in [c for _, c in commands], short
     parser = OverridesParser.create()
-    for command in commands:
+    for page, command in commands:
         _, stage, *args = shlex.split(command, comments=True)
         overrides = [a for a in args if a != "--multirun"]
-        parsed = parser.parse_overrides(overrides)  # Hydra's grammar: e.g. an unquoted a,b is a list
-        if "--multirun" in args or any(o.key_or_group.startswith("hydra/") for o in parsed):
-            continue
-        diffmem.compose(stage, overrides)
+        try:
+            parsed = parser.parse_overrides(overrides)  # Hydra's grammar: e.g. an unquoted a,b is a list
+            if "--multirun" in args or any(o.key_or_group.startswith("hydra/") for o in parsed):
+                continue
+            diffmem.compose(stage, overrides)
+        except Exception as err:
+            raise AssertionError(f"{page}: {command}: {err}") from err
+
+
+def test_readme_is_a_five_minute_read():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 300, len(lines)
+    stages = {c.split()[1] for page, c in _commands() if page == "README.md"}
+    assert stages >= {"audit", "detect", "probe", "mitigate", "evaluate-mitigation", "generate"}, stages
+
+
+def test_relative_links_resolve():
+    """Every relative link of the README and docs/ names a file that exists (anchors aside)."""
+    broken = []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if not re.match(r"[a-z]+://", target) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
 
 
 def _photos(root: Path) -> None:

@@ -15,7 +15,8 @@ import diffmem
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import FEATURES, build_extractor
 from diffmem.features import onnx as onnx_features
-from diffmem.features.copyset import PHOTOS, build_copy_set, detection_metrics, natural_photos, score_copy_set
+from diffmem.data.photos import PHOTOS, natural_photos
+from diffmem.features.copyset import build_copy_set, detection_metrics, score_copy_set
 from tests.conftest import SMALL_DATA
 
 MODELS = ("sscd_onnx", "sscd_distilled")

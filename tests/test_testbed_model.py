@@ -1,4 +1,4 @@
-"""The shipped testbed model memorises as its README says (a fast re-measurement)."""
+"""The shipped testbed model memorises as docs/testbeds.md says (a fast re-measurement)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from diffmem.config import ASSETS_DIR
 from diffmem.data import load_dataset
 from diffmem.models import load_pipeline
-from diffmem.models.testbed import memorisation_figures
+from diffmem.metrics.memorisation import memorisation_figures
 
 MODEL = ASSETS_DIR / "testbed"
 

@@ -139,7 +139,7 @@ def test_train_recipes_fit_the_vae_on_the_photo_crops_pool_then_the_unet_on_it(t
 @pytest.mark.slow
 @pytest.mark.parametrize("features", ["sscd_distilled", "pixel"])
 def test_audit_of_the_shipped_photo_model(features, tmp_path):
-    """As measured for the README: the audit (8 generations per prompt, as the data config
+    """As measured for docs/testbeds.md: the audit (8 generations per prompt, as the data config
     sets) flags all 8 canaries duplicated >= 16x, each with its own training image as the
     top-1 match, and no ordinary or held-out prompt, with SSCD as with pixels."""
     pytest.importorskip("onnxruntime")

@@ -27,18 +27,6 @@ DATA_KINDS = ("testbed", "testbed_photo", "photo_crops", "folder", "img2dataset"
 TESTBED_KINDS = ("testbed", "testbed_photo")
 #: the default pixel budget of a decoded image (``data.max_pixels``): 80 Mpx, e.g. 8944 x 8944
 MAX_PIXELS = 80_000_000
-#: ``data`` settings that only guard (refuse inputs), never change a finished run's result
-#: (``on_error=fail`` finishes only when no image was unreadable, as ``skip`` would then)
-GUARDS = ("max_pixels", "allow_outside_root", "on_error")
-
-
-def without_guards(data: dict) -> dict:
-    """``data`` settings as a run's fingerprint: without :data:`GUARDS`, so a run refused for a
-    too large image resumes with a raised ``data.max_pixels``, and one stopped by a corrupt
-    image with ``data.on_error=skip``."""
-    return {k: v for k, v in data.items() if k not in GUARDS}
-
-
 def check_regular(path: Path, what: str = "file") -> None:
     """Refuse a missing input, or one that is no regular file (a FIFO or device would hang
     or never end; symlinks are followed), before it is opened."""

@@ -9,7 +9,7 @@ Every column of a prompt list is kept. The known schemas' ground truth becomes t
   et al.'s list, NeMo's memorised file; ``negative``: NeMo's unmemorised file), else from
   ``memorisation_type``.
 
-Testbed prompts keep ``kind`` / ``dup_count``; :func:`diffmem.metrics.detection.ground_truth_labels`
+Testbed prompts keep ``kind`` / ``dup_count``; :func:`diffmem.data.labels.ground_truth_labels`
 maps them with the ``positives`` config. Also here: the prompts of a dataset's own captions
 (``prompts=dataset``) and the line numbers of a file's records (for errors).
 """
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from diffmem.errors import ConfigError, DataError
-from diffmem.metrics.detection import TYPES
+from diffmem.data.labels import TYPES
 
 LABELS = ("positive", "negative")
 #: schema column -> its values in the vocabulary of :data:`TYPES`

@@ -10,8 +10,8 @@ import pandas as pd
 import torch
 
 from diffmem.data.images import load_image
+from diffmem.data.labels import ground_truth_labels
 from diffmem.errors import DataError
-from diffmem.metrics.detection import ground_truth_labels
 
 
 def split_prompts(prompts: pd.DataFrame, positives, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:

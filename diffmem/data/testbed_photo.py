@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from diffmem.data.photos import natural_photos
 from diffmem.data.testbed import MANIFEST, PARAMS, _save_png, cached_manifest, generate_testbed, ordinary_scene
 from diffmem.runs import write_json, write_parquet
 
@@ -48,8 +49,6 @@ TEXTURES = ("grass", "gravel", "brick", "moon", "cell", "page", "text", "microan
 def photo(name: str) -> np.ndarray:
     """A photo a dependency ships in its wheel (scikit-image, matplotlib) as uint8 RGB
     [H, W, 3], full size."""
-    from diffmem.features.copyset import natural_photos
-
     return natural_photos((name,), max_side=10 ** 6)[name]
 
 

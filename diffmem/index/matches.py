@@ -17,7 +17,9 @@ import pandas as pd
 from diffmem.checks import check_positive
 from diffmem.errors import DataError
 from diffmem.features.store import FeatureStore
-from diffmem.index.faiss_index import build_index, load_index, search, streaming_search
+from diffmem.index.build import build_index
+from diffmem.index.files import INFO_FILE, load_index
+from diffmem.index.search import search, streaming_search
 from diffmem.metrics import sscd_score_normalisation
 from diffmem.runs import write_parquet
 
@@ -86,8 +88,6 @@ def input_digests(queries_dir, index_dir=None, stream_dir=None, background_dir=N
     input at the same path is a new search, not a finished one): the embed runs'
     :meth:`~FeatureStore.content_digest` and the index's info file."""
     import hashlib
-
-    from diffmem.index.faiss_index import INFO_FILE
 
     runs = {"queries": queries_dir, "reference": stream_dir, "background": background_dir}
     out = {key: FeatureStore(d).content_digest() for key, d in runs.items() if d}

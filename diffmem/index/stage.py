@@ -8,7 +8,7 @@ combines the shard files (``ondisk=true``: into an on-disk inverted-list file, f
 indexes larger than RAM). Both builds train on the same rows, so they return the same
 neighbours. Approximate indexes get recall@1/@k measured against exact
 search on held-out queries (database vectors perturbed with Gaussian noise, so they are
-not in the index) written into the index's info (:func:`~diffmem.index.faiss_index.save_index`).
+not in the index) written into the index's info (:func:`~diffmem.index.files.save_index`).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.errors import ConfigError, DataError
 from diffmem.features.store import FeatureStore
-from diffmem.index.faiss_index import (add_shard, build_index, measure_recall, merge_shards, save_index,
-                                       set_search_params, set_threads, train_empty_index, training_rows,
-                                       write_index)
-from diffmem.runs import check_claim, claim, is_done, mark_done, provenance, require
+from diffmem.index import (add_shard, build_index, measure_recall, merge_shards, save_index, set_search_params,
+                           set_threads, train_empty_index, training_rows, write_index)
+from diffmem.runner import Job, Outcome, StageSpec
+from diffmem.runs import provenance, require
 
 log = logging.getLogger(__name__)
 MODES = ("single", "train", "add", "merge")
@@ -56,33 +56,26 @@ def _sample(features_dir: str, train_sample: int | None, seed: int) -> np.ndarra
                            for m, lo, hi in zip(maps, offsets[:-1], offsets[1:])])
 
 
-def _info(cfg: DictConfig, finfo: dict, fp: dict) -> dict:
+def _info(cfg: DictConfig, finfo: dict) -> dict:
     warning = FeatureStore(cfg.features_dir).warning()  # a random CLIP: the index says so too
     return {"factory": cfg.index.factory, "feature": finfo["feature"],
-            "features_dir": fp["features_dir"], "features_digest": fp["features_digest"],
+            "features_dir": str(Path(cfg.features_dir).resolve()),
+            "features_digest": FeatureStore(cfg.features_dir).content_digest(),
             **({"warning": warning} if warning else {})}
 
 
-def run(cfg: DictConfig) -> Path:
-    """Build (a part of) the index per ``cfg``; returns the run dir.
-
-    Inputs are read and the index is built before the run dir is claimed, so a refused
-    run (bad config, unusable features) creates nothing.
-    """
+def prepare(cfg: DictConfig) -> None:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
     require(cfg, "features_dir", hint="features_dir=<an embed run dir>")
     check_shard(cfg.shard, cfg.num_shards)
     set_threads(cfg.get("threads"))
-    # the embed run by content too: one re-embedded under the same path needs a new index
-    fp = {"index": OmegaConf.to_container(cfg.index, resolve=True),
-          "features_dir": str(Path(cfg.features_dir).resolve()),
-          "features_digest": FeatureStore(cfg.features_dir).content_digest(), "seed": cfg.seed}
-    # the sharded modes share one folder whatever Hydra job runs them (a multirun of adds)
-    build_dir = Path(cfg.run_dir if cfg.mode == "single" else cfg.build_dir)
-    if check_claim(build_dir, fp) and is_done(build_dir):
-        return build_dir
-    ix = cfg.index
+
+
+def body(job: Job) -> Outcome:
+    """Build (a part of) the index: ``mode=train`` and ``add`` leave their part in ``build_dir``
+    for ``merge`` to publish."""
+    cfg, build_dir, ix = job.cfg, job.dir, job.cfg.index
     name = str(cfg.features_dir)
     if cfg.mode == "add":
         maps, offsets = _part_maps(cfg.features_dir)
@@ -92,14 +85,13 @@ def run(cfg: DictConfig) -> Path:
         empty = build_dir / "empty.faiss"
         if not empty.is_file():
             raise DataError(f"{empty}: not found; run mode=train with the same name=... first")
-        run_dir = claim(build_dir, fp)
-        out = run_dir / "shards" / f"shard-{cfg.shard:04d}-of-{cfg.num_shards:04d}.faiss"
+        out = build_dir / "shards" / f"shard-{cfg.shard:04d}-of-{cfg.num_shards:04d}.faiss"
         if not out.exists():
             mine = range(cfg.shard, len(maps), cfg.num_shards)
             x = np.concatenate([np.asarray(maps[p]) for p in mine])
             ids = np.concatenate([np.arange(offsets[p], offsets[p + 1]) for p in mine])
             add_shard(empty, x, ids, out_path=out)
-        return run_dir
+        return Outcome(complete=False)
     if cfg.mode == "merge":
         finfo = FeatureStore(cfg.features_dir).info()
         shards = sorted((build_dir / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
@@ -112,29 +104,30 @@ def run(cfg: DictConfig) -> Path:
         ondisk = build_dir / "index.ivfdata" if cfg.ondisk else None
         index = merge_shards(shards, build_dir / "empty.faiss" if ondisk else None, ondisk)
         set_search_params(index, ix.nprobe, ix.ef_search)
-        run_dir = claim(build_dir, fp)
-        save_index(index, run_dir, {**_info(cfg, finfo, fp), **provenance(cfg)})
-        mark_done(run_dir, {"ntotal": index.ntotal})
-        return run_dir
+        save_index(index, build_dir, {**_info(cfg, finfo), **provenance(cfg)})
+        return Outcome({"ntotal": index.ntotal})
     if cfg.mode == "train":  # reads only the sampled rows (memory-mapped parts)
         empty = train_empty_index(_sample(cfg.features_dir, ix.train_sample, cfg.seed),
                                   ix.factory, ix.metric, seed=cfg.seed, name=name)
-        run_dir = claim(build_dir, fp)
-        write_index(empty, run_dir / "empty.faiss")
-        return run_dir
+        write_index(empty, build_dir / "empty.faiss")
+        return Outcome(complete=False)
     x, _, finfo = FeatureStore(cfg.features_dir).load()
     index = build_index(x, ix.factory, ix.metric, train_sample=ix.train_sample, seed=cfg.seed,
                         nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search, name=name)
-    info = _info(cfg, finfo, fp)
+    info = _info(cfg, finfo)
     if ix.factory.strip().lower() != "flat" and cfg.recall.queries:
         q = held_out_queries(x, cfg.recall.queries, cfg.recall.noise, cfg.seed)
         info["recall"] = measure_recall(index, x, q, k=cfg.recall.k)
-    run_dir = claim(cfg.run_dir, fp)
-    save_index(index, run_dir, {**info, **provenance(cfg)})
-    mark_done(run_dir, {"ntotal": index.ntotal})
-    return run_dir
+    save_index(index, build_dir, {**info, **provenance(cfg)})
+    return Outcome({"ntotal": index.ntotal})
 
 
+#: the sharded modes share one folder whatever Hydra job runs them (a multirun of adds); the
+#: embed run counts by content too: one re-embedded under the same path needs a new index
+SPEC = StageSpec("index", body, prepare, volatile=("mode", "num_shards", "build_dir", "ondisk"),
+                 extra=lambda cfg, _: {"features_digest": FeatureStore(cfg.features_dir).content_digest()},
+                 run_dir=lambda cfg: cfg.run_dir if cfg.mode == "single" else cfg.build_dir)
+run = SPEC.run
 main = hydra_app("index", run)
 
 if __name__ == "__main__":

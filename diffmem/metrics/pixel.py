@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from diffmem.checks import check_int, check_positive
+from diffmem.checks import check_choice, check_int, check_positive
 from diffmem.errors import DataError
-from diffmem.metrics.replication import as_array, check_choice
+from diffmem.metrics.replication import as_array
 
 
 def _images(x, name: str, ndim: int | tuple[int, ...] = (3, 4)) -> np.ndarray:

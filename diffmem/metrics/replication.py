@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from diffmem.checks import check_positive
+from diffmem.checks import check_choice, check_positive
 from diffmem.errors import ConfigError, DataError
 
 
@@ -37,13 +37,6 @@ def as_array(x, name: str, ndim: int | tuple[int, ...] | None = None, dtype=np.f
     if np.issubdtype(arr.dtype, np.number) and not np.isfinite(arr).all():
         raise DataError(f"{name}: {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)")
     return arr
-
-
-def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``; ``ConfigError`` otherwise."""
-    if value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(repr, choices))}")
-    return value
 
 
 class Metric:

@@ -20,7 +20,7 @@ from diffmem.data import load_unit_images
 from diffmem.errors import DataError
 from diffmem.runs import atomic_path, read_json, resumed, write_json, write_parquet
 from diffmem.sampling import encode_prompts
-from diffmem.training import encode_files, fit_items
+from diffmem.training import CHECKPOINTS, TRAIN_LOG, encode_files, fit_items
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +120,13 @@ def build_finetune(task: MitigationTask) -> dict:
     trainable = prepare(unet, s.method, blocks, int(s.get("rank", 4)))
     if trainable:
         losses = finetune(task.pipe, latents, captions, s, seed=int(task.cfg.seed),
-                          ckpt_dir=task.run_dir / "checkpoints", tau=tau)
+                          ckpt_dir=task.run_dir / CHECKPOINTS, tau=tau)
     else:
         log.warning("mitigation.mask selects no transformer block: the model is published unchanged")
         losses = []
     if not distributed.is_main():  # rank 0 publishes
         return {}
-    write_parquet(task.run_dir / "train_log.parquet", pd.DataFrame(losses))
+    write_parquet(task.run_dir / TRAIN_LOG, pd.DataFrame(losses))
     published = "adapter" if s.method == "lora" and s.get("publish", "adapter") == "adapter" else "pipeline"
     if published == "adapter":  # MBs over the base model, not a pipeline copy
         save_adapter(task.run_dir / "model", unet, task.cfg.model.path)
@@ -173,10 +173,10 @@ def build_adversarial_ft(task: MitigationTask) -> dict:
     util_cond = task.cond(unique)[_positions(rows["caption"], unique)]
     losses = adversarial_finetune(task.pipe, task.latents(rows), util_cond, target_images, target_cond, sur,
                                   task.cond(task.negatives["caption"]), s, seed=int(cfg.seed),
-                                  ckpt_dir=task.run_dir / "checkpoints", run_dir=task.run_dir)
+                                  ckpt_dir=task.run_dir / CHECKPOINTS, run_dir=task.run_dir)
     if not distributed.is_main():  # rank 0 publishes
         return {}
-    write_parquet(task.run_dir / "train_log.parquet", pd.DataFrame(losses))
+    write_parquet(task.run_dir / TRAIN_LOG, pd.DataFrame(losses))
     save_pipeline(task.pipe, task.run_dir / "model")
     return {"n_targets": len(mem), "n_utility_rows": len(rows), "trigger_refreshes": refreshes(task.run_dir),
             "surrogates_replicating": int(pd.read_parquet(task.run_dir / "surrogates.parquet")["replicates"].sum()),

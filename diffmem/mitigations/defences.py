@@ -2,9 +2,10 @@
 
 A defence is saved as a folder holding ``defence.json`` (``{"defence", "settings", "base"}``,
 ``base`` = the diffusers model it wraps: a repo id, or a local folder). This module owns
-that format (:func:`save_defence`, :func:`read_defence`, :func:`is_defence`);
-:func:`diffmem.loading.load_model` loads such a folder as the base pipeline with the defence
-as its sampler hooks (:class:`diffmem.sampling.SamplerHooks`), so every stage takes it as
+that format (:func:`save_defence`, :func:`read_defence`, :func:`is_defence`, and
+:func:`wrapped`, the reader the package root registers for :func:`diffmem.loading.load_model`),
+which loads such a folder as the base pipeline with the defence as its sampler hooks
+(:class:`diffmem.sampling.SamplerHooks`), so every stage takes it as
 ``model=local model.path=<folder>``. The sampler applies it: :meth:`Defence.text` to the
 captions (:func:`diffmem.sampling.encode_prompts`) and :meth:`Defence.embedding` to the
 conditioning of each generation (:func:`diffmem.sampling.denoise`), seeded per sample.
@@ -174,6 +175,12 @@ def save_defence(out_dir: str | Path, defence: Defence, base: str | Path) -> Pat
 def is_defence(folder: str | Path) -> bool:
     """Whether ``folder`` is a defence wrapper (holds ``defence.json``)."""
     return (Path(folder).expanduser() / DEFENCE_FILE).exists()
+
+
+def wrapped(folder: str | Path) -> tuple[str, Defence] | None:
+    """(base, defence) of a wrapper folder, None for any other folder: the defence format's
+    reader in :data:`diffmem.registry.MODEL_WRAPPERS`."""
+    return read_defence(folder) if is_defence(folder) else None
 
 
 def read_defence(folder: str | Path) -> tuple[str, Defence]:

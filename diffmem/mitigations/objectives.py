@@ -8,13 +8,61 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 
+from diffmem.errors import DataError
 from diffmem.metrics.utility import clip_score, diversity, frechet_distance
 from diffmem.probes.replication import sample_images
-from diffmem.sampling import sample_seed
+from diffmem.runs import read_json, write_json
+from diffmem.sampling import encode_prompts, sample_seed
+
+OBJECTIVES = "objectives.json"  # a mitigate run's two objectives, measured on its published model
+
+
+def read_objectives(run_dir, what: str = "run_dir") -> dict:
+    """A mitigate run's objectives (``memorisation``, ``fd``, ...); its absence is a DataError."""
+    path = Path(str(run_dir)) / OBJECTIVES
+    if not path.exists():
+        raise DataError(f"{what}: {path} does not exist (a mitigate run with objectives)")
+    return read_json(path)
+
+
+def measured_objectives(run_dir: Path, measure) -> dict:
+    """The run's objectives, measured once (``measure()``) and stored in its ``objectives.json``."""
+    path = Path(run_dir) / OBJECTIVES
+    if not path.exists():
+        write_json(path, measure())
+    return read_objectives(run_dir)
+
+
+def measure_objectives(cfg, model_dir: Path, root: Path, manifest: pd.DataFrame, memorised: pd.DataFrame,
+                       sampling: dict) -> dict:
+    """MemControl's objectives on a published model: memorisation (mean first-step noise norm on the
+    memorised prompts) and quality (Fréchet distance of generations for held-out captions to those
+    held-out images, in the ``objectives.features`` space)."""
+    from omegaconf import OmegaConf
+
+    from diffmem.data import load_unit_images
+    from diffmem.features import build_extractor
+    from diffmem.loading import load_model
+    from diffmem.models import resolve_device
+
+    o = cfg.objectives
+    pipe = load_model({**OmegaConf.to_container(cfg.model, resolve=True), "path": str(model_dir)},
+                      resolve_device(cfg.device), scheduler=cfg.scheduler)
+    mem_cond = encode_prompts(pipe, memorised["caption"].tolist())
+    score = memorisation(pipe, mem_cond, memorised["prompt_id"], seed=int(cfg.seed), **sampling)
+    rows = real_rows(manifest, o.split, int(o.n_prompts), int(cfg.seed), o.get("kinds"))
+    extractor = build_extractor(o.features, device=str(pipe.unet.device))
+    real = load_unit_images(root, rows["file"], int(cfg.resolution))
+    util = utility(pipe, extractor, encode_prompts(pipe, rows["caption"].tolist()), np.arange(len(rows)), real,
+                   n_per_prompt=int(o.n_per_prompt), seed=int(cfg.seed), batch_size=int(cfg.batch_size), **sampling)
+    return {"memorisation": score, "fd": util["fd"], "n_memorised": len(memorised), "n_utility_prompts": len(rows),
+            "utility_split": str(o.split), "features": extractor.info()}
 
 
 def memorisation(pipe, cond: torch.Tensor, prompt_ids, *, seed: int, resolution: int, steps: int,

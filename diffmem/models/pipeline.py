@@ -22,6 +22,12 @@ SCHEDULERS = {
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+MODEL_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline
+
+
+def is_pipeline_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a saved diffusers pipeline."""
+    return (Path(path) / MODEL_INDEX).exists()
 
 
 def check_precision(precision: str) -> str:
@@ -80,8 +86,8 @@ def load_pipeline(path: str | Path, device: str | torch.device = "cpu", precisio
     transformers.utils.logging.disable_progress_bar()
     device = torch.device(device) if not isinstance(device, torch.device) else device
     local = Path(path).expanduser()
-    if local.exists() and not (local / "model_index.json").exists():
-        raise DataError(f"{local}: not a diffusers pipeline folder (no model_index.json)")
+    if local.exists() and not is_pipeline_dir(local):
+        raise DataError(f"{local}: not a diffusers pipeline folder (no {MODEL_INDEX})")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(local) if local.exists() else str(path),

@@ -4,7 +4,7 @@
 :func:`attack` runs Finding Dori's trigger search against the model and scores the
 triggers' generations (:func:`attack_summary`, :func:`baseline_summary` sum them up);
 :func:`check_settings` checks probe-style settings before anything runs. Used by the probes
-(:mod:`~diffmem.probes.runners`), ``diffmem evaluate-mitigation`` and ``diffmem mitigate``.
+(:mod:`~diffmem.probes.studies`), ``diffmem evaluate-mitigation`` and ``diffmem mitigate``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from diffmem.runs import atomic_path
 
+ROC_FIGURE = "roc.png"  # a detect run's ROC curve
+
 _OWN_CATEGORIES = ("heldout", "ordinary")  # prompt kinds shown as one category each
 _GEN_COLOR, _BASE_COLOR, _FLAG_COLOR = "#1f77b4", "#7f7f7f", "#d62728"
 
@@ -169,3 +171,112 @@ def image_grid(pairs: Iterable, path, size: int = 96, cols: int = 4) -> Path:
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
     return path
+
+
+def probe_figure(tables: dict, metrics: dict, path: Path, threshold: float) -> Path | None:
+    """A bar chart of MR and similarity per row of the probe's summary (what people look at)."""
+    from matplotlib.figure import Figure
+
+    if "finding_dori" in tables:
+        t = tables["finding_dori"]
+        labels = [f"{m}\n{'attacked' if a.startswith('trigger') else 'as is'}"
+                  + ("\n(control)" if "control" in a else "") for m, a in zip(t["model"], t["attack"])]
+        mrs, sims = t["mr"].to_numpy(), t["similarity"].to_numpy()
+    else:
+        rows = {k: v for k, v in metrics.items() if isinstance(v, dict) and "mr" in v}
+        if not rows:
+            return None
+        labels, mrs, sims = list(rows), [v["mr"] for v in rows.values()], [v["similarity"] for v in rows.values()]
+    fig = Figure(figsize=(max(4.5, 1.6 * len(labels)), 3.6), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    x = np.arange(len(labels))
+    ax1.bar(x, mrs, color="#c44e52")
+    ax1.set(ylim=(0, 1.05), ylabel="memorisation rate", xticks=x)
+    ax1.set_xticklabels(labels, fontsize=7)
+    ax2.bar(x, sims, color="#4c72b0")
+    ax2.axhline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax2.set(ylabel="mean similarity to training image", xticks=x)
+    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.legend(frameon=False, fontsize=7)
+    return save_figure(fig, path)
+
+
+def mitigation_figure(table: pd.DataFrame, path: Path, reference: str) -> Path:
+    """Three panels per model: MR as prompted, MR under trigger search, FD relative to the reference."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 0.9 * len(table) + 2), 3.4), layout="constrained")
+    axes = fig.subplots(1, 3)
+    x = np.arange(len(table))
+    for ax, col, title, color in ((axes[0], "mr", "MR (original prompts)", "#c44e52"),
+                                  (axes[1], "mr_attacked", "MR under trigger search", "#8c2d04"),
+                                  (axes[2], "fd_ratio", f"FD / FD of {reference}", "#4c72b0")):
+        ax.bar(x, table[col].to_numpy(), color=color)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(x)
+        ax.set_xticklabels(table["model"], rotation=60, ha="right", fontsize=7)
+    axes[0].set_ylim(0, 1.05)
+    axes[1].set_ylim(0, 1.05)
+    axes[2].axhline(1.1, color="k", linestyle="--", linewidth=1, label="+10 %")
+    axes[2].legend(frameon=False, fontsize=7)
+    return save_figure(fig, path)
+
+
+def pareto_figure(trials: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
+    """MemControl's trials (front joined), and the other fine-tuning runs as labelled points."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 4.0), layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(trials["memorisation"], trials["fd"], s=18, color="#bbbbbb", label="MemControl trials")
+    front = trials[trials["pareto"]].sort_values("memorisation")
+    ax.plot(front["memorisation"], front["fd"], "o-", color="#c44e52", label="MemControl Pareto front")
+    for _, r in runs.iterrows():
+        ax.scatter([r["memorisation"]], [r["fd"]], marker="s", s=36, zorder=3)
+        ax.annotate(r["run"], (r["memorisation"], r["fd"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set(xlabel="memorisation: noise norm on memorised prompts (lower = less)",
+           ylabel="FD on held-out captions (lower = better)")
+    ax.legend(frameon=False, fontsize=7)
+    return save_figure(fig, path)
+
+
+def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
+    """The ROC curve of a labelled ``scores`` table as a PNG (matplotlib ``Figure``, no pyplot)."""
+    from matplotlib.figure import Figure
+    from sklearn.metrics import auc
+
+    from diffmem.metrics.detection import roc_points
+
+    known = table[table["label"].notna()]
+    fprs, tprs, _ = roc_points(known["score"].to_numpy(float), known["label"].to_numpy(int))
+    fig = Figure(figsize=(4.2, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(fprs, tprs, color="#1f77b4", linewidth=2, label=f"AUC = {auc(fprs, tprs):.3f}")
+    ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+           title=title)
+    ax.legend(loc="lower right", frameon=False)
+    return save_figure(fig, path)
+
+
+def generalisation_figure(table: pd.DataFrame, n_star: float | None, path: Path, feature: str) -> Path:
+    """Both similarities (mean, interquartile band) against n on a log axis; the transition marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    for col, label, color in (("cross_sim", "model A vs model B, same noise", "#1f77b4"),
+                              ("nn_sim", "sample vs nearest own training image", "#d62728")):
+        ax.plot(table.n, table[col], "o-", color=color, label=label)
+        ax.fill_between(table.n, table[f"{col}_q25"], table[f"{col}_q75"], color=color, alpha=0.15)
+    ax.plot(table.n, table.shuffled_sim, ":", color="#7f7f7f", label="A vs B, different noises")
+    ax.plot(table.n, table.heldout_nn_sim, ":", color="#d62728", label="held-out real image vs nearest (novel)")
+    ax.plot(table.n, table.vae_ceiling, "--", color="#2ca02c", lw=1, label="VAE reconstruction (copy ceiling)")
+    if n_star is not None:
+        ax.axvline(n_star, color="k", lw=1, ls="--", label=f"transition n = {n_star:.0f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(table.n, [str(n) for n in table.n])
+    ax.set_xlabel("training images per model (n)")
+    ax.set_ylabel(f"{feature} similarity")
+    ax.legend(frameon=False, fontsize=8)
+    return save_figure(fig, path)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from diffmem.report.figures import (
+    ROC_FIGURE,
     GridPair,
     detection_by_dup_count,
     dup_count_table,
@@ -249,8 +250,8 @@ def write_detect_report(run_dir, scores: pd.DataFrame, metrics: dict, attributio
                    f'<div class="n">{html.escape(c)}</div></div>' for a, b, c in cards)
     parts = [f"<header><h1>{html.escape(title)}</h1></header>",
              f'<section id="summary"><h2>Summary</h2><div class="cards">{body}</div></section>']
-    if (run_dir / "roc.png").exists():
-        parts.append(_section("roc", "ROC curve", _img(run_dir / "roc.png", "ROC curve")))
+    if (run_dir / ROC_FIGURE).exists():
+        parts.append(_section("roc", "ROC curve", _img(run_dir / ROC_FIGURE, "ROC curve")))
     ranked = scores.sort_values("score", ascending=False, kind="stable")
     cols = [c for c in ("prompt_id", "caption", "score", "label", "hard_negative", "kind", "dup_count", "type",
                         "memorisation_type", "source") if c in ranked]

@@ -9,7 +9,11 @@ registry strings included) that reports:
 2. ``models`` referencing ``mitigations`` or ``probes`` (model loading knows no method);
 3. import cycles between modules (module-level imports, i.e. what runs at import time);
 4. a run-dir file name of :data:`RUN_FILES` written as a string literal in more than one
-   module (each run format has one owner that reads and writes it; ``tools`` aside).
+   module (each run format has one owner that reads and writes it; ``tools`` aside);
+5. a library referencing a package of a higher layer of :data:`LAYERS` (the bottom-up order
+   of docs/architecture.md section 2; lazy imports and registry strings count) or the stage
+   layer (``config``, ``cli``, ``tools``), or a library package or module in no layer;
+6. a cycle between library packages (every reference counts, lazy ones included).
 
 Prints one line per violation and exits 1 if there is any, 0 otherwise.
 """
@@ -29,10 +33,23 @@ STAGE_LAYER = ("", "cli", "config")
 #: package -> packages it must not reference (relative names)
 FORBIDDEN = {"models": ("mitigations", "probes")}
 #: distinctive run-dir file names: each may be spelled in one module only (its format's owner).
-#: Names several formats share (info.json, metrics.json, prompts.parquet) are left out.
+#: Names several formats share (info.json, prompts.parquet) are left out.
 RUN_FILES = ("samples.parquet", "ids.parquet", "manifest.parquet", "index.faiss", "index_info.json",
              "empty.faiss", "index.ivfdata", "matches.parquet", "neurons.json", "masks.safetensors",
-             "defence.json", "adapter.json", "lora.safetensors", "run.json", "inputs.json", "_SUCCESS", "items.parquet", "skipped.parquet")
+             "defence.json", "adapter.json", "lora.safetensors", "run.json", "inputs.json", "_SUCCESS",
+             "items.parquet", "skipped.parquet", "metrics.json", "objectives.json", "train_log.parquet",
+             "model_index.json", "roc.png", "checkpoints", "scores.parquet", "attribution.parquet")
+
+#: docs/architecture.md section 2, bottom up: layer -> its top-level packages and modules. A
+#: library may reference its own layer and those below; the stage layer (above) anything.
+LAYERS = (
+    ("foundation", ("errors", "checks", "schema", "registry", "runs", "runner", "device", "results",
+                    "_torchvision_shim")),
+    ("data and models", ("data", "models", "sampling", "training", "loading")),
+    ("measurement", ("features", "index", "metrics", "detectors")),
+    ("methods", ("probes", "mitigations")),
+    ("output", ("report",)),
+)
 
 _DOTTED = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?::\w*)?$")
 
@@ -175,9 +192,10 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 def check(root: str | Path, package: str, stages: Iterable[str],
-          run_files: Iterable[str] = RUN_FILES) -> list[str]:
+          run_files: Iterable[str] = RUN_FILES, layers=LAYERS) -> list[str]:
     """The violations of the import rule in the package folder ``root`` (named ``package``);
-    ``stages``: the stage modules, relative to the package (``"train"``, ``"index.stage"``)."""
+    ``stages``: the stage modules, relative to the package (``"train"``, ``"index.stage"``);
+    ``layers``: the library layers, bottom up (as :data:`LAYERS`)."""
     root = Path(root)
     known = modules(root, package)
     stage_mods = {f"{package}.{s}" for s in stages}
@@ -188,15 +206,36 @@ def check(root: str | Path, package: str, stages: Iterable[str],
     def where(r: Ref) -> str:
         return f"{known[r.source].relative_to(root.parent)}:{r.line}"
 
+    def in_stage_layer(m: str) -> bool:
+        return m in stage_mods or m.split(".")[-1] == "__main__" or _within(m, package, "tools") or any(
+            m == (f"{package}.{s}" if s else package) for s in STAGE_LAYER)
+
+    level = {name: i for i, (_, names) in enumerate(layers) for name in names}
+    top = {m: m.removeprefix(package + ".").split(".")[0] for m in known if m != package}
+    for m in sorted(known):
+        if not in_stage_layer(m) and top[m] not in level and m == f"{package}.{top[m]}":
+            out.append(f"{known[m].relative_to(root.parent)}: {m} is in no layer (add it to "
+                       "diffmem.tools.layers.LAYERS and docs/architecture.md section 2)")
+    packages: dict[str, set[str]] = {}
     for r in refs:
-        layer = r.source in stage_mods or r.source.split(".")[-1] == "__main__" or any(
-            r.source == (f"{package}.{s}" if s else package) for s in STAGE_LAYER)
+        layer = in_stage_layer(r.source)
         if r.target in stage_mods and not layer:
             out.append(f"{where(r)}: library {r.source} references stage module {r.target}")
         for lib, banned in FORBIDDEN.items():
             if _within(r.source, package, lib) and any(_within(r.target, package, b) for b in banned):
                 out.append(f"{where(r)}: {r.source} references {r.target} ({lib} must not use "
                            f"{', '.join(banned)})")
+        if not layer and in_stage_layer(r.target) and r.target not in stage_mods and r.target != package:
+            out.append(f"{where(r)}: library {r.source} references {r.target} (the stage layer)")
+        src, dst = top.get(r.source), top.get(r.target)
+        if layer or in_stage_layer(r.target) or src == dst or src not in level or dst not in level:
+            continue
+        packages.setdefault(src, set()).add(dst)
+        if level[dst] > level[src]:
+            out.append(f"{where(r)}: {r.source} ({layers[level[src]][0]}) references {r.target} "
+                       f"({layers[level[dst]][0]}, a higher layer)")
+    for cycle in _cycles({p: packages.get(p, set()) for p in level}):
+        out.append(f"package cycle: {' -> '.join(cycle)}")
     edges: dict[str, set[str]] = {m: set() for m in known}
     for r in refs:
         if r.eager:

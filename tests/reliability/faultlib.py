@@ -259,6 +259,8 @@ def snapshot(run_dir: Path, skip: tuple[str, ...] = ()) -> dict[str, object]:
             obj = json.loads(path.read_text())
             out[str(rel)] = {k: v for k, v in obj.items() if k not in _PROVENANCE} \
                 if isinstance(obj, dict) else obj
+            if path.name == "_SUCCESS" and "outputs" in obj:  # digests of files with provenance: the list
+                out[str(rel)]["outputs"] = sorted(obj["outputs"])
         else:
             out[str(rel)] = path.read_bytes()
     return out

@@ -1,4 +1,5 @@
-"""The probes ``diffmem probe`` runs: trigger search, NeMo, Wanda, locality, and Finding Dori's table.
+"""The probe studies ``diffmem probe`` runs (registered in ``PROBES``): trigger search, NeMo,
+Wanda, locality, and Finding Dori's table.
 
 Each probe is ``fn(ctx, settings) -> (tables, metrics)``: ``ctx``
 (:class:`~diffmem.probes.context.ProbeContext`) holds the model, the descriptor, the memorised
@@ -122,9 +123,9 @@ def _wanda_model(ctx: ProbeContext, s) -> wanda_lib.Masks:
 
 def _save_pruned(ctx: ProbeContext, s) -> None:
     """The pruned pipeline as ``model/`` (diffusers format: any stage takes it as ``model=local``)."""
-    from diffmem.models import save_pipeline
+    from diffmem.models.pipeline import is_pipeline_dir, save_pipeline
 
-    if s.get("save_model", True) and not (ctx.run_dir / "model" / "model_index.json").exists():
+    if s.get("save_model", True) and not is_pipeline_dir(ctx.run_dir / "model"):
         save_pipeline(ctx.pipe, ctx.run_dir / "model")
 
 

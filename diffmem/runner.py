@@ -1,0 +1,263 @@
+"""One lifecycle for every stage: validate -> fingerprint -> claim or resume -> body -> publish.
+
+A stage declares a :class:`StageSpec` (its checks, its inputs, its body, and which settings do
+not change its results); :meth:`StageSpec.run` does the rest, the same way for every stage:
+
+1. ``prepare(cfg)`` checks the config and reads the (cheap) inputs, before anything is written;
+2. the **fingerprint** is derived: every resolved setting except those the spec (or
+   :data:`VOLATILE`) marks as not changing results, plus ``extra`` content digests (upstream
+   runs). A run dir claimed with another fingerprint is refused naming the first differing key;
+3. the inputs' digests (``inputs``) are compared with those the run started on (refused when
+   they changed); a **finished** run is trusted only while every file it published is intact
+   (``_SUCCESS`` lists them with their digests) and its guards hold; otherwise it is reopened,
+   with the reason in one log line, and its damaged outputs removed so the body recomputes them;
+4. the run dir is claimed and ``body(job)`` runs; a body that fails before producing any file
+   gives its claim back, so the corrected command is not refused;
+5. the runner publishes ``metrics.json`` (with provenance), ``info.json`` and ``_SUCCESS``, last.
+
+In a data-parallel job (:mod:`diffmem.distributed`: ``accelerate launch``, ``torchrun``,
+submitit tasks) rank 0 alone does 2-5; the other ranks wait for its claim, then run the body
+on their share of the rows (a stage's body splits them and syncs where it must). A stage that
+does not declare ``data_parallel`` refuses to start with several ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffmem import distributed
+from diffmem.errors import DataError, DiffmemError
+from diffmem.runs import (INFO, INPUTS, METRICS, RUN_FILE, SUCCESS, check_claim, check_inputs, claim,
+                          file_stamp, mark_done, provenance, read_json, write_json)
+
+log = logging.getLogger(__name__)
+
+#: settings of every stage that never change results: where and how fast it runs, and naming
+#: (``data``'s guards only refuse inputs: a run stopped by a corrupt image resumes with
+#: ``data.on_error=skip``, one refused for a large image with a raised ``data.max_pixels``)
+VOLATILE = ("name", "run_dir", "stage", "paths", "threads", "device", "num_workers", "shard",
+            "data.on_error", "data.max_pixels", "data.allow_outside_root")
+#: files of the runner itself, never outputs
+_OWN = {RUN_FILE, INPUTS, SUCCESS}
+_FULL_HASH_BYTES = 1 << 20  # outputs up to this size are hashed whole; larger ones by size and ends
+
+
+@dataclass
+class Job:
+    """What a body gets: the config, its claimed run dir and what ``prepare`` returned."""
+
+    cfg: DictConfig
+    dir: Path
+    ctx: Any = None
+
+
+@dataclass
+class Outcome:
+    """What a body returns: ``summary`` (into ``_SUCCESS``), ``info`` (into ``info.json``),
+    ``metrics`` (``metrics.json``, provenance added; None: the stage writes none), and
+    ``complete=False`` for a shard whose run is finished by another job (nothing is published)."""
+
+    summary: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    metrics: dict | None = None
+    complete: bool = True
+
+
+def fingerprint(cfg: DictConfig, volatile: tuple[str, ...] = (), extra: dict | None = None) -> dict:
+    """Every resolved setting of ``cfg`` except the ``volatile`` ones (and :data:`VOLATILE`), at
+    any depth (``data.on_error``), plus ``extra`` (content digests)."""
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else dict(cfg)
+    for key in (*VOLATILE, *volatile):
+        *parents, leaf = key.split(".")
+        node = plain
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return {**plain, **(extra or {})}
+
+
+def output_digests(run_dir: Path, scratch: tuple[str, ...] = ()) -> dict[str, dict]:
+    """``{relative path: {size, sha256}}`` of every file a run published (sub-runs with their own
+    ``_SUCCESS``, ``scratch`` folders and the runner's own files left out); large files by size
+    and ends."""
+    out: dict[str, dict] = {}
+    subruns = {p.parent for p in run_dir.rglob(SUCCESS) if p.parent != run_dir} | {run_dir / s for s in scratch}
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir)
+        if not path.is_file() or path.name in _OWN or _unpublished(rel) or any(s in path.parents for s in subruns):
+            continue
+        size = path.stat().st_size
+        stamp = ({"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                 if size <= _FULL_HASH_BYTES else file_stamp(path))
+        out[str(rel)] = stamp
+    return out
+
+
+def damaged_outputs(run_dir: Path) -> list[str]:
+    """The files ``_SUCCESS`` lists that are now missing or changed (all of them: a ``_SUCCESS``
+    of an older version lists none, so nothing is checked)."""
+    try:
+        listed = read_json(run_dir / SUCCESS).get("outputs", {})
+    except (DataError, AttributeError):  # a damaged marker: nothing it says is trusted
+        return [SUCCESS]
+    bad = []
+    for rel, stamp in listed.items():
+        path = run_dir / rel
+        try:
+            now = ({"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                   if "sha256" in stamp else file_stamp(path))
+        except OSError:
+            now = None
+        if now != stamp:
+            bad.append(rel)
+    return bad
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage: its checks and inputs (``prepare``), its work (``body``), the settings that do not
+    change its results (``volatile``), content digests of what it reads (``extra``), the tables whose
+    content must not change under a run (``inputs``), and ``guard``: why a finished run is not done
+    under this config (e.g. it skipped images and ``on_error`` is now ``fail``), or None.
+    ``scratch``: folders of resume state (checkpoints), not outputs; ``after(job)`` runs once the
+    run is published (e.g. removes them)."""
+
+    name: str
+    body: Callable[[Job], Outcome]
+    prepare: Callable[[DictConfig], Any] = lambda cfg: None
+    volatile: tuple[str, ...] = ()
+    extra: Callable[[DictConfig, Any], dict] | None = None
+    inputs: Callable[[DictConfig, Any], dict] | None = None
+    guard: Callable[[DictConfig, dict], str | None] | None = None
+    run_dir: Callable[[DictConfig], str] = lambda cfg: cfg.run_dir
+    scratch: tuple[str, ...] = ()
+    after: Callable[[Job], None] | None = None
+    data_parallel: bool = False
+
+    def fingerprint(self, cfg: DictConfig, ctx: Any = None) -> dict:
+        return fingerprint(cfg, self.volatile, self.extra(cfg, ctx) if self.extra else None)
+
+    def run(self, cfg: DictConfig) -> Path:
+        """Run the stage per ``cfg`` (resuming or reusing its run dir); returns the run dir."""
+        if not self.data_parallel:
+            distributed.single_process(self.name)
+        ctx = self.prepare(cfg)
+        run_dir = Path(self.run_dir(cfg))
+        if not distributed.is_main():
+            go = distributed.share()  # rank 0: True once claimed, False when already done, or why it stopped
+            if isinstance(go, str):
+                raise distributed.RankError(go)
+            if go:
+                self.body(Job(cfg, run_dir, ctx))
+            return run_dir
+        try:
+            fp = self.fingerprint(cfg, ctx)
+            tables = self.inputs(cfg, ctx) if self.inputs else {}
+            if check_claim(run_dir, fp):
+                for name, table in tables.items():
+                    check_inputs(run_dir, name, table)
+                if (run_dir / SUCCESS).exists() and self._still_done(run_dir, cfg):
+                    log.info("%s: %s is complete", self.name, run_dir)
+                    distributed.share(False)
+                    return run_dir
+            before = _files(run_dir) if run_dir.is_dir() else None
+            new_claim = not (run_dir / RUN_FILE).exists()
+            run_dir = claim(run_dir, fp)
+            for name, table in tables.items():  # recorded on a new claim
+                check_inputs(run_dir, name, table)
+        except DiffmemError as err:
+            distributed.share(f"{self.name}: rank 0 stopped: {err}")
+            raise
+        distributed.share(True)
+        try:
+            outcome = self.body(Job(cfg, run_dir, ctx))
+        except BaseException:
+            if new_claim:
+                _release_if_unused(run_dir, before or set())
+            raise
+        if outcome.complete:
+            self.publish(run_dir, cfg, outcome)
+            if self.after:
+                self.after(Job(cfg, run_dir, ctx))
+        return run_dir
+
+    def _still_done(self, run_dir: Path, cfg: DictConfig) -> bool:
+        """Whether a finished run may be reused: its outputs intact, its guard holding. If not,
+        ``_SUCCESS`` is taken back (and the damaged files removed), saying why in one line."""
+        damaged = damaged_outputs(run_dir)
+        subruns = [p.parent for p in run_dir.rglob(SUCCESS) if p.parent != run_dir and damaged_outputs(p.parent)]
+        if damaged:
+            reason = f"{len(damaged)} published file(s) missing or changed ({', '.join(damaged[:3])})"
+        elif subruns:  # each sub-run recomputes its own damage when the body runs it again
+            reason = f"its step {subruns[0].relative_to(run_dir)} is damaged"
+        else:
+            reason = self.guard(cfg, read_json(run_dir / SUCCESS).get("summary", {})) if self.guard else None
+        if reason is None:
+            return True
+        log.warning("%s: %s was finished but %s; recomputing", self.name, run_dir, reason)
+        for rel in damaged:
+            (run_dir / rel).unlink(missing_ok=True)
+        (run_dir / SUCCESS).unlink(missing_ok=True)
+        return False
+
+    def publish(self, run_dir: Path, cfg: DictConfig, outcome: Outcome) -> None:
+        """``metrics.json`` (when the body has metrics), ``info.json`` and ``_SUCCESS`` (the summary
+        and the digests of every published file), in that order."""
+        prov = provenance(cfg)
+        if outcome.metrics is not None:
+            write_json(run_dir / METRICS, {**outcome.metrics, "provenance": prov})
+        write_json(run_dir / INFO, {"stage": self.name, **outcome.info, **prov})
+        mark_done(run_dir, {"summary": outcome.summary, "outputs": output_digests(run_dir, self.scratch)})
+
+
+def _lock(path: Path) -> bool:
+    """A claim's lock file (``.<run dir name>.lock``, beside the run dir of a sub-run)."""
+    return path.name.startswith(".") and path.name.endswith(".lock")
+
+
+def _unpublished(rel: Path) -> bool:
+    """Files in a run dir that are no outputs: hidden ones (Hydra's ``.hydra/``, temporary files,
+    claim locks) and logs, which grow after publishing."""
+    return any(part.startswith(".") for part in rel.parts) or rel.suffix == ".log"
+
+
+def _files(run_dir: Path) -> set[Path]:
+    return {p for p in run_dir.rglob("*") if p.is_file() and not _unpublished(p.relative_to(run_dir))}
+
+
+def _release_if_unused(run_dir: Path, before: set[Path]) -> None:
+    """Give back a new claim whose body failed before producing any file: its ``run.json`` and
+    ``inputs.json`` go, and the folder when nothing else is in it, so the corrected command is
+    not refused as another config."""
+    if any(p.name not in _OWN for p in _files(run_dir) - before):
+        return
+    for name in (RUN_FILE, INPUTS):
+        (run_dir / name).unlink(missing_ok=True)
+    for lock in filter(_lock, run_dir.rglob("*")):
+        lock.unlink(missing_ok=True)
+    try:
+        for folder in sorted((p for p in run_dir.rglob("*") if p.is_dir()), reverse=True):
+            folder.rmdir()
+        run_dir.rmdir()
+    except OSError:  # a folder with something in it (an input put there, another job's temporary file)
+        pass
+
+
+def require_items(n: int, what: str, where: Any) -> None:
+    """A run that would publish no items is an error, not a success."""
+    if n == 0:
+        raise DataError(f"{where}: no {what} to publish (every input was skipped or empty)")
+
+
+def on_error_guard(cfg_on_error: str, n_skipped: int) -> str | None:
+    """A run finished with skipped items is not done under ``on_error=fail``."""
+    if n_skipped and cfg_on_error == "fail":
+        return f"it skipped {n_skipped} unreadable image(s) and on_error is now 'fail'"
+    return None
