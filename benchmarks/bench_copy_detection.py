@@ -53,7 +53,8 @@ import diffmem  # noqa: E402
 from diffmem.errors import DataError  # noqa: E402
 from diffmem.features import build_extractor  # noqa: E402
 from diffmem.data.photos import OTHER_PHOTOS, PHOTOS, natural_photos  # noqa: E402
-from diffmem.features.copyset import build_copy_set, detection_metrics, embed_arrays  # noqa: E402
+from diffmem.features.copyset import build_copy_set, embed_arrays  # noqa: E402
+from diffmem.metrics.detection import detection_metrics  # noqa: E402
 from diffmem.runs import write_json  # noqa: E402
 
 
@@ -101,7 +102,8 @@ def run_descriptor(name: str, cs, thresholds, repeats: int) -> dict | None:
     seconds = time.perf_counter() - t
     scores = a @ b.T
     labels = cs.labels()
-    out = {"descriptor": name, "dim": ext.dim, **detection_metrics(scores.ravel(), labels.ravel(), thresholds),
+    out = {"descriptor": name, "dim": ext.dim,
+           **detection_metrics(scores.ravel(), labels.ravel(), thresholds=thresholds),
            "images_per_s": (len(a) + len(b)) / seconds, "latency_ms_288": latency_ms(ext, repeats),
            "extractor": ext.info()}
     fam = np.asarray(cs.copy_family)
@@ -117,7 +119,7 @@ def table(rows: list[dict], thresholds) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pr = [r[f"{m}@{t}"] for t in thresholds for m in ("precision", "recall")]
-        cells = [f"`{r['descriptor']}`", f"{r['auc']:.3f}"] + ["-" if v is None else f"{v:.2f}" for v in pr] + \
+        cells = [f"`{r['descriptor']}`", f"{r['roc_auc']:.3f}"] + ["-" if v is None else f"{v:.2f}" for v in pr] + \
             [f"{r['positive_median']:.2f}", f"{r['negative_median']:.2f}", f"{r['images_per_s']:.1f}",
              f"{r['latency_ms_288']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -135,7 +137,7 @@ def main(args) -> dict:
         r = run_descriptor(name, cs, thresholds, args.latency_repeats)
         if r is not None:
             rows.append(r)
-            log(f"{name}: AUC {r['auc']:.4f}, {r['images_per_s']:.1f} images/s, {r['latency_ms_288']:.1f} ms/image")
+            log(f"{name}: AUC {r['roc_auc']:.4f}, {r['images_per_s']:.1f} images/s, {r['latency_ms_288']:.1f} ms/image")
     text = table(rows, thresholds)
     log(text)
     result = {"photos": cs.names, "families": list(dict.fromkeys(cs.copy_family)), "threads": args.threads,

@@ -70,9 +70,11 @@ def local_overrides() -> list[str]:
     return [f"hydra.searchpath=[file://{local.resolve()}]"] if local.is_dir() else []
 
 
-def compose(stage: str, overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+def compose(stage: str, overrides: Sequence[str] = (), return_hydra_config: bool = False,
+            hints: bool = True) -> DictConfig:
     """The config of ``stage`` with Hydra-style ``overrides``, as the CLI would build it; an
-    override Hydra cannot apply (unknown key or option, malformed) is a one-line ConfigError."""
+    override Hydra cannot apply (unknown key or option, malformed) is a one-line ConfigError
+    (with a "did you mean" hint unless ``hints`` is false)."""
     from hydra import compose as _compose, initialize_config_dir
     from hydra.errors import HydraException
 
@@ -82,10 +84,10 @@ def compose(stage: str, overrides: Sequence[str] = (), return_hydra_config: bool
             return _compose(config_name=config_name(stage), overrides=[*local_overrides(), *overrides],
                             return_hydra_config=return_hydra_config)
     except HydraException as err:
-        raise _composition_error(stage, overrides, err) from None
+        raise _composition_error(stage, overrides, err, hints) from None
 
 
-def _composition_error(stage: str, overrides: Sequence[str], err: Exception) -> ConfigError:
+def _composition_error(stage: str, overrides: Sequence[str], err: Exception, hints: bool = True) -> ConfigError:
     """Hydra's multi-line composition error as one line, with a "did you mean" over the keys
     (or group options) that exist."""
     from hydra.errors import MissingConfigException, OverrideParseException
@@ -97,34 +99,54 @@ def _composition_error(stage: str, overrides: Sequence[str], err: Exception) -> 
         return ConfigError(f"{group}={option}: no such option (options: {', '.join(err.options)})."
                            + did_you_mean(option, err.options))
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
-        parent, _, key = str(cause.full_key).rpartition(".")
-        hint = did_you_mean(key, _keys(stage, parent, overrides, str(cause.full_key)), paren=True)
-        return ConfigError(f"{cause.full_key}: no such key in the {stage} config{hint}; "
-                           f"add a new key with +{cause.full_key}=...")
+        full = str(cause.full_key)
+        parent, _, key = full.rpartition(".")
+        hint = did_you_mean(key, _keys(stage, parent, overrides, full), paren=True) if hints else ""
+        name = next((k for k in map(_override_key, overrides) if k.startswith(full + ".")), full)
+        where = f" ('{full}' does not exist)" if name != full else ""
+        return ConfigError(f"{name}: no such key in the {stage} config{where}{hint}; add a new key with +{name}=...")
     if isinstance(err, OverrideParseException):
         lines = [ln for ln in err.message.splitlines() if ln.strip() and not ln.startswith("See https")]
-        return ConfigError(f"cannot parse the override {err.override!r}: {lines[-1]}")
+        return ConfigError(f"cannot parse the override {err.override!r}: {_parse_problem(lines)}")
     return ConfigError("; ".join(ln.strip() for ln in str(err).splitlines() if ln.strip()))
+
+
+def _parse_problem(lines: list[str]) -> str:
+    """Hydra's parse error as words: the lexer's "line + caret" becomes the character it stopped at."""
+    if len(lines) >= 2 and lines[-1].strip() == "^" and lines[0].startswith("LexerNoViableAltException"):
+        at = lines[-1].index("^")
+        char = lines[0][at] if at < len(lines[0]) else "?"
+        key, _, value = lines[0].partition(": ")[2].partition("=")
+        return (f"the character {char!r} is not allowed unquoted (non-ASCII or special characters "
+                f"need quotes: {key}='{value}')")
+    return lines[-1]
+
+
+def _override_key(override: str) -> str:
+    """The dotted key an override sets (``+a.b=1`` -> ``a.b``)."""
+    return override.lstrip("+~").partition("=")[0]
 
 
 def _keys(stage: str, parent: str, overrides: Sequence[str], unknown: str) -> list[str]:
     """The keys under ``parent`` in ``stage``'s config with the ``overrides`` other than the one
-    setting the ``unknown`` key (so ``data=folder`` counts), for "did you mean" hints."""
-    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != unknown]
+    setting the ``unknown`` key or one below it (so ``data=folder`` counts), for "did you mean"
+    hints. Composed without hints: a second bad override never recurses."""
+    rest = [o for o in overrides if _override_key(o) != unknown and not _override_key(o).startswith(unknown + ".")]
     try:
-        cfg = compose(stage, rest)
+        cfg = compose(stage, rest, hints=False)
     except ConfigError:  # another bad override: the stage's defaults
-        cfg = compose(stage)
+        cfg = compose(stage, hints=False)
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
     return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
 
 def run(stage: str, overrides: Sequence[str] = ()) -> Path:
     """Run ``stage`` in-process (as ``diffmem <stage> overrides`` would); returns its run dir."""
-    from diffmem.schema import validate
+    from diffmem.schema import settle_precision, validate
 
     cfg = compose(stage, overrides)
     validate(stage, cfg)
+    settle_precision(cfg)
     stage_module(stage).run(cfg)
     return Path(cfg.run_dir)
 
@@ -141,7 +163,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from diffmem.schema import validate
+    from diffmem.schema import settle_precision, validate
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name(stage))
     def _app(cfg: DictConfig):
@@ -149,6 +171,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
             with open_dict(cfg):
                 cfg.run_dir = HydraConfig.get().runtime.output_dir
             validate(stage, cfg)
+            settle_precision(cfg)
             return fn(cfg)
         except DiffmemError as err:
             _exit(stage, err)

@@ -1,7 +1,8 @@
 """``diffmem detect``: score prompts for memorisation without the training set (docs/methods.md section 2).
 
-``detect=noise_norm|noise_ssim|one_step`` picks the detector (``diffmem.detectors``). Writes
-to the run dir:
+``detect=noise_ssim`` (the default) ``|noise_norm|one_step|attention_entropy|bright_ending``
+picks the detector (``diffmem.detectors``; docs/detection.md says which to use). Writes to the
+run dir:
 
 - ``scores.parquet``: ``prompt_id, caption, detector, score`` (higher = more likely memorised)
   plus the prompts' ground-truth columns when present (testbed ``kind``, ``group``,
@@ -14,7 +15,8 @@ to the run dir:
   ``unet_forward_passes`` (batched calls), time, score summaries per ground-truth group and,
   with ground truth, ``roc_auc``, ``tpr_at_fpr`` (at ``fpr``) and the NeMo threshold
   (mean + 1 std of the negatives) with its TPR/FPR, and where the data has hard negatives
-  ``ground_truth.hard_negatives`` (memorised vs hard negatives: ROC-AUC, TPR@FPR); plus
+  ``ground_truth.hard_negatives`` (memorised vs hard negatives: ROC-AUC, TPR@FPR), each AUC
+  and TPR with a 95 % bootstrap interval over prompts (``roc_auc_ci``, ``tpr_at_fpr_ci``); plus
   provenance. The console says both AUCs, or why no ROC metric was computed.
 - ``roc.png`` with ground truth; ``report.html`` (ranked prompts, ROC curve, tokens shaded by
   their attribution); ``info.json`` and ``_SUCCESS`` last.
@@ -32,9 +34,10 @@ from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data.prompts import stage_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
+from diffmem.detectors.scoring import attribution_table, score_table
 from diffmem.errors import ConfigError
-from diffmem.data.labels import check_positives, describe_positives, ground_truth, ground_truth_labels
-from diffmem.metrics.detection import calibrate_threshold, detection_metrics, rates_at_threshold
+from diffmem.data.labels import check_positives, describe_positives
+from diffmem.metrics.detection import evaluate, group_summary, summary_lines
 from diffmem.loading import load_model
 from diffmem.report import write_detect_report
 from diffmem.report.figures import ROC_FIGURE, roc_figure
@@ -44,8 +47,6 @@ from diffmem.runs import write_parquet
 log = logging.getLogger(__name__)
 SCORES = "scores.parquet"
 ATTRIBUTION = "attribution.parquet"
-GROUND_TRUTH = ("kind", "group", "dup_count", "type", "overfit_type", "memorisation_type", "is_memorised",
-                "source", "target_id")
 
 
 def check_config(cfg: DictConfig) -> Detector:
@@ -58,88 +59,6 @@ def check_config(cfg: DictConfig) -> Detector:
                           f"(noise_norm), not '{detector.name}'")
     check_positives(OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None)
     return detector
-
-
-def score_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int,
-                batch_size: int, positives=None) -> pd.DataFrame:
-    """The ``scores`` table of ``prompts`` (ids, caption, detector, score, ground truth, label)."""
-    scores = detector.score(pipe, prompts["caption"].tolist(), prompts["prompt_id"].tolist(), seed=seed,
-                            resolution=resolution, batch_size=batch_size)
-    table = pd.DataFrame({"prompt_id": prompts["prompt_id"].to_numpy(),
-                          "caption": prompts["caption"].astype(str).to_numpy(),
-                          "detector": detector.name, "score": scores})
-    for col in GROUND_TRUTH:
-        if col in prompts:
-            table[col] = prompts[col].to_numpy()
-    labels = ground_truth_labels(prompts, positives)
-    if labels is not None:
-        table["label"] = labels.to_numpy()
-        hard = ground_truth(prompts, check_positives(positives)["min_dup_count"])["hard_negative"]
-        if hard.any():
-            table["hard_negative"] = hard.to_numpy()
-    return table
-
-
-def attribution_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int,
-                      resolution: int) -> pd.DataFrame:
-    """``prompt_id, token_index, token, attribution`` for every prompt."""
-    parts = [detector.attribute(pipe, p.caption, p.prompt_id, seed=seed, resolution=resolution)
-             .assign(prompt_id=p.prompt_id) for p in prompts.itertuples(index=False)]
-    return pd.concat(parts, ignore_index=True)[["prompt_id", "token_index", "token", "attribution"]]
-
-
-def evaluate(table: pd.DataFrame, fpr: float = 0.01) -> dict:
-    """Ground-truth metrics of a ``scores`` table (empty without a usable ``label`` column)."""
-    if "label" not in table:
-        return {}
-    known = table[table["label"].notna()]
-    y, s = known["label"].to_numpy(int), known["score"].to_numpy(float)
-    n_pos, n_neg = int(y.sum()), int((y == 0).sum())
-    out: dict = {"n_pos": n_pos, "n_neg": n_neg, "n_excluded": int(len(table) - len(known))}
-    if n_pos and "hard_negative" in table:  # memorised vs trained-on-but-not-memorised
-        hard = table[(table["label"] == 1) | table["hard_negative"].fillna(False).astype(bool)]
-        out["hard_negatives"] = detection_metrics(hard["score"].to_numpy(float),
-                                                  hard["label"].eq(1).to_numpy(int), fpr=fpr)
-    if n_pos == 0 or n_neg == 0:
-        out["note"] = (f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts "
-                       "(ROC needs both; see positives=... and the prompts' ground truth)")
-        return out
-    out.update(detection_metrics(s, y, fpr=fpr))
-    if n_neg >= 2:
-        thr = calibrate_threshold(s[y == 0])
-        out["calibrated_threshold"] = {"rule": "mean + 1 std of negatives",
-                                       **rates_at_threshold(s, y, thr)}
-    return out
-
-
-def summary_lines(results: dict) -> list[str]:
-    """What the console says about the ground truth: the AUCs, or why there are none."""
-    if not results:
-        return ["no ROC metrics: the prompts carry no ground truth (a type/overfit_type/memorisation_type "
-                "column, a file label, or testbed kind/dup_count)"]
-    lines = [f"{results['n_pos']} memorised vs {results['n_neg']} not memorised prompts "
-             f"({results['n_excluded']} left out)"]
-    if "roc_auc" in results:
-        lines.append(f"ROC-AUC {results['roc_auc']:.3f}, TPR@{results['fpr']:g}FPR {results['tpr_at_fpr']:.3f}")
-    else:
-        lines.append(results["note"])
-    if "hard_negatives" in results:
-        h = results["hard_negatives"]
-        lines.append(f"memorised vs hard negatives ({h['n_neg']} prompts trained on but not memorised): "
-                     f"ROC-AUC {h['roc_auc']:.3f}, TPR@{h['fpr']:g}FPR {h['tpr_at_fpr']:.3f}")
-    return lines
-
-
-def group_summary(table: pd.DataFrame) -> list[dict]:
-    """Mean / std / n of the score per ground-truth group (testbed kind x dup_count, or type)."""
-    keys = ([c for c in ("kind", "dup_count") if c in table] or [c for c in ("type",) if c in table]
-            or [c for c in ("memorisation_type",) if c in table])
-    if not keys:
-        return []
-    g = table.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
-    g = g.astype(object).where(g.notna(), None)  # std of a single prompt: null, not NaN
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            for row in g.to_dict(orient="records")]
 
 
 def prepare(cfg: DictConfig) -> tuple[Detector, pd.DataFrame]:
@@ -173,7 +92,8 @@ def body(job: Job) -> Outcome:
     results = evaluate(table, cfg.fpr)
     if results:
         metrics["ground_truth"] = {"positives": describe_positives(prompts, positives), **results}
-        metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr") if k in results})
+        metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr", "roc_auc_ci", "tpr_at_fpr_ci",
+                                                 "ci_level") if k in results})
         if "roc_auc" in results:
             roc_figure(table, run_dir / ROC_FIGURE, title=f"{detector.name} on {cfg.model.name}")
     write_detect_report(run_dir, table, {**metrics, "fpr": cfg.fpr}, attr,

@@ -5,7 +5,8 @@ of ``part_size`` items (float32, L2-normalised), the ids table (one row per vect
 order), the items' captions and labels, the images skipped under ``data.on_error=skip``
 and ``info.json`` (the extractor's name, dim and preprocessing, the source, the counts of
 skipped images and of rows img2dataset marked failed, provenance). Images are decoded in
-``num_workers`` DataLoader workers and batched by resized shape
+``num_workers`` DataLoader workers (ONNX descriptors: uint8 images, JPEGs at reduced size,
+in threads beside the model) and batched by resized shape
 (:mod:`diffmem.features.loader`). Parts are written atomically, so a killed run resumes at
 the first missing part; shard ``i`` of ``n`` embeds parts ``i, i+n, ...`` so array jobs
 split the work.

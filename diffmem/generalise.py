@@ -1,7 +1,7 @@
 """``diffmem generalise``: the memorisation -> generalisation transition (Kadkhodaie et al. 2024).
 
-One job handles one training-set size ``n`` (``--multirun`` sweeps it): it trains, as the
-train stage does (:func:`diffmem.training.train_model`), two unconditional models on two
+One job handles one training-set size ``n`` (``--multirun`` sweeps it): it trains, with the
+train stage, two unconditional models on two
 disjoint ``n``-image subsets of one dataset (``data.subset`` parts 0 and 1; seeds ``seed``
 and ``seed + 1``; same architecture, one shared frozen VAE), both sample from the same initial noises, and per noise we measure
 (a) ``cross_sim``, the similarity of the two models' samples, and (b) ``nn_sim``, each
@@ -37,25 +37,11 @@ from diffmem.data import load_dataset
 from diffmem.device import configure_torch
 from diffmem.errors import ConfigError
 from diffmem.features.base import sha256_file
-from diffmem.metrics.generalisation import (
-    HeldoutBaseline,
-    measure,
-    quartile_stats,
-    transition_n,
-)
+from diffmem.metrics.generalisation import HeldoutBaseline, measure, quartile_stats, transition_n
 from diffmem.report.figures import GridPair, generalisation_figure, image_grid
 from diffmem.runner import Job, Outcome, StageSpec, fingerprint
-from diffmem.runs import (
-    INFO,
-    check_claim,
-    claim,
-    is_done,
-    provenance,
-    read_json,
-    read_parquet,
-    write_json,
-    write_parquet,
-)
+from diffmem.runs import (INFO, check_claim, claim, is_done, provenance, read_json, read_parquet, write_json,
+                          write_parquet)
 
 log = logging.getLogger(__name__)
 TABLE, FIGURE, SUMMARY = "generalisation.parquet", "generalisation.png", "summary.json"

@@ -200,12 +200,27 @@ def _drop_nulls(v: Any) -> Any:
     return v
 
 
+#: the longest folder name common file systems take (ext4, XFS, APFS, NTFS: 255 bytes)
+MAX_NAME_BYTES = 255
+
+
 def check_run_name(name: Any) -> None:
     """Refuse a run name (``name=``, the last folder of a run dir) that is not one safe path
-    component: empty, ``.``/``..`` or with a separator would write outside ``outputs/<stage>/``."""
+    component: empty, ``.``/``..`` or with a separator would write outside ``outputs/<stage>/``;
+    control characters, text that is not UTF-8 or more than :data:`MAX_NAME_BYTES` bytes cannot
+    be a folder name."""
     text = "" if name is None else str(name)
     if text in ("", ".", "..") or any(c in text for c in "/\\\0"):
         raise ConfigError(f"name={text!r} must be one folder name (not empty, '.' or '..', no '/')")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # undecodable bytes on the command line (surrogate escapes)
+        raise ConfigError(f"name={ascii(text)} is not UTF-8 text; use a UTF-8 folder name") from None
+    if any(not c.isprintable() for c in text):
+        raise ConfigError(f"name={ascii(text)} holds a control character; use a printable folder name")
+    if size > MAX_NAME_BYTES:
+        raise ConfigError(f"name={text[:40]!r}... is {size} bytes long; a folder name takes at most "
+                          f"{MAX_NAME_BYTES} bytes")
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> None:
@@ -217,6 +232,13 @@ def check_run_dir(run_dir: str | os.PathLike) -> None:
         raise OutputError(f"run_dir={path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"run_dir={path}: cannot write in {existing} (read-only or no permission)")
+
+
+def _cause_first(key: str) -> tuple:
+    """Sort key of a fingerprint difference: a group's identity (``features.extractor.name``,
+    ``data.kind``) first, as its change explains the others (``features=sscd`` also changes the
+    ``dcr_threshold`` it interpolates), then shallow keys before deep ones."""
+    return key.rpartition(".")[2] not in ("name", "kind"), key.count("."), key
 
 
 def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool:
@@ -235,11 +257,12 @@ def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool
     old = _drop_nulls(read_json(marker))
     if old != fingerprint:
         a, b = _flatten(old), _flatten(fingerprint)
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        diff = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k)), key=_cause_first)
         key = diff[0] if diff else "?"
+        more = f"; also {', '.join(diff[1:4])}{', ...' if len(diff) > 4 else ''}" if len(diff) > 1 else ""
         raise ConfigError(
             f"{run_dir} holds a run with another config ({key}: {a.get(key)!r} there, "
-            f"{b.get(key)!r} now); choose another name=... or delete the folder"
+            f"{b.get(key)!r} now{more}); choose another name=... or delete the folder"
         )
     return True
 

@@ -12,6 +12,8 @@ conditioning of each generation (:func:`denoise`). The inference-time defences
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
@@ -20,6 +22,8 @@ import pandas as pd
 import torch
 
 from diffmem.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: the pipeline attribute that holds its sampler hooks
 HOOKS_ATTR = "diffmem_sampler_hooks"
@@ -71,6 +75,16 @@ def encode_prompts(pipe, captions: Sequence[str], batch_size: int = 64) -> torch
                              return_tensors="pt").input_ids.to(device)
         out.append(pipe.text_encoder(ids)[0])
     return torch.cat(out)
+
+
+def token_counts(pipe, captions: Sequence[str]) -> list[int]:
+    """Tokens per caption as :func:`encode_prompts` feeds them (BOS and EOS included, truncated)."""
+    hooks = get_hooks(pipe)
+    if hooks is not None:
+        captions = hooks.text(captions, pipe)
+    mask = pipe.tokenizer(list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").attention_mask
+    return [int(n) for n in mask.sum(dim=1)]
 
 
 def vae_factor(pipe) -> int:
@@ -170,6 +184,18 @@ def _write_png(path: Path, image) -> None:
         Image.fromarray(image).save(tmp, format="PNG")
 
 
+#: a generation of this many images or more estimates its time after the first batch
+LARGE_RUN = 10_000
+
+
+def _duration(seconds: float) -> str:
+    """``"2 h 05 min"``, ``"35 min"`` or ``"40 s"``."""
+    minutes = int(round(seconds / 60))
+    if minutes >= 60:
+        return f"{minutes // 60} h {minutes % 60:02d} min"
+    return f"{minutes} min" if minutes else f"{int(round(seconds))} s"
+
+
 def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int, steps: int,
                     guidance: float, batch_size: int, desc: str = "generate", shard: bool = False) -> None:
     """Generate every row of ``plan`` (:func:`diffmem.data.samples.plan_samples`) whose PNG does not exist yet.
@@ -190,9 +216,14 @@ def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int,
     if not starts:
         return
     uncond = encode_prompts(pipe, [""])
-    todo_total = sum(int(missing[s:s + batch_size].sum()) for s in starts)
+    started = time.monotonic()
+    todo_total = sum(int(missing[s:s + batch_size].sum()) for s in starts)  # this rank's share
     with tqdm(total=todo_total, desc=desc, mininterval=2) as bar:  # closed on errors too
-        for start in starts:
+        for i, start in enumerate(starts):
+            if i == 1 and bar.total >= LARGE_RUN:  # the first batch timed: the whole run estimated
+                took = time.monotonic() - started
+                log.warning("%s: %s images to make; the first batch took %.1f s, so about %s in all",
+                            desc, f"{bar.total:,}", took, _duration(took * len(starts)))
             batch = plan.iloc[start:start + batch_size]
             todo = missing[start:start + batch_size]
             cond = encode_prompts(pipe, batch["caption"].tolist())

@@ -13,15 +13,18 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable
 
+import logging
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffmem.checks import check_choice, check_float, check_int
-from diffmem.device import check_device
+from diffmem.device import check_device, resolve_device
 from diffmem.errors import ConfigError
 from diffmem.runs import check_run_dir, check_run_name
 
 Check = Callable[[object, str], object]
+log = logging.getLogger(__name__)
 
 
 def _int(minimum: int | None = None, optional: bool = False) -> Check:
@@ -34,6 +37,9 @@ def _float(minimum: float | None = None, maximum: float | None = None, above: fl
 
 
 COUNT, COUNT_OR_NULL, FINITE = _int(1), _int(1, optional=True), _float()
+#: a threshold on a cosine similarity of unit descriptors (pixel, SSCD, CLIP): outside [-1, 1]
+#: it flags nothing or everything
+COSINE = _float(-1.0, 1.0)
 
 #: groups shared by several stages (declared once)
 TORCH = {"seed": _int(0), "threads": COUNT_OR_NULL, "device": check_device}
@@ -42,7 +48,7 @@ SAMPLING = {"steps": COUNT, "guidance_scale": _float(0.0), "n_per_prompt": COUNT
 FIT = {"steps": COUNT, "batch_size": COUNT, "lr": _float(above=0.0), "warmup": _int(0), "ckpt_every": COUNT,
        "decay_from": _int(0, optional=True), "ema_decay": _float(0.0, 1.0, optional=True),
        "gradient_accumulation_steps": COUNT}
-REPLICATION = {"threshold": FINITE, "max_targets": COUNT_OR_NULL}
+REPLICATION = {"threshold": COSINE, "max_targets": COUNT_OR_NULL}
 
 
 def _under(prefix: str, fields: dict[str, Check]) -> dict[str, Check]:
@@ -60,7 +66,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
               "recall.noise": _float(0.0), "recall.k": COUNT},
     "search": {"k": COUNT, "normalisation.k": COUNT, "normalisation.beta": FINITE},
     "detect": {**TORCH, "batch_size": COUNT, "resolution": COUNT},
-    "audit": {**TORCH, "n_per_prompt": COUNT, "k": COUNT, "threshold": FINITE, "dcr_threshold": FINITE},
+    "audit": {**TORCH, "n_per_prompt": COUNT, "k": COUNT, "threshold": COSINE, "dcr_threshold": COSINE},
     "probe": {**TORCH, **SAMPLING, **REPLICATION, "n_controls": _int(0)},
     "generalise": {**TORCH, "resolution": COUNT, **_under("unet", FIT), "n": COUNT, "samples": _int(2),
                    "sample_steps": COUNT, "batch_size": COUNT},
@@ -99,6 +105,22 @@ def check_fields(stage: str, cfg: DictConfig, prefix: str = "") -> None:
     for node, sub in SUB_STAGES.get(stage, {}).items():
         if isinstance(cfg.get(node), DictConfig):
             check_fields(sub, cfg[node], f"{prefix}{node}.")
+
+
+#: the pipeline precision of a stage's models (``precision``: evaluate-mitigation's, for all of them)
+PRECISION_KEYS = ("model.precision", "precision")
+
+
+def settle_precision(cfg: DictConfig) -> None:
+    """fp16 on the CPU runs as fp32 (:func:`~diffmem.models.pipeline.resolve_dtype`): set it so in
+    ``cfg``, with one log line, so that ``info.json`` and the fingerprint record what ran."""
+    for key in PRECISION_KEYS:
+        if str(_value(cfg, key)) not in ("fp16", "float16"):  # float16: its older name
+            continue
+        device = cfg.get("device", "auto")
+        if resolve_device(device).type == "cpu":
+            log.warning("%s=fp16 on the CPU (device=%s) runs as fp32; the run records fp32", key, device)
+            OmegaConf.update(cfg, key, "fp32", merge=False)
 
 
 def validate(stage: str, cfg: DictConfig) -> None:

@@ -32,13 +32,17 @@ CAPTIONS = ["the zorblax emblem", "a red circle above a blue square on a grey ba
             "a vintage poster", "two green triangles"]
 FAST = {"noise_norm": dict(steps=[0, 1], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
         "noise_ssim": dict(n_seeds=3, step=1, num_inference_steps=4),
-        "one_step": dict(n_seeds=2, num_inference_steps=4, guidance_scale=3.0)}
+        "one_step": dict(n_seeds=2, num_inference_steps=4, guidance_scale=3.0),
+        "attention_entropy": dict(steps=[0, 2], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
+        "bright_ending": dict(steps=[0, 3], n_generations=2, num_inference_steps=4, guidance_scale=3.0)}
 
 
 def _args(pipe_dir, *extra, prompt_file=None):
+    """Stage arguments on the tiny pipeline; ``detect=noise_norm`` unless ``extra`` picks a detector."""
     prompts = (["prompts=file", f"prompts.path={prompt_file}"] if prompt_file else
                ["prompts.n_ordinary=2", "prompts.n_heldout=2", "positives.min_dup_count=4"])
-    return ["model=local", f"model.path={pipe_dir}", "detect.num_inference_steps=4", *prompts,
+    detector = [] if any(e.startswith("detect=") for e in extra) else ["detect=noise_norm"]
+    return ["model=local", f"model.path={pipe_dir}", *detector, "detect.num_inference_steps=4", *prompts,
             *SMALL_DATA, *extra]
 
 
@@ -244,6 +248,10 @@ def test_detect_stage_outputs(tiny_pipe_dir):
     assert m["unet_calls"] == 2 * len(scores)  # steps=[0], one generation
     sub = scores[scores["label"].notna()]
     assert m["roc_auc"] == pytest.approx(roc_auc(sub["score"], sub["label"]))
+    for key in ("roc_auc", "tpr_at_fpr"):  # 95 % bootstrap intervals around the point values
+        lo, hi = m[f"{key}_ci"]
+        assert 0 <= lo <= m[key] <= hi <= 1 and m["ground_truth"][f"{key}_ci"] == [lo, hi]
+    assert m["ci_level"] == 0.95
     assert m["ground_truth"]["n_pos"] == int(sub["label"].sum())
     assert "threshold" in m["ground_truth"]["calibrated_threshold"]
     assert (run_dir / "roc.png").stat().st_size > 1000
@@ -306,12 +314,97 @@ def test_bad_inputs(tiny_pipe, tiny_pipe_dir, tmp_path):
 
 
 def test_noise_norm_separates_duplicated_canaries_on_the_shipped_testbed():
-    """Issue 4's bar: canaries duplicated >= 16x vs ordinary + held-out prompts, at the cheap
-    default (first step, one generation: 2 UNet evaluations per prompt), ROC-AUC >= 0.99."""
-    run_dir = diffmem.run("detect")
+    """Issue 4's bar: canaries duplicated >= 16x vs ordinary + held-out prompts, at noise_norm's
+    cheap default (first step, one generation: 2 UNet evaluations per prompt), ROC-AUC >= 0.99."""
+    run_dir = diffmem.run("detect", ["detect=noise_norm"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["unet_calls_per_prompt"] == 2
     assert metrics["ground_truth"]["n_pos"] == 8 and metrics["ground_truth"]["n_neg"] >= 29
     assert metrics["roc_auc"] >= 0.99, metrics["by_group"]
     hard = metrics["ground_truth"]["hard_negatives"]  # the 1x/4x canaries: trained on, not copied
     assert hard["n_neg"] == 8 and 0.6 <= hard["roc_auc"] < 0.9  # about 0.75
+
+
+def test_bootstrap_intervals_reference_cases():
+    """Replicates equal the metrics of the resampled prompts; a binormal sample's AUC interval
+    covers the true AUC with Hanley & McNeil's (1982) width; perfect separation collapses it."""
+    from scipy.stats import norm
+
+    from diffmem.metrics.detection import bootstrap_ci, bootstrap_replicates
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(30, int), np.zeros(70, int)]
+    s = rng.normal(size=100) + 1.0 * y
+    s[:10] = np.round(s[:10], 1)  # ties
+    reps = bootstrap_replicates(s, y, fpr=0.05, n_boot=5, seed=3)
+    r = np.random.default_rng(3)  # the same draws, by hand
+    ip, ineg = r.integers(0, 30, (5, 30)), r.integers(0, 70, (5, 70))
+    for b in range(5):
+        ss = np.r_[s[y == 1][ip[b]], s[y == 0][ineg[b]]]
+        yy = np.r_[np.ones(30, int), np.zeros(70, int)]
+        assert reps["roc_auc"][b] == pytest.approx(roc_auc(ss, yy))
+        assert reps["tpr_at_fpr"][b] == pytest.approx(tpr_at_fpr(ss, yy, 0.05))
+
+    d, n_pos, n_neg = 1.2, 200, 400
+    y = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+    s = rng.normal(size=y.size) + d * y
+    true_auc = norm.cdf(d / np.sqrt(2))
+    ci = bootstrap_ci(s, y, n_boot=2000)["roc_auc"]
+    a = roc_auc(s, y)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = np.sqrt((a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg))
+    assert ci[0] < true_auc < ci[1] and ci[0] < a < ci[1]
+    assert (ci[1] - ci[0]) / 2 == pytest.approx(1.96 * se, rel=0.2)
+
+    sep = detection_metrics([0.1, 0.2, 0.3, 0.9, 0.95], [0, 0, 0, 1, 1], ci_level=0.95)
+    assert sep["roc_auc_ci"] == [1.0, 1.0] and sep["tpr_at_fpr_ci"] == [1.0, 1.0] and sep["ci_level"] == 0.95
+    swap = detection_metrics([0.1, 0.2, 0.3, 0.9, 0.05], [0, 0, 0, 1, 1], ci_level=0.9)
+    assert swap["roc_auc_ci"][0] < swap["roc_auc"] == 0.5 < swap["roc_auc_ci"][1] <= 1.0
+    with pytest.raises(ConfigError, match="level"):
+        bootstrap_ci(s, y, level=95)
+
+
+def test_copy_detection_thresholds_in_the_shared_metrics():
+    out = detection_metrics([0.9, 0.6, 0.4, 0.8, 0.2], [1, 1, 1, 0, 0], thresholds=(0.5, 0.95))
+    assert out["roc_auc"] == pytest.approx(4 / 6) and out["positive_median"] == 0.6
+    assert out["negative_median"] == pytest.approx(0.5)
+    assert out["precision@0.5"] == pytest.approx(2 / 3) and out["recall@0.5"] == pytest.approx(2 / 3)
+    assert out["precision@0.95"] is None and out["recall@0.95"] == 0.0
+
+
+@pytest.mark.parametrize("model", ["testbed", pytest.param("testbed_photo", marks=pytest.mark.slow)])
+def test_default_detector_holds_on_the_shipped_testbeds(model):
+    """Issue 26's bar for the default ``diffmem detect``: ROC-AUC >= 0.99 and TPR@1%FPR >= 0.8
+    (canaries >= 16x vs ordinary + held-out), and memorised vs hard negatives AUC >= 0.9."""
+    run_dir = diffmem.run("detect", [f"model={model}", f"data={model}"])
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["detector"] == diffmem.compose("detect").detect.name == "noise_ssim"
+    assert m["unet_calls_per_prompt"] == 10  # 10 seeds, one unguided pass each
+    assert m["ground_truth"]["n_pos"] == 8 and m["roc_auc"] >= 0.99 and m["tpr_at_fpr"] >= 0.8, m["by_group"]
+    hard = m["ground_truth"]["hard_negatives"]
+    assert hard["n_neg"] == 8 and hard["roc_auc"] >= 0.9, hard
+    assert m["roc_auc_ci"][0] <= m["roc_auc"] <= m["roc_auc_ci"][1] and len(hard["roc_auc_ci"]) == 2
+
+
+def test_detect_benchmark_suite_builds_and_tabulates():
+    """Every detector setting of ``benchmarks/bench_detect.py`` composes and builds, and its
+    metrics / table come from a scores table as the stage's would."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_detect.py"
+    spec = importlib.util.spec_from_file_location("bench_detect", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    built = {label: build_detector(diffmem.compose("detect", overrides).detect) for label, overrides in bench.SUITE}
+    assert set(DETECTORS.names()) <= {d.name for d in built.values()}  # every registered detector is benchmarked
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"score": np.r_[rng.normal(2, 1, 8), rng.normal(1, 1, 8), rng.normal(0, 1, 60)],
+                          "label": np.r_[np.ones(8), np.full(8, np.nan), np.zeros(60)],
+                          "hard_negative": np.r_[np.zeros(8, bool), np.ones(8, bool), np.zeros(60, bool)],
+                          "evals_per_prompt": 10.0, "seconds_per_prompt": 0.1})
+    m = bench.suite_metrics(table)
+    known = table[table.label.notna()]
+    assert m["roc_auc"] == pytest.approx(roc_auc(known.score, known.label)) and m["n_hard"] == 8
+    assert m["hard_roc_auc"] == pytest.approx(roc_auc(table.score[:16], np.r_[np.ones(8), np.zeros(8)]))
+    lines = bench.markdown({tb: {"x": m} for tb in bench.TESTBEDS}).splitlines()
+    assert len(lines) == 3 and lines[2].count("[") == 3 * len(bench.TESTBEDS)

@@ -69,3 +69,191 @@ def test_changed_item_list_is_refused_on_resume(tmp_path):
     (tmp_path / "m.csv").write_text("file,caption\n0.png,a\n2.png,c\n")  # a row deleted
     with pytest.raises(ConfigError, match="the item list changed since this run started"):
         diffmem.run("embed", args)
+
+
+# -- the uint8 fast path of the ONNX descriptors ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def camera_jpegs(tmp_path_factory):
+    """scikit-image's and matplotlib's photos up-scaled to camera sizes (long side 1200-1980 px)
+    as JPEGs, the first stored sideways with EXIF orientation 6 (displayed upright); and 4
+    1024 x 768 mosaics of 4 photos each at their own detail (textures: grass, gravel, brick,
+    the Hubble deep field), where resampling shows most."""
+    from PIL import Image
+
+    from diffmem.data.photos import OTHER_PHOTOS, PHOTOS, natural_photos
+
+    root = tmp_path_factory.mktemp("camera")
+    files = []
+    for k, (name, arr) in enumerate(natural_photos(PHOTOS + OTHER_PHOTOS, max_side=4096).items()):
+        im = Image.fromarray(arr)
+        s = (1200 + 40 * k) / max(im.size)
+        im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
+        files.append(f"{name}.jpg")
+        if k == 0:
+            exif = Image.Exif()
+            exif[0x0112] = 6  # stored rotated: the viewer turns it 90 degrees clockwise
+            im.transpose(Image.Transpose.ROTATE_90).save(root / files[-1], quality=90, exif=exif)
+        else:
+            im.save(root / files[-1], quality=90)
+    tiles = [np.asarray(Image.fromarray(arr).resize((512, 384), Image.Resampling.BILINEAR)) for arr in
+             natural_photos(("grass", "gravel", "brick", "hubble_deep_field", "coffee", "chelsea")).values()]
+    for k in range(4):
+        t = [tiles[(k + j) % len(tiles)] for j in range(4)]
+        files.append(f"mosaic{k}.jpg")
+        mosaic = np.concatenate([np.concatenate(t[:2], 1), np.concatenate(t[2:], 1)])
+        Image.fromarray(mosaic).save(root / files[-1], quality=90)
+    return root, files
+
+
+@pytest.fixture(scope="module")
+def distilled():
+    from diffmem.features import build_extractor
+
+    return build_extractor("sscd_distilled", threads=1)
+
+
+def _float_path(ext, path):
+    """The per-image float path: full decode, torch resize, the extractor's own call."""
+    import torch
+
+    from diffmem.data import load_image
+
+    return ext(torch.from_numpy(load_image(path)).permute(2, 0, 1)[None].float() / 255.0).numpy()[0]
+
+
+@pytest.mark.parametrize("resize", ["short", "square", "long"])
+def test_draft_decode_gives_the_recipes_size(camera_jpegs, resize, monkeypatch):
+    """JPEGs decode at reduced size (>= DRAFT_MARGIN x the target), then resize to exactly the
+    size the full picture gives, EXIF orientation included."""
+    from PIL import Image, JpegImagePlugin
+
+    from diffmem.data.decode import DRAFT_MARGIN
+    from diffmem.features.loader import decode_uint8
+    from diffmem.features.transforms import Preprocess
+
+    root, files = camera_jpegs
+    pre = Preprocess(resize=resize, size=288)
+    drafts = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(im, mode, size):
+        full = im.size
+        out = draft(im, mode, size)
+        drafts.append((size, full, im.size))
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    for f in files:
+        with Image.open(root / f) as im:
+            w, h = im.size  # as stored
+            turned = im.getexif().get(0x0112, 1) == 6
+        x = decode_uint8(root / f, pre)
+        assert x.dtype == np.uint8 and x.shape == (*pre.output_size(*((w, h) if turned else (h, w))), 3), f
+        (asked, _, got), = drafts[-1:]
+        th, tw = pre.resize_size(h, w)
+        assert asked == (tw * DRAFT_MARGIN, th * DRAFT_MARGIN), f
+        assert got[0] >= asked[0] and got[1] >= asked[1], f  # never below DRAFT_MARGIN x the target
+    assert len(drafts) == len(files)
+    assert sum(got[0] <= full[0] // 2 for _, full, got in drafts) >= len(files) // 2  # most decode at <= 1/2
+
+
+def test_fast_path_matches_the_per_image_float_path(camera_jpegs, distilled):
+    """The stage's uint8 path (draft decode, PIL resize, batched) against the float path run
+    on each image alone: cosine >= 0.995 on every photo (measured: >= 0.998)."""
+    from diffmem.features.loader import embed_images
+
+    root, files = camera_jpegs
+    (_, fast, _), = embed_images(distilled, root, files, [0], 100, batch_size=64)
+    ref = np.stack([_float_path(distilled, root / f) for f in files])
+    cos = (fast * ref).sum(1)
+    assert cos.min() >= 0.995, dict(zip(files, cos.round(4)))
+    assert np.allclose(np.linalg.norm(fast, axis=1), 1, atol=1e-5)
+
+
+def test_fast_path_keeps_the_copy_detection_auc(tmp_path, distilled):
+    """A copy set written to files and embedded by the stage's path scores the AUC the float
+    path does (within 0.005, and above the descriptor's bar)."""
+    from PIL import Image
+
+    from diffmem.data.photos import PHOTOS, natural_photos
+    from diffmem.features.copyset import build_copy_set, score_copy_set
+    from diffmem.metrics.detection import detection_metrics
+    from diffmem.features.loader import embed_images
+
+    cs = build_copy_set(natural_photos(PHOTOS[:10], max_side=256), families=("crop", "resize_jpeg", "blur", "rotate"),
+                        seed=0)
+    files = []
+    for kind, arrays in (("o", cs.originals), ("c", cs.copies)):
+        for i, a in enumerate(arrays):
+            files.append(f"{kind}{i}.png")
+            Image.fromarray(a).save(tmp_path / files[-1])
+    (_, x, _), = embed_images(distilled, tmp_path, files, [0], 1000, batch_size=16)
+    a, b = x[:len(cs.originals)], x[len(cs.originals):]
+    fast = detection_metrics((a @ b.T).ravel(), cs.labels().ravel(), thresholds=[0.75])["roc_auc"]
+    ref = detection_metrics(*score_copy_set(distilled, cs))["roc_auc"]
+    assert fast >= 0.99 and abs(fast - ref) <= 0.005, (fast, ref)
+
+
+def test_mixed_shapes_batch_and_equal_one_at_a_time(camera_jpegs, distilled, monkeypatch, tmp_path):
+    """Images of one resized shape share an ONNX call (at most UINT8_BATCH); the vectors equal
+    those of each image run alone, decoded in the main thread or in 2 threads."""
+    import shutil
+
+    from diffmem.features.loader import UINT8_BATCH, decode_uint8, embed_images
+
+    root, files = camera_jpegs
+    files = files[:6]
+    for f in files[:3]:  # the same pictures again: 3 shapes with 2 images each at least
+        shutil.copy(root / f, tmp_path / f"again_{f}")
+        shutil.copy(root / f, tmp_path / f)
+    for f in files[3:]:
+        shutil.copy(root / f, tmp_path / f)
+    files = files + [f"again_{f}" for f in files[:3]]
+    calls = []
+    run = distilled._run
+    monkeypatch.setattr(distilled, "_run", lambda b: calls.append(b.shape) or run(b))
+    (_, x, _), = embed_images(distilled, tmp_path, files, [0], 100, batch_size=64)
+    assert len(calls) < len(files) and max(c[0] for c in calls) <= UINT8_BATCH
+    assert sum(c[0] for c in calls) == len(files)
+    alone = np.concatenate([distilled.embed_uint8(decode_uint8(tmp_path / f, distilled.preprocess)[None])
+                            for f in files])
+    assert np.allclose(x, alone, atol=1e-6)
+    (_, y, _), = embed_images(distilled, tmp_path, files, [0], 100, batch_size=64, num_workers=2)
+    assert np.array_equal(x, y)
+
+
+def test_fast_path_unreadable_images(tmp_path, distilled):
+    """A corrupt file fails naming it, or is listed with skip_errors; the rest still embed."""
+    from PIL import Image
+
+    from diffmem.features.loader import embed_images
+
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    for workers in (0, 2):
+        with pytest.raises(DataError, match="b.jpg: corrupt or unreadable image"):
+            list(embed_images(distilled, tmp_path, ["a.jpg", "b.jpg"], [0], 10, batch_size=4, num_workers=workers))
+    (_, x, skipped), = embed_images(distilled, tmp_path, ["a.jpg", "b.jpg"], [0], 10, batch_size=4,
+                                    skip_errors=True)
+    assert x.shape == (1, 512) and skipped["file"].tolist() == ["b.jpg"]
+
+
+def test_onnx_embed_imports_no_diffusion_or_clip_library(tmp_path):
+    """An ONNX-only embed run loads neither diffusers, transformers, open_clip nor scipy."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (320, 240), (i * 80, 90, 30)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "m.csv").write_text("file,caption\n0.jpg,a\n1.jpg,b\n2.jpg,c\n")
+    code = ("import sys, diffmem; diffmem.run('embed', sys.argv[1:]); "
+            "print([m for m in ('diffusers', 'transformers', 'open_clip', 'scipy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, "data=folder", f"data.root={tmp_path}", "data.manifest=m.csv",
+                          "features=sscd_distilled", f"paths.output_dir={tmp_path / 'out'}", "device=cpu"],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

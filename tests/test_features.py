@@ -351,3 +351,25 @@ def test_clip_pretrained_tag_never_downloads(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="laion2b_s34b_b79k"):
         build_extractor("clip", arch="ViT-B-32", pretrained="laion2b_s34b_b79", device="cpu")
 
+
+
+@pytest.mark.parametrize("size", [(5, 7), (12, 3), (9, 9), 4])
+def test_center_crop_array_equals_the_tensor_crop(size):
+    """The uint8 path's crop / pad (``Preprocess.finish_uint8``) takes the float path's pixels."""
+    from diffmem.features.transforms import center_crop, center_crop_array
+
+    x = np.random.default_rng(0).integers(0, 255, (8, 6, 3), dtype=np.uint8)
+    want = center_crop(torch.from_numpy(x).permute(2, 0, 1)[None].float(), size, fill=7.0)[0]
+    assert np.array_equal(center_crop_array(x, size, fill=7), want.permute(1, 2, 0).numpy().astype(np.uint8))
+
+
+@pytest.mark.parametrize("resize", ["short", "square", "long", "none"])
+def test_resize_size_then_finish_gives_output_size(resize):
+    from diffmem.features.transforms import Preprocess
+
+    pre = Preprocess(resize=resize, size=16, crop=12 if resize == "short" else None)
+    for h, w in [(30, 50), (50, 30), (20, 20)]:
+        rh, rw = pre.resize_size(h, w)
+        out = pre.finish_uint8(np.zeros((rh, rw, 3), np.uint8))
+        assert out.shape[:2] == pre.output_size(h, w)
+        assert tuple(pre.resize_only(torch.zeros(1, 3, h, w)).shape[-2:]) == ((rh, rw) if resize != "long" else (16, 16))

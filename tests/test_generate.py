@@ -111,3 +111,29 @@ def test_cli_multirun(tiny_pipe_dir, tmp_path):
               for i in (0, 1)]
     assert len(tables[0]) == len(tables[1]) > 0
     assert not set(tables[0]["seed"]) & set(tables[1]["seed"])  # base seed changes every sample seed
+
+
+def test_fp16_on_the_cpu_runs_and_records_fp32(tiny_pipe_dir, tmp_path, caplog):
+    """fp16 on the CPU runs in fp32: one log line, and info.json records fp32 (not what was asked)."""
+    run_dir = diffmem.run("generate", _args(tiny_pipe_dir, "model.precision=fp16", "device=cpu",
+                                            f"run_dir={tmp_path / 'run'}"))
+    from diffmem.runs import read_json
+
+    assert read_json(run_dir / "info.json")["config"]["model"]["precision"] == "fp32"
+    assert diffmem.load_run(run_dir).fingerprint["model"]["precision"] == "fp32"
+    assert any("model.precision=fp16 on the CPU" in r.getMessage() and "runs as fp32" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_large_run_says_so_with_an_estimate(tiny_pipe_dir, tmp_path, caplog, monkeypatch):
+    """Above the thresholds (10k prompts, 10k images; lowered here) a run logs its size before
+    it starts and, after the first batch, an estimate of its time."""
+    import diffmem.data.prompts
+    import diffmem.sampling
+
+    monkeypatch.setattr(diffmem.data.prompts, "LARGE_PROMPTS", 2)
+    monkeypatch.setattr(diffmem.sampling, "LARGE_RUN", 4)
+    diffmem.run("generate", _args(tiny_pipe_dir, "batch_size=2", f"run_dir={tmp_path / 'run'}"))
+    n = len(pd.read_parquet(tmp_path / "run" / "prompts.parquet"))
+    assert f"generate: {n:,} prompts x n_per_prompt=2 = {2 * n:,} images: a large run" in caplog.text
+    assert f"generate: {2 * n:,} images to make; the first batch took" in caplog.text and "in all" in caplog.text

@@ -382,3 +382,18 @@ def test_on_disk_index_moves_with_its_folder_and_refuses_another_ivfdata(tmp_pat
     (moved / "index.ivfdata").unlink()
     with pytest.raises(DataError, match=r"index.ivfdata: not found"):
         load_index(moved)
+
+
+def test_k_above_the_index_size_is_one_log_line_not_a_warning(caplog):
+    """An audit with fewer training images than ``k`` once printed a raw UserWarning with its
+    source line; now one log line says how many neighbours are missing."""
+    import warnings
+
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = build_index(x, "Flat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores, ids = search(index, x, k=5)
+    assert (ids[:, 3:] == -1).all() and (ids[:, :3] >= 0).all()
+    assert "k=5 but the index holds 3 vectors" in caplog.text

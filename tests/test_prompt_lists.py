@@ -106,6 +106,28 @@ def test_bad_files_are_refused(tmp_path, files, message):
         _load(cfg, tmp_path)
 
 
+def test_an_explicit_label_wins_over_the_files_column_and_says_so(tmp_path, caplog):
+    """NeMo's ``type`` says VM, the user says ``label: negative``: the label counts, and a log
+    line says which rows it overrode (once silently scored as memorised)."""
+    (tmp_path / "n.csv").write_text("Caption;type\na cat;VM\na cow;N\na dog;TM\n")
+    df = read_prompt_files([{"path": str(tmp_path / "n.csv"), "label": "negative"}])
+    assert ground_truth_labels(df, POSITIVES).tolist() == [0.0, 0.0, 0.0]
+    assert "label=negative overrides the file's memorisation type of 2 of 3 rows" in caplog.text
+    (tmp_path / "p.csv").write_text("Caption;type\na cat;VM\na cow;N\n")
+    df = read_prompt_files([{"path": str(tmp_path / "p.csv"), "label": "positive"}])
+    assert ground_truth_labels(df, POSITIVES).tolist() == [1.0, 1.0]
+    assert df["memorisation_type"].tolist()[0] == "verbatim"  # a type that agrees is kept
+
+
+def test_duplicate_prompts_are_counted_once(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("a cat\na dog\na cat\n")
+    (tmp_path / "b.txt").write_text("a dog \na cow\n")
+    df = read_prompt_files([{"path": str(tmp_path / "a.txt"), "label": "positive"},
+                            {"path": str(tmp_path / "b.txt"), "label": "positive"}])
+    assert df["caption"].tolist() == ["a cat", "a dog", "a cow"] and df["prompt_id"].tolist() == [0, 1, 2]
+    assert "2 of 5 prompts are listed more than once" in caplog.text
+
+
 def _load(cfg, tmp_path):
     import os
 

@@ -117,3 +117,21 @@ def test_resumed_work_is_read_made_when_missing_and_remade_when_damaged(tmp_path
     assert resumed(path, read, make) == 0.5 and len(made) == 2
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and str(path) in warned[0] and "recomputing it" in warned[0], warned
+
+
+def test_another_config_names_the_group_change_first(tmp_path):
+    """``features=sscd_disc_large`` on a pixel run changes the descriptor and the thresholds it
+    interpolates: the refusal names the descriptor (it once named ``dcr_threshold``, first
+    alphabetically) and lists the others."""
+    import diffmem
+    from diffmem.runner import fingerprint
+
+    run = tmp_path / "run"
+    claim(run, fingerprint(diffmem.compose("audit")))
+    with pytest.raises(ConfigError) as err:
+        check_claim(run, fingerprint(diffmem.compose("audit", ["features=sscd_disc_large"])))
+    msg = str(err.value)
+    assert "(features.extractor.name: 'pixel' there, 'sscd_disc_large' now; also " in msg
+    assert "dcr_threshold" in msg.partition("; also ")[2]
+    with pytest.raises(ConfigError, match=r"\(k: 5 there, 7 now\)"):
+        check_claim(run, fingerprint(diffmem.compose("audit", ["k=7"])))

@@ -3,6 +3,7 @@ or the generated testbed."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from diffmem.checks import check_positive, did_you_mean
 from diffmem.data.decode import decode_image
+from diffmem.data.inputs import check_captions, check_inside, leads_outside
 from diffmem.data.webdataset import read_member, tar_member
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import read_parquet, require
@@ -40,6 +42,28 @@ def check_regular(path: Path, what: str = "file") -> None:
         raise DataError(f"{path}: not a regular file (a folder, FIFO or device); inputs must be files")
 
 
+def _duplicate_name(names) -> str | None:
+    """The first column name given twice (ignoring case and spaces around it), or None."""
+    seen = set()
+    for name in names:
+        key = str(name).strip().lower()
+        if key in seen:
+            return str(name)
+        seen.add(key)
+    return None
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object with a key twice (``json`` would keep the last silently)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
+    return dict(pairs)
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     """CSV (``,``, ``;`` or tab; ``.tsv`` and ``.txt`` too), JSON lines or Parquet; errors name
     the file and line."""
@@ -54,9 +78,12 @@ def _read_table(path: Path) -> pd.DataFrame:
                 for lineno, line in enumerate(fh, 1):
                     if line.strip():
                         try:
-                            row = json.loads(line)
+                            row = json.loads(line, object_pairs_hook=_unique_keys)
                         except json.JSONDecodeError as err:
                             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+                        except _DuplicateKey as err:
+                            raise DataError(f"{path}:{lineno}: the key '{err}' appears twice "
+                                            "(keys must be unique)") from None
                         if not isinstance(row, dict):
                             raise DataError(f"{path}:{lineno}: expected a JSON object per line")
                         if "\\u" in line:  # an escape may spell a lone UTF-16 surrogate: not text
@@ -75,6 +102,9 @@ def _read_table(path: Path) -> pd.DataFrame:
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
         sep = "\t" if suffix == ".tsv" or "\t" in head else (";" if head.count(";") > head.count(",") else ",")
+        twice = _duplicate_name(next(csv.reader([head.rstrip("\r")], delimiter=sep), []))
+        if twice is not None:
+            raise DataError(f"{path}: the column '{twice}' appears twice in the header (columns must be unique)")
         try:
             df = pd.read_csv(path, sep=sep, keep_default_na=False, dtype=str, encoding="utf-8-sig")
         except pd.errors.EmptyDataError as err:
@@ -89,8 +119,6 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 def _surplus_fields(path: Path, sep: str) -> str:
     """Where a CSV row has more fields than its header (pandas would shift the columns)."""
-    import csv
-
     with open(path, encoding="utf-8", newline="") as fh:
         rows = csv.reader(fh, delimiter=sep)
         width = len(next(rows, []))
@@ -110,25 +138,23 @@ def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
                     f"found {', '.join(map(str, df.columns)) or 'none'})")
 
 
-def _first_bad_row(root: Path, files, inside: Path | None, missing_ok: bool = False) -> tuple[int, str] | None:
+def _first_bad_row(root: Path, files, contain: bool, missing_ok: bool = False) -> tuple[int, str] | None:
     """``(index, why)`` of the first of ``files`` that is not a regular file under ``root`` (or,
-    with ``inside``, that leads outside it: ``..``, an absolute path or a symlink), else None;
-    with ``missing_ok`` a missing file passes.
+    with ``contain``, that :func:`leads_outside` it), else None; with ``missing_ok`` a missing
+    file passes.
 
     Each folder is listed once (a directory read returns many names per call), so a manifest
     of millions of images costs one listing per folder, not one ``stat`` per image; only
     symlinks and names not listed (another Unicode normalisation, say) are looked up."""
     listed: dict[str, tuple[dict[str, str], bool]] = {}
     for i, file in enumerate(files):
-        rel = Path(file)
-        if inside is not None and (rel.is_absolute() or ".." in rel.parts):
+        if contain and leads_outside(root, file, resolve=False):
             return i, "outside"
         parent, _, name = file.replace(os.sep, "/").rpartition("/")
         if parent not in listed:
-            folder = root / parent
-            ok = inside is None or folder.resolve().is_relative_to(inside)
+            ok = not contain or not leads_outside(root, parent)
             try:
-                with os.scandir(folder) as entries:
+                with os.scandir(root / parent) as entries:
                     kinds = {e.name: "link" if e.is_symlink() else "file" if e.is_file() else "other"
                              for e in entries}
             except OSError:
@@ -145,11 +171,28 @@ def _first_bad_row(root: Path, files, inside: Path | None, missing_ok: bool = Fa
             if missing_ok:
                 continue
             return i, "missing"
-        if inside is not None and not path.resolve().is_relative_to(inside):
+        if contain and leads_outside(root, file):
             return i, "outside"
         if not stat.S_ISREG(path.stat().st_mode):
             return i, "not a file"
     return None
+
+
+def check_image_files(root: Path, files, where: Path, allow_outside_root: bool = False,
+                      missing_ok: bool = False) -> None:
+    """Refuse the first of a manifest's ``files`` that leads outside ``root`` (unless
+    ``allow_outside_root``), is missing (unless ``missing_ok``) or is no regular file, naming
+    the manifest ``where`` and the row; before any work starts."""
+    files = pd.Series(files).reset_index(drop=True)
+    bad = _first_bad_row(root, files, not allow_outside_root, missing_ok)
+    if bad is not None:
+        i, why = bad
+        at = f"{where}: row {i + 1}: image "
+        if why == "outside":
+            check_inside(root, files[i], at)
+        if why == "not a file":
+            raise DataError(f"{at}'{files[i]}' is not a regular file")
+        raise DataError(f"{at}'{files[i]}' not found under {root}")
 
 
 def load_folder_manifest(root: str | Path, manifest: str | Path, allow_outside_root: bool = False,
@@ -162,29 +205,20 @@ def load_folder_manifest(root: str | Path, manifest: str | Path, allow_outside_r
     ``allow_outside_root``; ``check_files`` refuses a missing image (naming the row) before
     any work starts (``data.on_error=skip`` leaves that to the embedding)."""
     root = Path(root)
-    inside = None if allow_outside_root else root.resolve()
     mpath = Path(manifest) if Path(manifest).is_absolute() else root / manifest
     df = _read_table(mpath)
     if df.empty:
         raise DataError(f"{mpath}: the manifest has no rows")
     pcol, ccol = _pick(df, PATH_COLUMNS, mpath, "image path"), _pick(df, CAPTION_COLUMNS, mpath, "caption")
-    out = pd.DataFrame({"file": df[pcol].astype(str), "caption": df[ccol].astype(str)})
+    check_captions(df[ccol], str(mpath))
+    out = pd.DataFrame({"file": df[pcol].astype(str), "caption": df[ccol]})
     out.insert(0, "image_id", df["image_id"].astype(str) if "image_id" in df else
                [f"img{i:07d}" for i in range(len(df))])
     dup = out["image_id"].duplicated()
     if dup.any():
         raise DataError(f"{mpath}: duplicate image_id '{out['image_id'][dup].iloc[0]}' "
                         f"(row {int(np.argmax(dup.values)) + 1})")
-    bad = _first_bad_row(root, out["file"], inside, missing_ok=not check_files)
-    if bad is not None:
-        i, why = bad
-        file = out["file"][i]
-        if why == "outside":
-            raise DataError(f"{mpath}: row {i + 1}: image '{file}' is outside data.root {root} "
-                            "(set data.allow_outside_root=true to read it)")
-        if why == "not a file":
-            raise DataError(f"{mpath}: row {i + 1}: image '{file}' is not a regular file")
-        raise DataError(f"{mpath}: row {i + 1}: image '{file}' not found under {root}")
+    check_image_files(root, out["file"], mpath, allow_outside_root, missing_ok=not check_files)
     for col in df.columns.difference([pcol, ccol, "image_id"]):
         out[col] = df[col].values
     return out
@@ -251,12 +285,13 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
         from diffmem.data.manifests import load_img2dataset
 
         require(cfg, "root", prefix="data.", hint="data=img2dataset needs data.root=<img2dataset's output_folder>")
-        df = load_img2dataset(cfg.root, cfg.get("encode_format") or "jpg")
+        df = load_img2dataset(cfg.root, cfg.get("encode_format") or "jpg", bool(cfg.get("allow_outside_root", False)),
+                              check_files=on_error(cfg) == "fail")
     elif cfg.kind == "webdataset":
         from diffmem.data.webdataset import load_webdataset
 
         require(cfg, "root", prefix="data.", hint="data=webdataset needs data.root=<folder of .tar shards>")
-        df = load_webdataset(cfg.root, cfg.get("shards") or "*.tar")
+        df = load_webdataset(cfg.root, cfg.get("shards") or "*.tar", bool(cfg.get("allow_outside_root", False)))
     else:
         raise ConfigError(f"data.kind '{cfg.kind}' is not one of {', '.join(DATA_KINDS)}"
                           f"{did_you_mean(str(cfg.kind), DATA_KINDS)}")
@@ -265,10 +300,13 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
     return Path(cfg.root), select_subset(df, cfg.get("subset"))
 
 
-def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS,
+               **resize) -> np.ndarray:
     """An RGB uint8 array [H, W, 3] as displayed (:mod:`diffmem.data.decode`: EXIF
     orientation, float and 16-bit scaling, alpha over white), resized (bicubic) to a square
-    ``resolution`` if given. ``path`` may name a member of a webdataset shard
+    ``resolution`` if given, then to a descriptor's size (``resize``: ``size`` and
+    ``resample`` of :func:`~diffmem.data.decode.decode_image`; a JPEG is then decoded at
+    reduced size). ``path`` may name a member of a webdataset shard
     (``<root>/<shard>.tar/<member>``), read in place. An image declaring more than
     ``max_pixels`` pixels is refused before it is decoded (a small file can declare a huge
     image: a decompression bomb).
@@ -279,7 +317,7 @@ def load_image(path: str | Path, resolution: int | None = None, max_pixels: int 
         check_regular(path, "image file")
     source = io.BytesIO(read_member(*member)) if member else path  # errors name the member
     try:
-        return decode_image(source, resolution, max_pixels)
+        return decode_image(source, resolution, max_pixels, **resize)
     except DataError as err:  # the pixel budget
         raise DataError(f"{path}: {err}") from err
     except Image.DecompressionBombError as err:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from diffmem.data.images import check_image_files
+from diffmem.data.inputs import check_captions
 from diffmem.errors import DataError
 from diffmem.runs import read_parquet
 
@@ -23,9 +25,14 @@ log = logging.getLogger(__name__)
 NOT_SUCCESS = "rows_not_success"
 
 
-def load_img2dataset(root: str | Path, encode_format: str = "jpg") -> pd.DataFrame:
+def load_img2dataset(root: str | Path, encode_format: str = "jpg", allow_outside_root: bool = False,
+                     check_files: bool = True) -> pd.DataFrame:
     """The manifest of an img2dataset output folder: ``image_id`` (the key), ``file``
-    (``<shard>/<key>.<encode_format>``), ``caption`` and img2dataset's other columns."""
+    (``<shard>/<key>.<encode_format>``), ``caption`` and img2dataset's other columns.
+
+    As for a folder manifest, a key must be set, its caption a non-blank string, and its
+    image a regular file inside ``root`` (unless ``allow_outside_root``; ``check_files``
+    false lets a missing one through to ``data.on_error=skip``), all before any work starts."""
     root = Path(root)
     tables = sorted(p for p in root.glob("*.parquet") if p.is_file())
     if not tables:
@@ -40,11 +47,18 @@ def load_img2dataset(root: str | Path, encode_format: str = "jpg") -> pd.DataFra
                                 "not an img2dataset shard table")
         ok = df["status"].astype(str) == "success"
         dropped += int((~ok).sum())
-        df = df[ok]
+        df = df[ok].reset_index(drop=True)
+        if "caption" not in df:
+            raise DataError(f"{table}: no 'caption' column (found {', '.join(map(str, df.columns))}); "
+                            "run img2dataset with caption_col")
+        null = df["key"].isna()
+        if null.any():
+            raise DataError(f"{table}: row {int(null.values.argmax()) + 1}: the key is null (every image needs one)")
+        check_captions(df["caption"], str(table))
         keys = df["key"].astype(str)
-        parts.append(df.drop(columns=["key"]).assign(
-            image_id=keys.values, file=(table.stem + "/" + keys + "." + encode_format).values,
-            caption=df["caption"].fillna("").astype(str).values if "caption" in df else ""))
+        files = table.stem + "/" + keys + "." + encode_format
+        check_image_files(root, files, table, allow_outside_root, missing_ok=not check_files)
+        parts.append(df.drop(columns=["key"]).assign(image_id=keys.values, file=files.values))
     out = pd.concat(parts, ignore_index=True)
     if out.empty:
         raise DataError(f"{root}: no row with status 'success' in {len(tables)} shard tables")

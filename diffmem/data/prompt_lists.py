@@ -17,6 +17,7 @@ maps them with the ``positives`` config. Also here: the prompts of a dataset's o
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import pandas as pd
 from diffmem.errors import ConfigError, DataError
 from diffmem.data.labels import TYPES
 
+log = logging.getLogger(__name__)
 LABELS = ("positive", "negative")
 #: schema column -> its values in the vocabulary of :data:`TYPES`
 SCHEMAS = {"type": {"VM": "verbatim", "TM": "template", "N": "none"},                            # NeMo
@@ -80,7 +82,15 @@ def with_ground_truth(df: pd.DataFrame, path: Path, label: str | None = None) ->
                                 f"{', '.join(SCHEMAS[col])} (row {int(np.argmax(bad.values)) + 1})")
             out["memorisation_type"] = values.map(SCHEMAS[col]).where(known)
     if label is not None:
-        if label == "negative" and "memorisation_type" not in out:
+        if "memorisation_type" in out:  # the explicit label wins over the file's column, said once
+            t = out["memorisation_type"]
+            clash = (t != "none") & t.notna() if label == "negative" else t == "none"
+            if clash.any():
+                log.warning("%s: prompts label=%s overrides the file's memorisation type of %d of %d rows "
+                            "(first: %r is %s)", path, label, int(clash.sum()), len(out),
+                            out["caption"][clash].iloc[0], t[clash].iloc[0])
+                out["memorisation_type"] = t.where(~clash, "none" if label == "negative" else np.nan)
+        elif label == "negative":
             out["memorisation_type"] = "none"
         out["is_memorised"] = label == "positive"
     elif "memorisation_type" in out:

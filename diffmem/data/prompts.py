@@ -4,7 +4,6 @@ Parquet (Webster et al.); the testbed's and a dataset's own prompts (:mod:`.prom
 from __future__ import annotations
 
 import logging
-import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +11,7 @@ from omegaconf import OmegaConf
 
 from diffmem.checks import check_positive
 from diffmem.data.images import TESTBED_KINDS, _read_table, check_regular, load_dataset
+from diffmem.data.inputs import blank_caption, check_inside
 from diffmem.data.prompt_lists import (check_files, prompts_from_dataset, record_lines, resolve_targets,
                                        with_ground_truth)
 from diffmem.errors import ConfigError, DataError
@@ -19,14 +19,8 @@ from diffmem.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
 KINDS = ("auto", "testbed", "dataset", "file")
-
-
-def _blank(caption) -> bool:
-    """Whether a caption is empty once whitespace, control and format characters (NUL,
-    zero-width spaces and joiners, BOM) are dropped: nothing a tokenizer would see."""
-    if not isinstance(caption, str):
-        return True
-    return not "".join(c for c in caption if unicodedata.category(c) not in ("Cc", "Cf")).strip()
+#: above this many prompts a stage says so (with the images it will make) before it starts
+LARGE_PROMPTS = 10_000
 
 
 def _format_of(path: Path, fmt: str) -> str:
@@ -55,7 +49,7 @@ def read_prompt_file(path: str | Path, fmt: str = "auto") -> pd.DataFrame:
         df = _normalise(_read_table(path) if native else _read_as(path, fmt), path)
     if df.empty:
         raise DataError(f"{path}: the prompt list is empty")
-    blank = df["caption"].map(_blank)
+    blank = df["caption"].map(lambda c: not isinstance(c, str) or blank_caption(c))
     if blank.any():
         line = record_lines(path, fmt)[int(blank.values.argmax())]
         raise DataError(f"{path}: {'row' if fmt == 'parquet' else 'line'} {line}: empty caption "
@@ -150,9 +144,30 @@ def read_prompt_files(files, fmt: str = "auto") -> pd.DataFrame:
     for entry in check_files(files):
         df = read_prompt_file(entry["path"], fmt).drop(columns="prompt_id")
         parts.append(with_ground_truth(df, Path(entry["path"]), entry["label"]).assign(source=entry["path"]))
-    df = pd.concat(parts, ignore_index=True)
+    df = one_row_per_prompt(pd.concat(parts, ignore_index=True))
     df.insert(0, "prompt_id", range(len(df)))
     return df
+
+
+def one_row_per_prompt(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each prompt (its caption, stripped) once, the first row kept, with one log
+    line; a prompt labelled memorised in one row and not in another is refused naming both
+    sources (it would be scored in both classes)."""
+    key = df["caption"].str.strip()
+    if "is_memorised" in df:
+        known = df["is_memorised"].notna()
+        labels = df.loc[known, "is_memorised"].astype(bool).groupby(key[known]).nunique()
+        if (labels > 1).any():
+            caption = labels.index[(labels > 1).values.argmax()]
+            rows = df[known & (key == caption)]
+            src = {bool(m): s for m, s in zip(rows["is_memorised"], rows["source"])}
+            raise DataError(f"prompt {caption!r} is labelled memorised in {src[True]} and not memorised in "
+                            f"{src[False]}; remove it from one of them")
+    dup = key.duplicated()
+    if dup.any():
+        log.warning("%d of %d prompts are listed more than once (first: %r); each is counted once",
+                    int(dup.sum()), len(df), df["caption"][dup].iloc[0])
+    return df[~dup].reset_index(drop=True)
 
 
 def load_prompts(cfg, manifest: pd.DataFrame | None = None, data_kind: str = "testbed") -> pd.DataFrame:
@@ -190,4 +205,22 @@ def stage_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
     prompts = load_prompts(cfg.prompts, manifest, cfg.data.kind)
     if prompts.empty:
         raise DataError(f"{cfg.get('stage', 'prompts')}: the prompt list is empty")
+    if len(prompts) > LARGE_PROMPTS:
+        n = cfg.get("n_per_prompt")
+        images = f" x n_per_prompt={n} = {len(prompts) * int(n):,} images" if isinstance(n, int) else ""
+        log.warning("%s: %s prompts%s: a large run (the progress bar gives the rate and the time left; "
+                    "prompts.limit or prompts.max_prompts take fewer)", cfg.get("stage", "prompts"),
+                    f"{len(prompts):,}", images)
+    if "target_file" in prompts and prompt_kind(cfg.prompts, cfg.data.kind) == "file" and cfg.data.get("root"):
+        check_targets_inside(prompts, cfg.data.root, bool(cfg.data.get("allow_outside_root", False)))
     return prompts
+
+
+def check_targets_inside(prompts: pd.DataFrame, root, allow_outside_root: bool = False) -> None:
+    """A prompt list's ``target_file`` (a training image, relative to ``data.root``) must stay
+    inside ``data.root``, as manifest rows do (:func:`~diffmem.data.inputs.check_inside`)."""
+    for i, file in enumerate(prompts["target_file"]):
+        if isinstance(file, str) and file:
+            source = prompts["source"].iloc[i] if "source" in prompts else "the prompt list"
+            check_inside(Path(root), file, f"{source}: prompt {i + 1} ({prompts['caption'].iloc[i]!r}): "
+                                           "target_file ", allow_outside_root)

@@ -14,12 +14,16 @@ image by seeking to its offset (the shard's member table is built once per proce
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
-from diffmem.errors import DataError
+from diffmem.data.inputs import check_captions, check_inside
+from diffmem.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "tif", "tiff", "bmp", "gif")
 CAPTION_EXTENSIONS = ("txt", "json")
@@ -36,7 +40,9 @@ def split_key(name: str) -> tuple[str, str]:
     return str(path.with_name(stem)), ext.lower()
 
 
-def _caption(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, shard: Path) -> str:
+def _caption(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, shard: Path):
+    """The caption of a ``.txt`` member, or the ``caption``/``text`` field of a ``.json`` one as
+    stored (a list or null is refused with the manifest, naming the sample)."""
     raw = tar.extractfile(member).read()
     try:
         text = raw.decode("utf-8")
@@ -45,18 +51,21 @@ def _caption(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, shard: Pat
         doc = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{shard}: member {member.name}: unreadable caption ({err})") from err
-    return str(doc.get("caption", doc.get("text", ""))) if isinstance(doc, dict) else ""
+    return doc.get("caption", doc.get("text")) if isinstance(doc, dict) else None
 
 
 def _scan(shard: Path) -> tuple[dict[str, tuple[int, int]], list[dict]]:
     """One streamed pass over ``shard``: its member table and one row per sample with an image."""
     members: dict[str, tuple[int, int]] = {}
     samples: dict[str, dict] = {}
+    twice: list[str] = []
     try:
-        with tarfile.open(shard, mode="r|") as tar:
+        with tarfile.open(shard, mode="r|", encoding="utf-8", errors="strict") as tar:
             for m in tar:
                 if not m.isfile():
                     continue
+                if m.name in members:  # tar -r appends: the last copy is the one tar extracts
+                    twice.append(m.name)
                 members[m.name] = (m.offset_data, m.size)
                 key, ext = split_key(m.name)
                 row = samples.setdefault(key, {"key": key})
@@ -64,29 +73,43 @@ def _scan(shard: Path) -> tuple[dict[str, tuple[int, int]], list[dict]]:
                     row.setdefault("member", m.name)
                 elif ext in CAPTION_EXTENSIONS and (ext == "txt" or "caption" not in row):
                     row["caption"] = _caption(tar, m, ext, shard)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{shard}: a member name is not UTF-8 ({ascii(err.object[:80])}); rename it") from None
     except (tarfile.TarError, OSError) as err:
         raise DataError(f"{shard}: not a readable tar shard ({err})") from err
+    if twice:
+        log.warning("%s: %d member(s) stored twice (first: %s); the last copy is read, as tar extracts it",
+                    shard, len(twice), twice[0])
     return members, [r for r in samples.values() if "member" in r]
 
 
-def load_webdataset(root: str | Path, shards: str = "*.tar") -> pd.DataFrame:
+def load_webdataset(root: str | Path, shards: str = "*.tar", allow_outside_root: bool = False) -> pd.DataFrame:
     """The manifest of the shards matching ``shards`` under ``root`` (sorted by name):
-    ``image_id`` (the sample key), ``file`` (``<shard>/<member>``), ``caption``, ``shard``."""
+    ``image_id`` (the sample key), ``file`` (``<shard>/<member>``; ``<member>`` when ``root`` is
+    one shard: files are relative to ``root``), ``caption``, ``shard``.
+    A shard outside ``root`` (``../*.tar``, a symlink out) is refused unless
+    ``allow_outside_root``; so is a caption that is not a non-blank string, naming the sample."""
     root = Path(root)
+    if Path(shards).is_absolute():
+        raise ConfigError(f"data.shards='{shards}' must be a glob relative to data.root {root}")
     paths = [root] if root.is_file() else sorted(p for p in root.glob(shards) if p.is_file())
     if not paths:
         raise DataError(f"{root}: no tar shards matching '{shards}' (data.shards)")
     base = root.parent if root.is_file() else root
+    for shard in paths:
+        check_inside(base, shard.relative_to(base), f"data.shards='{shards}': shard ", allow_outside_root)
     rows = []
     for shard in paths:
         members, samples = _scan(shard)
         _MEMBERS[shard.resolve()] = members
         rel = shard.relative_to(base).as_posix()
-        rows += [{"image_id": s["key"], "file": f"{rel}/{s['member']}", "caption": s.get("caption", ""),
+        inside = "" if root.is_file() else f"{rel}/"  # files are relative to root, a .tar itself here
+        rows += [{"image_id": s["key"], "file": f"{inside}{s['member']}", "caption": s.get("caption"),
                   "shard": rel} for s in samples]
     if not rows:
         raise DataError(f"{root}: the shards hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     df = pd.DataFrame(rows)
+    check_captions(df["caption"], str(root), rows=df["file"].tolist())
     dup = df["image_id"].duplicated()
     if dup.any():
         key = df["image_id"][dup].iloc[0]

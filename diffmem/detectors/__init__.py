@@ -8,6 +8,9 @@ score per prompt, **higher = more likely memorised**:
   attribution via ``attribute(pipe, caption)``.
 - ``noise_ssim``: NeMo, SSIM between seeds' normalised noise differences ``eps - x_T``.
 - ``one_step``: Webster's whitebox one-step ``MSE(x_T, x_0)``.
+- ``attention_entropy``: Ren et al. (ECCV 2024), entropy of the cross-attention over tokens.
+- ``bright_ending``: Chen et al. (ICLR 2025), Wen's magnitude under the last step's end-token
+  attention map.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ DETECTORS = Registry("detector", expects=Detector)
 DETECTORS.register("noise_norm", "diffmem.detectors.noise_norm:NoiseNorm")
 DETECTORS.register("noise_ssim", "diffmem.detectors.noise_ssim:NoiseSSIM")
 DETECTORS.register("one_step", "diffmem.detectors.one_step:OneStep")
+DETECTORS.register("attention_entropy", "diffmem.detectors.attention_entropy:AttentionEntropy")
+DETECTORS.register("bright_ending", "diffmem.detectors.bright_ending:BrightEnding")
 
 
 def build_detector(cfg) -> Detector:

@@ -12,9 +12,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from diffmem.checks import check_positive
+from diffmem.checks import check_int, check_positive
 from diffmem.errors import ConfigError, DataError
-from diffmem.sampling import encode_prompts, sample_seed, vae_factor
+from diffmem.sampling import encode_prompts, fresh_scheduler, initial_latents, sample_seed, token_counts, vae_factor
 
 
 class Detector:
@@ -28,6 +28,8 @@ class Detector:
 
     name: str = "detector"
     supports_attribution: bool = False
+    #: ``score_rows`` also takes ``n_tokens`` (each row's caption length, BOS and EOS included)
+    needs_token_counts: bool = False
 
     @classmethod
     def from_config(cls, settings: dict) -> "Detector":
@@ -53,15 +55,20 @@ class Detector:
         captions = [str(c) for c in captions]
         if not captions:
             raise DataError(f"{self.name}: the prompt list is empty")
+        n_tokens = token_counts(pipe, captions) if self.needs_token_counts else None
         return self.score_conditioning(pipe, encode_prompts(pipe, captions), prompt_ids, seed=seed,
-                                       resolution=resolution, batch_size=batch_size, names=captions)
+                                       resolution=resolution, batch_size=batch_size, names=captions,
+                                       n_tokens=n_tokens)
 
     def score_conditioning(self, pipe, cond: torch.Tensor, prompt_ids: Sequence[int] | None = None, *,
                            seed: int = 0, resolution: int | None = None, batch_size: int = 16,
-                           names: Sequence[str] | None = None) -> np.ndarray:
-        """:meth:`score` for text-encoder outputs ``cond`` ``[N, tokens, D]`` (e.g. searched triggers)."""
+                           names: Sequence[str] | None = None, n_tokens: Sequence[int] | None = None) -> np.ndarray:
+        """:meth:`score` for text-encoder outputs ``cond`` ``[N, tokens, D]`` (e.g. searched triggers);
+        ``n_tokens`` (each row's token count) for detectors that need it."""
         if cond.shape[0] == 0:
             raise DataError(f"{self.name}: the prompt list is empty")
+        if self.needs_token_counts and (n_tokens is None or len(n_tokens) != cond.shape[0]):
+            raise DataError(f"{self.name}: needs each prompt's token count (n_tokens) beside its conditioning")
         names = list(names) if names is not None else [f"embedding {i}" for i in range(cond.shape[0])]
         prompt_ids = list(range(cond.shape[0])) if prompt_ids is None else [int(p) for p in prompt_ids]
         if len(prompt_ids) != cond.shape[0]:
@@ -77,7 +84,8 @@ class Detector:
             for start in range(0, len(rows), int(batch_size)):
                 batch = rows[start:start + int(batch_size)]
                 idx = torch.tensor([i for i, _ in batch], device=cond.device)
-                pending.append(self.score_rows(pipe, cond[idx], [s for _, s in batch], resolution)
+                extra = {"n_tokens": [int(n_tokens[i]) for i, _ in batch]} if self.needs_token_counts else {}
+                pending.append(self.score_rows(pipe, cond[idx], [s for _, s in batch], resolution, **extra)
                                .detach().double().cpu())
                 buf = torch.cat(pending)
                 done = buf.shape[0] // g  # reduce finished prompts now: raw values stay small
@@ -120,6 +128,58 @@ def to_epsilon(sched, output: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
         a = sched.alphas_cumprod[int(t)].to(output.device, output.dtype)
         return a.sqrt() * output + (1 - a).sqrt() * x
     raise ConfigError(f"detectors need an epsilon or v_prediction model, not prediction_type '{kind}'")
+
+
+def check_steps(steps: Sequence[int] | int | str, num_inference_steps: int) -> list[int]:
+    """Sorted unique sampling-step indices (0 = first) from a list, one index, or ``"all"``."""
+    if isinstance(steps, str):
+        if steps != "all":
+            raise ConfigError(f"detect.steps must be a list of step indices or 'all' (got {steps!r})")
+        steps = range(num_inference_steps)
+    if isinstance(steps, (int, np.integer)):
+        steps = [steps]
+    steps = [check_int(s, "detect.steps", 0) for s in steps]
+    if not steps:
+        raise ConfigError("detect.steps must name at least one step")
+    if max(steps) >= num_inference_steps:
+        raise ConfigError(f"detect.steps must be < num_inference_steps={num_inference_steps} (got {max(steps)})")
+    return sorted(set(steps))
+
+
+def guided_steps(pipe, cond: torch.Tensor, uncond: torch.Tensor, seeds: Sequence[int], resolution: int,
+                 num_inference_steps: int, guidance_scale: float, last: int, uncond_at_last: bool = True):
+    """Run the guided sampler from each seed's ``x_T`` up to step ``last``; yield per step
+    ``(i, t, xin, eps_u, eps_c)`` (``xin`` the scaled model input, raw UNet outputs).
+
+    x_t follows ``eps_u + guidance_scale * (eps_c - eps_u)`` as :func:`diffmem.sampling.sample`
+    does. ``uncond`` is ``[1 or B, L, D]``. With ``uncond_at_last=False`` the last step runs the
+    conditional rows only (``eps_u`` None): one UNet evaluation per row instead of two.
+    Differentiable (wrap in ``torch.no_grad()`` when scoring).
+    """
+    if uncond.shape[0] == 1:
+        uncond = uncond.expand(cond.shape[0], -1, -1)
+    sched = fresh_scheduler(pipe, num_inference_steps)
+    x = initial_latents(pipe, seeds, resolution) * sched.init_noise_sigma
+    generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]  # as sampling.sample
+    kwargs = {"generator": generators} if "generator" in sched.step.__code__.co_varnames else {}
+    for i, t in enumerate(sched.timesteps[:last + 1]):
+        xin = sched.scale_model_input(x, t)
+        if i == last and not uncond_at_last:
+            yield i, t, xin, None, pipe.unet(xin, t, encoder_hidden_states=cond).sample
+            return
+        eps_u, eps_c = pipe.unet(torch.cat([xin, xin]), t,
+                                 encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        yield i, t, xin, eps_u, eps_c
+        if i < last:
+            x = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, x, **kwargs).prev_sample
+
+
+def uncond_embedding(detector: Detector, pipe) -> torch.Tensor:
+    """``c0`` (the empty prompt's conditioning) of ``pipe``, cached on ``detector`` per pipeline."""
+    cached = getattr(detector, "_uncond", None)
+    if cached is None or cached[0] is not pipe:
+        detector._uncond = cached = (pipe, encode_prompts(pipe, [""]))
+    return cached[1]
 
 
 @dataclass

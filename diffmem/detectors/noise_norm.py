@@ -20,9 +20,9 @@ import pandas as pd
 import torch
 
 from diffmem.checks import check_float, check_int
-from diffmem.detectors.base import Detector, to_epsilon
+from diffmem.detectors.base import Detector, check_steps, guided_steps, to_epsilon, uncond_embedding
 from diffmem.errors import ConfigError, DataError
-from diffmem.sampling import encode_prompts, fresh_scheduler, initial_latents, sample_seed, vae_factor
+from diffmem.sampling import sample_seed, vae_factor
 
 REDUCTIONS = ("mean", "max")
 
@@ -33,25 +33,14 @@ def noise_norm_trajectory(pipe, cond: torch.Tensor, uncond: torch.Tensor, seeds:
     """``d_t`` for each conditioning row / seed and each of ``steps``: ``[B, len(steps)]``.
 
     Differentiable (call under ``torch.no_grad()`` when scoring). ``uncond`` is ``[1 or B, L, D]``.
-    x_t follows the guided sampler: ``eps_u + guidance_scale * (eps_c - eps_u)``.
+    x_t follows the guided sampler (:func:`~diffmem.detectors.base.guided_steps`).
     """
-    if uncond.shape[0] == 1:
-        uncond = uncond.expand(cond.shape[0], -1, -1)
-    sched = fresh_scheduler(pipe, num_inference_steps)
-    x = initial_latents(pipe, seeds, resolution) * sched.init_noise_sigma
-    generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]  # as sampling.sample
-    kwargs = {"generator": generators} if "generator" in sched.step.__code__.co_varnames else {}
-    wanted, last = set(int(s) for s in steps), max(int(s) for s in steps)
-    norms = {}
-    for i, t in enumerate(sched.timesteps[:last + 1]):
-        xin = sched.scale_model_input(x, t)
-        eps_u, eps_c = pipe.unet(torch.cat([xin, xin]), t,
-                                 encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+    wanted, norms = set(int(s) for s in steps), {}
+    for i, t, xin, eps_u, eps_c in guided_steps(pipe, cond, uncond, seeds, resolution, num_inference_steps,
+                                                guidance_scale, last=max(wanted)):
         if i in wanted:  # the same difference as the raw outputs for epsilon models
-            diff = to_epsilon(sched, eps_c, xin, t) - to_epsilon(sched, eps_u, xin, t)
+            diff = to_epsilon(pipe.scheduler, eps_c, xin, t) - to_epsilon(pipe.scheduler, eps_u, xin, t)
             norms[i] = diff.float().flatten(1).norm(dim=1)
-        if i < last:
-            x = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, x, **kwargs).prev_sample
     return torch.stack([norms[int(s)] for s in steps], dim=1)
 
 
@@ -64,37 +53,19 @@ class NoiseNorm(Detector):
     def __init__(self, steps: Sequence[int] | str = (0,), n_generations: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, reduction: str = "mean"):
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
-        if isinstance(steps, str):
-            if steps != "all":
-                raise ConfigError(f"detect.steps must be a list of step indices or 'all' (got {steps!r})")
-            steps = range(self.num_inference_steps)
-        if isinstance(steps, (int, np.integer)):
-            steps = [steps]
-        steps = [check_int(s, "detect.steps", 0) for s in steps]
-        if not steps:
-            raise ConfigError("detect.steps must name at least one step")
-        if max(steps) >= self.num_inference_steps:
-            raise ConfigError(f"detect.steps must be < num_inference_steps={self.num_inference_steps} "
-                              f"(got {max(steps)})")
-        self.steps = sorted(set(steps))
+        self.steps = check_steps(steps, self.num_inference_steps)
         self.n_generations = check_int(n_generations, "detect.n_generations", 1)
         self.guidance_scale = check_float(guidance_scale, "detect.guidance_scale", 0.0)
         if reduction not in REDUCTIONS:
             raise ConfigError(f"detect.reduction '{reduction}' is not one of {', '.join(REDUCTIONS)}")
         self.reduction = reduction
-        self._uncond = None
 
     @property
     def per_prompt(self) -> int:
         return self.n_generations
 
-    def _uncond_for(self, pipe) -> torch.Tensor:
-        if self._uncond is None or self._uncond[0] is not pipe:
-            self._uncond = (pipe, encode_prompts(pipe, [""]))
-        return self._uncond[1]
-
     def score_rows(self, pipe, cond, seeds, resolution):
-        return noise_norm_trajectory(pipe, cond, self._uncond_for(pipe), seeds, resolution, self.steps,
+        return noise_norm_trajectory(pipe, cond, uncond_embedding(self, pipe), seeds, resolution, self.steps,
                                      self.num_inference_steps, self.guidance_scale)
 
     def reduce(self, values: np.ndarray) -> np.ndarray:
@@ -110,7 +81,7 @@ class NoiseNorm(Detector):
         n_tokens = int(tok.attention_mask[0].sum())
         resolution = int(resolution or pipe.unet.config.sample_size * vae_factor(pipe))
         seeds = [sample_seed(seed, prompt_id, k) for k in range(self.n_generations)]
-        uncond = self._uncond_for(pipe)
+        uncond = uncond_embedding(self, pipe)
         captured = {}
 
         def hook(module, args, output):  # make the token embeddings a leaf we can differentiate

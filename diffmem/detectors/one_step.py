@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from diffmem.checks import check_float, check_int
-from diffmem.detectors.base import Detector, to_epsilon
+from diffmem.detectors.base import Detector, to_epsilon, uncond_embedding
 from diffmem.errors import ConfigError
-from diffmem.sampling import encode_prompts, fresh_scheduler, guided_eps, initial_latents
+from diffmem.sampling import fresh_scheduler, guided_eps, initial_latents
 
 
 def one_step_mse(pipe, cond: torch.Tensor, uncond: torch.Tensor | None, seeds, resolution: int,
@@ -56,7 +56,6 @@ class OneStep(Detector):
             raise ConfigError(f"detect.higher_mse_is_memorised must be true or false "
                               f"(got {higher_mse_is_memorised!r})")
         self.higher_mse_is_memorised = higher_mse_is_memorised
-        self._uncond = None
 
     @property
     def per_prompt(self) -> int:
@@ -67,10 +66,6 @@ class OneStep(Detector):
         return 1.0 if self.higher_mse_is_memorised else -1.0
 
     def score_rows(self, pipe, cond, seeds, resolution):
-        uncond = None
-        if self.guidance_scale != 1.0:
-            if self._uncond is None or self._uncond[0] is not pipe:
-                self._uncond = (pipe, encode_prompts(pipe, [""]))
-            uncond = self._uncond[1]
+        uncond = uncond_embedding(self, pipe) if self.guidance_scale != 1.0 else None
         return self.sign * one_step_mse(pipe, cond, uncond, seeds, resolution, self.num_inference_steps,
                                         self.guidance_scale)

@@ -125,19 +125,3 @@ def score_copy_set(extractor, cs: CopySet, batch_size: int = 16) -> tuple[np.nda
     a = embed_arrays(extractor, cs.originals, batch_size)
     b = embed_arrays(extractor, cs.copies, batch_size)
     return (a @ b.T).ravel(), cs.labels().ravel()
-
-
-def detection_metrics(scores: np.ndarray, labels: np.ndarray, thresholds: Sequence[float] = (0.5, 0.75)) -> dict:
-    """ROC-AUC, and precision / recall of ``score > t`` for each threshold."""
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.asarray(labels, dtype=bool)
-    out = {"auc": float(roc_auc_score(labels, scores)), "positives": int(labels.sum()),
-           "negatives": int((~labels).sum()),
-           "positive_median": float(np.median(scores[labels])), "negative_median": float(np.median(scores[~labels]))}
-    for t in thresholds:
-        pred = scores > t
-        tp = int((pred & labels).sum())
-        out[f"precision@{t}"] = float(tp / pred.sum()) if pred.any() else None
-        out[f"recall@{t}"] = float(tp / labels.sum())
-    return out

@@ -1,7 +1,15 @@
-"""Images -> descriptors at scale: decoding in DataLoader workers, batches bucketed by size.
+"""Images -> descriptors at scale: decoding beside the descriptor, batches bucketed by size.
 
-Each image is decoded (:func:`diffmem.data.load_image`) and resized by the extractor's
-own resize step (:meth:`~diffmem.features.transforms.Preprocess.resize_only`) in a worker,
+A descriptor that takes uint8 images (``embed_uint8``: the ONNX ones) gets the fast path:
+each image is decoded at reduced size where the format allows (JPEG draft) and resized in
+uint8 to the recipe's exact size (:func:`decode_uint8`), in ``num_workers`` threads while
+the descriptor runs (PIL and onnxruntime release the GIL; 0: in turn, in the main thread).
+No float copy of an image is made and at most a few batches of small uint8 images are held.
+Its vectors differ from the float path's (full decode, float resize) by resampling rounding
+only: cosine >= 0.995 to it on photos (``docs/embedding.md``).
+
+Otherwise each image is decoded (:func:`diffmem.data.load_image`) and resized by the
+extractor's own resize step (:meth:`~diffmem.features.transforms.Preprocess.resize_only`) in a worker,
 so the main process only runs the descriptor. Resized images of one shape form a bucket;
 a full bucket (``batch_size`` images) runs as one batch. Mixed-size photos thus batch by
 their resized shape (one shape for square recipes, one per aspect ratio for short-side
@@ -11,8 +19,11 @@ on each image alone (the resize step is idempotent, the rest of the recipe per-i
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -21,9 +32,14 @@ import torch
 from diffmem.data import load_image
 from diffmem.data.images import MAX_PIXELS
 from diffmem.errors import DataError
+from diffmem.features.transforms import PIL_FILTERS, Preprocess
 
 #: images each worker hands over at once (small: a handover holds decoded float images)
 CHUNK = 8
+#: images per call on the uint8 path at most: onnxruntime on a CPU is no faster per image at 16
+#: than at 1 or 4 (sscd_distilled 12.1, 11.0, 11.3 ms; sscd_onnx 54, 54, 57 ms), and a call
+#: holds its batch's activations (peak RSS 640 MB at 16, 480 MB at 4 on 500 photos)
+UINT8_BATCH = 4
 
 
 class DecodedImages(torch.utils.data.Dataset):
@@ -50,6 +66,33 @@ class DecodedImages(torch.utils.data.Dataset):
         return i, x, None
 
 
+def decode_uint8(path: Path, pre: Preprocess, resolution: int | None = None,
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image at ``path`` preprocessed by ``pre`` in uint8 ``[h, w, 3]`` (a JPEG decoded at
+    reduced size, resized with PIL to exactly ``pre``'s size; not normalised)."""
+    arr = load_image(path, resolution, max_pixels, size=pre.resize_size, resample=PIL_FILTERS[pre.interpolation])
+    return pre.finish_uint8(arr)
+
+
+def threaded(fn: Callable, items: Iterable, threads: int, ahead: int) -> Iterator:
+    """``map(fn, items)`` in order, computed by ``threads`` threads at most ``ahead`` items
+    ahead of the consumer (bounded memory); in the caller's thread when ``threads`` is 0."""
+    if threads == 0:
+        yield from map(fn, items)
+        return
+    items = iter(items)
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque(pool.submit(fn, x) for x in islice(items, ahead))
+        try:
+            while pending:
+                out = pending.popleft().result()
+                pending.extend(pool.submit(fn, x) for x in islice(items, 1))
+                yield out
+        finally:
+            for f in pending:
+                f.cancel()
+
+
 def _one_thread(_worker: int) -> None:
     torch.set_num_threads(1)  # the workers decode; threads would fight the descriptor's
 
@@ -63,16 +106,29 @@ def embed_images(extractor, root: Path, files: list[str], parts: list[int], part
     it. At most ``4 * batch_size`` decoded images wait in buckets (the largest runs early)."""
     indices = [i for p in parts for i in range(p * part_size, min((p + 1) * part_size, len(files)))]
     pre = getattr(extractor, "preprocess", None)
-    dataset = DecodedImages(root, files, indices, resolution, pre.resize_only if pre is not None else None,
-                            max_pixels)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=CHUNK, num_workers=num_workers,
-                                         collate_fn=list, worker_init_fn=_one_thread if num_workers else None)
-    buckets: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+    if hasattr(extractor, "embed_uint8"):
+        def load(i: int):
+            try:
+                return i, decode_uint8(Path(root) / files[i], pre, resolution, max_pixels), None
+            except DataError as err:
+                return i, None, str(err)
+
+        batch_size = min(batch_size, extractor.batch_size, UINT8_BATCH)
+        items = threaded(load, indices, num_workers, ahead=2 * batch_size)
+        forward, stack = extractor.embed_uint8, np.stack
+    else:
+        dataset = DecodedImages(root, files, indices, resolution, pre.resize_only if pre is not None else None,
+                                max_pixels)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=CHUNK, num_workers=num_workers, collate_fn=list,
+                                             worker_init_fn=_one_thread if num_workers else None)
+        items = (item for chunk in loader for item in chunk)
+        forward, stack = (lambda x: extractor(x).cpu().numpy()), torch.stack
+    buckets: dict[tuple, list[tuple]] = {}  # shape -> [(index, image)]
     vectors: dict[int, np.ndarray] = {}
     skipped: list[dict] = []
 
-    def run(bucket: list[tuple[int, torch.Tensor]]) -> None:
-        out = extractor(torch.stack([x for _, x in bucket])).cpu().numpy()
+    def run(bucket: list[tuple]) -> None:
+        out = forward(stack([x for _, x in bucket]))
         vectors.update(zip((i for i, _ in bucket), out))
         bucket.clear()
 
@@ -87,23 +143,22 @@ def embed_images(extractor, root: Path, files: list[str], parts: list[int], part
         return p, out, skip
 
     current = parts[0] if parts else None
-    for chunk in loader:
-        for i, x, err in chunk:
-            if i // part_size != current:
-                yield finish(current)
-                current = i // part_size
-            if err is not None:
-                if not skip_errors:
-                    raise DataError(f"{err} (set data.on_error=skip to leave unreadable images out)")
-                skipped.append({"index": i, "file": files[i], "error": err})
-                continue
-            bucket = buckets.setdefault(tuple(x.shape), [])
-            bucket.append((i, x))
-            if len(bucket) >= batch_size:
-                run(bucket)
-            elif sum(map(len, buckets.values())) > 4 * batch_size:
-                run(max(buckets.values(), key=len))
+    for i, x, err in items:
+        if i // part_size != current:
+            yield finish(current)
+            current = i // part_size
         if progress is not None:
-            progress(len(chunk))
+            progress(1)
+        if err is not None:
+            if not skip_errors:
+                raise DataError(f"{err} (set data.on_error=skip to leave unreadable images out)")
+            skipped.append({"index": i, "file": files[i], "error": err})
+            continue
+        bucket = buckets.setdefault(tuple(x.shape), [])
+        bucket.append((i, x))
+        if len(bucket) >= batch_size:
+            run(bucket)
+        elif sum(map(len, buckets.values())) > 4 * batch_size:
+            run(max(buckets.values(), key=len))
     if current is not None:
         yield finish(current)

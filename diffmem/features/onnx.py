@@ -9,7 +9,9 @@ normalisation is inside the graph) and return 512-d unit vectors.
 Preprocessing (``resize``, ``size``): the image is resized so its short side is
 ``size`` (288: the SSCD authors' evaluation setting, aspect kept), or to ``size`` x
 ``size`` with ``resize=square`` (their batching-friendly alternative), then rounded to
-uint8 NHWC. Images that resize to the same shape run as one batch (``batch_size``).
+uint8 NHWC. Images that resize to the same shape run as one batch (``batch_size``). The
+embed stage skips the float images: it decodes and resizes in uint8 and calls
+:meth:`OnnxExtractor.embed_uint8` (:mod:`diffmem.features.loader`).
 ``threads`` (null = torch's thread count, i.e. the stage's ``threads``) sets
 onnxruntime's intra-op threads. The graph runs on the CPU; descriptors are returned on
 ``device`` (so the GPU stages can use them like any other descriptor).
@@ -140,8 +142,9 @@ class OnnxExtractor(Extractor):
             np.full((1, 64, 64, 3), 128, np.uint8)).shape[1]
 
     def to_uint8(self, x: torch.Tensor) -> np.ndarray:
-        """A [B, 3, H, W] float batch in [0, 1] -> resized ``uint8 [B, h, w, 3]`` (the graph's input)."""
-        x = self.preprocess(x.cpu())
+        """A [B, 3, H, W] float batch in [0, 1] -> resized ``uint8 [B, h, w, 3]`` (the graph's
+        input; the recipe's normalisation is the identity, the graph normalises)."""
+        x = self.preprocess.resize_only(x.cpu())
         return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -151,6 +154,12 @@ class OnnxExtractor(Extractor):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._run(self.to_uint8(x))).to(self.device)
+
+    def embed_uint8(self, batch: np.ndarray) -> np.ndarray:
+        """L2-normalised float32 [B, D] of images already preprocessed to ``uint8 [B, h, w, 3]``
+        (the embed stage's fast path: no float copy of the images, no torch)."""
+        emb = self._run(np.ascontiguousarray(batch))
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
     def embed_pil(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:
         """Descriptors of PIL images of any sizes: each is resized alone, then images of the same
@@ -162,8 +171,7 @@ class OnnxExtractor(Extractor):
         for i, a in enumerate(arrays):
             shapes.setdefault(a.shape, []).append(i)
         for idx in shapes.values():
-            emb = self._run(np.stack([arrays[i] for i in idx]))
-            out[idx] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            out[idx] = self.embed_uint8(np.stack([arrays[i] for i in idx]))
         return torch.from_numpy(out).to(self.device)
 
     def weights_info(self) -> dict[str, Any]:

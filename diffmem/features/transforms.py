@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
@@ -33,6 +35,10 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RESIZE_MODES = ("short", "square", "long", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
+#: PIL's filter for each interpolation, for the uint8 resize (:meth:`Preprocess.resize_size`);
+#: PIL antialiases as ``interpolate(antialias=True)`` does
+PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+               "nearest": Image.Resampling.NEAREST, "area": Image.Resampling.BOX}
 
 
 def _pair(size) -> tuple[int, int]:
@@ -67,13 +73,16 @@ def resize_short(x: torch.Tensor, size: int, interpolation: str = "bilinear") ->
     return resize_to(x, short_side_size(x.shape[-2], x.shape[-1], int(size)), interpolation)
 
 
+def long_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h, w) after resizing the long side to ``size`` (aspect kept)."""
+    scale = size / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
 def resize_long(x: torch.Tensor, size: int, interpolation: str = "bilinear",
                 fill: float = 0.0) -> torch.Tensor:
     """Resize so the long side is ``size`` (aspect kept), then pad to ``size`` x ``size``."""
-    h, w = x.shape[-2:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    x = resize_to(x, (nh, nw), interpolation)
+    x = resize_to(x, long_side_size(x.shape[-2], x.shape[-1], size), interpolation)
     return center_crop(x, size, fill=fill)
 
 
@@ -91,6 +100,18 @@ def center_crop(x: torch.Tensor, size, fill: float = 0.0) -> torch.Tensor:
     top = int(round((h - th) / 2.0))
     left = int(round((w - tw) / 2.0))
     return x[..., top:top + th, left:left + tw]
+
+
+def center_crop_array(x: np.ndarray, size, fill: int = 0) -> np.ndarray:
+    """:func:`center_crop` of an ``[H, W, C]`` array (same offsets, padding with ``fill``)."""
+    th, tw = _pair(size)
+    h, w = x.shape[:2]
+    if h < th or w < tw:
+        ph, pw = max(th - h, 0), max(tw - w, 0)
+        x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), constant_values=fill)
+        h, w = x.shape[:2]
+    top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
+    return x[top:top + th, left:left + tw]
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -156,15 +177,32 @@ class Preprocess:
             return resize_long(x, self.size, self.interpolation, self.fill)
         return x
 
+    def resize_size(self, h: int, w: int) -> tuple[int, int]:
+        """(h, w) after the resize step alone (before ``long``'s padding and any crop)."""
+        if self.resize == "short":
+            return short_side_size(h, w, self.size)
+        if self.resize == "square":
+            return self.size, self.size
+        if self.resize == "long":
+            return long_side_size(h, w, self.size)
+        return h, w
+
+    def finish_uint8(self, x: np.ndarray) -> np.ndarray:
+        """The steps after the resize, on a ``uint8 [h, w, 3]`` image already resized to
+        :meth:`resize_size` (``long``'s padding, the centre crop) as the float recipe does them;
+        no normalisation (a uint8 graph normalises inside)."""
+        fill = int(round(self.fill * 255))
+        if self.resize == "long":
+            x = center_crop_array(x, self.size, fill)
+        return x if self.crop is None else center_crop_array(x, self.crop, fill)
+
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         """(h, w) of the output for an input of (h, w)."""
         if self.crop is not None:
             return self.crop, self.crop
-        if self.resize == "short":
-            return short_side_size(h, w, self.size)
-        if self.resize in ("square", "long"):
+        if self.resize == "long":
             return self.size, self.size
-        return h, w
+        return self.resize_size(h, w)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

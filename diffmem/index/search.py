@@ -6,8 +6,8 @@ scanned in chunks with a running top-k heap).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,6 +17,8 @@ import numpy as np
 from diffmem.checks import check_positive
 from diffmem.errors import DataError
 from diffmem.index.build import _metric, check_features
+
+LOG = logging.getLogger(__name__)
 
 SEARCH_BATCH = 16384       # queries per search() call
 STREAM_CHUNK = 262144      # database rows per streaming step
@@ -64,7 +66,8 @@ def search(index: faiss.Index, queries: Any, k: int, info: dict | None = None,
     if index.ntotal == 0:
         raise DataError("the index is empty (ntotal=0)")
     if k > index.ntotal:
-        warnings.warn(f"k={k} > ntotal={index.ntotal}; missing results have id -1", stacklevel=2)
+        LOG.warning("k=%d but the index holds %d vectors: the last %d neighbours of each query are "
+                    "missing (id -1)", k, index.ntotal, k - index.ntotal)
     nq = q.shape[0]
     scores = np.empty((nq, k), dtype=np.float32)
     ids = np.empty((nq, k), dtype=np.int64)

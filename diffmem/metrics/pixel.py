@@ -7,7 +7,6 @@ Images are float numpy arrays (or torch tensors) in [0, 1], channels last: one i
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from diffmem.checks import check_choice, check_int, check_positive
 from diffmem.errors import DataError
@@ -171,6 +170,8 @@ def fixed_pixel_mask(generations, tol: float = 0.03, erosion_iterations: int = 1
     for name, iterations in (("erosion_iterations", erosion_iterations),
                              ("dilation_iterations", dilation_iterations)):
         check_int(iterations, name, 0)
+    from scipy import ndimage  # here: scipy costs ~0.4 s to import, and every stage imports this module
+
     fixed = (np.ptp(gens, axis=0) < tol).all(axis=-1)
     square = np.ones((3, 3), dtype=bool)
     if erosion_iterations:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import linalg
 
 from diffmem.errors import DataError
 from diffmem.metrics.replication import Metric, as_array
@@ -37,6 +36,8 @@ def frechet_distance(features_a, features_b, eps: float = 1e-6) -> float:
     mu_b, s_b = gaussian_stats(features_b)
     if mu_a.shape != mu_b.shape:
         raise DataError(f"features: dimensions differ ({mu_a.shape[0]} vs {mu_b.shape[0]})")
+    from scipy import linalg  # here: scipy costs ~0.4 s to import, and every stage imports this module
+
     covmean = linalg.sqrtm(s_a @ s_b)
     if not np.isfinite(covmean).all():
         offset = np.eye(s_a.shape[0]) * eps
