@@ -27,9 +27,18 @@ def check_device(device, name: str = "device") -> str:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None -> cuda if available else cpu; anything else as given."""
+    """``auto``/None -> cuda if available else cpu; anything else as given. In a data-parallel
+    job ``auto`` and ``cuda`` are this rank's GPU (the local rank's, when the node's GPUs are
+    all visible to every rank), made the current one."""
     if isinstance(device, torch.device):
         return device
+    if device in (None, "auto", "cuda") and torch.cuda.is_available():
+        from diffmem.distributed import ranks
+
+        r = ranks()
+        if r.world_size > 1:
+            torch.cuda.set_device(r.local_rank % torch.cuda.device_count())
+            return torch.device("cuda", torch.cuda.current_device())
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from diffmem import distributed
 from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
@@ -104,11 +105,15 @@ def body(job: Job) -> Outcome:
     device = configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     warn_flat_testbed(extractor.name, cfg.data.get("kind"))
+    ranks = distributed.ranks()  # each rank of a data-parallel job embeds its share of the parts
     store = FeatureStore(job.dir)
-    embed_files(extractor, root, items, store, part_size=cfg.part_size,
-                batch_size=cfg.batch_size, shard=cfg.shard, num_shards=cfg.num_shards,
+    embed_files(extractor, root, items, store, part_size=cfg.part_size, batch_size=cfg.batch_size,
+                shard=cfg.shard + cfg.num_shards * ranks.rank, num_shards=cfg.num_shards * ranks.world_size,
                 resolution=cfg.resolution, num_workers=int(cfg.get("num_workers", 0)), skip_errors=skip_errors,
                 max_pixels=cfg.data.get("max_pixels", MAX_PIXELS))
+    distributed.barrier("embed: parts written")
+    if ranks.rank != 0:  # rank 0 publishes
+        return Outcome(complete=False)
     n_parts = (len(items) + cfg.part_size - 1) // cfg.part_size
     if not all(store.has_part(p) for p in range(n_parts)):
         log.info("embed: shard %d/%d done; waiting for other shards", cfg.shard, cfg.num_shards)
@@ -120,8 +125,13 @@ def body(job: Job) -> Outcome:
     if n_skipped:
         log.warning("embed: %d of %d images skipped (unreadable; listed in %s)", n_skipped, len(items),
                     store.skipped_path)
+
+    def rank_items(r, w):  # the items of the parts rank r of w embedded
+        return sum(min(cfg.part_size, len(items) - p * cfg.part_size)
+                   for p in range(cfg.shard + cfg.num_shards * r, n_parts, cfg.num_shards * w))
+
     return Outcome(counts, dict(extractor=extractor.info(), dim=extractor.dim, feature=extractor.name,
-                                source=cfg.source, **counts))
+                                source=cfg.source, **counts, data_parallel=distributed.summary(rank_items)))
 
 
 def item_list(cfg: DictConfig, ctx) -> dict:
@@ -135,7 +145,8 @@ def skipped_guard(cfg: DictConfig, summary: dict) -> str | None:
 
 
 #: ``batch_size`` does not change the vectors (tests/test_embed.py)
-SPEC = StageSpec("embed", body, prepare, volatile=("batch_size",), inputs=item_list, guard=skipped_guard)
+SPEC = StageSpec("embed", body, prepare, volatile=("batch_size",), inputs=item_list, guard=skipped_guard,
+                 data_parallel=True)
 run = SPEC.run
 main = hydra_app("embed", run)
 

@@ -13,6 +13,7 @@ import logging
 
 from omegaconf import DictConfig
 
+from diffmem import distributed
 from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
@@ -45,10 +46,15 @@ def body(job: Job) -> Outcome:
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     warn_long_prompts(prompts["caption"], pipe.tokenizer)
     check_resolution(pipe, cfg.resolution)
-    write_parquet(run_dir / PROMPTS, prompts)
-    drop_damaged(run_dir, mine["file"])  # a resumed run recomputes damaged samples
+    if distributed.is_main():  # rank 0 alone writes the run dir's own files
+        write_parquet(run_dir / PROMPTS, prompts)
+        drop_damaged(run_dir, mine["file"])  # a resumed run recomputes damaged samples
+    distributed.barrier("generate: damaged samples dropped")
     generate_images(pipe, mine, run_dir, resolution=cfg.resolution, steps=cfg.steps,
-                    guidance=cfg.guidance_scale, batch_size=cfg.batch_size)
+                    guidance=cfg.guidance_scale, batch_size=cfg.batch_size, shard=True)
+    distributed.barrier("generate: samples written")
+    if not distributed.is_main():  # rank 0 publishes
+        return Outcome(complete=False)
     missing = sum(not (run_dir / f).exists() for f in plan["file"])
     if missing:  # other shards still running: the last one to finish publishes the table
         log.info("generate: shard %d/%d done; %d samples of other shards missing",
@@ -57,10 +63,12 @@ def body(job: Job) -> Outcome:
     table = plan.assign(steps=cfg.steps, guidance_scale=cfg.guidance_scale,
                         scheduler=cfg.scheduler, resolution=cfg.resolution, model=cfg.model.name)
     write_parquet(run_dir / SAMPLES, table)
-    return Outcome({"samples": len(table)})
+    return Outcome({"samples": len(table)}, info={"data_parallel": distributed.summary(
+        lambda r, w: len(distributed.shard_rows(len(mine), cfg.batch_size, r, w)))})
 
 
-SPEC = StageSpec("generate", body, prepare, inputs=lambda cfg, ctx: {"prompt list": ctx[0]})
+SPEC = StageSpec("generate", body, prepare, inputs=lambda cfg, ctx: {"prompt list": ctx[0]},
+                 data_parallel=True)
 run = SPEC.run
 main = hydra_app("generate", run)
 

@@ -24,6 +24,7 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem import distributed
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset
@@ -70,16 +71,21 @@ def body(job: Job) -> Outcome:
     pipe = load_model(cfg.model, configure_torch(cfg), scheduler=cfg.scheduler)
     if get_hooks(pipe) is not None:
         raise ConfigError(f"model.path {cfg.model.path} is an inference-time defence; mitigate a plain model")
+    if not (distributed.is_main() or cfg.mitigation.kind in ("finetune", "adversarial_ft")):
+        return Outcome(complete=False)  # rank 0 builds a defence alone; the other ranks share fine-tunes only
     torch.manual_seed(int(cfg.seed))
     start = time.perf_counter()
     summary = fn(MitigationTask(cfg=cfg, pipe=pipe, root=root, manifest=manifest, memorised=memorised,
                                 negatives=negatives, run_dir=run_dir))
+    if not distributed.is_main():  # rank 0 publishes
+        return Outcome(complete=False)
     seconds = time.perf_counter() - start
     if cfg.objectives.enabled:
         summary["objectives"] = measured_objectives(run_dir, lambda: measure_objectives(
             cfg, run_dir / "model", root, manifest, memorised, sampler_settings(cfg)))
     log.info("mitigate: %s in %.0f s -> %s", cfg.mitigation.name, seconds, run_dir / "model")
-    return Outcome({"mitigation": cfg.mitigation.name, "model": str(run_dir / "model")}, {},
+    dp = summary.pop("data_parallel", distributed.summary(lambda r, w: 0))
+    return Outcome({"mitigation": cfg.mitigation.name, "model": str(run_dir / "model")}, {"data_parallel": dp},
                    {"mitigation": cfg.mitigation.name, "kind": cfg.mitigation.kind, "model": cfg.model.name,
                     "seconds": seconds, **summary})
 
@@ -87,7 +93,8 @@ def body(job: Job) -> Outcome:
 #: generations per batch do not change results (tests/test_mitigate.py); checkpoints are resume state
 SPEC = StageSpec("mitigate", body, prepare, volatile=("batch_size", "keep_checkpoints"),
                  inputs=lambda cfg, ctx: {"prompt list": ctx[3]}, scratch=(CHECKPOINTS,),
-                 after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))))
+                 after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))),
+                 data_parallel=True)
 run = SPEC.run
 
 
@@ -95,7 +102,7 @@ def task(cfg: DictConfig):
     """The Hydra task: runs :func:`run`; returns ``[memorisation, fd]`` (the Optuna objectives)
     when ``objectives.enabled``."""
     run_dir = run(cfg)
-    if cfg.objectives.enabled:
+    if cfg.objectives.enabled and distributed.is_main():
         o = read_objectives(run_dir)
         return [o["memorisation"], o["fd"]]
     return None

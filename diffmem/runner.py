@@ -14,6 +14,11 @@ not change its results); :meth:`StageSpec.run` does the rest, the same way for e
 4. the run dir is claimed and ``body(job)`` runs; a body that fails before producing any file
    gives its claim back, so the corrected command is not refused;
 5. the runner publishes ``metrics.json`` (with provenance), ``info.json`` and ``_SUCCESS``, last.
+
+In a data-parallel job (:mod:`diffmem.distributed`: ``accelerate launch``, ``torchrun``,
+submitit tasks) rank 0 alone does 2-5; the other ranks wait for its claim, then run the body
+on their share of the rows (a stage's body splits them and syncs where it must). A stage that
+does not declare ``data_parallel`` refuses to start with several ranks.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffmem.errors import DataError
+from diffmem import distributed
+from diffmem.errors import DataError, DiffmemError
 from diffmem.runs import (INFO, INPUTS, METRICS, RUN_FILE, SUCCESS, check_claim, check_inputs, claim,
                           file_stamp, mark_done, provenance, read_json, write_json)
 
@@ -151,27 +157,43 @@ class StageSpec:
     run_dir: Callable[[DictConfig], str] = lambda cfg: cfg.run_dir
     scratch: tuple[str, ...] = ()
     after: Callable[[Job], None] | None = None
+    data_parallel: bool = False
 
     def fingerprint(self, cfg: DictConfig, ctx: Any = None) -> dict:
         return fingerprint(cfg, self.volatile, self.extra(cfg, ctx) if self.extra else None)
 
     def run(self, cfg: DictConfig) -> Path:
         """Run the stage per ``cfg`` (resuming or reusing its run dir); returns the run dir."""
+        if not self.data_parallel:
+            distributed.single_process(self.name)
         ctx = self.prepare(cfg)
-        fp = self.fingerprint(cfg, ctx)
         run_dir = Path(self.run_dir(cfg))
-        tables = self.inputs(cfg, ctx) if self.inputs else {}
-        if check_claim(run_dir, fp):
-            for name, table in tables.items():
+        if not distributed.is_main():
+            go = distributed.share()  # rank 0: True once claimed, False when already done, or why it stopped
+            if isinstance(go, str):
+                raise distributed.RankError(go)
+            if go:
+                self.body(Job(cfg, run_dir, ctx))
+            return run_dir
+        try:
+            fp = self.fingerprint(cfg, ctx)
+            tables = self.inputs(cfg, ctx) if self.inputs else {}
+            if check_claim(run_dir, fp):
+                for name, table in tables.items():
+                    check_inputs(run_dir, name, table)
+                if (run_dir / SUCCESS).exists() and self._still_done(run_dir, cfg):
+                    log.info("%s: %s is complete", self.name, run_dir)
+                    distributed.share(False)
+                    return run_dir
+            before = _files(run_dir) if run_dir.is_dir() else None
+            new_claim = not (run_dir / RUN_FILE).exists()
+            run_dir = claim(run_dir, fp)
+            for name, table in tables.items():  # recorded on a new claim
                 check_inputs(run_dir, name, table)
-            if (run_dir / SUCCESS).exists() and self._still_done(run_dir, cfg):
-                log.info("%s: %s is complete", self.name, run_dir)
-                return run_dir
-        before = _files(run_dir) if run_dir.is_dir() else None
-        new_claim = not (run_dir / RUN_FILE).exists()
-        run_dir = claim(run_dir, fp)
-        for name, table in tables.items():  # recorded on a new claim
-            check_inputs(run_dir, name, table)
+        except DiffmemError as err:
+            distributed.share(f"{self.name}: rank 0 stopped: {err}")
+            raise
+        distributed.share(True)
         try:
             outcome = self.body(Job(cfg, run_dir, ctx))
         except BaseException:

@@ -197,23 +197,28 @@ def _duration(seconds: float) -> str:
 
 
 def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int, steps: int,
-                    guidance: float, batch_size: int, desc: str = "generate") -> None:
+                    guidance: float, batch_size: int, desc: str = "generate", shard: bool = False) -> None:
     """Generate every row of ``plan`` (:func:`diffmem.data.samples.plan_samples`) whose PNG does not exist yet.
 
     Batches are fixed slices of ``plan``, not of the missing rows: batched sampling may
     move a pixel level, so a resumed run samples each image in the same batch as an
     uninterrupted run would (identical PNGs). A batch with any PNG missing is sampled
-    whole; only its missing PNGs are written.
+    whole; only its missing PNGs are written. With ``shard``, this rank of a data-parallel
+    job samples only its share of the batches (:func:`diffmem.distributed.shard_rows`).
     """
     from tqdm.auto import tqdm
 
+    from diffmem.distributed import shard_rows
+
     missing = np.array([not (run_dir / f).exists() for f in plan["file"]], dtype=bool)
-    starts = [s for s in range(0, len(plan), batch_size) if missing[s:s + batch_size].any()]
+    ours = shard_rows(len(plan), batch_size)[::batch_size] if shard else range(0, len(plan), batch_size)
+    starts = [s for s in ours if missing[s:s + batch_size].any()]
     if not starts:
         return
     uncond = encode_prompts(pipe, [""])
     started = time.monotonic()
-    with tqdm(total=int(missing.sum()), desc=desc, mininterval=2) as bar:  # closed on errors too
+    todo_total = sum(int(missing[s:s + batch_size].sum()) for s in starts)  # this rank's share
+    with tqdm(total=todo_total, desc=desc, mininterval=2) as bar:  # closed on errors too
         for i, start in enumerate(starts):
             if i == 1 and bar.total >= LARGE_RUN:  # the first batch timed: the whole run estimated
                 took = time.monotonic() - started

@@ -12,12 +12,13 @@ from functools import partial
 
 from omegaconf import DictConfig
 
+from diffmem import distributed
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
 from diffmem.data.images import TESTBED_KINDS
 from diffmem.metrics.memorisation import memorisation_figures
 from diffmem.runner import Job, Outcome, StageSpec
-from diffmem.training import CHECKPOINTS, drop_checkpoints, train_pipeline, training_rows
+from diffmem.training import CHECKPOINTS, drop_checkpoints, fit_items, train_pipeline, training_rows
 
 
 def prepare(cfg: DictConfig):
@@ -32,13 +33,15 @@ def body(job: Job) -> Outcome:
     cfg = job.cfg
     testbed = cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS
     model_dir = train_pipeline(cfg, job.dir, *job.ctx, partial(memorisation_figures, **cfg.evaluate) if testbed else None)
-    return Outcome({"model": str(model_dir)})
+    ranks = distributed.summary(lambda r, w: sum(fit_items(c, r, w) for c in (cfg.vae, cfg.unet)))
+    return Outcome({"model": str(model_dir)}, info={"data_parallel": ranks})
 
 
 SPEC = StageSpec("train", body, prepare, volatile=("keep_checkpoints", "unet.ckpt_every", "vae.ckpt_every"),
                  inputs=lambda cfg, ctx: {"training set": training_rows(*ctx)[["file", "caption"]]},
                  scratch=(CHECKPOINTS,),
-                 after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))))
+                 after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))),
+                 data_parallel=True)
 run = SPEC.run
 main = hydra_app("train", run)
 

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from diffmem import distributed as dist
 from diffmem.checks import check_positive
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
@@ -107,7 +108,7 @@ def _latest_state(ckpt_root: Path, phase: str, files: Sequence[str] = ("state.js
         except ValueError as err:
             damaged.append((path, err))
     instead = f"resuming from {found[0].name} instead" if found else "starting from scratch"
-    for path, err in damaged:
+    for path, err in damaged if dist.is_main() else ():  # rank 0 alone writes the run dir
         log.warning("%s: checkpoint %s; %s", phase, err, instead)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return found
@@ -182,11 +183,18 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
     ``mixed`` (``no``/``bf16``/``fp16``; fp16 scales the loss). The learning rate warms up
     linearly over ``warmup`` steps and, from ``decay_from`` on, decays linearly to 0 at
     ``steps``. Returns the loss log.
+
+    In a data-parallel job (:mod:`diffmem.distributed`) ``loss_fn`` returns this rank's share
+    of the global batch's loss (:func:`diffmem.distributed.batch_mean`); the gradients are
+    averaged over the ranks after each step's micro-batches (DDP's all-reduce, done here
+    because the loss functions call the model through its pipeline, not a DDP wrapper), so
+    every rank takes the same optimiser step, and rank 0 alone writes checkpoints.
     """
     accum = check_positive(gradient_accumulation_steps, "gradient_accumulation_steps")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{phase}: nothing to train (no parameter requires grad)")
+    dist.init()  # before accelerate's: the job's process group, with the barrier timeout
     acc = make_accelerator(mixed, params[0].device)
     opt = acc.prepare_optimizer(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     ema = None
@@ -208,7 +216,7 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
         log.info("%s: resuming from step %d", phase, start)
     cpu_mixed = mixed != "no" and acc.device.type == "cpu"
     module.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase, mininterval=2)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=phase, mininterval=2, disable=not dist.is_main())
     # the norm hooks stay for the backward too: gradient checkpointing reruns the forward there
     with norms_in_fp32(module) if cpu_mixed else contextlib.nullcontext():
         for step in bar:
@@ -220,18 +228,19 @@ def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch
                     part = loss_fn(step, step_generator(seed, phase, micro)) / accum
                 acc.backward(part)
                 loss += part.detach().float()
+            dist.average_gradients(params)
             if grad_clip:
                 acc.clip_grad_norm_(params, grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.step(params)
-            running.append(float(loss))
+            running.append(dist.mean_over_ranks(float(loss)))
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 losses.append({"phase": phase, "step": step + 1, "loss": float(np.mean(running))})
                 bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}")
                 running = []
-            if (step + 1) % ckpt_every == 0 or step + 1 == steps:
+            if ((step + 1) % ckpt_every == 0 or step + 1 == steps) and dist.is_main():
                 _save_state(ckpt_dir, step + 1, module, opt, ema, losses, running, keep)
     if ema is not None:
         ema.copy_to(params)
@@ -257,6 +266,12 @@ def fit_settings(cfg, mixed: str) -> dict:
                 gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)), mixed=mixed)
 
 
+def fit_items(cfg, rank: int, world: int) -> int:
+    """The training rows rank ``rank`` of ``world`` computes in a :func:`fit` per ``cfg``."""
+    per_step = dist.batch_rows(int(cfg.batch_size), rank, world)
+    return (per_step.stop - per_step.start) * int(cfg.steps) * int(cfg.get("gradient_accumulation_steps", 1))
+
+
 def prepare_trainables(module: torch.nn.Module, gradient_checkpointing: bool = False) -> None:
     """fp32 master copies of ``module``'s trainable parameters (the frozen rest keeps the
     pipeline's dtype, as diffusers' training scripts do), and gradient checkpointing if asked."""
@@ -271,12 +286,13 @@ def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path, mixed: 
     """Reconstruction + small KL; afterwards the latent scaling factor is set to 1/std."""
     n = images.shape[0]
 
-    def loss_fn(step, g):
-        x = images[torch.randint(n, (cfg.batch_size,), generator=g)].to(vae.device)
+    def loss_fn(step, g):  # the global batch's draws; this rank's rows (all of them in one process)
+        rows = dist.batch_rows(cfg.batch_size)
+        x = images[torch.randint(n, (cfg.batch_size,), generator=g)[rows]].to(vae.device)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(x.device)
-        rec = vae.decode(z).sample
-        return torch.nn.functional.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+        noise = torch.randn((cfg.batch_size, *post.mean.shape[1:]), generator=g)[rows]
+        rec = vae.decode(post.mean + post.std * noise.to(x.device)).sample
+        return dist.batch_mse(rec, x) + cfg.kl_weight * dist.batch_mean(post.kl())
 
     vae.requires_grad_(True)
     losses = fit(vae, loss_fn, seed=seed, phase="vae", ckpt_dir=ckpt_dir, decay_from=cfg.get("decay_from"),
@@ -324,11 +340,18 @@ def noised(noise_sched, x0: torch.Tensor, g: torch.Generator):
     return xt, t, target
 
 
-def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator,
+                   split: bool = False) -> torch.Tensor:
     """The noise-prediction loss at fresh noise and uniform timesteps drawn from ``g``
-    (:func:`noised`); shared by training, trigger search and the mitigations."""
+    (:func:`noised`); shared by training, trigger search and the mitigations. With ``split``
+    (a :func:`fit` loss), the UNet sees only this rank's rows of the batch and the loss is this
+    rank's share (:func:`diffmem.distributed.batch_mse`); the same as without in one process."""
     xt, t, target = noised(noise_sched, x0, g)
-    return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample.float(), target.float())
+    if not split:
+        return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample.float(), target.float())
+    rows = dist.batch_rows(len(x0))
+    return dist.batch_mse(unet(xt[rows], t[rows], encoder_hidden_states=cond[rows]).sample.float(),
+                          target[rows].float())
 
 
 def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.ndarray,
@@ -347,7 +370,7 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
         c = cond[index[idx]].to(unet.device)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
         c[drop.to(unet.device)] = uncond
-        return diffusion_loss(unet, noise_sched, x0, c, g)
+        return diffusion_loss(unet, noise_sched, x0, c, g, split=True)
 
     unet.requires_grad_(True)
     prepare_trainables(unet, bool(cfg.get("gradient_checkpointing", False)))
@@ -397,8 +420,10 @@ def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.Data
                 vae_root, vae_rows = load_dataset(cfg.vae.data)
                 vae_images = to_tensor(load_images(vae_root, vae_rows["file"], cfg.resolution))
             train_vae(pipe.vae, vae_images, cfg.vae, cfg.seed, run_dir / CHECKPOINTS / "vae", mixed)
-            with staged_dir(vae_dir) as tmp:
-                pipe.vae.save_pretrained(tmp, safe_serialization=True)
+            if dist.is_main():  # rank 0 alone writes the run dir
+                with staged_dir(vae_dir) as tmp:
+                    pipe.vae.save_pretrained(tmp, safe_serialization=True)
+        dist.barrier("train: VAE saved")
         from diffusers import AutoencoderKL
 
         pipe.vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).to(device)
@@ -410,6 +435,8 @@ def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.Data
     cond = encode_prompts(pipe, unique).cpu()
     cond_index = pd.Series(range(len(unique)), index=unique).loc[captions].to_numpy()
     train_unet(pipe, latents, cond, cond_index, cfg.unet, cfg.seed, run_dir / CHECKPOINTS / "unet", mixed)
+    if not dist.is_main():  # rank 0 publishes
+        return run_dir / "model"
     losses = [row for phase in ("vae", "unet") for row in _logged_losses(run_dir / CHECKPOINTS / phase, phase)]
 
     write_parquet(run_dir / TRAIN_LOG, pd.DataFrame(losses))

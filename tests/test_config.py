@@ -110,9 +110,11 @@ def test_launcher_configs_compose():
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for launcher, cls in [("slurm", "SlurmLauncher"), ("slurm_cpu", "SlurmLauncher"),
-                              ("submitit_local", "LocalLauncher")]:
+                              ("slurm_node", "SlurmLauncher"), ("submitit_local", "LocalLauncher")]:
             cfg = compose("generate", [f"hydra/launcher={launcher}"], return_hydra_config=True)
             assert cfg.hydra.launcher._target_.endswith(cls)
+        node = compose("generate", ["hydra/launcher=slurm_node"], return_hydra_config=True).hydra.launcher
+        assert (node.tasks_per_node, node.gpus_per_node, node.max_num_timeout) == (8, 8, 3)  # one rank per GPU
 
 
 def test_unknown_stage_suggests_close_name():

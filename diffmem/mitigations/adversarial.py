@@ -100,9 +100,9 @@ def adversarial_finetune(pipe, util_latents: torch.Tensor, util_cond: torch.Tens
         c = util_cond[idx].to(unet.device)
         drop = torch.rand(len(idx), generator=g) < float(s.caption_dropout)
         c[drop.to(unet.device)] = uncond.to(c.dtype)  # the text encoder's dtype (bf16/fp16) into fp32 rows
-        loss_u = diffusion_loss(unet, noise_sched, util_latents[idx].to(unet.device), c, g)
+        loss_u = diffusion_loss(unet, noise_sched, util_latents[idx].to(unet.device), c, g, split=True)
         c_adv = torch.cat([cache[r], target_cond]).to(unet.device, unet.dtype)
-        loss_a = diffusion_loss(unet, noise_sched, torch.cat([x_sur, x_sur]).to(unet.device), c_adv, g)
+        loss_a = diffusion_loss(unet, noise_sched, torch.cat([x_sur, x_sur]).to(unet.device), c_adv, g, split=True)
         return loss_u + float(s.adv_weight) * loss_a
 
     mixed = mixed_precision(pipe.text_encoder.dtype)  # the pipeline's precision (the text encoder stays frozen)

@@ -15,11 +15,12 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem import distributed
 from diffmem.data import load_unit_images
 from diffmem.errors import DataError
 from diffmem.runs import atomic_path, read_json, resumed, write_json, write_parquet
 from diffmem.sampling import encode_prompts
-from diffmem.training import CHECKPOINTS, TRAIN_LOG, encode_files
+from diffmem.training import CHECKPOINTS, TRAIN_LOG, encode_files, fit_items
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def build_finetune(task: MitigationTask) -> dict:
     else:
         log.warning("mitigation.mask selects no transformer block: the model is published unchanged")
         losses = []
+    if not distributed.is_main():  # rank 0 publishes
+        return {}
     write_parquet(task.run_dir / TRAIN_LOG, pd.DataFrame(losses))
     published = "adapter" if s.method == "lora" and s.get("publish", "adapter") == "adapter" else "pipeline"
     if published == "adapter":  # MBs over the base model, not a pipeline copy
@@ -131,7 +134,8 @@ def build_finetune(task: MitigationTask) -> dict:
         merge(unet, s.method)
         save_pipeline(task.pipe, task.run_dir / "model")
     return {"method": s.method, "published": published, "blocks": blocks, "trainable_params": int(trainable),
-            "trainable_share": trainable / total, "tau": tau, "final_loss": losses[-1]["loss"] if losses else None}
+            "trainable_share": trainable / total, "tau": tau, "final_loss": losses[-1]["loss"] if losses else None,
+            "data_parallel": distributed.summary(lambda r, w: fit_items(s, r, w) if trainable else 0)}
 
 
 def build_adversarial_ft(task: MitigationTask) -> dict:
@@ -170,8 +174,11 @@ def build_adversarial_ft(task: MitigationTask) -> dict:
     losses = adversarial_finetune(task.pipe, task.latents(rows), util_cond, target_images, target_cond, sur,
                                   task.cond(task.negatives["caption"]), s, seed=int(cfg.seed),
                                   ckpt_dir=task.run_dir / CHECKPOINTS, run_dir=task.run_dir)
+    if not distributed.is_main():  # rank 0 publishes
+        return {}
     write_parquet(task.run_dir / TRAIN_LOG, pd.DataFrame(losses))
     save_pipeline(task.pipe, task.run_dir / "model")
     return {"n_targets": len(mem), "n_utility_rows": len(rows), "trigger_refreshes": refreshes(task.run_dir),
             "surrogates_replicating": int(pd.read_parquet(task.run_dir / "surrogates.parquet")["replicates"].sum()),
-            "final_loss": losses[-1]["loss"] if losses else None}
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "data_parallel": distributed.summary(lambda r, w: fit_items(s, r, w))}

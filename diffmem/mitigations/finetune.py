@@ -128,6 +128,7 @@ def finetune(pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, 
     """
     from diffusers import DDPMScheduler
 
+    from diffmem import distributed
     from diffmem.mitigations.captions import augmenter, word_pool
     from diffmem.sampling import encode_prompts
     from diffmem.training import fit, fit_settings, mixed_precision, noised, prepare_trainables
@@ -152,12 +153,14 @@ def finetune(pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, 
         drop = torch.rand(len(caps), generator=g) < float(s.caption_dropout)
         cond[drop.to(unet.device)] = uncond
         xt, t, target = noised(noise_sched, latents[idx].to(unet.device, unet.dtype), g)
+        rows = distributed.batch_rows(len(idx))  # this rank's rows of the batch (all in one process)
+        xt, t, target, cond = xt[rows], t[rows], target[rows], cond[rows]
         per = ((unet(xt, t, encoder_hidden_states=cond).sample.float() - target.float()) ** 2).flatten(1).mean(1)
         if tau is None:
-            return per.mean()
-        keep = (noise_norms(unet, xt, t, cond, uncond) < tau) | drop.to(unet.device)
+            return distributed.batch_mean(per)
+        keep = (noise_norms(unet, xt, t, cond, uncond) < tau) | drop[rows].to(unet.device)
         kept.append(float(keep.float().mean()))
-        return (per * keep).sum() / keep.sum().clamp(min=1)
+        return distributed.batch_mean(per, keep)
 
     mixed = mixed_precision(pipe.text_encoder.dtype)  # the pipeline's precision (the text encoder stays frozen)
     prepare_trainables(unet, bool(s.get("gradient_checkpointing", False)))

@@ -43,8 +43,8 @@ RUN_FILES = ("samples.parquet", "ids.parquet", "manifest.parquet", "index.faiss"
 #: docs/architecture.md section 2, bottom up: layer -> its top-level packages and modules. A
 #: library may reference its own layer and those below; the stage layer (above) anything.
 LAYERS = (
-    ("foundation", ("errors", "checks", "schema", "registry", "runs", "runner", "device", "results",
-                    "_torchvision_shim")),
+    ("foundation", ("errors", "checks", "schema", "registry", "runs", "runner", "device", "distributed",
+                    "results", "_torchvision_shim")),
     ("data and models", ("data", "models", "sampling", "training", "loading")),
     ("measurement", ("features", "index", "metrics", "detectors")),
     ("methods", ("probes", "mitigations")),

@@ -1,0 +1,251 @@
+"""Data parallelism across processes: this process's rank, barriers that fail instead of
+hanging, the rows of a job each rank takes, and the gradient and result exchanges.
+
+A stage started by ``accelerate launch``, ``torchrun`` or submitit/SLURM with several tasks
+runs as ``WORLD_SIZE`` processes. They split the rows of a global batch (training) or of the
+plan (sampling, embedding) so that the result is what one process computes: every random
+draw still comes from ``(seed, phase, step)`` or the row's own seed, and each rank keeps its
+share. Rank 0 alone claims the run dir, checkpoints and publishes; the others wait for it at
+barriers that time out (``DIFFMEM_DIST_TIMEOUT_S``, default 1800 s), so a rank that dies or
+hangs ends the job with one line (:class:`RankError`) instead of a silent wait. One process
+(no launcher) is world size 1: every function here is then a no-op or the identity.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffmem.errors import ConfigError, DiffmemError
+
+#: seconds a rank waits for the others at a barrier or collective before failing the job
+TIMEOUT_ENV = "DIFFMEM_DIST_TIMEOUT_S"
+_BUCKET = 2**22  # gradient elements per all-reduce (16 MB of fp32), as DDP's buckets
+_barrier_group = None
+
+
+class RankError(DiffmemError):
+    """Another rank of a data-parallel job died, hangs or failed: this one stops too."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def _submitit_env() -> None:
+    """Under submitit with several tasks (``hydra/launcher=slurm`` with ``tasks_per_node`` or
+    ``nodes`` > 1, or ``submitit_local``), export torch's ``env://`` variables (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``) from the job's environment."""
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().num_tasks > 1:
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def ranks() -> Ranks:
+    """This process's rank, the job's world size and the rank on this node (from
+    ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, set by accelerate, torchrun and, through
+    :func:`_submitit_env`, submitit)."""
+    _submitit_env()
+    env = os.environ
+    return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def world_size() -> int:
+    return ranks().world_size
+
+
+def is_main() -> bool:
+    """Whether this process publishes (rank 0, or the only process)."""
+    return ranks().rank == 0
+
+
+def single_process(stage: str) -> None:
+    """Refuse a data-parallel start of a stage that does not split its rows across ranks yet
+    (each rank would redo the whole stage into the same run dir)."""
+    r = ranks()
+    if r.world_size > 1:
+        raise ConfigError(f"{stage} runs as one process (started as rank {r.rank} of {r.world_size}): "
+                          "run it without accelerate/torchrun/tasks_per_node")
+
+
+def timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, 1800))
+
+
+def init() -> bool:
+    """Join the job's process group (once; gloo on the CPU, NCCL on CUDA) with the barrier
+    timeout; returns whether the job has several processes."""
+    import torch
+    import torch.distributed as dist
+
+    r = ranks()
+    if r.world_size == 1:
+        return False
+    if not dist.is_initialized():
+        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and not cpu else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s()))
+        except (RuntimeError, ValueError) as err:  # the store's rendezvous timed out, a bad address
+            raise RankError(f"rank {r.rank} of {r.world_size}: cannot join the job's process group "
+                            f"({str(err).splitlines()[0]})") from err
+    return True
+
+
+def _gloo_group():
+    """The process group of barriers and object exchanges: gloo, whose ``monitored_barrier``
+    names the missing ranks (the main group is NCCL on GPUs)."""
+    global _barrier_group
+    import torch.distributed as dist
+
+    if _barrier_group is None:
+        _barrier_group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                          else dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s())))
+    return _barrier_group
+
+
+def _collective(what: str, fn):
+    """Run collective ``fn``; a peer that died, hangs or failed is a :class:`RankError` naming ``what``."""
+    r = ranks()
+    try:
+        return fn()
+    except RuntimeError as err:  # gloo/NCCL: "[file:line] Connection closed by peer ...", "Timed out ..."
+        cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]).split(". ")[0][:160]
+        raise RankError(f"rank {r.rank} of {r.world_size}: another rank died, failed or hangs "
+                        f"({what}: {cause}); the job stops") from err
+
+
+def barrier(what: str, timeout: float | None = None) -> None:
+    """Wait until every rank gets here (``what`` names the place in the error), at most
+    ``timeout`` seconds (default :func:`timeout_s`)."""
+    if not init():
+        return
+    import torch.distributed as dist
+
+    seconds = timeout_s() if timeout is None else float(timeout)
+    _collective(f"barrier '{what}' ({seconds:.0f} s)", lambda: dist.monitored_barrier(
+        _gloo_group(), timeout=_dt.timedelta(seconds=seconds), wait_all_ranks=True))
+
+
+def shard_rows(n: int, block: int = 1, rank: int | None = None, world: int | None = None) -> np.ndarray:
+    """The indices of this rank's rows of ``n``: blocks of ``block`` consecutive rows are dealt
+    round-robin (block ``b`` to rank ``b % world``), so a batched computation keeps the
+    batches one process forms. Deterministic; every row goes to exactly one rank."""
+    r = ranks()
+    rank, world = r.rank if rank is None else rank, r.world_size if world is None else world
+    rows = (np.arange(rank, -(-n // block), world)[:, None] * block + np.arange(block)).ravel()
+    return rows[rows < n]
+
+
+def batch_rows(n: int, rank: int | None = None, world: int | None = None) -> slice:
+    """This rank's contiguous part of a global batch of ``n`` rows (sizes differ by at most one)."""
+    r = ranks()
+    rank, world = r.rank if rank is None else rank, r.world_size if world is None else world
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def batch_mean(per_row, weight=None):
+    """This rank's share of the global batch's (``weight``-ed) mean of ``per_row`` (this rank's
+    rows), scaled so that gradients averaged over ranks (:func:`average_gradients`) are those
+    of the global mean. One process: the plain (weighted) mean."""
+    import torch
+    import torch.distributed as dist
+
+    world = world_size()
+    if world == 1 and weight is None:
+        return per_row.mean()
+    weight = torch.ones_like(per_row) if weight is None else weight.to(per_row.dtype)
+    total = weight.sum().detach()
+    if world > 1 and init():
+        total = total.clone()
+        _collective("batch weight", lambda: dist.all_reduce(total))
+    return (per_row * weight).sum() * world / total.clamp(min=1)
+
+
+def batch_mse(pred, target):
+    """The mean squared error of the global batch, this rank's share (:func:`batch_mean` of the
+    per-row errors of this rank's rows); one process: exactly ``mse_loss`` as it always was."""
+    import torch
+
+    if world_size() == 1:
+        return torch.nn.functional.mse_loss(pred, target)
+    return batch_mean((pred - target).pow(2).flatten(1).mean(1))
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of ``params`` over the ranks (DDP's all-reduce, in buckets)."""
+    if world_size() == 1 or not init():
+        return
+    import torch
+    import torch.distributed as dist
+
+    for p in params:  # a rank with no rows this step still takes part
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    world = world_size()
+    bucket: list = []
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        if i + 1 == len(grads) or sum(x.numel() for x in bucket) >= _BUCKET:
+            flat = torch.cat([x.reshape(-1) for x in bucket])
+            _collective("gradient all-reduce", lambda: dist.all_reduce(flat))
+            flat /= world
+            offset = 0
+            for x in bucket:
+                x.copy_(flat[offset:offset + x.numel()].view_as(x))
+                offset += x.numel()
+            bucket = []
+
+
+def mean_over_ranks(value: float) -> float:
+    """``value`` averaged over the ranks (a logged loss: each rank holds its share)."""
+    if world_size() == 1 or not init():
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    _collective("loss all-reduce", lambda: dist.all_reduce(t, group=_gloo_group()))
+    return float(t) / world_size()
+
+
+def share(obj=None):
+    """Rank 0's ``obj`` on every rank (e.g. whether the others have work); ``obj`` in one process."""
+    if not init():
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    _collective("share", lambda: dist.broadcast_object_list(box, src=0, group=_gloo_group()))
+    return box[0]
+
+
+def gather(obj):
+    """Every rank's ``obj`` as a list on rank 0 (rank order), None on the others; ``[obj]``
+    for one process."""
+    if not init():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size() if is_main() else None
+    _collective("gather", lambda: dist.gather_object(obj, out, dst=0, group=_gloo_group()))
+    return out
+
+
+def summary(items) -> dict:
+    """What ``info.json`` records of the job's data parallelism: the world size and each rank's
+    item count (``items(rank, world)``)."""
+    world = world_size()
+    return {"world_size": world, "rank_items": [int(items(r, world)) for r in range(world)]}

@@ -1,0 +1,253 @@
+"""Data parallelism (:mod:`diffmem.distributed`): the rows each rank takes, ranks from the
+launchers' environments, and jobs of two CPU processes (gloo) that give what one process
+gives, end with one line when a rank dies or hangs, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from diffmem import distributed as dist
+from tests.conftest import SMALL_DATA
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize("n,block,world", [(0, 1, 2), (10, 1, 3), (10, 3, 2), (7, 4, 4), (5, 8, 2)])
+def test_shard_rows_deal_every_row_to_one_rank_in_whole_blocks(n, block, world):
+    shards = [dist.shard_rows(n, block, r, world) for r in range(world)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(n))
+    for rows in shards:  # whole blocks of consecutive rows, as one process batches them
+        assert all(set(rows) >= set(range(b * block, min(n, (b + 1) * block))) for b in set(rows // block))
+
+
+@pytest.mark.parametrize("n,world", [(4, 2), (5, 2), (3, 4), (32, 8)])
+def test_batch_rows_split_a_global_batch(n, world):
+    parts = [dist.batch_rows(n, r, world) for r in range(world)]
+    assert [i for p in parts for i in range(n)[p]] == list(range(n))
+    assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
+
+
+def test_one_process_is_rank_0_of_1(monkeypatch):
+    for key in LAUNCH_VARS + ("SUBMITIT_EXECUTOR",):
+        monkeypatch.delenv(key, raising=False)
+    assert dist.ranks() == dist.Ranks(0, 1, 0) and dist.is_main() and not dist.init()
+    dist.barrier("nothing to wait for")
+    assert dist.gather({"a": 1}) == [{"a": 1}]
+
+
+def test_submitit_tasks_become_torch_ranks(monkeypatch):
+    for key in LAUNCH_VARS + ("LOCAL_WORLD_SIZE",):  # restored after the test: export sets them
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    for key, value in {"NTASKS": "2", "GLOBALID": "1", "LOCALID": "1", "JOB_ID": "4242", "JOB_NUM_NODES": "1"}.items():
+        monkeypatch.setenv(f"SUBMITIT_LOCAL_{key}", value)
+    assert dist.ranks() == dist.Ranks(1, 2, 1) and not dist.is_main()
+    assert os.environ["MASTER_ADDR"] and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+
+
+@pytest.mark.parametrize("stage", ["detect", "probe", "evaluate-mitigation"])
+def test_stages_that_do_not_split_refuse_several_ranks(monkeypatch, stage):
+    import diffmem
+    from diffmem.errors import ConfigError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=f"{stage} runs as one process \\(started as rank 1 of 2\\)"):
+        diffmem.run(stage, [])
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(cmd: list[str], world: int = 2, **extra) -> list[subprocess.Popen]:
+    """``cmd`` started as the ranks of one job with no launcher agent watching them (as
+    SLURM's ``srun`` starts tasks): only diffmem's own timeouts stop a rank that waits."""
+    port = str(_free_port())
+    return [subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra))
+            for r in range(world)]
+
+
+def _finish(procs, timeout=300) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, err))
+    return out
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    scale = max(float(v.float().abs().max()) for v in a.values())
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a) / scale
+
+
+def test_two_processes_fit_what_one_process_fits(tmp_path):
+    from tests.dp_worker import initial_model, main
+
+    main(tmp_path / "one")
+    done = _finish(_ranks([sys.executable, "-m", "tests.dp_worker", str(tmp_path / "two")]))
+    assert [rc for rc, _ in done] == [0, 0], done
+    one, two = load_file(tmp_path / "one" / "w.safetensors"), load_file(tmp_path / "two" / "w.safetensors")
+    assert _max_rel_diff(one, two) <= 1e-4  # equal up to float summation order
+    assert _max_rel_diff(one, initial_model().state_dict()) > 1e-3  # the comparison can fail: the weights moved
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_a_dead_or_hung_rank_ends_the_job_with_one_line(tmp_path, how):
+    procs = _ranks([sys.executable, "-m", "tests.dp_worker", str(tmp_path), "3", how], DIFFMEM_DIST_TIMEOUT_S="5")
+    start = time.monotonic()
+    try:
+        (rc0, err0), = _finish(procs[:1], timeout=120)
+    finally:
+        procs[1].kill()
+    assert rc0 == 2 and time.monotonic() - start < 120
+    lines = [line for line in err0.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0 of 2: another rank died, failed or hangs"), err0
+    assert not (tmp_path / "w.safetensors").exists() and (tmp_path / "ckpt" / "step-0000002").is_dir()
+
+
+# ---- stages under the launchers (slow: each process imports diffmem and builds its pipeline) ----
+
+TRAIN = ["arch=tiny", "unet.steps=10", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2", "vae.steps=2",
+         "vae.batch_size=4", "vae.ckpt_every=1", "threads=1", *SMALL_DATA]
+
+
+def _launch(launcher: list[str], stage: str, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, "-m", f"diffmem.{stage}", *args], cwd=ROOT, env=_env(), text=True,
+                          capture_output=True, timeout=600)
+
+
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"]
+
+
+def _data_parallel(run_dir: Path) -> dict:
+    return json.loads((run_dir / "info.json").read_text())["data_parallel"]
+
+
+@pytest.mark.slow
+def test_train_on_two_ranks_equals_one_process_and_resumes_after_a_rank_is_killed():
+    import diffmem
+
+    one = diffmem.run("train", TRAIN + ["name=one"])
+    two = _launch(ACCELERATE, "train", TRAIN + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    out = Path(os.environ["DIFFMEM_OUTPUTS"]) / "train"
+    weights = "model/unet/diffusion_pytorch_model.safetensors"
+    assert _max_rel_diff(load_file(one / weights), load_file(out / "two" / weights)) <= 1e-4
+    assert _data_parallel(out / "two") == {"world_size": 2, "rank_items": [24, 24]}  # (2 + 10 steps) x 2 rows
+
+    # SIGKILL rank 1 once a checkpoint is written, then relaunch: the same weights
+    procs = _ranks([sys.executable, "-m", "diffmem.train", *TRAIN, "name=killed"], DIFFMEM_DIST_TIMEOUT_S="20")
+    ckpt = out / "killed" / "checkpoints" / "unet" / "step-0000004"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and time.monotonic() < deadline and procs[0].poll() is None:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    (rc0, err0), _ = _finish(procs)
+    assert rc0 == 2 and "diffmem train: error: rank 0 of 2: another rank died" in err0 and "Traceback" not in err0
+    assert not (out / "killed" / "_SUCCESS").exists()
+    again = _launch(TORCHRUN, "train", TRAIN + ["name=killed"])
+    assert again.returncode == 0 and "unet: resuming from step" in again.stdout + again.stderr, again.stderr[-2000:]
+    assert _max_rel_diff(load_file(one / weights), load_file(out / "killed" / weights)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_lora_mitigation_on_two_ranks_equals_one_process():
+    import diffmem
+
+    args = ["mitigation=lora", "mitigation.steps=4", "mitigation.batch_size=6", "mitigation.ckpt_every=2",
+            "mitigation.objectives=false", "threads=1"]
+    one = diffmem.run("mitigate", args + ["name=one"])
+    two = _launch(TORCHRUN, "mitigate", args + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    two_dir = one.parent / "two"
+    a, b = load_file(one / "model" / "lora.safetensors"), load_file(two_dir / "model" / "lora.safetensors")
+    assert _max_rel_diff(a, b) <= 1e-4
+    assert _data_parallel(two_dir) == {"world_size": 2, "rank_items": [12, 12]}
+
+
+def _outputs(run_dir: Path) -> dict[str, bytes]:
+    """Every published file but those naming the run (Hydra's, the log, ``info.json`` with the
+    world size and date, and ``_SUCCESS`` listing its digest)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and ".hydra" not in p.parts and p.name not in ("info.json", "config.log", "_SUCCESS")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate", "submitit_local"])
+def test_generate_on_two_ranks_writes_the_same_bytes(launcher):
+    import diffmem
+
+    args = ["prompts.n_ordinary=3", "prompts.n_heldout=2", "n_per_prompt=2", "batch_size=3", "steps=4", "threads=1"]
+    one = diffmem.run("generate", args + ["name=one"])
+    if launcher == "accelerate":
+        two = _launch(ACCELERATE, "generate", args + ["name=two"])
+        two_dir = one.parent / "two"
+    else:  # hydra/launcher=submitit_local with 2 tasks: submitit's environment becomes the ranks
+        two = subprocess.run([sys.executable, "-m", "diffmem.generate", "--multirun", "hydra/launcher=submitit_local",
+                              "hydra.launcher.tasks_per_node=2", *args, "name=two"], cwd=ROOT, env=_env(),
+                             text=True, capture_output=True, timeout=600)
+        two_dir = one.parent / "multirun" / "two" / "0"
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _outputs(one), _outputs(two_dir)
+    assert any(f.endswith(".png") for f in a) and a.keys() == b.keys()
+    assert [f for f in a if a[f] != b[f]] == []
+    items = _data_parallel(two_dir)["rank_items"]
+    assert len(items) == 2 and sum(items) == sum(f.endswith(".png") for f in a) and min(items) > 0
+
+
+@pytest.mark.slow
+def test_embed_on_two_ranks_writes_the_same_vectors():
+    import diffmem
+    from tests.conftest import EMBED
+
+    one = diffmem.run("embed", EMBED + ["name=one"])
+    two = _launch(TORCHRUN, "embed", EMBED + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = _outputs(one), _outputs(one.parent / "two")
+    assert len(a) > 4 and a.keys() == b.keys() and [f for f in a if a[f] != b[f]] == []
+    items = _data_parallel(one.parent / "two")["rank_items"]
+    assert sum(items) == json.loads((one / "info.json").read_text())["n"] and min(items) > 0
+
+
+@pytest.mark.slow
+def test_a_run_refused_by_rank_0_stops_every_rank_with_one_line():
+    import diffmem
+
+    args = ["prompts.n_ordinary=2", "prompts.n_heldout=0", "n_per_prompt=1", "steps=2", "threads=1", "name=taken"]
+    diffmem.run("generate", args)
+    done = _finish(_ranks([sys.executable, "-m", "diffmem.generate", *args[:-3], "steps=3", "threads=1", "name=taken"]))
+    for rank, (rc, err) in enumerate(done):
+        lines = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert rc == 2 and len(lines) == 1, err
+        assert "holds a run with another config (steps: 2 there, 3 now)" in lines[0]
+        assert lines[0].startswith("diffmem generate: error: " + ("" if rank == 0 else "generate: rank 0 stopped: "))
