@@ -90,8 +90,9 @@ def body(job: Job) -> Outcome:
                     "seconds": seconds, **summary})
 
 
-#: generations per batch do not change results (tests/test_mitigate.py); checkpoints are resume state
-SPEC = StageSpec("mitigate", body, prepare, volatile=("batch_size", "keep_checkpoints"),
+#: generations per batch do not change results (tests/test_runner.py), checkpoints are resume state, and
+#: ``total_trials`` is the size of a MemControl study, not a setting of its trials
+SPEC = StageSpec("mitigate", body, prepare, volatile=("batch_size", "keep_checkpoints", "total_trials"),
                  inputs=lambda cfg, ctx: {"prompt list": ctx[3]}, scratch=(CHECKPOINTS,),
                  after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))),
                  data_parallel=True)
