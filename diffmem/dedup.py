@@ -30,8 +30,8 @@ from diffmem.features import check_extractor
 from diffmem.features.store import FeatureStore
 from diffmem.index.dedup import check_images, check_threshold, group_vectors, pixel_hashes
 from diffmem.index.faiss_index import set_threads
-from diffmem.runs import (RUN_FILE, check_claim, claim, config_subset, finish, is_done, read_json, read_parquet,
-                          resumed, write_parquet)
+from diffmem.runs import (RUN_FILE, check_claim, claim, config_subset, finish, is_done, provenance, read_json,
+                          read_parquet, resumed, write_parquet)
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def run(cfg: DictConfig) -> Path:
 
     write_dedup_report(run_dir, groups.assign(file_abs=[str(root / f) for f in groups["file"]],
                                               rep_abs=[str(root / f) for f in groups["rep_file"]]),
-                       {**summary, "threshold": float(cfg.threshold), "feature": info["feature"]},
+                       {**summary, "threshold": float(cfg.threshold), "feature": info["feature"],
+                        "provenance": provenance(cfg)},
                        top_n=int(cfg.report.top_groups), per_group=int(cfg.report.per_group))
     log.info("dedup: %d rows in %d groups (%d removed); train on it with %s", summary["rows"], summary["groups"],
              summary["rows_removed"], use)

@@ -152,3 +152,21 @@ def test_cli_errors_are_one_line(tmp_path):
                              capture_output=True, text=True, cwd=tmp_path)
         assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
         assert res.stderr.startswith("diffmem dedup: error:")
+
+
+def test_planted_clusters_recovered_exact_and_ivf():
+    """The scale benchmark's planted clusters (2-8 members at cosine 0.82-0.94 to their centre,
+    among random vectors) come back exactly, by exact and by IVF range search."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dedup_groups.py"
+    spec = importlib.util.spec_from_file_location("bench_dedup_groups", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = {"n": 3000, "dim": 64, "cluster_share": 0.2, "threshold": 0.75, "threads": 1, "seed": 0}
+    n_planted = int((bench.planted(3000, 64, 0.2, 0)[1] >= 0).sum())
+    exact = bench.one({**base, "factory": "Flat"})
+    assert exact["planted_clusters"] == 120 and exact["groups"] == 3000 - n_planted + 120
+    assert exact["clusters_recovered"] == exact["pair_recall"] == exact["pair_precision"] == 1.0
+    ivf = bench.one({**base, "factory": "IVF16,Flat", "nprobe": 4, "train_sample": 3000})
+    assert ivf["clusters_recovered"] >= 0.95 and ivf["pair_recall"] >= 0.95 and ivf["pair_precision"] == 1.0
