@@ -76,8 +76,8 @@ def main(args) -> dict:
         out[path] = rows
         print(path)
         for r in rows:
-            print(f"  {r['kind']:9s} x{r['dup_count']:<3d} copies {r['copy_share'] if r['copy_share'] is not None else '-'}"
-                  f"  median own RMSE {r['median_own_rmse'] if r['median_own_rmse'] is not None else '-'}", flush=True)
+            print(f"  {r['kind']:9s} x{r['dup_count']:<3d} copies {r['copy_share']}  median own RMSE "
+                  f"{r['median_own_rmse']}  median nearest RMSE {r['median_nn_rmse']:.3f}", flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

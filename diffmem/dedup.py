@@ -7,7 +7,8 @@ exact pixel hashes, FAISS range search, connected components above ``threshold``
 ``groups.parquet`` (one row per dataset row: ``group_id``, ``group_size``, ``item_id``,
 ``file``, ``score`` = cosine to the group's representative, ``is_representative``, ``exact``),
 ``dedup_manifest.parquet`` (the representative row of every group, with the dataset's
-columns and ``dedup_group``, ``dedup_group_size``: what ``data=folder data.root=<the data root> data.manifest=<it>`` reads) and
+columns and ``dedup_group``, ``dedup_group_size``: what ``data=folder data.root=<the data
+root> data.manifest=<it>`` reads) and
 ``report.html`` (the largest groups, each member beside its representative). Rows of one
 file (a dataset listing an image many times) always share a group. The threshold, the data
 and the images' headers are checked before anything is embedded or written.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -76,16 +78,20 @@ def _rows(cfg: DictConfig) -> tuple[Path, pd.DataFrame, DictConfig]:
 
 def _groups(rows: pd.DataFrame, items: pd.DataFrame, grouped: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset row from one row per embedded file: its file's group and score; the
-    representative file's first row is the group's representative."""
+    representative file's first row is the group's representative. Groups are numbered by
+    their number of rows, largest first."""
     per_file = grouped.rename(columns={"group": "group_id"}).drop(columns="size").reset_index(drop=True)
     per_file["file"] = items["file"].to_numpy()
     per_file["rep_file"] = items["file"].to_numpy()[grouped["representative"].to_numpy()]
-    out = rows[["image_id", "file"]].rename(columns={"image_id": "item_id"}).merge(per_file, on="file", sort=False)
+    out = rows[["image_id", "file"]].rename(columns={"image_id": "item_id"}).merge(per_file, on="file")
     out["is_representative"] = (out["file"] == out["rep_file"]) & ~out.duplicated("file")
     out["group_size"] = out.groupby("group_id")["file"].transform("size")
+    order = out.drop_duplicates("group_id").sort_values(["group_size", "group_id"], ascending=[False, True])
+    out["group_id"] = out["group_id"].map(pd.Series(np.arange(len(order)), index=order["group_id"].to_numpy()))
     cols = ["group_id", "group_size", "item_id", "file", "score", "is_representative"]
-    return out[cols + (["exact"] if "exact" in out else []) + ["rep_file"]].sort_values(
-        ["group_id", "is_representative", "score"], ascending=[True, False, False], kind="stable").reset_index(drop=True)
+    out = out[cols + (["exact"] if "exact" in out else []) + ["rep_file"]]
+    return out.sort_values(["group_id", "is_representative", "score"], ascending=[True, False, False],
+                           kind="stable").reset_index(drop=True)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -117,8 +123,8 @@ def run(cfg: DictConfig) -> Path:
     groups = _groups(rows, items, grouped)
     write_parquet(run_dir / "groups.parquet", groups.drop(columns="rep_file"))
     reps = groups.loc[groups["is_representative"], ["item_id", "group_id", "group_size"]]
-    kept = rows.merge(reps.rename(columns={"item_id": "image_id", "group_id": "dedup_group",
-                                           "group_size": "dedup_group_size"}), on="image_id").sort_values("dedup_group")
+    reps = reps.rename(columns={"item_id": "image_id", "group_id": "dedup_group", "group_size": "dedup_group_size"})
+    kept = rows.merge(reps, on="image_id").sort_values("dedup_group")
     manifest_path = write_parquet(run_dir / "dedup_manifest.parquet", kept.reset_index(drop=True))
     summary = {"rows": len(groups), "images": len(items), "groups": int(groups["group_id"].nunique()),
                "rows_removed": len(groups) - len(kept),
