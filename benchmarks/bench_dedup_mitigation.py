@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="the training seed (text encoder, architecture)")
     p.add_argument("--n-seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--canaries-only", action="store_true",
+                   help="only the canary and template prompts (their generations are the same as in the full run)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/bench_dedup_mitigation.json")
     return p.parse_args(argv)
@@ -70,7 +72,8 @@ def main(args) -> dict:
     out = {}
     for kind, path in [("model", m) for m in args.model] + [("checkpoint", c) for c in args.checkpoint]:
         pipe = load_model(path, "cpu") if kind == "model" else checkpoint_pipeline(path, args.vae, args.seed)
-        figures = memorisation_figures(pipe, root, manifest, n_seeds=args.n_seeds, steps=args.steps)
+        others = {"n_ordinary": 0, "n_heldout": 0} if args.canaries_only else {}
+        figures = memorisation_figures(pipe, root, manifest, n_seeds=args.n_seeds, steps=args.steps, **others)
         rows = [{k: r[k] for k in ("kind", "dup_count", "generations", "copy_share", "median_own_rmse",
                                    "median_nn_rmse")} for r in figures["summary"]]
         out[path] = rows
