@@ -26,7 +26,7 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 STAGES = Registry("stage")
 for _name, _module in [("train", "diffmem.train"), ("generate", "diffmem.generate"),
                        ("embed", "diffmem.embed"), ("index", "diffmem.index.stage"),
-                       ("search", "diffmem.search"), ("detect", "diffmem.detect"),
+                       ("search", "diffmem.search"), ("dedup", "diffmem.dedup"), ("detect", "diffmem.detect"),
                        ("audit", "diffmem.audit"), ("probe", "diffmem.probe"),
                        ("generalise", "diffmem.generalise"), ("mitigate", "diffmem.mitigate"),
                        ("evaluate-mitigation", "diffmem.evaluate_mitigation")]:

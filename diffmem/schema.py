@@ -65,6 +65,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "index": {"seed": _int(0), "threads": COUNT_OR_NULL, "recall.queries": _int(0, optional=True),
               "recall.noise": _float(0.0), "recall.k": COUNT},
     "search": {"k": COUNT, "normalisation.k": COUNT, "normalisation.beta": FINITE},
+    "dedup": {**TORCH, "threshold": _float(-1.0, 1.0), "representative": partial(check_choice, choices=(
+        "central", "first")), "report.top_groups": _int(0), "report.per_group": COUNT},
     "detect": {**TORCH, "batch_size": COUNT, "resolution": COUNT},
     "audit": {**TORCH, "n_per_prompt": COUNT, "k": COUNT, "threshold": COSINE, "dcr_threshold": COSINE},
     "probe": {**TORCH, **SAMPLING, **REPLICATION, "n_controls": _int(0)},
@@ -78,7 +80,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
 }
 
 #: stages that run others on a sub-config: node -> the sub-stage whose schema applies
-SUB_STAGES = {"audit": {"generate": "generate", "embed": "embed", "index_stage": "index"}}
+SUB_STAGES = {"audit": {"generate": "generate", "embed": "embed", "index_stage": "index"},
+             "dedup": {"embed": "embed"}}
 
 _ABSENT = object()
 

@@ -123,13 +123,18 @@ def _summary(generations, prompts, metrics, base_scores) -> str:
               f"top-1 score > {float(metrics['threshold']):g}"),
              ("DCR mean", _num(dcr.get("mean", gen.mean())), _vs_baseline(base_mean)),
              ("DCR 95th percentile", _num(dcr.get("p95", np.percentile(gen, 95))), _vs_baseline(base_p95))]
-    body = "".join(f'<div class="card"><div>{html.escape(a)}</div><div class="v">{html.escape(b)}</div>'
-                   f'<div class="n">{html.escape(c)}</div></div>' for a, b, c in cards)
+    body = _cards(cards)
     return f'<section id="summary"><h2>Summary</h2><div class="cards">{body}</div></section>'
 
 
 def _vs_baseline(value) -> str:
     return "no baseline" if _missing(value) else f"held-out real baseline {_num(value)}"
+
+
+def _cards(cards) -> str:
+    """Headline numbers: ``(name, value, note)`` triples as cards."""
+    return "".join(f'<div class="card"><div>{html.escape(a)}</div><div class="v">{html.escape(b)}</div>'
+                   f'<div class="n">{html.escape(c)}</div></div>' for a, b, c in cards)
 
 
 def _section(anchor: str, heading: str, *parts: str) -> str:
@@ -246,8 +251,7 @@ def write_detect_report(run_dir, scores: pd.DataFrame, metrics: dict, attributio
     if hard:
         cards.insert(2, ("ROC-AUC vs hard negatives", _num(hard["roc_auc"]),
                          f"{hard['n_neg']} prompts trained on but not memorised"))
-    body = "".join(f'<div class="card"><div>{html.escape(a)}</div><div class="v">{html.escape(b)}</div>'
-                   f'<div class="n">{html.escape(c)}</div></div>' for a, b, c in cards)
+    body = _cards(cards)
     parts = [f"<header><h1>{html.escape(title)}</h1></header>",
              f'<section id="summary"><h2>Summary</h2><div class="cards">{body}</div></section>']
     if (run_dir / ROC_FIGURE).exists():
@@ -266,3 +270,35 @@ def write_detect_report(run_dir, scores: pd.DataFrame, metrics: dict, attributio
                               "<p>Gradient of the score with respect to each token's embedding (its norm); "
                               "darker tokens drive the score more. Hover for the value.</p>", rows))
     return _write_page(run_dir / "report.html", title, parts, metrics)
+
+
+def write_dedup_report(run_dir, groups: pd.DataFrame, summary: dict, top_n: int = 12, per_group: int = 8,
+                       title: str = "diffmem dedup") -> Path:
+    """``run_dir/report.html`` for a dedup run: headline counts, the groups ranked by size and,
+    for the ``top_n`` largest, up to ``per_group`` members (lowest score first) beside their
+    representative. ``groups``: groups.parquet's rows with ``file_abs`` and ``rep_abs``."""
+    run_dir = Path(run_dir)
+    cards = [("rows", str(summary["rows"]), f"{summary['images']} image files"),
+             ("groups", str(summary["groups"]), f"{summary['rows_removed']} rows removed"),
+             ("rows in groups of 2+", str(summary["rows_in_groups"]), f"largest group {summary['largest_group']}")]
+    parts = [_header(title, summary), f'<section id="summary"><h2>Summary</h2><div class="cards">{_cards(cards)}'
+             "</div></section>"]
+    multi = groups[groups["group_size"] > 1]
+    table = multi.groupby("group_id", sort=True).agg(size=("group_size", "first"), files=("file", "nunique"),
+                                                  min_score=("score", "min"), representative=("rep_file", "first"))
+    parts.append(_section("groups", "Groups of two or more rows, largest first",
+                          _table(table.reset_index()) if len(table) else "<p>No near-duplicates.</p>"))
+    shown = []
+    for gid, rows in list(multi.groupby("group_id", sort=True))[:top_n]:
+        members = rows[~rows["is_representative"]].drop_duplicates("file").sort_values("score").head(per_group)
+        pairs = [GridPair(r.file_abs, r.rep_abs, f"{Path(r.file).name}\ncos {r.score:.3f}" + (" (exact)" if getattr(
+            r, "exact", False) else "")) for r in members.itertuples()]
+        if not pairs:  # rows listing the representative's own file only
+            pairs = [GridPair(rows["rep_abs"].iloc[0], rows["rep_abs"].iloc[0], "the same file, listed again")]
+        grid = image_grid(pairs, run_dir / "figures" / f"group-{gid:06d}.png", size=96, cols=4)
+        shown.append(f'<div class="prompt"><h3>group {gid}: {int(rows["group_size"].iloc[0])} rows; '
+                     f'representative {html.escape(str(rows["rep_file"].iloc[0]))}</h3>'
+                     f'{_img(grid, f"group {gid}")}</div>')
+    if shown:
+        parts.append(_section("largest", f"The {len(shown)} largest groups (member | representative)", *shown))
+    return _write_page(run_dir / "report.html", title, parts, summary)

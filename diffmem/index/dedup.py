@@ -1,0 +1,186 @@
+"""Near-duplicate groups within one image set (the library behind ``diffmem dedup``).
+
+An optional exact pass first joins images whose decoded pixels are identical (a digest of
+the RGB array, so a PNG and its lossless re-encoding join, a re-saved JPEG does not). One
+vector per such class then goes through a FAISS range search (inner product on
+L2-normalised descriptors: cosine), exact by default or IVF at scale, in query batches: the
+pairs above the threshold of each batch are merged into a running component labelling
+at once, so memory stays bounded by the index, the labels and one batch's pairs, however
+many pairs there are. Each group gets a representative (its first member, or its most
+central one) and each member its cosine to that representative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from diffmem.data.images import MAX_PIXELS, load_image
+from diffmem.data.webdataset import tar_member
+from diffmem.errors import ConfigError, DataError
+from diffmem.index.build import build_index
+
+log = logging.getLogger(__name__)
+REPRESENTATIVES = ("central", "first")
+QUERY_BATCH = 4096  # queries per range_search call (bounds one batch's pairs)
+
+
+def check_threshold(threshold: float) -> float:
+    """A cosine threshold: in [-1, 1]."""
+    t = float(threshold)
+    if not -1.0 <= t <= 1.0:
+        raise ConfigError(f"threshold={threshold}: a cosine threshold must be in [-1, 1]")
+    return t
+
+
+def check_images(root: Path, files: Iterable[str]) -> None:
+    """Refuse, naming the file, the first image PIL cannot identify from its header (a cheap
+    look at every file before any work; a file damaged further in fails when decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for file in files:
+        path = Path(root) / file
+        if tar_member(path) is not None:  # a webdataset member: read with its shard when embedded
+            continue
+        try:
+            with Image.open(path):
+                pass
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: image file not found") from err
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise DataError(f"{path}: corrupt or unreadable image (not a format PIL can identify)") from err
+
+
+def pixel_hashes(root: Path, files: Iterable[str], max_pixels: int = MAX_PIXELS) -> list[str]:
+    """A digest of each image's decoded RGB pixels and shape (identical pictures, whatever their
+    file or lossless encoding, share it)."""
+    out = []
+    for file in files:
+        img = load_image(Path(root) / file, max_pixels=max_pixels)
+        out.append(hashlib.blake2b(np.asarray(img.shape).tobytes() + img.tobytes(), digest_size=16).hexdigest())
+    return out
+
+
+def merge_components(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``labels`` (each row's component, labelled by its lowest row) after joining rows ``a[i]``
+    and ``b[i]``: the components the new pairs touch are merged (scipy's connected components
+    on their labels) and every row relabelled in one pass."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    la, lb = labels[a], labels[b]
+    keep = la != lb
+    if not keep.any():
+        return labels
+    la, lb = la[keep], lb[keep]
+    nodes, inv = np.unique(np.concatenate([la, lb]), return_inverse=True)
+    m = len(nodes)
+    graph = coo_matrix((np.ones(len(la), np.int8), (inv[:len(la)], inv[len(la):])), shape=(m, m))
+    _, comp = connected_components(graph, directed=False)
+    low = np.full(comp.max() + 1, len(labels), dtype=labels.dtype)
+    np.minimum.at(low, comp, nodes)
+    remap = np.arange(len(labels), dtype=labels.dtype)
+    remap[nodes] = low[comp]
+    return remap[labels]
+
+
+def range_pairs(index, x: np.ndarray, threshold: float, batch_size: int = QUERY_BATCH
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Per query batch, the pairs ``(i, j)``, ``i != j``, of rows of ``x`` (the vectors in
+    ``index``, in order) whose inner product is at least ``threshold``."""
+    for s in range(0, len(x), batch_size):
+        lims, _, ids = index.range_search(np.ascontiguousarray(x[s:s + batch_size]), threshold)
+        rows = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))
+        keep = rows != ids
+        yield rows[keep], ids[keep]
+
+
+def components(x: np.ndarray, threshold: float, factory: str = "Flat", nprobe: int | None = None,
+               train_sample: int | None = None, seed: int = 0, batch_size: int = QUERY_BATCH) -> np.ndarray:
+    """The connected components of the graph joining rows of ``x`` (L2-normalised) whose cosine
+    is at least ``threshold``; each row labelled by the lowest row of its component. With an
+    approximate ``factory`` (IVF) a pair is found when either end finds the other."""
+    check_threshold(threshold)
+    index = build_index(x, factory, "ip", train_sample=train_sample, seed=seed, nprobe=nprobe,
+                        name="dedup vectors")
+    labels = np.arange(len(x), dtype=np.int64)
+    for a, b in range_pairs(index, x, threshold, batch_size):
+        labels = merge_components(labels, a, b)
+    return labels
+
+
+def representatives(x: np.ndarray, labels: np.ndarray, how: str = "central",
+                    batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """``(representative row, cosine to it)`` per row of ``x`` for components ``labels`` (each
+    the component's lowest row). ``first``: that lowest row; ``central``: the member with the
+    highest summed cosine to the group (``x_i . sum_g``, linear in the group's size; ties: the
+    lowest row)."""
+    if how not in REPRESENTATIVES:
+        raise ConfigError(f"representative '{how}' is not one of {', '.join(REPRESENTATIVES)}")
+    rep = labels.copy()
+    if how == "central":
+        groups, inv, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+        multi = np.flatnonzero(sizes[inv] > 1)  # rows of groups with more than one member
+        if len(multi):
+            g = np.unique(inv[multi], return_inverse=True)[1]
+            sums = np.zeros((g.max() + 1, x.shape[1]), np.float32)
+            for s in range(0, len(multi), batch_size):
+                np.add.at(sums, g[s:s + batch_size], x[multi[s:s + batch_size]])
+            central = np.einsum("ij,ij->i", x[multi], sums[g])
+            order = np.lexsort((multi, -central, g))  # per group: most central first, then lowest row
+            first = order[np.r_[True, g[order][1:] != g[order][:-1]]]
+            rep[multi] = multi[first][g]
+    score = np.empty(len(x), np.float32)
+    for s in range(0, len(x), batch_size):
+        score[s:s + batch_size] = np.einsum("ij,ij->i", x[s:s + batch_size], x[rep[s:s + batch_size]])
+    return rep, score
+
+
+def group_vectors(x: np.ndarray, threshold: float, hashes: list[str] | None = None, *,
+                  representative: str = "central", factory: str = "Flat", nprobe: int | None = None,
+                  train_sample: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """Near-duplicate groups of the rows of ``x``: ``group`` (numbered by size, largest first,
+    then by first row), ``size``, ``representative`` (its row) and ``score`` (cosine to it), one row per row of
+    ``x``. With ``hashes`` (one per row, :func:`pixel_hashes`) rows with the same hash join
+    first, only one vector of each goes through the range search, and ``exact`` says whether
+    a row is pixel-identical to its representative."""
+    if hashes is not None:
+        if len(hashes) != len(x):
+            raise DataError(f"{len(hashes)} pixel hashes for {len(x)} vectors")
+        codes, _ = pd.factorize(pd.Series(hashes))
+        first = np.unique(codes, return_index=True)[1]  # by class: its first row
+        labels = first[components(x[first], threshold, factory, nprobe, train_sample, seed)[codes]]
+    else:
+        codes = None
+        labels = components(x, threshold, factory, nprobe, train_sample, seed)
+    rep, score = representatives(x, labels, representative)
+    df = pd.DataFrame({"label": labels, "representative": rep, "score": score})
+    df["size"] = df.groupby("label")["label"].transform("size")
+    order = df.drop_duplicates("label").sort_values(["size", "label"], ascending=[False, True])
+    df["group"] = df["label"].map(pd.Series(np.arange(len(order)), index=order["label"]))
+    if codes is not None:
+        df["exact"] = codes[rep] == codes
+    return df[["group", "size", "representative", "score"] + (["exact"] if codes is not None else [])]
+
+
+def groups_by_row(rows: pd.DataFrame, items: pd.DataFrame, grouped: pd.DataFrame) -> pd.DataFrame:
+    """One row per dataset row from one row per embedded file: its file's group and score; the
+    representative file's first row is the group's representative. Groups are numbered by
+    their number of rows, largest first."""
+    per_file = grouped.rename(columns={"group": "group_id"}).drop(columns="size").reset_index(drop=True)
+    per_file["file"] = items["file"].to_numpy()
+    per_file["rep_file"] = items["file"].to_numpy()[grouped["representative"].to_numpy()]
+    out = rows[["image_id", "file"]].rename(columns={"image_id": "item_id"}).merge(per_file, on="file")
+    out["is_representative"] = (out["file"] == out["rep_file"]) & ~out.duplicated("file")
+    out["group_size"] = out.groupby("group_id")["file"].transform("size")
+    order = out.drop_duplicates("group_id").sort_values(["group_size", "group_id"], ascending=[False, True])
+    out["group_id"] = out["group_id"].map(pd.Series(np.arange(len(order)), index=order["group_id"].to_numpy()))
+    cols = ["group_id", "group_size", "item_id", "file", "score", "is_representative"]
+    out = out[cols + (["exact"] if "exact" in out else []) + ["rep_file"]]
+    return out.sort_values(["group_id", "is_representative", "score"], ascending=[True, False, False],
+                           kind="stable").reset_index(drop=True)
