@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem import embed, generate
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
-from diffmem.data.images import on_error
+from diffmem.data.datasets import on_error
 from diffmem.data.prompts import stage_prompts
 from diffmem.data.samples import read_samples
 from diffmem.errors import ConfigError

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from diffmem import embed
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
-from diffmem.data.images import MAX_PIXELS, on_error
+from diffmem.data.datasets import MAX_PIXELS, on_error
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import check_extractor
 from diffmem.features.store import FeatureStore

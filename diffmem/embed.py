@@ -26,8 +26,8 @@ from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.device import configure_torch
 from diffmem.data import load_dataset
-from diffmem.data.images import MAX_PIXELS, on_error
-from diffmem.data.manifests import NOT_SUCCESS
+from diffmem.data.datasets import MAX_PIXELS, on_error
+from diffmem.data.img2dataset import NOT_SUCCESS
 from diffmem.data.samples import read_samples
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import build_extractor

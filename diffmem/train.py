@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from diffmem import distributed
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
-from diffmem.data.images import TESTBED_KINDS
+from diffmem.data.datasets import TESTBED_KINDS
 from diffmem.metrics.memorisation import memorisation_figures
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.training import CHECKPOINTS, drop_checkpoints, fit_items, train_pipeline, training_rows

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from diffmem.data import load_image, load_images, read_prompt_file
-from diffmem.data.images import load_folder_manifest
+from diffmem.data.datasets import load_folder_manifest
 from diffmem.data.prompts import prompts_from_testbed
 from diffmem.data.testbed import generate_testbed
 from diffmem.errors import DataError

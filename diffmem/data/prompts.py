@@ -10,7 +10,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from diffmem.checks import check_positive
-from diffmem.data.images import TESTBED_KINDS, _read_table, check_regular, load_dataset
+from diffmem.data.datasets import TESTBED_KINDS, _read_table, check_regular, load_dataset
 from diffmem.data.inputs import blank_caption, check_inside
 from diffmem.data.prompt_lists import (check_files, prompts_from_dataset, record_lines, resolve_targets,
                                        with_ground_truth)

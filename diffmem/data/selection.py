@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from diffmem.data.images import load_image
+from diffmem.data.datasets import load_image
 from diffmem.data.labels import ground_truth_labels
 from diffmem.errors import DataError
 

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from diffmem.data import load_image
-from diffmem.data.images import MAX_PIXELS
+from diffmem.data.datasets import MAX_PIXELS
 from diffmem.errors import DataError
 from diffmem.features.transforms import PIL_FILTERS, Preprocess
 

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from diffmem.data.images import MAX_PIXELS, load_image
+from diffmem.data.datasets import MAX_PIXELS, load_image
 from diffmem.data.webdataset import tar_member
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.build import build_index

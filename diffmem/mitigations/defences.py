@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from diffmem.checks import check_positive
-from diffmem.data.images import check_regular
+from diffmem.data.datasets import check_regular
 from diffmem.errors import ConfigError, DataError
 from diffmem.models.adapters import model_reference
 from diffmem.registry import Registry

@@ -58,7 +58,7 @@ def save_adapter(out_dir: str | Path, unet, base: str | Path) -> Path:
 
 def read_adapter(folder: str | Path) -> tuple[str, dict | None]:
     """(base model: repo id or path, LoRA config fields or None) of an adapter folder."""
-    from diffmem.data.images import check_regular
+    from diffmem.data.datasets import check_regular
     from diffmem.runs import read_json
 
     path = Path(folder).expanduser() / ADAPTER_FILE

@@ -1217,7 +1217,7 @@ def test_outside_root_is_read_when_allowed(tmp_path):
     key and a shard glob lead out of data.root (the refusals above are not a blanket ban)."""
     from omegaconf import OmegaConf
 
-    from diffmem.data.images import load_dataset
+    from diffmem.data.datasets import load_dataset
 
     root = tmp_path / "i2d"
     (root / "00000").mkdir(parents=True)
@@ -1238,7 +1238,7 @@ def test_tar_member_stored_twice_is_warned_and_the_last_copy_read(tmp_path, capl
     """``tar -r`` appends: a member stored twice is said once (not kept silently), and the copy
     read is the last, as tar itself extracts it; with data.root a folder of shards or the
     shard itself (whose files once doubled the shard's name: ``s.tar/s.tar/a.png``)."""
-    from diffmem.data.images import load_image
+    from diffmem.data.datasets import load_image
     from diffmem.data.webdataset import load_webdataset
 
     first, last = _encoded("PNG", seed=1), _encoded("PNG", seed=2)

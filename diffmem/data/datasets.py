@@ -282,7 +282,7 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
         df = load_folder_manifest(cfg.root, cfg.manifest, bool(cfg.get("allow_outside_root", False)),
                                   check_files=on_error(cfg) == "fail")
     elif cfg.kind == "img2dataset":
-        from diffmem.data.manifests import load_img2dataset
+        from diffmem.data.img2dataset import load_img2dataset
 
         require(cfg, "root", prefix="data.", hint="data=img2dataset needs data.root=<img2dataset's output_folder>")
         df = load_img2dataset(cfg.root, cfg.get("encode_format") or "jpg", bool(cfg.get("allow_outside_root", False)),

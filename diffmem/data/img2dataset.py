@@ -1,4 +1,4 @@
-"""Manifests of datasets as they are stored, beyond a folder + one captions file.
+"""img2dataset output read as a manifest.
 
 ``data=img2dataset``: img2dataset's ``output_format=files`` folder — one parquet per shard
 (``00000.parquet``: ``key``, ``status``, ``url``, ``caption``, ``width``, ...) next to the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from diffmem.data.images import check_image_files
+from diffmem.data.datasets import check_image_files
 from diffmem.data.inputs import check_captions
 from diffmem.errors import DataError
 from diffmem.runs import read_parquet
