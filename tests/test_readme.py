@@ -64,14 +64,15 @@ def test_pins_keep_torch_on_the_cpu_wheel():
 
 def _commands(pages=DOCS) -> list[tuple[str, str]]:
     """(page, command) for every ``diffmem <stage> ...`` line of the pages' fenced code blocks
-    (comments dropped)."""
+    (comments dropped; ``diffmem <stage>: ...`` is what a command printed)."""
     out = []
     for page in pages:
         fenced = False
-        for line in page.read_text(encoding="utf-8").splitlines():
+        text = re.sub(r"\\\n\s*", " ", page.read_text(encoding="utf-8"))  # continued lines joined
+        for line in text.splitlines():
             if line.strip().startswith("```"):
                 fenced = not fenced
-            elif fenced and line.strip().startswith("diffmem "):
+            elif fenced and line.strip().startswith("diffmem ") and not line.split()[1].endswith(":"):  # not output
                 out.append((page.relative_to(ROOT).as_posix(), line.split("  #")[0].strip()))
     return out
 
