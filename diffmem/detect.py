@@ -89,7 +89,7 @@ def body(job: Job) -> Outcome:
             attr = attribution_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution)
         write_parquet(run_dir / ATTRIBUTION, attr)
         metrics["unet_calls_attribution"] = used_attr.evals
-    results = evaluate(table, cfg.fpr)
+    results = evaluate(table, cfg.fpr, cfg.ci_level)
     if results:
         metrics["ground_truth"] = {"positives": describe_positives(prompts, positives), **results}
         metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr", "roc_auc_ci", "tpr_at_fpr_ci",

@@ -67,7 +67,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "search": {"k": COUNT, "normalisation.k": COUNT, "normalisation.beta": FINITE},
     "dedup": {**TORCH, "threshold": _float(-1.0, 1.0), "representative": partial(check_choice, choices=(
         "central", "first")), "report.top_groups": _int(0), "report.per_group": COUNT},
-    "detect": {**TORCH, "batch_size": COUNT, "resolution": COUNT},
+    "detect": {**TORCH, "batch_size": COUNT, "resolution": COUNT,
+               "ci_level": _float(above=0.0, maximum=1.0, optional=True)},
     "audit": {**TORCH, "n_per_prompt": COUNT, "k": COUNT, "threshold": COSINE, "dcr_threshold": COSINE},
     "probe": {**TORCH, **SAMPLING, **REPLICATION, "n_controls": _int(0)},
     "generalise": {**TORCH, "resolution": COUNT, **_under("unet", FIT), "n": COUNT, "samples": _int(2),

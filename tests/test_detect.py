@@ -408,3 +408,22 @@ def test_detect_benchmark_suite_builds_and_tabulates():
     assert m["hard_roc_auc"] == pytest.approx(roc_auc(table.score[:16], np.r_[np.ones(8), np.zeros(8)]))
     lines = bench.markdown({tb: {"x": m} for tb in bench.TESTBEDS}).splitlines()
     assert len(lines) == 3 and lines[2].count("[") == 3 * len(bench.TESTBEDS)
+
+
+def test_ci_level_is_one_setting_end_to_end(tiny_pipe_dir, tmp_path):
+    """A setting added in one place (conf/detect.yaml, with its range in the schema): it reaches the
+    metrics, a changed value refuses to resume the run dir, and an out-of-range value is one line."""
+    import json
+
+    base = ["model=local", f"model.path={tiny_pipe_dir}", "prompts=file", f"run_dir={tmp_path / 'run'}",
+            "resolution=32", "detect=noise_norm"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    files = f"prompts.files=[{{path: {prompts}, label: positive}}, {{path: {prompts.with_name('n.txt')}, label: negative}}]"
+    prompts.with_name("n.txt").write_text("a green star\na grey cloud\n")
+    run = diffmem.run("detect", [*base, files, "ci_level=0.9"])
+    assert json.loads((run / "metrics.json").read_text())["ground_truth"]["ci_level"] == 0.9
+    with pytest.raises(ConfigError, match="ci_level: 0.9 there, 0.8 now"):
+        diffmem.run("detect", [*base, files, "ci_level=0.8"])
+    with pytest.raises(ConfigError, match="ci_level"):
+        diffmem.run("detect", [*base, files, "ci_level=1.5", f"run_dir={tmp_path / 'other'}"])

@@ -178,11 +178,9 @@ class CalibrateThreshold(Metric):
     name, higher_is_better, fn = "calibrate_threshold", None, staticmethod(calibrate_threshold)
 
 
-CI_LEVEL = 0.95  # bootstrap intervals of AUC and TPR in detect's metrics.json and on its console
-
-
-def evaluate(table: pd.DataFrame, fpr: float = 0.01) -> dict:
-    """Ground-truth metrics of a ``scores`` table (empty without a usable ``label`` column)."""
+def evaluate(table: pd.DataFrame, fpr: float = 0.01, ci_level: float | None = 0.95) -> dict:
+    """Ground-truth metrics of a ``scores`` table (empty without a usable ``label`` column), with
+    bootstrap intervals at ``ci_level`` (None: none)."""
     if "label" not in table:
         return {}
     known = table[table["label"].notna()]
@@ -192,12 +190,12 @@ def evaluate(table: pd.DataFrame, fpr: float = 0.01) -> dict:
     if n_pos and "hard_negative" in table:  # memorised vs trained-on-but-not-memorised
         hard = table[(table["label"] == 1) | table["hard_negative"].fillna(False).astype(bool)]
         out["hard_negatives"] = detection_metrics(hard["score"].to_numpy(float),
-                                                  hard["label"].eq(1).to_numpy(int), fpr=fpr, ci_level=CI_LEVEL)
+                                                  hard["label"].eq(1).to_numpy(int), fpr=fpr, ci_level=ci_level)
     if n_pos == 0 or n_neg == 0:
         out["note"] = (f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts "
                        "(ROC needs both; see positives=... and the prompts' ground truth)")
         return out
-    out.update(detection_metrics(s, y, fpr=fpr, ci_level=CI_LEVEL))
+    out.update(detection_metrics(s, y, fpr=fpr, ci_level=ci_level))
     if n_neg >= 2:
         thr = calibrate_threshold(s[y == 0])
         out["calibrated_threshold"] = {"rule": "mean + 1 std of negatives",
