@@ -1,9 +1,9 @@
 """Data parallelism across processes: this process's rank, barriers that fail instead of
 hanging, the rows of a job each rank takes, and the gradient and result exchanges.
 
-A stage started by ``accelerate launch``, ``torchrun`` or submitit/SLURM with several tasks
-runs as ``WORLD_SIZE`` processes. They split the rows of a global batch (training) or of the
-plan (sampling, embedding) so that the result is what one process computes: every random
+A stage started by ``accelerate launch``, ``torchrun``, submitit/SLURM with several tasks or
+``mpirun`` runs as ``WORLD_SIZE`` processes. They split the rows of a global batch (training)
+or of the plan (sampling, embedding) so that the result is what one process computes: every random
 draw still comes from ``(seed, phase, step)`` or the row's own seed, and each rank keeps its
 share. Rank 0 alone claims the run dir, checkpoints and publishes; the others wait for it at
 barriers that time out (``DIFFMEM_DIST_TIMEOUT_S``, default 1800 s), so a rank that dies or
@@ -14,6 +14,8 @@ hangs ends the job with one line (:class:`RankError`) instead of a silent wait. 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from diffmem.errors import ConfigError, DiffmemError
 TIMEOUT_ENV = "DIFFMEM_DIST_TIMEOUT_S"
 _BUCKET = 2**22  # gradient elements per all-reduce (16 MB of fp32), as DDP's buckets
 _barrier_group = None
+log = logging.getLogger(__name__)
 
 
 class RankError(DiffmemError):
@@ -52,12 +55,58 @@ def _submitit_env() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+#: torch's ``env://`` variables and the names MPI launchers give them (MPICH/Intel MPI,
+#: Open MPI, MVAPICH), in the order accelerate's ``get_cpu_distributed_information`` reads them
+_MPI_VARS = {"RANK": ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"),
+             "WORLD_SIZE": ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"),
+             "LOCAL_RANK": ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),
+             "LOCAL_WORLD_SIZE": ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")}
+
+
+def _mpi_env() -> None:
+    """Under ``mpirun``/``mpiexec`` (``accelerate launch --cpu --mpirun_hostfile``), export
+    torch's ``env://`` variables from MPI's, as accelerate's ``PartialState`` does:
+    ``MASTER_PORT`` 29500 and, when every rank is on this node, ``MASTER_ADDR`` 127.0.0.1
+    unless set (several nodes need rank 0's host name in ``MASTER_ADDR``)."""
+    env = os.environ
+    if "RANK" in env:
+        return
+    mpi = {key: next((env[name] for name in names if name in env), None) for key, names in _MPI_VARS.items()}
+    if mpi["RANK"] is None or int(mpi["WORLD_SIZE"] or 1) <= 1:
+        return
+    mpi = {key: value for key, value in mpi.items() if value is not None}
+    if "MASTER_ADDR" not in env:
+        if int(mpi.get("LOCAL_WORLD_SIZE", mpi["WORLD_SIZE"])) != int(mpi["WORLD_SIZE"]):
+            raise ConfigError(f"MPI job of {mpi['WORLD_SIZE']} ranks on several nodes: "
+                              "export MASTER_ADDR=<rank 0's host name> for every rank (mpirun -x MASTER_ADDR)")
+        env["MASTER_ADDR"] = "127.0.0.1"
+    env.setdefault("MASTER_PORT", "29500")
+    env.update(mpi)
+
+
+def _accelerate_cpu() -> bool:
+    """Whether ``accelerate launch --cpu`` started this process."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+
+
+@functools.cache
+def _warn_one_cpu_process() -> None:
+    """Say so when ``accelerate launch --cpu --num_processes N`` (N > 1, no ``--mpirun_hostfile``)
+    started this job: accelerate then runs one process (it sets ``MASTER_ADDR`` but no ranks)."""
+    log.warning("accelerate launch --cpu started one process, not --num_processes: the job runs on "
+                "one rank; for several CPU ranks add --mpirun_hostfile <file> (MPI) or use "
+                "--multi_gpu instead of --cpu, or torchrun (docs/clusters.md)")
+
+
 def ranks() -> Ranks:
     """This process's rank, the job's world size and the rank on this node (from
     ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, set by accelerate, torchrun and, through
-    :func:`_submitit_env`, submitit)."""
+    :func:`_submitit_env` and :func:`_mpi_env`, submitit and MPI)."""
     _submitit_env()
+    _mpi_env()
     env = os.environ
+    if "RANK" not in env and "MASTER_ADDR" in env and _accelerate_cpu():
+        _warn_one_cpu_process()
     return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
@@ -93,8 +142,7 @@ def init() -> bool:
     if r.world_size == 1:
         return False
     if not dist.is_initialized():
-        cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and not cpu else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and not _accelerate_cpu() else "gloo"
         try:
             dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s()))
         except (RuntimeError, ValueError) as err:  # the store's rendezvous timed out, a bad address

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,52 @@ def test_submitit_tasks_become_torch_ranks(monkeypatch):
         monkeypatch.setenv(f"SUBMITIT_LOCAL_{key}", value)
     assert dist.ranks() == dist.Ranks(1, 2, 1) and not dist.is_main()
     assert os.environ["MASTER_ADDR"] and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+
+
+MPI_VARS = [name for names in dist._MPI_VARS.values() for name in names]
+
+
+@pytest.mark.parametrize("mpi", [
+    {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+     "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+    {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "MASTER_ADDR": "node0"},
+    {"MV2_COMM_WORLD_RANK": "0", "MV2_COMM_WORLD_SIZE": "3", "MV2_COMM_WORLD_LOCAL_RANK": "0"}])
+def test_mpi_ranks_become_torch_ranks_as_accelerate_reads_them(monkeypatch, mpi):
+    from accelerate.utils.environment import get_cpu_distributed_information
+
+    for key in LAUNCH_VARS + ("LOCAL_WORLD_SIZE", "SUBMITIT_EXECUTOR", *MPI_VARS):  # restored after the test
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    for key, value in mpi.items():
+        monkeypatch.setenv(key, value)
+    acc = get_cpu_distributed_information()  # what accelerate's PartialState makes of the same job
+    assert dist.ranks() == dist.Ranks(acc.rank, acc.world_size, acc.local_rank) and acc.world_size > 1
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == (str(acc.rank), str(acc.world_size))
+    assert os.environ["MASTER_ADDR"] == mpi.get("MASTER_ADDR", "127.0.0.1") and os.environ["MASTER_PORT"] == "29500"
+
+
+def test_an_mpi_job_on_several_nodes_needs_master_addr(monkeypatch):
+    from diffmem.errors import ConfigError
+
+    for key in LAUNCH_VARS + ("SUBMITIT_EXECUTOR", *MPI_VARS):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"PMI_RANK": "0", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="export MASTER_ADDR"):
+        dist.ranks()
+    monkeypatch.setenv("PMI_SIZE", "1")  # one MPI rank is one process
+    assert dist.ranks() == dist.Ranks(0, 1, 0) and "RANK" not in os.environ
+
+
+def test_accelerate_cpu_with_several_processes_but_no_mpi_says_it_runs_one(monkeypatch, caplog):
+    for key in LAUNCH_VARS + ("SUBMITIT_EXECUTOR", *MPI_VARS):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what accelerate launch --cpu sets, MASTER_ADDR if N > 1
+    dist._warn_one_cpu_process.cache_clear()
+    assert dist.ranks() == dist.Ranks(0, 1, 0) and not caplog.records  # --num_processes 1: nothing to say
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert dist.ranks() == dist.Ranks(0, 1, 0) and dist.ranks().world_size == 1
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["accelerate launch --cpu started one process, not --num_processes"]
 
 
 @pytest.mark.parametrize("stage", ["detect", "probe", "evaluate-mitigation"])
@@ -203,14 +250,22 @@ def _outputs(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["accelerate", "submitit_local"])
-def test_generate_on_two_ranks_writes_the_same_bytes(launcher):
+@pytest.mark.parametrize("launcher", ["accelerate", "submitit_local", "mpirun"])
+def test_generate_on_two_ranks_writes_the_same_bytes(launcher, tmp_path, monkeypatch):
     import diffmem
 
+    if launcher == "mpirun" and not shutil.which("mpirun"):
+        pytest.skip("no mpirun (an OS package: apt-get install openmpi-bin)")
     args = ["prompts.n_ordinary=3", "prompts.n_heldout=2", "n_per_prompt=2", "batch_size=3", "steps=4", "threads=1"]
     one = diffmem.run("generate", args + ["name=one"])
-    if launcher == "accelerate":
-        two = _launch(ACCELERATE, "generate", args + ["name=two"])
+    if launcher in ("accelerate", "mpirun"):
+        if launcher == "mpirun":  # accelerate launch --cpu runs mpirun given a host file
+            (tmp_path / "hosts").write_text("localhost slots=2\n")
+            monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")  # Open MPI refuses root (CI containers) without both
+            monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        two = _launch(ACCELERATE if launcher == "accelerate" else
+                      [*ACCELERATE[:2], "--cpu", "--num_processes", "2", "--mpirun_hostfile", str(tmp_path / "hosts")],
+                      "generate", args + ["name=two"])
         two_dir = one.parent / "two"
     else:  # hydra/launcher=submitit_local with 2 tasks: submitit's environment becomes the ranks
         two = subprocess.run([sys.executable, "-m", "diffmem.generate", "--multirun", "hydra/launcher=submitit_local",
