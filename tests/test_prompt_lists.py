@@ -142,8 +142,8 @@ def _load(cfg, tmp_path):
 
 
 def _tiny(pipe_dir):
-    return ["model=local", f"model.path={pipe_dir}", "detect.num_inference_steps=4", "detect.steps=[0]",
-            "detect.n_generations=1"]
+    return ["model=local", f"model.path={pipe_dir}", "detect=noise_norm", "detect.num_inference_steps=4",
+            "detect.steps=[0]", "detect.n_generations=1"]
 
 
 def test_detect_from_two_files_with_exclusions_and_hard_negatives(tiny_pipe_dir, tmp_path, caplog):
