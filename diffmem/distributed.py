@@ -85,13 +85,13 @@ def timeout_s() -> float:
 
 def init() -> bool:
     """Join the job's process group (once; gloo on the CPU, NCCL on CUDA) with the barrier
-    timeout; returns whether the job has several processes."""
-    import torch
-    import torch.distributed as dist
-
+    timeout; returns whether the job has several processes (one process: torch is not imported)."""
     r = ranks()
     if r.world_size == 1:
         return False
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and not cpu else "gloo"
