@@ -1,12 +1,18 @@
-"""Explicit device choice (diffusers style): ``auto`` picks CUDA when present, else CPU."""
+"""Explicit device choice (diffusers style): ``auto`` picks CUDA when present, else CPU.
+
+torch is imported only where a device must be looked up (``cuda``, ``mps``, resolving
+``auto``), so checking a config and running an ONNX descriptor never import it.
+"""
 
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from diffmem.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_device(device, name: str = "device") -> str:
@@ -16,6 +22,8 @@ def check_device(device, name: str = "device") -> str:
     m = re.fullmatch(r"(auto|cpu|cuda|mps)(?::(\d+))?", text)
     if m is None or m[2] is not None and m[1] != "cuda":
         raise ConfigError(f"{name}={text!r} is not a device (auto, cpu, cuda, cuda:<index> or mps)")
+    if m[1] in ("cuda", "mps"):
+        import torch
     if m[1] == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if m[2] is None and count == 0 or m[2] is not None and int(m[2]) >= count:
@@ -30,6 +38,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto``/None -> cuda if available else cpu; anything else as given. In a data-parallel
     job ``auto`` and ``cuda`` are this rank's GPU (the local rank's, when the node's GPUs are
     all visible to every rank), made the current one."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device in (None, "auto", "cuda") and torch.cuda.is_available():
@@ -47,6 +57,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def configure_torch(cfg) -> torch.device:
     """A stage's torch setup from its config: CPU threads (``threads``, null = torch's
     default) and the device (``device``, default ``auto``)."""
+    import torch
+
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     return resolve_device(cfg.get("device", "auto"))

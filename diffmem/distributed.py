@@ -134,13 +134,13 @@ def timeout_s() -> float:
 
 def init() -> bool:
     """Join the job's process group (once; gloo on the CPU, NCCL on CUDA) with the barrier
-    timeout; returns whether the job has several processes."""
-    import torch
-    import torch.distributed as dist
-
+    timeout; returns whether the job has several processes (one process: torch is not imported)."""
     r = ranks()
     if r.world_size == 1:
         return False
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and not _accelerate_cpu() else "gloo"
         try:

@@ -24,13 +24,12 @@ from tqdm.auto import tqdm
 from diffmem import distributed
 from diffmem.checks import check_shard
 from diffmem.config import hydra_app
-from diffmem.device import configure_torch
 from diffmem.data import load_dataset
 from diffmem.data.datasets import MAX_PIXELS, on_error
 from diffmem.data.img2dataset import NOT_SUCCESS
 from diffmem.data.samples import read_samples
 from diffmem.errors import ConfigError, DataError
-from diffmem.features import build_extractor
+from diffmem.features import build_stage_extractor
 from diffmem.features.loader import embed_images
 from diffmem.features.onnx import warn_flat_testbed
 from diffmem.features.store import FeatureStore
@@ -102,8 +101,7 @@ def body(job: Job) -> Outcome:
     every part exists (the last shard to finish publishes)."""
     cfg, (root, items) = job.cfg, job.ctx
     skip_errors = cfg.source == "dataset" and on_error(cfg.data) == "skip"
-    device = configure_torch(cfg)
-    extractor = build_extractor(cfg.features.extractor, device=str(device))
+    extractor = build_stage_extractor(cfg)  # an ONNX descriptor's run never imports torch
     warn_flat_testbed(extractor.name, cfg.data.get("kind"))
     ranks = distributed.ranks()  # each rank of a data-parallel job embeds its share of the parts
     store = FeatureStore(job.dir)

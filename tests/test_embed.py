@@ -239,21 +239,45 @@ def test_fast_path_unreadable_images(tmp_path, distilled):
     assert x.shape == (1, 512) and skipped["file"].tolist() == ["b.jpg"]
 
 
-def test_onnx_embed_imports_no_diffusion_or_clip_library(tmp_path):
-    """An ONNX-only embed run loads neither diffusers, transformers, open_clip nor scipy."""
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_onnx_embed_imports_no_torch(tmp_path, device):
+    """An ONNX-only embed run of real photos loads neither torch (nor torchvision) nor diffusers,
+    transformers, open_clip or scipy: config check, device, extractor and loader included."""
     import subprocess
     import sys
     from pathlib import Path
 
     from PIL import Image
 
-    for i in range(3):
-        Image.new("RGB", (320, 240), (i * 80, 90, 30)).save(tmp_path / f"{i}.jpg")
-    (tmp_path / "m.csv").write_text("file,caption\n0.jpg,a\n1.jpg,b\n2.jpg,c\n")
-    code = ("import sys, diffmem; diffmem.run('embed', sys.argv[1:]); "
-            "print([m for m in ('diffusers', 'transformers', 'open_clip', 'scipy') if m in sys.modules])")
+    from diffmem.data.photos import natural_photos
+
+    names = ("astronaut", "coffee", "chelsea")
+    for name, arr in natural_photos(names).items():
+        Image.fromarray(arr).save(tmp_path / f"{name}.jpg", quality=90)
+    (tmp_path / "m.csv").write_text("file,caption\n" + "".join(f"{n}.jpg,{n}\n" for n in names))
+    heavy = ("torch", "torchvision", "diffusers", "transformers", "open_clip", "scipy")
+    code = ("import sys, diffmem; run = diffmem.run('embed', sys.argv[1:]); "
+            f"print([m for m in {heavy!r} if m in sys.modules]); "
+            "from diffmem.features.store import FeatureStore; print(FeatureStore(run).load()[0].shape)")
     out = subprocess.run([sys.executable, "-c", code, "data=folder", f"data.root={tmp_path}", "data.manifest=m.csv",
-                          "features=sscd_distilled", f"paths.output_dir={tmp_path / 'out'}", "device=cpu"],
-                         capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
+                          "features=sscd_distilled", f"paths.output_dir={tmp_path / 'out'}", f"device={device}",
+                          "threads=1"], capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    assert out.stdout.strip().splitlines()[-2:] == ["[]", "(3, 512)"], out.stdout
+
+
+def test_stage_extractor_device_and_threads():
+    """The stage's device and threads reach an ONNX descriptor (without torch) as they reach a
+    torch one (through configure_torch): ``auto`` resolves to the same device."""
+    from omegaconf import OmegaConf
+
+    from diffmem.device import resolve_device
+    from diffmem.features import build_stage_extractor
+
+    for name, extra in (("pixel", {"size": 8}), ("sscd_distilled", {})):
+        cfg = OmegaConf.create({"device": "auto", "threads": 1, "features": {"extractor": {"name": name, **extra}}})
+        ext = build_stage_extractor(cfg)
+        assert ext.device == resolve_device("auto"), name
+    assert ext.threads == 1 and ext.info()["threads"] == 1
+    cfg.features.extractor.threads = 2  # the descriptor's own setting wins
+    assert build_stage_extractor(cfg).threads == 2

@@ -20,7 +20,6 @@ import pandas as pd
 
 from diffmem.errors import DataError
 from diffmem.runs import read_parquet, reopen
-from diffmem.sampling import sample_seed
 
 SAMPLES = "samples.parquet"
 PROMPTS = "prompts.parquet"
@@ -31,6 +30,8 @@ log = logging.getLogger(__name__)
 
 def plan_samples(prompts: pd.DataFrame, n_per_prompt: int, seed: int) -> pd.DataFrame:
     """One row per planned image: ids, seed and output file (a pure function of the inputs)."""
+    from diffmem.sampling import sample_seed  # here: the readers of a run (embed) need no torch
+
     rows = []
     for p in prompts.itertuples(index=False):
         for k in range(n_per_prompt):

@@ -35,7 +35,7 @@ FEATURES.register("sscd_onnx", "diffmem.features.onnx:OnnxExtractor")
 FEATURES.register("sscd_distilled", "diffmem.features.onnx:OnnxExtractor")
 FEATURES.register("clip", "diffmem.features.clip:ClipExtractor")
 
-__all__ = ["FEATURES", "Extractor", "build_extractor", "check_extractor", "extractor_fields"]
+__all__ = ["FEATURES", "Extractor", "build_extractor", "build_stage_extractor", "check_extractor", "extractor_fields"]
 
 
 def _to_dict(cfg: Any) -> dict[str, Any]:
@@ -91,3 +91,19 @@ def build_extractor(cfg: Any = None, /, **overrides) -> Extractor:
     if "name" in accepted:
         fields["name"] = str(name)
     return cls(**fields)
+
+
+def build_stage_extractor(cfg) -> Extractor:
+    """The extractor of a stage config (``cfg.features.extractor``) on the stage's ``device``
+    and ``threads`` (:func:`diffmem.device.configure_torch`). A descriptor that runs without
+    torch (``needs_torch = False``: the ONNX ones) gets them without importing torch: the
+    stage's ``threads`` when it sets none itself, ``device`` as given (it resolves it on first use)."""
+    fields = _to_dict(cfg.features.extractor)
+    name = fields.get("name")
+    if not name or FEATURES.get(str(name)).needs_torch:
+        from diffmem.device import configure_torch
+
+        return build_extractor(fields, device=str(configure_torch(cfg)))
+    if cfg.get("threads") and not fields.get("threads"):
+        fields["threads"] = int(cfg.threads)
+    return build_extractor(fields, device=str(cfg.get("device") or "auto"))

@@ -1,17 +1,22 @@
-"""The extractor interface shared by every descriptor, and small helpers."""
+"""The extractor interface shared by every descriptor, and small helpers.
+
+torch is imported by the methods that run it: a descriptor without torch (ONNX) and the
+embed stage's uint8 path load and run without it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from diffmem.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -31,6 +36,8 @@ def default_cache_dir() -> Path:
 
 def pil_to_tensor(images: Iterable) -> list[torch.Tensor]:
     """PIL images -> list of float [3, H, W] tensors in [0, 1] (converted to RGB)."""
+    import torch
+
     out = []
     for im in images:
         arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
@@ -50,7 +57,10 @@ class Extractor:
     name: str = "extractor"
     family: str = "extractor"
     dim: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device | str = "cpu"  # subclasses set a torch.device
+    #: False for a descriptor that runs without torch (it takes ``threads``; the embed stage
+    #: then never imports torch: :func:`diffmem.features.build_stage_extractor`)
+    needs_torch = True
     preprocess = None
 
     # -- to implement ---------------------------------------------------------
@@ -86,6 +96,8 @@ class Extractor:
 
     @staticmethod
     def _check_images(images) -> torch.Tensor:
+        import torch
+
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if not isinstance(images, torch.Tensor):
@@ -113,6 +125,9 @@ class Extractor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Descriptors of a batch: float [B, 3, H, W] in [0, 1] (uint8 accepted) ->
         float32 [B, D] on ``self.device``, rows L2-normalised."""
+        import torch
+        import torch.nn.functional as F
+
         x = self._check_images(images)
         if x.shape[0] == 0:
             return torch.zeros(0, self.dim, device=self.device)
@@ -126,6 +141,8 @@ class Extractor:
 
     def embed_pil(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:
         """Descriptors of PIL images (any sizes; same-size runs are batched together)."""
+        import torch
+
         tensors = pil_to_tensor(images)
         if not tensors:
             return torch.zeros(0, self.dim, device=self.device)

@@ -27,7 +27,6 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 
 from diffmem.data import load_image
 from diffmem.data.datasets import MAX_PIXELS
@@ -42,9 +41,10 @@ CHUNK = 8
 UINT8_BATCH = 4
 
 
-class DecodedImages(torch.utils.data.Dataset):
+class DecodedImages:
     """Item ``j`` -> ``(index, float [3, h, w] image in [0, 1] resized by ``resize``, None)``,
-    or ``(index, None, error)`` for an image that cannot be read (the caller decides)."""
+    or ``(index, None, error)`` for an image that cannot be read (the caller decides): a
+    map-style dataset for torch's DataLoader (not a subclass, so this module loads without torch)."""
 
     def __init__(self, root: Path, files: list[str], indices: list[int], resolution: int | None, resize,
                  max_pixels: int = MAX_PIXELS):
@@ -60,6 +60,8 @@ class DecodedImages(torch.utils.data.Dataset):
             arr = load_image(self.root / self.files[i], self.resolution, self.max_pixels)
         except DataError as err:
             return i, None, str(err)
+        import torch
+
         x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
         if self.resize is not None:
             x = self.resize(x[None])[0]
@@ -94,6 +96,8 @@ def threaded(fn: Callable, items: Iterable, threads: int, ahead: int) -> Iterato
 
 
 def _one_thread(_worker: int) -> None:
+    import torch
+
     torch.set_num_threads(1)  # the workers decode; threads would fight the descriptor's
 
 
@@ -117,6 +121,8 @@ def embed_images(extractor, root: Path, files: list[str], parts: list[int], part
         items = threaded(load, indices, num_workers, ahead=2 * batch_size)
         forward, stack = extractor.embed_uint8, np.stack
     else:
+        import torch
+
         dataset = DecodedImages(root, files, indices, resolution, pre.resize_only if pre is not None else None,
                                 max_pixels)
         loader = torch.utils.data.DataLoader(dataset, batch_size=CHUNK, num_workers=num_workers, collate_fn=list,

@@ -12,9 +12,11 @@ Preprocessing (``resize``, ``size``): the image is resized so its short side is
 uint8 NHWC. Images that resize to the same shape run as one batch (``batch_size``). The
 embed stage skips the float images: it decodes and resizes in uint8 and calls
 :meth:`OnnxExtractor.embed_uint8` (:mod:`diffmem.features.loader`).
-``threads`` (null = torch's thread count, i.e. the stage's ``threads``) sets
-onnxruntime's intra-op threads. The graph runs on the CPU; descriptors are returned on
-``device`` (so the GPU stages can use them like any other descriptor).
+``threads`` sets onnxruntime's intra-op threads (the embed stage passes its ``threads``;
+null = torch's thread count when torch is loaded, else onnxruntime's default, one per
+physical core as torch's). The graph runs on the CPU; the float path returns descriptors on
+``device`` (so the GPU stages can use them like any other descriptor). torch is imported
+only by that float path (and when ``device`` is first read): an embed run never imports it.
 
 Weights: the package's files are loaded only if their SHA256 equals the pinned one;
 ``path`` loads any ONNX file with the same interface (checked only when ``sha256`` is
@@ -24,17 +26,20 @@ given). Nothing is downloaded.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from diffmem.device import resolve_device
 from diffmem.errors import ConfigError, DataError
 from diffmem.features.base import Extractor, pil_to_tensor
 from diffmem.features.sscd import SSCD_LICENCE, verify_file
 from diffmem.features.transforms import Preprocess
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,7 @@ class OnnxExtractor(Extractor):
     """
 
     family = "sscd"
+    needs_torch = False
 
     def __init__(self, model: str | None = None, path: str | None = None, sha256: str | None = None,
                  resize: str = "short", size: int | None = None, threads: int | None = None,
@@ -120,13 +126,14 @@ class OnnxExtractor(Extractor):
                 raise DataError(f"ONNX model not found at {path} (features.extractor.path)")
         self.sha256 = verify_file(path, expected, verify=expected is not None, what="ONNX")
         self.name, self.model_key, self.path, self.expected_sha256 = name, model, Path(path), expected
-        self.device = resolve_device(device)  # where descriptors are returned; the graph runs on the CPU
+        self._device = device  # where the float path returns descriptors; the graph runs on the CPU
         self.batch_size = int(batch_size)
-        self.threads = int(threads) if threads else torch.get_num_threads()
+        self.threads = int(threads) if threads else (
+            sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None)
         self.preprocess = Preprocess(name=f"{name}_{resize}", resize=resize, size=size or known.get("size", 288),
                                      mean=0.0, std=1.0, extra={"output": "uint8 NHWC RGB, normalised in the graph"})
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
+        opts.intra_op_num_threads = self.threads or 0  # 0: onnxruntime's default
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         try:
@@ -141,9 +148,17 @@ class OnnxExtractor(Extractor):
         self.dim = int(out.shape[1]) if isinstance(out.shape[1], int) else self._run(
             np.full((1, 64, 64, 3), 128, np.uint8)).shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the float path returns descriptors (``device`` resolved on first use)."""
+        self._device = resolve_device(self._device)
+        return self._device
+
     def to_uint8(self, x: torch.Tensor) -> np.ndarray:
         """A [B, 3, H, W] float batch in [0, 1] -> resized ``uint8 [B, h, w, 3]`` (the graph's
         input; the recipe's normalisation is the identity, the graph normalises)."""
+        import torch
+
         x = self.preprocess.resize_only(x.cpu())
         return x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
@@ -153,6 +168,8 @@ class OnnxExtractor(Extractor):
                                for i in range(0, len(batch), self.batch_size)])
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(self._run(self.to_uint8(x))).to(self.device)
 
     def embed_uint8(self, batch: np.ndarray) -> np.ndarray:
@@ -165,6 +182,8 @@ class OnnxExtractor(Extractor):
         """Descriptors of PIL images of any sizes: each is resized alone, then images of the same
         resized shape run together (one batch for ``resize=square``), in ONNX calls of the
         extractor's own ``batch_size`` (the argument is the interface's, unused here)."""
+        import torch
+
         arrays = [self.to_uint8(t[None])[0] for t in pil_to_tensor(images)]
         out = np.zeros((len(arrays), self.dim), np.float32)
         shapes: dict[tuple, list[int]] = {}

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError, DataError
 from diffmem.device import resolve_device
 from diffmem.features.base import Extractor, default_cache_dir, sha256_file
 from diffmem.features.transforms import get_preprocess
+
+if TYPE_CHECKING:  # imported where a model runs: the ONNX descriptors import this module for verify_file
+    import torch
 
 SSCD_SOURCE = "https://github.com/facebookresearch/sscd-copy-detection"
 SSCD_LICENCE = "MIT"
@@ -113,6 +114,8 @@ class SSCDExtractor(Extractor):
                 f"{SSCD_SOURCE} ({SSCD_LICENCE}-licensed; diffmem downloads nothing at run time) "
                 "and set path=<file> (or put it under cache_dir)")
         self.sha256 = verify_file(path, self.expected_sha256, self.verify, what="TorchScript")
+        import torch
+
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated, but it is SSCD's format
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -129,6 +132,8 @@ class SSCDExtractor(Extractor):
 
     def _infer_dim(self) -> int:
         """Output size, from one forward pass of a grey image at the preprocessing size."""
+        import torch
+
         h, w = self.preprocess.output_size(64, 64)
         probe = torch.full((1, 3, 64, 64), 0.5, device=self.device)
         with torch.no_grad():

@@ -1,5 +1,8 @@
 """Image preprocessing with plain torch ops (no torchvision transforms, CPU- and GPU-safe).
 
+torch is imported by the functions that run it, so the recipes (and the uint8 steps an
+ONNX descriptor uses) load without it.
+
 All functions take a float batch ``[B, C, H, W]`` and return one. Resizing uses
 ``torch.nn.functional.interpolate`` with ``antialias=True`` (like torchvision's tensor
 ``Resize(antialias=True)`` and close to PIL's filters when downsampling).
@@ -18,15 +21,16 @@ literature uses (``docs/methods.md`` section 1.1):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +54,8 @@ def _pair(size) -> tuple[int, int]:
 
 def resize_to(x: torch.Tensor, size, interpolation: str = "bilinear") -> torch.Tensor:
     """Resize to exactly ``size`` (int or (h, w)); bicubic output is clamped to the input range."""
+    import torch.nn.functional as F
+
     h, w = _pair(size)
     if x.shape[-2:] == (h, w):
         return x
@@ -91,6 +97,8 @@ def center_crop(x: torch.Tensor, size, fill: float = 0.0) -> torch.Tensor:
 
     Offsets follow torchvision: ``top = round((H - h) / 2)``.
     """
+    import torch.nn.functional as F
+
     th, tw = _pair(size)
     h, w = x.shape[-2:]
     if h < th or w < tw:
@@ -116,6 +124,8 @@ def center_crop_array(x: np.ndarray, size, fill: int = 0) -> np.ndarray:
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """``(x - mean) / std`` per channel."""
+    import torch
+
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
