@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.runs import write_json
+
 REPO = Path(__file__).resolve().parent.parent
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (1, 1)]
 #: the sections; section ``name`` is ``section_<name>(args, folder, made, work) -> dict``
@@ -271,9 +273,7 @@ def main(argv=None) -> int:
         for name in args.section:
             result[name] = globals()[f"section_{name}"](args, folder, made, Path(tmp) / "work" / name)
             print(json.dumps({k: v for k, v in result[name].items() if not k.endswith("_tail")}, indent=1), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

@@ -25,6 +25,8 @@ import os
 import subprocess
 import sys
 
+from diffmem.runs import write_json
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -76,8 +78,8 @@ def one(cfg: dict) -> dict:
 
     import numpy as np
 
-    from diffmem.index.dedup import group_vectors
     from diffmem.index import set_threads
+    from diffmem.index.dedup import group_vectors
 
     set_threads(cfg["threads"])
     x, truth = planted(cfg["n"], cfg["dim"], cfg["cluster_share"], cfg["seed"])
@@ -133,9 +135,7 @@ def main(args) -> dict:
         results.append(res)
     out = {"runs": results}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=2)
+        write_json(args.out, out)
     return out
 
 

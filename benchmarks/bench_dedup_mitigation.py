@@ -17,9 +17,10 @@ the prompt's own training image per kind and duplication count.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from diffmem.runs import write_json
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -82,9 +83,7 @@ def main(args) -> dict:
             print(f"  {r['kind']:9s} x{r['dup_count']:<3d} copies {r['copy_share']}  median own RMSE "
                   f"{r['median_own_rmse']}  median nearest RMSE {r['median_nn_rmse']:.3f}", flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=2)
+        write_json(args.out, out)
     return out
 
 

@@ -21,13 +21,14 @@ scaling of the stage from the first to the last worker count. Every process uses
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from diffmem.runs import write_json
 
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (1, 1)]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -137,9 +138,7 @@ def main(argv=None) -> int:
                 + f"; workers {last} vs {first}: x{row[f'scaling_workers{last}_vs_{first}']:.2f}", flush=True)
     best = max(max(r[f"ratio_workers{w}"] for w in args.workers) for r in result["features"].values())
     result["target_ratio"], result["meets_target"] = 0.9, bool(best >= 0.9)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 
