@@ -18,9 +18,13 @@ Sections (``--section``, default all):
   from diffmem's vectors. Immaculate needs Python 3.12, so it lives in its own venv
   (``python3.12 -m venv /work/imm312 && /work/imm312/bin/pip install 'immaculate[sscd]==0.3.0'``);
   without it that part is skipped.
+- ``dedup``: ``diffmem dedup`` against Immaculate's ``--json`` groups at the same threshold (0.75
+  for ``sscd_distilled``): CPU seconds, peak RSS, the share of copies grouped with their
+  original, and groups that mix distinct photos.
 
     python benchmarks/bench_dedup.py --n 500 --immaculate /work/imm312/bin/immaculate
     python benchmarks/bench_dedup.py --section embed --folder /tmp/photos --compare-src /path/to/main
+    python benchmarks/bench_dedup.py --section dedup --n 500 --immaculate /work/imm312/bin/immaculate
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from diffmem.runs import write_json
 REPO = Path(__file__).resolve().parent.parent
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (1, 1)]
 #: the sections; section ``name`` is ``section_<name>(args, folder, made, work) -> dict``
-SECTIONS = ("embed",)
+SECTIONS = ("embed", "dedup")
 
 
 def parse_args(argv=None):
@@ -258,6 +262,58 @@ def section_embed(args, folder: Path, made: dict, work: Path) -> dict:
         result["immaculate_dedup"] = medians(runs["immaculate"], n)
         result["immaculate_output_tail"] = runs["immaculate"][-1]["output"][-1500:]
         result["cpu_ratio"] = result["diffmem_embed"]["cpu_s"] / result["immaculate_dedup"]["cpu_s"]
+    return result
+
+
+# -- the dedup section -----------------------------------------------------------------------
+
+def diffmem_dedup_cmd(folder: Path, out: Path, features: str, threads: int, threshold: float) -> list[str]:
+    return [sys.executable, "-m", "diffmem.cli", "dedup", "data=folder", f"data.root={folder}",
+            "data.manifest=captions.tsv", f"features={features}", f"threshold={threshold}",
+            f"paths.output_dir={out}", f"threads={threads}", "device=cpu"]
+
+
+def grouped_share(groups: list[list[str]], pairs: list[tuple[int, int]], files: list[str]) -> dict:
+    """Of the known (copy, original) pairs, the share whose two files share a group; and how
+    many groups mix files that are no copies of one another (by file name)."""
+    group_of = {Path(f).name: g for g, members in enumerate(groups) for f in members}
+    name = [Path(f).name for f in files]
+    together = [group_of.get(name[c]) is not None and group_of.get(name[c]) == group_of.get(name[o]) for c, o in pairs]
+    family = {i: i for i in range(len(files))}
+    for c, o in pairs:
+        family[c] = o
+    index = {n: i for i, n in enumerate(name)}
+    mixed = sum(len({family[index[Path(f).name]] for f in members}) > 1 for members in groups)
+    return {"copies_grouped_with_original": float(np.mean(together)) if pairs else None,
+            "groups": len(groups), "groups_mixing_photos": int(mixed)}
+
+
+def section_dedup(args, folder: Path, made: dict, work: Path) -> dict:
+    """diffmem dedup and Immaculate's dedup at the same threshold, alternating; medians, and the
+    share of copies each puts in their original's group."""
+    import pandas as pd
+
+    exe = args.immaculate if args.immaculate and shutil.which(args.immaculate) else None
+    n = len(made["files"])
+    tools = {"diffmem": lambda r: measure(diffmem_dedup_cmd(folder, work / f"dedup{r}", args.features, args.threads,
+                                                            args.threshold), _env(REPO, args.threads), cwd=REPO)}
+    if exe:
+        tools["immaculate"] = lambda r: measure([exe, "--json", "--method", "sscd_distilled", str(folder / "images")])
+    runs: dict[str, list[dict]] = {k: [] for k in tools}
+    for r in range(args.repeats):
+        for name, tool in tools.items():
+            runs[name].append(tool(r))
+            print(f"dedup {name} run {r}: {runs[name][-1]['wall_s']:.1f} s, {runs[name][-1]['cpu_s']:.1f} CPU-s, "
+                  f"{runs[name][-1]['peak_rss_mb']:.0f} MB", flush=True)
+    table = pd.read_parquet(next((work / "dedup0").rglob("groups.parquet")))
+    groups = [g["file"].tolist() for _, g in table.groupby("group_id") if len(g) > 1]
+    result = {"n_images": n, "features": args.features, "threshold": args.threshold,
+              "diffmem_dedup": {**medians(runs["diffmem"], n), **grouped_share(groups, made["pairs"], made["files"])}}
+    if exe:
+        found = json.loads(runs["immaculate"][-1]["output"][runs["immaculate"][-1]["output"].index("{"):])
+        result["immaculate_dedup"] = {**medians(runs["immaculate"], n),
+                                      **grouped_share(found["exact"] + found["near"], made["pairs"], made["files"])}
+        result["cpu_ratio"] = result["diffmem_dedup"]["cpu_s"] / result["immaculate_dedup"]["cpu_s"]
     return result
 
 
