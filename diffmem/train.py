@@ -32,8 +32,10 @@ def body(job: Job) -> Outcome:
     ``model/memorisation.json``."""
     cfg = job.cfg
     testbed = cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS
-    model_dir = train_pipeline(cfg, job.dir, *job.ctx, partial(memorisation_figures, **cfg.evaluate) if testbed else None)
-    ranks = distributed.summary(lambda r, w: sum(fit_items(c, r, w) for c in (cfg.vae, cfg.unet)))
+    evaluate = partial(memorisation_figures, **cfg.evaluate) if testbed else None
+    model_dir = train_pipeline(cfg, job.dir, *job.ctx, evaluate)
+    phases = [c for c in (cfg.vae, cfg.unet) if int(c.steps) > 0]  # steps 0: a given VAE, not trained
+    ranks = distributed.summary(lambda r, w: sum(fit_items(c, r, w) for c in phases))
     return Outcome({"model": str(model_dir)}, info={"data_parallel": ranks})
 
 
