@@ -9,10 +9,10 @@ package that imports torchvision (open_clip, timm, some transformers/peft paths)
 fails does it define the two missing op *schemas* (no kernels: calling them still
 raises, as torchvision's own ``_assert_has_ops`` does). On a working install it is a
 no-op. ``install()`` puts a meta-path hook in place so ``apply()`` runs right before
-torchvision is first imported, whatever imports it. It is scoped to diffmem: the package's
-``__init__`` calls ``install()``, so any ``import diffmem...`` arms it before diffmem (or a
-library it loads) imports torchvision; a process that never imports diffmem is left as it
-is. ``install()`` imports nothing heavy; torch is only imported when torchvision is.
+torchvision is first imported, whatever imports it. The installed
+``diffmem_torchvision_shim.pth`` calls it at every interpreter start (launchers such as
+``accelerate launch`` import torchvision before any diffmem code), and the package's ``__init__``
+calls it too. ``install()`` imports nothing heavy; torch is only imported when torchvision is.
 """
 
 from __future__ import annotations
