@@ -414,7 +414,7 @@ def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.Data
 
     vae_dir = run_dir / "vae"
     if cfg.vae.steps > 0:
-        if not (vae_dir / "config.json").exists():
+        if not all((vae_dir / f).exists() for f in ("config.json", "diffusion_pytorch_model.safetensors")):
             vae_images = images
             if cfg.vae.get("data"):  # its own pool (e.g. random photo crops), so the VAE does not memorise
                 vae_root, vae_rows = load_dataset(cfg.vae.data)

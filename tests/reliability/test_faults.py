@@ -21,6 +21,7 @@ number of kills.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -88,8 +89,8 @@ MITIGATE = ["model=local", "steps=2", "positives.min_dup_count=4", "prompts.n_or
             "objectives.n_prompts=4", "features.extractor.size=8", *SMALL_DATA]
 MEMCONTROL = ["mitigation=memcontrol", "+mitigation.mask.mid_block.attentions.0=1", "mitigation.steps=6",
               "mitigation.ckpt_every=2", "mitigation.noise_filter={quantile: 0.9, n_calibration: 16}", "name=m"]
-ADVERSARIAL = ["mitigation=adversarial_ft", "mitigation.steps=4", "mitigation.refresh_every=2", "mitigation.ckpt_every=1",
-               "mitigation.trigger.steps=2", "mitigation.surrogate.n_candidates=2", "mitigation.surrogate.n_steps=2",
+ADVERSARIAL = ["mitigation=adversarial_ft", "mitigation.steps=4", "mitigation.refresh_every=2",
+               "mitigation.ckpt_every=1", "mitigation.trigger.steps=2", "mitigation.surrogate.n_candidates=2", "mitigation.surrogate.n_steps=2",
                "name=a"]
 TRAIN = ["arch=tiny", "unet.steps=6", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2",
          "vae.steps=3", "vae.batch_size=4", "vae.ckpt_every=1", "name=t", *SMALL_DATA]
@@ -374,3 +375,30 @@ def test_concurrent_claims_with_two_configs(tmp_path):
 
     assert read_json(outputs / "search" / "x" / "run.json")["k"] == (2, 3)[winner]
     assert (outputs / "search" / "x" / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_damaged_output_of_a_finished_run_is_recomputed(name, references, tiny_pipe_dir, workdir, monkeypatch):
+    """A finished run with one published file deleted, then one cut short (seeded picks among the
+    files its ``_SUCCESS`` lists): re-running its commands recomputes them, equal to the reference."""
+    scenario = SCENARIOS[name]
+    outputs = workdir / "ref"
+    monkeypatch.setenv("DIFFMEM_OUTPUTS", str(outputs))
+    ref = references(name)
+    commands = scenario.commands(tiny_pipe_dir, outputs)
+    run_dir = _run_dir(outputs, commands[0])
+    for command in commands:  # finished (a no-op where an earlier test left it so)
+        diffmem.run(*command)
+    listed = sorted(json.loads((run_dir / "_SUCCESS").read_text())["outputs"])
+    rng = np.random.default_rng(sum(map(ord, name)))
+    for damage in ("delete", "cut short"):
+        victim = run_dir / listed[int(rng.integers(len(listed)))]
+        if damage == "delete":
+            victim.unlink()
+        else:
+            victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+        for command in commands:
+            diffmem.run(*command)
+        context = f"{name}: {victim.relative_to(run_dir)} {damage}"
+        assert_all_readable(run_dir, context)
+        assert_same_outputs(snapshot(run_dir, scenario.skip), ref.outputs, context)
