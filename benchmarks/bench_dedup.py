@@ -193,6 +193,17 @@ def medians(runs: list[dict], n: int) -> dict:
     return out
 
 
+def alternate(tools: dict, repeats: int, section: str) -> dict[str, list[dict]]:
+    """``repeats`` runs of every tool (``tool(r) -> measure(...)``), taking turns, each printed."""
+    runs: dict[str, list[dict]] = {k: [] for k in tools}
+    for r in range(repeats):
+        for name, tool in tools.items():
+            runs[name].append(tool(r))
+            print(f"{section} {name} run {r}: {runs[name][-1]['wall_s']:.1f} s, {runs[name][-1]['cpu_s']:.1f} CPU-s, "
+                  f"{runs[name][-1]['peak_rss_mb']:.0f} MB", flush=True)
+    return runs
+
+
 # -- the embed section -----------------------------------------------------------------------
 
 def _env(src: Path, threads: int) -> dict:
@@ -241,12 +252,7 @@ def section_embed(args, folder: Path, made: dict, work: Path) -> dict:
             _env(Path(args.compare_src), args.threads), cwd=args.compare_src)
     if exe:
         tools["immaculate"] = lambda r: measure(immaculate_cmd(exe, folder))
-    runs: dict[str, list[dict]] = {k: [] for k in tools}
-    for r in range(args.repeats):
-        for name, tool in tools.items():
-            runs[name].append(tool(r))
-            print(f"{name} run {r}: {runs[name][-1]['wall_s']:.1f} s, {runs[name][-1]['cpu_s']:.1f} CPU-s, "
-                  f"{runs[name][-1]['peak_rss_mb']:.0f} MB", flush=True)
+    runs = alternate(tools, args.repeats, "embed")
     sys.path.insert(0, str(REPO))
     from diffmem.features.store import FeatureStore
 
@@ -299,12 +305,7 @@ def section_dedup(args, folder: Path, made: dict, work: Path) -> dict:
                                                             args.threshold), _env(REPO, args.threads), cwd=REPO)}
     if exe:
         tools["immaculate"] = lambda r: measure([exe, "--json", "--method", "sscd_distilled", str(folder / "images")])
-    runs: dict[str, list[dict]] = {k: [] for k in tools}
-    for r in range(args.repeats):
-        for name, tool in tools.items():
-            runs[name].append(tool(r))
-            print(f"dedup {name} run {r}: {runs[name][-1]['wall_s']:.1f} s, {runs[name][-1]['cpu_s']:.1f} CPU-s, "
-                  f"{runs[name][-1]['peak_rss_mb']:.0f} MB", flush=True)
+    runs = alternate(tools, args.repeats, "dedup")
     table = pd.read_parquet(next((work / "dedup0").rglob("groups.parquet")))
     groups = [g["file"].tolist() for _, g in table.groupby("group_id") if len(g) > 1]
     result = {"n_images": n, "features": args.features, "threshold": args.threshold,
