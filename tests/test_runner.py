@@ -193,3 +193,40 @@ def test_volatile_batch_sizes_do_not_change_results(tiny_pipe, tmp_path):
     vectors = [FeatureStore(diffmem.run("embed", [*SMALL_DATA, "features.extractor.size=8", f"batch_size={b}",
                                                   f"run_dir={tmp_path / f'e{b}'}"])).load()[0] for b in (1, 7)]
     assert np.array_equal(*vectors)
+
+
+@pytest.mark.parametrize("stage", ["detect", "audit", "dedup", "probe"])
+def test_damaged_outputs_of_the_other_stages_are_recomputed(stage, tiny_pipe_dir, tmp_path):
+    """The stages the fault suite does not kill: a finished run with its largest published file cut
+    short and another deleted is recomputed on re-run, equal to what it published first."""
+    from tests.conftest import SMALL_DATA
+    from tests.reliability.faultlib import snapshot
+
+    pipe = ["model=local", f"model.path={tiny_pipe_dir}"]
+    args = {"detect": [*pipe, "detect=noise_norm", "detect.num_inference_steps=4", "prompts.n_ordinary=2",
+                       "prompts.n_heldout=2", "positives.min_dup_count=4", *SMALL_DATA],
+            "audit": [*pipe, "model.num_inference_steps=2", "n_per_prompt=2", "prompts.n_ordinary=2",
+                      "prompts.n_heldout=2", "features.extractor.size=8", *SMALL_DATA],
+            "dedup": ["data=testbed", "split=train", "features=pixel", "threshold=0.95", *SMALL_DATA],
+            "probe": [*pipe, "probe=trigger_search", "probe.steps=2", "probe.restarts=1", "features.extractor.size=8",
+                      "steps=3", "n_per_prompt=2", "n_controls=1", "positives.min_dup_count=4", "prompts.n_ordinary=4",
+                      "prompts.n_heldout=2", *SMALL_DATA]}[stage]
+    args.append(f"run_dir={tmp_path / 'run'}")
+    run_dir = diffmem.run(stage, args)
+    first = snapshot(run_dir)
+    listed = json.loads((run_dir / SUCCESS).read_text())["outputs"]
+    largest = max(listed, key=lambda rel: listed[rel]["size"])
+    (run_dir / largest).write_bytes((run_dir / largest).read_bytes()[:listed[largest]["size"] // 2])
+    (run_dir / sorted(set(listed) - {largest})[0]).unlink()
+    diffmem.run(stage, args)
+    again = snapshot(run_dir)
+    assert set(again) == set(first)
+    differ = [k for k in first if k != "_SUCCESS" and _untimed(again[k]) != _untimed(first[k])]
+    assert not differ, differ
+
+
+def _untimed(value):
+    """``value`` (a snapshot entry) without the timings that differ between two runs of one config."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if "seconds" not in k}
+    return value
