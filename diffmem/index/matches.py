@@ -18,10 +18,10 @@ from diffmem.checks import check_positive
 from diffmem.errors import DataError
 from diffmem.features.store import FeatureStore
 from diffmem.index.build import build_index
-from diffmem.index.files import INFO_FILE, load_index
+from diffmem.index.files import INDEX_FILE, INFO_FILE, load_index
 from diffmem.index.search import search, streaming_search
 from diffmem.metrics import sscd_score_normalisation
-from diffmem.runs import write_parquet
+from diffmem.runs import file_stamp, read_json, write_parquet
 
 MATCHES = "matches.parquet"
 
@@ -86,14 +86,18 @@ def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
 def input_digests(queries_dir, index_dir=None, stream_dir=None, background_dir=None) -> dict:
     """The contents a search reads, by digest (its run's fingerprint: a re-embedded or rebuilt
     input at the same path is a new search, not a finished one): the embed runs'
-    :meth:`~FeatureStore.content_digest` and the index's info file."""
+    :meth:`~FeatureStore.content_digest`, and the index's file and info without its provenance
+    (an identical index rebuilt after damage is the same input)."""
     import hashlib
+    import json
 
     runs = {"queries": queries_dir, "reference": stream_dir, "background": background_dir}
     out = {key: FeatureStore(d).content_digest() for key, d in runs.items() if d}
     info = Path(index_dir or "") / INFO_FILE
     if index_dir and info.is_file():
-        out["index"] = hashlib.sha256(info.read_bytes()).hexdigest()[:12]
+        meta = {k: v for k, v in read_json(info).items() if k not in ("config", "versions", "git", "date")}
+        stamp = file_stamp(Path(index_dir) / INDEX_FILE) if (Path(index_dir) / INDEX_FILE).is_file() else None
+        out["index"] = hashlib.sha256(json.dumps([meta, stamp], sort_keys=True, default=str).encode()).hexdigest()[:12]
     return out
 
 
