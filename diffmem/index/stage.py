@@ -56,20 +56,21 @@ def _sample(features_dir: str, train_sample: int | None, seed: int) -> np.ndarra
                            for m, lo, hi in zip(maps, offsets[:-1], offsets[1:])])
 
 
-def _info(cfg: DictConfig, finfo: dict) -> dict:
+def _info(cfg: DictConfig, finfo: dict, features_digest: str) -> dict:
     warning = FeatureStore(cfg.features_dir).warning()  # a random CLIP: the index says so too
     return {"factory": cfg.index.factory, "feature": finfo["feature"],
-            "features_dir": str(Path(cfg.features_dir).resolve()),
-            "features_digest": FeatureStore(cfg.features_dir).content_digest(),
+            "features_dir": str(Path(cfg.features_dir).resolve()), "features_digest": features_digest,
             **({"warning": warning} if warning else {})}
 
 
-def prepare(cfg: DictConfig) -> None:
+def prepare(cfg: DictConfig) -> str:
+    """The embed run's content digest (read once: the fingerprint and the index's info both carry it)."""
     if cfg.mode not in MODES:
         raise ConfigError(f"mode '{cfg.mode}' is not one of {', '.join(MODES)}")
     require(cfg, "features_dir", hint="features_dir=<an embed run dir>")
     check_shard(cfg.shard, cfg.num_shards)
     set_threads(cfg.get("threads"))
+    return FeatureStore(cfg.features_dir).content_digest()
 
 
 def body(job: Job) -> Outcome:
@@ -104,7 +105,7 @@ def body(job: Job) -> Outcome:
         ondisk = build_dir / "index.ivfdata" if cfg.ondisk else None
         index = merge_shards(shards, build_dir / "empty.faiss" if ondisk else None, ondisk)
         set_search_params(index, ix.nprobe, ix.ef_search)
-        save_index(index, build_dir, {**_info(cfg, finfo), **provenance(cfg)})
+        save_index(index, build_dir, {**_info(cfg, finfo, job.ctx), **provenance(cfg)})
         return Outcome({"ntotal": index.ntotal})
     if cfg.mode == "train":  # reads only the sampled rows (memory-mapped parts)
         empty = train_empty_index(_sample(cfg.features_dir, ix.train_sample, cfg.seed),
@@ -114,7 +115,7 @@ def body(job: Job) -> Outcome:
     x, _, finfo = FeatureStore(cfg.features_dir).load()
     index = build_index(x, ix.factory, ix.metric, train_sample=ix.train_sample, seed=cfg.seed,
                         nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search, name=name)
-    info = _info(cfg, finfo)
+    info = _info(cfg, finfo, job.ctx)
     if ix.factory.strip().lower() != "flat" and cfg.recall.queries:
         q = held_out_queries(x, cfg.recall.queries, cfg.recall.noise, cfg.seed)
         info["recall"] = measure_recall(index, x, q, k=cfg.recall.k)
@@ -125,7 +126,7 @@ def body(job: Job) -> Outcome:
 #: the sharded modes share one folder whatever Hydra job runs them (a multirun of adds); the
 #: embed run counts by content too: one re-embedded under the same path needs a new index
 SPEC = StageSpec("index", body, prepare, volatile=("mode", "num_shards", "build_dir", "ondisk"),
-                 extra=lambda cfg, _: {"features_digest": FeatureStore(cfg.features_dir).content_digest()},
+                 extra=lambda cfg, digest: {"features_digest": digest},
                  run_dir=lambda cfg: cfg.run_dir if cfg.mode == "single" else cfg.build_dir)
 run = SPEC.run
 main = hydra_app("index", run)
