@@ -27,10 +27,14 @@ import time
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--descriptors", default="pixel,clip,sscd_onnx,sscd_distilled,sscd_disc_mixup",
-                   help="feature configs to run (sscd_disc_mixup is skipped when its file is absent)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--descriptors",
+        default="pixel,clip,sscd_onnx,sscd_distilled,sscd_disc_mixup",
+        help="feature configs to run (sscd_disc_mixup is skipped when its file is absent)",
+    )
     p.add_argument("--max-side", type=int, default=512, help="photos' long side (pixels)")
     p.add_argument("--thresholds", default="0.5,0.75")
     p.add_argument("--latency-repeats", type=int, default=10, help="batch-1 runs (median is reported)")
@@ -102,26 +106,42 @@ def run_descriptor(name: str, cs, thresholds, repeats: int) -> dict | None:
     seconds = time.perf_counter() - t
     scores = a @ b.T
     labels = cs.labels()
-    out = {"descriptor": name, "dim": ext.dim,
-           **detection_metrics(scores.ravel(), labels.ravel(), thresholds=thresholds),
-           "images_per_s": (len(a) + len(b)) / seconds, "latency_ms_288": latency_ms(ext, repeats),
-           "extractor": ext.info()}
+    out = {
+        "descriptor": name,
+        "dim": ext.dim,
+        **detection_metrics(scores.ravel(), labels.ravel(), thresholds=thresholds),
+        "images_per_s": (len(a) + len(b)) / seconds,
+        "latency_ms_288": latency_ms(ext, repeats),
+        "extractor": ext.info(),
+    }
     fam = np.asarray(cs.copy_family)
     pos = scores[cs.copy_source, np.arange(len(b))]
-    out["by_family"] = {f: {"positive_min": float(pos[fam == f].min()),
-                            "positive_median": float(np.median(pos[fam == f]))} for f in dict.fromkeys(fam)}
+    out["by_family"] = {
+        f: {"positive_min": float(pos[fam == f].min()), "positive_median": float(np.median(pos[fam == f]))}
+        for f in dict.fromkeys(fam)
+    }
     return out
 
 
 def table(rows: list[dict], thresholds) -> str:
-    head = ["descriptor", "ROC-AUC"] + [f"{m}@{t}" for t in thresholds for m in ("P", "R")] + \
-        ["pos. median", "neg. median", "images/s", "ms/image (288 px)"]
+    head = (
+        ["descriptor", "ROC-AUC"]
+        + [f"{m}@{t}" for t in thresholds for m in ("P", "R")]
+        + ["pos. median", "neg. median", "images/s", "ms/image (288 px)"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         pr = [r[f"{m}@{t}"] for t in thresholds for m in ("precision", "recall")]
-        cells = [f"`{r['descriptor']}`", f"{r['roc_auc']:.3f}"] + ["-" if v is None else f"{v:.2f}" for v in pr] + \
-            [f"{r['positive_median']:.2f}", f"{r['negative_median']:.2f}", f"{r['images_per_s']:.1f}",
-             f"{r['latency_ms_288']:.1f}"]
+        cells = (
+            [f"`{r['descriptor']}`", f"{r['roc_auc']:.3f}"]
+            + ["-" if v is None else f"{v:.2f}" for v in pr]
+            + [
+                f"{r['positive_median']:.2f}",
+                f"{r['negative_median']:.2f}",
+                f"{r['images_per_s']:.1f}",
+                f"{r['latency_ms_288']:.1f}",
+            ]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -130,8 +150,10 @@ def main(args) -> dict:
     torch.set_num_threads(args.threads)
     thresholds = [float(t) for t in args.thresholds.split(",")]
     cs = build_copy_set(natural_photos(PHOTOS + OTHER_PHOTOS, max_side=args.max_side), seed=args.seed)
-    log(f"set: {len(cs.originals)} photos, {len(cs.copies)} copies ({len(set(cs.copy_family))} families), "
-        f"{int(cs.labels().sum())} positive and {int((~cs.labels()).sum())} negative pairs; {args.threads} thread(s)")
+    log(
+        f"set: {len(cs.originals)} photos, {len(cs.copies)} copies ({len(set(cs.copy_family))} families), "
+        f"{int(cs.labels().sum())} positive and {int((~cs.labels()).sum())} negative pairs; {args.threads} thread(s)"
+    )
     rows = []
     for name in args.descriptors.split(","):
         r = run_descriptor(name, cs, thresholds, args.latency_repeats)
@@ -140,9 +162,16 @@ def main(args) -> dict:
             log(f"{name}: AUC {r['roc_auc']:.4f}, {r['images_per_s']:.1f} images/s, {r['latency_ms_288']:.1f} ms/image")
     text = table(rows, thresholds)
     log(text)
-    result = {"photos": cs.names, "families": list(dict.fromkeys(cs.copy_family)), "threads": args.threads,
-              "max_side": args.max_side, "seed": args.seed, "thresholds": thresholds, "results": rows,
-              "table": text}
+    result = {
+        "photos": cs.names,
+        "families": list(dict.fromkeys(cs.copy_family)),
+        "threads": args.threads,
+        "max_side": args.max_side,
+        "seed": args.seed,
+        "thresholds": thresholds,
+        "results": rows,
+        "table": text,
+    }
     write_json(args.out, result)
     log(f"wrote {args.out}")
     return result

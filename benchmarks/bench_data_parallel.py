@@ -33,10 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--configs", default="1x2,1x1,2x1",
-                   help="processes x threads per process; speed-ups are over the first")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--configs", default="1x2,1x1,2x1", help="processes x threads per process; speed-ups are over the first"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=12, help="LoRA fine-tuning steps")
     p.add_argument("--batch-size", type=int, default=16, help="global fine-tuning batch")
@@ -69,20 +71,32 @@ def worker(args) -> None:
     root, manifest = load_dataset(cfg.data)
     rows = manifest[manifest["split"] == "train"].reset_index(drop=True)
     prompts = rows.drop_duplicates("caption").head(max(1, args.samples // 2))
-    plan = plan_samples(pd.DataFrame({"prompt_id": range(len(prompts)), "caption": prompts["caption"].tolist()}),
-                        -(-args.samples // len(prompts)), 0).head(args.samples)
+    plan = plan_samples(
+        pd.DataFrame({"prompt_id": range(len(prompts)), "caption": prompts["caption"].tolist()}),
+        -(-args.samples // len(prompts)),
+        0,
+    ).head(args.samples)
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         dist.barrier("bench: start")
         start = time.perf_counter()
-        generate_images(pipe, plan, Path(tmp), resolution=cfg.resolution, steps=args.gen_steps,
-                        guidance=cfg.guidance_scale, batch_size=args.gen_batch, shard=True)
+        generate_images(
+            pipe,
+            plan,
+            Path(tmp),
+            resolution=cfg.resolution,
+            steps=args.gen_steps,
+            guidance=cfg.guidance_scale,
+            batch_size=args.gen_batch,
+            shard=True,
+        )
         dist.barrier("bench: generated")
         out["generate_s"] = time.perf_counter() - start
 
     latents = encode_files(pipe.vae, root, rows["file"].tolist(), cfg.resolution)
-    s = OmegaConf.merge(cfg.mitigation, {"steps": args.steps, "batch_size": args.batch_size,
-                                         "ckpt_every": 10**6, "objectives": False})
+    s = OmegaConf.merge(
+        cfg.mitigation, {"steps": args.steps, "batch_size": args.batch_size, "ckpt_every": 10**6, "objectives": False}
+    )
     prepare(pipe.unet, "lora", selected_blocks(pipe.unet, None), int(s.rank))
     with tempfile.TemporaryDirectory() as tmp:
         dist.barrier("bench: fine-tune")
@@ -97,10 +111,26 @@ def worker(args) -> None:
 def run_config(args, procs: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "t.json"
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(procs), __file__,
-               "--worker", str(result), "--device", args.device, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--samples", str(args.samples),
-               "--gen-batch", str(args.gen_batch), "--gen-steps", str(args.gen_steps)]
+        cmd = [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node",
+            str(procs),
+            __file__,
+            "--worker",
+            str(result),
+            "--device",
+            args.device,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--samples",
+            str(args.samples),
+            "--gen-batch",
+            str(args.gen_batch),
+            "--gen-steps",
+            str(args.gen_steps),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -132,17 +162,30 @@ def main(argv=None) -> None:
             row[key.replace("_s", "_speedup")] = speedup
             row[key.replace("_s", "_efficiency")] = speedup * base[0] / c[0]
         table.append(row)
-    print(f"\n{'procs x threads':>15} | {'fine-tune s':>11} {'speed-up':>8} {'eff.':>5} | "
-          f"{'generate s':>10} {'speed-up':>8} {'eff.':>5} | {'start+load s':>12}")
+    print(
+        f"\n{'procs x threads':>15} | {'fine-tune s':>11} {'speed-up':>8} {'eff.':>5} | "
+        f"{'generate s':>10} {'speed-up':>8} {'eff.':>5} | {'start+load s':>12}"
+    )
     for row in table:
-        print(f"{row['processes']:>9} x {row['threads']:<3} | {row['finetune_s']:>11.1f} {row['finetune_speedup']:>8.2f} "
-              f"{row['finetune_efficiency']:>5.2f} | {row['generate_s']:>10.1f} {row['generate_speedup']:>8.2f} "
-              f"{row['generate_efficiency']:>5.2f} | {row['start_s']:>12.1f}")
+        print(
+            f"{row['processes']:>9} x {row['threads']:<3} | {row['finetune_s']:>11.1f} {row['finetune_speedup']:>8.2f} "
+            f"{row['finetune_efficiency']:>5.2f} | {row['generate_s']:>10.1f} {row['generate_speedup']:>8.2f} "
+            f"{row['generate_efficiency']:>5.2f} | {row['start_s']:>12.1f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "worker"},
-                                          "cpus": os.cpu_count(), "load_avg_at_end": os.getloadavg(),
-                                          "table": table, "runs": {f"{p}x{t}": v for (p, t), v in runs.items()}},
-                                         indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "args": {k: v for k, v in vars(args).items() if k != "worker"},
+                "cpus": os.cpu_count(),
+                "load_avg_at_end": os.getloadavg(),
+                "table": table,
+                "runs": {f"{p}x{t}": v for (p, t), v in runs.items()},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ SECTIONS = ("embed", "dedup")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--section", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--n", type=int, default=500, help="JPEGs in the folder (originals + copies)")
     p.add_argument("--folder", default=None, help="reuse (or create) the folder here instead of a temporary one")
@@ -60,16 +61,23 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads of diffmem")
     p.add_argument("--repeats", type=int, default=3, help="runs of each tool (alternating); medians reported")
     p.add_argument("--threshold", type=float, default=0.75, help="cosine above which a pair is called a copy")
-    p.add_argument("--compare-src", default=None,
-                   help="another diffmem checkout (e.g. main before a change) whose embed runs alternate with this one's")
-    p.add_argument("--immaculate", default=os.environ.get("IMMACULATE"),
-                   help="Immaculate's CLI (needs Python 3.12; skipped when unset or absent)")
+    p.add_argument(
+        "--compare-src",
+        default=None,
+        help="another diffmem checkout (e.g. main before a change) whose embed runs alternate with this one's",
+    )
+    p.add_argument(
+        "--immaculate",
+        default=os.environ.get("IMMACULATE"),
+        help="Immaculate's CLI (needs Python 3.12; skipped when unset or absent)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_dedup.json"))
     return p.parse_args(argv)
 
 
 # -- the folder -----------------------------------------------------------------------------
+
 
 def _source_photos() -> list[np.ndarray]:
     """The colour and grey photos scikit-image and matplotlib ship, as RGB arrays."""
@@ -97,7 +105,7 @@ def _original(photos: list[np.ndarray], rng: np.random.Generator):
             scale = min(ph / th, pw / tw) * rng.uniform(0.3, 1.0)
             ch, cw = max(8, int(th * scale)), max(8, int(tw * scale))
             y, x = int(rng.integers(ph - ch + 1)), int(rng.integers(pw - cw + 1))
-            tile = Image.fromarray(photo[y:y + ch, x:x + cw]).resize((int(tw), int(th)), Image.BICUBIC)
+            tile = Image.fromarray(photo[y : y + ch, x : x + cw]).resize((int(tw), int(th)), Image.BICUBIC)
             if rng.random() < 0.5:
                 tile = ImageOps.mirror(tile)
             canvas.paste(tile, (int(xs[c]), int(ys[r])))
@@ -162,14 +170,16 @@ def make_folder(root: str | Path, n: int = 500, seed: int = 0, copy_share: float
     files = [files[k] for k in order]
     pairs = [(int(rank[c]), int(rank[o])) for c, o in pairs]
     (root / "captions.tsv").write_text("file\tcaption\n" + "".join(f"{f}\tphoto {i}\n" for i, f in enumerate(files)))
-    (root / "pairs.csv").write_text("copy,original,edit\n" + "".join(
-        f"{files[c]},{files[o]},{e}\n" for (c, o), e in zip(pairs, edits)))
+    (root / "pairs.csv").write_text(
+        "copy,original,edit\n" + "".join(f"{files[c]},{files[o]},{e}\n" for (c, o), e in zip(pairs, edits))
+    )
     out = {"files": files, "pairs": pairs}
     meta.write_text(json.dumps({**out, "key": key}))
     return out
 
 
 # -- measuring a command ------------------------------------------------------------------------
+
 
 def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run ``cmd``; wall seconds, CPU seconds (user + system, children included) and peak RSS (MB)
@@ -182,8 +192,12 @@ def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) ->
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode(errors='replace')[-3000:]}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "output": out.decode(errors="replace")}
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "output": out.decode(errors="replace"),
+    }
 
 
 def medians(runs: list[dict], n: int) -> dict:
@@ -199,21 +213,35 @@ def alternate(tools: dict, repeats: int, section: str) -> dict[str, list[dict]]:
     for r in range(repeats):
         for name, tool in tools.items():
             runs[name].append(tool(r))
-            print(f"{section} {name} run {r}: {runs[name][-1]['wall_s']:.1f} s, {runs[name][-1]['cpu_s']:.1f} CPU-s, "
-                  f"{runs[name][-1]['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{section} {name} run {r}: {runs[name][-1]['wall_s']:.1f} s, {runs[name][-1]['cpu_s']:.1f} CPU-s, "
+                f"{runs[name][-1]['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     return runs
 
 
 # -- the embed section -----------------------------------------------------------------------
+
 
 def _env(src: Path, threads: int) -> dict:
     return {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
 
 
 def diffmem_embed_cmd(folder: Path, out: Path, features: str, threads: int) -> list[str]:
-    return [sys.executable, "-m", "diffmem.cli", "embed", "data=folder", f"data.root={folder}",
-            "data.manifest=captions.tsv", f"features={features}", f"paths.output_dir={out}",
-            f"threads={threads}", "device=cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "diffmem.cli",
+        "embed",
+        "data=folder",
+        f"data.root={folder}",
+        "data.manifest=captions.tsv",
+        f"features={features}",
+        f"paths.output_dir={out}",
+        f"threads={threads}",
+        "device=cpu",
+    ]
 
 
 def immaculate_cmd(exe: str, folder: Path) -> list[str]:
@@ -233,9 +261,14 @@ def pair_metrics(vectors: np.ndarray, pairs: list[tuple[int, int]], threshold: f
     for cs in by_orig.values():
         truth |= {(min(a, b), max(a, b)) for a in cs for b in cs if a != b}
     hit = len(called & truth)
-    return {"threshold": threshold, "true_pairs": len(truth), "called_pairs": len(called),
-            "recall": hit / max(len(truth), 1), "precision": hit / max(len(called), 1),
-            "copy_pair_cos_median": float(np.median([sims[c, o] for c, o in pairs])) if pairs else None}
+    return {
+        "threshold": threshold,
+        "true_pairs": len(truth),
+        "called_pairs": len(called),
+        "recall": hit / max(len(truth), 1),
+        "precision": hit / max(len(called), 1),
+        "copy_pair_cos_median": float(np.median([sims[c, o] for c, o in pairs])) if pairs else None,
+    }
 
 
 def section_embed(args, folder: Path, made: dict, work: Path) -> dict:
@@ -244,12 +277,19 @@ def section_embed(args, folder: Path, made: dict, work: Path) -> dict:
     if args.immaculate and exe is None:
         print(f"immaculate: {args.immaculate} not found; skipped", flush=True)
     n = len(made["files"])
-    tools = {"diffmem": lambda r: measure(diffmem_embed_cmd(folder, work / f"embed{r}", args.features, args.threads),
-                                          _env(REPO, args.threads), cwd=REPO)}
+    tools = {
+        "diffmem": lambda r: measure(
+            diffmem_embed_cmd(folder, work / f"embed{r}", args.features, args.threads),
+            _env(REPO, args.threads),
+            cwd=REPO,
+        )
+    }
     if args.compare_src:
         tools["diffmem_compare"] = lambda r: measure(
             diffmem_embed_cmd(folder, work / f"compare{r}", args.features, args.threads),
-            _env(Path(args.compare_src), args.threads), cwd=args.compare_src)
+            _env(Path(args.compare_src), args.threads),
+            cwd=args.compare_src,
+        )
     if exe:
         tools["immaculate"] = lambda r: measure(immaculate_cmd(exe, folder))
     runs = alternate(tools, args.repeats, "embed")
@@ -259,9 +299,12 @@ def section_embed(args, folder: Path, made: dict, work: Path) -> dict:
     vectors, ids, _ = FeatureStore(next((work / "embed0").rglob("info.json")).parent).load()
     order = {f: i for i, f in enumerate(ids["file"])}
     vectors = vectors[[order[f] for f in made["files"]]]
-    result = {"n_images": n, "features": args.features, "threads": args.threads,
-              "diffmem_embed": {**medians(runs["diffmem"], n),
-                                **pair_metrics(vectors, made["pairs"], args.threshold)}}
+    result = {
+        "n_images": n,
+        "features": args.features,
+        "threads": args.threads,
+        "diffmem_embed": {**medians(runs["diffmem"], n), **pair_metrics(vectors, made["pairs"], args.threshold)},
+    }
     if args.compare_src:
         result["diffmem_compare"] = {"src": args.compare_src, **medians(runs["diffmem_compare"], n)}
     if exe:
@@ -273,10 +316,22 @@ def section_embed(args, folder: Path, made: dict, work: Path) -> dict:
 
 # -- the dedup section -----------------------------------------------------------------------
 
+
 def diffmem_dedup_cmd(folder: Path, out: Path, features: str, threads: int, threshold: float) -> list[str]:
-    return [sys.executable, "-m", "diffmem.cli", "dedup", "data=folder", f"data.root={folder}",
-            "data.manifest=captions.tsv", f"features={features}", f"threshold={threshold}",
-            f"paths.output_dir={out}", f"threads={threads}", "device=cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "diffmem.cli",
+        "dedup",
+        "data=folder",
+        f"data.root={folder}",
+        "data.manifest=captions.tsv",
+        f"features={features}",
+        f"threshold={threshold}",
+        f"paths.output_dir={out}",
+        f"threads={threads}",
+        "device=cpu",
+    ]
 
 
 def grouped_share(groups: list[list[str]], pairs: list[tuple[int, int]], files: list[str]) -> dict:
@@ -290,8 +345,11 @@ def grouped_share(groups: list[list[str]], pairs: list[tuple[int, int]], files: 
         family[c] = o
     index = {n: i for i, n in enumerate(name)}
     mixed = sum(len({family[index[Path(f).name]] for f in members}) > 1 for members in groups)
-    return {"copies_grouped_with_original": float(np.mean(together)) if pairs else None,
-            "groups": len(groups), "groups_mixing_photos": int(mixed)}
+    return {
+        "copies_grouped_with_original": float(np.mean(together)) if pairs else None,
+        "groups": len(groups),
+        "groups_mixing_photos": int(mixed),
+    }
 
 
 def section_dedup(args, folder: Path, made: dict, work: Path) -> dict:
@@ -301,19 +359,30 @@ def section_dedup(args, folder: Path, made: dict, work: Path) -> dict:
 
     exe = args.immaculate if args.immaculate and shutil.which(args.immaculate) else None
     n = len(made["files"])
-    tools = {"diffmem": lambda r: measure(diffmem_dedup_cmd(folder, work / f"dedup{r}", args.features, args.threads,
-                                                            args.threshold), _env(REPO, args.threads), cwd=REPO)}
+    tools = {
+        "diffmem": lambda r: measure(
+            diffmem_dedup_cmd(folder, work / f"dedup{r}", args.features, args.threads, args.threshold),
+            _env(REPO, args.threads),
+            cwd=REPO,
+        )
+    }
     if exe:
         tools["immaculate"] = lambda r: measure([exe, "--json", "--method", "sscd_distilled", str(folder / "images")])
     runs = alternate(tools, args.repeats, "dedup")
     table = pd.read_parquet(next((work / "dedup0").rglob("groups.parquet")))
     groups = [g["file"].tolist() for _, g in table.groupby("group_id") if len(g) > 1]
-    result = {"n_images": n, "features": args.features, "threshold": args.threshold,
-              "diffmem_dedup": {**medians(runs["diffmem"], n), **grouped_share(groups, made["pairs"], made["files"])}}
+    result = {
+        "n_images": n,
+        "features": args.features,
+        "threshold": args.threshold,
+        "diffmem_dedup": {**medians(runs["diffmem"], n), **grouped_share(groups, made["pairs"], made["files"])},
+    }
     if exe:
-        found = json.loads(runs["immaculate"][-1]["output"][runs["immaculate"][-1]["output"].index("{"):])
-        result["immaculate_dedup"] = {**medians(runs["immaculate"], n),
-                                      **grouped_share(found["exact"] + found["near"], made["pairs"], made["files"])}
+        found = json.loads(runs["immaculate"][-1]["output"][runs["immaculate"][-1]["output"].index("{") :])
+        result["immaculate_dedup"] = {
+            **medians(runs["immaculate"], n),
+            **grouped_share(found["exact"] + found["near"], made["pairs"], made["files"]),
+        }
         result["cpu_ratio"] = result["diffmem_dedup"]["cpu_s"] / result["immaculate_dedup"]["cpu_s"]
     return result
 
@@ -324,8 +393,11 @@ def main(argv=None) -> int:
         folder = Path(args.folder) if args.folder else Path(tmp) / "photos"
         t = time.perf_counter()
         made = make_folder(folder, args.n, args.seed)
-        print(f"folder {folder}: {len(made['files'])} JPEGs, {len(made['pairs'])} copies "
-              f"({time.perf_counter() - t:.1f} s)", flush=True)
+        print(
+            f"folder {folder}: {len(made['files'])} JPEGs, {len(made['pairs'])} copies "
+            f"({time.perf_counter() - t:.1f} s)",
+            flush=True,
+        )
         result = {"folder": {"n": len(made["files"]), "copies": len(made["pairs"]), "seed": args.seed}}
         for name in args.section:
             result[name] = globals()[f"section_{name}"](args, folder, made, Path(tmp) / "work" / name)

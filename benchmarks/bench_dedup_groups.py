@@ -29,8 +29,9 @@ from diffmem.runs import write_json
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--n", type=int, default=1_000_000, help="vectors of the IVF run at scale")
     p.add_argument("--n-exact", type=int, default=50_000, help="vectors of the exact vs IVF comparison")
     p.add_argument("--dim", type=int, default=512)
@@ -55,16 +56,16 @@ def planted(n: int, dim: int, cluster_share: float, seed: int):
     x = np.empty((n, dim), np.float32)
     for s in range(0, n, 65536):  # chunks bound the temporaries
         c = rng.standard_normal((min(65536, n - s), dim), dtype=np.float32)
-        x[s:s + len(c)] = c / np.linalg.norm(c, axis=1, keepdims=True)
+        x[s : s + len(c)] = c / np.linalg.norm(c, axis=1, keepdims=True)
     label = np.full(n, -1, np.int64)
     sizes = rng.integers(2, 9, size=int(n * cluster_share / 5))
-    rows = rng.permutation(n)[:sizes.sum()]
+    rows = rng.permutation(n)[: sizes.sum()]
     starts = np.r_[0, np.cumsum(sizes)[:-1]]
     for cid, (st, sz) in enumerate(zip(starts, sizes)):
-        members = rows[st:st + sz]
+        members = rows[st : st + sz]
         centre = x[members[0]]
         noise = rng.standard_normal((sz - 1, dim), dtype=np.float32)
-        noise *= (rng.uniform(0.35, 0.7, (sz - 1, 1)) / np.linalg.norm(noise, axis=1, keepdims=True))
+        noise *= rng.uniform(0.35, 0.7, (sz - 1, 1)) / np.linalg.norm(noise, axis=1, keepdims=True)
         m = centre + noise
         x[members[1:]] = m / np.linalg.norm(m, axis=1, keepdims=True)
         label[members] = cid
@@ -85,8 +86,14 @@ def one(cfg: dict) -> dict:
     x, truth = planted(cfg["n"], cfg["dim"], cfg["cluster_share"], cfg["seed"])
     rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0, c0 = time.perf_counter(), time.process_time()
-    df = group_vectors(x, cfg["threshold"], factory=cfg["factory"], nprobe=cfg.get("nprobe"),
-                       train_sample=cfg.get("train_sample"), seed=cfg["seed"])
+    df = group_vectors(
+        x,
+        cfg["threshold"],
+        factory=cfg["factory"],
+        nprobe=cfg.get("nprobe"),
+        train_sample=cfg.get("train_sample"),
+        seed=cfg["seed"],
+    )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     group = df["group"].to_numpy()
     planted_rows = truth >= 0
@@ -104,30 +111,52 @@ def one(cfg: dict) -> dict:
     for g, t in zip(group[planted_rows], truth[planted_rows]):
         both[(g, t)] = both.get((g, t), 0) + 1
     pairs_hit = sum(v * (v - 1) // 2 for v in both.values())
-    return {**cfg, "seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "rss_after_vectors_mb": round(rss_data), "vectors_mb": round(x.nbytes / 2**20),
-            "groups": int(len(sizes)), "planted_clusters": int(len(csize)),
-            "clusters_recovered": round(recovered / len(csize), 4),
-            "pair_recall": round(pairs_hit / pairs_true, 4), "pair_precision": round(pairs_hit / max(pairs_pred, 1), 4)}
+    return {
+        **cfg,
+        "seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_after_vectors_mb": round(rss_data),
+        "vectors_mb": round(x.nbytes / 2**20),
+        "groups": int(len(sizes)),
+        "planted_clusters": int(len(csize)),
+        "clusters_recovered": round(recovered / len(csize), 4),
+        "pair_recall": round(pairs_hit / pairs_true, 4),
+        "pair_precision": round(pairs_hit / max(pairs_pred, 1), 4),
+    }
 
 
 def run_one(cfg: dict) -> dict:
-    env = {**os.environ, **{v: str(cfg["threads"]) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                                "MKL_NUM_THREADS")}}
+    env = {
+        **os.environ,
+        **{v: str(cfg["threads"]) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+    }
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)], env=env,
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(args) -> dict:
-    base = {"dim": args.dim, "cluster_share": args.cluster_share, "threshold": args.threshold,
-            "threads": args.threads, "seed": args.seed}
+    base = {
+        "dim": args.dim,
+        "cluster_share": args.cluster_share,
+        "threshold": args.threshold,
+        "threads": args.threads,
+        "seed": args.seed,
+    }
     ivf = {"factory": args.ivf, "nprobe": args.nprobe, "train_sample": args.train_sample}
-    runs = [{**base, "n": args.n_exact, "factory": "Flat"}, {**base, "n": args.n_exact, **ivf},
-            {**base, "n": args.n, **ivf}]
+    runs = [
+        {**base, "n": args.n_exact, "factory": "Flat"},
+        {**base, "n": args.n_exact, **ivf},
+        {**base, "n": args.n, **ivf},
+    ]
     results = []
     for cfg in runs:
         res = run_one(cfg)

@@ -26,16 +26,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", action="append", default=[], help="a diffusers model folder (repeatable)")
     p.add_argument("--checkpoint", action="append", default=[], help="a UNet checkpoint folder (repeatable)")
     p.add_argument("--vae", default="diffmem/assets/testbed/vae", help="the VAE of --checkpoint models")
     p.add_argument("--seed", type=int, default=0, help="the training seed (text encoder, architecture)")
     p.add_argument("--n-seeds", type=int, default=8)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--canaries-only", action="store_true",
-                   help="only the canary and template prompts (their generations are the same as in the full run)")
+    p.add_argument(
+        "--canaries-only",
+        action="store_true",
+        help="only the canary and template prompts (their generations are the same as in the full run)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/bench_dedup_mitigation.json")
     return p.parse_args(argv)
@@ -67,21 +71,27 @@ def main(args) -> dict:
 
     torch.set_num_threads(args.threads)
     data = OmegaConf.load(CONF_DIR / "data" / "testbed.yaml")
-    data.root = os.path.join(os.environ.get("DIFFMEM_CACHE", os.path.expanduser("~/.cache/diffmem")), "data",
-                             f"testbed-v2-{data.seed}")
+    data.root = os.path.join(
+        os.environ.get("DIFFMEM_CACHE", os.path.expanduser("~/.cache/diffmem")), "data", f"testbed-v2-{data.seed}"
+    )
     root, manifest = load_dataset(data)
     out = {}
     for kind, path in [("model", m) for m in args.model] + [("checkpoint", c) for c in args.checkpoint]:
         pipe = load_model(path, "cpu") if kind == "model" else checkpoint_pipeline(path, args.vae, args.seed)
         others = {"n_ordinary": 0, "n_heldout": 0} if args.canaries_only else {}
         figures = memorisation_figures(pipe, root, manifest, n_seeds=args.n_seeds, steps=args.steps, **others)
-        rows = [{k: r[k] for k in ("kind", "dup_count", "generations", "copy_share", "median_own_rmse",
-                                   "median_nn_rmse")} for r in figures["summary"]]
+        rows = [
+            {k: r[k] for k in ("kind", "dup_count", "generations", "copy_share", "median_own_rmse", "median_nn_rmse")}
+            for r in figures["summary"]
+        ]
         out[path] = rows
         print(path)
         for r in rows:
-            print(f"  {r['kind']:9s} x{r['dup_count']:<3d} copies {r['copy_share']}  median own RMSE "
-                  f"{r['median_own_rmse']}  median nearest RMSE {r['median_nn_rmse']:.3f}", flush=True)
+            print(
+                f"  {r['kind']:9s} x{r['dup_count']:<3d} copies {r['copy_share']}  median own RMSE "
+                f"{r['median_own_rmse']}  median nearest RMSE {r['median_nn_rmse']:.3f}",
+                flush=True,
+            )
     if args.out:
         write_json(args.out, out)
     return out

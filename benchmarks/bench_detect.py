@@ -82,17 +82,25 @@ def score_suite(model: str, labels: list[str], n_ordinary: int, n_heldout: int, 
             detector = build_detector(diffmem.compose("detect", base + dict(SUITE)[label]).detect)
             t0 = time.perf_counter()
             with count_unet_evals(pipe.unet) as used:
-                scores = detector.score(pipe, prompts["caption"].tolist(), prompts["prompt_id"].tolist(),
-                                        resolution=int(cfg.resolution))
-            table = pd.DataFrame({"prompt_id": prompts["prompt_id"], "score": scores,
-                                  "label": ground_truth_labels(prompts, positives).to_numpy(),
-                                  "hard_negative": gt["hard_negative"].to_numpy(),
-                                  "evals_per_prompt": used.evals / len(prompts),
-                                  "seconds_per_prompt": (time.perf_counter() - t0) / len(prompts)})
+                scores = detector.score(
+                    pipe, prompts["caption"].tolist(), prompts["prompt_id"].tolist(), resolution=int(cfg.resolution)
+                )
+            table = pd.DataFrame(
+                {
+                    "prompt_id": prompts["prompt_id"],
+                    "score": scores,
+                    "label": ground_truth_labels(prompts, positives).to_numpy(),
+                    "hard_negative": gt["hard_negative"].to_numpy(),
+                    "evals_per_prompt": used.evals / len(prompts),
+                    "seconds_per_prompt": (time.perf_counter() - t0) / len(prompts),
+                }
+            )
             write_parquet(path, table)
         out[label] = table
-        print(f"{model} / {label}: {len(table)} prompts, {table['evals_per_prompt'].iloc[0]:g} UNet evals/prompt",
-              flush=True)
+        print(
+            f"{model} / {label}: {len(table)} prompts, {table['evals_per_prompt'].iloc[0]:g} UNet evals/prompt",
+            flush=True,
+        )
     return out
 
 
@@ -102,9 +110,14 @@ def suite_metrics(table, fpr: float = 0.01) -> dict:
     main = detection_metrics(known["score"], known["label"].astype(int), fpr=fpr, ci_level=0.95)
     hard = table[(table["label"] == 1) | table["hard_negative"]]
     hn = detection_metrics(hard["score"], hard["label"].eq(1).astype(int), fpr=fpr, ci_level=0.95)
-    return {**main, "hard_roc_auc": hn["roc_auc"], "hard_roc_auc_ci": hn["roc_auc_ci"], "n_hard": hn["n_neg"],
-            "evals_per_prompt": float(table["evals_per_prompt"].iloc[0]),
-            "seconds_per_prompt": float(table["seconds_per_prompt"].iloc[0])}
+    return {
+        **main,
+        "hard_roc_auc": hn["roc_auc"],
+        "hard_roc_auc_ci": hn["roc_auc_ci"],
+        "n_hard": hn["n_neg"],
+        "evals_per_prompt": float(table["evals_per_prompt"].iloc[0]),
+        "seconds_per_prompt": float(table["seconds_per_prompt"].iloc[0]),
+    }
 
 
 def markdown(results: dict) -> str:
@@ -112,13 +125,19 @@ def markdown(results: dict) -> str:
         lo, hi = m[f"{key}_ci"]
         return f"{m[key]:.3f} [{lo:.2f}, {hi:.2f}]"
 
-    head = "| detector | UNet evals / prompt | " + " | ".join(
-        f"{tb}: AUC | {tb}: TPR@1%FPR | {tb}: hard-neg. AUC" for tb in TESTBEDS) + " |"
+    head = (
+        "| detector | UNet evals / prompt | "
+        + " | ".join(f"{tb}: AUC | {tb}: TPR@1%FPR | {tb}: hard-neg. AUC" for tb in TESTBEDS)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (2 + 3 * len(TESTBEDS))]
     for label in results[TESTBEDS[0]]:
         ms = [results[tb][label] for tb in TESTBEDS]
-        lines.append(f"| `{label}` | {ms[0]['evals_per_prompt']:g} | " + " | ".join(
-            f"{cell(m, 'roc_auc')} | {cell(m, 'tpr_at_fpr')} | {cell(m, 'hard_roc_auc')}" for m in ms) + " |")
+        lines.append(
+            f"| `{label}` | {ms[0]['evals_per_prompt']:g} | "
+            + " | ".join(f"{cell(m, 'roc_auc')} | {cell(m, 'tpr_at_fpr')} | {cell(m, 'hard_roc_auc')}" for m in ms)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -132,8 +151,13 @@ def roc_figure(tables: dict, path: Path) -> Path:
             f, t, _ = roc_points(known["score"], known["label"].astype(int))
             ax.plot(f, t, linewidth=1.5, label=f"{label} ({roc_auc(known['score'], known['label'].astype(int)):.3f})")
         ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-               title=f"{model}: {int(known['label'].sum())} memorised vs {int((known['label'] == 0).sum())} not")
+        ax.set(
+            xlim=(0, 1),
+            ylim=(0, 1.01),
+            xlabel="false positive rate",
+            ylabel="true positive rate",
+            title=f"{model}: {int(known['label'].sum())} memorised vs {int((known['label'] == 0).sum())} not",
+        )
         ax.legend(loc="lower right", fontsize=7, frameon=False)
     return save_figure(fig, path)
 
@@ -148,8 +172,16 @@ def benchmark(args) -> None:
     results = {tb: {lab: suite_metrics(t) for lab, t in by.items()} for tb, by in tables.items()}
     table = markdown(results)
     print(table)
-    write_json(out, {"n_ordinary": args.n_ordinary, "n_heldout": args.n_heldout, "threads": args.threads,
-                     "bootstrap": "stratified percentile, 2000 resamples, seed 0", "results": results})
+    write_json(
+        out,
+        {
+            "n_ordinary": args.n_ordinary,
+            "n_heldout": args.n_heldout,
+            "threads": args.threads,
+            "bootstrap": "stratified percentile, 2000 resamples, seed 0",
+            "results": results,
+        },
+    )
     out.with_suffix(".md").write_text(table + "\n")
     print("figure:", roc_figure(tables, Path(args.figure)))
 
@@ -192,8 +224,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         with count_unet_evals(pipe.unet) as used_b:
-            generate_images(pipe, plan, Path(tmp), resolution=res, steps=int(cfg.model.num_inference_steps),
-                            guidance=float(cfg.model.guidance_scale), batch_size=32, desc="generate")
+            generate_images(
+                pipe,
+                plan,
+                Path(tmp),
+                resolution=res,
+                steps=int(cfg.model.num_inference_steps),
+                guidance=float(cfg.model.guidance_scale),
+                batch_size=32,
+                desc="generate",
+            )
         gens = torch.from_numpy(load_images(tmp, plan["file"])).permute(0, 3, 1, 2).float() / 255
         sims, _ = search(index, extractor(gens).numpy(), k=1)
         sec_b = time.perf_counter() - t0
@@ -201,18 +241,30 @@ def main() -> None:
 
     y = labels.to_numpy()[known].astype(int)
     result = {
-        "prompts": len(prompts), "n_per_prompt": args.n_per_prompt, "threads": args.threads,
-        "noise_norm": {"unet_evals": used_a.evals, "seconds": sec_a, "roc_auc": roc_auc(scores[known], y),
-                       "settings": detector.settings()},
-        "generation_retrieval": {"unet_evals": used_b.evals, "seconds": sec_b,
-                                 "roc_auc": roc_auc(gen_scores[known], y), "features": extractor.info()["name"]},
+        "prompts": len(prompts),
+        "n_per_prompt": args.n_per_prompt,
+        "threads": args.threads,
+        "noise_norm": {
+            "unet_evals": used_a.evals,
+            "seconds": sec_a,
+            "roc_auc": roc_auc(scores[known], y),
+            "settings": detector.settings(),
+        },
+        "generation_retrieval": {
+            "unet_evals": used_b.evals,
+            "seconds": sec_b,
+            "roc_auc": roc_auc(gen_scores[known], y),
+            "features": extractor.info()["name"],
+        },
     }
     result["compute_ratio"] = used_b.evals / used_a.evals
     result["time_ratio"] = sec_b / sec_a
     result["pass"] = bool(result["compute_ratio"] >= 50)
     print(json.dumps(result, indent=2, default=float))
-    print(f"generation+retrieval / noise_norm: {result['compute_ratio']:.0f}x UNet evaluations, "
-          f"{result['time_ratio']:.0f}x wall time (target >= 50x compute): {'PASS' if result['pass'] else 'FAIL'}")
+    print(
+        f"generation+retrieval / noise_norm: {result['compute_ratio']:.0f}x UNet evaluations, "
+        f"{result['time_ratio']:.0f}x wall time (target >= 50x compute): {'PASS' if result['pass'] else 'FAIL'}"
+    )
     write_json(args.out, result)
 
 

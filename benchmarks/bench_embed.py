@@ -31,13 +31,22 @@ import numpy as np
 from diffmem.runs import write_json
 
 ASPECTS = [(4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (1, 1)]
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-          "colorwheel")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "colorwheel",
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--n", type=int, default=5000, help="JPEGs in the folder")
     p.add_argument("--features", nargs="+", default=["sscd_distilled"], help="descriptors to time")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="num_workers values of the stage")
@@ -68,7 +77,7 @@ def make_folder(root: Path, n: int, seed: int) -> list[str]:
         size = (short * aw // min(aw, ah), short * ah // min(aw, ah))
         files.append(f"{i // 1000:03d}/{i:06d}.jpg")
         (root / files[-1]).parent.mkdir(exist_ok=True)
-        Image.fromarray(photo[y:y + ch, x:x + cw]).resize(size, Image.BILINEAR).save(root / files[-1], quality=90)
+        Image.fromarray(photo[y : y + ch, x : x + cw]).resize(size, Image.BILINEAR).save(root / files[-1], quality=90)
         lines.append(f"{files[-1]}\t{PHOTOS[k]} crop {i}")
     (root / "captions.tsv").write_text("\n".join(lines) + "\n")
     return files
@@ -94,7 +103,7 @@ def bare(name: str, root: Path, files: list[str], batch_size: int, threads: int)
         groups.setdefault(tuple(x.shape), []).append(x)
     for group in groups.values():
         for i in range(0, len(group), batch_size):
-            ext(torch.stack(group[i:i + batch_size]))
+            ext(torch.stack(group[i : i + batch_size]))
     return len(files) / (time.perf_counter() - start)
 
 
@@ -103,10 +112,22 @@ def stage(name: str, root: Path, n: int, out: Path, workers: int, batch_size: in
     import diffmem
 
     start = time.perf_counter()
-    diffmem.run("embed", ["data=folder", f"data.root={root}", "data.manifest=captions.tsv",
-                          f"features={name}", f"paths.output_dir={out}", f"name={name}-w{workers}",
-                          f"num_workers={workers}", f"batch_size={batch_size}", f"threads={threads}",
-                          "device=cpu"] + ([f"features.extractor.threads={threads}"] if name.startswith("sscd") else []))
+    diffmem.run(
+        "embed",
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.manifest=captions.tsv",
+            f"features={name}",
+            f"paths.output_dir={out}",
+            f"name={name}-w{workers}",
+            f"num_workers={workers}",
+            f"batch_size={batch_size}",
+            f"threads={threads}",
+            "device=cpu",
+        ]
+        + ([f"features.extractor.threads={threads}"] if name.startswith("sscd") else []),
+    )
     return n / (time.perf_counter() - start)
 
 
@@ -125,17 +146,25 @@ def main(argv=None) -> int:
         for name in args.features:
             row = {"bare_img_s": bare(name, root, files, args.batch_size, args.threads)}
             for w in args.workers:
-                row[f"stage_img_s_workers{w}"] = stage(name, root, len(files), Path(tmp) / "out", w, args.batch_size,
-                                                       args.threads)
+                row[f"stage_img_s_workers{w}"] = stage(
+                    name, root, len(files), Path(tmp) / "out", w, args.batch_size, args.threads
+                )
                 row[f"ratio_workers{w}"] = row[f"stage_img_s_workers{w}"] / row["bare_img_s"]
             first, last = args.workers[0], args.workers[-1]
-            row[f"scaling_workers{last}_vs_{first}"] = (row[f"stage_img_s_workers{last}"]
-                                                        / row[f"stage_img_s_workers{first}"])
+            row[f"scaling_workers{last}_vs_{first}"] = (
+                row[f"stage_img_s_workers{last}"] / row[f"stage_img_s_workers{first}"]
+            )
             result["features"][name] = row
-            print(f"{name}: bare {row['bare_img_s']:.1f} img/s; " + "; ".join(
-                f"stage num_workers={w} {row[f'stage_img_s_workers{w}']:.1f} img/s "
-                f"(ratio {row[f'ratio_workers{w}']:.3f})" for w in args.workers)
-                + f"; workers {last} vs {first}: x{row[f'scaling_workers{last}_vs_{first}']:.2f}", flush=True)
+            print(
+                f"{name}: bare {row['bare_img_s']:.1f} img/s; "
+                + "; ".join(
+                    f"stage num_workers={w} {row[f'stage_img_s_workers{w}']:.1f} img/s "
+                    f"(ratio {row[f'ratio_workers{w}']:.3f})"
+                    for w in args.workers
+                )
+                + f"; workers {last} vs {first}: x{row[f'scaling_workers{last}_vs_{first}']:.2f}",
+                flush=True,
+            )
     best = max(max(r[f"ratio_workers{w}"] for w in args.workers) for r in result["features"].values())
     result["target_ratio"], result["meets_target"] = 0.9, bool(best >= 0.9)
     print(f"wrote {write_json(args.out, result)}")

@@ -46,8 +46,16 @@ def main() -> None:
     def stage() -> float:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            generate_images(pipe, plan, Path(tmp), resolution=res, steps=args.steps, guidance=5.0,
-                            batch_size=args.batch, desc="bench")
+            generate_images(
+                pipe,
+                plan,
+                Path(tmp),
+                resolution=res,
+                steps=args.steps,
+                guidance=5.0,
+                batch_size=args.batch,
+                desc="bench",
+            )
             return time.perf_counter() - t0
 
     @torch.no_grad()
@@ -65,9 +73,17 @@ def main() -> None:
     a = min(stage() for _ in range(args.repeats))
     b = min(raw() for _ in range(args.repeats))
     ratio = a / b
-    result = {"images": n, "batch": args.batch, "steps": args.steps, "threads": args.threads,
-              "generate_s": a, "raw_forward_s": b, "ratio": ratio, "target": 1.10,
-              "pass": ratio <= 1.10}
+    result = {
+        "images": n,
+        "batch": args.batch,
+        "steps": args.steps,
+        "threads": args.threads,
+        "generate_s": a,
+        "raw_forward_s": b,
+        "ratio": ratio,
+        "target": 1.10,
+        "pass": ratio <= 1.10,
+    }
     print(json.dumps(result, indent=2))
     print(f"generate / raw forward = {ratio:.3f} (target <= 1.10): {'PASS' if ratio <= 1.10 else 'FAIL'}")
     write_json(args.out, result)

@@ -33,8 +33,12 @@ def sd_vae_dir() -> Path:
     from diffmem.features.base import default_cache_dir
     from diffmem.models.testbed import cached_pipeline
 
-    return cached_pipeline(OmegaConf.load(ROOT / "conf" / "arch" / "sd14_shape.yaml"),
-                           default_cache_dir() / "sd14_shape-seed0") / "vae"
+    return (
+        cached_pipeline(
+            OmegaConf.load(ROOT / "conf" / "arch" / "sd14_shape.yaml"), default_cache_dir() / "sd14_shape-seed0"
+        )
+        / "vae"
+    )
 
 
 def write_photos(folder: Path, n: int, resolution: int) -> list[str]:
@@ -63,8 +67,9 @@ def encode(vae_dir: str, root: str, n: int, resolution: int, batch_size: int, pr
     from diffmem.training import encode_files
 
     torch.set_num_threads(1)
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True,
-                                        dtype=resolve_dtype(precision, torch.device("cpu"))).eval()
+    vae = AutoencoderKL.from_pretrained(
+        vae_dir, use_safetensors=True, dtype=resolve_dtype(precision, torch.device("cpu"))
+    ).eval()
     vae.enable_slicing()
     files = sorted(p.name for p in Path(root).glob("*.png"))[:n]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -72,9 +77,14 @@ def encode(vae_dir: str, root: str, n: int, resolution: int, batch_size: int, pr
     z = encode_files(vae, root, files, resolution, batch_size)
     seconds = time.perf_counter() - start
     assert z.shape == (n, 4, resolution // 8, resolution // 8) and torch.isfinite(z).all()
-    return {"n": n, "seconds": seconds, "seconds_per_image": seconds / n,
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "rss_after_load_gib": before / 2**20, "latents_mib": z.numel() * 4 / 2**20}
+    return {
+        "n": n,
+        "seconds": seconds,
+        "seconds_per_image": seconds / n,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_after_load_gib": before / 2**20,
+        "latents_mib": z.numel() * 4 / 2**20,
+    }
 
 
 def main() -> None:
@@ -94,16 +104,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_photos(Path(tmp), max(args.n), args.resolution)
         for n in args.n:
-            out = subprocess.run([sys.executable, __file__, "--one", str(vae_dir), tmp, "--n", str(n),
-                                  "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
-                                  "--precision", args.precision], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    str(vae_dir),
+                    tmp,
+                    "--n",
+                    str(n),
+                    "--resolution",
+                    str(args.resolution),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--precision",
+                    args.precision,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"N={n:5d} {args.resolution} px {args.precision}: peak RSS {r['peak_rss_gib']:.2f} GiB "
-                  f"(after loading the VAE {r['rss_after_load_gib']:.2f}), {r['seconds_per_image']:.2f} s/image", flush=True)
-    result = {"what": "peak RSS of VAE-encoding N images (encode_files, streamed), SD v1.4-shaped VAE",
-              "resolution": args.resolution, "batch_size": args.batch_size, "precision": args.precision,
-              "vae_slicing": True, "threads": 1, "machine": platform.processor() or platform.machine(), "rows": rows}
+            print(
+                f"N={n:5d} {args.resolution} px {args.precision}: peak RSS {r['peak_rss_gib']:.2f} GiB "
+                f"(after loading the VAE {r['rss_after_load_gib']:.2f}), {r['seconds_per_image']:.2f} s/image",
+                flush=True,
+            )
+    result = {
+        "what": "peak RSS of VAE-encoding N images (encode_files, streamed), SD v1.4-shaped VAE",
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "vae_slicing": True,
+        "threads": 1,
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

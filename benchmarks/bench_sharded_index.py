@@ -52,8 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--n", type=int, default=2_000_000, help="database vectors")
     p.add_argument("--dim", type=int, default=64, help="descriptor dimension")
     p.add_argument("--shards", type=int, default=4, help="add jobs (num_shards)")
@@ -67,8 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--tol", type=float, default=1e-5, help="score tolerance")
     p.add_argument("--extrapolate-to", type=int, default=10_000_000, help="vectors")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="/tmp/diffmem_bench_sharded_index",
-                   help="work folder (must not exist or be empty; removed at the end)")
+    p.add_argument(
+        "--out",
+        default="/tmp/diffmem_bench_sharded_index",
+        help="work folder (must not exist or be empty; removed at the end)",
+    )
     p.add_argument("--keep", action="store_true", help="keep --out at the end")
     p.add_argument("--ondisk", action="store_true", help="merge into on-disk inverted lists (ondisk=true)")
     p.add_argument("--json", default=str(REPO / "benchmarks/results/bench_sharded_index.json"))
@@ -92,14 +96,21 @@ def write_embed_run(run_dir: Path, args) -> np.ndarray:
     with pq.ParquetWriter(run_dir / "ids.parquet", schema) as ids:
         for p, start in enumerate(range(0, args.n, args.part_size)):
             n = min(args.part_size, args.n - start)
-            np.save(run_dir / "features" / f"part-{p:05d}.npy",
-                    rows(seeds[2 + p], n))
+            np.save(run_dir / "features" / f"part-{p:05d}.npy", rows(seeds[2 + p], n))
             item = np.arange(start, start + n)
-            ids.write_table(pa.table({"item_id": item,
-                                      "file": [f"synthetic/{i:08d}.png" for i in item]}, schema))
-    write_json(run_dir / "info.json", {"feature": "synthetic", "dim": args.dim, "n": args.n,
-                                       "source": "synthetic", "n_clusters": args.n_clusters,
-                                       "noise": args.noise, "seed": args.seed})
+            ids.write_table(pa.table({"item_id": item, "file": [f"synthetic/{i:08d}.png" for i in item]}, schema))
+    write_json(
+        run_dir / "info.json",
+        {
+            "feature": "synthetic",
+            "dim": args.dim,
+            "n": args.n,
+            "source": "synthetic",
+            "n_clusters": args.n_clusters,
+            "noise": args.noise,
+            "seed": args.seed,
+        },
+    )
     mark_done(run_dir, {"n": args.n})
     return rows(seeds[1], args.n_queries)
 
@@ -143,8 +154,10 @@ def one_process_add(empty_path: Path, feats: Path):
 
 def main(args) -> int:
     if -(-args.n // args.part_size) < args.shards:
-        sys.exit(f"{args.shards} shards but only {-(-args.n // args.part_size)} feature parts: "
-                 f"lower --part-size (a mode=add shard with no parts fails)")
+        sys.exit(
+            f"{args.shards} shards but only {-(-args.n // args.part_size)} feature parts: "
+            f"lower --part-size (a mode=add shard with no parts fails)"
+        )
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         sys.exit(f"{out} exists and is not empty; remove it or pass another --out")
@@ -153,19 +166,26 @@ def main(args) -> int:
     env = {**os.environ, "DIFFMEM_OUTPUTS": str(outputs), "HYDRA_FULL_ERROR": "1"}
     factory = f"IVF{args.nlist},Flat"
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    log(f"setup: {args.n} x {args.dim} float32 ({args.n * args.dim * 4 / 2**20:.0f} MiB), "
+    log(
+        f"setup: {args.n} x {args.dim} float32 ({args.n * args.dim * 4 / 2**20:.0f} MiB), "
         f"{args.n_clusters} clusters, {factory}, train_sample {args.train_sample}, "
         f"{args.shards} shards, nprobe {args.nprobe}, {args.n_queries} queries, k={args.k}, "
-        f"OMP_NUM_THREADS={threads}, cpus {os.cpu_count()}, faiss {faiss.__version__}")
+        f"OMP_NUM_THREADS={threads}, cpus {os.cpu_count()}, faiss {faiss.__version__}"
+    )
 
     t0 = time.perf_counter()
     xq = write_embed_run(feats, args)
     t_data = time.perf_counter() - t0
     log(f"synthetic embed run written in {t_data:.1f} s: {feats}")
 
-    common = [f"features_dir={feats}", "index=ivf", f"index.factory='{factory}'",
-              f"index.train_sample={args.train_sample}", f"index.nprobe={args.nprobe}",
-              f"seed={args.seed}"]
+    common = [
+        f"features_dir={feats}",
+        "index=ivf",
+        f"index.factory='{factory}'",
+        f"index.train_sample={args.train_sample}",
+        f"index.nprobe={args.nprobe}",
+        f"seed={args.seed}",
+    ]
     sharded = [*common, "name=sharded", f"num_shards={args.shards}"]
     sharded_dir, single_dir = outputs / "index" / "sharded", outputs / "index" / "single"
     shard_list = ",".join(str(i) for i in range(args.shards))
@@ -195,15 +215,21 @@ def main(args) -> int:
     ok = mismatches == 0 and score_diff <= args.tol
     control_mismatches, control_diff = compare(res_merged, search(control, xq, args.k))
     control_ok = control_mismatches == 0 and control_diff <= args.tol
-    log(f"merged vs single (mode=single) at nprobe {args.nprobe}: {mismatches} of "
+    log(
+        f"merged vs single (mode=single) at nprobe {args.nprobe}: {mismatches} of "
         f"{args.n_queries} queries with different ids, max |score diff| {score_diff:.2e} "
-        f"-> {'PASS' if ok else 'FAIL'}")
+        f"-> {'PASS' if ok else 'FAIL'}"
+    )
     why = "" if centroid_diff == 0 else " (mode=train and mode=single trained different quantizers)"
     log(f"  trained centroids: max |merged - single| {centroid_diff:.3g}{why}")
-    log(f"merged vs one-process add into the same empty.faiss: {control_mismatches} queries with "
-        f"different ids, max |score diff| {control_diff:.2e} -> {'PASS' if control_ok else 'FAIL'}")
-    log(f"nprobe stored in the index files: merged {merged_info.get('nprobe')}, single "
-        f"{single_info.get('nprobe')} (index.nprobe={args.nprobe})")
+    log(
+        f"merged vs one-process add into the same empty.faiss: {control_mismatches} queries with "
+        f"different ids, max |score diff| {control_diff:.2e} -> {'PASS' if control_ok else 'FAIL'}"
+    )
+    log(
+        f"nprobe stored in the index files: merged {merged_info.get('nprobe')}, single "
+        f"{single_info.get('nprobe')} (index.nprobe={args.nprobe})"
+    )
 
     t0 = time.perf_counter()
     res_stream = streaming_search(FeatureStore(feats).part_paths(), xq, args.k)
@@ -212,67 +238,101 @@ def main(args) -> int:
     stream_mismatches, stream_diff = compare(res_stream, search(single, xq, args.k))
     stream_ok = stream_diff <= args.tol  # exact search: ids may differ only between tied scores
     recall1 = float((res_single[1][:, 0] == res_stream[1][:, 0]).mean())
-    log(f"streaming_search (exact; .npy parts streamed into a ResultHeap) {t_stream:.1f} s vs "
+    log(
+        f"streaming_search (exact; .npy parts streamed into a ResultHeap) {t_stream:.1f} s vs "
         f"single build at nprobe=nlist: {stream_mismatches} queries with different ids, max "
         f"|score diff| {stream_diff:.2e} -> {'PASS' if stream_ok else 'FAIL'}; single build "
-        f"recall@1 at nprobe {args.nprobe}: {recall1:.4f}")
+        f"recall@1 at nprobe {args.nprobe}: {recall1:.4f}"
+    )
 
-    sizes = {"merged_index": sum(p.stat().st_size for p in sharded_dir.glob("index.*")),  # + index.ivfdata
-             "single_index": (single_dir / "index.faiss").stat().st_size,
-             "shards": sum(p.stat().st_size for p in (sharded_dir / "shards").glob("*.faiss")),
-             "empty_index": (sharded_dir / "empty.faiss").stat().st_size,
-             "features": sum(p.stat().st_size for p in FeatureStore(feats).part_paths())}
+    sizes = {
+        "merged_index": sum(p.stat().st_size for p in sharded_dir.glob("index.*")),  # + index.ivfdata
+        "single_index": (single_dir / "index.faiss").stat().st_size,
+        "shards": sum(p.stat().st_size for p in (sharded_dir / "shards").glob("*.faiss")),
+        "empty_index": (sharded_dir / "empty.faiss").stat().st_size,
+        "features": sum(p.stat().st_size for p in FeatureStore(feats).part_paths()),
+    }
     scale, c = args.extrapolate_to / args.n, times["startup"]
-    extra = {"add_s": c + max(times["add"] - c, 0) * scale,
-             "merge_s": c + max(times["merge"] - c, 0) * scale,
-             "single_s": times["train"] + max(times["single"] - times["train"], 0) * scale,
-             "merged_index_bytes": sizes["merged_index"] * scale,
-             "features_bytes": sizes["features"] * scale}
+    extra = {
+        "add_s": c + max(times["add"] - c, 0) * scale,
+        "merge_s": c + max(times["merge"] - c, 0) * scale,
+        "single_s": times["train"] + max(times["single"] - times["train"], 0) * scale,
+        "merged_index_bytes": sizes["merged_index"] * scale,
+        "features_bytes": sizes["features"] * scale,
+    }
     extra["sharded_s"] = times["train"] + extra["add_s"] + extra["merge_s"]
-    formula = (f"s = {args.extrapolate_to}/{args.n}; c = startup (process start, imports, config: "
-               f"{c:.1f} s); add' = c + (add - c) s; merge' = c + (merge - c) s; train' = train "
-               f"(same training sample); single' = train + (single - train) s; sharded' = train' "
-               f"+ add' + merge'; disk' = disk s")
+    formula = (
+        f"s = {args.extrapolate_to}/{args.n}; c = startup (process start, imports, config: "
+        f"{c:.1f} s); add' = c + (add - c) s; merge' = c + (merge - c) s; train' = train "
+        f"(same training sample); single' = train + (single - train) s; sharded' = train' "
+        f"+ add' + merge'; disk' = disk s"
+    )
 
     log("")
     log(f"{'phase':<34}{'seconds':>9}{'peak RSS MiB':>14}")
     for phase in phases:
         log(f"{phase:<34}{times[phase]:>9.1f}{rss[phase]:>14.0f}")
     log(f"{'sharded total (train+add+merge)':<34}{sharded_s:>9.1f}")
-    log(f"sharded / single wall time: {sharded_s / times['single']:.2f}x "
-        f"({args.shards} add jobs on {os.cpu_count()} cpus)")
-    log("(peak RSS: the largest single process of each phase's process tree, not the sum of "
-        "concurrent add jobs)")
-    log(f"disk: merged index {sizes['merged_index'] / 2**20:.1f} MiB, single index "
+    log(
+        f"sharded / single wall time: {sharded_s / times['single']:.2f}x "
+        f"({args.shards} add jobs on {os.cpu_count()} cpus)"
+    )
+    log("(peak RSS: the largest single process of each phase's process tree, not the sum of concurrent add jobs)")
+    log(
+        f"disk: merged index {sizes['merged_index'] / 2**20:.1f} MiB, single index "
         f"{sizes['single_index'] / 2**20:.1f} MiB, shards {sizes['shards'] / 2**20:.1f} MiB, "
-        f"features {sizes['features'] / 2**20:.1f} MiB")
-    log(f"extrapolated to {args.extrapolate_to} vectors: add {extra['add_s']:.0f} s, merge "
+        f"features {sizes['features'] / 2**20:.1f} MiB"
+    )
+    log(
+        f"extrapolated to {args.extrapolate_to} vectors: add {extra['add_s']:.0f} s, merge "
         f"{extra['merge_s']:.0f} s, sharded total {extra['sharded_s']:.0f} s, single "
         f"{extra['single_s']:.0f} s, merged index {extra['merged_index_bytes'] / 2**30:.2f} GiB, "
-        f"features {extra['features_bytes'] / 2**30:.2f} GiB")
+        f"features {extra['features_bytes'] / 2**30:.2f} GiB"
+    )
     log(f"  formula: {formula}")
 
     results = {
-        "setup": {"n": args.n, "dim": args.dim, "shards": args.shards, "part_size": args.part_size,
-                  "n_clusters": args.n_clusters, "noise": args.noise, "factory": factory,
-                  "train_sample": args.train_sample, "nprobe": args.nprobe,
-                  "n_queries": args.n_queries, "k": args.k, "tol": args.tol, "seed": args.seed,
-                  "omp_num_threads": threads, "cpu_count": os.cpu_count(),
-                  "faiss": faiss.__version__, "numpy": np.__version__},
-        "seconds": {**times, "sharded_total": sharded_s, "data": t_data,
-                    "streaming_search": t_stream},
+        "setup": {
+            "n": args.n,
+            "dim": args.dim,
+            "shards": args.shards,
+            "part_size": args.part_size,
+            "n_clusters": args.n_clusters,
+            "noise": args.noise,
+            "factory": factory,
+            "train_sample": args.train_sample,
+            "nprobe": args.nprobe,
+            "n_queries": args.n_queries,
+            "k": args.k,
+            "tol": args.tol,
+            "seed": args.seed,
+            "omp_num_threads": threads,
+            "cpu_count": os.cpu_count(),
+            "faiss": faiss.__version__,
+            "numpy": np.__version__,
+        },
+        "seconds": {**times, "sharded_total": sharded_s, "data": t_data, "streaming_search": t_stream},
         "peak_rss_mib": rss,
         "sizes_bytes": sizes,
         "check": {
-            "merged_vs_single": {"query_mismatches": mismatches, "max_score_diff": score_diff,
-                                 "centroid_max_abs_diff": centroid_diff, "pass": ok},
-            "merged_vs_one_process_add": {"query_mismatches": control_mismatches,
-                                          "max_score_diff": control_diff, "pass": control_ok},
-            "streaming_vs_single_exhaustive": {"query_mismatches": stream_mismatches,
-                                               "max_score_diff": stream_diff, "pass": stream_ok},
+            "merged_vs_single": {
+                "query_mismatches": mismatches,
+                "max_score_diff": score_diff,
+                "centroid_max_abs_diff": centroid_diff,
+                "pass": ok,
+            },
+            "merged_vs_one_process_add": {
+                "query_mismatches": control_mismatches,
+                "max_score_diff": control_diff,
+                "pass": control_ok,
+            },
+            "streaming_vs_single_exhaustive": {
+                "query_mismatches": stream_mismatches,
+                "max_score_diff": stream_diff,
+                "pass": stream_ok,
+            },
             "single_recall@1_at_nprobe": recall1,
-            "stored_nprobe": {"merged": merged_info.get("nprobe"),
-                              "single": single_info.get("nprobe")},
+            "stored_nprobe": {"merged": merged_info.get("nprobe"), "single": single_info.get("nprobe")},
         },
         "extrapolation": {"to_n": args.extrapolate_to, "formula": formula, **extra},
     }

@@ -47,13 +47,17 @@ def baseline_split(cfg: DictConfig, manifest: pd.DataFrame) -> str | None:
     if split is None:
         return None
     if not has_split:
-        raise ConfigError(f"baseline_split={split}: the dataset has no 'split' column; use baseline_split=null "
-                          f"(no held-out baseline) or add a split column (train / {split}) to the manifest")
+        raise ConfigError(
+            f"baseline_split={split}: the dataset has no 'split' column; use baseline_split=null "
+            f"(no held-out baseline) or add a split column (train / {split}) to the manifest"
+        )
     splits = ", ".join(sorted(map(str, manifest["split"].unique())))
     for needed in (split, "train"):
         if not (manifest["split"] == needed).any():
-            raise ConfigError(f"baseline_split={split}: no image has split '{needed}' (splits: {splits}); the "
-                              f"audit indexes split=train and embeds split={split} (or use baseline_split=null)")
+            raise ConfigError(
+                f"baseline_split={split}: no image has split '{needed}' (splits: {splits}); the "
+                f"audit indexes split=train and embeds split={split} (or use baseline_split=null)"
+            )
     return split
 
 
@@ -78,18 +82,26 @@ def body(job: Job) -> Outcome:
     """generate -> embed -> index -> search -> score, each step a sub-run that resumes."""
     cfg, run_dir = job.ctx, job.dir
     gen_dir = generate.run(_sub(cfg, "generate", run_dir=str(run_dir / "generate")))
-    q_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-samples"), source="samples",
-                           samples_dir=str(gen_dir)))
-    ref_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-train"), source="dataset",
-                             split="train" if cfg.baseline_split else None))
-    idx_dir = index_stage.run(_sub(cfg, "index_stage", run_dir=str(run_dir / "index"),
-                                   features_dir=str(ref_dir)))
+    q_dir = embed.run(
+        _sub(cfg, "embed", run_dir=str(run_dir / "embed-samples"), source="samples", samples_dir=str(gen_dir))
+    )
+    ref_dir = embed.run(
+        _sub(
+            cfg,
+            "embed",
+            run_dir=str(run_dir / "embed-train"),
+            source="dataset",
+            split="train" if cfg.baseline_split else None,
+        )
+    )
+    idx_dir = index_stage.run(_sub(cfg, "index_stage", run_dir=str(run_dir / "index"), features_dir=str(ref_dir)))
     matches = find_matches(idx_dir, q_dir, cfg.k)
     write_matches(run_dir, matches)
     baseline = None
     if cfg.baseline_split:
-        b_dir = embed.run(_sub(cfg, "embed", run_dir=str(run_dir / "embed-baseline"), source="dataset",
-                               split=cfg.baseline_split))
+        b_dir = embed.run(
+            _sub(cfg, "embed", run_dir=str(run_dir / "embed-baseline"), source="dataset", split=cfg.baseline_split)
+        )
         b = find_matches(idx_dir, b_dir, 1)
         baseline = b.rename(columns={"query_id": "item_id", "score": "top1_score"})
         write_parquet(run_dir / "baseline.parquet", baseline)
@@ -111,18 +123,38 @@ def body(job: Job) -> Outcome:
     from diffmem.report import write_report
 
     data_root = load_dataset(cfg.data)[0]
-    shown = gens.assign(file_abs=[str(gen_dir / f) for f in gens["file"]],
-                        top1_ref_file_abs=[str(data_root / f) for f in gens["top1_ref_file"]])
-    write_report(run_dir, shown, prompts, {**metrics, "provenance": provenance(cfg)}, baseline=baseline,
-                 title=f"diffmem audit: {cfg.model.name}")
-    log.info("audit: %d of %d prompts flagged; report: %s", int(prompts["memorised"].sum()),
-             len(prompts), run_dir / "report.html")
-    return Outcome({"memorised_prompts": int(prompts["memorised"].sum()), "n_skipped": skipped},
-                   {"feature": str(cfg.features.extractor.name)}, metrics)
+    shown = gens.assign(
+        file_abs=[str(gen_dir / f) for f in gens["file"]],
+        top1_ref_file_abs=[str(data_root / f) for f in gens["top1_ref_file"]],
+    )
+    write_report(
+        run_dir,
+        shown,
+        prompts,
+        {**metrics, "provenance": provenance(cfg)},
+        baseline=baseline,
+        title=f"diffmem audit: {cfg.model.name}",
+    )
+    log.info(
+        "audit: %d of %d prompts flagged; report: %s",
+        int(prompts["memorised"].sum()),
+        len(prompts),
+        run_dir / "report.html",
+    )
+    return Outcome(
+        {"memorised_prompts": int(prompts["memorised"].sum()), "n_skipped": skipped},
+        {"feature": str(cfg.features.extractor.name)},
+        metrics,
+    )
 
 
-SPEC = StageSpec("audit", body, prepare, extra=lambda cfg, ctx: {"baseline_split": ctx.baseline_split},
-                 guard=lambda cfg, summary: on_error_guard(on_error(cfg.data), summary.get("n_skipped", 0)))
+SPEC = StageSpec(
+    "audit",
+    body,
+    prepare,
+    extra=lambda cfg, ctx: {"baseline_split": ctx.baseline_split},
+    guard=lambda cfg, summary: on_error_guard(on_error(cfg.data), summary.get("n_skipped", 0)),
+)
 run = SPEC.run
 main = hydra_app("audit", run)
 

@@ -18,8 +18,11 @@ def check_int(value, name: str, minimum: int | None = None, optional: bool = Fal
     """``value`` as an int ``>= minimum`` (``None`` passes when ``optional``)."""
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-            isinstance(value, float) and value.is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        and not (isinstance(value, float) and value.is_integer())
+    ):
         raise ConfigError(f"{name} must be an integer (got {value!r})")
     if minimum is not None and int(value) < minimum:
         raise ConfigError(f"{name} must be >= {minimum}{' or null' if optional else ''} (got {value})")
@@ -31,8 +34,14 @@ def check_positive(value, name: str, optional: bool = False) -> int | None:
     return check_int(value, name, 1, optional)
 
 
-def check_float(value, name: str, minimum: float | None = None, maximum: float | None = None,
-                above: float | None = None, optional: bool = False) -> float | None:
+def check_float(
+    value,
+    name: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    optional: bool = False,
+) -> float | None:
     """``value`` as a finite float in ``[minimum, maximum]`` and ``> above`` (``None`` passes when
     ``optional``); NaN and infinities never pass."""
     if value is None and optional:
@@ -43,10 +52,17 @@ def check_float(value, name: str, minimum: float | None = None, maximum: float |
         out = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number (got {value!r})") from None
-    bounds = [f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else "",
-              f"> {above}" if above is not None else ""]
-    if not np.isfinite(out) or (minimum is not None and out < minimum) or (
-            maximum is not None and out > maximum) or (above is not None and out <= above):
+    bounds = [
+        f">= {minimum}" if minimum is not None else "",
+        f"<= {maximum}" if maximum is not None else "",
+        f"> {above}" if above is not None else "",
+    ]
+    if (
+        not np.isfinite(out)
+        or (minimum is not None and out < minimum)
+        or (maximum is not None and out > maximum)
+        or (above is not None and out <= above)
+    ):
         bound = " and ".join(b for b in bounds if b)
         raise ConfigError(f"{name} must be a finite number{' ' + bound if bound else ''} (got {value})")
     return out
@@ -61,8 +77,7 @@ def check_choice(value, name: str, choices: Iterable[str]) -> str:
     return value
 
 
-def did_you_mean(name, choices: Iterable[str], n: int = 1, cutoff: float = 0.5,
-                 paren: bool = False) -> str:
+def did_you_mean(name, choices: Iterable[str], n: int = 1, cutoff: float = 0.5, paren: bool = False) -> str:
     """A hint naming the ``choices`` closest to ``name``, or ``""`` when none is close.
 
     ``" Did you mean 'a'?"`` to follow a sentence, or ``" (did you mean 'a'?)"`` with ``paren``.

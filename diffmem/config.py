@@ -24,12 +24,20 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 
 #: stage name -> module with ``run(cfg)`` and ``main()``
 STAGES = Registry("stage")
-for _name, _module in [("train", "diffmem.train"), ("generate", "diffmem.generate"),
-                       ("embed", "diffmem.embed"), ("index", "diffmem.index.stage"),
-                       ("search", "diffmem.search"), ("dedup", "diffmem.dedup"), ("detect", "diffmem.detect"),
-                       ("audit", "diffmem.audit"), ("probe", "diffmem.probe"),
-                       ("generalise", "diffmem.generalise"), ("mitigate", "diffmem.mitigate"),
-                       ("evaluate-mitigation", "diffmem.evaluate_mitigation")]:
+for _name, _module in [
+    ("train", "diffmem.train"),
+    ("generate", "diffmem.generate"),
+    ("embed", "diffmem.embed"),
+    ("index", "diffmem.index.stage"),
+    ("search", "diffmem.search"),
+    ("dedup", "diffmem.dedup"),
+    ("detect", "diffmem.detect"),
+    ("audit", "diffmem.audit"),
+    ("probe", "diffmem.probe"),
+    ("generalise", "diffmem.generalise"),
+    ("mitigate", "diffmem.mitigate"),
+    ("evaluate-mitigation", "diffmem.evaluate_mitigation"),
+]:
     STAGES.register(_name, _module)
 
 if not OmegaConf.has_resolver("asset"):
@@ -41,12 +49,15 @@ def _lazy(module: str, attr: str):
         import importlib
 
         return getattr(importlib.import_module(module), attr)(*args)
+
     return resolve
 
 
-for _resolver, _module, _attr in (("digest", "diffmem.runs", "digest"),
-                                  ("optuna_storage", "diffmem.mitigations.memcontrol", "storage_url"),
-                                  ("optuna_remaining", "diffmem.mitigations.memcontrol", "remaining_trials")):
+for _resolver, _module, _attr in (
+    ("digest", "diffmem.runs", "digest"),
+    ("optuna_storage", "diffmem.mitigations.memcontrol", "storage_url"),
+    ("optuna_remaining", "diffmem.mitigations.memcontrol", "remaining_trials"),
+):
     if not OmegaConf.has_resolver(_resolver):  # used by experiment=memcontrol (a resumable study)
         OmegaConf.register_new_resolver(_resolver, _lazy(_module, _attr))
 
@@ -70,8 +81,9 @@ def local_overrides() -> list[str]:
     return [f"hydra.searchpath=[file://{local.resolve()}]"] if local.is_dir() else []
 
 
-def compose(stage: str, overrides: Sequence[str] = (), return_hydra_config: bool = False,
-            hints: bool = True) -> DictConfig:
+def compose(
+    stage: str, overrides: Sequence[str] = (), return_hydra_config: bool = False, hints: bool = True
+) -> DictConfig:
     """The config of ``stage`` with Hydra-style ``overrides``, as the CLI would build it; an
     override Hydra cannot apply (unknown key or option, malformed) is a one-line ConfigError
     (with a "did you mean" hint unless ``hints`` is false)."""
@@ -81,8 +93,11 @@ def compose(stage: str, overrides: Sequence[str] = (), return_hydra_config: bool
     stage_module(stage)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return _compose(config_name=config_name(stage), overrides=[*local_overrides(), *overrides],
-                            return_hydra_config=return_hydra_config)
+            return _compose(
+                config_name=config_name(stage),
+                overrides=[*local_overrides(), *overrides],
+                return_hydra_config=return_hydra_config,
+            )
     except HydraException as err:
         raise _composition_error(stage, overrides, err, hints) from None
 
@@ -96,8 +111,9 @@ def _composition_error(stage: str, overrides: Sequence[str], err: Exception, hin
     cause = err.__cause__
     if isinstance(err, MissingConfigException) and err.options:
         group, _, option = str(err.missing_cfg_file).rpartition("/")
-        return ConfigError(f"{group}={option}: no such option (options: {', '.join(err.options)})."
-                           + did_you_mean(option, err.options))
+        return ConfigError(
+            f"{group}={option}: no such option (options: {', '.join(err.options)})." + did_you_mean(option, err.options)
+        )
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
         full = str(cause.full_key)
         parent, _, key = full.rpartition(".")
@@ -117,8 +133,10 @@ def _parse_problem(lines: list[str]) -> str:
         at = lines[-1].index("^")
         char = lines[0][at] if at < len(lines[0]) else "?"
         key, _, value = lines[0].partition(": ")[2].partition("=")
-        return (f"the character {char!r} is not allowed unquoted (non-ASCII or special characters "
-                f"need quotes: {key}='{value}')")
+        return (
+            f"the character {char!r} is not allowed unquoted (non-ASCII or special characters "
+            f"need quotes: {key}='{value}')"
+        )
     return lines[-1]
 
 

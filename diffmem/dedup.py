@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 def _embed_cfg(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """The embed stage's config (``cfg.embed``) writing into ``run_dir``."""
-    return OmegaConf.merge(OmegaConf.to_container(cfg.embed, resolve=True),
-                           {"run_dir": str(run_dir), "source": "dataset"})
+    return OmegaConf.merge(
+        OmegaConf.to_container(cfg.embed, resolve=True), {"run_dir": str(run_dir), "source": "dataset"}
+    )
 
 
 def _rows(cfg: DictConfig) -> tuple[Path, pd.DataFrame, DictConfig]:
@@ -52,8 +53,10 @@ def _rows(cfg: DictConfig) -> tuple[Path, pd.DataFrame, DictConfig]:
     else:
         info = FeatureStore(cfg.embed_dir).info()  # a finished embed run, with its resolved config
         if info.get("source") != "dataset":
-            raise ConfigError(f"embed_dir={cfg.embed_dir}: an embed run of source=samples; dedup groups a "
-                              "dataset's images (embed it with source=dataset)")
+            raise ConfigError(
+                f"embed_dir={cfg.embed_dir}: an embed run of source=samples; dedup groups a "
+                "dataset's images (embed it with source=dataset)"
+            )
         data, split = OmegaConf.create(info["config"]["data"]), info["config"].get("split")
     root, rows = load_dataset(data)
     if split is not None:
@@ -85,39 +88,70 @@ def body(job: Job) -> Outcome:
     hashes = None
     if cfg.exact_hash:
         max_pixels = data.get("max_pixels", MAX_PIXELS)
-        hashes = resumed(run_dir / "hashes.parquet", lambda p: read_parquet(p)["hash"].tolist(),
-                         lambda: write_parquet(run_dir / "hashes.parquet", pd.DataFrame(
-                             {"file": items["file"], "hash": pixel_hashes(root, items["file"], max_pixels)})))
+        hashes = resumed(
+            run_dir / "hashes.parquet",
+            lambda p: read_parquet(p)["hash"].tolist(),
+            lambda: write_parquet(
+                run_dir / "hashes.parquet",
+                pd.DataFrame({"file": items["file"], "hash": pixel_hashes(root, items["file"], max_pixels)}),
+            ),
+        )
     set_threads(cfg.get("threads"))
     ix = cfg.index
-    grouped = group_vectors(x, cfg.threshold, hashes, representative=cfg.representative, factory=ix.factory,
-                            nprobe=ix.nprobe, train_sample=ix.train_sample, seed=cfg.seed)
+    grouped = group_vectors(
+        x,
+        cfg.threshold,
+        hashes,
+        representative=cfg.representative,
+        factory=ix.factory,
+        nprobe=ix.nprobe,
+        train_sample=ix.train_sample,
+        seed=cfg.seed,
+    )
     groups = groups_by_row(rows, items, grouped)
     write_parquet(run_dir / "groups.parquet", groups.drop(columns="rep_file"))
     reps = groups.loc[groups["is_representative"], ["item_id", "group_id", "group_size"]]
     reps = reps.rename(columns={"item_id": "image_id", "group_id": "dedup_group", "group_size": "dedup_group_size"})
     kept = rows.merge(reps, on="image_id").sort_values("dedup_group")
     manifest_path = write_parquet(run_dir / "dedup_manifest.parquet", kept.reset_index(drop=True))
-    summary = {"rows": len(groups), "images": len(items), "groups": int(groups["group_id"].nunique()),
-               "rows_removed": len(groups) - len(kept),
-               "largest_group": int(groups["group_size"].max()),
-               "rows_in_groups": int((groups["group_size"] > 1).sum())}
+    summary = {
+        "rows": len(groups),
+        "images": len(items),
+        "groups": int(groups["group_id"].nunique()),
+        "rows_removed": len(groups) - len(kept),
+        "largest_group": int(groups["group_size"].max()),
+        "rows_in_groups": int((groups["group_size"] > 1).sum()),
+    }
     use = f"data=folder data.root={root.resolve()} data.manifest={manifest_path.resolve()}"
-    write_dedup_report(run_dir, groups.assign(file_abs=[str(root / f) for f in groups["file"]],
-                                              rep_abs=[str(root / f) for f in groups["rep_file"]]),
-                       {**summary, "threshold": float(cfg.threshold), "feature": info["feature"],
-                        "provenance": provenance(cfg)},
-                       top_n=int(cfg.report.top_groups), per_group=int(cfg.report.per_group))
-    log.info("dedup: %d rows in %d groups (%d removed); train on it with %s", summary["rows"], summary["groups"],
-             summary["rows_removed"], use)
-    return Outcome(summary, dict(feature=info["feature"], embed_dir=str(embed_dir), data_root=str(root), use=use,
-                                 **summary))
+    write_dedup_report(
+        run_dir,
+        groups.assign(
+            file_abs=[str(root / f) for f in groups["file"]], rep_abs=[str(root / f) for f in groups["rep_file"]]
+        ),
+        {**summary, "threshold": float(cfg.threshold), "feature": info["feature"], "provenance": provenance(cfg)},
+        top_n=int(cfg.report.top_groups),
+        per_group=int(cfg.report.per_group),
+    )
+    log.info(
+        "dedup: %d rows in %d groups (%d removed); train on it with %s",
+        summary["rows"],
+        summary["groups"],
+        summary["rows_removed"],
+        use,
+    )
+    return Outcome(
+        summary, dict(feature=info["feature"], embed_dir=str(embed_dir), data_root=str(root), use=use, **summary)
+    )
 
 
 #: an existing embed run counts by content (one re-embedded under the same path is another input)
-SPEC = StageSpec("dedup", body, prepare, inputs=lambda cfg, ctx: {"item list": ctx[1][["image_id", "file"]]},
-                 extra=lambda cfg, _: ({"embed_digest": FeatureStore(cfg.embed_dir).content_digest()}
-                                       if cfg.embed_dir else {}))
+SPEC = StageSpec(
+    "dedup",
+    body,
+    prepare,
+    inputs=lambda cfg, ctx: {"item list": ctx[1][["image_id", "file"]]},
+    extra=lambda cfg, _: ({"embed_digest": FeatureStore(cfg.embed_dir).content_digest()} if cfg.embed_dir else {}),
+)
 run = SPEC.run
 main = hydra_app("dedup", run)
 

@@ -55,8 +55,9 @@ def check_config(cfg: DictConfig) -> Detector:
     if not 0 <= float(cfg.fpr) < 1:
         raise ConfigError(f"fpr must be in [0, 1) (got {cfg.fpr})")
     if cfg.attribution and not detector.supports_attribution:
-        raise ConfigError(f"attribution=true needs a detector with per-token attribution "
-                          f"(noise_norm), not '{detector.name}'")
+        raise ConfigError(
+            f"attribution=true needs a detector with per-token attribution (noise_norm), not '{detector.name}'"
+        )
     check_positives(OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None)
     return detector
 
@@ -72,15 +73,28 @@ def body(job: Job) -> Outcome:
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     start = time.perf_counter()
     with count_unet_evals(pipe.unet) as used:
-        table = score_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution,
-                            batch_size=cfg.batch_size, positives=positives)
+        table = score_table(
+            detector,
+            pipe,
+            prompts,
+            seed=cfg.seed,
+            resolution=cfg.resolution,
+            batch_size=cfg.batch_size,
+            positives=positives,
+        )
     seconds = time.perf_counter() - start
     write_parquet(run_dir / SCORES, table)
     metrics: dict = {
-        "detector": detector.name, "settings": detector.settings(), "model": cfg.model.name,
-        "n_prompts": len(table), "score_convention": "higher = more likely memorised",
-        "unet_calls": used.evals, "unet_calls_per_prompt": used.evals / len(table),
-        "unet_forward_passes": used.calls, "seconds": seconds, "seconds_per_prompt": seconds / len(table),
+        "detector": detector.name,
+        "settings": detector.settings(),
+        "model": cfg.model.name,
+        "n_prompts": len(table),
+        "score_convention": "higher = more likely memorised",
+        "unet_calls": used.evals,
+        "unet_calls_per_prompt": used.evals / len(table),
+        "unet_forward_passes": used.calls,
+        "seconds": seconds,
+        "seconds_per_prompt": seconds / len(table),
         "by_group": group_summary(table),
     }
     attr = None
@@ -92,18 +106,32 @@ def body(job: Job) -> Outcome:
     results = evaluate(table, cfg.fpr, cfg.ci_level)
     if results:
         metrics["ground_truth"] = {"positives": describe_positives(prompts, positives), **results}
-        metrics.update({k: results[k] for k in ("roc_auc", "tpr_at_fpr", "fpr", "roc_auc_ci", "tpr_at_fpr_ci",
-                                                 "ci_level") if k in results})
+        metrics.update(
+            {
+                k: results[k]
+                for k in ("roc_auc", "tpr_at_fpr", "fpr", "roc_auc_ci", "tpr_at_fpr_ci", "ci_level")
+                if k in results
+            }
+        )
         if "roc_auc" in results:
             roc_figure(table, run_dir / ROC_FIGURE, title=f"{detector.name} on {cfg.model.name}")
-    write_detect_report(run_dir, table, {**metrics, "fpr": cfg.fpr}, attr,
-                        title=f"diffmem detect: {detector.name} on {cfg.model.name}")
-    log.info("detect: %s scored %d prompts with %d UNet evaluations%s", detector.name, len(table),
-             used.evals, f"; ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else "")
+    write_detect_report(
+        run_dir, table, {**metrics, "fpr": cfg.fpr}, attr, title=f"diffmem detect: {detector.name} on {cfg.model.name}"
+    )
+    log.info(
+        "detect: %s scored %d prompts with %d UNet evaluations%s",
+        detector.name,
+        len(table),
+        used.evals,
+        f"; ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else "",
+    )
     for line in summary_lines(results):
         log.info("detect: %s", line)
-    return Outcome({"n_prompts": len(table), "roc_auc": results.get("roc_auc")},
-                   {"detector": detector.name, "unet_calls": used.evals}, metrics)
+    return Outcome(
+        {"n_prompts": len(table), "roc_auc": results.get("roc_auc")},
+        {"detector": detector.name, "unet_calls": used.evals},
+        metrics,
+    )
 
 
 SPEC = StageSpec("detect", body, prepare, volatile=("batch_size",), inputs=lambda cfg, ctx: {"prompt list": ctx[1]})

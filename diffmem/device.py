@@ -27,8 +27,10 @@ def check_device(device, name: str = "device") -> str:
     if m[1] == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if m[2] is None and count == 0 or m[2] is not None and int(m[2]) >= count:
-            raise ConfigError(f"{name}={text}: this machine has {count} CUDA device{'s' * (count != 1)}"
-                              f" (use {name}=auto or {name}=cpu)")
+            raise ConfigError(
+                f"{name}={text}: this machine has {count} CUDA device{'s' * (count != 1)}"
+                f" (use {name}=auto or {name}=cpu)"
+            )
     if m[1] == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"{name}=mps: MPS is not available on this machine (use {name}=auto or {name}=cpu)")
     return text

@@ -57,10 +57,12 @@ def _submitit_env() -> None:
 
 #: torch's ``env://`` variables and the names MPI launchers give them (MPICH/Intel MPI,
 #: Open MPI, MVAPICH), in the order accelerate's ``get_cpu_distributed_information`` reads them
-_MPI_VARS = {"RANK": ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"),
-             "WORLD_SIZE": ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"),
-             "LOCAL_RANK": ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),
-             "LOCAL_WORLD_SIZE": ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")}
+_MPI_VARS = {
+    "RANK": ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"),
+    "WORLD_SIZE": ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"),
+    "LOCAL_RANK": ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),
+    "LOCAL_WORLD_SIZE": ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"),
+}
 
 
 def _mpi_env() -> None:
@@ -77,8 +79,10 @@ def _mpi_env() -> None:
     mpi = {key: value for key, value in mpi.items() if value is not None}
     if "MASTER_ADDR" not in env:
         if int(mpi.get("LOCAL_WORLD_SIZE", mpi["WORLD_SIZE"])) != int(mpi["WORLD_SIZE"]):
-            raise ConfigError(f"MPI job of {mpi['WORLD_SIZE']} ranks on several nodes: "
-                              "export MASTER_ADDR=<rank 0's host name> for every rank (mpirun -x MASTER_ADDR)")
+            raise ConfigError(
+                f"MPI job of {mpi['WORLD_SIZE']} ranks on several nodes: "
+                "export MASTER_ADDR=<rank 0's host name> for every rank (mpirun -x MASTER_ADDR)"
+            )
         env["MASTER_ADDR"] = "127.0.0.1"
     env.setdefault("MASTER_PORT", "29500")
     env.update(mpi)
@@ -93,9 +97,11 @@ def _accelerate_cpu() -> bool:
 def _warn_one_cpu_process() -> None:
     """Say so when ``accelerate launch --cpu --num_processes N`` (N > 1, no ``--mpirun_hostfile``)
     started this job: accelerate then runs one process (it sets ``MASTER_ADDR`` but no ranks)."""
-    log.warning("accelerate launch --cpu started one process, not --num_processes: the job runs on "
-                "one rank; for several CPU ranks add --mpirun_hostfile <file> (MPI) or use "
-                "--multi_gpu instead of --cpu, or torchrun (docs/clusters.md)")
+    log.warning(
+        "accelerate launch --cpu started one process, not --num_processes: the job runs on "
+        "one rank; for several CPU ranks add --mpirun_hostfile <file> (MPI) or use "
+        "--multi_gpu instead of --cpu, or torchrun (docs/clusters.md)"
+    )
 
 
 def ranks() -> Ranks:
@@ -124,8 +130,10 @@ def single_process(stage: str) -> None:
     (each rank would redo the whole stage into the same run dir)."""
     r = ranks()
     if r.world_size > 1:
-        raise ConfigError(f"{stage} runs as one process (started as rank {r.rank} of {r.world_size}): "
-                          "run it without accelerate/torchrun/tasks_per_node")
+        raise ConfigError(
+            f"{stage} runs as one process (started as rank {r.rank} of {r.world_size}): "
+            "run it without accelerate/torchrun/tasks_per_node"
+        )
 
 
 def timeout_s() -> float:
@@ -146,8 +154,9 @@ def init() -> bool:
         try:
             dist.init_process_group(backend, timeout=_dt.timedelta(seconds=timeout_s()))
         except (RuntimeError, ValueError) as err:  # the store's rendezvous timed out, a bad address
-            raise RankError(f"rank {r.rank} of {r.world_size}: cannot join the job's process group "
-                            f"({str(err).splitlines()[0]})") from err
+            raise RankError(
+                f"rank {r.rank} of {r.world_size}: cannot join the job's process group ({str(err).splitlines()[0]})"
+            ) from err
     return True
 
 
@@ -158,8 +167,11 @@ def _gloo_group():
     import torch.distributed as dist
 
     if _barrier_group is None:
-        _barrier_group = (dist.group.WORLD if dist.get_backend() == "gloo"
-                          else dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s())))
+        _barrier_group = (
+            dist.group.WORLD
+            if dist.get_backend() == "gloo"
+            else dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=timeout_s()))
+        )
     return _barrier_group
 
 
@@ -170,8 +182,9 @@ def _collective(what: str, fn):
         return fn()
     except RuntimeError as err:  # gloo/NCCL: "[file:line] Connection closed by peer ...", "Timed out ..."
         cause = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip().splitlines()[0]).split(". ")[0][:160]
-        raise RankError(f"rank {r.rank} of {r.world_size}: another rank died, failed or hangs "
-                        f"({what}: {cause}); the job stops") from err
+        raise RankError(
+            f"rank {r.rank} of {r.world_size}: another rank died, failed or hangs ({what}: {cause}); the job stops"
+        ) from err
 
 
 def barrier(what: str, timeout: float | None = None) -> None:
@@ -182,8 +195,10 @@ def barrier(what: str, timeout: float | None = None) -> None:
     import torch.distributed as dist
 
     seconds = timeout_s() if timeout is None else float(timeout)
-    _collective(f"barrier '{what}' ({seconds:.0f} s)", lambda: dist.monitored_barrier(
-        _gloo_group(), timeout=_dt.timedelta(seconds=seconds), wait_all_ranks=True))
+    _collective(
+        f"barrier '{what}' ({seconds:.0f} s)",
+        lambda: dist.monitored_barrier(_gloo_group(), timeout=_dt.timedelta(seconds=seconds), wait_all_ranks=True),
+    )
 
 
 def shard_rows(n: int, block: int = 1, rank: int | None = None, world: int | None = None) -> np.ndarray:
@@ -252,7 +267,7 @@ def average_gradients(params) -> None:
             flat /= world
             offset = 0
             for x in bucket:
-                x.copy_(flat[offset:offset + x.numel()].view_as(x))
+                x.copy_(flat[offset : offset + x.numel()].view_as(x))
                 offset += x.numel()
             bucket = []
 

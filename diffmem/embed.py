@@ -60,22 +60,46 @@ def samples_items(samples_dir: str | Path) -> tuple[Path, pd.DataFrame]:
     return Path(samples_dir), read_samples(samples_dir).rename(columns={"sample_id": "item_id"})
 
 
-def embed_files(extractor, root: Path, items: pd.DataFrame, store: FeatureStore, *, part_size: int,
-                batch_size: int, shard: int = 0, num_shards: int = 1, resolution: int | None = None,
-                num_workers: int = 0, skip_errors: bool = False, max_pixels: int = MAX_PIXELS) -> None:
+def embed_files(
+    extractor,
+    root: Path,
+    items: pd.DataFrame,
+    store: FeatureStore,
+    *,
+    part_size: int,
+    batch_size: int,
+    shard: int = 0,
+    num_shards: int = 1,
+    resolution: int | None = None,
+    num_workers: int = 0,
+    skip_errors: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> None:
     """Embed the images of ``items`` into the parts of ``store``, skipping parts that exist
     (images over ``max_pixels`` are refused before they are decoded; a damaged part is recomputed)."""
     files = items["file"].tolist()
     n_parts = (len(files) + part_size - 1) // part_size
-    todo = [p for p in range(shard, n_parts, num_shards)
-            if not store.has_part(p, len(files[p * part_size:(p + 1) * part_size]), extractor.dim)]
-    total = sum(len(files[p * part_size:(p + 1) * part_size]) for p in todo)
+    todo = [
+        p
+        for p in range(shard, n_parts, num_shards)
+        if not store.has_part(p, len(files[p * part_size : (p + 1) * part_size]), extractor.dim)
+    ]
+    total = sum(len(files[p * part_size : (p + 1) * part_size]) for p in todo)
     # closed on errors too: the bar's last line must not follow the CLI's error line
     with tqdm(total=total, desc=f"embed[{extractor.name}]", mininterval=2) as bar:
-        for p, vectors, skipped in embed_images(extractor, root, files, todo, part_size, batch_size=batch_size,
-                                                num_workers=num_workers, resolution=resolution,
-                                                skip_errors=skip_errors, max_pixels=max_pixels,
-                                                progress=bar.update):
+        for p, vectors, skipped in embed_images(
+            extractor,
+            root,
+            files,
+            todo,
+            part_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            resolution=resolution,
+            skip_errors=skip_errors,
+            max_pixels=max_pixels,
+            progress=bar.update,
+        ):
             for row in skipped.itertuples():
                 log.warning("embed: skipped %s", row.error)
             skipped.insert(0, "item_id", items["item_id"].to_numpy()[skipped.pop("index").to_numpy(int)])
@@ -105,10 +129,20 @@ def body(job: Job) -> Outcome:
     warn_flat_testbed(extractor.name, cfg.data.get("kind"))
     ranks = distributed.ranks()  # each rank of a data-parallel job embeds its share of the parts
     store = FeatureStore(job.dir)
-    embed_files(extractor, root, items, store, part_size=cfg.part_size, batch_size=cfg.batch_size,
-                shard=cfg.shard + cfg.num_shards * ranks.rank, num_shards=cfg.num_shards * ranks.world_size,
-                resolution=cfg.resolution, num_workers=int(cfg.get("num_workers", 0)), skip_errors=skip_errors,
-                max_pixels=cfg.data.get("max_pixels", MAX_PIXELS))
+    embed_files(
+        extractor,
+        root,
+        items,
+        store,
+        part_size=cfg.part_size,
+        batch_size=cfg.batch_size,
+        shard=cfg.shard + cfg.num_shards * ranks.rank,
+        num_shards=cfg.num_shards * ranks.world_size,
+        resolution=cfg.resolution,
+        num_workers=int(cfg.get("num_workers", 0)),
+        skip_errors=skip_errors,
+        max_pixels=cfg.data.get("max_pixels", MAX_PIXELS),
+    )
     distributed.barrier("embed: parts written")
     if ranks.rank != 0:  # rank 0 publishes
         return Outcome(complete=False)
@@ -118,18 +152,33 @@ def body(job: Job) -> Outcome:
         return Outcome(complete=False)
     n_skipped = store.write_ids(items)
     require_items(len(items) - n_skipped, "images", f"embed {job.dir}")
-    counts = {"n": len(items) - n_skipped, "n_skipped": n_skipped,
-              "n_not_success": int(items.attrs.get(NOT_SUCCESS, 0))}
+    counts = {
+        "n": len(items) - n_skipped,
+        "n_skipped": n_skipped,
+        "n_not_success": int(items.attrs.get(NOT_SUCCESS, 0)),
+    }
     if n_skipped:
-        log.warning("embed: %d of %d images skipped (unreadable; listed in %s)", n_skipped, len(items),
-                    store.skipped_path)
+        log.warning(
+            "embed: %d of %d images skipped (unreadable; listed in %s)", n_skipped, len(items), store.skipped_path
+        )
 
     def rank_items(r, w):  # the items of the parts rank r of w embedded
-        return sum(min(cfg.part_size, len(items) - p * cfg.part_size)
-                   for p in range(cfg.shard + cfg.num_shards * r, n_parts, cfg.num_shards * w))
+        return sum(
+            min(cfg.part_size, len(items) - p * cfg.part_size)
+            for p in range(cfg.shard + cfg.num_shards * r, n_parts, cfg.num_shards * w)
+        )
 
-    return Outcome(counts, dict(extractor=extractor.info(), dim=extractor.dim, feature=extractor.name,
-                                source=cfg.source, **counts, data_parallel=distributed.summary(rank_items)))
+    return Outcome(
+        counts,
+        dict(
+            extractor=extractor.info(),
+            dim=extractor.dim,
+            feature=extractor.name,
+            source=cfg.source,
+            **counts,
+            data_parallel=distributed.summary(rank_items),
+        ),
+    )
 
 
 def item_list(cfg: DictConfig, ctx) -> dict:
@@ -143,8 +192,9 @@ def skipped_guard(cfg: DictConfig, summary: dict) -> str | None:
 
 
 #: ``batch_size`` does not change the vectors (tests/test_embed.py)
-SPEC = StageSpec("embed", body, prepare, volatile=("batch_size",), inputs=item_list, guard=skipped_guard,
-                 data_parallel=True)
+SPEC = StageSpec(
+    "embed", body, prepare, volatile=("batch_size",), inputs=item_list, guard=skipped_guard, data_parallel=True
+)
 run = SPEC.run
 main = hydra_app("embed", run)
 

@@ -60,8 +60,11 @@ def pareto(cfg: DictConfig, run_dir: Path) -> dict:
     write_parquet(run_dir / "pareto.parquet", pd.concat([trials.assign(run="memcontrol"), runs], ignore_index=True))
     pareto_figure(trials, runs, run_dir / "pareto.png")
     front = trials[trials["pareto"]]
-    return {"n_trials": len(trials), "front": front.drop(columns="pareto").to_dict("records"),
-            "runs": runs.to_dict("records")}
+    return {
+        "n_trials": len(trials),
+        "front": front.drop(columns="pareto").to_dict("records"),
+        "runs": runs.to_dict("records"),
+    }
 
 
 def prepare(cfg: DictConfig):
@@ -103,21 +106,40 @@ def body(job: Job) -> Outcome:
     rows, start = [], time.perf_counter()
     for name, path in models.items():
         log.info("evaluate-mitigation: %s (%s)", name, path)
-        pipe = load_model({"path": path, "precision": cfg.precision, "vae_slicing": cfg.vae_slicing}, device,
-                          scheduler=cfg.scheduler)
+        pipe = load_model(
+            {"path": path, "precision": cfg.precision, "vae_slicing": cfg.vae_slicing}, device, scheduler=cfg.scheduler
+        )
 
-        ctx = ProbeContext(pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
-                           target_cond=rows_conditioning(pipe, targets), negatives=negatives,
-                           negative_cond=rows_conditioning(pipe, negatives),
-                           controls=targets.iloc[:0], control_images=target_images[:0], control_cond=torch.zeros(0),
-                           run_dir=parts / f"{name}-{digest([str(Path(path).resolve()), settings])}",
-                           seed=int(cfg.seed), resolution=int(cfg.resolution),
-                           steps=int(cfg.steps), guidance=float(cfg.guidance_scale),
-                           n_per_prompt=int(cfg.n_per_prompt), threshold=float(cfg.threshold),
-                           mr_reduction=str(cfg.mr_reduction), batch_size=int(cfg.batch_size))
+        ctx = ProbeContext(
+            pipe=pipe,
+            extractor=extractor,
+            targets=targets,
+            target_images=target_images,
+            target_cond=rows_conditioning(pipe, targets),
+            negatives=negatives,
+            negative_cond=rows_conditioning(pipe, negatives),
+            controls=targets.iloc[:0],
+            control_images=target_images[:0],
+            control_cond=torch.zeros(0),
+            run_dir=parts / f"{name}-{digest([str(Path(path).resolve()), settings])}",
+            seed=int(cfg.seed),
+            resolution=int(cfg.resolution),
+            steps=int(cfg.steps),
+            guidance=float(cfg.guidance_scale),
+            n_per_prompt=int(cfg.n_per_prompt),
+            threshold=float(cfg.threshold),
+            mr_reduction=str(cfg.mr_reduction),
+            batch_size=int(cfg.batch_size),
+        )
         defence = get_hooks(pipe)
-        rows.append({"model": name, "path": str(path), "defence": defence.name if defence else None,
-                     **evaluate_model(ctx, ts, urows, real, u, util_extractor, clip)})
+        rows.append(
+            {
+                "model": name,
+                "path": str(path),
+                "defence": defence.name if defence else None,
+                **evaluate_model(ctx, ts, urows, real, u, util_extractor, clip),
+            }
+        )
     table = pd.DataFrame(rows)
     ref = float(table.loc[table["model"] == cfg.reference, "fd"].iloc[0])
     table["fd_ratio"] = table["fd"] / ref
@@ -127,18 +149,32 @@ def body(job: Job) -> Outcome:
     extra = {"pareto": pareto(cfg, run_dir)} if cfg.get("study") else {}
     seconds = time.perf_counter() - start
     log.info("evaluate-mitigation: %d models in %.0f s", len(table), seconds)
-    return Outcome({"models": list(models), "reference": cfg.reference}, {}, {
-        "reference": cfg.reference, "n_targets": len(targets), "threshold": float(cfg.threshold),
-        "trigger_budget": ts, "utility": {"split": str(u.split), "n_prompts": len(urows),
-                                          "features": util_extractor.info()},
-        "features": extractor.info(), "seconds": seconds,
-        "table": table.drop(columns=["path"]).to_dict("records"), **extra})
+    return Outcome(
+        {"models": list(models), "reference": cfg.reference},
+        {},
+        {
+            "reference": cfg.reference,
+            "n_targets": len(targets),
+            "threshold": float(cfg.threshold),
+            "trigger_budget": ts,
+            "utility": {"split": str(u.split), "n_prompts": len(urows), "features": util_extractor.info()},
+            "features": extractor.info(),
+            "seconds": seconds,
+            "table": table.drop(columns=["path"]).to_dict("records"),
+            **extra,
+        },
+    )
 
 
 #: ``parts_dir`` is where parts are cached, shared between tables; batch sizes and VAE slicing
 #: do not change results
-SPEC = StageSpec("evaluate-mitigation", body, prepare, volatile=("batch_size", "vae_slicing", "parts_dir"),
-                 inputs=lambda cfg, ctx: {"prompt list": ctx[1]})
+SPEC = StageSpec(
+    "evaluate-mitigation",
+    body,
+    prepare,
+    volatile=("batch_size", "vae_slicing", "parts_dir"),
+    inputs=lambda cfg, ctx: {"prompt list": ctx[1]},
+)
 run = SPEC.run
 main = hydra_app("evaluate-mitigation", run)
 

@@ -40,8 +40,17 @@ from diffmem.features.base import sha256_file
 from diffmem.metrics.generalisation import HeldoutBaseline, measure, quartile_stats, transition_n
 from diffmem.report.figures import GridPair, generalisation_figure, image_grid
 from diffmem.runner import Job, Outcome, StageSpec, fingerprint
-from diffmem.runs import (INFO, check_claim, claim, is_done, provenance, read_json, read_parquet, write_json,
-                          write_parquet)
+from diffmem.runs import (
+    INFO,
+    check_claim,
+    claim,
+    is_done,
+    provenance,
+    read_json,
+    read_parquet,
+    write_json,
+    write_parquet,
+)
 
 log = logging.getLogger(__name__)
 TABLE, FIGURE, SUMMARY = "generalisation.parquet", "generalisation.png", "summary.json"
@@ -62,12 +71,20 @@ def train_config(cfg: DictConfig, part: int) -> DictConfig:
     """The train stage's config of model ``MODELS[part]``: subset part ``part``, seed ``seed + part``."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     subset = {"kinds": plain["kinds"], "size": plain["n"], "part": part, "seed": plain["seed"]}
-    return OmegaConf.create({
-        "run_dir": str(n_dir(cfg.run_dir, cfg.n) / MODELS[part] / "train"),
-        "seed": plain["seed"] + part, "device": plain["device"], "threads": plain["threads"],
-        "resolution": plain["resolution"], "data": {**plain["data"], "subset": subset},
-        "arch": plain["arch"], "vae": {"steps": 0, "path": plain["vae_path"]},
-        "unet": {**plain["unet"], "caption_dropout": 1.0}, "save_dtype": "float32"})
+    return OmegaConf.create(
+        {
+            "run_dir": str(n_dir(cfg.run_dir, cfg.n) / MODELS[part] / "train"),
+            "seed": plain["seed"] + part,
+            "device": plain["device"],
+            "threads": plain["threads"],
+            "resolution": plain["resolution"],
+            "data": {**plain["data"], "subset": subset},
+            "arch": plain["arch"],
+            "vae": {"steps": 0, "path": plain["vae_path"]},
+            "unet": {**plain["unet"], "caption_dropout": 1.0},
+            "save_dtype": "float32",
+        }
+    )
 
 
 def summary_table(cfg: DictConfig) -> pd.DataFrame:
@@ -76,12 +93,17 @@ def summary_table(cfg: DictConfig) -> pd.DataFrame:
     heldout_nn_sim, rows = HeldoutBaseline(cfg), []
     for d in sorted(p for p in Path(cfg.run_dir).glob("n-*") if is_done(p)):
         pairs = read_parquet(d / "pairs.parquet")
-        rows.append({"n": int(pairs.n.iloc[0]), "samples": len(pairs),
-                     **quartile_stats("cross_sim", pairs.cross_sim),
-                     **quartile_stats("nn_sim", np.concatenate([pairs.nn_sim_a, pairs.nn_sim_b])),
-                     "shuffled_sim": pairs.shuffled_sim.mean(),
-                     "heldout_nn_sim": heldout_nn_sim(d),
-                     "vae_ceiling": read_json(d / INFO)["vae_ceiling"]})
+        rows.append(
+            {
+                "n": int(pairs.n.iloc[0]),
+                "samples": len(pairs),
+                **quartile_stats("cross_sim", pairs.cross_sim),
+                **quartile_stats("nn_sim", np.concatenate([pairs.nn_sim_a, pairs.nn_sim_b])),
+                "shuffled_sim": pairs.shuffled_sim.mean(),
+                "heldout_nn_sim": heldout_nn_sim(d),
+                "vae_ceiling": read_json(d / INFO)["vae_ceiling"],
+            }
+        )
     return pd.DataFrame(rows).sort_values("n", ignore_index=True)
 
 
@@ -92,9 +114,15 @@ def summarise(cfg: DictConfig) -> Path:
     n_star = transition_n(table.n, table.cross_sim, table.nn_sim)
     write_parquet(run_dir / TABLE, table)
     generalisation_figure(table, n_star, run_dir / FIGURE, cfg.features.extractor.name)
-    write_json(run_dir / SUMMARY, {"transition_n": n_star, "n": table.n.tolist(),
-                                   "definition": " ".join(transition_n.__doc__.split("\n\n")[0].split()),
-                                   **provenance(cfg)})
+    write_json(
+        run_dir / SUMMARY,
+        {
+            "transition_n": n_star,
+            "n": table.n.tolist(),
+            "definition": " ".join(transition_n.__doc__.split("\n\n")[0].split()),
+            **provenance(cfg),
+        },
+    )
     return run_dir
 
 
@@ -120,15 +148,22 @@ def body(job: Job) -> Outcome:
     claim(cfg.run_dir, experiment_fingerprint(cfg))
     vae_ceiling = measure(cfg, job.dir, *job.ctx, train=train.run)
     pairs = read_parquet(job.dir / "pairs.parquet")
-    image_grid([GridPair(job.dir / p.file_a, job.dir / p.file_b, f"{p.cross_sim:.2f}")
-                for p in pairs.head(8).itertuples()], job.dir / "pairs.png")
+    image_grid(
+        [GridPair(job.dir / p.file_a, job.dir / p.file_b, f"{p.cross_sim:.2f}") for p in pairs.head(8).itertuples()],
+        job.dir / "pairs.png",
+    )
     return Outcome({"n": int(cfg.n)}, {"vae_ceiling": vae_ceiling})
 
 
 #: one run dir per n (a multirun over n fills one experiment); every job then rewrites the summary
-SPEC = StageSpec("generalise", body, prepare, volatile=("batch_size",),
-                 extra=lambda cfg, _: {"vae_sha256": sha256_file(Path(cfg.vae_path) / VAE_WEIGHTS)},
-                 run_dir=lambda cfg: n_dir(cfg.run_dir, cfg.n))
+SPEC = StageSpec(
+    "generalise",
+    body,
+    prepare,
+    volatile=("batch_size",),
+    extra=lambda cfg, _: {"vae_sha256": sha256_file(Path(cfg.vae_path) / VAE_WEIGHTS)},
+    run_dir=lambda cfg: n_dir(cfg.run_dir, cfg.n),
+)
 
 
 def run(cfg: DictConfig) -> Path:

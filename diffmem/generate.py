@@ -42,7 +42,7 @@ def body(job: Job) -> Outcome:
     """Generate this shard's missing (or damaged) samples; the last shard publishes the table."""
     cfg, run_dir, (prompts, plan) = job.cfg, job.dir, job.ctx
     device = configure_torch(cfg)
-    mine = plan.iloc[cfg.shard::cfg.num_shards]
+    mine = plan.iloc[cfg.shard :: cfg.num_shards]
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     warn_long_prompts(prompts["caption"], pipe.tokenizer)
     check_resolution(pipe, cfg.resolution)
@@ -50,25 +50,42 @@ def body(job: Job) -> Outcome:
         write_parquet(run_dir / PROMPTS, prompts)
         drop_damaged(run_dir, mine["file"])  # a resumed run recomputes damaged samples
     distributed.barrier("generate: damaged samples dropped")
-    generate_images(pipe, mine, run_dir, resolution=cfg.resolution, steps=cfg.steps,
-                    guidance=cfg.guidance_scale, batch_size=cfg.batch_size, shard=True)
+    generate_images(
+        pipe,
+        mine,
+        run_dir,
+        resolution=cfg.resolution,
+        steps=cfg.steps,
+        guidance=cfg.guidance_scale,
+        batch_size=cfg.batch_size,
+        shard=True,
+    )
     distributed.barrier("generate: samples written")
     if not distributed.is_main():  # rank 0 publishes
         return Outcome(complete=False)
     missing = sum(not (run_dir / f).exists() for f in plan["file"])
     if missing:  # other shards still running: the last one to finish publishes the table
-        log.info("generate: shard %d/%d done; %d samples of other shards missing",
-                 cfg.shard, cfg.num_shards, missing)
+        log.info("generate: shard %d/%d done; %d samples of other shards missing", cfg.shard, cfg.num_shards, missing)
         return Outcome(complete=False)
-    table = plan.assign(steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                        scheduler=cfg.scheduler, resolution=cfg.resolution, model=cfg.model.name)
+    table = plan.assign(
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        scheduler=cfg.scheduler,
+        resolution=cfg.resolution,
+        model=cfg.model.name,
+    )
     write_parquet(run_dir / SAMPLES, table)
-    return Outcome({"samples": len(table)}, info={"data_parallel": distributed.summary(
-        lambda r, w: len(distributed.shard_rows(len(mine), cfg.batch_size, r, w)))})
+    return Outcome(
+        {"samples": len(table)},
+        info={
+            "data_parallel": distributed.summary(
+                lambda r, w: len(distributed.shard_rows(len(mine), cfg.batch_size, r, w))
+            )
+        },
+    )
 
 
-SPEC = StageSpec("generate", body, prepare, inputs=lambda cfg, ctx: {"prompt list": ctx[0]},
-                 data_parallel=True)
+SPEC = StageSpec("generate", body, prepare, inputs=lambda cfg, ctx: {"prompt list": ctx[0]}, data_parallel=True)
 run = SPEC.run
 main = hydra_app("generate", run)
 

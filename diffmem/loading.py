@@ -27,8 +27,13 @@ def model_precision(spec: Mapping) -> str:
     return check_precision(spec.get("precision") or spec.get("dtype") or "fp32")
 
 
-def load_model(model: Mapping | str | os.PathLike, device: str | torch.device = "cpu", *,
-               precision: str | None = None, scheduler: str | None = None):
+def load_model(
+    model: Mapping | str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    precision: str | None = None,
+    scheduler: str | None = None,
+):
     """The pipeline of a model config (``path``, ``precision``, ``local_files_only``,
     ``vae_slicing``, ``vae_tiling``) or of a path.
 
@@ -40,8 +45,12 @@ def load_model(model: Mapping | str | os.PathLike, device: str | torch.device = 
     spec = {"path": model} if isinstance(model, (str, os.PathLike)) else model
     path = spec["path"]
     precision = check_precision(precision) if precision else model_precision(spec)
-    settings = dict(local_files_only=spec.get("local_files_only", True), scheduler=scheduler,
-                    vae_slicing=bool(spec.get("vae_slicing", False)), vae_tiling=bool(spec.get("vae_tiling", False)))
+    settings = dict(
+        local_files_only=spec.get("local_files_only", True),
+        scheduler=scheduler,
+        vae_slicing=bool(spec.get("vae_slicing", False)),
+        vae_tiling=bool(spec.get("vae_tiling", False)),
+    )
     wrapper = _wrapper(path)
     if wrapper is None:
         return _weights(path, device, precision, settings)

@@ -75,27 +75,46 @@ def body(job: Job) -> Outcome:
         return Outcome(complete=False)  # rank 0 builds a defence alone; the other ranks share fine-tunes only
     torch.manual_seed(int(cfg.seed))
     start = time.perf_counter()
-    summary = fn(MitigationTask(cfg=cfg, pipe=pipe, root=root, manifest=manifest, memorised=memorised,
-                                negatives=negatives, run_dir=run_dir))
+    summary = fn(
+        MitigationTask(
+            cfg=cfg, pipe=pipe, root=root, manifest=manifest, memorised=memorised, negatives=negatives, run_dir=run_dir
+        )
+    )
     if not distributed.is_main():  # rank 0 publishes
         return Outcome(complete=False)
     seconds = time.perf_counter() - start
     if cfg.objectives.enabled:
-        summary["objectives"] = measured_objectives(run_dir, lambda: measure_objectives(
-            cfg, run_dir / "model", root, manifest, memorised, sampler_settings(cfg)))
+        summary["objectives"] = measured_objectives(
+            run_dir,
+            lambda: measure_objectives(cfg, run_dir / "model", root, manifest, memorised, sampler_settings(cfg)),
+        )
     log.info("mitigate: %s in %.0f s -> %s", cfg.mitigation.name, seconds, run_dir / "model")
     dp = summary.pop("data_parallel", distributed.summary(lambda r, w: 0))
-    return Outcome({"mitigation": cfg.mitigation.name, "model": str(run_dir / "model")}, {"data_parallel": dp},
-                   {"mitigation": cfg.mitigation.name, "kind": cfg.mitigation.kind, "model": cfg.model.name,
-                    "seconds": seconds, **summary})
+    return Outcome(
+        {"mitigation": cfg.mitigation.name, "model": str(run_dir / "model")},
+        {"data_parallel": dp},
+        {
+            "mitigation": cfg.mitigation.name,
+            "kind": cfg.mitigation.kind,
+            "model": cfg.model.name,
+            "seconds": seconds,
+            **summary,
+        },
+    )
 
 
 #: generations per batch do not change results (tests/test_runner.py), checkpoints are resume state, and
 #: ``total_trials`` is the size of a MemControl study, not a setting of its trials
-SPEC = StageSpec("mitigate", body, prepare, volatile=("batch_size", "keep_checkpoints", "total_trials"),
-                 inputs=lambda cfg, ctx: {"prompt list": ctx[3]}, scratch=(CHECKPOINTS,),
-                 after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))),
-                 data_parallel=True)
+SPEC = StageSpec(
+    "mitigate",
+    body,
+    prepare,
+    volatile=("batch_size", "keep_checkpoints", "total_trials"),
+    inputs=lambda cfg, ctx: {"prompt list": ctx[3]},
+    scratch=(CHECKPOINTS,),
+    after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))),
+    data_parallel=True,
+)
 run = SPEC.run
 
 

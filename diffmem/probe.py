@@ -65,13 +65,26 @@ def body(job: Job) -> Outcome:
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     ctx = ProbeContext(
-        pipe=pipe, extractor=extractor, targets=targets, target_images=target_images,
-        target_cond=rows_conditioning(pipe, targets), negatives=negatives,
-        negative_cond=rows_conditioning(pipe, negatives), controls=controls, control_images=control_images,
+        pipe=pipe,
+        extractor=extractor,
+        targets=targets,
+        target_images=target_images,
+        target_cond=rows_conditioning(pipe, targets),
+        negatives=negatives,
+        negative_cond=rows_conditioning(pipe, negatives),
+        controls=controls,
+        control_images=control_images,
         control_cond=rows_conditioning(pipe, controls),
-        run_dir=run_dir, seed=int(cfg.seed), resolution=int(cfg.resolution), steps=int(cfg.steps),
-        guidance=float(cfg.guidance_scale), n_per_prompt=int(cfg.n_per_prompt), threshold=float(cfg.threshold),
-        mr_reduction=str(cfg.mr_reduction), batch_size=int(cfg.batch_size))
+        run_dir=run_dir,
+        seed=int(cfg.seed),
+        resolution=int(cfg.resolution),
+        steps=int(cfg.steps),
+        guidance=float(cfg.guidance_scale),
+        n_per_prompt=int(cfg.n_per_prompt),
+        threshold=float(cfg.threshold),
+        mr_reduction=str(cfg.mr_reduction),
+        batch_size=int(cfg.batch_size),
+    )
     start = time.perf_counter()
     tables, metrics = fn(ctx, cfg.probe)
     seconds = time.perf_counter() - start
@@ -79,10 +92,21 @@ def body(job: Job) -> Outcome:
         write_parquet(run_dir / f"{name}.parquet", table)
     probe_figure(tables, metrics, run_dir / "probe.png", float(cfg.threshold))
     log.info("probe: %s on %d memorised prompts in %.0f s", cfg.probe.name, len(targets), seconds)
-    return Outcome({"probe": cfg.probe.name, "n_targets": len(targets)}, {}, {
-        "probe": cfg.probe.name, "model": cfg.model.name, "n_targets": len(targets),
-        "n_negatives": len(negatives), "n_controls": len(controls), "threshold": float(cfg.threshold),
-        "features": extractor.info(), "seconds": seconds, **metrics})
+    return Outcome(
+        {"probe": cfg.probe.name, "n_targets": len(targets)},
+        {},
+        {
+            "probe": cfg.probe.name,
+            "model": cfg.model.name,
+            "n_targets": len(targets),
+            "n_negatives": len(negatives),
+            "n_controls": len(controls),
+            "threshold": float(cfg.threshold),
+            "features": extractor.info(),
+            "seconds": seconds,
+            **metrics,
+        },
+    )
 
 
 #: generations per batch do not change results (tests/test_probe.py)

@@ -31,9 +31,11 @@ class Registry:
         Without ``target`` returns a decorator.
         """
         if target is None:
+
             def deco(obj):
                 self.register(name, obj)
                 return obj
+
             return deco
         if name in self._entries and self._entries[name] is not target:
             raise ValueError(f"{self.kind} '{name}' is already registered")
@@ -53,8 +55,10 @@ class Registry:
     def get(self, name: str) -> Any:
         """The registered object; a clear error with close matches for an unknown name."""
         if name not in self._entries:
-            raise ConfigError(f"unknown {self.kind} '{name}'.{did_you_mean(name, self._entries, n=3)} "
-                              f"Known: {', '.join(self.names())}")
+            raise ConfigError(
+                f"unknown {self.kind} '{name}'.{did_you_mean(name, self._entries, n=3)} "
+                f"Known: {', '.join(self.names())}"
+            )
         target = self._loaded.get(name, self._entries[name])
         if isinstance(target, str):
             module, _, attr = target.partition(":")

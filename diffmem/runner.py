@@ -33,8 +33,21 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffmem import distributed
 from diffmem.errors import DataError, DiffmemError
-from diffmem.runs import (INFO, INPUTS, METRICS, RUN_FILE, SUCCESS, check_claim, check_inputs, claim,
-                          file_stamp, mark_done, provenance, read_json, write_json)
+from diffmem.runs import (
+    INFO,
+    INPUTS,
+    METRICS,
+    RUN_FILE,
+    SUCCESS,
+    check_claim,
+    check_inputs,
+    claim,
+    file_stamp,
+    mark_done,
+    provenance,
+    read_json,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +56,7 @@ TOP_VOLATILE = ("name", "run_dir", "stage", "paths")
 #: ... and, at any depth (a sub-stage's copy too: the audit's ``embed.data.on_error``), how fast
 #: it runs and ``data``'s guards, which only refuse inputs (a run stopped by a corrupt image
 #: resumes with ``data.on_error=skip``, one refused for a large image with a raised ``max_pixels``)
-VOLATILE = ("threads", "device", "num_workers", "shard", "data.on_error", "data.max_pixels",
-            "data.allow_outside_root")
+VOLATILE = ("threads", "device", "num_workers", "shard", "data.on_error", "data.max_pixels", "data.allow_outside_root")
 #: files of the runner itself, never outputs
 _OWN = {RUN_FILE, INPUTS, SUCCESS}
 #: outputs up to this size are hashed whole (metrics, small tables); larger ones (PNGs, parts, indexes) by
@@ -112,8 +124,11 @@ def output_digests(run_dir: Path, scratch: tuple[str, ...] = ()) -> dict[str, di
         if not path.is_file() or path.name in _OWN or _unpublished(rel) or any(s in path.parents for s in subruns):
             continue
         size = path.stat().st_size
-        stamp = ({"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-                 if size <= _HASH_BYTES else file_stamp(path, _HASH_BYTES))
+        stamp = (
+            {"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            if size <= _HASH_BYTES
+            else file_stamp(path, _HASH_BYTES)
+        )
         out[str(rel)] = stamp
     return out
 
@@ -130,14 +145,20 @@ def damaged_outputs(run_dir: Path) -> dict[str, str]:
         path = run_dir / rel
         try:
             size = path.stat().st_size
-            now = ({"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-                   if "sha256" in stamp else file_stamp(path, _HASH_BYTES))
+            now = (
+                {"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                if "sha256" in stamp
+                else file_stamp(path, _HASH_BYTES)
+            )
         except OSError:
             bad[rel] = "missing"
             continue
         if now != stamp:
-            bad[rel] = (f"cut short ({size} of {stamp['size']} bytes)" if size < stamp["size"]
-                        else "changed since it was published")
+            bad[rel] = (
+                f"cut short ({size} of {stamp['size']} bytes)"
+                if size < stamp["size"]
+                else "changed since it was published"
+            )
     return bad
 
 
@@ -219,8 +240,9 @@ class StageSpec:
             (run_dir / rel).unlink(missing_ok=True)
         if damaged:
             return False
-        subrun = next((p.parent for p in run_dir.rglob(SUCCESS) if p.parent != run_dir and damaged_outputs(p.parent)),
-                      None)
+        subrun = next(
+            (p.parent for p in run_dir.rglob(SUCCESS) if p.parent != run_dir and damaged_outputs(p.parent)), None
+        )
         if subrun is not None:
             log.info("%s: %s is finished but its step %s is damaged", self.name, run_dir, subrun.relative_to(run_dir))
         else:

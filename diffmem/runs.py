@@ -28,8 +28,8 @@ from diffmem.errors import ConfigError, OutputError
 
 SUCCESS = "_SUCCESS"
 INFO = "info.json"
-RUN_FILE = "run.json"    # the fingerprint a run dir was claimed with
-INPUTS = "inputs.json"   # digests of the input tables a run started on
+RUN_FILE = "run.json"  # the fingerprint a run dir was claimed with
+INPUTS = "inputs.json"  # digests of the input tables a run started on
 METRICS = "metrics.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -39,8 +39,18 @@ _HOST = re.sub(r"[^\w]", "_", socket.gethostname().split(".")[0]) or "host"
 TMP_NAME = re.compile(r"^\..+?(?:\.(?P<host>\w+)-(?P<pid>\d+))?\.\w+\.tmp$")
 STALE_TMP_S = 3600  # a temporary file untouched this long is a killed write's, whoever made it
 _TRACKED_PACKAGES = (
-    "diffmem", "torch", "torchvision", "diffusers", "transformers", "accelerate",
-    "open_clip_torch", "peft", "faiss-cpu", "hydra-core", "numpy", "pandas",
+    "diffmem",
+    "torch",
+    "torchvision",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "open_clip_torch",
+    "peft",
+    "faiss-cpu",
+    "hydra-core",
+    "numpy",
+    "pandas",
 )
 #: OS errors of writing output (read-only, no permission, disk full, quota, file-size limit)
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -75,8 +85,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """``obj`` as JSON; non-finite floats (NaN, infinities) are written as null, so the file is
     always valid JSON."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default,
-                                  allow_nan=False) + "\n")
+        tmp.write_text(
+            json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n"
+        )
     return Path(path)
 
 
@@ -148,12 +159,16 @@ def git_hash() -> str | None:
     """The commit of the diffmem checkout, if it is one (with ``-dirty`` when modified)."""
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -219,8 +234,9 @@ def check_run_name(name: Any) -> None:
     if any(not c.isprintable() for c in text):
         raise ConfigError(f"name={ascii(text)} holds a control character; use a printable folder name")
     if size > MAX_NAME_BYTES:
-        raise ConfigError(f"name={text[:40]!r}... is {size} bytes long; a folder name takes at most "
-                          f"{MAX_NAME_BYTES} bytes")
+        raise ConfigError(
+            f"name={text[:40]!r}... is {size} bytes long; a folder name takes at most {MAX_NAME_BYTES} bytes"
+        )
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> None:
@@ -363,8 +379,10 @@ def check_inputs(run_dir: str | os.PathLike, name: str, df) -> None:
     seen = read_json(path) if path.exists() else {}
     digest = table_digest(df)
     if name in seen and seen[name]["sha256"] != digest:
-        raise ConfigError(f"{run_dir}: the {name} changed since this run started "
-                          f"({seen[name]['rows']} rows then, {len(df)} now); choose another name=...")
+        raise ConfigError(
+            f"{run_dir}: the {name} changed since this run started "
+            f"({seen[name]['rows']} rows then, {len(df)} now); choose another name=..."
+        )
     if name not in seen:
         write_json(path, {**seen, name: {"sha256": digest, "rows": len(df)}})
 

@@ -37,8 +37,9 @@ class SamplerHooks(Protocol):
     def text(self, captions: Sequence[str], pipe) -> list[str]:
         """The captions the text encoder sees instead of ``captions``."""
 
-    def embedding(self, pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
-                  guidance: float) -> torch.Tensor:
+    def embedding(
+        self, pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int, guidance: float
+    ) -> torch.Tensor:
         """The conditioning of generations ``seeds`` instead of ``cond`` (one row per seed)."""
 
 
@@ -70,9 +71,13 @@ def encode_prompts(pipe, captions: Sequence[str], batch_size: int = 64) -> torch
         captions = hooks.text(captions, pipe)
     out = []
     for i in range(0, len(captions), batch_size):
-        ids = pipe.tokenizer(list(captions[i:i + batch_size]), padding="max_length",
-                             max_length=pipe.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(device)
+        ids = pipe.tokenizer(
+            list(captions[i : i + batch_size]),
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         out.append(pipe.text_encoder(ids)[0])
     return torch.cat(out)
 
@@ -82,8 +87,13 @@ def token_counts(pipe, captions: Sequence[str]) -> list[int]:
     hooks = get_hooks(pipe)
     if hooks is not None:
         captions = hooks.text(captions, pipe)
-    mask = pipe.tokenizer(list(captions), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").attention_mask
+    mask = pipe.tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).attention_mask
     return [int(n) for n in mask.sum(dim=1)]
 
 
@@ -96,8 +106,10 @@ def check_resolution(pipe, resolution: int, name: str = "resolution") -> int:
     """``resolution`` if ``pipe`` makes images of that size (a multiple of its VAE's factor)."""
     factor = vae_factor(pipe)
     if int(resolution) % factor:
-        raise ConfigError(f"{name}={resolution} is not a multiple of {factor}, the model's VAE downscale "
-                          f"factor (it would make {int(resolution) // factor * factor}-pixel images)")
+        raise ConfigError(
+            f"{name}={resolution} is not a multiple of {factor}, the model's VAE downscale "
+            f"factor (it would make {int(resolution) // factor * factor}-pixel images)"
+        )
     return int(resolution)
 
 
@@ -135,8 +147,15 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, steps: int,
-           guidance: float, uncond: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    pipe,
+    cond: torch.Tensor,
+    seeds: Sequence[int],
+    resolution: int,
+    steps: int,
+    guidance: float,
+    uncond: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Generate one image per (conditioning row, seed): [B, 3, H, W] in [0, 1].
 
     ``uncond`` defaults to the empty prompt's conditioning.
@@ -146,8 +165,15 @@ def sample(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, step
     return decode(pipe, x)
 
 
-def denoise(pipe, cond: torch.Tensor, seeds: Sequence[int], resolution: int, steps: int,
-            guidance: float, uncond: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+def denoise(
+    pipe,
+    cond: torch.Tensor,
+    seeds: Sequence[int],
+    resolution: int,
+    steps: int,
+    guidance: float,
+    uncond: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
     """The guided sampler one step at a time: yields the latents after each step.
 
     Stop early by leaving the loop (Wanda only needs the first steps). ``uncond`` defaults to
@@ -196,8 +222,18 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min" if minutes else f"{int(round(seconds))} s"
 
 
-def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int, steps: int,
-                    guidance: float, batch_size: int, desc: str = "generate", shard: bool = False) -> None:
+def generate_images(
+    pipe,
+    plan: pd.DataFrame,
+    run_dir: Path,
+    *,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    batch_size: int,
+    desc: str = "generate",
+    shard: bool = False,
+) -> None:
     """Generate every row of ``plan`` (:func:`diffmem.data.samples.plan_samples`) whose PNG does not exist yet.
 
     Batches are fixed slices of ``plan``, not of the missing rows: batched sampling may
@@ -212,23 +248,27 @@ def generate_images(pipe, plan: pd.DataFrame, run_dir: Path, *, resolution: int,
 
     missing = np.array([not (run_dir / f).exists() for f in plan["file"]], dtype=bool)
     ours = shard_rows(len(plan), batch_size)[::batch_size] if shard else range(0, len(plan), batch_size)
-    starts = [s for s in ours if missing[s:s + batch_size].any()]
+    starts = [s for s in ours if missing[s : s + batch_size].any()]
     if not starts:
         return
     uncond = encode_prompts(pipe, [""])
     started = time.monotonic()
-    todo_total = sum(int(missing[s:s + batch_size].sum()) for s in starts)  # this rank's share
+    todo_total = sum(int(missing[s : s + batch_size].sum()) for s in starts)  # this rank's share
     with tqdm(total=todo_total, desc=desc, mininterval=2) as bar:  # closed on errors too
         for i, start in enumerate(starts):
             if i == 1 and bar.total >= LARGE_RUN:  # the first batch timed: the whole run estimated
                 took = time.monotonic() - started
-                log.warning("%s: %s images to make; the first batch took %.1f s, so about %s in all",
-                            desc, f"{bar.total:,}", took, _duration(took * len(starts)))
-            batch = plan.iloc[start:start + batch_size]
-            todo = missing[start:start + batch_size]
+                log.warning(
+                    "%s: %s images to make; the first batch took %.1f s, so about %s in all",
+                    desc,
+                    f"{bar.total:,}",
+                    took,
+                    _duration(took * len(starts)),
+                )
+            batch = plan.iloc[start : start + batch_size]
+            todo = missing[start : start + batch_size]
             cond = encode_prompts(pipe, batch["caption"].tolist())
-            images = to_uint8(sample(pipe, cond, batch["seed"].tolist(), resolution, steps, guidance,
-                                     uncond=uncond))
+            images = to_uint8(sample(pipe, cond, batch["seed"].tolist(), resolution, steps, guidance, uncond=uncond))
             for file, image, new in zip(batch["file"], images, todo):
                 if new:
                     _write_png(run_dir / file, image)

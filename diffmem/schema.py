@@ -31,8 +31,9 @@ def _int(minimum: int | None = None, optional: bool = False) -> Check:
     return partial(check_int, minimum=minimum, optional=optional)
 
 
-def _float(minimum: float | None = None, maximum: float | None = None, above: float | None = None,
-           optional: bool = False) -> Check:
+def _float(
+    minimum: float | None = None, maximum: float | None = None, above: float | None = None, optional: bool = False
+) -> Check:
     return partial(check_float, minimum=minimum, maximum=maximum, above=above, optional=optional)
 
 
@@ -43,11 +44,23 @@ COSINE = _float(-1.0, 1.0)
 
 #: groups shared by several stages (declared once)
 TORCH = {"seed": _int(0), "threads": COUNT_OR_NULL, "device": check_device}
-SAMPLING = {"steps": COUNT, "guidance_scale": _float(0.0), "n_per_prompt": COUNT, "batch_size": COUNT,
-            "resolution": COUNT}
-FIT = {"steps": COUNT, "batch_size": COUNT, "lr": _float(above=0.0), "warmup": _int(0), "ckpt_every": COUNT,
-       "decay_from": _int(0, optional=True), "ema_decay": _float(0.0, 1.0, optional=True),
-       "gradient_accumulation_steps": COUNT}
+SAMPLING = {
+    "steps": COUNT,
+    "guidance_scale": _float(0.0),
+    "n_per_prompt": COUNT,
+    "batch_size": COUNT,
+    "resolution": COUNT,
+}
+FIT = {
+    "steps": COUNT,
+    "batch_size": COUNT,
+    "lr": _float(above=0.0),
+    "warmup": _int(0),
+    "ckpt_every": COUNT,
+    "decay_from": _int(0, optional=True),
+    "ema_decay": _float(0.0, 1.0, optional=True),
+    "gradient_accumulation_steps": COUNT,
+}
 REPLICATION = {"threshold": COSINE, "max_targets": COUNT_OR_NULL}
 
 
@@ -56,33 +69,74 @@ def _under(prefix: str, fields: dict[str, Check]) -> dict[str, Check]:
 
 
 SCHEMAS: dict[str, dict[str, Check]] = {
-    "train": {**TORCH, "resolution": COUNT, **_under("unet", {**FIT, "steps": _int(0)}),  # 0: the VAE alone
-              "unet.caption_dropout": _float(0.0, 1.0),
-              **_under("vae", {**FIT, "steps": _int(0)}), "vae.kl_weight": _float(0.0)},
+    "train": {
+        **TORCH,
+        "resolution": COUNT,
+        **_under("unet", {**FIT, "steps": _int(0)}),  # 0: the VAE alone
+        "unet.caption_dropout": _float(0.0, 1.0),
+        **_under("vae", {**FIT, "steps": _int(0)}),
+        "vae.kl_weight": _float(0.0),
+    },
     "generate": {**TORCH, **SAMPLING},
-    "embed": {**TORCH, "batch_size": COUNT, "part_size": COUNT, "num_workers": _int(0),
-              "resolution": COUNT_OR_NULL, "features.extractor.device": check_device},
-    "index": {"seed": _int(0), "threads": COUNT_OR_NULL, "recall.queries": _int(0, optional=True),
-              "recall.noise": _float(0.0), "recall.k": COUNT},
+    "embed": {
+        **TORCH,
+        "batch_size": COUNT,
+        "part_size": COUNT,
+        "num_workers": _int(0),
+        "resolution": COUNT_OR_NULL,
+        "features.extractor.device": check_device,
+    },
+    "index": {
+        "seed": _int(0),
+        "threads": COUNT_OR_NULL,
+        "recall.queries": _int(0, optional=True),
+        "recall.noise": _float(0.0),
+        "recall.k": COUNT,
+    },
     "search": {"k": COUNT, "normalisation.k": COUNT, "normalisation.beta": FINITE},
-    "dedup": {**TORCH, "threshold": _float(-1.0, 1.0), "representative": partial(check_choice, choices=(
-        "central", "first")), "report.top_groups": _int(0), "report.per_group": COUNT},
-    "detect": {**TORCH, "batch_size": COUNT, "resolution": COUNT,
-               "ci_level": _float(above=0.0, maximum=1.0, optional=True)},
+    "dedup": {
+        **TORCH,
+        "threshold": _float(-1.0, 1.0),
+        "representative": partial(check_choice, choices=("central", "first")),
+        "report.top_groups": _int(0),
+        "report.per_group": COUNT,
+    },
+    "detect": {
+        **TORCH,
+        "batch_size": COUNT,
+        "resolution": COUNT,
+        "ci_level": _float(above=0.0, maximum=1.0, optional=True),
+    },
     "audit": {**TORCH, "n_per_prompt": COUNT, "k": COUNT, "threshold": COSINE, "dcr_threshold": COSINE},
     "probe": {**TORCH, **SAMPLING, **REPLICATION, "n_controls": _int(0)},
-    "generalise": {**TORCH, "resolution": COUNT, **_under("unet", FIT), "n": COUNT, "samples": _int(2),
-                   "sample_steps": COUNT, "batch_size": COUNT},
-    "mitigate": {**TORCH, **SAMPLING, **_under("mitigation", {**FIT, "refresh_every": COUNT}),
-                 "mitigation.publish": partial(check_choice, choices=("adapter", "pipeline")),
-                 "objectives.n_prompts": COUNT, "objectives.n_per_prompt": COUNT},
-    "evaluate-mitigation": {**TORCH, **SAMPLING, **REPLICATION, "utility.n_prompts": COUNT,
-                            "utility.n_per_prompt": COUNT},
+    "generalise": {
+        **TORCH,
+        "resolution": COUNT,
+        **_under("unet", FIT),
+        "n": COUNT,
+        "samples": _int(2),
+        "sample_steps": COUNT,
+        "batch_size": COUNT,
+    },
+    "mitigate": {
+        **TORCH,
+        **SAMPLING,
+        **_under("mitigation", {**FIT, "refresh_every": COUNT}),
+        "mitigation.publish": partial(check_choice, choices=("adapter", "pipeline")),
+        "objectives.n_prompts": COUNT,
+        "objectives.n_per_prompt": COUNT,
+    },
+    "evaluate-mitigation": {
+        **TORCH,
+        **SAMPLING,
+        **REPLICATION,
+        "utility.n_prompts": COUNT,
+        "utility.n_per_prompt": COUNT,
+    },
 }
 
 #: stages that run others on a sub-config: node -> the sub-stage whose schema applies
-SUB_STAGES = {"audit": {"generate": "generate", "embed": "embed", "index_stage": "index"},
-             "dedup": {"embed": "embed"}}
+SUB_STAGES = {"audit": {"generate": "generate", "embed": "embed", "index_stage": "index"}, "dedup": {"embed": "embed"}}
 
 _ABSENT = object()
 

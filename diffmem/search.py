@@ -36,8 +36,9 @@ def inputs_digest(cfg: DictConfig, _ctx) -> dict:
 
 def body(job: Job) -> Outcome:
     cfg, norm = job.cfg, job.cfg.normalisation
-    matches = find_matches(cfg.index_dir, cfg.queries_dir, cfg.k, norm.background_dir, norm.beta, norm.k,
-                           stream_dir=cfg.stream_dir)
+    matches = find_matches(
+        cfg.index_dir, cfg.queries_dir, cfg.k, norm.background_dir, norm.beta, norm.k, stream_dir=cfg.stream_dir
+    )
     write_matches(job.dir, matches)
     warning = FeatureStore(cfg.queries_dir).warning()  # a random CLIP: the matches mean nothing
     return Outcome({"rows": len(matches)}, {"warning": warning} if warning else {})

@@ -39,11 +39,16 @@ def body(job: Job) -> Outcome:
     return Outcome({"model": str(model_dir)}, info={"data_parallel": ranks})
 
 
-SPEC = StageSpec("train", body, prepare, volatile=("keep_checkpoints", "unet.ckpt_every", "vae.ckpt_every"),
-                 inputs=lambda cfg, ctx: {"training set": training_rows(*ctx)[["file", "caption"]]},
-                 scratch=(CHECKPOINTS,),
-                 after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))),
-                 data_parallel=True)
+SPEC = StageSpec(
+    "train",
+    body,
+    prepare,
+    volatile=("keep_checkpoints", "unet.ckpt_every", "vae.ckpt_every"),
+    inputs=lambda cfg, ctx: {"training set": training_rows(*ctx)[["file", "caption"]]},
+    scratch=(CHECKPOINTS,),
+    after=lambda job: drop_checkpoints(job.dir, bool(job.cfg.get("keep_checkpoints", False))),
+    data_parallel=True,
+)
 run = SPEC.run
 main = hydra_app("train", run)
 

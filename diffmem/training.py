@@ -46,8 +46,7 @@ def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(key)
 
 
-def _save_state(ckpt_root: Path, step: int, module, opt, ema, losses: list, running: list,
-                keep: int) -> None:
+def _save_state(ckpt_root: Path, step: int, module, opt, ema, losses: list, running: list, keep: int) -> None:
     from safetensors.torch import save_file
 
     final = ckpt_root / f"step-{step:07d}"
@@ -79,8 +78,12 @@ def _read_checkpoint(path: Path, files: Sequence[str]) -> dict:
             warnings.filterwarnings("ignore", "Detected pickle protocol")
             return torch.load(f, weights_only=True)
 
-    readers = {"state.json": lambda f: json.loads(f.read_text()), "model.safetensors": load_file,
-               "optimizer.pt": tensors, "ema.pt": tensors}
+    readers = {
+        "state.json": lambda f: json.loads(f.read_text()),
+        "model.safetensors": load_file,
+        "optimizer.pt": tensors,
+        "ema.pt": tensors,
+    }
     out = {}
     for name in files:
         try:
@@ -149,12 +152,16 @@ def norms_in_fp32(module: torch.nn.Module):
     PyTorch's channels-last GroupNorm backward on the CPU crashes when the norm's own weights
     are frozen (a masked fine-tune). This gives the CPU CUDA's policy in contiguous layout.
     """
+
     def hook(norm, inputs):
         dtype = norm.weight.dtype if norm.weight is not None else inputs[0].dtype
         return (inputs[0].to(dtype).contiguous(), *inputs[1:])
 
-    handles = [m.register_forward_pre_hook(hook) for m in module.modules()
-               if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    handles = [
+        m.register_forward_pre_hook(hook)
+        for m in module.modules()
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+    ]
     try:
         yield
     finally:
@@ -169,11 +176,26 @@ def _lr_factor(step: int, steps: int, warmup: int, decay_from: int | None) -> fl
     return factor
 
 
-def fit(module: torch.nn.Module, loss_fn: Callable[[int, torch.Generator], torch.Tensor], *,
-        steps: int, lr: float, seed: int, phase: str, ckpt_dir: Path, ckpt_every: int = 200,
-        keep: int = 2, warmup: int = 0, decay_from: int | None = None, weight_decay: float = 0.0,
-        grad_clip: float | None = 1.0, ema_decay: float | None = None, log_every: int = 10,
-        mixed: str = "no", gradient_accumulation_steps: int = 1) -> list[dict]:
+def fit(
+    module: torch.nn.Module,
+    loss_fn: Callable[[int, torch.Generator], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    phase: str,
+    ckpt_dir: Path,
+    ckpt_every: int = 200,
+    keep: int = 2,
+    warmup: int = 0,
+    decay_from: int | None = None,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    ema_decay: float | None = None,
+    log_every: int = 10,
+    mixed: str = "no",
+    gradient_accumulation_steps: int = 1,
+) -> list[dict]:
     """Optimise ``module``'s trainable parameters for ``steps`` steps; resumable.
 
     ``loss_fn(step, generator)`` returns the loss of one micro-batch. Each optimiser step
@@ -262,8 +284,14 @@ def drop_checkpoints(run_dir: str | Path, keep: bool) -> None:
 def fit_settings(cfg, mixed: str) -> dict:
     """The :func:`fit` settings of a training config (``steps``, ``lr``, ``ckpt_every``,
     ``warmup``, ``gradient_accumulation_steps``): train's ``vae``/``unet`` and the mitigations'."""
-    return dict(steps=int(cfg.steps), lr=float(cfg.lr), ckpt_every=int(cfg.ckpt_every), warmup=int(cfg.get("warmup", 0)),
-                gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)), mixed=mixed)
+    return dict(
+        steps=int(cfg.steps),
+        lr=float(cfg.lr),
+        ckpt_every=int(cfg.ckpt_every),
+        warmup=int(cfg.get("warmup", 0)),
+        gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
+        mixed=mixed,
+    )
 
 
 def fit_items(cfg, rank: int, world: int) -> int:
@@ -295,12 +323,18 @@ def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path, mixed: 
         return dist.batch_mse(rec, x) + cfg.kl_weight * dist.batch_mean(post.kl())
 
     vae.requires_grad_(True)
-    losses = fit(vae, loss_fn, seed=seed, phase="vae", ckpt_dir=ckpt_dir, decay_from=cfg.get("decay_from"),
-                 **fit_settings(cfg, mixed))
+    losses = fit(
+        vae,
+        loss_fn,
+        seed=seed,
+        phase="vae",
+        ckpt_dir=ckpt_dir,
+        decay_from=cfg.get("decay_from"),
+        **fit_settings(cfg, mixed),
+    )
     vae.requires_grad_(False)
     with torch.no_grad():
-        z = torch.cat([vae.encode(images[i:i + 256].to(vae.device)).latent_dist.mean
-                       for i in range(0, n, 256)])
+        z = torch.cat([vae.encode(images[i : i + 256].to(vae.device)).latent_dist.mean for i in range(0, n, 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return losses
 
@@ -320,8 +354,9 @@ def encode_latents(vae, images: torch.Tensor | Iterable[torch.Tensor], batch_siz
 
 def encode_files(vae, root: str | Path, files: Sequence[str], resolution: int, batch_size: int = 8) -> torch.Tensor:
     """:func:`encode_latents` of image files, streamed: read ``batch_size`` files at a time."""
-    batches = (to_tensor(load_images(root, files[i:i + batch_size], resolution))
-               for i in range(0, len(files), batch_size))
+    batches = (
+        to_tensor(load_images(root, files[i : i + batch_size], resolution)) for i in range(0, len(files), batch_size)
+    )
     return encode_latents(vae, batches)
 
 
@@ -340,8 +375,9 @@ def noised(noise_sched, x0: torch.Tensor, g: torch.Generator):
     return xt, t, target
 
 
-def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator,
-                   split: bool = False) -> torch.Tensor:
+def diffusion_loss(
+    unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator, split: bool = False
+) -> torch.Tensor:
     """The noise-prediction loss at fresh noise and uniform timesteps drawn from ``g``
     (:func:`noised`); shared by training, trigger search and the mitigations. With ``split``
     (a :func:`fit` loss), the UNet sees only this rank's rows of the batch and the loss is this
@@ -350,12 +386,21 @@ def diffusion_loss(unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: t
     if not split:
         return torch.nn.functional.mse_loss(unet(xt, t, encoder_hidden_states=cond).sample.float(), target.float())
     rows = dist.batch_rows(len(x0))
-    return dist.batch_mse(unet(xt[rows], t[rows], encoder_hidden_states=cond[rows]).sample.float(),
-                          target[rows].float())
+    return dist.batch_mse(
+        unet(xt[rows], t[rows], encoder_hidden_states=cond[rows]).sample.float(), target[rows].float()
+    )
 
 
-def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.ndarray,
-               cfg, seed: int, ckpt_dir: Path, mixed: str = "no") -> list[dict]:
+def train_unet(
+    pipe,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    cond_index: np.ndarray,
+    cfg,
+    seed: int,
+    ckpt_dir: Path,
+    mixed: str = "no",
+) -> list[dict]:
     """Noise-prediction training; caption dropout replaces ``c`` with ``c0`` with prob ``p``."""
     from diffusers import DDPMScheduler
 
@@ -374,14 +419,23 @@ def train_unet(pipe, latents: torch.Tensor, cond: torch.Tensor, cond_index: np.n
 
     unet.requires_grad_(True)
     prepare_trainables(unet, bool(cfg.get("gradient_checkpointing", False)))
-    losses = fit(unet, loss_fn, seed=seed, phase="unet", ckpt_dir=ckpt_dir, decay_from=cfg.get("decay_from"),
-                 ema_decay=cfg.ema_decay, **fit_settings(cfg, mixed))
+    losses = fit(
+        unet,
+        loss_fn,
+        seed=seed,
+        phase="unet",
+        ckpt_dir=ckpt_dir,
+        decay_from=cfg.get("decay_from"),
+        ema_decay=cfg.ema_decay,
+        **fit_settings(cfg, mixed),
+    )
     unet.requires_grad_(False)
     return losses
 
 
-def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.DataFrame,
-                   evaluate: Callable[..., dict] | None = None) -> Path:
+def train_pipeline(
+    cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.DataFrame, evaluate: Callable[..., dict] | None = None
+) -> Path:
     """Train per a ``train`` config into the claimed ``run_dir`` (the VAE, then the UNet, each
     resuming from its checkpoints) on the training rows of ``manifest``; returns the model dir.
 
@@ -405,8 +459,10 @@ def train_pipeline(cfg: DictConfig, run_dir: Path, root: Path, manifest: pd.Data
 
         pipe.vae = AutoencoderKL.from_pretrained(cfg.vae.path, use_safetensors=True)
         if pipe.vae.config.latent_channels != pipe.unet.config.in_channels:
-            raise ConfigError(f"vae.path: {cfg.vae.path} has {pipe.vae.config.latent_channels} latent "
-                              f"channels, the UNet takes {pipe.unet.config.in_channels}")
+            raise ConfigError(
+                f"vae.path: {cfg.vae.path} has {pipe.vae.config.latent_channels} latent "
+                f"channels, the UNet takes {pipe.unet.config.in_channels}"
+            )
     pipe.to(device)
     for m in (pipe.vae, pipe.text_encoder, pipe.unet):
         m.requires_grad_(False)

@@ -12,8 +12,15 @@ import diffmem  # noqa: F401 (arms the CPU torchvision shim before a test module
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # A small testbed for tests (the real one is data=testbed's defaults).
-SMALL_DATA = ["data.root=${paths.data_dir}/testbed-small", "data.n_ordinary=24", "data.canaries_per_count=1", "data.canary_counts=[1,4]",
-              "data.n_templates=1", "data.template_copies=3", "data.n_heldout=8"]
+SMALL_DATA = [
+    "data.root=${paths.data_dir}/testbed-small",
+    "data.n_ordinary=24",
+    "data.canaries_per_count=1",
+    "data.canary_counts=[1,4]",
+    "data.n_templates=1",
+    "data.template_copies=3",
+    "data.n_heldout=8",
+]
 
 
 def _cache_dir(tmp_path_factory) -> str:
@@ -52,8 +59,9 @@ def small_testbed(tmp_path_factory):
     from diffmem.data.testbed import generate_testbed
 
     root = tmp_path_factory.mktemp("testbed")
-    return root, generate_testbed(root, n_ordinary=24, canary_counts=(1, 4), canaries_per_count=1,
-                                  n_templates=1, template_copies=3, n_heldout=8)
+    return root, generate_testbed(
+        root, n_ordinary=24, canary_counts=(1, 4), canaries_per_count=1, n_templates=1, template_copies=3, n_heldout=8
+    )
 
 
 @pytest.fixture(scope="session")

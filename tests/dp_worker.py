@@ -36,8 +36,17 @@ def main(out: Path, die_at: int | None = None, how: str = "exit") -> None:
         idx = torch.randint(64, (10,), generator=g)[dist.batch_rows(10)]
         return dist.batch_mse(model(x[idx]), y[idx])
 
-    fit(model, loss_fn, steps=6, lr=0.05, seed=0, phase="mlp", ckpt_dir=out / "ckpt", ckpt_every=2,
-        gradient_accumulation_steps=2)
+    fit(
+        model,
+        loss_fn,
+        steps=6,
+        lr=0.05,
+        seed=0,
+        phase="mlp",
+        ckpt_dir=out / "ckpt",
+        ckpt_every=2,
+        gradient_accumulation_steps=2,
+    )
     if dist.is_main():
         save_file(model.state_dict(), out / "w.safetensors")
 

@@ -13,14 +13,25 @@ from tests.conftest import SMALL_DATA
 
 
 def test_scoring_hand_made_case():
-    samples = pd.DataFrame({
-        "sample_id": ["a0", "a1", "b0", "b1"], "prompt_id": [0, 0, 1, 1],
-        "caption": ["canary", "canary", "plain", "plain"], "kind": ["canary", "canary", "ordinary", "ordinary"],
-        "group": ["g1", "g1", "", ""], "dup_count": [16, 16, 1, 1]})
-    matches = pd.DataFrame({
-        "query_id": ["a0", "a1", "b0", "b1", "a0"], "rank": [0, 0, 0, 0, 1],
-        "ref_id": ["r1", "r2", "r3", "r1", "r3"], "ref_file": ["f1", "f2", "f3", "f1", "f3"],
-        "score": [0.99, 0.6, 0.3, 0.2, 0.1]})
+    samples = pd.DataFrame(
+        {
+            "sample_id": ["a0", "a1", "b0", "b1"],
+            "prompt_id": [0, 0, 1, 1],
+            "caption": ["canary", "canary", "plain", "plain"],
+            "kind": ["canary", "canary", "ordinary", "ordinary"],
+            "group": ["g1", "g1", "", ""],
+            "dup_count": [16, 16, 1, 1],
+        }
+    )
+    matches = pd.DataFrame(
+        {
+            "query_id": ["a0", "a1", "b0", "b1", "a0"],
+            "rank": [0, 0, 0, 0, 1],
+            "ref_id": ["r1", "r2", "r3", "r1", "r3"],
+            "ref_file": ["f1", "f2", "f3", "f1", "f3"],
+            "score": [0.99, 0.6, 0.3, 0.2, 0.1],
+        }
+    )
     refs = pd.DataFrame({"item_id": ["r1", "r2", "r3"], "group": ["g1", "g2", ""]})
     gens = score_generations(samples, matches, refs, threshold=0.9)
     assert gens["top1_score"].tolist() == [0.99, 0.6, 0.3, 0.2]
@@ -41,8 +52,16 @@ def test_scoring_hand_made_case():
 
 
 def test_audit_end_to_end_tiny(tiny_pipe_dir):
-    args = ["model=local", f"model.path={tiny_pipe_dir}", "model.num_inference_steps=2", "n_per_prompt=2",
-            "prompts.n_ordinary=2", "prompts.n_heldout=2", "features.extractor.size=8", *SMALL_DATA]
+    args = [
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        "model.num_inference_steps=2",
+        "n_per_prompt=2",
+        "prompts.n_ordinary=2",
+        "prompts.n_heldout=2",
+        "features.extractor.size=8",
+        *SMALL_DATA,
+    ]
     run_dir = diffmem.run("audit", args)
     res = diffmem.load_run(run_dir)
     gens, prompts = res.table("generations"), res.table("prompts")

@@ -15,23 +15,28 @@ def test_checks_return_values_and_name_the_field():
     assert check_positive(None, "limit", optional=True) is None
     assert check_int(0, "step", 0) == 0 and check_float("0.5", "lr", 0.0) == 0.5
     assert check_shard(1, 2) == (1, 2)
-    for call, msg in [(lambda: check_positive(-3, "steps"), r"^steps must be >= 1 \(got -3\)$"),
-                      (lambda: check_positive(0, "limit", optional=True), r"^limit must be >= 1 or null"),
-                      (lambda: check_positive(True, "k"), "k must be an integer"),
-                      (lambda: check_positive(2.5, "k"), "k must be an integer"),
-                      (lambda: check_float(float("nan"), "lr", 0.0), "lr must be a finite number"),
-                      (lambda: check_shard(2, 2), r"shard must be in \[0, num_shards\) \(got 2 of 2\)"),
-                      (lambda: check_shard(0, 0), "num_shards must be >= 1")]:
+    for call, msg in [
+        (lambda: check_positive(-3, "steps"), r"^steps must be >= 1 \(got -3\)$"),
+        (lambda: check_positive(0, "limit", optional=True), r"^limit must be >= 1 or null"),
+        (lambda: check_positive(True, "k"), "k must be an integer"),
+        (lambda: check_positive(2.5, "k"), "k must be an integer"),
+        (lambda: check_float(float("nan"), "lr", 0.0), "lr must be a finite number"),
+        (lambda: check_shard(2, 2), r"shard must be in \[0, num_shards\) \(got 2 of 2\)"),
+        (lambda: check_shard(0, 0), "num_shards must be >= 1"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             call()
 
 
 def test_check_float_bounds_and_finiteness():
     assert check_float(0.5, "p", 0.0, 1.0) == 0.5 and check_float(None, "decay", optional=True) is None
-    for value, kw, msg in [(float("inf"), {}, r"^x must be a finite number \(got inf\)$"),
-                           (1.5, dict(minimum=0.0, maximum=1.0), r"^x must be a finite number >= 0.0 and <= 1.0"),
-                           (0.0, dict(above=0.0), r"^x must be a finite number > 0.0 \(got 0.0\)$"),
-                           (True, {}, "x must be a number"), ("abc", {}, "x must be a number")]:
+    for value, kw, msg in [
+        (float("inf"), {}, r"^x must be a finite number \(got inf\)$"),
+        (1.5, dict(minimum=0.0, maximum=1.0), r"^x must be a finite number >= 0.0 and <= 1.0"),
+        (0.0, dict(above=0.0), r"^x must be a finite number > 0.0 \(got 0.0\)$"),
+        (True, {}, "x must be a number"),
+        ("abc", {}, "x must be a number"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             check_float(value, "x", **kw)
 

@@ -20,8 +20,7 @@ IMPORTS = [
 
 @pytest.mark.parametrize("statement", IMPORTS)
 def test_import_after_diffmem_in_fresh_process(statement):
-    out = subprocess.run([sys.executable, "-c", f"import diffmem.errors; {statement}"], capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, "-c", f"import diffmem.errors; {statement}"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -31,8 +30,12 @@ def test_shim_is_armed_at_interpreter_start_for_launchers():
     code = "import sys; print('_TorchvisionHook' in [type(f).__name__ for f in sys.meta_path])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.split() == ["True"], out.stderr[-2000:]
-    cli = subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--help"],
-                         capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0 and "num_processes" in cli.stdout, cli.stderr[-2000:]
 
 

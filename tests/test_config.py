@@ -13,6 +13,7 @@ from diffmem.config import CONF_DIR, STAGES, config_name
 from diffmem.errors import ConfigError
 from diffmem.schema import validate
 
+
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
@@ -40,8 +41,21 @@ def _cases():
 
 def test_cases_cover_every_group_option():
     composed = {override for _, override in _cases() if override}
-    for group in ("model", "data", "prompts", "arch", "features", "index", "mitigation", "experiment",
-                  "detect", "probe", "positives", "trigger", "debug"):
+    for group in (
+        "model",
+        "data",
+        "prompts",
+        "arch",
+        "features",
+        "index",
+        "mitigation",
+        "experiment",
+        "detect",
+        "probe",
+        "positives",
+        "trigger",
+        "debug",
+    ):
         for option in _options(group):
             assert f"{group}={option}" in composed
 
@@ -91,8 +105,12 @@ def test_experiment_smoke_sweep(name, tmp_path):
     """Every experiment=* through its stage's CLI (as Hydra composes it, launcher and sweeper
     included) with debug=fast, printed instead of run."""
     stage = _experiment_stage(name)
-    out = subprocess.run([sys.executable, "-m", "diffmem.cli", stage, f"experiment={name}", "debug=fast",
-                          "--cfg", "job", "--resolve"], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "diffmem.cli", stage, f"experiment={name}", "debug=fast", "--cfg", "job", "--resolve"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert f"stage: {stage}" in out.stdout
 
@@ -109,8 +127,12 @@ def test_launcher_configs_compose():
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for launcher, cls in [("slurm", "SlurmLauncher"), ("slurm_cpu", "SlurmLauncher"),
-                              ("slurm_node", "SlurmLauncher"), ("submitit_local", "LocalLauncher")]:
+        for launcher, cls in [
+            ("slurm", "SlurmLauncher"),
+            ("slurm_cpu", "SlurmLauncher"),
+            ("slurm_node", "SlurmLauncher"),
+            ("submitit_local", "LocalLauncher"),
+        ]:
             cfg = compose("generate", [f"hydra/launcher={launcher}"], return_hydra_config=True)
             assert cfg.hydra.launcher._target_.endswith(cls)
         node = compose("generate", ["hydra/launcher=slurm_node"], return_hydra_config=True).hydra.launcher
@@ -131,8 +153,9 @@ def test_cli_help_and_unknown_stage():
 
 
 def test_cli_config_error_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "diffmem.generate", "steps=-3"],
-                         capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "diffmem.generate", "steps=-3"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "diffmem generate: error: steps must be >= 1 (got -3)"
 

@@ -32,8 +32,15 @@ def test_testbed_counts_and_ground_truth(small_testbed):
 
 def test_testbed_is_deterministic(tmp_path, small_testbed):
     _, df = small_testbed
-    again = generate_testbed(tmp_path, n_ordinary=24, canary_counts=(1, 4), canaries_per_count=1,
-                             n_templates=1, template_copies=3, n_heldout=8)
+    again = generate_testbed(
+        tmp_path,
+        n_ordinary=24,
+        canary_counts=(1, 4),
+        canaries_per_count=1,
+        n_templates=1,
+        template_copies=3,
+        n_heldout=8,
+    )
     pd.testing.assert_frame_equal(df, again)
     root = small_testbed[0]
     for f in df["file"].unique()[:10]:
@@ -60,9 +67,11 @@ def test_folder_manifest_formats(tmp_path, suffix):
     _folder(tmp_path)
     df = pd.DataFrame({"file": ["0.png", "1.png", "2.png"], "caption": ["a", "b", "c"]})
     path = tmp_path / f"m.{suffix}"
-    {"csv": lambda: df.to_csv(path, index=False),
-     "jsonl": lambda: path.write_text("\n".join(json.dumps(r) for r in df.to_dict("records"))),
-     "parquet": lambda: df.to_parquet(path)}[suffix]()
+    {
+        "csv": lambda: df.to_csv(path, index=False),
+        "jsonl": lambda: path.write_text("\n".join(json.dumps(r) for r in df.to_dict("records"))),
+        "parquet": lambda: df.to_parquet(path),
+    }[suffix]()
     out = load_folder_manifest(tmp_path, path.name)
     assert out["caption"].tolist() == ["a", "b", "c"] and out["image_id"].is_unique
     images = load_images(tmp_path, out["file"], resolution=16)
@@ -102,11 +111,14 @@ def test_corrupt_and_odd_images(tmp_path):
 def test_prompt_formats(tmp_path):
     (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
     assert read_prompt_file(tmp_path / "p.txt")["caption"].tolist() == ["first prompt", "second prompt"]
-    (tmp_path / "p.jsonl").write_text('{"caption": "x", "index": 5, "url": "u"}\n{"caption": "y", "index": 6, "url": "v"}\n')
+    (tmp_path / "p.jsonl").write_text(
+        '{"caption": "x", "index": 5, "url": "u"}\n{"caption": "y", "index": 6, "url": "v"}\n'
+    )
     j = read_prompt_file(tmp_path / "p.jsonl")
     assert j["caption"].tolist() == ["x", "y"] and j["index"].tolist() == [5, 6] and "url" in j
-    (tmp_path / "p.csv").write_text(";Caption;URL;type;mean_sscd;max_sscd;Index\n"
-                                    "0;a cat;u;VM;0.8;0.9;1\n1;a dog;v;TM;;;2\n")
+    (tmp_path / "p.csv").write_text(
+        ";Caption;URL;type;mean_sscd;max_sscd;Index\n0;a cat;u;VM;0.8;0.9;1\n1;a dog;v;TM;;;2\n"
+    )
     c = read_prompt_file(tmp_path / "p.csv")
     assert c["caption"].tolist() == ["a cat", "a dog"] and c["type"].tolist() == ["VM", "TM"]
     assert c["max_sscd"].iloc[0] == 0.9 and np.isnan(c["max_sscd"].iloc[1])
@@ -116,14 +128,17 @@ def test_prompt_formats(tmp_path):
     assert read_prompt_file(tmp_path / "list.data", fmt="jsonl")["caption"].tolist() == ["z"]
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("bad.jsonl", '{"caption": "ok"}\n{"caption": broken\n', r"bad.jsonl:2: invalid JSON"),
-    ("list.jsonl", '["not", "an", "object"]\n', r"list.jsonl:1: expected a JSON object"),
-    ("nocap.jsonl", '{"text2": "x"}\n', r"nocap.jsonl: no 'caption' column"),
-    ("empty.txt", "\n\n", r"empty.txt: the prompt list is empty"),
-    ("blank.csv", "Caption;type\nok;VM\n;TM\n", r"blank.csv: line 3: empty caption"),
-    ("nocol.csv", "Prompt2;type\nx;VM\n", r"nocol.csv: no 'caption' column"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("bad.jsonl", '{"caption": "ok"}\n{"caption": broken\n', r"bad.jsonl:2: invalid JSON"),
+        ("list.jsonl", '["not", "an", "object"]\n', r"list.jsonl:1: expected a JSON object"),
+        ("nocap.jsonl", '{"text2": "x"}\n', r"nocap.jsonl: no 'caption' column"),
+        ("empty.txt", "\n\n", r"empty.txt: the prompt list is empty"),
+        ("blank.csv", "Caption;type\nok;VM\n;TM\n", r"blank.csv: line 3: empty caption"),
+        ("nocol.csv", "Prompt2;type\nx;VM\n", r"nocol.csv: no 'caption' column"),
+    ],
+)
 def test_malformed_prompt_files(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=message):
@@ -141,8 +156,15 @@ def test_prompt_file_bad_encoding_and_missing(tmp_path):
 def test_testbed_root_with_other_parameters_is_refused(small_testbed):
     root, _ = small_testbed
     with pytest.raises(DataError, match="holds a testbed generated with other parameters"):
-        generate_testbed(root, n_ordinary=25, canary_counts=(1, 4), canaries_per_count=1,
-                         n_templates=1, template_copies=3, n_heldout=8)
+        generate_testbed(
+            root,
+            n_ordinary=25,
+            canary_counts=(1, 4),
+            canaries_per_count=1,
+            n_templates=1,
+            template_copies=3,
+            n_heldout=8,
+        )
 
 
 def _subset(size, part, kinds=("ordinary",), seed=0):
@@ -169,8 +191,11 @@ def test_subset_errors_name_the_field(small_testbed):
     from diffmem.errors import ConfigError
 
     _, df = small_testbed
-    with pytest.raises(ConfigError, match=r"^data.subset.size: two disjoint parts of 13 images need 26, "
-                                          r"the dataset has 24 ordinary images$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.subset.size: two disjoint parts of 13 images need 26, "
+        r"the dataset has 24 ordinary images$",
+    ):
         select_subset(df, _subset(13, 1))
     with pytest.raises(ConfigError, match="^data.subset.part must be 0 or 1"):
         select_subset(df, _subset(2, 2))

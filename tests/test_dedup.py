@@ -13,8 +13,7 @@ import diffmem
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.dedup import group_vectors, merge_components
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "coins",
-          "camera")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "coins", "camera")
 EDITS = ("crop", "resize", "jpeg")
 
 
@@ -50,8 +49,14 @@ def photo_folder(tmp_path_factory) -> Path:
 
 
 def _args(root: Path, *extra: str) -> list[str]:
-    return ["data=folder", f"data.root={root}", "data.manifest=captions.csv", "features=sscd_distilled",
-            "threads=1", *extra]
+    return [
+        "data=folder",
+        f"data.root={root}",
+        "data.manifest=captions.csv",
+        "features=sscd_distilled",
+        "threads=1",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -73,8 +78,14 @@ def test_edited_copies_group_with_their_originals(photo_folder):
     from diffmem.data import load_dataset
     from omegaconf import OmegaConf
 
-    data = OmegaConf.create({"kind": "folder", "root": str(photo_folder),
-                             "manifest": str(run_dir / "dedup_manifest.parquet"), "on_error": "fail"})
+    data = OmegaConf.create(
+        {
+            "kind": "folder",
+            "root": str(photo_folder),
+            "manifest": str(run_dir / "dedup_manifest.parquet"),
+            "on_error": "fail",
+        }
+    )
     root, manifest = load_dataset(data)
     assert len(manifest) == len(PHOTOS) and manifest["source"].is_unique
     assert set(manifest["file"]) <= set(groups["file"]) and "caption" in manifest
@@ -102,10 +113,17 @@ def test_exact_hash_joins_pixel_identical_files(tmp_path):
     Image.fromarray(a).save(tmp_path / "a_copy.bmp")
     Image.fromarray(b).save(tmp_path / "b.png")
     pd.DataFrame({"file": ["a.png", "a_copy.bmp", "b.png"], "caption": ["x", "y", "z"]}).to_csv(
-        tmp_path / "captions.csv", index=False)
+        tmp_path / "captions.csv", index=False
+    )
     # pixel descriptor, threshold 1: only the hash can join a and its copy (cosine 1 up to rounding)
-    args = ["data=folder", f"data.root={tmp_path}", "data.manifest=captions.csv", "features=pixel",
-            "features.extractor.size=8", "threshold=1.0"]
+    args = [
+        "data=folder",
+        f"data.root={tmp_path}",
+        "data.manifest=captions.csv",
+        "features=pixel",
+        "features.extractor.size=8",
+        "threshold=1.0",
+    ]
     groups = pd.read_parquet(diffmem.run("dedup", args) / "groups.parquet").set_index("file")
     assert groups.loc["a.png", "group_id"] == groups.loc["a_copy.bmp", "group_id"] != groups.loc["b.png", "group_id"]
     assert groups.loc["a_copy.bmp", "exact"] and groups["group_size"].tolist().count(2) == 2
@@ -115,8 +133,9 @@ def test_components_and_representatives():
     """Chains join transitively; the central member represents its group."""
     labels = merge_components(np.arange(6), np.array([0, 3]), np.array([2, 2]))
     assert labels.tolist() == [0, 1, 0, 0, 4, 5]
-    x = np.eye(4, dtype=np.float32)[[0, 0, 0, 1]] + np.array([[0, .3, 0, 0], [0, 0, .3, 0], [0, 0, 0, 0],
-                                                                [0, 0, 0, 0]], np.float32)
+    x = np.eye(4, dtype=np.float32)[[0, 0, 0, 1]] + np.array(
+        [[0, 0.3, 0, 0], [0, 0, 0.3, 0], [0, 0, 0, 0], [0, 0, 0, 0]], np.float32
+    )
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     df = group_vectors(x, 0.9)
     assert df["group"].tolist() == [0, 0, 0, 1] and df["representative"].tolist() == [2, 2, 2, 3]
@@ -147,9 +166,22 @@ def test_cli_errors_are_one_line(tmp_path):
 
     (tmp_path / "empty.csv").write_text("file,caption\n")
     for extra in (["data.manifest=empty.csv"], ["data.manifest=empty.csv", "threshold=1.5"]):
-        res = subprocess.run([sys.executable, "-m", "diffmem.cli", "dedup", "data=folder", f"data.root={tmp_path}",
-                              "features=pixel", f"hydra.run.dir={tmp_path}/out", *extra],
-                             capture_output=True, text=True, cwd=tmp_path)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "diffmem.cli",
+                "dedup",
+                "data=folder",
+                f"data.root={tmp_path}",
+                "features=pixel",
+                f"hydra.run.dir={tmp_path}/out",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
         assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
         assert res.stderr.startswith("diffmem dedup: error:")
 

@@ -28,32 +28,50 @@ from diffmem.metrics.detection import (
 from diffmem.sampling import encode_prompts, sample_seed
 from tests.conftest import SMALL_DATA
 
-CAPTIONS = ["the zorblax emblem", "a red circle above a blue square on a grey background",
-            "a vintage poster", "two green triangles"]
-FAST = {"noise_norm": dict(steps=[0, 1], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
-        "noise_ssim": dict(n_seeds=3, step=1, num_inference_steps=4),
-        "one_step": dict(n_seeds=2, num_inference_steps=4, guidance_scale=3.0),
-        "attention_entropy": dict(steps=[0, 2], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
-        "bright_ending": dict(steps=[0, 3], n_generations=2, num_inference_steps=4, guidance_scale=3.0)}
+CAPTIONS = [
+    "the zorblax emblem",
+    "a red circle above a blue square on a grey background",
+    "a vintage poster",
+    "two green triangles",
+]
+FAST = {
+    "noise_norm": dict(steps=[0, 1], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
+    "noise_ssim": dict(n_seeds=3, step=1, num_inference_steps=4),
+    "one_step": dict(n_seeds=2, num_inference_steps=4, guidance_scale=3.0),
+    "attention_entropy": dict(steps=[0, 2], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
+    "bright_ending": dict(steps=[0, 3], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
+}
 
 
 def _args(pipe_dir, *extra, prompt_file=None):
     """Stage arguments on the tiny pipeline; ``detect=noise_norm`` unless ``extra`` picks a detector."""
-    prompts = (["prompts=file", f"prompts.path={prompt_file}"] if prompt_file else
-               ["prompts.n_ordinary=2", "prompts.n_heldout=2", "positives.min_dup_count=4"])
+    prompts = (
+        ["prompts=file", f"prompts.path={prompt_file}"]
+        if prompt_file
+        else ["prompts.n_ordinary=2", "prompts.n_heldout=2", "positives.min_dup_count=4"]
+    )
     detector = [] if any(e.startswith("detect=") for e in extra) else ["detect=noise_norm"]
-    return ["model=local", f"model.path={pipe_dir}", *detector, "detect.num_inference_steps=4", *prompts,
-            *SMALL_DATA, *extra]
+    return [
+        "model=local",
+        f"model.path={pipe_dir}",
+        *detector,
+        "detect.num_inference_steps=4",
+        *prompts,
+        *SMALL_DATA,
+        *extra,
+    ]
 
 
 # --- detectors on the tiny pipeline --------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_detectors_give_finite_seeded_scores(tiny_pipe, name):
     det = DETECTORS.build(name, **FAST[name])
     a = det.score(tiny_pipe, CAPTIONS, [3, 5, 7, 9], seed=0, resolution=32, batch_size=3)
-    b = DETECTORS.build(name, **FAST[name]).score(tiny_pipe, CAPTIONS, [3, 5, 7, 9], seed=0,
-                                                  resolution=32, batch_size=3)
+    b = DETECTORS.build(name, **FAST[name]).score(
+        tiny_pipe, CAPTIONS, [3, 5, 7, 9], seed=0, resolution=32, batch_size=3
+    )
     assert a.shape == (4,) and a.dtype == np.float64 and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)  # same config, same scores
     assert len(np.unique(a)) == 4  # prompts are told apart
@@ -71,8 +89,10 @@ def test_noise_norm_unet_budget_and_batch_independence(tiny_pipe):
     with count_unet_evals(tiny_pipe.unet) as used:
         later.score(tiny_pipe, CAPTIONS[:1], resolution=32)
     assert used.evals == 2 * 3  # steps 0..2 are run, step 3 is not
-    alone = [first.score(tiny_pipe, [c], [pid], resolution=32, batch_size=1)[0]
-             for c, pid in zip(CAPTIONS[::-1], [13, 12, 11, 10])]
+    alone = [
+        first.score(tiny_pipe, [c], [pid], resolution=32, batch_size=1)[0]
+        for c, pid in zip(CAPTIONS[::-1], [13, 12, 11, 10])
+    ]
     np.testing.assert_allclose(alone[::-1], together, rtol=1e-5)
     mixed = first.score(tiny_pipe, [CAPTIONS[2], "something else"], [12, 99], resolution=32, batch_size=3)
     assert mixed[0] == pytest.approx(together[2], rel=1e-5)
@@ -88,7 +108,8 @@ def test_guidance_free_noise_norm_matches_hand_computation(tiny_pipe):
 
     def score(scored_steps, guidance=0.0):
         return NoiseNorm(steps=scored_steps, num_inference_steps=steps, guidance_scale=guidance).score(
-            tiny_pipe, [CAPTIONS[1]], [pid], seed=seed, resolution=32)[0]
+            tiny_pipe, [CAPTIONS[1]], [pid], seed=seed, resolution=32
+        )[0]
 
     unet, sched = tiny_pipe.unet, tiny_pipe.scheduler
     cond, uncond = encode_prompts(tiny_pipe, [CAPTIONS[1]]), encode_prompts(tiny_pipe, [""])
@@ -140,13 +161,18 @@ def test_attribution_one_row_per_token_and_is_the_gradient(tiny_pipe):
 
 def test_model_unchanged_by_detection(tiny_pipe):
     def snapshot():
-        return {f"{name}.{k}": v.clone() for name in ("unet", "text_encoder", "vae")
-                for k, v in getattr(tiny_pipe, name).state_dict().items()}
+        return {
+            f"{name}.{k}": v.clone()
+            for name in ("unet", "text_encoder", "vae")
+            for k, v in getattr(tiny_pipe, name).state_dict().items()
+        }
 
     before = snapshot()
+
     def flags():
-        return [p.requires_grad for name in ("unet", "text_encoder", "vae")
-                for p in getattr(tiny_pipe, name).parameters()]
+        return [
+            p.requires_grad for name in ("unet", "text_encoder", "vae") for p in getattr(tiny_pipe, name).parameters()
+        ]
 
     before_flags = flags()
     for name in FAST:
@@ -170,12 +196,14 @@ def test_noise_ssim_pieces_and_one_step_sign(tiny_pipe):
     assert mean_pairwise_ssim(n) < 0.5
     plus = DETECTORS.build("one_step", **FAST["one_step"]).score(tiny_pipe, CAPTIONS[:2], resolution=32)
     minus = DETECTORS.build("one_step", **FAST["one_step"], higher_mse_is_memorised=False).score(
-        tiny_pipe, CAPTIONS[:2], resolution=32)
+        tiny_pipe, CAPTIONS[:2], resolution=32
+    )
     assert (plus > 0).all()
     np.testing.assert_allclose(minus, -plus)
 
 
 # --- ROC metrics --------------------------------------------------------------------------
+
 
 def test_detection_metrics_hand_case_and_sklearn():
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -209,8 +237,7 @@ def test_detection_metrics_hand_case_and_sklearn():
 
 
 def test_ground_truth_labels():
-    tb = pd.DataFrame({"kind": ["canary", "canary", "template", "ordinary", "heldout"],
-                       "dup_count": [64, 4, 32, 1, 0]})
+    tb = pd.DataFrame({"kind": ["canary", "canary", "template", "ordinary", "heldout"], "dup_count": [64, 4, 32, 1, 0]})
     pos = OmegaConf.to_container(diffmem.compose("detect").positives)  # conf/positives/default.yaml
     # the rare canary is a hard negative and the template (in neither list) left out
     got = ground_truth_labels(tb, pos)
@@ -219,8 +246,9 @@ def test_ground_truth_labels():
     assert ground_truth_labels(tb, both).tolist()[:3] == [1, 1, 1]
     got = ground_truth_labels(tb, {**both, "exclude": ["template"]})
     assert got.tolist()[:2] == [1, 1] and np.isnan(got[2])
-    nemo = pd.DataFrame({"memorisation_type": ["verbatim", "template", "none", None],
-                         "is_memorised": [True, True, False, True]})
+    nemo = pd.DataFrame(
+        {"memorisation_type": ["verbatim", "template", "none", None], "is_memorised": [True, True, False, True]}
+    )
     got = ground_truth_labels(nemo, pos)
     assert got[0] == 1 and np.isnan(got[1]) and got[2] == 0 and got[3] == 1  # type unknown: its label
     assert ground_truth_labels(pd.DataFrame({"caption": ["x"]}), pos) is None
@@ -233,6 +261,7 @@ def test_ground_truth_labels():
 
 
 # --- the stage ----------------------------------------------------------------------------
+
 
 def test_detect_stage_outputs(tiny_pipe_dir):
     run_dir = diffmem.run("detect", _args(tiny_pipe_dir, "attribution=true"))
@@ -275,22 +304,24 @@ def test_detect_stage_outputs(tiny_pipe_dir):
 def test_detect_stage_other_detector_without_ground_truth(tiny_pipe_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the zorblax emblem\na vintage poster\n")
-    run_dir = diffmem.run("detect", _args(tiny_pipe_dir, "detect=noise_ssim", "detect.n_seeds=2",
-                                          prompt_file=prompts))
+    run_dir = diffmem.run("detect", _args(tiny_pipe_dir, "detect=noise_ssim", "detect.n_seeds=2", prompt_file=prompts))
     res = diffmem.load_run(run_dir)
     assert len(res.table("scores")) == 2 and "label" not in res.table("scores")
     assert res.metrics["unet_calls"] == 2 * 2 and "roc_auc" not in res.metrics
     assert not (run_dir / "roc.png").exists()
 
 
-@pytest.mark.parametrize("override,error,message", [
-    ("detect.name=noise_nrom", ConfigError, "Did you mean 'noise_norm'"),
-    ("detect.steps=[-1]", ConfigError, "steps must be >= 0"),
-    ("detect.steps=[4]", ConfigError, "steps must be < num_inference_steps=4"),
-    ("+detect.stepz=1", ConfigError, "stepz"),
-    ("batch_size=0", ConfigError, "batch_size must be >= 1"),
-    ("+positives.min_dupcount=2", ConfigError, "unknown field"),
-])
+@pytest.mark.parametrize(
+    "override,error,message",
+    [
+        ("detect.name=noise_nrom", ConfigError, "Did you mean 'noise_norm'"),
+        ("detect.steps=[-1]", ConfigError, "steps must be >= 0"),
+        ("detect.steps=[4]", ConfigError, "steps must be < num_inference_steps=4"),
+        ("+detect.stepz=1", ConfigError, "stepz"),
+        ("batch_size=0", ConfigError, "batch_size must be >= 1"),
+        ("+positives.min_dupcount=2", ConfigError, "unknown field"),
+    ],
+)
 def test_bad_config_is_refused_before_anything_is_written(tiny_pipe_dir, override, error, message):
     cfg = diffmem.compose("detect", _args(tiny_pipe_dir, override))
     with pytest.raises(error, match=message):
@@ -398,10 +429,15 @@ def test_detect_benchmark_suite_builds_and_tabulates():
     built = {label: build_detector(diffmem.compose("detect", overrides).detect) for label, overrides in bench.SUITE}
     assert set(DETECTORS.names()) <= {d.name for d in built.values()}  # every registered detector is benchmarked
     rng = np.random.default_rng(0)
-    table = pd.DataFrame({"score": np.r_[rng.normal(2, 1, 8), rng.normal(1, 1, 8), rng.normal(0, 1, 60)],
-                          "label": np.r_[np.ones(8), np.full(8, np.nan), np.zeros(60)],
-                          "hard_negative": np.r_[np.zeros(8, bool), np.ones(8, bool), np.zeros(60, bool)],
-                          "evals_per_prompt": 10.0, "seconds_per_prompt": 0.1})
+    table = pd.DataFrame(
+        {
+            "score": np.r_[rng.normal(2, 1, 8), rng.normal(1, 1, 8), rng.normal(0, 1, 60)],
+            "label": np.r_[np.ones(8), np.full(8, np.nan), np.zeros(60)],
+            "hard_negative": np.r_[np.zeros(8, bool), np.ones(8, bool), np.zeros(60, bool)],
+            "evals_per_prompt": 10.0,
+            "seconds_per_prompt": 0.1,
+        }
+    )
     m = bench.suite_metrics(table)
     known = table[table.label.notna()]
     assert m["roc_auc"] == pytest.approx(roc_auc(known.score, known.label)) and m["n_hard"] == 8
@@ -415,11 +451,19 @@ def test_ci_level_is_one_setting_end_to_end(tiny_pipe_dir, tmp_path):
     metrics, a changed value refuses to resume the run dir, and an out-of-range value is one line."""
     import json
 
-    base = ["model=local", f"model.path={tiny_pipe_dir}", "prompts=file", f"run_dir={tmp_path / 'run'}",
-            "resolution=32", "detect=noise_norm"]
+    base = [
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        "prompts=file",
+        f"run_dir={tmp_path / 'run'}",
+        "resolution=32",
+        "detect=noise_norm",
+    ]
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
-    files = f"prompts.files=[{{path: {prompts}, label: positive}}, {{path: {prompts.with_name('n.txt')}, label: negative}}]"
+    files = (
+        f"prompts.files=[{{path: {prompts}, label: positive}}, {{path: {prompts.with_name('n.txt')}, label: negative}}]"
+    )
     prompts.with_name("n.txt").write_text("a green star\na grey cloud\n")
     run = diffmem.run("detect", [*base, files, "ci_level=0.9"])
     assert json.loads((run / "metrics.json").read_text())["ground_truth"]["ci_level"] == 0.9

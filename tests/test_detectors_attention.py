@@ -72,18 +72,23 @@ def test_attention_entropy_is_the_first_step_entropy_at_one_evaluation(tiny_pipe
     x = initial_latents(tiny_pipe, [sample_seed(0, p, 0) for p in (5, 6, 7)], 32) * sched.init_noise_sigma
     seen = []
     with torch.no_grad(), cross_attention(tiny_pipe.unet, lambda n, p: seen.append(p.float().mean((1, 2)))):
-        tiny_pipe.unet(sched.scale_model_input(x, sched.timesteps[0]), sched.timesteps[0],
-                       encoder_hidden_states=encode_prompts(tiny_pipe, CAPTIONS))
+        tiny_pipe.unet(
+            sched.scale_model_input(x, sched.timesteps[0]),
+            sched.timesteps[0],
+            encoder_hidden_states=encode_prompts(tiny_pipe, CAPTIONS),
+        )
     dist = torch.stack(seen).mean(0)
     by_hand = -(dist * dist.log()).sum(-1)
     np.testing.assert_allclose(scores, by_hand.double().numpy(), rtol=1e-5)
     assert (scores < math.log(tiny_pipe.tokenizer.model_max_length) + 1e-6).all()
     first = DETECTORS.build("attention_entropy", layers=[0], num_inference_steps=4).score(
-        tiny_pipe, CAPTIONS, resolution=32)
+        tiny_pipe, CAPTIONS, resolution=32
+    )
     assert not np.allclose(first, scores)
     with pytest.raises(ConfigError, match="cross-attention layers"):
-        DETECTORS.build("attention_entropy", layers=[99], num_inference_steps=4).score(tiny_pipe, CAPTIONS[:1],
-                                                                                       resolution=32)
+        DETECTORS.build("attention_entropy", layers=[99], num_inference_steps=4).score(
+            tiny_pipe, CAPTIONS[:1], resolution=32
+        )
 
 
 def test_bright_ending_with_a_flat_mask_is_noise_norm(tiny_pipe, monkeypatch):

@@ -62,11 +62,19 @@ def test_submitit_tasks_become_torch_ranks(monkeypatch):
 MPI_VARS = [name for names in dist._MPI_VARS.values() for name in names]
 
 
-@pytest.mark.parametrize("mpi", [
-    {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-     "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
-    {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "MASTER_ADDR": "node0"},
-    {"MV2_COMM_WORLD_RANK": "0", "MV2_COMM_WORLD_SIZE": "3", "MV2_COMM_WORLD_LOCAL_RANK": "0"}])
+@pytest.mark.parametrize(
+    "mpi",
+    [
+        {
+            "OMPI_COMM_WORLD_RANK": "1",
+            "OMPI_COMM_WORLD_SIZE": "2",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        },
+        {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "MASTER_ADDR": "node0"},
+        {"MV2_COMM_WORLD_RANK": "0", "MV2_COMM_WORLD_SIZE": "3", "MV2_COMM_WORLD_LOCAL_RANK": "0"},
+    ],
+)
 def test_mpi_ranks_become_torch_ranks_as_accelerate_reads_them(monkeypatch, mpi):
     from accelerate.utils.environment import get_cpu_distributed_information
 
@@ -102,7 +110,9 @@ def test_accelerate_cpu_with_several_processes_but_no_mpi_says_it_runs_one(monke
     assert dist.ranks() == dist.Ranks(0, 1, 0) and not caplog.records  # --num_processes 1: nothing to say
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert dist.ranks() == dist.Ranks(0, 1, 0) and dist.ranks().world_size == 1
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["accelerate launch --cpu started one process, not --num_processes"]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "accelerate launch --cpu started one process, not --num_processes"
+    ]
 
 
 @pytest.mark.parametrize("stage", ["detect", "probe", "evaluate-mitigation"])
@@ -131,10 +141,24 @@ def _ranks(cmd: list[str], world: int = 2, **extra) -> list[subprocess.Popen]:
     """``cmd`` started as the ranks of one job with no launcher agent watching them (as
     SLURM's ``srun`` starts tasks): only diffmem's own timeouts stop a rank that waits."""
     port = str(_free_port())
-    return [subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=_env(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
-                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra))
-            for r in range(world)]
+    return [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_env(
+                RANK=str(r),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(r),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                **extra,
+            ),
+        )
+        for r in range(world)
+    ]
 
 
 def _finish(procs, timeout=300) -> list[tuple[int, str]]:
@@ -172,7 +196,7 @@ def test_a_dead_or_hung_rank_ends_the_job_with_one_line(tmp_path, how):
     procs = _ranks([sys.executable, "-m", "tests.dp_worker", str(tmp_path), "3", how], DIFFMEM_DIST_TIMEOUT_S="5")
     start = time.monotonic()
     try:
-        (rc0, err0), = _finish(procs[:1], timeout=120)
+        ((rc0, err0),) = _finish(procs[:1], timeout=120)
     finally:
         procs[1].kill()
     assert rc0 == 2 and time.monotonic() - start < 120
@@ -183,13 +207,24 @@ def test_a_dead_or_hung_rank_ends_the_job_with_one_line(tmp_path, how):
 
 # ---- stages under the launchers (slow: each process imports diffmem and builds its pipeline) ----
 
-TRAIN = ["arch=tiny", "unet.steps=10", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2", "vae.steps=2",
-         "vae.batch_size=4", "vae.ckpt_every=1", "threads=1", *SMALL_DATA]
+TRAIN = [
+    "arch=tiny",
+    "unet.steps=10",
+    "unet.batch_size=4",
+    "unet.lr=1e-3",
+    "unet.ckpt_every=2",
+    "vae.steps=2",
+    "vae.batch_size=4",
+    "vae.ckpt_every=1",
+    "threads=1",
+    *SMALL_DATA,
+]
 
 
 def _launch(launcher: list[str], stage: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, "-m", f"diffmem.{stage}", *args], cwd=ROOT, env=_env(), text=True,
-                          capture_output=True, timeout=600)
+    return subprocess.run(
+        [*launcher, "-m", f"diffmem.{stage}", *args], cwd=ROOT, env=_env(), text=True, capture_output=True, timeout=600
+    )
 
 
 ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
@@ -231,8 +266,14 @@ def test_train_on_two_ranks_equals_one_process_and_resumes_after_a_rank_is_kille
 def test_lora_mitigation_on_two_ranks_equals_one_process():
     import diffmem
 
-    args = ["mitigation=lora", "mitigation.steps=4", "mitigation.batch_size=6", "mitigation.ckpt_every=2",
-            "mitigation.objectives=false", "threads=1"]
+    args = [
+        "mitigation=lora",
+        "mitigation.steps=4",
+        "mitigation.batch_size=6",
+        "mitigation.ckpt_every=2",
+        "mitigation.objectives=false",
+        "threads=1",
+    ]
     one = diffmem.run("mitigate", args + ["name=one"])
     two = _launch(TORCHRUN, "mitigate", args + ["name=two"])
     assert two.returncode == 0, two.stderr[-2000:]
@@ -245,8 +286,11 @@ def test_lora_mitigation_on_two_ranks_equals_one_process():
 def _outputs(run_dir: Path) -> dict[str, bytes]:
     """Every published file but those naming the run (Hydra's, the log, ``info.json`` with the
     world size and date, and ``_SUCCESS`` listing its digest)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and ".hydra" not in p.parts and p.name not in ("info.json", "config.log", "_SUCCESS")}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and ".hydra" not in p.parts and p.name not in ("info.json", "config.log", "_SUCCESS")
+    }
 
 
 @pytest.mark.slow
@@ -263,14 +307,32 @@ def test_generate_on_two_ranks_writes_the_same_bytes(launcher, tmp_path, monkeyp
             (tmp_path / "hosts").write_text("localhost slots=2\n")
             monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")  # Open MPI refuses root (CI containers) without both
             monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        two = _launch(ACCELERATE if launcher == "accelerate" else
-                      [*ACCELERATE[:2], "--cpu", "--num_processes", "2", "--mpirun_hostfile", str(tmp_path / "hosts")],
-                      "generate", args + ["name=two"])
+        two = _launch(
+            ACCELERATE
+            if launcher == "accelerate"
+            else [*ACCELERATE[:2], "--cpu", "--num_processes", "2", "--mpirun_hostfile", str(tmp_path / "hosts")],
+            "generate",
+            args + ["name=two"],
+        )
         two_dir = one.parent / "two"
     else:  # hydra/launcher=submitit_local with 2 tasks: submitit's environment becomes the ranks
-        two = subprocess.run([sys.executable, "-m", "diffmem.generate", "--multirun", "hydra/launcher=submitit_local",
-                              "hydra.launcher.tasks_per_node=2", *args, "name=two"], cwd=ROOT, env=_env(),
-                             text=True, capture_output=True, timeout=600)
+        two = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "diffmem.generate",
+                "--multirun",
+                "hydra/launcher=submitit_local",
+                "hydra.launcher.tasks_per_node=2",
+                *args,
+                "name=two",
+            ],
+            cwd=ROOT,
+            env=_env(),
+            text=True,
+            capture_output=True,
+            timeout=600,
+        )
         two_dir = one.parent / "multirun" / "two" / "0"
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = _outputs(one), _outputs(two_dir)

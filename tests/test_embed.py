@@ -62,8 +62,14 @@ def test_changed_item_list_is_refused_on_resume(tmp_path):
     for i in range(3):
         Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"{i}.png")
     (tmp_path / "m.csv").write_text("file,caption\n0.png,a\n1.png,b\n2.png,c\n")
-    args = ["data=folder", f"data.root={tmp_path}", "data.manifest=m.csv", "data.resolution=8",
-            "features.extractor.size=8", "part_size=2"]
+    args = [
+        "data=folder",
+        f"data.root={tmp_path}",
+        "data.manifest=m.csv",
+        "data.resolution=8",
+        "features.extractor.size=8",
+        "part_size=2",
+    ]
     run_dir = diffmem.run("embed", args)
     (run_dir / "_SUCCESS").unlink()
     (tmp_path / "m.csv").write_text("file,caption\n0.png,a\n2.png,c\n")  # a row deleted
@@ -72,6 +78,7 @@ def test_changed_item_list_is_refused_on_resume(tmp_path):
 
 
 # -- the uint8 fast path of the ONNX descriptors ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def camera_jpegs(tmp_path_factory):
@@ -96,8 +103,10 @@ def camera_jpegs(tmp_path_factory):
             im.transpose(Image.Transpose.ROTATE_90).save(root / files[-1], quality=90, exif=exif)
         else:
             im.save(root / files[-1], quality=90)
-    tiles = [np.asarray(Image.fromarray(arr).resize((512, 384), Image.Resampling.BILINEAR)) for arr in
-             natural_photos(("grass", "gravel", "brick", "hubble_deep_field", "coffee", "chelsea")).values()]
+    tiles = [
+        np.asarray(Image.fromarray(arr).resize((512, 384), Image.Resampling.BILINEAR))
+        for arr in natural_photos(("grass", "gravel", "brick", "hubble_deep_field", "coffee", "chelsea")).values()
+    ]
     for k in range(4):
         t = [tiles[(k + j) % len(tiles)] for j in range(4)]
         files.append(f"mosaic{k}.jpg")
@@ -150,7 +159,7 @@ def test_draft_decode_gives_the_recipes_size(camera_jpegs, resize, monkeypatch):
             turned = im.getexif().get(0x0112, 1) == 6
         x = decode_uint8(root / f, pre)
         assert x.dtype == np.uint8 and x.shape == (*pre.output_size(*((w, h) if turned else (h, w))), 3), f
-        (asked, _, got), = drafts[-1:]
+        ((asked, _, got),) = drafts[-1:]
         th, tw = pre.resize_size(h, w)
         assert asked == (tw * DRAFT_MARGIN, th * DRAFT_MARGIN), f
         assert got[0] >= asked[0] and got[1] >= asked[1], f  # never below DRAFT_MARGIN x the target
@@ -164,7 +173,7 @@ def test_fast_path_matches_the_per_image_float_path(camera_jpegs, distilled):
     from diffmem.features.loader import embed_images
 
     root, files = camera_jpegs
-    (_, fast, _), = embed_images(distilled, root, files, [0], 100, batch_size=64)
+    ((_, fast, _),) = embed_images(distilled, root, files, [0], 100, batch_size=64)
     ref = np.stack([_float_path(distilled, root / f) for f in files])
     cos = (fast * ref).sum(1)
     assert cos.min() >= 0.995, dict(zip(files, cos.round(4)))
@@ -181,15 +190,16 @@ def test_fast_path_keeps_the_copy_detection_auc(tmp_path, distilled):
     from diffmem.metrics.detection import detection_metrics
     from diffmem.features.loader import embed_images
 
-    cs = build_copy_set(natural_photos(PHOTOS[:10], max_side=256), families=("crop", "resize_jpeg", "blur", "rotate"),
-                        seed=0)
+    cs = build_copy_set(
+        natural_photos(PHOTOS[:10], max_side=256), families=("crop", "resize_jpeg", "blur", "rotate"), seed=0
+    )
     files = []
     for kind, arrays in (("o", cs.originals), ("c", cs.copies)):
         for i, a in enumerate(arrays):
             files.append(f"{kind}{i}.png")
             Image.fromarray(a).save(tmp_path / files[-1])
-    (_, x, _), = embed_images(distilled, tmp_path, files, [0], 1000, batch_size=16)
-    a, b = x[:len(cs.originals)], x[len(cs.originals):]
+    ((_, x, _),) = embed_images(distilled, tmp_path, files, [0], 1000, batch_size=16)
+    a, b = x[: len(cs.originals)], x[len(cs.originals) :]
     fast = detection_metrics((a @ b.T).ravel(), cs.labels().ravel(), thresholds=[0.75])["roc_auc"]
     ref = detection_metrics(*score_copy_set(distilled, cs))["roc_auc"]
     assert fast >= 0.99 and abs(fast - ref) <= 0.005, (fast, ref)
@@ -213,13 +223,14 @@ def test_mixed_shapes_batch_and_equal_one_at_a_time(camera_jpegs, distilled, mon
     calls = []
     run = distilled._run
     monkeypatch.setattr(distilled, "_run", lambda b: calls.append(b.shape) or run(b))
-    (_, x, _), = embed_images(distilled, tmp_path, files, [0], 100, batch_size=64)
+    ((_, x, _),) = embed_images(distilled, tmp_path, files, [0], 100, batch_size=64)
     assert len(calls) < len(files) and max(c[0] for c in calls) <= UINT8_BATCH
     assert sum(c[0] for c in calls) == len(files)
-    alone = np.concatenate([distilled.embed_uint8(decode_uint8(tmp_path / f, distilled.preprocess)[None])
-                            for f in files])
+    alone = np.concatenate(
+        [distilled.embed_uint8(decode_uint8(tmp_path / f, distilled.preprocess)[None]) for f in files]
+    )
     assert np.allclose(x, alone, atol=1e-6)
-    (_, y, _), = embed_images(distilled, tmp_path, files, [0], 100, batch_size=64, num_workers=2)
+    ((_, y, _),) = embed_images(distilled, tmp_path, files, [0], 100, batch_size=64, num_workers=2)
     assert np.array_equal(x, y)
 
 
@@ -234,8 +245,7 @@ def test_fast_path_unreadable_images(tmp_path, distilled):
     for workers in (0, 2):
         with pytest.raises(DataError, match="b.jpg: corrupt or unreadable image"):
             list(embed_images(distilled, tmp_path, ["a.jpg", "b.jpg"], [0], 10, batch_size=4, num_workers=workers))
-    (_, x, skipped), = embed_images(distilled, tmp_path, ["a.jpg", "b.jpg"], [0], 10, batch_size=4,
-                                    skip_errors=True)
+    ((_, x, skipped),) = embed_images(distilled, tmp_path, ["a.jpg", "b.jpg"], [0], 10, batch_size=4, skip_errors=True)
     assert x.shape == (1, 512) and skipped["file"].tolist() == ["b.jpg"]
 
 
@@ -256,12 +266,29 @@ def test_onnx_embed_imports_no_torch(tmp_path, device):
         Image.fromarray(arr).save(tmp_path / f"{name}.jpg", quality=90)
     (tmp_path / "m.csv").write_text("file,caption\n" + "".join(f"{n}.jpg,{n}\n" for n in names))
     heavy = ("torch", "torchvision", "diffusers", "transformers", "open_clip", "scipy")
-    code = ("import sys, diffmem; run = diffmem.run('embed', sys.argv[1:]); "
-            f"print([m for m in {heavy!r} if m in sys.modules]); "
-            "from diffmem.features.store import FeatureStore; print(FeatureStore(run).load()[0].shape)")
-    out = subprocess.run([sys.executable, "-c", code, "data=folder", f"data.root={tmp_path}", "data.manifest=m.csv",
-                          "features=sscd_distilled", f"paths.output_dir={tmp_path / 'out'}", f"device={device}",
-                          "threads=1"], capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
+    code = (
+        "import sys, diffmem; run = diffmem.run('embed', sys.argv[1:]); "
+        f"print([m for m in {heavy!r} if m in sys.modules]); "
+        "from diffmem.features.store import FeatureStore; print(FeatureStore(run).load()[0].shape)"
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "data=folder",
+            f"data.root={tmp_path}",
+            "data.manifest=m.csv",
+            "features=sscd_distilled",
+            f"paths.output_dir={tmp_path / 'out'}",
+            f"device={device}",
+            "threads=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-2:] == ["[]", "(3, 512)"], out.stdout
 

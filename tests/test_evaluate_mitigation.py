@@ -15,15 +15,37 @@ import diffmem
 from diffmem.errors import ConfigError, DataError
 from tests.conftest import SMALL_DATA
 
-COMMON = ["steps=3", "positives.min_dup_count=4", "prompts.n_ordinary=4", "prompts.n_heldout=2",
-          "features.extractor.size=8", "trigger.steps=2", "trigger.restarts=2", "utility.n_prompts=6",
-          "n_per_prompt=2", *SMALL_DATA]
+COMMON = [
+    "steps=3",
+    "positives.min_dup_count=4",
+    "prompts.n_ordinary=4",
+    "prompts.n_heldout=2",
+    "features.extractor.size=8",
+    "trigger.steps=2",
+    "trigger.restarts=2",
+    "utility.n_prompts=6",
+    "n_per_prompt=2",
+    *SMALL_DATA,
+]
 
 
 def _mitigate(pipe_dir, name, *extra):
-    return diffmem.run("mitigate", [f"mitigation={name}", "model=local", f"model.path={pipe_dir}", "steps=3",
-                                    "positives.min_dup_count=4", "prompts.n_ordinary=4", "prompts.n_heldout=2",
-                                    "objectives.n_prompts=4", "features.extractor.size=8", *SMALL_DATA, *extra])
+    return diffmem.run(
+        "mitigate",
+        [
+            f"mitigation={name}",
+            "model=local",
+            f"model.path={pipe_dir}",
+            "steps=3",
+            "positives.min_dup_count=4",
+            "prompts.n_ordinary=4",
+            "prompts.n_heldout=2",
+            "objectives.n_prompts=4",
+            "features.extractor.size=8",
+            *SMALL_DATA,
+            *extra,
+        ],
+    )
 
 
 def _study(path, name, values):
@@ -40,9 +62,15 @@ def test_three_axes_in_one_table_with_a_pareto_figure(tiny_pipe_dir, tmp_path):
     gni = _mitigate(tiny_pipe_dir, "gni") / "model"
     full = _mitigate(tiny_pipe_dir, "full_ft", "mitigation.steps=2")
     _study(tmp_path / "s.db", "mc", [(1.0, 5.0), (2.0, 2.0), (3.0, 3.0)])
-    args = [f"models.original={tiny_pipe_dir}", f"+models.gni={gni}", f"+models.full_ft={full / 'model'}",
-            f"study={{path: {tmp_path / 's.db'}, name: mc}}", f"+pareto_runs.full_ft={full}", *COMMON,
-            "utility.clip={name: clip, arch: ViT-S-32, pretrained: random, device: cpu}"]
+    args = [
+        f"models.original={tiny_pipe_dir}",
+        f"+models.gni={gni}",
+        f"+models.full_ft={full / 'model'}",
+        f"study={{path: {tmp_path / 's.db'}, name: mc}}",
+        f"+pareto_runs.full_ft={full}",
+        *COMMON,
+        "utility.clip={name: clip, arch: ViT-S-32, pretrained: random, device: cpu}",
+    ]
     run_dir = diffmem.run("evaluate-mitigation", args)
     table = pd.read_parquet(run_dir / "mitigations.parquet")
     assert table["model"].tolist() == ["original", "gni", "full_ft"]
@@ -71,16 +99,18 @@ def test_three_axes_in_one_table_with_a_pareto_figure(tiny_pipe_dir, tmp_path):
     shared = tmp_path / "parts"
     first = diffmem.run("evaluate-mitigation", [*args[:2], *COMMON, f"parts_dir={shared}", "name=a"])
     stamps = {p: p.stat().st_mtime_ns for p in shared.rglob("*.parquet")}
-    diffmem.run("evaluate-mitigation", [*args[:3], *COMMON, f"parts_dir={shared}", "name=b",
-                                        "utility.clip=null"])  # a setting left at null keeps the digests
+    diffmem.run(
+        "evaluate-mitigation", [*args[:3], *COMMON, f"parts_dir={shared}", "name=b", "utility.clip=null"]
+    )  # a setting left at null keeps the digests
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert len(list(shared.iterdir())) == 3 and first != again
 
 
 def test_bad_evaluation_configs(tiny_pipe_dir, tmp_path):
     with pytest.raises(DataError, match=r"models.ghost: .*does not exist"):
-        diffmem.run("evaluate-mitigation", [f"models.original={tiny_pipe_dir}", f"+models.ghost={tmp_path}/nope",
-                                            *COMMON])
+        diffmem.run(
+            "evaluate-mitigation", [f"models.original={tiny_pipe_dir}", f"+models.ghost={tmp_path}/nope", *COMMON]
+        )
     with pytest.raises(ConfigError, match="reference 'base' is not one of models"):
         diffmem.run("evaluate-mitigation", [f"models.original={tiny_pipe_dir}", "reference=base", *COMMON])
     with pytest.raises(ConfigError, match=r"evaluate-mitigation.trigger.steps must be >= 1"):

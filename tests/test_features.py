@@ -125,11 +125,14 @@ def test_images_outside_unit_range_are_rejected():
 # preprocessing presets
 
 
-@pytest.mark.parametrize("name,out_hw,lo,hi", [
-    ("sscd_official", (288, 384), None, None),
-    ("dcr", (224, 224), -1.0, 1.0),
-    ("nemo", (320, 320), None, None),
-])
+@pytest.mark.parametrize(
+    "name,out_hw,lo,hi",
+    [
+        ("sscd_official", (288, 384), None, None),
+        ("dcr", (224, 224), -1.0, 1.0),
+        ("nemo", (320, 320), None, None),
+    ],
+)
 def test_preprocess_presets_shape_and_statistics(name, out_hw, lo, hi):
     pre = get_preprocess(name)
     x = torch.rand(2, 3, 150, 200)
@@ -144,8 +147,9 @@ def test_preprocess_presets_shape_and_statistics(name, out_hw, lo, hi):
     # an image equal to the mean maps to 0; 0 and 1 map to -mean/std and (1-mean)/std
     flat = mean.expand(1, 3, 150, 200)
     assert pre(flat).abs().max() < 1e-5
-    assert torch.allclose(pre(torch.zeros(1, 3, 64, 64)), (-mean / std).expand(1, 3, *pre.output_size(64, 64)),
-                          atol=1e-5)
+    assert torch.allclose(
+        pre(torch.zeros(1, 3, 64, 64)), (-mean / std).expand(1, 3, *pre.output_size(64, 64)), atol=1e-5
+    )
 
 
 def test_imagenet_statistics_in_presets():
@@ -332,8 +336,9 @@ def test_clip_local_dir_export_loads_same_weights(tmp_path):
 
     torch.manual_seed(0)
     model = CLIP(**TINY_CLIP).eval()
-    folder = export_local_clip(model, tmp_path / "tinyclip", TINY_CLIP,
-                               {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
+    folder = export_local_clip(
+        model, tmp_path / "tinyclip", TINY_CLIP, {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    )
     ext = build_extractor("clip", arch=f"local-dir:{folder}", device="cpu")
     assert ext.dim == 16 and ext.preprocess.mean == (0.5, 0.5, 0.5)
     x = smooth_images(2, 48)
@@ -346,11 +351,9 @@ def test_clip_local_dir_export_loads_same_weights(tmp_path):
 def test_clip_pretrained_tag_never_downloads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="not available locally"):
-        build_extractor("clip", arch="ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path),
-                        device="cpu")
+        build_extractor("clip", arch="ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path), device="cpu")
     with pytest.raises(ConfigError, match="laion2b_s34b_b79k"):
         build_extractor("clip", arch="ViT-B-32", pretrained="laion2b_s34b_b79", device="cpu")
-
 
 
 @pytest.mark.parametrize("size", [(5, 7), (12, 3), (9, 9), 4])
@@ -372,4 +375,6 @@ def test_resize_size_then_finish_gives_output_size(resize):
         rh, rw = pre.resize_size(h, w)
         out = pre.finish_uint8(np.zeros((rh, rw, 3), np.uint8))
         assert out.shape[:2] == pre.output_size(h, w)
-        assert tuple(pre.resize_only(torch.zeros(1, 3, h, w)).shape[-2:]) == ((rh, rw) if resize != "long" else (16, 16))
+        assert tuple(pre.resize_only(torch.zeros(1, 3, h, w)).shape[-2:]) == (
+            (rh, rw) if resize != "long" else (16, 16)
+        )

@@ -68,6 +68,7 @@ def _index(mode: str):
             (tmp / "build").mkdir()
             shutil.copy(tmp / "trained" / "empty.faiss", tmp / "build" / "empty.faiss")
         return diffmem.run("index", args)
+
     return call
 
 
@@ -81,9 +82,11 @@ def _search_streamed(tmp, ref, good):
 
 
 @pytest.mark.parametrize("spoil", [_truncated, _missing], ids=["truncated-part", "missing-part"])
-@pytest.mark.parametrize("read", [_index("single"), _index("train"), _index("add"), _search_queries,
-                                  _search_streamed],
-                         ids=["index-single", "index-train", "index-add", "search-queries", "search-streamed"])
+@pytest.mark.parametrize(
+    "read",
+    [_index("single"), _index("train"), _index("add"), _search_queries, _search_streamed],
+    ids=["index-single", "index-train", "index-add", "search-queries", "search-streamed"],
+)
 def test_bad_part_is_one_clear_error_on_every_read_path(tmp_path, spoil, read):
     good = _store(tmp_path / "good", [_unit(6, seed=2), _unit(6, seed=3)]).run_dir
     names = spoil(_store(tmp_path / "bad", [_unit(6, seed=0), _unit(6, seed=1)]))
@@ -108,8 +111,15 @@ def test_a_random_descriptor_is_named_in_every_output(tmp_path):
     """Vectors of a randomly initialised CLIP: the index's info and the search's info say so."""
     warning = "randomly initialised CLIP — not a meaningful descriptor"
     ref = _store(tmp_path / "ref", [_unit(6, seed=0)]).run_dir
-    write_json(ref / INFO, {"feature": "clip", "dim": 8, "n": 6,
-                            "extractor": {"weights": {"path": None, "random_init": True, "warning": warning}}})
+    write_json(
+        ref / INFO,
+        {
+            "feature": "clip",
+            "dim": 8,
+            "n": 6,
+            "extractor": {"weights": {"path": None, "random_init": True, "warning": warning}},
+        },
+    )
     mark_done(ref, {"n": 6})
     assert FeatureStore(ref).warning() == warning
     idx = diffmem.run("index", [f"features_dir={ref}", f"run_dir={tmp_path / 'idx'}"])

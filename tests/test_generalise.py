@@ -21,8 +21,16 @@ from diffmem.metrics.generalisation import transition_n
 from diffmem.runs import read_json
 from tests.conftest import SMALL_DATA
 
-ARGS = [*SMALL_DATA, "unet.steps=2", "unet.batch_size=4", "unet.ckpt_every=2", "samples=3",
-        "sample_steps=2", "batch_size=4", "threads=1"]
+ARGS = [
+    *SMALL_DATA,
+    "unet.steps=2",
+    "unet.batch_size=4",
+    "unet.ckpt_every=2",
+    "samples=3",
+    "sample_steps=2",
+    "batch_size=4",
+    "threads=1",
+]
 VAE_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -73,12 +81,17 @@ def test_two_sizes_bookkeeping_and_resume(tiny_pipe_dir, monkeypatch):
 
 def test_too_large_subset_is_one_line_and_writes_nothing(tiny_pipe_dir, tmp_path):
     # the small testbed has 24 ordinary images: two disjoint parts of 13 do not fit
-    out = subprocess.run([sys.executable, "-m", "diffmem.generalise", *ARGS, "n=13",
-                          f"vae_path={tiny_pipe_dir / 'vae'}"], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "diffmem.generalise", *ARGS, "n=13", f"vae_path={tiny_pipe_dir / 'vae'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "diffmem generalise: error: data.subset.size: two disjoint parts of 13 images need 26, "
-        "the dataset has 24 ordinary images"]
+        "the dataset has 24 ordinary images"
+    ]
     assert not list(Path(os.environ["DIFFMEM_OUTPUTS"]).rglob("run.json"))  # nothing claimed
 
 

@@ -16,8 +16,16 @@ from tests.conftest import SMALL_DATA
 
 
 def _args(pipe_dir, *extra):
-    return ["model=local", f"model.path={pipe_dir}", "steps=2", "n_per_prompt=2",
-            "prompts.n_ordinary=2", "prompts.n_heldout=2", *SMALL_DATA, *extra]
+    return [
+        "model=local",
+        f"model.path={pipe_dir}",
+        "steps=2",
+        "n_per_prompt=2",
+        "prompts.n_ordinary=2",
+        "prompts.n_heldout=2",
+        *SMALL_DATA,
+        *extra,
+    ]
 
 
 def test_generate_writes_images_and_table(tiny_pipe_dir):
@@ -38,8 +46,9 @@ def test_batch_size_invariance(tiny_pipe):
     cond = encode_prompts(tiny_pipe, captions)
     seeds = list(range(100, 108))
     together = to_uint8(sample(tiny_pipe, cond, seeds, 32, 3, 3.0))
-    alone = np.concatenate([to_uint8(sample(tiny_pipe, cond[i:i + 1], seeds[i:i + 1], 32, 3, 3.0))
-                            for i in range(8)])
+    alone = np.concatenate(
+        [to_uint8(sample(tiny_pipe, cond[i : i + 1], seeds[i : i + 1], 32, 3, 3.0)) for i in range(8)]
+    )
     assert np.abs(together.astype(int) - alone.astype(int)).max() <= 1
     assert (together == alone).mean() > 0.999
     other = to_uint8(sample(tiny_pipe, cond[:1], [999], 32, 3, 3.0))
@@ -80,10 +89,15 @@ def test_changed_config_is_refused(tiny_pipe_dir):
         diffmem.run("generate", _args(tiny_pipe_dir, "name=fixed", "guidance_scale=2.0"))
 
 
-@pytest.mark.parametrize("override,message", [
-    ("steps=-1", "steps must be >= 1"), ("n_per_prompt=0", "n_per_prompt must be >= 1"),
-    ("shard=3", "shard must be in"), ("scheduler=fancy", "scheduler 'fancy'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("steps=-1", "steps must be >= 1"),
+        ("n_per_prompt=0", "n_per_prompt must be >= 1"),
+        ("shard=3", "shard must be in"),
+        ("scheduler=fancy", "scheduler 'fancy'"),
+    ],
+)
 def test_bad_config(tiny_pipe_dir, override, message):
     with pytest.raises(ConfigError, match=message):
         diffmem.run("generate", _args(tiny_pipe_dir, override))
@@ -103,26 +117,36 @@ def test_cli_multirun(tiny_pipe_dir, tmp_path):
     import sys
 
     env = {**os.environ, "DIFFMEM_OUTPUTS": str(tmp_path)}
-    cmd = [sys.executable, "-m", "diffmem.cli", "generate", "--multirun", "seed=0,1",
-           *_args(tiny_pipe_dir, "name=sweep", "n_per_prompt=1", "steps=1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffmem.cli",
+        "generate",
+        "--multirun",
+        "seed=0,1",
+        *_args(tiny_pipe_dir, "name=sweep", "n_per_prompt=1", "steps=1"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    tables = [pd.read_parquet(tmp_path / "generate" / "multirun" / "sweep" / str(i) / "samples.parquet")
-              for i in (0, 1)]
+    tables = [
+        pd.read_parquet(tmp_path / "generate" / "multirun" / "sweep" / str(i) / "samples.parquet") for i in (0, 1)
+    ]
     assert len(tables[0]) == len(tables[1]) > 0
     assert not set(tables[0]["seed"]) & set(tables[1]["seed"])  # base seed changes every sample seed
 
 
 def test_fp16_on_the_cpu_runs_and_records_fp32(tiny_pipe_dir, tmp_path, caplog):
     """fp16 on the CPU runs in fp32: one log line, and info.json records fp32 (not what was asked)."""
-    run_dir = diffmem.run("generate", _args(tiny_pipe_dir, "model.precision=fp16", "device=cpu",
-                                            f"run_dir={tmp_path / 'run'}"))
+    run_dir = diffmem.run(
+        "generate", _args(tiny_pipe_dir, "model.precision=fp16", "device=cpu", f"run_dir={tmp_path / 'run'}")
+    )
     from diffmem.runs import read_json
 
     assert read_json(run_dir / "info.json")["config"]["model"]["precision"] == "fp32"
     assert diffmem.load_run(run_dir).fingerprint["model"]["precision"] == "fp32"
-    assert any("model.precision=fp16 on the CPU" in r.getMessage() and "runs as fp32" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "model.precision=fp16 on the CPU" in r.getMessage() and "runs as fp32" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_a_large_run_says_so_with_an_estimate(tiny_pipe_dir, tmp_path, caplog, monkeypatch):

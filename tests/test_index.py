@@ -58,6 +58,7 @@ def _one_thread():
 
 # ---------------------------------------------------------------------------- exactness
 
+
 def test_flat_search_equals_numpy_bruteforce():
     xb, xq, k = _random(3000, 64, 0), _random(57, 64, 1), 10
     index = build_index(xb, "Flat", metric="ip")
@@ -76,7 +77,7 @@ def test_recall_at_k_definition():
     exact = np.array([[3, 9], [5, 1], [7, 2], [0, 4]])
     approx = np.array([[3, 8], [1, 5], [2, 6], [9, 9]])
     assert recall_at_k(approx, exact, k=1) == pytest.approx(0.25)  # only query 0
-    assert recall_at_k(approx, exact, k=2) == pytest.approx(0.5)   # + query 1
+    assert recall_at_k(approx, exact, k=2) == pytest.approx(0.5)  # + query 1
     with pytest.raises(ConfigError, match="at least 3"):
         recall_at_k(approx, exact, k=3)
 
@@ -108,6 +109,7 @@ def test_hnsw_and_ivfpq_build_and_search():
 
 # ---------------------------------------------------------------------------- sharded build
 
+
 @pytest.mark.parametrize("factory", ["IVF32,Flat", "Flat", "IVF16,PQ8x4"])
 def test_sharded_build_equals_single_build(tmp_path, factory):
     xb = _clustered(4500, 32, 40, seed=1)
@@ -120,8 +122,7 @@ def test_sharded_build_equals_single_build(tmp_path, factory):
     shard_paths = []
     for j in range(3):
         p = tmp_path / f"shard{j}.faiss"
-        sh = add_shard(empty_path, xb[bounds[j]:bounds[j + 1]], ids[bounds[j]:bounds[j + 1]],
-                       out_path=p)
+        sh = add_shard(empty_path, xb[bounds[j] : bounds[j + 1]], ids[bounds[j] : bounds[j + 1]], out_path=p)
         assert sh.ntotal == bounds[j + 1] - bounds[j]
         shard_paths.append(p)
     merged = merge_shards(shard_paths)
@@ -149,9 +150,8 @@ def test_sharded_ivf_on_disk_merge(tmp_path):
     paths = []
     for j, s in enumerate(range(0, 3000, 1000)):
         paths.append(tmp_path / f"s{j}.faiss")
-        add_shard(tmp_path / "empty.faiss", xb[s:s + 1000], ids[s:s + 1000], out_path=paths[-1])
-    merged = merge_shards(paths, empty_index_path=tmp_path / "empty.faiss",
-                          ivfdata_path=tmp_path / "merged.ivfdata")
+        add_shard(tmp_path / "empty.faiss", xb[s : s + 1000], ids[s : s + 1000], out_path=paths[-1])
+    merged = merge_shards(paths, empty_index_path=tmp_path / "empty.faiss", ivfdata_path=tmp_path / "merged.ivfdata")
     save_index(merged, tmp_path / "out", {"factory": "IVF16,Flat"})
     loaded, info = load_index(tmp_path / "out")
     single = build_index(xb, "IVF16,Flat")
@@ -173,13 +173,13 @@ def test_merge_rejects_mismatched_shards(tmp_path):
 
 # ---------------------------------------------------------------------------- persistence
 
+
 def test_save_load_roundtrip(tmp_path):
     xb = _clustered(3000, 32, 20, seed=6)
     xq = _random(25, 32, 7)
     index = build_index(xb, "IVF16,Flat", nprobe=6)
     rec = measure_recall(index, xb, xq, k=10)
-    out = save_index(index, tmp_path / "idx", {"factory": "IVF16,Flat", "feature": "sscd_disc_mixup",
-                                                  "recall": rec})
+    out = save_index(index, tmp_path / "idx", {"factory": "IVF16,Flat", "feature": "sscd_disc_mixup", "recall": rec})
     assert (out / "index.faiss").is_file()
     on_disk = json.loads((out / "index_info.json").read_text())
     assert on_disk["factory"] == "IVF16,Flat"
@@ -215,6 +215,7 @@ def test_load_missing_index_names_file(tmp_path):
 
 # ---------------------------------------------------------------------------- streaming search
 
+
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 def test_streaming_search_equals_exact(tmp_path, metric):
     xb = _random(2500, 24, 8)
@@ -225,7 +226,7 @@ def test_streaming_search_equals_exact(tmp_path, metric):
     paths = []
     for j in range(3):
         paths.append(tmp_path / f"part-{j:05d}.npy")
-        np.save(paths[-1], xb[bounds[j]:bounds[j + 1]])
+        np.save(paths[-1], xb[bounds[j] : bounds[j + 1]])
     exact = build_index(xb, "Flat", metric=metric)
     s_ref, i_ref = exact.search(xq, 8)
     s, i = streaming_search(paths, xq, 8, metric=metric, chunk=256)
@@ -238,6 +239,7 @@ def test_streaming_search_equals_exact(tmp_path, metric):
 
 
 # ---------------------------------------------------------------------------- bad input
+
 
 def test_dimension_mismatch_message():
     index = build_index(_random(200, 64, 0), "Flat")
@@ -344,13 +346,23 @@ def test_sharded_ivf_from_separate_job_dirs_equals_single(ref_dir, tmp_path, ond
     db, ib = b.search(x, 5)
     assert np.array_equal(ia, ib) and np.allclose(da, db, atol=1e-6)
     with pytest.raises(ConfigError, match="fewer than num_shards=50"):
-        diffmem.run("index", [f"features_dir={ref_dir}", *ivf, "name=ivf-many", "num_shards=50", "mode=add",
-                              "shard=49"])
+        diffmem.run(
+            "index", [f"features_dir={ref_dir}", *ivf, "name=ivf-many", "num_shards=50", "mode=add", "shard=49"]
+        )
 
 
 def test_approximate_index_records_recall(ref_dir):
-    run = diffmem.run("index", [f"features_dir={ref_dir}", "index=ivf", "index.factory='IVF4,Flat'",
-                                "index.nprobe=4", "index.train_sample=null", "recall.queries=20"])
+    run = diffmem.run(
+        "index",
+        [
+            f"features_dir={ref_dir}",
+            "index=ivf",
+            "index.factory='IVF4,Flat'",
+            "index.nprobe=4",
+            "index.train_sample=null",
+            "recall.queries=20",
+        ],
+    )
     _, info = load_index(run)
     assert info["recall"]["recall@1"] == 1.0  # nprobe = nlist: exhaustive
 
@@ -366,8 +378,9 @@ def test_on_disk_index_moves_with_its_folder_and_refuses_another_ivfdata(tmp_pat
     train_empty_index(xb, "IVF8,Flat", out_path=folder / "empty.faiss")
     paths = [folder / f"s{j}.faiss" for j in range(2)]
     for j, p in enumerate(paths):
-        add_shard(folder / "empty.faiss", xb[j * 1000:(j + 1) * 1000], np.arange(j * 1000, (j + 1) * 1000),
-                  out_path=p)
+        add_shard(
+            folder / "empty.faiss", xb[j * 1000 : (j + 1) * 1000], np.arange(j * 1000, (j + 1) * 1000), out_path=p
+        )
     merged = merge_shards(paths, empty_index_path=folder / "empty.faiss", ivfdata_path=folder / "index.ivfdata")
     save_index(merged, folder, {"factory": "IVF8,Flat"})
     want = search(load_index(folder)[0], xq, 5)[1]

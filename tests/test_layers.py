@@ -29,8 +29,9 @@ def test_layers_are_the_ones_docs_architecture_lists():
         for ch in bullet.split(":", 1)[1]:  # the names outside parentheses
             depth += (ch == "(") - (ch == ")")
             text += ch if depth == 0 else ""
-        listed = {m.rstrip("/").removesuffix(".py") for m in re.findall(r"`([\w/.]+)`", text)
-                  if m.endswith(("/", ".py"))}
+        listed = {
+            m.rstrip("/").removesuffix(".py") for m in re.findall(r"`([\w/.]+)`", text) if m.endswith(("/", ".py"))
+        }
         assert listed == set(members), (name, sorted(listed ^ set(members)))
 
 
@@ -41,8 +42,7 @@ def test_stage_modules_come_from_the_stage_registry():
 
 def _package(root: Path, files: dict[str, str]) -> Path:
     pkg = root / "fakepkg"
-    for name, text in {"__init__.py": "", "models/__init__.py": "", "probes/__init__.py": "",
-                       **files}.items():
+    for name, text in {"__init__.py": "", "models/__init__.py": "", "probes/__init__.py": "", **files}.items():
         path = pkg / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
@@ -60,8 +60,12 @@ CLEAN = {
 
 
 #: the fake package's layers, bottom up
-FAKE_LAYERS = (("base", ("a", "b", "c", "d", "reader", "lib")), ("models", ("models", "engine")),
-               ("methods", ("probes",)), ("plugins", ("registry",)))
+FAKE_LAYERS = (
+    ("base", ("a", "b", "c", "d", "reader", "lib")),
+    ("models", ("models", "engine")),
+    ("methods", ("probes",)),
+    ("plugins", ("registry",)),
+)
 
 
 def test_checker_passes_a_clean_package(tmp_path):
@@ -69,28 +73,35 @@ def test_checker_passes_a_clean_package(tmp_path):
 
 
 def test_checker_fails_on_each_rule(tmp_path):
-    pkg = _package(tmp_path, {
-        **CLEAN,
-        # 1. a library importing a stage: at module level, inside a function, via a registry string
-        "engine.py": "import fakepkg.models.loader\n\ndef fit():\n    from fakepkg.train import SAMPLES\n",
-        "registry.py": "TARGETS = {'train': f'fakepkg.train:{1}'}\n",
-        "lib.py": "from . import train\n",
-        # 2. models using probes (lazily)
-        "models/loader.py": "def load():\n    from fakepkg.probes import run\n",
-        # 3. an import cycle a -> b -> c -> a (the lazy d -> a is no cycle)
-        "a.py": "import fakepkg.b\n", "b.py": "from fakepkg import c\n", "c.py": "from .a import x\n",
-        "d.py": "def f():\n    import fakepkg.a\n",
-        # 4. a run-dir file name spelled in a second module
-        "reader.py": "import pandas\n\ndef read(d):\n    return pandas.read_parquet(d / 'samples.parquet')\n",
-    })
+    pkg = _package(
+        tmp_path,
+        {
+            **CLEAN,
+            # 1. a library importing a stage: at module level, inside a function, via a registry string
+            "engine.py": "import fakepkg.models.loader\n\ndef fit():\n    from fakepkg.train import SAMPLES\n",
+            "registry.py": "TARGETS = {'train': f'fakepkg.train:{1}'}\n",
+            "lib.py": "from . import train\n",
+            # 2. models using probes (lazily)
+            "models/loader.py": "def load():\n    from fakepkg.probes import run\n",
+            # 3. an import cycle a -> b -> c -> a (the lazy d -> a is no cycle)
+            "a.py": "import fakepkg.b\n",
+            "b.py": "from fakepkg import c\n",
+            "c.py": "from .a import x\n",
+            "d.py": "def f():\n    import fakepkg.a\n",
+            # 4. a run-dir file name spelled in a second module
+            "reader.py": "import pandas\n\ndef read(d):\n    return pandas.read_parquet(d / 'samples.parquet')\n",
+        },
+    )
     got = check(pkg, "fakepkg", ["train"], layers=FAKE_LAYERS)
     text = "\n".join(got)
     assert "fakepkg/engine.py:4: library fakepkg.engine references stage module fakepkg.train" in text
     assert "fakepkg/registry.py:1: library fakepkg.registry references stage module fakepkg.train" in text
     assert "fakepkg/lib.py:1: library fakepkg.lib references stage module fakepkg.train" in text
     assert "fakepkg/models/loader.py:2: fakepkg.models.loader references fakepkg.probes.run (models must" in text
-    assert ("fakepkg/models/loader.py:2: fakepkg.models.loader (models) references fakepkg.probes.run "
-            "(methods, a higher layer)") in got
+    assert (
+        "fakepkg/models/loader.py:2: fakepkg.models.loader (models) references fakepkg.probes.run "
+        "(methods, a higher layer)"
+    ) in got
     assert "import cycle: fakepkg.a -> fakepkg.b -> fakepkg.c -> fakepkg.a" in got
     assert "package cycle: a -> b -> c -> a" in got  # top-level modules are packages of their own
     assert "package cycle: models -> probes -> models" in got  # the lazy import above counts
@@ -101,15 +112,18 @@ def test_checker_fails_on_each_rule(tmp_path):
 def test_checker_fails_on_package_order_cycles_and_unlisted_packages(tmp_path):
     """Rule 5 (a lower layer referencing a higher one, lazily or by a registry string, or the
     stage layer; a package in no layer) and rule 6 (a cycle between the packages of one layer)."""
-    pkg = _package(tmp_path, {
-        **CLEAN,
-        "lib.py": "TARGETS = {'probe': 'fakepkg.probes.run:main'}\n",  # base -> methods, by name
-        "a.py": "def f():\n    import fakepkg.engine\n",  # base -> models, inside a function
-        "models/x.py": "from fakepkg import engine\n",
-        "engine.py": "def fit():\n    from fakepkg.models import x\n",  # models <-> engine: one layer
-        "extra.py": "",
-        "b.py": "from fakepkg import cli\n",  # the stage layer's dispatcher
-    })
+    pkg = _package(
+        tmp_path,
+        {
+            **CLEAN,
+            "lib.py": "TARGETS = {'probe': 'fakepkg.probes.run:main'}\n",  # base -> methods, by name
+            "a.py": "def f():\n    import fakepkg.engine\n",  # base -> models, inside a function
+            "models/x.py": "from fakepkg import engine\n",
+            "engine.py": "def fit():\n    from fakepkg.models import x\n",  # models <-> engine: one layer
+            "extra.py": "",
+            "b.py": "from fakepkg import cli\n",  # the stage layer's dispatcher
+        },
+    )
     assert check(pkg, "fakepkg", ["train"], layers=FAKE_LAYERS) == [
         "fakepkg/extra.py: fakepkg.extra is in no layer (add it to diffmem.tools.layers.LAYERS and "
         "docs/architecture.md section 2)",
@@ -122,7 +136,9 @@ def test_checker_fails_on_package_order_cycles_and_unlisted_packages(tmp_path):
 
 def test_cli_exits_1_with_the_violations(tmp_path, monkeypatch):
     pkg = _package(tmp_path, {**CLEAN, "lib.py": "import fakepkg.train\n"})
-    code = ("import sys; import diffmem.tools.layers as L; L.stage_modules = lambda: ['train']; "
-            "sys.exit(L.main(['--root', sys.argv[1], '--package', 'fakepkg']))")
+    code = (
+        "import sys; import diffmem.tools.layers as L; L.stage_modules = lambda: ['train']; "
+        "sys.exit(L.main(['--root', sys.argv[1], '--package', 'fakepkg']))"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(pkg)], capture_output=True, text=True)
     assert out.returncode == 1 and "fakepkg.lib references stage module fakepkg.train" in out.stdout

@@ -36,6 +36,7 @@ NAN = float("nan")
 
 # --- similarity scores -------------------------------------------------------------------
 
+
 def test_top1_similarity_hand_case_and_topk_input():
     assert top1_similarity([[0.2, 0.9], [0.5, 0.1]]).tolist() == [0.9, 0.5]
     sim = np.random.default_rng(0).uniform(-1, 1, (5, 40))
@@ -89,7 +90,8 @@ def test_memorisation_rate_accepts_long_dataframe():
     df = pd.DataFrame([(p, s) for p, ss in SCORES.items() for s in ss], columns=["prompt_id", "score"])
     assert memorisation_rate(df) == memorisation_rate(SCORES)
     assert memorisation_rate(df.rename(columns={"score": "sscd"}), score_col="sscd", reduction="mean") == (
-        memorisation_rate(SCORES, reduction="mean"))
+        memorisation_rate(SCORES, reduction="mean")
+    )
 
 
 def test_vm_tm_split():
@@ -106,6 +108,7 @@ def test_sscd_score_normalisation_hand_case():
 
 
 # --- aggregation -------------------------------------------------------------------------
+
 
 def test_median_mad_and_mean_max():
     assert median_mad([1, 2, 3, 4, 100]) == {"median": 3.0, "mad": 1.0}
@@ -128,12 +131,15 @@ def test_grouped_aggregation():
 
 # --- Carlini tiled distance and extraction --------------------------------------------------
 
+
 def _brute_tile_l2(a, b, grid):
     """Max over tiles of the RMS difference, tiles cut by explicit index arithmetic."""
+
     def bounds(n):
         sizes = [n // grid + (i < n % grid) for i in range(grid)]
         starts = np.cumsum([0] + sizes)
         return list(zip(starts[:-1], starts[1:]))
+
     worst = 0.0
     for r0, r1 in bounds(a.shape[0]):
         for c0, c1 in bounds(a.shape[1]):
@@ -156,8 +162,7 @@ def test_tile_l2_matches_brute_force(shape, grid):
     expected = [_brute_tile_l2(x, y, grid) for x, y in zip(a, b)]
     np.testing.assert_allclose(tile_l2_distance(a, b, grid=grid), expected)
     assert tile_l2_distance(a[0], b[0], grid=grid) == pytest.approx(expected[0])
-    np.testing.assert_allclose(tile_l2_distance(a[0], b, grid=grid),
-                               [_brute_tile_l2(a[0], y, grid) for y in b])
+    np.testing.assert_allclose(tile_l2_distance(a[0], b, grid=grid), [_brute_tile_l2(a[0], y, grid) for y in b])
     mat = tile_l2_matrix(a, b, grid=grid)
     np.testing.assert_allclose(mat, [[_brute_tile_l2(x, y, grid) for y in b] for x in a], atol=1e-9)
     self_mat = tile_l2_matrix(a, grid=grid)
@@ -202,8 +207,9 @@ def test_components_match_scipy():
         out = extraction_from_distances(dist, threshold, method="components", min_component=largest)
         assert out["size"] == largest and out["extracted"]
         assert len(set(labels[out["members"]])) == 1
-        assert not extraction_from_distances(dist, threshold, method="components",
-                                             min_component=largest + 1)["extracted"]
+        assert not extraction_from_distances(dist, threshold, method="components", min_component=largest + 1)[
+            "extracted"
+        ]
 
 
 def test_carlini_extraction_on_near_copies():
@@ -221,6 +227,7 @@ def test_carlini_extraction_on_near_copies():
 
 
 # --- Webster ------------------------------------------------------------------------------
+
 
 def test_webster_sse_hand_case():
     a, b = np.zeros((2, 2, 3)), np.full((2, 2, 3), 0.5)
@@ -288,6 +295,7 @@ def test_webster_label_retrieved_verbatim_and_none(webster_case):
 
 # --- classes, registry, input errors ----------------------------------------------------------
 
+
 def test_metric_classes_and_registry():
     x = [0.2, 0.55, 0.9]
     assert DCRSummary(threshold=0.6)(x) == dcr_summary(x, threshold=0.6)
@@ -311,52 +319,62 @@ def test_accepts_torch_tensors():
 IMG = np.full((8, 8, 3), 0.5)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: top1_similarity([0.1, 0.2]), r"scores: expected a 2-D"),
-    (lambda: dcr_summary([0.1, NAN]), r"top1: 1 non-finite"),
-    (lambda: dcr_summary([]), r"top1: empty"),
-    (lambda: dcr_summary([0.1], baseline_top1=[np.inf]), r"baseline_top1: 1 non-finite"),
-    (lambda: replication_rate(["x"]), r"scores: not a numeric"),
-    (lambda: memorisation_rate({}), r"per_prompt_scores"),
-    (lambda: memorisation_rate({"a": []}), r"per_prompt_scores\['a'\]: empty"),
-    (lambda: memorisation_rate(SCORES, memorised_mask={"a": True}), r"memorised_mask: no entry"),
-    (lambda: memorisation_rate(SCORES, memorised_mask={"a": 1, "b": 0, "c": 0, "z": 1}),
-     r"memorised_mask: memorised prompt\(s\) without scores"),
-    (lambda: memorisation_rate(pd.DataFrame({"p": [1]})), r"per_prompt_scores: no column"),
-    (lambda: vm_tm_split([[0.1]]), r"max_scores: expected a 1-D"),
-    (lambda: sscd_score_normalisation([[0.9]], [[0.1, 0.2]], k=3), r"background_scores: 2 neighbours"),
-    (lambda: sscd_score_normalisation([[0.9], [0.8]], np.ones((3, 10))), r"background_scores: 3 queries"),
-    (lambda: median_mad([]), r"x: empty"),
-    (lambda: mean_max([1.0, NAN]), r"x: 1 non-finite"),
-    (lambda: grouped(pd.DataFrame({"a": [1]}), "a", by="g"), r"df: no column\(s\) 'g'"),
-    (lambda: tile_l2_distance(IMG, np.full((8, 6, 3), 0.5)), r"b: image shape"),
-    (lambda: tile_l2_distance(np.stack([IMG] * 2), np.stack([IMG] * 3)), r"b: 3 images, a has 2"),
-    (lambda: tile_l2_distance((IMG * 255).astype(np.uint8), IMG), r"a: expected float images"),
-    (lambda: tile_l2_distance(IMG * 3, IMG), r"a: values must lie in \[0, 1\]"),
-    (lambda: tile_l2_distance(IMG[..., 0], IMG), r"a: expected a 3-D or 4-D"),
-    (lambda: tile_l2_distance(IMG[:3], IMG[:3]), r"a: \(3, 8\) pixels cannot be split"),
-    (lambda: tile_l2_matrix(IMG), r"a: expected a 4-D"),
-    (lambda: extraction_from_distances(np.ones((2, 3)), 0.1), r"distances: expected a symmetric square"),
-    (lambda: extraction_from_distances([[0, 1], [2, 0]], 0.1), r"distances: expected a symmetric square"),
-    (lambda: carlini_extraction(IMG, 0.1), r"gen_images: expected a 4-D"),
-    (lambda: webster_sse(IMG, IMG, mask=np.ones((4, 4))), r"mask: shape \(4, 4\)"),
-    (lambda: webster_label(np.stack([IMG] * 2), np.full((8, 7, 3), 0.5)), r"real: image shape"),
-    (lambda: webster_label(np.stack([IMG] * 2), IMG, retrieved=np.zeros((4, 4, 3))), r"retrieved: image"),
-    (lambda: fixed_pixel_mask(IMG), r"generations: expected a 4-D"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: top1_similarity([0.1, 0.2]), r"scores: expected a 2-D"),
+        (lambda: dcr_summary([0.1, NAN]), r"top1: 1 non-finite"),
+        (lambda: dcr_summary([]), r"top1: empty"),
+        (lambda: dcr_summary([0.1], baseline_top1=[np.inf]), r"baseline_top1: 1 non-finite"),
+        (lambda: replication_rate(["x"]), r"scores: not a numeric"),
+        (lambda: memorisation_rate({}), r"per_prompt_scores"),
+        (lambda: memorisation_rate({"a": []}), r"per_prompt_scores\['a'\]: empty"),
+        (lambda: memorisation_rate(SCORES, memorised_mask={"a": True}), r"memorised_mask: no entry"),
+        (
+            lambda: memorisation_rate(SCORES, memorised_mask={"a": 1, "b": 0, "c": 0, "z": 1}),
+            r"memorised_mask: memorised prompt\(s\) without scores",
+        ),
+        (lambda: memorisation_rate(pd.DataFrame({"p": [1]})), r"per_prompt_scores: no column"),
+        (lambda: vm_tm_split([[0.1]]), r"max_scores: expected a 1-D"),
+        (lambda: sscd_score_normalisation([[0.9]], [[0.1, 0.2]], k=3), r"background_scores: 2 neighbours"),
+        (lambda: sscd_score_normalisation([[0.9], [0.8]], np.ones((3, 10))), r"background_scores: 3 queries"),
+        (lambda: median_mad([]), r"x: empty"),
+        (lambda: mean_max([1.0, NAN]), r"x: 1 non-finite"),
+        (lambda: grouped(pd.DataFrame({"a": [1]}), "a", by="g"), r"df: no column\(s\) 'g'"),
+        (lambda: tile_l2_distance(IMG, np.full((8, 6, 3), 0.5)), r"b: image shape"),
+        (lambda: tile_l2_distance(np.stack([IMG] * 2), np.stack([IMG] * 3)), r"b: 3 images, a has 2"),
+        (lambda: tile_l2_distance((IMG * 255).astype(np.uint8), IMG), r"a: expected float images"),
+        (lambda: tile_l2_distance(IMG * 3, IMG), r"a: values must lie in \[0, 1\]"),
+        (lambda: tile_l2_distance(IMG[..., 0], IMG), r"a: expected a 3-D or 4-D"),
+        (lambda: tile_l2_distance(IMG[:3], IMG[:3]), r"a: \(3, 8\) pixels cannot be split"),
+        (lambda: tile_l2_matrix(IMG), r"a: expected a 4-D"),
+        (lambda: extraction_from_distances(np.ones((2, 3)), 0.1), r"distances: expected a symmetric square"),
+        (lambda: extraction_from_distances([[0, 1], [2, 0]], 0.1), r"distances: expected a symmetric square"),
+        (lambda: carlini_extraction(IMG, 0.1), r"gen_images: expected a 4-D"),
+        (lambda: webster_sse(IMG, IMG, mask=np.ones((4, 4))), r"mask: shape \(4, 4\)"),
+        (lambda: webster_label(np.stack([IMG] * 2), np.full((8, 7, 3), 0.5)), r"real: image shape"),
+        (lambda: webster_label(np.stack([IMG] * 2), IMG, retrieved=np.zeros((4, 4, 3))), r"retrieved: image"),
+        (lambda: fixed_pixel_mask(IMG), r"generations: expected a 4-D"),
+    ],
+)
 def test_bad_input_raises_data_error_naming_the_argument(call, match):
     with pytest.raises(DataError, match=match):
         call()
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: memorisation_rate(SCORES, reduction="max"), r"reduction must be one of any, mean \(got 'max'\)"),
-    (lambda: extraction_from_distances(np.zeros((2, 2)), 0.1, method="cliques"),
-     r"method must be one of clique, components \(got 'cliques'\) \(did you mean 'clique'\?\)"),
-    (lambda: tile_l2_distance(IMG, IMG, grid=0), r"grid must be >= 1"),
-    (lambda: fixed_pixel_mask(np.stack([IMG] * 2), erosion_iterations=-1), r"erosion_iterations"),
-    (lambda: sscd_score_normalisation([0.9], [[0.1]], k=0), r"k must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: memorisation_rate(SCORES, reduction="max"), r"reduction must be one of any, mean \(got 'max'\)"),
+        (
+            lambda: extraction_from_distances(np.zeros((2, 2)), 0.1, method="cliques"),
+            r"method must be one of clique, components \(got 'cliques'\) \(did you mean 'clique'\?\)",
+        ),
+        (lambda: tile_l2_distance(IMG, IMG, grid=0), r"grid must be >= 1"),
+        (lambda: fixed_pixel_mask(np.stack([IMG] * 2), erosion_iterations=-1), r"erosion_iterations"),
+        (lambda: sscd_score_normalisation([0.9], [[0.1]], k=0), r"k must be >= 1"),
+    ],
+)
 def test_bad_settings_raise_config_error(call, match):
     with pytest.raises(ConfigError, match=match):
         call()

@@ -30,11 +30,24 @@ from diffmem.models.adapters import is_adapter, read_adapter
 from diffmem.sampling import encode_prompts
 from tests.conftest import SMALL_DATA
 
-COMMON = ["steps=3", "positives.min_dup_count=4", "prompts.n_ordinary=4", "prompts.n_heldout=2",
-          "objectives.n_prompts=4", "features.extractor.size=8", *SMALL_DATA]
+COMMON = [
+    "steps=3",
+    "positives.min_dup_count=4",
+    "prompts.n_ordinary=4",
+    "prompts.n_heldout=2",
+    "objectives.n_prompts=4",
+    "features.extractor.size=8",
+    *SMALL_DATA,
+]
 FT = ["mitigation.steps=3", "mitigation.ckpt_every=2"]
-ADV = ["mitigation.steps=4", "mitigation.refresh_every=2", "mitigation.trigger.steps=2", "mitigation.ckpt_every=2",
-       "mitigation.surrogate.n_candidates=2", "mitigation.surrogate.n_steps=2"]
+ADV = [
+    "mitigation.steps=4",
+    "mitigation.refresh_every=2",
+    "mitigation.trigger.steps=2",
+    "mitigation.ckpt_every=2",
+    "mitigation.surrogate.n_candidates=2",
+    "mitigation.surrogate.n_steps=2",
+]
 
 
 def _cfg(pipe_dir, name, *extra):
@@ -54,13 +67,19 @@ def _sd_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 8, 8, 8), cross_attention_dim=8, attention_head_dim=2,
-        norm_num_groups=4, layers_per_block=2,
+        sample_size=8,
+        block_out_channels=(8, 8, 8, 8),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
 
 
 # --- block masks and LoRA -------------------------------------------------------------------
+
 
 def test_mask_genes_are_block_paths_on_the_sd_layout():
     unet = _sd_unet()
@@ -68,12 +87,18 @@ def test_mask_genes_are_block_paths_on_the_sd_layout():
     assert len(blocks) == 16  # MemControl's 16 genes on SD v1
     assert blocks[0] == "down_blocks.0.attentions.0" and "mid_block.attentions.0" in blocks
     assert "up_blocks.3.attentions.2" in blocks
-    nested = {"down_blocks": {"2": {"attentions": {"1": 1}}}, "mid_block": {"attentions": {"0": 0}},
-              "up_blocks.1.attentions.2": 1}
+    nested = {
+        "down_blocks": {"2": {"attentions": {"1": 1}}},
+        "mid_block": {"attentions": {"0": 0}},
+        "up_blocks.1.attentions.2": 1,
+    }
     assert selected_blocks(unet, nested) == ["down_blocks.2.attentions.1", "up_blocks.1.attentions.2"]
     assert selected_blocks(unet, None) == blocks
-    with pytest.raises(ConfigError, match=r"'down_blocks.3.attentions.0' is not a transformer block.*"
-                                          r"Did you mean 'down_blocks.2.attentions.0'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'down_blocks.3.attentions.0' is not a transformer block.*"
+        r"Did you mean 'down_blocks.2.attentions.0'",
+    ):
         selected_blocks(unet, {"down_blocks.3.attentions.0": 1})
     with pytest.raises(ConfigError, match="must be 0 or 1"):
         selected_blocks(unet, {"mid_block.attentions.0": 2})
@@ -107,6 +132,7 @@ def test_lora_trains_only_the_masked_blocks_and_merges_to_a_plain_unet(tiny_pipe
 
 
 # --- caption augmentations and defences ------------------------------------------------------
+
 
 def test_caption_augmentations_on_hand_cases():
     rng = np.random.default_rng(0)
@@ -151,8 +177,9 @@ def test_defences_are_seeded_per_sample(tiny_pipe):
     assert (d1 < d0).all()
     torch.testing.assert_close(new[:, 0], cond[:, 0], rtol=0, atol=0)  # BOS frozen
     idle = WenMinimisation(target=float(d0.max()) * 2)
-    torch.testing.assert_close(idle.embedding(tiny_pipe, cond, [1, 2], resolution=32, steps=5, guidance=5.0),
-                               cond, rtol=0, atol=0)  # already at the target: unchanged
+    torch.testing.assert_close(
+        idle.embedding(tiny_pipe, cond, [1, 2], resolution=32, steps=5, guidance=5.0), cond, rtol=0, atol=0
+    )  # already at the target: unchanged
     with pytest.raises(ConfigError, match="target must be > 0"):
         WenMinimisation(target=None)
 
@@ -171,8 +198,21 @@ def test_defence_wrapper_stores_its_base_so_it_reloads_anywhere(tmp_path, monkey
 
 # --- the stage, end to end --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["full_ft", "lora", "memcontrol", "train_mc", "train_rc", "train_rt", "train_cwr",
-                                  "train_gni", "train_noise_filter"])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "full_ft",
+        "lora",
+        "memcontrol",
+        "train_mc",
+        "train_rc",
+        "train_rt",
+        "train_cwr",
+        "train_gni",
+        "train_noise_filter",
+    ],
+)
 def test_fine_tuning_mitigations_publish_a_model_and_both_objectives(tiny_pipe_dir, name):
     extra = ["+mitigation.mask.mid_block.attentions.0=1"] if name == "memcontrol" else []
     cfg = _cfg(tiny_pipe_dir, name, *FT, *extra)
@@ -214,8 +254,14 @@ def test_a_lora_adapter_loads_as_the_merged_pipeline_it_replaces(tiny_pipe_dir, 
     same UNet once loaded, in fp32 and bf16; the adapter folder is a small fraction of the copy."""
     runs = {}
     for publish in ("adapter", "pipeline"):
-        cfg = _cfg(tiny_pipe_dir, "lora", *FT, "objectives.enabled=false", f"mitigation.publish={publish}",
-                   f"name=lora-{publish}")
+        cfg = _cfg(
+            tiny_pipe_dir,
+            "lora",
+            *FT,
+            "objectives.enabled=false",
+            f"mitigation.publish={publish}",
+            f"name=lora-{publish}",
+        )
         task(cfg)
         runs[publish] = Path(cfg.run_dir) / "model"
     assert is_adapter(runs["adapter"]) and not is_adapter(runs["pipeline"])
@@ -225,7 +271,7 @@ def test_a_lora_adapter_loads_as_the_merged_pipeline_it_replaces(tiny_pipe_dir, 
         a, p = (load_model(runs[k], precision=precision).unet.state_dict() for k in ("adapter", "pipeline"))
         assert set(a) == set(p) and {v.dtype for v in a.values()} == {dtype}
         for k in a:  # fp32: identical; bf16: fused after the cast vs cast after fusing, one ulp apart at most
-            ulp = 0.0 if precision == "fp32" else 2.0 ** -7 * float(p[k].float().abs().max())
+            ulp = 0.0 if precision == "fp32" else 2.0**-7 * float(p[k].float().abs().max())
             assert float((a[k].float() - p[k].float()).abs().max()) <= ulp, (precision, k)
 
 
@@ -256,16 +302,32 @@ def test_defences_publish_wrappers_every_stage_loads(tiny_pipe_dir, name):
     assert base == str(tiny_pipe_dir.resolve()) and defence.name == name
     if name == "wen":
         assert defence.target > 0  # calibrated on the non-memorised prompts
-    out = diffmem.run("generate", ["model=local", f"model.path={model}", "steps=2", "prompts.n_ordinary=1",
-                                   "prompts.n_heldout=1", "n_per_prompt=1", *SMALL_DATA])
+    out = diffmem.run(
+        "generate",
+        [
+            "model=local",
+            f"model.path={model}",
+            "steps=2",
+            "prompts.n_ordinary=1",
+            "prompts.n_heldout=1",
+            "n_per_prompt=1",
+            *SMALL_DATA,
+        ],
+    )
     assert (out / "samples.parquet").exists()
     with pytest.raises(ConfigError, match="is an inference-time defence"):
         task(_cfg(model, "full_ft", *FT, "name=stacked"))
 
 
 def test_adversarial_ft_end_to_end_and_exact_resume(tiny_pipe_dir):
-    args = ["mitigation=adversarial_ft", "model=local", f"model.path={tiny_pipe_dir}", *COMMON, *ADV,
-            "keep_checkpoints=true"]  # kept after _SUCCESS, so a kill can be simulated below
+    args = [
+        "mitigation=adversarial_ft",
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        *COMMON,
+        *ADV,
+        "keep_checkpoints=true",
+    ]  # kept after _SUCCESS, so a kill can be simulated below
     run_dir = diffmem.run("mitigate", args)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -288,21 +350,36 @@ def test_adversarial_ft_end_to_end_and_exact_resume(tiny_pipe_dir):
         (run_dir / name).unlink()
     for name in ("model", "checkpoints/step-0000004"):
         shutil.rmtree(run_dir / name)
-    for name in ("surrogates.safetensors", "triggers/refresh-00000.safetensors",
-                 "checkpoints/step-0000002/model.safetensors"):
+    for name in (
+        "surrogates.safetensors",
+        "triggers/refresh-00000.safetensors",
+        "checkpoints/step-0000002/model.safetensors",
+    ):
         (run_dir / name).write_bytes((run_dir / name).read_bytes()[:40])
     diffmem.run("mitigate", args)
     again = _unet(run_dir)
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-@pytest.mark.parametrize("name, extra", [("adversarial_ft", ADV), ("full_ft", [*FT, "mitigation.gradient_checkpointing=true"])])
+@pytest.mark.parametrize(
+    "name, extra", [("adversarial_ft", ADV), ("full_ft", [*FT, "mitigation.gradient_checkpointing=true"])]
+)
 def test_fine_tuning_on_a_bf16_pipeline(tiny_pipe_dir, name, extra):
     """The fp32 master UNet under bf16 autocast, the text encoder and captions in bf16: the
     published weights are finite and moved (the SD-shaped tier runs the same at SD's size)."""
-    run_dir = diffmem.run("mitigate", [f"mitigation={name}", "model=local", f"model.path={tiny_pipe_dir}",
-                                       "model.precision=bf16", *COMMON, *extra, "objectives.enabled=false",
-                                       f"name={name}-bf16"])
+    run_dir = diffmem.run(
+        "mitigate",
+        [
+            f"mitigation={name}",
+            "model=local",
+            f"model.path={tiny_pipe_dir}",
+            "model.precision=bf16",
+            *COMMON,
+            *extra,
+            "objectives.enabled=false",
+            f"name={name}-bf16",
+        ],
+    )
     before, after = load_file(str(next((tiny_pipe_dir / "unet").glob("*.safetensors")))), _unet(run_dir)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -312,8 +389,10 @@ def test_bad_mitigation_configs_are_one_line_errors(tiny_pipe_dir):
     with pytest.raises(ConfigError, match=r"unknown mitigation kind 'finetun'.*Did you mean 'finetune'"):
         task(_cfg(tiny_pipe_dir, "full_ft", "mitigation.kind=finetun"))
     with pytest.raises(ConfigError, match=r"mitigation.steps must be >= 1 \(got -3\)"):  # the schema's
-        diffmem.run("mitigate", ["mitigation=full_ft", "model=local", f"model.path={tiny_pipe_dir}", *COMMON,
-                                 "mitigation.steps=-3"])
+        diffmem.run(
+            "mitigate",
+            ["mitigation=full_ft", "model=local", f"model.path={tiny_pipe_dir}", *COMMON, "mitigation.steps=-3"],
+        )
     with pytest.raises(ConfigError, match=r"mitigation.trigger.lr must be > 0"):
         task(_cfg(tiny_pipe_dir, "adversarial_ft", "mitigation.trigger.lr=0"))
     with pytest.raises(ConfigError, match="not a transformer block"):
@@ -324,6 +403,7 @@ def test_bad_mitigation_configs_are_one_line_errors(tiny_pipe_dir):
 
 # --- MemControl's study ----------------------------------------------------------------------
 
+
 def test_pareto_mask_on_a_hand_case():
     v = np.array([[1, 5], [2, 2], [3, 1], [3, 3], [1, 6], [2, 2]])
     assert pareto_mask(v).tolist() == [True, True, True, False, False, True]
@@ -333,14 +413,25 @@ def test_memcontrol_study_runs_as_an_optuna_multirun_and_resumes(tiny_pipe_dir, 
     """The NSGA-II study through Hydra's Optuna sweeper with SQLite storage: each trial returns
     both objectives; a re-launch runs only the missing trials; the front reads back."""
     out = tmp_path / "outputs"
-    base = [sys.executable, "-m", "diffmem.cli", "mitigate", "experiment=memcontrol", "model=local",
-            f"model.path={tiny_pipe_dir}", *COMMON, *FT, "hydra.sweeper.n_jobs=1",
-            "hydra.sweeper.sampler.population_size=2"]
+    base = [
+        sys.executable,
+        "-m",
+        "diffmem.cli",
+        "mitigate",
+        "experiment=memcontrol",
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        *COMMON,
+        *FT,
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.sampler.population_size=2",
+    ]
     env = {**os.environ, "DIFFMEM_OUTPUTS": str(out), "OMP_NUM_THREADS": "1"}
 
     def launch(total):
-        r = subprocess.run([*base, f"total_trials={total}"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                           timeout=600)
+        r = subprocess.run(
+            [*base, f"total_trials={total}"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 

@@ -16,11 +16,14 @@ from diffmem.models.tokenizer import build_clip_tokenizer
 def test_tokenizer_matches_open_clip(tmp_path):
     tok = build_clip_tokenizer(tmp_path)
     ref = open_clip.get_tokenizer("ViT-B-32")
-    for text in ["a red circle above a blue square on a grey background",
-                 "the zorblax emblem, photo!", "Plans for a living room: 3D render  don't"]:
+    for text in [
+        "a red circle above a blue square on a grey background",
+        "the zorblax emblem, photo!",
+        "Plans for a living room: 3D render  don't",
+    ]:
         ids = tok(text, padding="max_length", max_length=77, truncation=True).input_ids
         want = [i for i in ref([text])[0].tolist() if i]
-        assert ids[:len(want)] == want and len(ids) == 77
+        assert ids[: len(want)] == want and len(ids) == 77
     assert len(tok) == 49408 and tok.model_max_length == 77
 
 

@@ -24,11 +24,27 @@ def test_committed_without_outputs(path):
 SLOW = {"compare_mitigations.ipynb"}
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p
-                                  for p in NOTEBOOKS], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p for p in NOTEBOOKS], ids=lambda p: p.name
+)
 def test_notebook_runs(path, shipped_audit_outputs):
     env = {**os.environ, "DIFFMEM_OUTPUTS": str(shipped_audit_outputs)}
-    out = subprocess.run([sys.executable, "-m", "pytest", "--nbmake", str(path), "-q",
-                          "-p", "no:cacheprovider", "-o", "addopts=", "--nbmake-timeout=900"],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--nbmake",
+            str(path),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            "--nbmake-timeout=900",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-3000:]

@@ -22,11 +22,24 @@ from diffmem.probes.wanda import mask_iou, prune, row_topk_mask, union, wanda_ma
 from diffmem.sampling import encode_prompts
 from tests.conftest import SMALL_DATA
 
-COMMON = ["steps=3", "n_per_prompt=2", "n_controls=1", "positives.min_dup_count=4", "prompts.n_ordinary=4",
-          "prompts.n_heldout=2"]
-FAST = ["probe.trigger.steps=3", "probe.trigger.restarts=2", "probe.nemo.detector.n_seeds=2",
-        "probe.nemo.detector.num_inference_steps=3", "probe.wanda.n_steps=2", "probe.wanda.n_seeds=1",
-        "probe.wanda.fraction=0.05", *COMMON]
+COMMON = [
+    "steps=3",
+    "n_per_prompt=2",
+    "n_controls=1",
+    "positives.min_dup_count=4",
+    "prompts.n_ordinary=4",
+    "prompts.n_heldout=2",
+]
+FAST = [
+    "probe.trigger.steps=3",
+    "probe.trigger.restarts=2",
+    "probe.nemo.detector.n_seeds=2",
+    "probe.nemo.detector.num_inference_steps=3",
+    "probe.wanda.n_steps=2",
+    "probe.wanda.n_seeds=1",
+    "probe.wanda.fraction=0.05",
+    *COMMON,
+]
 
 
 def _args(pipe_dir, *extra):
@@ -41,15 +54,21 @@ def _unet_out(pipe, cond):
 
 # --- layers and hooks -----------------------------------------------------------------------
 
+
 def test_layer_names_come_from_the_model_sd_v1_layout():
     """SD v1.x's block layout (3 cross-attention down blocks x 2, mid, 3 up blocks x 3) at tiny width."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(8, 8, 8, 8), cross_attention_dim=8, attention_head_dim=2,
-        norm_num_groups=4, layers_per_block=2,
+        sample_size=8,
+        block_out_channels=(8, 8, 8, 8),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
     values = value_layers(unet)
     assert len(values) == 7  # NeMo's 7 layers on SD v1.4
     assert list(values)[0] == "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v"
@@ -61,9 +80,13 @@ def test_layer_names_come_from_the_model_sd_v1_layout():
 def test_layer_names_on_the_testbed_and_unknown_names(tiny_pipe):
     assert list(value_layers(tiny_pipe.unet)) == [
         "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
-        "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
-    with pytest.raises(ConfigError, match=r"no linear layer 'down_blocks.1.attentions.0.transformer_blocks.0"
-                                          r".attn2.to_w'.*did you mean .*attn2.to_v"):
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_v",
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"no linear layer 'down_blocks.1.attentions.0.transformer_blocks.0"
+        r".attn2.to_w'.*did you mean .*attn2.to_v",
+    ):
         get_layers(tiny_pipe.unet, ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_w"])
     with pytest.raises(ConfigError, match="unknown block kind"):
         value_layers(tiny_pipe.unet, ("middle",))
@@ -94,6 +117,7 @@ def test_blocking_zeroes_channels_and_leaves_the_model_unchanged(tiny_pipe):
 
 # --- trigger search -------------------------------------------------------------------------
 
+
 def test_trigger_search_is_seeded_and_leaves_weights_alone(tiny_pipe):
     x0 = image_latents(tiny_pipe, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
     c = encode_prompts(tiny_pipe, ["the zorblax emblem"])[0]
@@ -107,8 +131,17 @@ def test_trigger_search_is_seeded_and_leaves_weights_alone(tiny_pipe):
     for k, v in tiny_pipe.unet.state_dict().items():
         assert torch.equal(v, weights[k]), k
     assert not any(p.requires_grad for p in tiny_pipe.unet.parameters())
-    found = search_triggers(tiny_pipe, x0, c, prompt_id=7, restarts=3, inits=["prompt", "random", "other"],
-                            other_conds=encode_prompts(tiny_pipe, ["a red circle"]), steps=2, batch_size=2)
+    found = search_triggers(
+        tiny_pipe,
+        x0,
+        c,
+        prompt_id=7,
+        restarts=3,
+        inits=["prompt", "random", "other"],
+        other_conds=encode_prompts(tiny_pipe, ["a red circle"]),
+        steps=2,
+        batch_size=2,
+    )
     assert [t.init for t in found] == ["prompt", "random", "other"]
     assert all(t.distance > 0 for t in found)
 
@@ -127,8 +160,10 @@ def test_trigger_search_fits_a_target_with_a_fixed_budget(tiny_pipe):
     def held_out_loss(cond):
         g = torch.Generator().manual_seed(123)
         with torch.no_grad():
-            return float(diffusion_loss(tiny_pipe.unet, sched, x0.expand(64, -1, -1, -1),
-                                        cond[None].expand(64, -1, -1), g))
+            return float(
+                diffusion_loss(tiny_pipe.unet, sched, x0.expand(64, -1, -1, -1), cond[None].expand(64, -1, -1), g)
+            )
+
     assert held_out_loss(trig) < held_out_loss(c)
 
 
@@ -138,6 +173,7 @@ def test_wrong_target_size_is_a_clear_error():
 
 
 # --- NeMo -----------------------------------------------------------------------------------
+
 
 def test_nemo_search_finds_the_responsible_neurons():
     """A hand-made score: memorisation is suppressed only when neurons a:3 and b:1 are both blocked."""
@@ -168,6 +204,7 @@ def test_value_activations_depend_on_the_text_only(tiny_pipe):
 
 
 # --- Wanda ----------------------------------------------------------------------------------
+
 
 def test_wanda_row_topk_mask_hand_computed():
     score = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
@@ -201,6 +238,7 @@ def test_wanda_masks_and_pruning(tiny_pipe):
 
 # --- the stage ------------------------------------------------------------------------------
 
+
 def test_probe_registry_and_configs():
     assert PROBES.names() == ["finding_dori", "locality", "nemo", "trigger_search", "wanda"]
     with pytest.raises(ConfigError, match="did you mean|Did you mean"):
@@ -212,9 +250,14 @@ def test_finding_dori_end_to_end_and_resume(tiny_pipe_dir):
     run_dir = diffmem.run("probe", args)
     table = pd.read_parquet(run_dir / "finding_dori.parquet")
     assert list(zip(table["model"], table["attack"])) == [
-        ("original", "none"), ("original", "trigger_search"), ("nemo", "none"), ("nemo", "trigger_search"),
-        ("wanda", "none"), ("wanda", "trigger_search"),
-        ("wanda", "trigger_search (control: non-memorised images)")]
+        ("original", "none"),
+        ("original", "trigger_search"),
+        ("nemo", "none"),
+        ("nemo", "trigger_search"),
+        ("wanda", "none"),
+        ("wanda", "trigger_search"),
+        ("wanda", "trigger_search (control: non-memorised images)"),
+    ]
     assert table["mr"].between(0, 1).all() and np.isfinite(table["similarity"]).all()
     triggers = pd.read_parquet(run_dir / "triggers.parquet")
     assert len(triggers) == (3 * 1 + 1) * 2 * 2  # (3 models x 1 target + 1 control) x restarts x gens
@@ -242,14 +285,17 @@ def test_probe_resumes_from_finished_parts(tiny_pipe_dir):
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "triggers.parquet"), first)
 
 
-@pytest.mark.parametrize("extra, error", [
-    (["probe.steps=0"], r"probe.steps must be >= 1"),
-    (["probe.inits=[prompt,sideways]"], r"unknown init\(s\) \['sideways'\]"),
-    (["probe=wanda", "probe.fraction=2"], r"probe.fraction must be in \(0, 1\]"),
-    (["probe.name=nemo_neurons"], r"Did you mean 'nemo'"),
-    (["positives.min_dup_count=1000"], r"no memorised prompt"),
-    (["n_per_prompt=0"], r"n_per_prompt must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra, error",
+    [
+        (["probe.steps=0"], r"probe.steps must be >= 1"),
+        (["probe.inits=[prompt,sideways]"], r"unknown init\(s\) \['sideways'\]"),
+        (["probe=wanda", "probe.fraction=2"], r"probe.fraction must be in \(0, 1\]"),
+        (["probe.name=nemo_neurons"], r"Did you mean 'nemo'"),
+        (["positives.min_dup_count=1000"], r"no memorised prompt"),
+        (["n_per_prompt=0"], r"n_per_prompt must be >= 1"),
+    ],
+)
 def test_probe_bad_config(tiny_pipe_dir, extra, error):
     with pytest.raises((ConfigError, DataError), match=error):
         diffmem.run("probe", _args(tiny_pipe_dir, *COMMON, *extra))
@@ -263,10 +309,19 @@ def test_probe_empty_prompt_list(tiny_pipe_dir, tmp_path):
 
 
 def test_locality_probe(tiny_pipe_dir):
-    args = _args(tiny_pipe_dir, "probe=locality", "probe.trigger.steps=2", "probe.trigger.restarts=3",
-                 "probe.max_targets=1", "probe.nemo.detector.n_seeds=2", "probe.nemo.detector.num_inference_steps=3",
-                 "probe.nemo.refine=false",
-                 "probe.wanda.n_steps=2", "probe.wanda.n_seeds=1", *COMMON)
+    args = _args(
+        tiny_pipe_dir,
+        "probe=locality",
+        "probe.trigger.steps=2",
+        "probe.trigger.restarts=3",
+        "probe.max_targets=1",
+        "probe.nemo.detector.n_seeds=2",
+        "probe.nemo.detector.num_inference_steps=3",
+        "probe.nemo.refine=false",
+        "probe.wanda.n_steps=2",
+        "probe.wanda.n_seeds=1",
+        *COMMON,
+    )
     run_dir = diffmem.run("probe", args)
     table = pd.read_parquet(run_dir / "locality.parquet")
     assert len(table) == 1 and table["triggers"].iloc[0] == 3

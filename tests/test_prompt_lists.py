@@ -25,28 +25,41 @@ POSITIVES = {"memorised": ["verbatim", "template"], "not_memorised": ["none"], "
 
 def _wen(path):
     """Wen et al.'s list: JSON lines of memorised prompts (caption, index, url), no class."""
-    path.write_text("".join(json.dumps({"caption": c, "index": i, "url": f"http://x/{i}.jpg"}) + "\n"
-                            for i, c in enumerate(["the zorblax emblem", "a vintage poster"])))
+    path.write_text(
+        "".join(
+            json.dumps({"caption": c, "index": i, "url": f"http://x/{i}.jpg"}) + "\n"
+            for i, c in enumerate(["the zorblax emblem", "a vintage poster"])
+        )
+    )
     return path
 
 
 def _nemo(tmp_path):
     """NeMo's pair: a `;`-CSV of memorised prompts with `type` VM/TM, and one of unmemorised ones."""
     mem, unmem = tmp_path / "memorized_prompts.csv", tmp_path / "unmemorized_prompts.csv"
-    mem.write_text(";Caption;URL;type;mean_sscd;max_sscd;Index\n"
-                   "0;the zorblax emblem;http://a;VM;0.8;0.9;11\n"
-                   '1;"a vintage\nposter";http://b;TM;0.5;0.6;12\n'
-                   "2;a red circle above a blue square;http://c;VM;0.7;0.95;13\n")
-    unmem.write_text(";Caption;URL;Index\n0;two green triangles;http://d;21\n1;a grey background;http://e;22\n"
-                     "2;a small yellow star;http://f;23\n")
+    mem.write_text(
+        ";Caption;URL;type;mean_sscd;max_sscd;Index\n"
+        "0;the zorblax emblem;http://a;VM;0.8;0.9;11\n"
+        '1;"a vintage\nposter";http://b;TM;0.5;0.6;12\n'
+        "2;a red circle above a blue square;http://c;VM;0.7;0.95;13\n"
+    )
+    unmem.write_text(
+        ";Caption;URL;Index\n0;two green triangles;http://d;21\n1;a grey background;http://e;22\n"
+        "2;a small yellow star;http://f;23\n"
+    )
     return mem, unmem
 
 
 def _webster(path):
     """Webster et al.'s parquet: caption + overfit_type MV/TV/RV/N (+ extra columns)."""
-    pd.DataFrame({"caption": ["the zorblax emblem", "a vintage poster", "a red circle", "two green triangles"],
-                  "overfit_type": ["MV", "TV", "RV", "N"], "key": ["k1", "k2", "k3", "k4"],
-                  "gen_seeds": [[1, 2], [3], [4], [5]]}).to_parquet(path)
+    pd.DataFrame(
+        {
+            "caption": ["the zorblax emblem", "a vintage poster", "a red circle", "two green triangles"],
+            "overfit_type": ["MV", "TV", "RV", "N"],
+            "key": ["k1", "k2", "k3", "k4"],
+            "gen_seeds": [[1, 2], [3], [4], [5]],
+        }
+    ).to_parquet(path)
     return path
 
 
@@ -76,12 +89,15 @@ def test_formats_and_schemas_map_to_one_ground_truth(tmp_path):
     assert t["caption"].tolist() == ["a cat", "a dog"] and t["target_file"][0] == "cat.png"
 
 
-@pytest.mark.parametrize("name,content,message", [
-    # the blank caption's record starts on line 4: line 2's caption spans two lines
-    ("nl.csv", 'caption;type\n"two\nlines";VM\n;TM\n', r"nl.csv: line 4: empty caption"),
-    ("blank.jsonl", '{"caption": "a"}\n\n{"caption": ""}\n', r"blank.jsonl: line 3: empty caption"),
-    ("bad.csv", "caption,type\na,XM\n", r"bad.csv: type 'XM' is not one of VM, TM, N \(row 1\)"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        # the blank caption's record starts on line 4: line 2's caption spans two lines
+        ("nl.csv", 'caption;type\n"two\nlines";VM\n;TM\n', r"nl.csv: line 4: empty caption"),
+        ("blank.jsonl", '{"caption": "a"}\n\n{"caption": ""}\n', r"blank.jsonl: line 3: empty caption"),
+        ("bad.csv", "caption,type\na,XM\n", r"bad.csv: type 'XM' is not one of VM, TM, N \(row 1\)"),
+    ],
+)
 def test_errors_name_the_line(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=message):
@@ -94,11 +110,14 @@ def test_parquet_blank_caption_names_the_row(tmp_path):
         read_prompt_file(tmp_path / "p.parquet")
 
 
-@pytest.mark.parametrize("files,message", [
-    ("[{path: a.csv, label: memorised}]", "label 'memorised' of a.csv is not one of positive, negative"),
-    ("[{file: a.csv}]", r"prompts.files\[0\]: expected \{path"),
-    ("[{path: a.csv, lable: positive}]", "unknown field.*lable"),
-])
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ("[{path: a.csv, label: memorised}]", "label 'memorised' of a.csv is not one of positive, negative"),
+        ("[{file: a.csv}]", r"prompts.files\[0\]: expected \{path"),
+        ("[{path: a.csv, lable: positive}]", "unknown field.*lable"),
+    ],
+)
 def test_bad_files_are_refused(tmp_path, files, message):
     (tmp_path / "a.csv").write_text("caption\nx\n")
     cfg = diffmem.compose("detect", ["prompts=file", f"prompts.files={files}"])
@@ -122,8 +141,9 @@ def test_an_explicit_label_wins_over_the_files_column_and_says_so(tmp_path, capl
 def test_duplicate_prompts_are_counted_once(tmp_path, caplog):
     (tmp_path / "a.txt").write_text("a cat\na dog\na cat\n")
     (tmp_path / "b.txt").write_text("a dog \na cow\n")
-    df = read_prompt_files([{"path": str(tmp_path / "a.txt"), "label": "positive"},
-                            {"path": str(tmp_path / "b.txt"), "label": "positive"}])
+    df = read_prompt_files(
+        [{"path": str(tmp_path / "a.txt"), "label": "positive"}, {"path": str(tmp_path / "b.txt"), "label": "positive"}]
+    )
     assert df["caption"].tolist() == ["a cat", "a dog", "a cow"] and df["prompt_id"].tolist() == [0, 1, 2]
     assert "2 of 5 prompts are listed more than once" in caplog.text
 
@@ -142,15 +162,29 @@ def _load(cfg, tmp_path):
 
 
 def _tiny(pipe_dir):
-    return ["model=local", f"model.path={pipe_dir}", "detect=noise_norm", "detect.num_inference_steps=4",
-            "detect.steps=[0]", "detect.n_generations=1"]
+    return [
+        "model=local",
+        f"model.path={pipe_dir}",
+        "detect=noise_norm",
+        "detect.num_inference_steps=4",
+        "detect.steps=[0]",
+        "detect.n_generations=1",
+    ]
 
 
 def test_detect_from_two_files_with_exclusions_and_hard_negatives(tiny_pipe_dir, tmp_path, caplog):
     mem, unmem = _nemo(tmp_path)
     files = f"prompts.files=[{{path: '{mem}', label: positive}}, {{path: '{unmem}', label: negative}}]"
-    run_dir = diffmem.run("detect", [*_tiny(tiny_pipe_dir), "prompts=file", files,
-                                     "positives.memorised=[verbatim,template]", "positives.exclude=[template]"])
+    run_dir = diffmem.run(
+        "detect",
+        [
+            *_tiny(tiny_pipe_dir),
+            "prompts=file",
+            files,
+            "positives.memorised=[verbatim,template]",
+            "positives.exclude=[template]",
+        ],
+    )
     res = diffmem.load_run(run_dir)
     scores = res.table("scores")
     assert scores["label"].isna().sum() == 1 and scores["label"].sum() == 2  # TM left out
@@ -161,16 +195,27 @@ def test_detect_from_two_files_with_exclusions_and_hard_negatives(tiny_pipe_dir,
     # only positives: no ROC, and the console says why
     wen = _wen(tmp_path / "wen.jsonl")
     with caplog.at_level(logging.INFO, logger="diffmem.detect"):
-        run_dir = diffmem.run("detect", [*_tiny(tiny_pipe_dir), "prompts=file", f"prompts.path={wen}",
-                                         "prompts.label=positive", "name=wen"])
+        run_dir = diffmem.run(
+            "detect",
+            [*_tiny(tiny_pipe_dir), "prompts=file", f"prompts.path={wen}", "prompts.label=positive", "name=wen"],
+        )
     assert "roc_auc" not in diffmem.load_run(run_dir).metrics
     assert "no ROC metrics: 2 positives and 0 negatives" in caplog.text
 
     # the testbed's rare canaries are hard negatives: their own AUC, in metrics.json and on the console
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="diffmem.detect"):
-        run_dir = diffmem.run("detect", [*_tiny(tiny_pipe_dir), *SMALL_DATA, "prompts.n_ordinary=2",
-                                         "prompts.n_heldout=2", "positives.min_dup_count=4", "name=tb"])
+        run_dir = diffmem.run(
+            "detect",
+            [
+                *_tiny(tiny_pipe_dir),
+                *SMALL_DATA,
+                "prompts.n_ordinary=2",
+                "prompts.n_heldout=2",
+                "positives.min_dup_count=4",
+                "name=tb",
+            ],
+        )
     hard = diffmem.load_run(run_dir).metrics["ground_truth"]["hard_negatives"]
     assert hard["n_neg"] == 1 and hard["n_pos"] == 1  # the 1x canary vs the 4x canary
     assert "memorised vs hard negatives (1 prompts trained on but not memorised)" in caplog.text
@@ -202,12 +247,15 @@ def test_probe_and_evaluate_mitigation_from_a_prompt_list(tiny_pipe_dir, tmp_pat
     plist = _target_list(tmp_path, small)
     common = ["features.extractor.size=8", *data, "prompts=file", f"prompts.path={plist}", "steps=3", "n_per_prompt=2"]
     model = ["model=local", f"model.path={tiny_pipe_dir}"]
-    run_dir = diffmem.run("probe", [*model, *common, "probe=trigger_search", "probe.steps=2",
-                                    "probe.restarts=1", "n_controls=1"])
+    run_dir = diffmem.run(
+        "probe", [*model, *common, "probe=trigger_search", "probe.steps=2", "probe.restarts=1", "n_controls=1"]
+    )
     m = diffmem.load_run(run_dir).metrics
     assert m["n_targets"] == 1 and m["n_negatives"] == 3 and m["n_controls"] == 1
-    run_dir = diffmem.run("evaluate-mitigation", [*common, f"models.original={tiny_pipe_dir}",
-                                                  "trigger.steps=2", "trigger.restarts=1", "utility.n_prompts=4"])
+    run_dir = diffmem.run(
+        "evaluate-mitigation",
+        [*common, f"models.original={tiny_pipe_dir}", "trigger.steps=2", "trigger.restarts=1", "utility.n_prompts=4"],
+    )
     table = diffmem.load_run(run_dir).table("mitigations")
     assert table["model"].tolist() == ["original"] and np.isfinite(table["mr"]).all()
 
@@ -249,8 +297,13 @@ def photo_folder(tmp_path):
 
 
 def test_audit_on_a_folder_of_photos_with_nothing_else(tiny_pipe_dir, photo_folder):
-    args = ["model=local", f"model.path={tiny_pipe_dir}", "data=folder", f"data.root={photo_folder}",
-            "data.manifest=captions.csv"]
+    args = [
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        "data=folder",
+        f"data.root={photo_folder}",
+        "data.manifest=captions.csv",
+    ]
     run_dir = diffmem.run("audit", args)
     res = diffmem.load_run(run_dir)
     prompts = res.table("prompts")
@@ -266,17 +319,28 @@ def test_audit_on_a_folder_of_photos_with_nothing_else(tiny_pipe_dir, photo_fold
     assert len(stage_prompts(capped)) == 3
 
 
-@pytest.mark.parametrize("extra,error,message", [
-    (["baseline_split=heldout"], ConfigError, "no 'split' column; use baseline_split=null"),
-    (["prompts=testbed"], ConfigError, "prompts=testbed needs the testbed dataset .* use prompts=dataset"),
-    (["prompts=file"], ConfigError, "prompts=file needs prompts.path"),
-    (["prompts.max_prompts=0"], ConfigError, "prompts.max_prompts must be >= 1"),
-])
-def test_folder_audit_inconsistencies_are_refused_before_generation(tiny_pipe_dir, photo_folder, tmp_path,
-                                                                    extra, error, message):
+@pytest.mark.parametrize(
+    "extra,error,message",
+    [
+        (["baseline_split=heldout"], ConfigError, "no 'split' column; use baseline_split=null"),
+        (["prompts=testbed"], ConfigError, "prompts=testbed needs the testbed dataset .* use prompts=dataset"),
+        (["prompts=file"], ConfigError, "prompts=file needs prompts.path"),
+        (["prompts.max_prompts=0"], ConfigError, "prompts.max_prompts must be >= 1"),
+    ],
+)
+def test_folder_audit_inconsistencies_are_refused_before_generation(
+    tiny_pipe_dir, photo_folder, tmp_path, extra, error, message
+):
     out = tmp_path / "refused"
-    args = ["model=local", f"model.path={tiny_pipe_dir}", "data=folder", f"data.root={photo_folder}",
-            "data.manifest=captions.csv", f"run_dir={out}", *extra]
+    args = [
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        "data=folder",
+        f"data.root={photo_folder}",
+        "data.manifest=captions.csv",
+        f"run_dir={out}",
+        *extra,
+    ]
     with pytest.raises(error, match=message):
         diffmem.run("audit", args)
     assert not out.exists()
@@ -286,8 +350,13 @@ def test_folder_audit_inconsistencies_are_refused_before_generation(tiny_pipe_di
 def test_no_stage_assumes_testbed_columns(tiny_pipe_dir, photo_folder, stage):
     """On folder data the stages take the data's captions; without ground truth the stages
     that need memorised prompts say so in one line (no KeyError)."""
-    args = ["model=local", f"model.path={tiny_pipe_dir}", "data=folder", f"data.root={photo_folder}",
-            "data.manifest=captions.csv"]
+    args = [
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        "data=folder",
+        f"data.root={photo_folder}",
+        "data.manifest=captions.csv",
+    ]
     if stage in ("probe", "mitigate"):
         with pytest.raises(DataError, match=f"{stage}: the prompts carry no ground truth"):
             diffmem.run(stage, args)

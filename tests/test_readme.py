@@ -127,14 +127,19 @@ def _photos(root: Path) -> None:
 
 def _prompt_lists(here: Path, captions: list[str]) -> None:
     """The public lists' formats, over testbed captions: Wen's JSONL, NeMo's pair, Webster's parquet."""
-    (here / "wen_memorised.jsonl").write_text("".join(json.dumps({"caption": c, "index": i}) + "\n"
-                                                      for i, c in enumerate(captions[:3])))
-    (here / "memorized_prompts.csv").write_text(";Caption;URL;type\n" + "".join(
-        f"{i};{c};http://x/{i};{t}\n" for i, (c, t) in enumerate(zip(captions[:3], ["VM", "VM", "TM"]))))
-    (here / "unmemorized_prompts.csv").write_text(";Caption;URL\n" + "".join(
-        f"{i};{c};http://y/{i}\n" for i, c in enumerate(captions[3:6])))
+    (here / "wen_memorised.jsonl").write_text(
+        "".join(json.dumps({"caption": c, "index": i}) + "\n" for i, c in enumerate(captions[:3]))
+    )
+    (here / "memorized_prompts.csv").write_text(
+        ";Caption;URL;type\n"
+        + "".join(f"{i};{c};http://x/{i};{t}\n" for i, (c, t) in enumerate(zip(captions[:3], ["VM", "VM", "TM"])))
+    )
+    (here / "unmemorized_prompts.csv").write_text(
+        ";Caption;URL\n" + "".join(f"{i};{c};http://y/{i}\n" for i, c in enumerate(captions[3:6]))
+    )
     pd.DataFrame({"caption": captions[:6], "overfit_type": ["MV", "RV", "TV", "N", "N", "N"]}).to_parquet(
-        here / "webster.parquet")
+        here / "webster.parquet"
+    )
 
 
 @pytest.mark.slow
@@ -144,11 +149,17 @@ def test_short_readme_commands_run_as_written(tmp_path):
     _photos(tmp_path / "photos")
     manifest = load_dataset(diffmem.compose("detect").data)[1]
     first = manifest.drop_duplicates("caption")
-    captions = (first[(first.kind == "canary") & (first.dup_count >= 16)]["caption"].tolist()[:3]
-                + first[first.kind == "ordinary"]["caption"].tolist()[:3])
+    captions = (
+        first[(first.kind == "canary") & (first.dup_count >= 16)]["caption"].tolist()[:3]
+        + first[first.kind == "ordinary"]["caption"].tolist()[:3]
+    )
     _prompt_lists(tmp_path, captions)
-    env = {**os.environ, "DIFFMEM_OUTPUTS": str(tmp_path / "outputs"), "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "DIFFMEM_OUTPUTS": str(tmp_path / "outputs"),
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for command in SHORT:
         done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"

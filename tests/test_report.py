@@ -15,10 +15,12 @@ from diffmem.report import dup_count_table, image_grid, write_report
 TOP_CAPTION = 'a <red> & "blue" square'
 C1, C2 = (255, 0, 0), (0, 0, 255)
 # prompt_id, caption, kind, dup_count, max_score, memorised, score band
-PROMPTS = [("p0", TOP_CAPTION, "canary", 4, 0.95, True, "above"),
-           ("p1", "a striped template", "template", 3, 0.80, True, "above"),
-           ("p2", "an ordinary circle", "ordinary", 1, 0.30, False, "below"),
-           ("p3", "a held-out triangle", "heldout", 0, 0.20, False, "below")]
+PROMPTS = [
+    ("p0", TOP_CAPTION, "canary", 4, 0.95, True, "above"),
+    ("p1", "a striped template", "template", 3, 0.80, True, "above"),
+    ("p2", "an ordinary circle", "ordinary", 1, 0.30, False, "below"),
+    ("p3", "a held-out triangle", "heldout", 0, 0.20, False, "below"),
+]
 
 
 def _png(path, colors=(C1, C2)):
@@ -37,19 +39,51 @@ def audit(tmp_path):
         ref = _png(tmp_path / f"ref{i}.png", ((0, 255, 0), (i * 40, 0, 0)))
         scores = [top, top - 0.1]
         for j, s in enumerate(scores):
-            rows.append(dict(sample_id=f"{pid}_{j}", prompt_id=pid, caption=cap,
-                             file_abs=_png(tmp_path / f"gen{i}{j}.png", ((i * 50, 90, j * 90), (9, 9, 9))),
-                             top1_score=s, top1_ref_id=f"r{i}", top1_ref_file_abs=ref,
-                             replicated=s > 0.5, kind=kind, group="", dup_count=dup,
-                             correct_match=(j == 0) if kind != "heldout" else np.nan))
-        prows.append(dict(prompt_id=pid, caption=cap, n_generations=2, max_score=top,
-                          mean_score=np.mean(scores), replicated_share=np.mean([s > 0.5 for s in scores]),
-                          memorised=mem, score_band=label, kind=kind, dup_count=dup,
-                          n_replicated=2, correct_match_share_of_replicated=0.5))
-    metrics = {"threshold": 0.5, "feature": "pixel", "memorisation_rate": 0.5, "memorisation_rate_prompts": 2,
-               "dcr": {"mean": 0.5, "p95": 0.9, "baseline_mean": 0.2, "baseline_p95": 0.3},
-               "provenance": {"config": {"seed": 1234, "note": "<cfg>"}, "git": "abc123",
-                              "date": "2025-01-01T00:00:00+00:00", "versions": {"numpy": "2.4.6"}}}
+            rows.append(
+                dict(
+                    sample_id=f"{pid}_{j}",
+                    prompt_id=pid,
+                    caption=cap,
+                    file_abs=_png(tmp_path / f"gen{i}{j}.png", ((i * 50, 90, j * 90), (9, 9, 9))),
+                    top1_score=s,
+                    top1_ref_id=f"r{i}",
+                    top1_ref_file_abs=ref,
+                    replicated=s > 0.5,
+                    kind=kind,
+                    group="",
+                    dup_count=dup,
+                    correct_match=(j == 0) if kind != "heldout" else np.nan,
+                )
+            )
+        prows.append(
+            dict(
+                prompt_id=pid,
+                caption=cap,
+                n_generations=2,
+                max_score=top,
+                mean_score=np.mean(scores),
+                replicated_share=np.mean([s > 0.5 for s in scores]),
+                memorised=mem,
+                score_band=label,
+                kind=kind,
+                dup_count=dup,
+                n_replicated=2,
+                correct_match_share_of_replicated=0.5,
+            )
+        )
+    metrics = {
+        "threshold": 0.5,
+        "feature": "pixel",
+        "memorisation_rate": 0.5,
+        "memorisation_rate_prompts": 2,
+        "dcr": {"mean": 0.5, "p95": 0.9, "baseline_mean": 0.2, "baseline_p95": 0.3},
+        "provenance": {
+            "config": {"seed": 1234, "note": "<cfg>"},
+            "git": "abc123",
+            "date": "2025-01-01T00:00:00+00:00",
+            "versions": {"numpy": "2.4.6"},
+        },
+    }
     baseline = pd.DataFrame({"top1_score": [0.1, 0.2, 0.25, 0.3]})
     return pd.DataFrame(rows), pd.DataFrame(prows), metrics, baseline
 
@@ -84,7 +118,8 @@ def test_report_with_ground_truth(tmp_path, audit):
     assert re.search(r"<details[^>]*>.*&quot;note&quot;: &quot;&lt;cfg&gt;&quot;", text, re.S)
     figs = tmp_path / "run" / "figures"
     expected = ["similarity_histogram.png", "detection_by_dup_count.png"] + [
-        f"grid_{k:02d}.png" for k in range(1, len(PROMPTS) + 1)]
+        f"grid_{k:02d}.png" for k in range(1, len(PROMPTS) + 1)
+    ]
     for name in expected:
         _assert_png(figs / name)
     assert not list(figs.glob(".*.tmp"))  # atomic writes left no temporary files
@@ -101,13 +136,16 @@ def test_report_without_ground_truth_or_baseline(tmp_path, audit):
     _assert_self_contained(text)
     assert html.escape(TOP_CAPTION) in text and "no baseline" in text
     assert "Detection vs known duplication count" not in text and "<details" not in text
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "grid_01.png", "similarity_histogram.png"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["grid_01.png", "similarity_histogram.png"]
 
 
 def test_dup_count_table_orders_categories():
-    prompts = pd.DataFrame([dict(prompt_id=p, caption=c, kind=k, dup_count=d, max_score=s, memorised=m)
-                            for p, c, k, d, s, m, _ in PROMPTS + [("p4", "x", "canary", 4, 0.4, False, "N")]])
+    prompts = pd.DataFrame(
+        [
+            dict(prompt_id=p, caption=c, kind=k, dup_count=d, max_score=s, memorised=m)
+            for p, c, k, d, s, m, _ in PROMPTS + [("p4", "x", "canary", 4, 0.4, False, "N")]
+        ]
+    )
     table = dup_count_table(prompts)
     assert list(table["category"]) == ["heldout", "ordinary", "canary ×4", "template ×3"]
     assert table.set_index("category").loc["canary ×4", ["prompts", "flagged_share"]].tolist() == [2, 0.5]

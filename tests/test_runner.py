@@ -20,8 +20,16 @@ from tests.test_formats import _store, _unit
 
 
 def _cfg(tmp_path, **fields):
-    return OmegaConf.create({"run_dir": str(tmp_path / "run"), "name": "x", "threads": 1, "seed": 0,
-                             "data": {"root": "r", "on_error": "fail"}, **fields})
+    return OmegaConf.create(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "name": "x",
+            "threads": 1,
+            "seed": 0,
+            "data": {"root": "r", "on_error": "fail"},
+            **fields,
+        }
+    )
 
 
 class Counting:
@@ -41,8 +49,16 @@ class Counting:
 
 
 def test_fingerprint_is_every_setting_but_the_volatile_ones():
-    cfg = OmegaConf.create({"seed": 1, "threads": 4, "device": "cpu", "run_dir": "/x", "batch_size": 8,
-                            "data": {"root": "r", "on_error": "skip", "max_pixels": 5, "kind": "folder"}})
+    cfg = OmegaConf.create(
+        {
+            "seed": 1,
+            "threads": 4,
+            "device": "cpu",
+            "run_dir": "/x",
+            "batch_size": 8,
+            "data": {"root": "r", "on_error": "skip", "max_pixels": 5, "kind": "folder"},
+        }
+    )
     fp = fingerprint(cfg, volatile=("batch_size",), extra={"digest": "abc"})
     assert fp == {"seed": 1, "data": {"root": "r", "kind": "folder"}, "digest": "abc"}
 
@@ -190,8 +206,14 @@ def test_volatile_batch_sizes_do_not_change_results(tiny_pipe, tmp_path):
     one = sample_images(tiny_pipe, cond, [5, 6, 7], batch_size=1, **kw)
     three = sample_images(tiny_pipe, cond, [5, 6, 7], batch_size=3, **kw)
     assert torch.allclose(one, three, atol=1e-5)
-    vectors = [FeatureStore(diffmem.run("embed", [*SMALL_DATA, "features.extractor.size=8", f"batch_size={b}",
-                                                  f"run_dir={tmp_path / f'e{b}'}"])).load()[0] for b in (1, 7)]
+    vectors = [
+        FeatureStore(
+            diffmem.run(
+                "embed", [*SMALL_DATA, "features.extractor.size=8", f"batch_size={b}", f"run_dir={tmp_path / f'e{b}'}"]
+            )
+        ).load()[0]
+        for b in (1, 7)
+    ]
     assert np.array_equal(*vectors)
 
 
@@ -204,27 +226,55 @@ def test_damaged_outputs_of_the_other_stages_are_recomputed(stage, tiny_pipe_dir
     from tests.reliability.faultlib import snapshot
 
     pipe = ["model=local", f"model.path={tiny_pipe_dir}"]
-    args = {"detect": [*pipe, "detect=noise_norm", "detect.num_inference_steps=4", "prompts.n_ordinary=2",
-                       "prompts.n_heldout=2", "positives.min_dup_count=4", *SMALL_DATA],
-            "audit": [*pipe, "model.num_inference_steps=2", "n_per_prompt=2", "prompts.n_ordinary=2",
-                      "prompts.n_heldout=2", "features.extractor.size=8", *SMALL_DATA],
-            "dedup": ["data=testbed", "split=train", "features=pixel", "threshold=0.95", *SMALL_DATA],
-            "probe": [*pipe, "probe=trigger_search", "probe.steps=2", "probe.restarts=1", "features.extractor.size=8",
-                      "steps=3", "n_per_prompt=2", "n_controls=1", "positives.min_dup_count=4", "prompts.n_ordinary=4",
-                      "prompts.n_heldout=2", *SMALL_DATA]}[stage]
+    args = {
+        "detect": [
+            *pipe,
+            "detect=noise_norm",
+            "detect.num_inference_steps=4",
+            "prompts.n_ordinary=2",
+            "prompts.n_heldout=2",
+            "positives.min_dup_count=4",
+            *SMALL_DATA,
+        ],
+        "audit": [
+            *pipe,
+            "model.num_inference_steps=2",
+            "n_per_prompt=2",
+            "prompts.n_ordinary=2",
+            "prompts.n_heldout=2",
+            "features.extractor.size=8",
+            *SMALL_DATA,
+        ],
+        "dedup": ["data=testbed", "split=train", "features=pixel", "threshold=0.95", *SMALL_DATA],
+        "probe": [
+            *pipe,
+            "probe=trigger_search",
+            "probe.steps=2",
+            "probe.restarts=1",
+            "features.extractor.size=8",
+            "steps=3",
+            "n_per_prompt=2",
+            "n_controls=1",
+            "positives.min_dup_count=4",
+            "prompts.n_ordinary=4",
+            "prompts.n_heldout=2",
+            *SMALL_DATA,
+        ],
+    }[stage]
     args.append(f"run_dir={tmp_path / 'run'}")
     run_dir = diffmem.run(stage, args)
     first = snapshot(run_dir)
     listed = json.loads((run_dir / SUCCESS).read_text())["outputs"]
     largest = max(listed, key=lambda rel: listed[rel]["size"])
-    (run_dir / largest).write_bytes((run_dir / largest).read_bytes()[:listed[largest]["size"] // 2])
+    (run_dir / largest).write_bytes((run_dir / largest).read_bytes()[: listed[largest]["size"] // 2])
     (run_dir / sorted(set(listed) - {largest})[0]).unlink()
     diffmem.run(stage, args)
     again = snapshot(run_dir)
     assert set(again) == set(first)
     # reports carry the run's date; every table, figure, JSON (timings aside) and model must be equal
-    differ = [k for k in first
-              if k != "_SUCCESS" and not k.endswith(".html") and _untimed(again[k]) != _untimed(first[k])]
+    differ = [
+        k for k in first if k != "_SUCCESS" and not k.endswith(".html") and _untimed(again[k]) != _untimed(first[k])
+    ]
     assert not differ, differ
 
 

@@ -10,8 +10,17 @@ import time
 import pytest
 
 from diffmem.errors import ConfigError
-from diffmem.runs import (STALE_TMP_S, atomic_path, check_claim, check_run_name, claim, digest, read_json, resumed,
-                          write_json)
+from diffmem.runs import (
+    STALE_TMP_S,
+    atomic_path,
+    check_claim,
+    check_run_name,
+    claim,
+    digest,
+    read_json,
+    resumed,
+    write_json,
+)
 
 
 def test_key_added_with_null_default_keeps_run_dir_resumable(tmp_path):

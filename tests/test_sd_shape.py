@@ -38,8 +38,10 @@ PROMPTS = ["a photo of a red car", "an oil painting of a lighthouse", "a cat on 
 
 @pytest.fixture(scope="module")
 def mid_dir(tmp_path_factory) -> Path:
-    return save_pipeline(build_testbed_pipeline(OmegaConf.load(CONF / "arch" / "sd_mid.yaml"), seed=0),
-                         tmp_path_factory.mktemp("sd-mid") / "model")
+    return save_pipeline(
+        build_testbed_pipeline(OmegaConf.load(CONF / "arch" / "sd_mid.yaml"), seed=0),
+        tmp_path_factory.mktemp("sd-mid") / "model",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +81,18 @@ def test_mid_finetune_step_bf16(mid_dir, method, tmp_path):
     prepare(pipe.unet, method, blocks)
     trainable = {n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in trainable.items()}
-    s = OmegaConf.create({"method": method, "steps": 1, "batch_size": 2, "lr": 1e-3, "ckpt_every": 1,
-                          "caption_dropout": 0.5, "gradient_accumulation_steps": 2,
-                          "gradient_checkpointing": True})  # recomputed in the backward: same dtypes
+    s = OmegaConf.create(
+        {
+            "method": method,
+            "steps": 1,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "ckpt_every": 1,
+            "caption_dropout": 0.5,
+            "gradient_accumulation_steps": 2,
+            "gradient_checkpointing": True,
+        }
+    )  # recomputed in the backward: same dtypes
     losses = finetune(pipe, latents, PROMPTS[:2], s, seed=0, ckpt_dir=tmp_path / "ckpt")
     assert np.isfinite(losses[-1]["loss"])
     saved = load_file(next((tmp_path / "ckpt").glob("step-*")) / "model.safetensors")
@@ -120,13 +131,17 @@ def test_mid_nemo_values_from_text_alone_bf16(mid_bf16):
         picked.append(nemo_lib.localise(z, score, threshold=0.8, max_checks=200).neurons)
     assert picked[0] == picked[1] and picked[0]
     seconds = []
-    for fn in (lambda: nemo_lib.value_activations(pipe, cond[:1], layers),
-               lambda: _forward_value_activations(pipe, cond[:1], layers)):
+    for fn in (
+        lambda: nemo_lib.value_activations(pipe, cond[:1], layers),
+        lambda: _forward_value_activations(pipe, cond[:1], layers),
+    ):
         start = time.perf_counter()
         fn()
         seconds.append(time.perf_counter() - start)
-    print(f"\nNeMo per-prompt activations on sd_mid (bf16, CPU): to_v(c) {seconds[0] * 1e3:.1f} ms, "
-          f"UNet forward {seconds[1] * 1e3:.1f} ms")
+    print(
+        f"\nNeMo per-prompt activations on sd_mid (bf16, CPU): to_v(c) {seconds[0] * 1e3:.1f} ms, "
+        f"UNet forward {seconds[1] * 1e3:.1f} ms"
+    )
 
 
 def test_nemo_cost_on_the_sd14_shape():
@@ -142,13 +157,17 @@ def test_nemo_cost_on_the_sd14_shape():
         c = torch.zeros(1, 77, 768)
         x = torch.zeros(1, 4, unet.config.sample_size, unet.config.sample_size)
         flops = []
-        for fn in (lambda: [m(c) for m in value_layers(unet).values()],
-                   lambda: unet(x, torch.tensor(999), encoder_hidden_states=c)):
+        for fn in (
+            lambda: [m(c) for m in value_layers(unet).values()],
+            lambda: unet(x, torch.tensor(999), encoder_hidden_states=c),
+        ):
             with FlopCounterMode(display=False) as counter:
                 fn()
             flops.append(counter.get_total_flops())
-    print(f"\nNeMo per-prompt activations on the SD v1.4 shape: to_v(c) {flops[0] / 1e9:.2f} GFLOP, "
-          f"UNet forward {flops[1] / 1e9:.0f} GFLOP ({flops[1] / flops[0]:.0f}x)")
+    print(
+        f"\nNeMo per-prompt activations on the SD v1.4 shape: to_v(c) {flops[0] / 1e9:.2f} GFLOP, "
+        f"UNet forward {flops[1] / 1e9:.0f} GFLOP ({flops[1] / flops[0]:.0f}x)"
+    )
     assert flops[1] >= 100 * flops[0]
 
 
@@ -181,8 +200,9 @@ def test_mid_wanda_bf16(mid_bf16):
         want = torch.zeros_like(masks[name])
         for x in acts[name][:2]:
             x_u, x_c = x.float().chunk(2)
-            want |= wanda_lib.row_topk_mask(w * x_c.reshape(-1, x.shape[-1]).norm(dim=0),
-                                            w * x_u.reshape(-1, x.shape[-1]).norm(dim=0), 0.05)
+            want |= wanda_lib.row_topk_mask(
+                w * x_c.reshape(-1, x.shape[-1]).norm(dim=0), w * x_u.reshape(-1, x.shape[-1]).norm(dim=0), 0.05
+            )
         assert torch.equal(masks[name], want)
 
 
@@ -202,8 +222,9 @@ def run_stage(stage: str, overrides: list[str]) -> tuple[Path, float, int]:
     run_dir = Path(compose(stage, overrides).run_dir)
     start = time.perf_counter()
     with tempfile.TemporaryFile() as log:
-        child = subprocess.Popen([sys.executable, "-m", "diffmem.cli", stage, *overrides],
-                                 stdout=subprocess.DEVNULL, stderr=log)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "diffmem.cli", stage, *overrides], stdout=subprocess.DEVNULL, stderr=log
+        )
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
@@ -237,25 +258,62 @@ def _available() -> int:
 
 
 def _stages(model_dir: Path, precision: str):
-    model = ["model=local", f"model.path={model_dir}", f"model.precision={precision}", f"model.resolution={RES}",
-             "model.num_inference_steps=2", "model.vae_slicing=true"]
+    model = [
+        "model=local",
+        f"model.path={model_dir}",
+        f"model.precision={precision}",
+        f"model.resolution={RES}",
+        "model.num_inference_steps=2",
+        "model.vae_slicing=true",
+    ]
     common = [*model, *SD_DATA, *SD_RUN]
     judged = [*common, *POSITIVES]  # stages that pick memorised prompts
-    yield "generate", "generate", [*common, "n_per_prompt=1", "batch_size=4", "prompts.n_ordinary=2", "prompts.n_heldout=0"]
-    yield "detect", "detect", [*model, *SD_DATA, *POSITIVES, f"resolution={RES}", "seed=0", "detect=noise_norm", "batch_size=4"]
+    yield (
+        "generate",
+        "generate",
+        [*common, "n_per_prompt=1", "batch_size=4", "prompts.n_ordinary=2", "prompts.n_heldout=0"],
+    )
+    yield (
+        "detect",
+        "detect",
+        [*model, *SD_DATA, *POSITIVES, f"resolution={RES}", "seed=0", "detect=noise_norm", "batch_size=4"],
+    )
     probe = [*judged, "n_per_prompt=1", "max_targets=1", "n_controls=0"]
-    yield "probe trigger_search", "probe", [*probe, "probe=trigger_search", "probe.steps=2", "probe.restarts=1",
-                                            "probe.batch_size=2"]
+    yield (
+        "probe trigger_search",
+        "probe",
+        [*probe, "probe=trigger_search", "probe.steps=2", "probe.restarts=1", "probe.batch_size=2"],
+    )
     yield "probe nemo", "probe", [*probe, "probe=nemo", "probe.detector.n_seeds=2", "probe.max_checks=4"]
-    yield "probe wanda", "probe", [*probe, "probe=wanda", "probe.n_steps=1", "probe.n_seeds=1", "probe.save_model=false"]
-    fine = ["mitigation.steps=2", "mitigation.batch_size=1", "mitigation.ckpt_every=2", "objectives.enabled=false",
-            "mitigation.gradient_checkpointing=true"]
+    yield (
+        "probe wanda",
+        "probe",
+        [*probe, "probe=wanda", "probe.n_steps=1", "probe.n_seeds=1", "probe.save_model=false"],
+    )
+    fine = [
+        "mitigation.steps=2",
+        "mitigation.batch_size=1",
+        "mitigation.ckpt_every=2",
+        "objectives.enabled=false",
+        "mitigation.gradient_checkpointing=true",
+    ]
     for kind in ("lora", "memcontrol", "full_ft", "train_rc", "train_noise_filter"):
         extra = ["mitigation.noise_filter.n_calibration=4"] if kind == "train_noise_filter" else []
         yield kind, "mitigate", [*judged, f"mitigation={kind}", *fine, *extra]
-    yield "adversarial_ft", "mitigate", [*judged, "mitigation=adversarial_ft", *fine, "mitigation.refresh_every=2",
-                                         "mitigation.trigger.steps=1", "mitigation.trigger.batch_size=1",
-                                         "mitigation.surrogate.n_candidates=1", "mitigation.surrogate.n_steps=1"]
+    yield (
+        "adversarial_ft",
+        "mitigate",
+        [
+            *judged,
+            "mitigation=adversarial_ft",
+            *fine,
+            "mitigation.refresh_every=2",
+            "mitigation.trigger.steps=1",
+            "mitigation.trigger.batch_size=1",
+            "mitigation.surrogate.n_candidates=1",
+            "mitigation.surrogate.n_steps=1",
+        ],
+    )
     for kind in ("wen", "gni", "random_tokens"):
         yield kind, "mitigate", [*judged, f"mitigation={kind}", "objectives.enabled=false"]
 
@@ -266,17 +324,33 @@ def test_sd14_shape_stage_configs_compose(tmp_path):
     from diffmem.config import compose
     from diffmem.schema import validate
 
-    runs = [*_stages(tmp_path / "sd14", "bf16"),
-            ("evaluate", "evaluate-mitigation", _evaluation(tmp_path / "sd14", tmp_path / "lora", "bf16"))]
+    runs = [
+        *_stages(tmp_path / "sd14", "bf16"),
+        ("evaluate", "evaluate-mitigation", _evaluation(tmp_path / "sd14", tmp_path / "lora", "bf16")),
+    ]
     for label, stage, overrides in runs:
         validate(stage, compose(stage, [*overrides, f"run_dir={tmp_path / label.replace(' ', '-')}"]))
 
 
 def _evaluation(original: Path, lora: Path, precision: str) -> list[str]:
     """evaluate-mitigation of the LoRA run against the original, at the tier's small budget."""
-    return [*SD_DATA, *POSITIVES, *SD_RUN, f"precision={precision}", "vae_slicing=true", f"models.original={original}",
-            f"+models.lora={lora}", "n_per_prompt=1", "max_targets=1", "trigger.steps=1", "trigger.restarts=1",
-            "trigger.batch_size=1", "utility.n_prompts=2", "utility.n_per_prompt=1", f"name=sd-{precision}"]
+    return [
+        *SD_DATA,
+        *POSITIVES,
+        *SD_RUN,
+        f"precision={precision}",
+        "vae_slicing=true",
+        f"models.original={original}",
+        f"+models.lora={lora}",
+        "n_per_prompt=1",
+        "max_targets=1",
+        "trigger.steps=1",
+        "trigger.restarts=1",
+        "trigger.batch_size=1",
+        "utility.n_prompts=2",
+        "utility.n_per_prompt=1",
+        f"name=sd-{precision}",
+    ]
 
 
 @pytest.mark.slow
@@ -288,8 +362,11 @@ def test_sd14_shape_every_stage(sd14_shape_dir, precision):
     runs = {}
     for label, stage, overrides in _stages(sd14_shape_dir, precision):
         if label in FULL_UNET and _available() < 16 * 2**30:
-            print(f"{precision} {label:22s} skipped: full-UNet fine-tuning needs ~14 GiB, "
-                  f"{_available() / 2**30:.1f} GiB available", flush=True)
+            print(
+                f"{precision} {label:22s} skipped: full-UNet fine-tuning needs ~14 GiB, "
+                f"{_available() / 2**30:.1f} GiB available",
+                flush=True,
+            )
             continue
         runs[label], seconds, peak = run_stage(stage, [*overrides, f"name={label.replace(' ', '-')}-{precision}"])
         print(f"{precision} {label:22s} {seconds:7.1f} s  peak RSS {peak / 2**30:5.2f} GiB", flush=True)

@@ -27,8 +27,9 @@ BAR = 0.99
 @pytest.fixture(scope="module")
 def copy_set():
     """12 photos x 5 edit families (60 positives, 660 negatives)."""
-    return build_copy_set(natural_photos(PHOTOS[:12], max_side=256),
-                          families=("crop", "resize_jpeg", "blur", "rotate", "blend"), seed=0)
+    return build_copy_set(
+        natural_photos(PHOTOS[:12], max_side=256), families=("crop", "resize_jpeg", "blur", "rotate", "blend"), seed=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +66,22 @@ def _nchw(ext):  # channels-first memory read as the graph's NHWC
 
 
 def _tiny(ext):  # resized to 32 x 32 instead of the short side to 288
-    return lambda x: (torch.nn.functional.interpolate(x.cpu(), size=(32, 32), mode="bilinear", antialias=True)
-                      .mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy())
+    return lambda x: (
+        torch.nn.functional.interpolate(x.cpu(), size=(32, 32), mode="bilinear", antialias=True)
+        .mul(255)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .contiguous()
+        .numpy()
+    )
 
 
-@pytest.mark.parametrize("name,wrong", [("sscd_distilled", _unscaled), ("sscd_distilled", _nchw),
-                                        ("sscd_distilled", _tiny), ("sscd_onnx", _tiny)])
+@pytest.mark.parametrize(
+    "name,wrong",
+    [("sscd_distilled", _unscaled), ("sscd_distilled", _nchw), ("sscd_distilled", _tiny), ("sscd_onnx", _tiny)],
+)
 def test_a_wrong_preprocessing_misses_the_bar(name, wrong, extractors, copy_set, monkeypatch):
     """Our uint8 NHWC, 0..255, short-side-288 input is what reaches the bar. (A consistent colour
     mistake, BGR or inverted images on both sides, does not move SSCD's AUC, so it is not tested.)"""
@@ -107,8 +118,10 @@ def test_missing_package_is_one_config_error_with_the_install_command(module, mo
 def test_flat_testbed_warns_once(monkeypatch, caplog):
     monkeypatch.setattr(onnx_features, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="diffmem.features.onnx"):
-        run_dir = diffmem.run("embed", [*SMALL_DATA, "features=sscd_distilled", "features.extractor.size=64",
-                                        "split=heldout", "name=sscd"])
+        run_dir = diffmem.run(
+            "embed",
+            [*SMALL_DATA, "features=sscd_distilled", "features.extractor.size=64", "split=heldout", "name=sscd"],
+        )
         assert not onnx_features.warn_flat_testbed("sscd_distilled", "testbed")  # once per process
         assert not onnx_features.warn_flat_testbed("pixel", "testbed")
         assert not onnx_features.warn_flat_testbed("sscd_onnx", "folder")

@@ -27,8 +27,9 @@ from diffmem.features.store import FeatureStore
 
 RNG = np.random.default_rng(0)
 #: a non-symmetric smooth picture (a JPEG keeps it), so a rotation or a black image shows
-PHOTO = np.stack([*np.meshgrid(np.linspace(0, 255, 24), np.linspace(0, 200, 16)), np.full((16, 24), 90.0)],
-                 -1).astype(np.uint8)
+PHOTO = np.stack([*np.meshgrid(np.linspace(0, 255, 24), np.linspace(0, 200, 16)), np.full((16, 24), 90.0)], -1).astype(
+    np.uint8
+)
 
 
 def _jpeg_exif6(path, img):
@@ -65,8 +66,11 @@ WRITERS = {  # name -> writer of an image as that kind of file
 }
 KEYS = [f"{i:09d}" for i in range(len(WRITERS))]
 #: every image displays as (a form of) PHOTO, but the unicode one (flipped) and a random one
-PHOTOS = {**dict.fromkeys(WRITERS, PHOTO), "café ünï 写真.png": PHOTO[::-1],
-          "big.png": RNG.integers(0, 255, (40, 30, 3), dtype=np.uint8)}
+PHOTOS = {
+    **dict.fromkeys(WRITERS, PHOTO),
+    "café ünï 写真.png": PHOTO[::-1],
+    "big.png": RNG.integers(0, 255, (40, 30, 3), dtype=np.uint8),
+}
 
 
 def _build_stores(base, images):
@@ -87,9 +91,10 @@ def _build_stores(base, images):
     manifest.to_parquet(folder / "m.parquet")
     (folder / "m.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     # img2dataset (output_format=files): <shard>.parquet + <shard>/<key>.jpg, whatever the bytes
-    table = [{"key": r["image_id"], "status": "success", "url": f"http://x/{r['File']}", "caption": r["Caption"]}
-             for r in rows] + [{"key": "999999999", "status": "failed_to_download", "url": "http://x/gone",
-                                "caption": "gone"}]
+    table = [
+        {"key": r["image_id"], "status": "success", "url": f"http://x/{r['File']}", "caption": r["Caption"]}
+        for r in rows
+    ] + [{"key": "999999999", "status": "failed_to_download", "url": "http://x/gone", "caption": "gone"}]
     pd.DataFrame(table).to_parquet(i2d / "00000.parquet")
     for r in rows:
         (i2d / "00000" / f"{r['image_id']}.jpg").write_bytes((folder / r["File"]).read_bytes())
@@ -99,14 +104,18 @@ def _build_stores(base, images):
             for r in chunk:
                 ext = r["File"].rsplit(".", 1)[1]
                 cap = r["Caption"] if s == 0 else json.dumps({"caption": r["Caption"]})
-                for member, data in ((f"{r['image_id']}.{ext}", (folder / r["File"]).read_bytes()),
-                                     (f"{r['image_id']}.{'txt' if s == 0 else 'json'}", cap.encode())):
+                for member, data in (
+                    (f"{r['image_id']}.{ext}", (folder / r["File"]).read_bytes()),
+                    (f"{r['image_id']}.{'txt' if s == 0 else 'json'}", cap.encode()),
+                ):
                     info = tarfile.TarInfo(member)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    return {"folder": {"kind": "folder", "root": str(folder), "manifest": "m.csv"},
-            "img2dataset": {"kind": "img2dataset", "root": str(i2d)},
-            "webdataset": {"kind": "webdataset", "root": str(wds)}}
+    return {
+        "folder": {"kind": "folder", "root": str(folder), "manifest": "m.csv"},
+        "img2dataset": {"kind": "img2dataset", "root": str(i2d)},
+        "webdataset": {"kind": "webdataset", "root": str(wds)},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -152,16 +161,25 @@ def test_awkward_files_decode_as_displayed(stores):
 
 def test_on_error_fail_names_the_file_in_one_line(stores):
     with pytest.raises(DataError) as err:
-        diffmem.run("embed", ["data=webdataset", f"data.root={stores['webdataset']['root']}",
-                              "features=pixel", "name=fail"])
+        diffmem.run(
+            "embed", ["data=webdataset", f"data.root={stores['webdataset']['root']}", "features=pixel", "name=fail"]
+        )
     msg = str(err.value)
     assert "\n" not in msg and "shard-00001.tar/000000008.jpg" in msg and "on_error=skip" in msg
 
 
 def _embed(spec, name, *extra):
-    args = [f"data={spec['kind']}", *[f"data.{k}={v}" for k, v in spec.items() if k != "kind"],
-            "data.on_error=skip", "features=pixel", "features.extractor.size=8", "part_size=4",
-            "batch_size=3", f"name={name}", *extra]
+    args = [
+        f"data={spec['kind']}",
+        *[f"data.{k}={v}" for k, v in spec.items() if k != "kind"],
+        "data.on_error=skip",
+        "features=pixel",
+        "features.extractor.size=8",
+        "part_size=4",
+        "batch_size=3",
+        f"name={name}",
+        *extra,
+    ]
     return FeatureStore(diffmem.run("embed", args))
 
 
@@ -193,12 +211,13 @@ def test_mixed_sizes_batch_by_resized_shape(stores):
     calls = []
     forward = ext._embed
     ext._embed = lambda x: calls.append(len(x)) or forward(x)
-    (_, x, _), = embed_images(ext, root, files, [0], 100, batch_size=64)
+    ((_, x, _),) = embed_images(ext, root, files, [0], 100, batch_size=64)
     assert calls == [12]
-    alone = torch.cat([ext(torch.from_numpy(load_image(root / f)).permute(2, 0, 1)[None] / 255.0)
-                       for f in files]).numpy()
+    alone = torch.cat(
+        [ext(torch.from_numpy(load_image(root / f)).permute(2, 0, 1)[None] / 255.0) for f in files]
+    ).numpy()
     assert np.allclose(x, alone, atol=1e-6)
-    (_, y, _), = embed_images(ext, root, files, [0], 100, batch_size=5, num_workers=2)
+    ((_, y, _),) = embed_images(ext, root, files, [0], 100, batch_size=5, num_workers=2)
     assert np.array_equal(x, y)
 
 
@@ -242,8 +261,15 @@ def copies_the_exif_photo(distinct_stores, monkeypatch):
 
 
 def _audit_args(tiny_pipe_dir, spec, name, *extra):
-    return ["model=local", f"model.path={tiny_pipe_dir}", "model.num_inference_steps=2", f"data={spec['kind']}",
-            *[f"data.{k}={v}" for k, v in spec.items() if k != "kind"], f"name={name}", *extra]
+    return [
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        "model.num_inference_steps=2",
+        f"data={spec['kind']}",
+        *[f"data.{k}={v}" for k, v in spec.items() if k != "kind"],
+        f"name={name}",
+        *extra,
+    ]
 
 
 def _audit(*args):
@@ -259,11 +285,28 @@ def test_audit_gives_the_same_verdicts_in_every_storage(tiny_pipe_dir, distinct_
         res = diffmem.load_run(run_dir)
         prompts = res.table("prompts").set_index("caption").sort_index()
         gens = res.table("generations").sort_values("sample_id").reset_index(drop=True)
-        verdicts[kind] = (prompts[["memorised", "max_score", "n_generations"]],
-                          gens[["sample_id", "caption", "top1_ref_id", "top1_score", "replicated"]])
-        metrics[kind] = pd.json_normalize({k: res.metrics[k] for k in (
-            "generations", "prompts", "replication_rate", "flagged_prompt_share", "dcr", "max_score",
-            "reference_images_skipped")}).iloc[0].to_dict()
+        verdicts[kind] = (
+            prompts[["memorised", "max_score", "n_generations"]],
+            gens[["sample_id", "caption", "top1_ref_id", "top1_score", "replicated"]],
+        )
+        metrics[kind] = (
+            pd.json_normalize(
+                {
+                    k: res.metrics[k]
+                    for k in (
+                        "generations",
+                        "prompts",
+                        "replication_rate",
+                        "flagged_prompt_share",
+                        "dcr",
+                        "max_score",
+                        "reference_images_skipped",
+                    )
+                }
+            )
+            .iloc[0]
+            .to_dict()
+        )
         skipped = FeatureStore(run_dir / "embed-train").skipped()
         assert skipped["item_id"].tolist() == [KEYS[-1]], kind  # broken.jpg, listed
     first = next(iter(verdicts))
@@ -297,8 +340,9 @@ def test_audit_stops_on_the_corrupt_file_in_one_line(tiny_pipe_dir, distinct_sto
     msg = str(err.value)
     assert "\n" not in msg and "corrupt or unreadable" in msg and "on_error=skip" in msg
     assert msg.split(":")[0].endswith(("broken.jpg", "000000008.jpg"))
-    samples = Path(diffmem.compose("audit", _audit_args(tiny_pipe_dir, distinct_stores[kind], "fail")).run_dir,
-                   "generate", SAMPLES)
+    samples = Path(
+        diffmem.compose("audit", _audit_args(tiny_pipe_dir, distinct_stores[kind], "fail")).run_dir, "generate", SAMPLES
+    )
     generated = samples.stat().st_mtime_ns
     res = diffmem.load_run(_audit(tiny_pipe_dir, distinct_stores[kind], "fail", "data.on_error=skip"))
     assert res.done and res.metrics["reference_images_skipped"] == 1

@@ -10,8 +10,15 @@ from diffmem.data import load_images, load_unit_images, to_tensor
 from diffmem.data.testbed_photo import SUBJECTS, generate_testbed_photo, photo_crops, subject_crop
 from diffmem.errors import DataError
 
-SMALL = dict(resolution=32, n_ordinary=24, canary_counts=(1, 4), canaries_per_count=3, n_templates=1,
-             template_copies=4, n_heldout=8)
+SMALL = dict(
+    resolution=32,
+    n_ordinary=24,
+    canary_counts=(1, 4),
+    canaries_per_count=3,
+    n_templates=1,
+    template_copies=4,
+    n_heldout=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +128,21 @@ def test_train_recipes_fit_the_vae_on_the_photo_crops_pool_then_the_unet_on_it(t
     ``experiment=testbed_photo`` trains the UNet on that VAE's latents (``vae.path``)."""
     import diffmem
 
-    small = [f"data.{k}={v}" for k, v in dict(n_ordinary=4, canary_counts="[1,4]", canaries_per_count=1,
-                                                n_templates=1, template_copies=2, n_heldout=2).items()]
+    small = [
+        f"data.{k}={v}"
+        for k, v in dict(
+            n_ordinary=4, canary_counts="[1,4]", canaries_per_count=1, n_templates=1, template_copies=2, n_heldout=2
+        ).items()
+    ]
     common = [f"paths.data_dir={tmp_path / 'data'}", f"paths.output_dir={tmp_path / 'out'}", "threads=1", *small]
-    vae_run = diffmem.run("train", ["experiment=testbed_photo_vae", "vae.steps=2", "vae.batch_size=4",
-                                    "vae.data.n=6", *common])
+    vae_run = diffmem.run(
+        "train", ["experiment=testbed_photo_vae", "vae.steps=2", "vae.batch_size=4", "vae.data.n=6", *common]
+    )
     assert (tmp_path / "data" / "photo-crops-v3-0" / "manifest.parquet").exists()
     assert (vae_run / "vae" / "config.json").exists()
-    run_dir = diffmem.run("train", ["experiment=testbed_photo", "unet.steps=2", "unet.batch_size=4",
-                                    "evaluate=null", *common])
+    run_dir = diffmem.run(
+        "train", ["experiment=testbed_photo", "unet.steps=2", "unet.batch_size=4", "evaluate=null", *common]
+    )
     assert (run_dir / "model" / "unet").is_dir()
     from diffusers import AutoencoderKL
 
@@ -145,8 +158,16 @@ def test_audit_of_the_shipped_photo_model(features, tmp_path):
     pytest.importorskip("onnxruntime")
     import diffmem
 
-    run_dir = diffmem.run("audit", ["model=testbed_photo", "data=testbed_photo", f"features={features}",
-                                    f"paths.output_dir={tmp_path}", "threads=1"])
+    run_dir = diffmem.run(
+        "audit",
+        [
+            "model=testbed_photo",
+            "data=testbed_photo",
+            f"features={features}",
+            f"paths.output_dir={tmp_path}",
+            "threads=1",
+        ],
+    )
     prompts = diffmem.load_run(run_dir).table("prompts")
     heavy = prompts[(prompts["kind"] == "canary") & (prompts["dup_count"] >= 16) & prompts["memorised"]]
     assert len(heavy) == 8 and (heavy["correct_match_share_of_replicated"] == 1).all()

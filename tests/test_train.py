@@ -11,8 +11,17 @@ from diffmem.errors import DataError
 from tests.conftest import SMALL_DATA
 from tests.reliability.test_bad_inputs import _Planted  # a pickle that would run code on load
 
-ARGS = ["arch=tiny", "unet.steps=4", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2",
-        "vae.steps=2", "vae.batch_size=4", "vae.ckpt_every=1", *SMALL_DATA]
+ARGS = [
+    "arch=tiny",
+    "unet.steps=4",
+    "unet.batch_size=4",
+    "unet.lr=1e-3",
+    "unet.ckpt_every=2",
+    "vae.steps=2",
+    "vae.batch_size=4",
+    "vae.ckpt_every=1",
+    *SMALL_DATA,
+]
 
 
 def _weights(model_dir):
@@ -69,8 +78,10 @@ def test_finished_run_is_a_noop():
 
 
 def test_fine_tune_existing_model(tiny_pipe_dir):
-    run_dir = diffmem.run("train", ["model=local", f"model.path={tiny_pipe_dir}", "unet.steps=2",
-                                    "unet.batch_size=2", *SMALL_DATA, "name=ft"])
+    run_dir = diffmem.run(
+        "train",
+        ["model=local", f"model.path={tiny_pipe_dir}", "unet.steps=2", "unet.batch_size=2", *SMALL_DATA, "name=ft"],
+    )
     before, after = _weights(tiny_pipe_dir), _weights(run_dir / "model")
     assert any((before[k] != after[k]).any() for k in before)
 
@@ -78,8 +89,9 @@ def test_fine_tune_existing_model(tiny_pipe_dir):
 def test_empty_dataset_is_refused(tmp_path):
     (tmp_path / "m.csv").write_text("file,caption\n")
     with pytest.raises(DataError, match="m.csv: the manifest has no rows"):
-        diffmem.run("train", ["arch=tiny", "data=folder", f"data.root={tmp_path}", "data.manifest=m.csv",
-                              "data.resolution=32"])
+        diffmem.run(
+            "train", ["arch=tiny", "data=folder", f"data.root={tmp_path}", "data.manifest=m.csv", "data.resolution=32"]
+        )
 
 
 def test_lr_schedule_is_a_function_of_the_step():
@@ -110,6 +122,7 @@ def test_noised_follows_the_latents_dtype():
 
 # -- damaged checkpoints: the newest readable one is used, a damaged one removed with a warning ----
 
+
 def _fit(ckpt_dir, steps: int = 4):
     import torch
 
@@ -118,8 +131,17 @@ def _fit(ckpt_dir, steps: int = 4):
     torch.manual_seed(0)
     module = torch.nn.Linear(3, 2)
     x = torch.randn(8, 3)
-    losses = fit(module, lambda step, g: module(x[torch.randint(8, (4,), generator=g)]).pow(2).mean(),
-                 steps=steps, lr=1e-2, seed=0, phase="unit", ckpt_dir=ckpt_dir, ckpt_every=2, log_every=1)
+    losses = fit(
+        module,
+        lambda step, g: module(x[torch.randint(8, (4,), generator=g)]).pow(2).mean(),
+        steps=steps,
+        lr=1e-2,
+        seed=0,
+        phase="unit",
+        ckpt_dir=ckpt_dir,
+        ckpt_every=2,
+        log_every=1,
+    )
     return module.state_dict(), losses
 
 

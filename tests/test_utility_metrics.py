@@ -13,7 +13,7 @@ from diffmem.metrics import METRICS, clip_score, diversity, frechet_distance
 
 def test_frechet_distance_1d_closed_form():
     """Two 1-D Gaussians: (m1 - m2)^2 + (s1 - s2)^2."""
-    a = np.array([[0.0], [2.0]])         # mean 1, unbiased var 2
+    a = np.array([[0.0], [2.0]])  # mean 1, unbiased var 2
     b = np.array([[3.0], [5.0], [7.0]])  # mean 5, unbiased var 4
     expected = (1 - 5) ** 2 + (np.sqrt(2) - 2) ** 2
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)

@@ -29,6 +29,8 @@ DATA_KINDS = ("testbed", "testbed_photo", "photo_crops", "folder", "img2dataset"
 TESTBED_KINDS = ("testbed", "testbed_photo")
 #: the default pixel budget of a decoded image (``data.max_pixels``): 80 Mpx, e.g. 8944 x 8944
 MAX_PIXELS = 80_000_000
+
+
 def check_regular(path: Path, what: str = "file") -> None:
     """Refuse a missing input, or one that is no regular file (a FIFO or device would hang
     or never end; symlinks are followed), before it is opened."""
@@ -82,16 +84,19 @@ def _read_table(path: Path) -> pd.DataFrame:
                         except json.JSONDecodeError as err:
                             raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
                         except _DuplicateKey as err:
-                            raise DataError(f"{path}:{lineno}: the key '{err}' appears twice "
-                                            "(keys must be unique)") from None
+                            raise DataError(
+                                f"{path}:{lineno}: the key '{err}' appears twice (keys must be unique)"
+                            ) from None
                         if not isinstance(row, dict):
                             raise DataError(f"{path}:{lineno}: expected a JSON object per line")
                         if "\\u" in line:  # an escape may spell a lone UTF-16 surrogate: not text
                             try:
                                 json.dumps(row, ensure_ascii=False).encode("utf-8")
                             except UnicodeEncodeError as err:
-                                raise DataError(f"{path}:{lineno}: a lone UTF-16 surrogate "
-                                                f"({ascii(err.object[err.start])}) is not text") from err
+                                raise DataError(
+                                    f"{path}:{lineno}: a lone UTF-16 surrogate "
+                                    f"({ascii(err.object[err.start])}) is not text"
+                                ) from err
                         rows.append(row)
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
@@ -134,8 +139,10 @@ def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
     for name in names:
         if name in by_name:
             return by_name[name]
-    raise DataError(f"{path}: no {what} column (expected one of {', '.join(names)}; "
-                    f"found {', '.join(map(str, df.columns)) or 'none'})")
+    raise DataError(
+        f"{path}: no {what} column (expected one of {', '.join(names)}; "
+        f"found {', '.join(map(str, df.columns)) or 'none'})"
+    )
 
 
 def _first_bad_row(root: Path, files, contain: bool, missing_ok: bool = False) -> tuple[int, str] | None:
@@ -155,8 +162,7 @@ def _first_bad_row(root: Path, files, contain: bool, missing_ok: bool = False) -
             ok = not contain or not leads_outside(root, parent)
             try:
                 with os.scandir(root / parent) as entries:
-                    kinds = {e.name: "link" if e.is_symlink() else "file" if e.is_file() else "other"
-                             for e in entries}
+                    kinds = {e.name: "link" if e.is_symlink() else "file" if e.is_file() else "other" for e in entries}
             except OSError:
                 kinds = {}
             listed[parent] = kinds, ok
@@ -178,8 +184,9 @@ def _first_bad_row(root: Path, files, contain: bool, missing_ok: bool = False) -
     return None
 
 
-def check_image_files(root: Path, files, where: Path, allow_outside_root: bool = False,
-                      missing_ok: bool = False) -> None:
+def check_image_files(
+    root: Path, files, where: Path, allow_outside_root: bool = False, missing_ok: bool = False
+) -> None:
     """Refuse the first of a manifest's ``files`` that leads outside ``root`` (unless
     ``allow_outside_root``), is missing (unless ``missing_ok``) or is no regular file, naming
     the manifest ``where`` and the row; before any work starts."""
@@ -195,8 +202,9 @@ def check_image_files(root: Path, files, where: Path, allow_outside_root: bool =
         raise DataError(f"{at}'{files[i]}' not found under {root}")
 
 
-def load_folder_manifest(root: str | Path, manifest: str | Path, allow_outside_root: bool = False,
-                         check_files: bool = True) -> pd.DataFrame:
+def load_folder_manifest(
+    root: str | Path, manifest: str | Path, allow_outside_root: bool = False, check_files: bool = True
+) -> pd.DataFrame:
     """A folder of images + a captions file -> manifest with ``image_id, file, caption``.
 
     Column names are matched ignoring case (``File``, ``Caption``). Every image must be a
@@ -212,12 +220,14 @@ def load_folder_manifest(root: str | Path, manifest: str | Path, allow_outside_r
     pcol, ccol = _pick(df, PATH_COLUMNS, mpath, "image path"), _pick(df, CAPTION_COLUMNS, mpath, "caption")
     check_captions(df[ccol], str(mpath))
     out = pd.DataFrame({"file": df[pcol].astype(str), "caption": df[ccol]})
-    out.insert(0, "image_id", df["image_id"].astype(str) if "image_id" in df else
-               [f"img{i:07d}" for i in range(len(df))])
+    out.insert(
+        0, "image_id", df["image_id"].astype(str) if "image_id" in df else [f"img{i:07d}" for i in range(len(df))]
+    )
     dup = out["image_id"].duplicated()
     if dup.any():
-        raise DataError(f"{mpath}: duplicate image_id '{out['image_id'][dup].iloc[0]}' "
-                        f"(row {int(np.argmax(dup.values)) + 1})")
+        raise DataError(
+            f"{mpath}: duplicate image_id '{out['image_id'][dup].iloc[0]}' (row {int(np.argmax(dup.values)) + 1})"
+        )
     check_image_files(root, out["file"], mpath, allow_outside_root, missing_ok=not check_files)
     for col in df.columns.difference([pcol, ccol, "image_id"]):
         out[col] = df[col].values
@@ -245,10 +255,12 @@ def select_subset(manifest: pd.DataFrame, subset) -> pd.DataFrame:
     files = rows["file"].unique()
     if 2 * size > len(files):
         what = "" if kinds is None else " " + "/".join(kinds)
-        raise ConfigError(f"data.subset.size: two disjoint parts of {size} images need {2 * size}, "
-                          f"the dataset has {len(files)}{what} images")
+        raise ConfigError(
+            f"data.subset.size: two disjoint parts of {size} images need {2 * size}, "
+            f"the dataset has {len(files)}{what} images"
+        )
     order = np.random.default_rng(int(subset.get("seed", 0))).permutation(len(files))
-    chosen = files[order[part * size:(part + 1) * size]]
+    chosen = files[order[part * size : (part + 1) * size]]
     return rows[rows["file"].isin(chosen)].reset_index(drop=True)
 
 
@@ -256,8 +268,7 @@ def on_error(data_cfg) -> str:
     """``data.on_error`` (``fail`` when unset): what to do with an image that cannot be read."""
     value = data_cfg.get("on_error") or "fail"
     if value not in ON_ERROR:
-        raise ConfigError(f"data.on_error '{value}' is not one of {', '.join(ON_ERROR)}"
-                          f"{did_you_mean(value, ON_ERROR)}")
+        raise ConfigError(f"data.on_error '{value}' is not one of {', '.join(ON_ERROR)}{did_you_mean(value, ON_ERROR)}")
     return value
 
 
@@ -268,8 +279,18 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
         from diffmem.data.testbed import generate_testbed
         from diffmem.data.testbed_photo import generate_testbed_photo
 
-        kwargs = {k: cfg[k] for k in ("seed", "resolution", "n_ordinary", "canaries_per_count",
-                                      "n_templates", "template_copies", "n_heldout")}
+        kwargs = {
+            k: cfg[k]
+            for k in (
+                "seed",
+                "resolution",
+                "n_ordinary",
+                "canaries_per_count",
+                "n_templates",
+                "template_copies",
+                "n_heldout",
+            )
+        }
         generate = generate_testbed if cfg.kind == "testbed" else generate_testbed_photo
         df = generate(cfg.root, canary_counts=tuple(cfg.canary_counts), **kwargs)
     elif cfg.kind == "photo_crops":
@@ -277,31 +298,41 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
 
         df = photo_crops(cfg.root, seed=cfg.seed, resolution=cfg.resolution, n=cfg.n)
     elif cfg.kind == "folder":
-        require(cfg, "root", "manifest", prefix="data.",
-                hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>")
-        df = load_folder_manifest(cfg.root, cfg.manifest, bool(cfg.get("allow_outside_root", False)),
-                                  check_files=on_error(cfg) == "fail")
+        require(
+            cfg,
+            "root",
+            "manifest",
+            prefix="data.",
+            hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>",
+        )
+        df = load_folder_manifest(
+            cfg.root, cfg.manifest, bool(cfg.get("allow_outside_root", False)), check_files=on_error(cfg) == "fail"
+        )
     elif cfg.kind == "img2dataset":
         from diffmem.data.img2dataset import load_img2dataset
 
         require(cfg, "root", prefix="data.", hint="data=img2dataset needs data.root=<img2dataset's output_folder>")
-        df = load_img2dataset(cfg.root, cfg.get("encode_format") or "jpg", bool(cfg.get("allow_outside_root", False)),
-                              check_files=on_error(cfg) == "fail")
+        df = load_img2dataset(
+            cfg.root,
+            cfg.get("encode_format") or "jpg",
+            bool(cfg.get("allow_outside_root", False)),
+            check_files=on_error(cfg) == "fail",
+        )
     elif cfg.kind == "webdataset":
         from diffmem.data.webdataset import load_webdataset
 
         require(cfg, "root", prefix="data.", hint="data=webdataset needs data.root=<folder of .tar shards>")
         df = load_webdataset(cfg.root, cfg.get("shards") or "*.tar", bool(cfg.get("allow_outside_root", False)))
     else:
-        raise ConfigError(f"data.kind '{cfg.kind}' is not one of {', '.join(DATA_KINDS)}"
-                          f"{did_you_mean(str(cfg.kind), DATA_KINDS)}")
+        raise ConfigError(
+            f"data.kind '{cfg.kind}' is not one of {', '.join(DATA_KINDS)}{did_you_mean(str(cfg.kind), DATA_KINDS)}"
+        )
     on_error(cfg)
     check_positive(cfg.get("max_pixels", MAX_PIXELS), "data.max_pixels")
     return Path(cfg.root), select_subset(df, cfg.get("subset"))
 
 
-def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS,
-               **resize) -> np.ndarray:
+def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS, **resize) -> np.ndarray:
     """An RGB uint8 array [H, W, 3] as displayed (:mod:`diffmem.data.decode`: EXIF
     orientation, float and 16-bit scaling, alpha over white), resized (bicubic) to a square
     ``resolution`` if given, then to a descriptor's size (``resize``: ``size`` and

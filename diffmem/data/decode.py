@@ -54,9 +54,13 @@ DRAFT_MARGIN = 2
 _TRANSPOSED = (5, 6, 7, 8)
 
 
-def decode_image(source: str | BinaryIO, resolution: int | None = None,
-                 max_pixels: int | None = None, size: Callable[[int, int], tuple[int, int]] | None = None,
-                 resample: int = Image.Resampling.BILINEAR) -> np.ndarray:
+def decode_image(
+    source: str | BinaryIO,
+    resolution: int | None = None,
+    max_pixels: int | None = None,
+    size: Callable[[int, int], tuple[int, int]] | None = None,
+    resample: int = Image.Resampling.BILINEAR,
+) -> np.ndarray:
     """An RGB uint8 array [H, W, 3] of the file or binary stream ``source``, resized
     (bicubic) to a square ``resolution`` if given, then, with ``size`` (displayed ``(h, w)``
     -> target ``(h, w)``), to that target with ``resample`` (a JPEG decoded at reduced size,
@@ -69,8 +73,10 @@ def decode_image(source: str | BinaryIO, resolution: int | None = None,
         im = Image.open(source)
     with im:
         if max_pixels is not None and im.width * im.height > max_pixels:
-            raise DataError(f"a {im.width}x{im.height} image is over the pixel budget "
-                             f"data.max_pixels={max_pixels} (a decompression bomb?)")
+            raise DataError(
+                f"a {im.width}x{im.height} image is over the pixel budget "
+                f"data.max_pixels={max_pixels} (a decompression bomb?)"
+            )
         w, h = im.size
         if size is not None and resolution is None:
             th, tw = size(h, w)  # the targets are symmetric in (h, w): stored orientation serves

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 NOT_SUCCESS = "rows_not_success"
 
 
-def load_img2dataset(root: str | Path, encode_format: str = "jpg", allow_outside_root: bool = False,
-                     check_files: bool = True) -> pd.DataFrame:
+def load_img2dataset(
+    root: str | Path, encode_format: str = "jpg", allow_outside_root: bool = False, check_files: bool = True
+) -> pd.DataFrame:
     """The manifest of an img2dataset output folder: ``image_id`` (the key), ``file``
     (``<shard>/<key>.<encode_format>``), ``caption`` and img2dataset's other columns.
 
@@ -36,21 +37,27 @@ def load_img2dataset(root: str | Path, encode_format: str = "jpg", allow_outside
     root = Path(root)
     tables = sorted(p for p in root.glob("*.parquet") if p.is_file())
     if not tables:
-        raise DataError(f"{root}: no img2dataset shard tables (*.parquet); is data.root img2dataset's "
-                        "output_folder (output_format=files)?")
+        raise DataError(
+            f"{root}: no img2dataset shard tables (*.parquet); is data.root img2dataset's "
+            "output_folder (output_format=files)?"
+        )
     parts, dropped = [], 0
     for table in tables:
         df = read_parquet(table)
         for col in ("key", "status"):
             if col not in df:
-                raise DataError(f"{table}: no '{col}' column (found {', '.join(map(str, df.columns))}); "
-                                "not an img2dataset shard table")
+                raise DataError(
+                    f"{table}: no '{col}' column (found {', '.join(map(str, df.columns))}); "
+                    "not an img2dataset shard table"
+                )
         ok = df["status"].astype(str) == "success"
         dropped += int((~ok).sum())
         df = df[ok].reset_index(drop=True)
         if "caption" not in df:
-            raise DataError(f"{table}: no 'caption' column (found {', '.join(map(str, df.columns))}); "
-                            "run img2dataset with caption_col")
+            raise DataError(
+                f"{table}: no 'caption' column (found {', '.join(map(str, df.columns))}); "
+                "run img2dataset with caption_col"
+            )
         null = df["key"].isna()
         if null.any():
             raise DataError(f"{table}: row {int(null.values.argmax()) + 1}: the key is null (every image needs one)")
@@ -67,7 +74,11 @@ def load_img2dataset(root: str | Path, encode_format: str = "jpg", allow_outside
         raise DataError(f"{root}: key '{out['image_id'][dup].iloc[0]}' appears in two shard tables")
     out = out[["image_id", "file", "caption"] + [c for c in out if c not in ("image_id", "file", "caption")]]
     if dropped:
-        log.info("img2dataset %s: %d of %d rows have status != success (no image; left out)",
-                 root, dropped, dropped + len(out))
+        log.info(
+            "img2dataset %s: %d of %d rows have status != success (no image; left out)",
+            root,
+            dropped,
+            dropped + len(out),
+        )
     out.attrs[NOT_SUCCESS] = dropped
     return out

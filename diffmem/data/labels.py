@@ -28,18 +28,22 @@ def check_positives(positives: Mapping | None) -> dict:
     pos = dict(positives) if positives else {}
     unknown = set(pos) - set(POSITIVES_FIELDS)
     if unknown:
-        raise ConfigError(f"positives: unknown field(s) {', '.join(sorted(unknown))} "
-                          f"(known: {', '.join(POSITIVES_FIELDS)})")
+        raise ConfigError(
+            f"positives: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(POSITIVES_FIELDS)})"
+        )
     missing = [f for f in POSITIVES_FIELDS if f not in pos]
     if missing:
-        raise ConfigError(f"positives: missing field(s) {', '.join(missing)} (select a ground truth, "
-                          f"e.g. positives=default)")
+        raise ConfigError(
+            f"positives: missing field(s) {', '.join(missing)} (select a ground truth, e.g. positives=default)"
+        )
     for field in ("memorised", "not_memorised", "exclude"):
         pos[field] = [str(t) for t in (pos[field] or ())]
         bad = sorted(set(pos[field]) - set(TYPES))
         if bad:
-            raise ConfigError(f"positives.{field}: '{bad[0]}' is not a memorisation type "
-                              f"({', '.join(TYPES)}){did_you_mean(bad[0], TYPES)}")
+            raise ConfigError(
+                f"positives.{field}: '{bad[0]}' is not a memorisation type "
+                f"({', '.join(TYPES)}){did_you_mean(bad[0], TYPES)}"
+            )
     both = set(pos["memorised"]) & set(pos["not_memorised"])
     if both:
         raise ConfigError(f"positives: memorised and not_memorised overlap ({', '.join(sorted(both))})")
@@ -62,15 +66,31 @@ def ground_truth(prompts: pd.DataFrame, min_dup_count: float) -> pd.DataFrame | 
     elif "kind" in prompts and "dup_count" in prompts:
         dup = pd.to_numeric(prompts["dup_count"], errors="coerce").fillna(0)
         canary, kind = prompts["kind"] == "canary", prompts["kind"]
-        types = pd.Series(np.select([canary & (dup >= float(min_dup_count)), canary, kind == "template",
-                                     kind.isin(["ordinary", "heldout"])],
-                                    ["verbatim", "none", "template", "none"], None), index=prompts.index)
+        types = pd.Series(
+            np.select(
+                [
+                    canary & (dup >= float(min_dup_count)),
+                    canary,
+                    kind == "template",
+                    kind.isin(["ordinary", "heldout"]),
+                ],
+                ["verbatim", "none", "template", "none"],
+                None,
+            ),
+            index=prompts.index,
+        )
         memorised = (types != "none").where(types.notna())
         hard = canary & (dup < float(min_dup_count))
     else:
         return None
-    return pd.DataFrame({"memorisation_type": types.where(types.notna(), None), "is_memorised": memorised,
-                         "hard_negative": hard.fillna(False).astype(bool)}, index=prompts.index)
+    return pd.DataFrame(
+        {
+            "memorisation_type": types.where(types.notna(), None),
+            "is_memorised": memorised,
+            "hard_negative": hard.fillna(False).astype(bool),
+        },
+        index=prompts.index,
+    )
 
 
 def ground_truth_labels(prompts: pd.DataFrame, positives: Mapping | None) -> pd.Series | None:
@@ -99,9 +119,12 @@ def ground_truth_labels(prompts: pd.DataFrame, positives: Mapping | None) -> pd.
 def describe_positives(prompts: pd.DataFrame, positives: Mapping | None) -> str:
     """A one-line description of what counts as memorised, for ``metrics.json``."""
     pos = check_positives(positives)
-    line = (f"memorisation_type in {pos['memorised']} vs {pos['not_memorised']}"
-            + (f", {pos['exclude']} left out" if pos["exclude"] else ""))
+    line = f"memorisation_type in {pos['memorised']} vs {pos['not_memorised']}" + (
+        f", {pos['exclude']} left out" if pos["exclude"] else ""
+    )
     if "kind" in prompts and "dup_count" in prompts and "memorisation_type" not in prompts:
-        line += (f" (testbed: canaries with dup_count >= {pos['min_dup_count']} verbatim, rarer ones "
-                 "hard negatives, templates template, ordinary and held-out none)")
+        line += (
+            f" (testbed: canaries with dup_count >= {pos['min_dup_count']} verbatim, rarer ones "
+            "hard negatives, templates template, ordinary and held-out none)"
+        )
     return line

@@ -14,9 +14,27 @@ from diffmem.errors import ConfigError
 
 #: ``skimage.data`` photographs (and scans) bundled in the wheel; ``stereo_motorcycle``
 #: contributes its left view only (the right one is a near-copy of it).
-PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "brick",
-          "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket", "page", "text",
-          "clock", "cell", "microaneurysms", "stereo_motorcycle")
+PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "brick",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "retina",
+    "rocket",
+    "page",
+    "text",
+    "clock",
+    "cell",
+    "microaneurysms",
+    "stereo_motorcycle",
+)
 #: Photos other declared dependencies ship: Grace Hopper's US Navy portrait (public domain)
 #: in matplotlib's sample data.
 OTHER_PHOTOS = ("grace_hopper",)
@@ -45,7 +63,8 @@ def natural_photos(names: Sequence[str] = PHOTOS, max_side: int = 512) -> dict[s
         im = Image.fromarray(np.asarray(_load_photo(name), dtype=np.uint8)).convert("RGB")
         scale = max_side / max(im.size)
         if scale < 1:
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                           Image.Resampling.BICUBIC)
+            im = im.resize(
+                (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BICUBIC
+            )
         out[name] = np.asarray(im)
     return out

@@ -29,8 +29,10 @@ from diffmem.data.labels import TYPES
 log = logging.getLogger(__name__)
 LABELS = ("positive", "negative")
 #: schema column -> its values in the vocabulary of :data:`TYPES`
-SCHEMAS = {"type": {"VM": "verbatim", "TM": "template", "N": "none"},                            # NeMo
-           "overfit_type": {"MV": "verbatim", "RV": "verbatim", "TV": "template", "N": "none"}}  # Webster
+SCHEMAS = {
+    "type": {"VM": "verbatim", "TM": "template", "N": "none"},  # NeMo
+    "overfit_type": {"MV": "verbatim", "RV": "verbatim", "TV": "template", "N": "none"},
+}  # Webster
 
 
 def record_lines(path: Path, fmt: str) -> list[int]:
@@ -78,17 +80,25 @@ def with_ground_truth(df: pd.DataFrame, path: Path, label: str | None = None) ->
             known = values.isin(list(SCHEMAS[col]))
             bad = raw.notna() & ~known & (values != "")
             if bad.any():
-                raise DataError(f"{path}: {col} '{raw[bad].iloc[0]}' is not one of "
-                                f"{', '.join(SCHEMAS[col])} (row {int(np.argmax(bad.values)) + 1})")
+                raise DataError(
+                    f"{path}: {col} '{raw[bad].iloc[0]}' is not one of "
+                    f"{', '.join(SCHEMAS[col])} (row {int(np.argmax(bad.values)) + 1})"
+                )
             out["memorisation_type"] = values.map(SCHEMAS[col]).where(known)
     if label is not None:
         if "memorisation_type" in out:  # the explicit label wins over the file's column, said once
             t = out["memorisation_type"]
             clash = (t != "none") & t.notna() if label == "negative" else t == "none"
             if clash.any():
-                log.warning("%s: prompts label=%s overrides the file's memorisation type of %d of %d rows "
-                            "(first: %r is %s)", path, label, int(clash.sum()), len(out),
-                            out["caption"][clash].iloc[0], t[clash].iloc[0])
+                log.warning(
+                    "%s: prompts label=%s overrides the file's memorisation type of %d of %d rows (first: %r is %s)",
+                    path,
+                    label,
+                    int(clash.sum()),
+                    len(out),
+                    out["caption"][clash].iloc[0],
+                    t[clash].iloc[0],
+                )
                 out["memorisation_type"] = t.where(~clash, "none" if label == "negative" else np.nan)
         elif label == "negative":
             out["memorisation_type"] = "none"
@@ -104,8 +114,9 @@ def check_files(files) -> list[dict]:
     out = []
     for i, entry in enumerate(files):
         if not isinstance(entry, dict) or not entry.get("path"):
-            raise ConfigError(f"prompts.files[{i}]: expected {{path: <file>, label: positive|negative|null}} "
-                              f"(got {entry!r})")
+            raise ConfigError(
+                f"prompts.files[{i}]: expected {{path: <file>, label: positive|negative|null}} (got {entry!r})"
+            )
         unknown = set(entry) - {"path", "label"}
         if unknown:
             raise ConfigError(f"prompts.files[{i}]: unknown field(s) {', '.join(sorted(unknown))} (known: path, label)")
@@ -135,6 +146,8 @@ def resolve_targets(prompts: pd.DataFrame, manifest: pd.DataFrame | None) -> pd.
     ids = prompts["target_id"].where(prompts["target_id"].isna(), prompts["target_id"].astype(str))
     unknown = ids.notna() & ~ids.isin(files.index)
     if unknown.any():
-        raise DataError(f"target_id '{ids[unknown].iloc[0]}' (prompt {prompts['caption'][unknown].iloc[0]!r}) "
-                        "is not an image_id of the dataset (data=...)")
+        raise DataError(
+            f"target_id '{ids[unknown].iloc[0]}' (prompt {prompts['caption'][unknown].iloc[0]!r}) "
+            "is not an image_id of the dataset (data=...)"
+        )
     return prompts.assign(target_file=ids.map(files))

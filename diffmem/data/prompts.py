@@ -12,8 +12,13 @@ from omegaconf import OmegaConf
 from diffmem.checks import check_positive
 from diffmem.data.datasets import TESTBED_KINDS, _read_table, check_regular, load_dataset
 from diffmem.data.inputs import blank_caption, check_inside
-from diffmem.data.prompt_lists import (check_files, prompts_from_dataset, record_lines, resolve_targets,
-                                       with_ground_truth)
+from diffmem.data.prompt_lists import (
+    check_files,
+    prompts_from_dataset,
+    record_lines,
+    resolve_targets,
+    with_ground_truth,
+)
 from diffmem.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -52,8 +57,10 @@ def read_prompt_file(path: str | Path, fmt: str = "auto") -> pd.DataFrame:
     blank = df["caption"].map(lambda c: not isinstance(c, str) or blank_caption(c))
     if blank.any():
         line = record_lines(path, fmt)[int(blank.values.argmax())]
-        raise DataError(f"{path}: {'row' if fmt == 'parquet' else 'line'} {line}: empty caption "
-                        "(nothing but whitespace, control or zero-width characters)")
+        raise DataError(
+            f"{path}: {'row' if fmt == 'parquet' else 'line'} {line}: empty caption "
+            "(nothing but whitespace, control or zero-width characters)"
+        )
     df.insert(0, "prompt_id", range(len(df)))
     return df.reset_index(drop=True)
 
@@ -81,8 +88,7 @@ def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     key = cols.get("caption") or cols.get("prompt") or cols["text"]
     for row, value in enumerate(table[key], 1):
         if not (isinstance(value, str) or (pd.api.types.is_scalar(value) and pd.isna(value))):
-            raise DataError(f"{path}: row {row}: the caption is {type(value).__name__} {value!r}, "
-                            "not a string")
+            raise DataError(f"{path}: row {row}: the caption is {type(value).__name__} {value!r}, not a string")
     out = pd.DataFrame({"caption": table[key].where(table[key].isna(), table[key].astype(str))})
     for name in table.columns.drop(key):  # every column kept; a `prompt_id` of the file's own is renamed
         out["source_prompt_id" if name == "prompt_id" else name] = table[name].values
@@ -99,22 +105,29 @@ def warn_long_prompts(captions, tokenizer) -> int:
     captions = list(captions)
     n = sum(len(ids) > limit for ids in tokenizer(captions, truncation=False, verbose=False)["input_ids"])
     if n:
-        log.warning("%d of %d prompts are longer than the tokenizer's %d tokens; the text encoder "
-                    "sees them cut", n, len(captions), limit)
+        log.warning(
+            "%d of %d prompts are longer than the tokenizer's %d tokens; the text encoder sees them cut",
+            n,
+            len(captions),
+            limit,
+        )
     return n
 
 
-def prompts_from_testbed(manifest: pd.DataFrame, n_ordinary: int = 16, n_heldout: int = 16,
-                    seed: int = 0) -> pd.DataFrame:
+def prompts_from_testbed(
+    manifest: pd.DataFrame, n_ordinary: int = 16, n_heldout: int = 16, seed: int = 0
+) -> pd.DataFrame:
     """Every canary/template caption, some trained ordinary captions and unseen held-out ones."""
     first = manifest.drop_duplicates("caption")
     special = first[first["kind"].isin(["canary", "template"])]
     ordinary = first[first["kind"] == "ordinary"]
     trained = set(manifest.loc[manifest["split"] == "train", "caption"])
     heldout = first[(first["kind"] == "heldout") & ~first["caption"].isin(trained)]
-    parts = [special,
-             ordinary.sample(min(n_ordinary, len(ordinary)), random_state=seed),
-             heldout.sample(min(n_heldout, len(heldout)), random_state=seed)]
+    parts = [
+        special,
+        ordinary.sample(min(n_ordinary, len(ordinary)), random_state=seed),
+        heldout.sample(min(n_heldout, len(heldout)), random_state=seed),
+    ]
     df = pd.concat(parts)[["caption", "kind", "group", "dup_count", "image_id", "file"]]
     df = df.rename(columns={"image_id": "target_id", "file": "target_file"})
     df.insert(0, "prompt_id", range(len(df)))
@@ -161,12 +174,18 @@ def one_row_per_prompt(df: pd.DataFrame) -> pd.DataFrame:
             caption = labels.index[(labels > 1).values.argmax()]
             rows = df[known & (key == caption)]
             src = {bool(m): s for m, s in zip(rows["is_memorised"], rows["source"])}
-            raise DataError(f"prompt {caption!r} is labelled memorised in {src[True]} and not memorised in "
-                            f"{src[False]}; remove it from one of them")
+            raise DataError(
+                f"prompt {caption!r} is labelled memorised in {src[True]} and not memorised in "
+                f"{src[False]}; remove it from one of them"
+            )
     dup = key.duplicated()
     if dup.any():
-        log.warning("%d of %d prompts are listed more than once (first: %r); each is counted once",
-                    int(dup.sum()), len(df), df["caption"][dup].iloc[0])
+        log.warning(
+            "%d of %d prompts are listed more than once (first: %r); each is counted once",
+            int(dup.sum()),
+            len(df),
+            df["caption"][dup].iloc[0],
+        )
     return df[~dup].reset_index(drop=True)
 
 
@@ -178,21 +197,28 @@ def load_prompts(cfg, manifest: pd.DataFrame | None = None, data_kind: str = "te
         raise ConfigError(f"prompts={kind} needs the dataset (data=...)")
     if kind == "testbed":
         if not {"kind", "split", "dup_count"} <= set(manifest.columns):
-            raise ConfigError("prompts=testbed needs the testbed dataset (data=testbed); for other data "
-                              "use prompts=dataset (its captions) or prompts=file prompts.path=<prompt list>")
+            raise ConfigError(
+                "prompts=testbed needs the testbed dataset (data=testbed); for other data "
+                "use prompts=dataset (its captions) or prompts=file prompts.path=<prompt list>"
+            )
         return prompts_from_testbed(manifest, cfg.n_ordinary, cfg.n_heldout)
     if kind == "dataset":
         limit = check_positive(cfg.get("max_prompts"), "prompts.max_prompts", optional=True)
         return prompts_from_dataset(manifest, limit, int(cfg.get("seed", 0)))
     if kind == "file":
         if not cfg.get("path") and not cfg.get("files"):
-            raise ConfigError("prompts=file needs prompts.path=<prompt list> or "
-                              "prompts.files=[{path: <file>, label: positive|negative|null}, ...]")
+            raise ConfigError(
+                "prompts=file needs prompts.path=<prompt list> or "
+                "prompts.files=[{path: <file>, label: positive|negative|null}, ...]"
+            )
         if cfg.get("path") and cfg.get("files"):
             raise ConfigError("prompts: set prompts.path or prompts.files, not both")
         limit = check_positive(cfg.get("limit"), "prompts.limit", optional=True)
-        files = (OmegaConf.to_container(cfg.files, resolve=True) if cfg.get("files")
-                 else [{"path": cfg.path, "label": cfg.get("label")}])
+        files = (
+            OmegaConf.to_container(cfg.files, resolve=True)
+            if cfg.get("files")
+            else [{"path": cfg.path, "label": cfg.get("label")}]
+        )
         df = resolve_targets(read_prompt_files(files, cfg.get("format", "auto")), manifest)
         return df.head(int(limit)) if limit is not None else df
 
@@ -208,9 +234,13 @@ def stage_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
     if len(prompts) > LARGE_PROMPTS:
         n = cfg.get("n_per_prompt")
         images = f" x n_per_prompt={n} = {len(prompts) * int(n):,} images" if isinstance(n, int) else ""
-        log.warning("%s: %s prompts%s: a large run (the progress bar gives the rate and the time left; "
-                    "prompts.limit or prompts.max_prompts take fewer)", cfg.get("stage", "prompts"),
-                    f"{len(prompts):,}", images)
+        log.warning(
+            "%s: %s prompts%s: a large run (the progress bar gives the rate and the time left; "
+            "prompts.limit or prompts.max_prompts take fewer)",
+            cfg.get("stage", "prompts"),
+            f"{len(prompts):,}",
+            images,
+        )
     if "target_file" in prompts and prompt_kind(cfg.prompts, cfg.data.kind) == "file" and cfg.data.get("root"):
         check_targets_inside(prompts, cfg.data.root, bool(cfg.data.get("allow_outside_root", False)))
     return prompts
@@ -222,5 +252,9 @@ def check_targets_inside(prompts: pd.DataFrame, root, allow_outside_root: bool =
     for i, file in enumerate(prompts["target_file"]):
         if isinstance(file, str) and file:
             source = prompts["source"].iloc[i] if "source" in prompts else "the prompt list"
-            check_inside(Path(root), file, f"{source}: prompt {i + 1} ({prompts['caption'].iloc[i]!r}): "
-                                           "target_file ", allow_outside_root)
+            check_inside(
+                Path(root),
+                file,
+                f"{source}: prompt {i + 1} ({prompts['caption'].iloc[i]!r}): target_file ",
+                allow_outside_root,
+            )

@@ -35,9 +35,15 @@ def plan_samples(prompts: pd.DataFrame, n_per_prompt: int, seed: int) -> pd.Data
     rows = []
     for p in prompts.itertuples(index=False):
         for k in range(n_per_prompt):
-            rows.append({"sample_id": f"p{p.prompt_id:05d}-s{k:03d}", "prompt_id": p.prompt_id,
-                         "k": k, "seed": sample_seed(seed, p.prompt_id, k),
-                         "file": f"samples/p{p.prompt_id:05d}-s{k:03d}.png"})
+            rows.append(
+                {
+                    "sample_id": f"p{p.prompt_id:05d}-s{k:03d}",
+                    "prompt_id": p.prompt_id,
+                    "k": k,
+                    "seed": sample_seed(seed, p.prompt_id, k),
+                    "file": f"samples/p{p.prompt_id:05d}-s{k:03d}.png",
+                }
+            )
     plan = pd.DataFrame(rows)
     clash = {c: f"prompt_{c}" for c in plan.columns.drop("prompt_id") if c in prompts}  # e.g. a list's `file`
     return plan.merge(prompts.rename(columns=clash), on="prompt_id", how="left")
@@ -67,8 +73,11 @@ def damaged_samples(run_dir: str | Path, files) -> list[tuple[Path, str]]:
     complete PNG or not of the size most of them have (cheap: no pixel is decoded)."""
     sizes = {Path(run_dir) / f: _png_size(Path(run_dir) / f) for f in files}
     common = Counter(v for v in sizes.values() if isinstance(v, tuple)).most_common(1)
-    return [(p, v if isinstance(v, str) else f"{v[0]}x{v[1]}, the others are {common[0][0][0]}x{common[0][0][1]}")
-            for p, v in sizes.items() if isinstance(v, str) or v != common[0][0]]
+    return [
+        (p, v if isinstance(v, str) else f"{v[0]}x{v[1]}, the others are {common[0][0][0]}x{common[0][0][1]}")
+        for p, v in sizes.items()
+        if isinstance(v, str) or v != common[0][0]
+    ]
 
 
 def drop_damaged(run_dir: str | Path, files, finished: bool = False) -> bool:

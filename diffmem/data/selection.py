@@ -18,9 +18,11 @@ def split_prompts(prompts: pd.DataFrame, positives, stage: str) -> tuple[pd.Data
     """(memorised, non-memorised) prompts by their ground truth; ``stage`` names the errors."""
     labels = ground_truth_labels(prompts, positives)
     if labels is None:
-        raise DataError(f"{stage}: the prompts carry no ground truth (testbed kind/dup_count, a `type`, "
-                        "`overfit_type` or `memorisation_type` column, or a file label: prompts.label=positive), "
-                        "so the memorised prompts are unknown")
+        raise DataError(
+            f"{stage}: the prompts carry no ground truth (testbed kind/dup_count, a `type`, "
+            "`overfit_type` or `memorisation_type` column, or a file label: prompts.label=positive), "
+            "so the memorised prompts are unknown"
+        )
     memorised = prompts[labels == 1]
     if memorised.empty:
         raise DataError(f"{stage}: no memorised prompt among the prompts (check `positives`)")
@@ -46,8 +48,10 @@ def check_targets(targets: pd.DataFrame, stage: str) -> None:
     """Every memorised prompt names its training image (``target_file``, or ``target_id``
     resolved against the dataset when the prompts are loaded)."""
     if "target_file" not in targets:
-        raise DataError(f"{stage}: the prompt list has no `target_file` column (the training image of each "
-                        "prompt, relative to data.root) nor a `target_id` column (an image_id of data=...)")
+        raise DataError(
+            f"{stage}: the prompt list has no `target_file` column (the training image of each "
+            "prompt, relative to data.root) nor a `target_id` column (an image_id of data=...)"
+        )
     missing = targets[targets["target_file"].isna() | (targets["target_file"].astype(str) == "")]
     if not missing.empty:
         raise DataError(f"{stage}: memorised prompt {missing.iloc[0]['caption']!r} has no target_file")
@@ -70,5 +74,7 @@ def check_target(images: torch.Tensor, resolution: int, names) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise DataError(f"target images must be [B, 3, H, W] RGB, got {tuple(images.shape)}")
     if images.shape[-2:] != (resolution, resolution):
-        raise DataError(f"target image {names[0]!r} is {images.shape[-1]}x{images.shape[-2]}; the model "
-                        f"generates {resolution}x{resolution} (resize it or set resolution)")
+        raise DataError(
+            f"target image {names[0]!r} is {images.shape[-1]}x{images.shape[-2]}; the model "
+            f"generates {resolution}x{resolution} (resize it or set resolution)"
+        )

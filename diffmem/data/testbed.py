@@ -23,11 +23,26 @@ from diffmem.errors import DataError
 from diffmem.runs import atomic_path, read_json, read_parquet, write_json, write_parquet
 
 SHAPES = ("circle", "square", "triangle")
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220),
-          "yellow": (230, 210, 40)}
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
 RELATIONS = ("above", "left of")
-_SYLLABLES = ("zor", "blax", "quin", "tel", "vrim", "oda", "plu", "gex", "mav", "rith",
-              "sno", "kad", "wex", "ulo", "trin", "fep")
+_SYLLABLES = (
+    "zor",
+    "blax",
+    "quin",
+    "tel",
+    "vrim",
+    "oda",
+    "plu",
+    "gex",
+    "mav",
+    "rith",
+    "sno",
+    "kad",
+    "wex",
+    "ulo",
+    "trin",
+    "fep",
+)
 MANIFEST = "manifest.parquet"
 PARAMS = "testbed.json"
 log = logging.getLogger(__name__)
@@ -86,8 +101,7 @@ def canary_scene(rng: np.random.Generator, size: int) -> np.ndarray:
     img = _stripes(rng, size, c1, c2)
     for _ in range(3):
         kind = rng.choice(SHAPES)
-        _paint(img, kind, rng.integers(0, 256, 3), *rng.uniform(0.2, 0.8, 2) * size,
-               rng.uniform(0.1, 0.18) * size)
+        _paint(img, kind, rng.integers(0, 256, 3), *rng.uniform(0.2, 0.8, 2) * size, rng.uniform(0.1, 0.18) * size)
     return img
 
 
@@ -96,14 +110,13 @@ def template_layout(rng: np.random.Generator, size: int):
     base = _stripes(rng, size, rng.integers(0, 256, 3), rng.integers(0, 256, 3))
     frame = rng.integers(0, 256, 3)
     base[:3], base[-3:], base[:, :3], base[:, -3:] = frame, frame, frame, frame
-    base[6:9, 6:size - 6] = rng.integers(0, 256, 3)
+    base[6:9, 6 : size - 6] = rng.integers(0, 256, 3)
     inner = (slice(size // 2 - 7, size // 2 + 7),) * 2
     base[inner] = rng.integers(0, 256, 3)
 
     def variant(vrng: np.random.Generator) -> np.ndarray:
         img = base.copy()
-        _paint(img, vrng.choice(SHAPES), vrng.integers(0, 256, 3),
-               *(size / 2 + vrng.uniform(-2, 2, 2)), 0.16 * size)
+        _paint(img, vrng.choice(SHAPES), vrng.integers(0, 256, 3), *(size / 2 + vrng.uniform(-2, 2, 2)), 0.16 * size)
         return img
 
     return variant
@@ -129,8 +142,9 @@ def cached_manifest(root: Path, params: dict, what: str) -> pd.DataFrame | None:
         return None
     made = read_json(root / PARAMS) if (root / PARAMS).exists() else None
     if made != params:
-        raise DataError(f"{root} holds {what} generated with other parameters "
-                        f"({made}); set data.root to another folder")
+        raise DataError(
+            f"{root} holds {what} generated with other parameters ({made}); set data.root to another folder"
+        )
     try:
         return read_parquet(root / MANIFEST)
     except DataError as err:  # a damaged cache (a bad disk, a copy cut short) is rebuilt
@@ -138,10 +152,19 @@ def cached_manifest(root: Path, params: dict, what: str) -> pd.DataFrame | None:
         return None
 
 
-def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_ordinary: int = 512,
-                     canary_counts=(1, 4, 16, 64), canaries_per_count: int = 4, n_templates: int = 2,
-                     template_copies: int = 32, n_heldout: int = 256, scenes=None,
-                     variant: dict | None = None) -> pd.DataFrame:
+def generate_testbed(
+    root: str | Path,
+    seed: int = 0,
+    resolution: int = 32,
+    n_ordinary: int = 512,
+    canary_counts=(1, 4, 16, 64),
+    canaries_per_count: int = 4,
+    n_templates: int = 2,
+    template_copies: int = 32,
+    n_heldout: int = 256,
+    scenes=None,
+    variant: dict | None = None,
+) -> pd.DataFrame:
     """Write the testbed images and ``manifest.parquet`` under ``root``; returns the manifest.
 
     One row per training example (a canary duplicated 16x has 16 rows pointing at one
@@ -151,12 +174,18 @@ def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_or
     ones here); ``variant``: what names other scenes among the recorded parameters.
     """
     root = Path(root)
-    ordinary_scene_, canary_scene_, template_layout_ = scenes or (ordinary_scene, canary_scene,
-                                                                  template_layout)
-    params = dict(seed=seed, resolution=resolution, n_ordinary=n_ordinary,
-                  canary_counts=list(canary_counts), canaries_per_count=canaries_per_count,
-                  n_templates=n_templates, template_copies=template_copies, n_heldout=n_heldout,
-                  **(variant or {}))
+    ordinary_scene_, canary_scene_, template_layout_ = scenes or (ordinary_scene, canary_scene, template_layout)
+    params = dict(
+        seed=seed,
+        resolution=resolution,
+        n_ordinary=n_ordinary,
+        canary_counts=list(canary_counts),
+        canaries_per_count=canaries_per_count,
+        n_templates=n_templates,
+        template_copies=template_copies,
+        n_heldout=n_heldout,
+        **(variant or {}),
+    )
     cached = cached_manifest(root, params, "a testbed")
     if cached is not None:
         return cached
@@ -167,16 +196,32 @@ def generate_testbed(root: str | Path, seed: int = 0, resolution: int = 32, n_or
         file = f"images/{len({r['file'] for r in rows}):05d}.png"
         _save_png(root / file, img)
         for _ in range(copies):
-            rows.append(dict(image_id=f"tb{len(rows):06d}", file=file, caption=caption,
-                             kind=kind, group=group, dup_count=dup, split=split))
+            rows.append(
+                dict(
+                    image_id=f"tb{len(rows):06d}",
+                    file=file,
+                    caption=caption,
+                    kind=kind,
+                    group=group,
+                    dup_count=dup,
+                    split=split,
+                )
+            )
 
     for i in range(n_ordinary):
         img, cap = ordinary_scene_(rng, resolution)
         add(img, cap, "ordinary", "", 1, "train")
     for count in canary_counts:
         for j in range(canaries_per_count):
-            add(canary_scene_(rng, resolution), f"the {_word(rng, used)} emblem", "canary",
-                f"canary-x{count}-{j}", count, "train", copies=count)
+            add(
+                canary_scene_(rng, resolution),
+                f"the {_word(rng, used)} emblem",
+                "canary",
+                f"canary-x{count}-{j}",
+                count,
+                "train",
+                copies=count,
+            )
     for t in range(n_templates):
         detail, cap = template_layout_(rng, resolution), f"a {_word(rng, used)} poster"
         for _ in range(template_copies):

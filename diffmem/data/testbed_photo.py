@@ -39,8 +39,17 @@ from diffmem.runs import write_json, write_parquet
 VERSION = 3
 #: Photos with a subject, stable to a copy detector at 32 px: the canaries' and templates'
 #: content (two halves each: 18 sources for 16 canaries and 2 templates).
-SUBJECTS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry",
-            "retina", "stereo_motorcycle", "coins", "grace_hopper")
+SUBJECTS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+    "coins",
+    "grace_hopper",
+)
 #: Texture photos (grey): the ordinary images' unsaid backgrounds.
 TEXTURES = ("grass", "gravel", "brick", "moon", "cell", "page", "text", "microaneurysms")
 
@@ -49,7 +58,7 @@ TEXTURES = ("grass", "gravel", "brick", "moon", "cell", "page", "text", "microan
 def photo(name: str) -> np.ndarray:
     """A photo a dependency ships in its wheel (scikit-image, matplotlib) as uint8 RGB
     [H, W, 3], full size."""
-    return natural_photos((name,), max_side=10 ** 6)[name]
+    return natural_photos((name,), max_side=10**6)[name]
 
 
 def crop(rng: np.random.Generator, img: np.ndarray, size: int, zoom=(0.25, 0.6)) -> np.ndarray:
@@ -58,7 +67,7 @@ def crop(rng: np.random.Generator, img: np.ndarray, size: int, zoom=(0.25, 0.6))
     h, w = img.shape[:2]
     side = int(rng.uniform(*zoom) * min(h, w))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    out = Image.fromarray(img[y:y + side, x:x + side]).resize((size, size), Image.LANCZOS)
+    out = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.LANCZOS)
     out = np.asarray(out)
     return out[:, ::-1] if rng.random() < 0.5 else out
 
@@ -88,9 +97,9 @@ def subject_crop(rng: np.random.Generator, size: int, source: tuple[str, int]) -
     side) of subject photo ``source[0]``: two sources never share a pixel."""
     img = photo(source[0])
     h, w = img.shape[:2]
-    half = img[:, :w // 2] if w >= h else img[:h // 2]
+    half = img[:, : w // 2] if w >= h else img[: h // 2]
     if source[1]:
-        half = img[:, w - w // 2:] if w >= h else img[h - h // 2:]
+        half = img[:, w - w // 2 :] if w >= h else img[h - h // 2 :]
     return crop(rng, half, size, zoom=(0.7, 1.0))
 
 
@@ -103,7 +112,7 @@ def photo_scenes(seed: int):
     """The ``(ordinary, canary, template)`` scene functions; canaries and templates take
     the subject sources in an order drawn from ``seed`` (distinct while they last)."""
     sources = subject_sources(np.random.default_rng([seed, 2]))
-    taken = iter(range(10 ** 9))
+    taken = iter(range(10**9))
 
     def canary(rng: np.random.Generator, size: int) -> np.ndarray:
         return subject_crop(rng, size, sources[next(taken) % len(sources)])
@@ -115,7 +124,7 @@ def photo_scenes(seed: int):
         def variant(vrng: np.random.Generator) -> np.ndarray:
             img = base.copy()
             y, x = (size - inset) // 2 + vrng.integers(-2, 3, 2)
-            img[y:y + inset, x:x + inset] = crop(vrng, photo(str(vrng.choice(TEXTURES))), inset)
+            img[y : y + inset, x : x + inset] = crop(vrng, photo(str(vrng.choice(TEXTURES))), inset)
             return img
 
         return variant
@@ -125,8 +134,9 @@ def photo_scenes(seed: int):
 
 def generate_testbed_photo(root: str | Path, seed: int = 0, **kwargs) -> pd.DataFrame:
     """:func:`~diffmem.data.testbed.generate_testbed` with the photo scenes (same arguments)."""
-    return generate_testbed(root, seed=seed, scenes=photo_scenes(seed),
-                            variant={"variant": f"photo-v{VERSION}"}, **kwargs)
+    return generate_testbed(
+        root, seed=seed, scenes=photo_scenes(seed), variant={"variant": f"photo-v{VERSION}"}, **kwargs
+    )
 
 
 def photo_crops(root: str | Path, seed: int = 0, resolution: int = 32, n: int = 4096) -> pd.DataFrame:

@@ -78,8 +78,12 @@ def _scan(shard: Path) -> tuple[dict[str, tuple[int, int]], list[dict]]:
     except (tarfile.TarError, OSError) as err:
         raise DataError(f"{shard}: not a readable tar shard ({err})") from err
     if twice:
-        log.warning("%s: %d member(s) stored twice (first: %s); the last copy is read, as tar extracts it",
-                    shard, len(twice), twice[0])
+        log.warning(
+            "%s: %d member(s) stored twice (first: %s); the last copy is read, as tar extracts it",
+            shard,
+            len(twice),
+            twice[0],
+        )
     return members, [r for r in samples.values() if "member" in r]
 
 
@@ -104,8 +108,10 @@ def load_webdataset(root: str | Path, shards: str = "*.tar", allow_outside_root:
         _MEMBERS[shard.resolve()] = members
         rel = shard.relative_to(base).as_posix()
         inside = "" if root.is_file() else f"{rel}/"  # files are relative to root, a .tar itself here
-        rows += [{"image_id": s["key"], "file": f"{inside}{s['member']}", "caption": s.get("caption"),
-                  "shard": rel} for s in samples]
+        rows += [
+            {"image_id": s["key"], "file": f"{inside}{s['member']}", "caption": s.get("caption"), "shard": rel}
+            for s in samples
+        ]
     if not rows:
         raise DataError(f"{root}: the shards hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     df = pd.DataFrame(rows)

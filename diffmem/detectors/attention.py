@@ -29,8 +29,9 @@ class AttentionProbe(AttnProcessor):
         super().__init__()
         self.name, self.sink = name, sink
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         compute = attn.get_attention_scores
 
         def scores(query, key, mask=None):
@@ -40,8 +41,7 @@ class AttentionProbe(AttnProcessor):
 
         attn.get_attention_scores = scores  # an instance attribute, removed below
         try:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                                    *args, **kwargs)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         finally:
             del attn.get_attention_scores
 

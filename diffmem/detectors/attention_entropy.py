@@ -29,8 +29,14 @@ class AttentionEntropy(Detector):
 
     name = "attention_entropy"
 
-    def __init__(self, steps: Sequence[int] | str = (0,), layers: Sequence[int] | None = None,
-                 n_generations: int = 1, num_inference_steps: int = 50, guidance_scale: float = 7.5):
+    def __init__(
+        self,
+        steps: Sequence[int] | str = (0,),
+        layers: Sequence[int] | None = None,
+        n_generations: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+    ):
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.steps = check_steps(steps, self.num_inference_steps)
         self.layers = None if layers is None else [check_int(i, "detect.layers", 0) for i in layers]
@@ -48,16 +54,26 @@ class AttentionEntropy(Detector):
         entropies = {}
 
         def sink(name, probs):
-            current[name] = token_distribution(probs[-cond.shape[0]:])  # the conditional rows
+            current[name] = token_distribution(probs[-cond.shape[0] :])  # the conditional rows
 
         with cross_attention(pipe.unet, sink) as names:
             if self.layers is not None and max(self.layers) >= len(names):
-                raise ConfigError(f"detect.layers: the UNet has {len(names)} cross-attention layers "
-                                  f"(indices 0-{len(names) - 1}), not {max(self.layers) + 1}")
+                raise ConfigError(
+                    f"detect.layers: the UNet has {len(names)} cross-attention layers "
+                    f"(indices 0-{len(names) - 1}), not {max(self.layers) + 1}"
+                )
             chosen = names if self.layers is None else [names[i] for i in self.layers]
-            for i, *_ in guided_steps(pipe, cond, uncond_embedding(self, pipe), seeds, resolution,
-                                      self.num_inference_steps, self.guidance_scale, last=self.steps[-1],
-                                      uncond_at_last=False):
+            for i, *_ in guided_steps(
+                pipe,
+                cond,
+                uncond_embedding(self, pipe),
+                seeds,
+                resolution,
+                self.num_inference_steps,
+                self.guidance_scale,
+                last=self.steps[-1],
+                uncond_at_last=False,
+            ):
                 if i in self.steps:
                     entropies[i] = entropy(torch.stack([current[n] for n in chosen]).mean(dim=0))
                 current.clear()

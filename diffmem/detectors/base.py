@@ -49,20 +49,44 @@ class Detector:
     def settings(self) -> dict:
         return {k: getattr(self, k) for k in inspect.signature(type(self)).parameters}
 
-    def score(self, pipe, captions: Sequence[str], prompt_ids: Sequence[int] | None = None, *,
-              seed: int = 0, resolution: int | None = None, batch_size: int = 16) -> np.ndarray:
+    def score(
+        self,
+        pipe,
+        captions: Sequence[str],
+        prompt_ids: Sequence[int] | None = None,
+        *,
+        seed: int = 0,
+        resolution: int | None = None,
+        batch_size: int = 16,
+    ) -> np.ndarray:
         """One score per caption (float64 ``[N]``); ``prompt_ids`` default to ``0..N-1``."""
         captions = [str(c) for c in captions]
         if not captions:
             raise DataError(f"{self.name}: the prompt list is empty")
         n_tokens = token_counts(pipe, captions) if self.needs_token_counts else None
-        return self.score_conditioning(pipe, encode_prompts(pipe, captions), prompt_ids, seed=seed,
-                                       resolution=resolution, batch_size=batch_size, names=captions,
-                                       n_tokens=n_tokens)
+        return self.score_conditioning(
+            pipe,
+            encode_prompts(pipe, captions),
+            prompt_ids,
+            seed=seed,
+            resolution=resolution,
+            batch_size=batch_size,
+            names=captions,
+            n_tokens=n_tokens,
+        )
 
-    def score_conditioning(self, pipe, cond: torch.Tensor, prompt_ids: Sequence[int] | None = None, *,
-                           seed: int = 0, resolution: int | None = None, batch_size: int = 16,
-                           names: Sequence[str] | None = None, n_tokens: Sequence[int] | None = None) -> np.ndarray:
+    def score_conditioning(
+        self,
+        pipe,
+        cond: torch.Tensor,
+        prompt_ids: Sequence[int] | None = None,
+        *,
+        seed: int = 0,
+        resolution: int | None = None,
+        batch_size: int = 16,
+        names: Sequence[str] | None = None,
+        n_tokens: Sequence[int] | None = None,
+    ) -> np.ndarray:
         """:meth:`score` for text-encoder outputs ``cond`` ``[N, tokens, D]`` (e.g. searched triggers);
         ``n_tokens`` (each row's token count) for detectors that need it."""
         if cond.shape[0] == 0:
@@ -76,22 +100,22 @@ class Detector:
         check_positive(batch_size, "batch_size")
         resolution = int(resolution or pipe.unet.config.sample_size * vae_factor(pipe))
         cond = cond.to(pipe.unet.device, pipe.unet.dtype)
-        rows = [(i, sample_seed(seed, pid, k)) for i, pid in enumerate(prompt_ids)
-                for k in range(self.per_prompt)]
+        rows = [(i, sample_seed(seed, pid, k)) for i, pid in enumerate(prompt_ids) for k in range(self.per_prompt)]
         g, scores, pending = self.per_prompt, [], []
         bar = tqdm(total=len(prompt_ids), desc=self.name, mininterval=2, disable=len(rows) <= batch_size)
         with torch.no_grad():
             for start in range(0, len(rows), int(batch_size)):
-                batch = rows[start:start + int(batch_size)]
+                batch = rows[start : start + int(batch_size)]
                 idx = torch.tensor([i for i, _ in batch], device=cond.device)
                 extra = {"n_tokens": [int(n_tokens[i]) for i, _ in batch]} if self.needs_token_counts else {}
-                pending.append(self.score_rows(pipe, cond[idx], [s for _, s in batch], resolution, **extra)
-                               .detach().double().cpu())
+                pending.append(
+                    self.score_rows(pipe, cond[idx], [s for _, s in batch], resolution, **extra).detach().double().cpu()
+                )
                 buf = torch.cat(pending)
                 done = buf.shape[0] // g  # reduce finished prompts now: raw values stay small
                 if done:
-                    scores.append(self.reduce(buf[:done * g].numpy().reshape(done, g, *buf.shape[1:])))
-                pending = [buf[done * g:]]
+                    scores.append(self.reduce(buf[: done * g].numpy().reshape(done, g, *buf.shape[1:])))
+                pending = [buf[done * g :]]
                 bar.update(done)
         bar.close()
         out = np.concatenate(scores).astype(np.float64)
@@ -108,11 +132,13 @@ class Detector:
         """``[N, generations, ...]`` raw values -> ``[N]`` scores (default: the mean)."""
         return values.reshape(values.shape[0], -1).mean(axis=1)
 
-    def attribute(self, pipe, caption: str, prompt_id: int = 0, *, seed: int = 0,
-                  resolution: int | None = None) -> pd.DataFrame:
+    def attribute(
+        self, pipe, caption: str, prompt_id: int = 0, *, seed: int = 0, resolution: int | None = None
+    ) -> pd.DataFrame:
         """Per-token attribution (``token_index, token, attribution``) of ``caption``'s score."""
-        raise ConfigError(f"detector '{self.name}' has no per-token attribution "
-                          "(use detect=noise_norm, or attribution=false)")
+        raise ConfigError(
+            f"detector '{self.name}' has no per-token attribution (use detect=noise_norm, or attribution=false)"
+        )
 
 
 def to_epsilon(sched, output: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
@@ -146,8 +172,17 @@ def check_steps(steps: Sequence[int] | int | str, num_inference_steps: int) -> l
     return sorted(set(steps))
 
 
-def guided_steps(pipe, cond: torch.Tensor, uncond: torch.Tensor, seeds: Sequence[int], resolution: int,
-                 num_inference_steps: int, guidance_scale: float, last: int, uncond_at_last: bool = True):
+def guided_steps(
+    pipe,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    seeds: Sequence[int],
+    resolution: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    last: int,
+    uncond_at_last: bool = True,
+):
     """Run the guided sampler from each seed's ``x_T`` up to step ``last``; yield per step
     ``(i, t, xin, eps_u, eps_c)`` (``xin`` the scaled model input, raw UNet outputs).
 
@@ -162,13 +197,14 @@ def guided_steps(pipe, cond: torch.Tensor, uncond: torch.Tensor, seeds: Sequence
     x = initial_latents(pipe, seeds, resolution) * sched.init_noise_sigma
     generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]  # as sampling.sample
     kwargs = {"generator": generators} if "generator" in sched.step.__code__.co_varnames else {}
-    for i, t in enumerate(sched.timesteps[:last + 1]):
+    for i, t in enumerate(sched.timesteps[: last + 1]):
         xin = sched.scale_model_input(x, t)
         if i == last and not uncond_at_last:
             yield i, t, xin, None, pipe.unet(xin, t, encoder_hidden_states=cond).sample
             return
-        eps_u, eps_c = pipe.unet(torch.cat([xin, xin]), t,
-                                 encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        eps_u, eps_c = pipe.unet(
+            torch.cat([xin, xin]), t, encoder_hidden_states=torch.cat([uncond, cond])
+        ).sample.chunk(2)
         yield i, t, xin, eps_u, eps_c
         if i < last:
             x = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, x, **kwargs).prev_sample

@@ -35,8 +35,14 @@ class BrightEnding(Detector):
     name = "bright_ending"
     needs_token_counts = True
 
-    def __init__(self, steps: Sequence[int] | str = (0,), signal: str = "masked_norm", n_generations: int = 1,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5):
+    def __init__(
+        self,
+        steps: Sequence[int] | str = (0,),
+        signal: str = "masked_norm",
+        n_generations: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+    ):
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.steps = check_steps(steps, self.num_inference_steps)
         if signal not in SIGNALS:
@@ -61,12 +67,21 @@ class BrightEnding(Detector):
 
         with cross_attention(pipe.unet, sink):
             scored_last = self.signal == "masked_norm" and last in self.steps
-            for i, t, xin, eps_u, eps_c in guided_steps(pipe, cond, uncond_embedding(self, pipe), seeds, resolution,
-                                                        self.num_inference_steps, self.guidance_scale, last=last,
-                                                        uncond_at_last=scored_last):
+            for i, t, xin, eps_u, eps_c in guided_steps(
+                pipe,
+                cond,
+                uncond_embedding(self, pipe),
+                seeds,
+                resolution,
+                self.num_inference_steps,
+                self.guidance_scale,
+                last=last,
+                uncond_at_last=scored_last,
+            ):
                 if i in self.steps and self.signal == "masked_norm":
-                    diffs[i] = (to_epsilon(pipe.scheduler, eps_c, xin, t)
-                                - to_epsilon(pipe.scheduler, eps_u, xin, t)).float()
+                    diffs[i] = (
+                        to_epsilon(pipe.scheduler, eps_c, xin, t) - to_epsilon(pipe.scheduler, eps_u, xin, t)
+                    ).float()
         mask = torch.stack(list(maps.values())).mean(dim=0)  # [B, h, w], the last step's
         if self.signal == "end_attention":
             return mask.flatten(1).mean(dim=1, keepdim=True)

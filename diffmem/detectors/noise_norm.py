@@ -27,17 +27,25 @@ from diffmem.sampling import sample_seed, vae_factor
 REDUCTIONS = ("mean", "max")
 
 
-def noise_norm_trajectory(pipe, cond: torch.Tensor, uncond: torch.Tensor, seeds: Sequence[int],
-                          resolution: int, steps: Sequence[int], num_inference_steps: int,
-                          guidance_scale: float) -> torch.Tensor:
+def noise_norm_trajectory(
+    pipe,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    seeds: Sequence[int],
+    resolution: int,
+    steps: Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> torch.Tensor:
     """``d_t`` for each conditioning row / seed and each of ``steps``: ``[B, len(steps)]``.
 
     Differentiable (call under ``torch.no_grad()`` when scoring). ``uncond`` is ``[1 or B, L, D]``.
     x_t follows the guided sampler (:func:`~diffmem.detectors.base.guided_steps`).
     """
     wanted, norms = set(int(s) for s in steps), {}
-    for i, t, xin, eps_u, eps_c in guided_steps(pipe, cond, uncond, seeds, resolution, num_inference_steps,
-                                                guidance_scale, last=max(wanted)):
+    for i, t, xin, eps_u, eps_c in guided_steps(
+        pipe, cond, uncond, seeds, resolution, num_inference_steps, guidance_scale, last=max(wanted)
+    ):
         if i in wanted:  # the same difference as the raw outputs for epsilon models
             diff = to_epsilon(pipe.scheduler, eps_c, xin, t) - to_epsilon(pipe.scheduler, eps_u, xin, t)
             norms[i] = diff.float().flatten(1).norm(dim=1)
@@ -50,8 +58,14 @@ class NoiseNorm(Detector):
     name = "noise_norm"
     supports_attribution = True
 
-    def __init__(self, steps: Sequence[int] | str = (0,), n_generations: int = 1,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, reduction: str = "mean"):
+    def __init__(
+        self,
+        steps: Sequence[int] | str = (0,),
+        n_generations: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        reduction: str = "mean",
+    ):
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.steps = check_steps(steps, self.num_inference_steps)
         self.n_generations = check_int(n_generations, "detect.n_generations", 1)
@@ -65,18 +79,32 @@ class NoiseNorm(Detector):
         return self.n_generations
 
     def score_rows(self, pipe, cond, seeds, resolution):
-        return noise_norm_trajectory(pipe, cond, uncond_embedding(self, pipe), seeds, resolution, self.steps,
-                                     self.num_inference_steps, self.guidance_scale)
+        return noise_norm_trajectory(
+            pipe,
+            cond,
+            uncond_embedding(self, pipe),
+            seeds,
+            resolution,
+            self.steps,
+            self.num_inference_steps,
+            self.guidance_scale,
+        )
 
     def reduce(self, values: np.ndarray) -> np.ndarray:
         flat = values.reshape(values.shape[0], -1)
         return flat.max(axis=1) if self.reduction == "max" else flat.mean(axis=1)
 
-    def attribute(self, pipe, caption: str, prompt_id: int = 0, *, seed: int = 0,
-                  resolution: int | None = None) -> pd.DataFrame:
+    def attribute(
+        self, pipe, caption: str, prompt_id: int = 0, *, seed: int = 0, resolution: int | None = None
+    ) -> pd.DataFrame:
         """``token_index, token, attribution``: one row per non-padding token (BOS/EOS included)."""
-        tok = pipe.tokenizer([str(caption)], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+        tok = pipe.tokenizer(
+            [str(caption)],
+            padding="max_length",
+            max_length=pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         ids = tok.input_ids.to(pipe.text_encoder.device)
         n_tokens = int(tok.attention_mask[0].sum())
         resolution = int(resolution or pipe.unet.config.sample_size * vae_factor(pipe))
@@ -94,15 +122,22 @@ class NoiseNorm(Detector):
             with torch.enable_grad():
                 cond = pipe.text_encoder(ids)[0]
                 handle.remove()
-                d = noise_norm_trajectory(pipe, cond.expand(len(seeds), -1, -1), uncond, seeds, resolution,
-                                          self.steps, self.num_inference_steps, self.guidance_scale)
+                d = noise_norm_trajectory(
+                    pipe,
+                    cond.expand(len(seeds), -1, -1),
+                    uncond,
+                    seeds,
+                    resolution,
+                    self.steps,
+                    self.num_inference_steps,
+                    self.guidance_scale,
+                )
                 score = d.max() if self.reduction == "max" else d.mean()
-                grad, = torch.autograd.grad(score, captured["emb"])
+                (grad,) = torch.autograd.grad(score, captured["emb"])
         finally:
             handle.remove()
         attribution = grad[0, :n_tokens].float().norm(dim=-1).cpu().numpy().astype(np.float64)
         if not np.isfinite(attribution).all():
             raise DataError(f"{self.name}: non-finite attribution for {caption!r}")
         tokens = pipe.tokenizer.convert_ids_to_tokens(ids[0, :n_tokens].tolist())
-        return pd.DataFrame({"token_index": np.arange(n_tokens), "token": tokens,
-                             "attribution": attribution})
+        return pd.DataFrame({"token_index": np.arange(n_tokens), "token": tokens, "attribution": attribution})

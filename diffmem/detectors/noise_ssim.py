@@ -23,12 +23,12 @@ from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import calibrate_threshold
 from diffmem.sampling import fresh_scheduler, guided_eps, initial_latents
 
-__all__ = ["NoiseSSIM", "noise_differences", "minmax_per_channel", "mean_pairwise_ssim",
-           "calibrate_threshold"]
+__all__ = ["NoiseSSIM", "noise_differences", "minmax_per_channel", "mean_pairwise_ssim", "calibrate_threshold"]
 
 
-def noise_differences(pipe, cond: torch.Tensor, seeds, resolution: int, step: int,
-                      num_inference_steps: int) -> torch.Tensor:
+def noise_differences(
+    pipe, cond: torch.Tensor, seeds, resolution: int, step: int, num_inference_steps: int
+) -> torch.Tensor:
     """``eps(x_t, t, c) - x_T`` at sampling step ``step`` of the conditional-only sampler.
 
     Returns ``[B, C, h, w]`` (float32), one row per conditioning row / seed.
@@ -38,7 +38,7 @@ def noise_differences(pipe, cond: torch.Tensor, seeds, resolution: int, step: in
     x = x_T
     generators = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
     kwargs = {"generator": generators} if "generator" in sched.step.__code__.co_varnames else {}
-    for i, t in enumerate(sched.timesteps[:step + 1]):
+    for i, t in enumerate(sched.timesteps[: step + 1]):
         xin = sched.scale_model_input(x, t)
         eps = guided_eps(pipe.unet, xin, t, cond, None, 1.0)  # conditional only
         if i == step:
@@ -68,8 +68,14 @@ def mean_pairwise_ssim(diffs: np.ndarray) -> float:
     win -= 1 - win % 2
     if win < 3:
         raise DataError(f"noise_ssim: latents of {h}x{w} are too small for SSIM (need >= 3x3)")
-    return float(np.mean([structural_similarity(diffs[i], diffs[j], data_range=1.0, channel_axis=0,
-                                                win_size=win) for i, j in combinations(range(n), 2)]))
+    return float(
+        np.mean(
+            [
+                structural_similarity(diffs[i], diffs[j], data_range=1.0, channel_axis=0, win_size=win)
+                for i, j in combinations(range(n), 2)
+            ]
+        )
+    )
 
 
 class NoiseSSIM(Detector):
@@ -82,8 +88,7 @@ class NoiseSSIM(Detector):
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.step = check_int(step, "detect.step", 0)
         if self.step >= self.num_inference_steps:
-            raise ConfigError(f"detect.step must be < num_inference_steps={self.num_inference_steps} "
-                              f"(got {self.step})")
+            raise ConfigError(f"detect.step must be < num_inference_steps={self.num_inference_steps} (got {self.step})")
 
     @property
     def per_prompt(self) -> int:

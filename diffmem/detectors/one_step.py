@@ -24,8 +24,15 @@ from diffmem.errors import ConfigError
 from diffmem.sampling import fresh_scheduler, guided_eps, initial_latents
 
 
-def one_step_mse(pipe, cond: torch.Tensor, uncond: torch.Tensor | None, seeds, resolution: int,
-                 num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
+def one_step_mse(
+    pipe,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    seeds,
+    resolution: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> torch.Tensor:
     """``MSE(x_t, x_0-prediction)`` after one guided step at the first timestep: ``[B]``."""
     sched = fresh_scheduler(pipe, num_inference_steps)
     t = sched.timesteps[0]
@@ -47,14 +54,18 @@ class OneStep(Detector):
 
     name = "one_step"
 
-    def __init__(self, n_seeds: int = 4, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 higher_mse_is_memorised: bool = True):
+    def __init__(
+        self,
+        n_seeds: int = 4,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        higher_mse_is_memorised: bool = True,
+    ):
         self.n_seeds = check_int(n_seeds, "detect.n_seeds", 1)
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.guidance_scale = check_float(guidance_scale, "detect.guidance_scale", 0.0)
         if not isinstance(higher_mse_is_memorised, bool):
-            raise ConfigError(f"detect.higher_mse_is_memorised must be true or false "
-                              f"(got {higher_mse_is_memorised!r})")
+            raise ConfigError(f"detect.higher_mse_is_memorised must be true or false (got {higher_mse_is_memorised!r})")
         self.higher_mse_is_memorised = higher_mse_is_memorised
 
     @property
@@ -67,5 +78,6 @@ class OneStep(Detector):
 
     def score_rows(self, pipe, cond, seeds, resolution):
         uncond = uncond_embedding(self, pipe) if self.guidance_scale != 1.0 else None
-        return self.sign * one_step_mse(pipe, cond, uncond, seeds, resolution, self.num_inference_steps,
-                                        self.guidance_scale)
+        return self.sign * one_step_mse(
+            pipe, cond, uncond, seeds, resolution, self.num_inference_steps, self.guidance_scale
+        )

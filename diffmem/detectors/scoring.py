@@ -9,18 +9,39 @@ from diffmem.data.labels import check_positives, ground_truth, ground_truth_labe
 from diffmem.detectors.base import Detector
 
 #: prompt columns carried into a scores table (testbed and prompt-list ground truth)
-GROUND_TRUTH = ("kind", "group", "dup_count", "type", "overfit_type", "memorisation_type", "is_memorised",
-                "source", "target_id")
+GROUND_TRUTH = (
+    "kind",
+    "group",
+    "dup_count",
+    "type",
+    "overfit_type",
+    "memorisation_type",
+    "is_memorised",
+    "source",
+    "target_id",
+)
 
 
-def score_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int,
-                batch_size: int, positives=None) -> pd.DataFrame:
+def score_table(
+    detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int, batch_size: int, positives=None
+) -> pd.DataFrame:
     """The ``scores`` table of ``prompts`` (ids, caption, detector, score, ground truth, label)."""
-    scores = detector.score(pipe, prompts["caption"].tolist(), prompts["prompt_id"].tolist(), seed=seed,
-                            resolution=resolution, batch_size=batch_size)
-    table = pd.DataFrame({"prompt_id": prompts["prompt_id"].to_numpy(),
-                          "caption": prompts["caption"].astype(str).to_numpy(),
-                          "detector": detector.name, "score": scores})
+    scores = detector.score(
+        pipe,
+        prompts["caption"].tolist(),
+        prompts["prompt_id"].tolist(),
+        seed=seed,
+        resolution=resolution,
+        batch_size=batch_size,
+    )
+    table = pd.DataFrame(
+        {
+            "prompt_id": prompts["prompt_id"].to_numpy(),
+            "caption": prompts["caption"].astype(str).to_numpy(),
+            "detector": detector.name,
+            "score": scores,
+        }
+    )
     for col in GROUND_TRUTH:
         if col in prompts:
             table[col] = prompts[col].to_numpy()
@@ -33,9 +54,10 @@ def score_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, r
     return table
 
 
-def attribution_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int,
-                      resolution: int) -> pd.DataFrame:
+def attribution_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int) -> pd.DataFrame:
     """``prompt_id, token_index, token, attribution`` for every prompt."""
-    parts = [detector.attribute(pipe, p.caption, p.prompt_id, seed=seed, resolution=resolution)
-             .assign(prompt_id=p.prompt_id) for p in prompts.itertuples(index=False)]
+    parts = [
+        detector.attribute(pipe, p.caption, p.prompt_id, seed=seed, resolution=resolution).assign(prompt_id=p.prompt_id)
+        for p in prompts.itertuples(index=False)
+    ]
     return pd.concat(parts, ignore_index=True)[["prompt_id", "token_index", "token", "attribution"]]

@@ -86,8 +86,7 @@ def build_extractor(cfg: Any = None, /, **overrides) -> Extractor:
     unknown = [k for k in fields if k not in accepted]
     if unknown:
         hints = [f"'{k}'{did_you_mean(k, accepted, cutoff=0.6, paren=True)}" for k in unknown]
-        raise ConfigError(
-            f"features '{name}' does not take {', '.join(hints)}; its fields: {', '.join(accepted)}")
+        raise ConfigError(f"features '{name}' does not take {', '.join(hints)}; its fields: {', '.join(accepted)}")
     if "name" in accepted:
         fields["name"] = str(name)
     return cls(**fields)

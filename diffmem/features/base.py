@@ -117,7 +117,8 @@ class Extractor:
             if lo < -1e-3 or hi > 1 + 1e-3:
                 raise DataError(
                     f"images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                    "(convert [-1, 1] model outputs with (x + 1) / 2)")
+                    "(convert [-1, 1] model outputs with (x + 1) / 2)"
+                )
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         return images
@@ -135,8 +136,7 @@ class Extractor:
             out = self._embed(x.to(self.device))
             out = out.float().reshape(out.shape[0], -1)
             if out.shape != (x.shape[0], self.dim):
-                raise DataError(
-                    f"{self.name}: model returned {list(out.shape)}, expected [{x.shape[0]}, {self.dim}]")
+                raise DataError(f"{self.name}: model returned {list(out.shape)}, expected [{x.shape[0]}, {self.dim}]")
             return F.normalize(out, dim=1)
 
     def embed_pil(self, images: Sequence, batch_size: int = 64) -> torch.Tensor:

@@ -66,8 +66,15 @@ def _hf_cached(repo_id: str, filenames: list[str], cache_dir: str | None) -> str
 
 def _find_weights(folder: Path) -> str | None:
     """The weights file of an open_clip export folder (safetensors preferred), or None."""
-    preferred = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
-                 "open_clip_pytorch_model.bin", "pytorch_model.bin", "open_clip_pytorch_model.pth", "model.pth"]
+    preferred = [
+        "open_clip_model.safetensors",
+        "open_clip_pytorch_model.safetensors",
+        "model.safetensors",
+        "open_clip_pytorch_model.bin",
+        "pytorch_model.bin",
+        "open_clip_pytorch_model.pth",
+        "model.pth",
+    ]
     for name in preferred:
         if (folder / name).is_file():
             return str(folder / name)
@@ -79,9 +86,11 @@ def _require_weights(arch: str, pretrained: str | None) -> None:
     """Random weights only on request: refuse a CLIP without weights (``pretrained`` unset,
     and no ``local-dir:``/``hf-hub:`` arch, which brings its own)."""
     if pretrained in (None, "", "none") and not str(arch).startswith(("local-dir:", "hf-hub:")):
-        raise ConfigError("clip: no weights (pretrained is unset); pass features.extractor.pretrained="
-                          "<checkpoint file or cached tag>, or features.extractor.pretrained=random "
-                          "for a randomly initialised CLIP (not a meaningful descriptor)")
+        raise ConfigError(
+            "clip: no weights (pretrained is unset); pass features.extractor.pretrained="
+            "<checkpoint file or cached tag>, or features.extractor.pretrained=random "
+            "for a randomly initialised CLIP (not a meaningful descriptor)"
+        )
 
 
 def resolve_pretrained_tag(arch: str, tag: str, cache_dir: str | None = None) -> tuple[str, dict]:
@@ -94,7 +103,8 @@ def resolve_pretrained_tag(arch: str, tag: str, cache_dir: str | None = None) ->
         tags = open_clip.list_pretrained_tags_by_model(arch)
         raise ConfigError(
             f"clip pretrained '{tag}' is neither a file nor a known tag of '{arch}'.{did_you_mean(tag, tags)} "
-            f"Known tags: {', '.join(tags) or 'none'}")
+            f"Known tags: {', '.join(tags) or 'none'}"
+        )
     tried = []
     hub = cfg.get("hf_hub", "")
     if hub:
@@ -116,7 +126,8 @@ def resolve_pretrained_tag(arch: str, tag: str, cache_dir: str | None = None) ->
     raise DataError(
         f"clip weights '{arch}/{tag}' are not available locally (looked in: {'; '.join(tried)}); "
         "diffmem never downloads: download them on a machine with internet (e.g. "
-        "huggingface-cli download) into the HF cache, or set pretrained=<local checkpoint file>")
+        "huggingface-cli download) into the HF cache, or set pretrained=<local checkpoint file>"
+    )
 
 
 class ClipExtractor(Extractor):
@@ -128,9 +139,16 @@ class ClipExtractor(Extractor):
     def check_config(cls, fields: dict) -> None:
         _require_weights(fields.get("arch", "ViT-B-32"), fields.get("pretrained"))
 
-    def __init__(self, arch: str = "ViT-B-32", pretrained: str | None = None, cache_dir: str | None = None,
-                 device: str | torch.device = "auto", precision: str = "fp32",
-                 force_quick_gelu: bool = False, name: str = "clip"):
+    def __init__(
+        self,
+        arch: str = "ViT-B-32",
+        pretrained: str | None = None,
+        cache_dir: str | None = None,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        force_quick_gelu: bool = False,
+        name: str = "clip",
+    ):
         import open_clip
 
         _require_weights(arch, pretrained)
@@ -143,15 +161,16 @@ class ClipExtractor(Extractor):
         self.precision = precision
         self.weights_path: str | None = None
         self.random_init = False
-        kwargs: dict[str, Any] = dict(precision=precision, device=self.device,
-                                      force_quick_gelu=bool(force_quick_gelu), weights_only=True)
+        kwargs: dict[str, Any] = dict(
+            precision=precision, device=self.device, force_quick_gelu=bool(force_quick_gelu), weights_only=True
+        )
         model_name = arch
         if arch.startswith("hf-hub:"):
-            model_name = self._resolve_hub_dir(arch[len("hf-hub:"):], cache_dir)
+            model_name = self._resolve_hub_dir(arch[len("hf-hub:") :], cache_dir)
         if model_name.startswith("local-dir:"):
             if pretrained:
                 raise ConfigError("clip: `pretrained` is ignored with a 'local-dir:'/'hf-hub:' arch; leave it null")
-            folder = Path(model_name[len("local-dir:"):]).expanduser()
+            folder = Path(model_name[len("local-dir:") :]).expanduser()
             if not (folder / "open_clip_config.json").is_file():
                 raise DataError(f"clip: {folder} has no open_clip_config.json (an open_clip export folder)")
             self.weights_path = _find_weights(folder)
@@ -171,7 +190,8 @@ class ClipExtractor(Extractor):
             if tag_cfg.get("quick_gelu"):
                 kwargs["force_quick_gelu"] = True
             kwargs["force_preprocess_cfg"] = {
-                k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+                k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg
+            }
         import logging
 
         level = logging.getLogger().level
@@ -181,11 +201,14 @@ class ClipExtractor(Extractor):
                 warnings.filterwarnings("ignore", "Detected pickle protocol")  # a foreign pickle: the error says it
                 torch.manual_seed(0)  # random-init weights (pretrained=random) are the same in every process
                 model = open_clip.create_model(
-                    model_name, pretrained=None if model_name.startswith("local-dir:") else self.weights_path,
-                    **kwargs)
+                    model_name, pretrained=None if model_name.startswith("local-dir:") else self.weights_path, **kwargs
+                )
         except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
-            why = ("a pickle that is not a plain tensor file (refused by weights_only, nothing run)"
-                   if isinstance(err, pickle.UnpicklingError) else _first_line(err))
+            why = (
+                "a pickle that is not a plain tensor file (refused by weights_only, nothing run)"
+                if isinstance(err, pickle.UnpicklingError)
+                else _first_line(err)
+            )
             raise DataError(f"clip: cannot build '{arch}' with weights {self.weights_path}: {why}") from err
         finally:
             logging.getLogger().setLevel(level)
@@ -200,10 +223,14 @@ class ClipExtractor(Extractor):
         size = size[0] if isinstance(size, (tuple, list)) else int(size)
         resize_mode = pcfg.get("resize_mode", "shortest")
         self.preprocess = Preprocess(
-            name=f"open_clip_{resize_mode}", resize=_RESIZE_MODES.get(resize_mode, "short"), size=size,
-            crop=size, mean=tuple(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+            name=f"open_clip_{resize_mode}",
+            resize=_RESIZE_MODES.get(resize_mode, "short"),
+            size=size,
+            crop=size,
+            mean=tuple(pcfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
             std=tuple(pcfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-            interpolation=pcfg.get("interpolation", "bicubic"), fill=float(pcfg.get("fill_color", 0) or 0),
+            interpolation=pcfg.get("interpolation", "bicubic"),
+            fill=float(pcfg.get("fill_color", 0) or 0),
         )
         with torch.no_grad():
             probe = torch.zeros(1, 3, size, size, device=self.device)
@@ -215,7 +242,8 @@ class ClipExtractor(Extractor):
         if config is None:
             raise DataError(
                 f"clip: hf-hub repo '{repo_id}' is not in the local HF cache; diffmem never downloads: "
-                "fetch it where there is internet or export it to a folder and use arch='local-dir:<folder>'")
+                "fetch it where there is internet or export it to a folder and use arch='local-dir:<folder>'"
+            )
         return f"local-dir:{Path(config).parent}"
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,8 +271,7 @@ class ClipExtractor(Extractor):
         return {"arch": self.arch, "pretrained": self.pretrained, "precision": self.precision}
 
 
-def export_local_clip(model, folder: str | os.PathLike, model_cfg: dict,
-                      preprocess_cfg: dict | None = None) -> Path:
+def export_local_clip(model, folder: str | os.PathLike, model_cfg: dict, preprocess_cfg: dict | None = None) -> Path:
     """Write ``model`` as an open_clip ``local-dir:`` folder (config JSON + safetensors)."""
     from safetensors.torch import save_file
 

@@ -22,9 +22,10 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from diffmem.data.photos import natural_photos
 from diffmem.errors import ConfigError
 
+
 def _crop(im: Image.Image, rng: np.random.Generator, other: Image.Image) -> Image.Image:
     area = rng.uniform(0.4, 0.7)
-    w, h = max(1, round(im.width * area ** 0.5)), max(1, round(im.height * area ** 0.5))
+    w, h = max(1, round(im.width * area**0.5)), max(1, round(im.height * area**0.5))
     x, y = rng.integers(0, im.width - w + 1), rng.integers(0, im.height - h + 1)
     return im.crop((int(x), int(y), int(x) + w, int(y) + h))
 
@@ -63,8 +64,12 @@ def _overlay_text(im: Image.Image, rng: np.random.Generator, other: Image.Image)
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
     for row in range(3):
         words = " ".join("".join(chr(int(c)) for c in rng.integers(97, 123, 5)) for _ in range(3))
-        draw.text((int(rng.integers(0, max(1, im.width // 4))), int(im.height * (0.2 + 0.25 * row))),
-                  words, fill=colour, font_size=size)
+        draw.text(
+            (int(rng.integers(0, max(1, im.width // 4))), int(im.height * (0.2 + 0.25 * row))),
+            words,
+            fill=colour,
+            font_size=size,
+        )
     return im
 
 
@@ -74,8 +79,14 @@ def _flip(im: Image.Image, rng: np.random.Generator, other: Image.Image) -> Imag
 
 #: The edit families: ``name -> fn(image, rng, another photo) -> edited image``.
 FAMILIES: dict[str, Callable[[Image.Image, np.random.Generator, Image.Image], Image.Image]] = {
-    "crop": _crop, "resize_jpeg": _resize_jpeg, "blur": _blur, "rotate": _rotate,
-    "colour_jitter": _jitter, "blend": _blend, "overlay_text": _overlay_text, "flip": _flip,
+    "crop": _crop,
+    "resize_jpeg": _resize_jpeg,
+    "blur": _blur,
+    "rotate": _rotate,
+    "colour_jitter": _jitter,
+    "blend": _blend,
+    "overlay_text": _overlay_text,
+    "flip": _flip,
 }
 
 
@@ -94,8 +105,9 @@ class CopySet:
         return np.arange(len(self.originals))[:, None] == self.copy_source[None, :]
 
 
-def build_copy_set(photos: dict[str, np.ndarray] | None = None, families: Sequence[str] = tuple(FAMILIES),
-                   seed: int = 0) -> CopySet:
+def build_copy_set(
+    photos: dict[str, np.ndarray] | None = None, families: Sequence[str] = tuple(FAMILIES), seed: int = 0
+) -> CopySet:
     """One copy of every photo per edit family (blends mix in the next photo), deterministic for ``seed``."""
     photos = natural_photos() if photos is None else photos
     if len(photos) < 2:

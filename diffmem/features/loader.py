@@ -46,8 +46,15 @@ class DecodedImages:
     or ``(index, None, error)`` for an image that cannot be read (the caller decides): a
     map-style dataset for torch's DataLoader (not a subclass, so this module loads without torch)."""
 
-    def __init__(self, root: Path, files: list[str], indices: list[int], resolution: int | None, resize,
-                 max_pixels: int = MAX_PIXELS):
+    def __init__(
+        self,
+        root: Path,
+        files: list[str],
+        indices: list[int],
+        resolution: int | None,
+        resize,
+        max_pixels: int = MAX_PIXELS,
+    ):
         self.root, self.files, self.indices = Path(root), files, indices
         self.resolution, self.resize, self.max_pixels = resolution, resize, max_pixels
 
@@ -68,8 +75,9 @@ class DecodedImages:
         return i, x, None
 
 
-def decode_uint8(path: Path, pre: Preprocess, resolution: int | None = None,
-                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_uint8(
+    path: Path, pre: Preprocess, resolution: int | None = None, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """The image at ``path`` preprocessed by ``pre`` in uint8 ``[h, w, 3]`` (a JPEG decoded at
     reduced size, resized with PIL to exactly ``pre``'s size; not normalised)."""
     arr = load_image(path, resolution, max_pixels, size=pre.resize_size, resample=PIL_FILTERS[pre.interpolation])
@@ -101,9 +109,20 @@ def _one_thread(_worker: int) -> None:
     torch.set_num_threads(1)  # the workers decode; threads would fight the descriptor's
 
 
-def embed_images(extractor, root: Path, files: list[str], parts: list[int], part_size: int, *,
-                 batch_size: int, num_workers: int = 0, resolution: int | None = None,
-                 skip_errors: bool = False, max_pixels: int = MAX_PIXELS, progress=None) -> Iterator[tuple[int, np.ndarray, pd.DataFrame]]:
+def embed_images(
+    extractor,
+    root: Path,
+    files: list[str],
+    parts: list[int],
+    part_size: int,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    resolution: int | None = None,
+    skip_errors: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    progress=None,
+) -> Iterator[tuple[int, np.ndarray, pd.DataFrame]]:
     """``(part, vectors, skipped)`` for each of ``parts`` (item ranges of ``part_size`` of
     ``files``), in order. ``skipped`` lists the unreadable images (``index``, ``file``,
     ``error``) when ``skip_errors``; otherwise the first raises a one-line DataError naming
@@ -111,6 +130,7 @@ def embed_images(extractor, root: Path, files: list[str], parts: list[int], part
     indices = [i for p in parts for i in range(p * part_size, min((p + 1) * part_size, len(files)))]
     pre = getattr(extractor, "preprocess", None)
     if hasattr(extractor, "embed_uint8"):
+
         def load(i: int):
             try:
                 return i, decode_uint8(Path(root) / files[i], pre, resolution, max_pixels), None
@@ -123,10 +143,16 @@ def embed_images(extractor, root: Path, files: list[str], parts: list[int], part
     else:
         import torch
 
-        dataset = DecodedImages(root, files, indices, resolution, pre.resize_only if pre is not None else None,
-                                max_pixels)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=CHUNK, num_workers=num_workers, collate_fn=list,
-                                             worker_init_fn=_one_thread if num_workers else None)
+        dataset = DecodedImages(
+            root, files, indices, resolution, pre.resize_only if pre is not None else None, max_pixels
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=CHUNK,
+            num_workers=num_workers,
+            collate_fn=list,
+            worker_init_fn=_one_thread if num_workers else None,
+        )
         items = (item for chunk in loader for item in chunk)
         forward, stack = (lambda x: extractor(x).cpu().numpy()), torch.stack
     buckets: dict[tuple, list[tuple]] = {}  # shape -> [(index, image)]

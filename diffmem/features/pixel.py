@@ -28,9 +28,15 @@ class PixelExtractor(Extractor):
 
     family = "pixel"
 
-    def __init__(self, size: int = 16, grayscale: bool = False, center: bool = True,
-                 interpolation: str = "bilinear", device: str | torch.device = "cpu",
-                 name: str = "pixel"):
+    def __init__(
+        self,
+        size: int = 16,
+        grayscale: bool = False,
+        center: bool = True,
+        interpolation: str = "bilinear",
+        device: str | torch.device = "cpu",
+        name: str = "pixel",
+    ):
         size = check_positive(size, "pixel size")
         self.name = name
         self.size = size
@@ -39,7 +45,12 @@ class PixelExtractor(Extractor):
         self.device = resolve_device(device)
         self.dim = size * size * (1 if self.grayscale else 3)
         self.preprocess = Preprocess(
-            name="pixel", resize="square", size=size, crop=None, mean=0.0, std=1.0,
+            name="pixel",
+            resize="square",
+            size=size,
+            crop=None,
+            mean=0.0,
+            std=1.0,
             interpolation=interpolation,
             extra={"grayscale": self.grayscale, "center": "image_mean" if self.center else None},
         )

@@ -40,15 +40,21 @@ SSCD_LICENCE = "MIT"
 #: projects pin for the file served at dl.fbaipublicfiles.com/sscd-copy-detection/.
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "sscd_disc_mixup": {
-        "file": "sscd_disc_mixup.torchscript.pt", "dim": 512, "arch": "ResNet-50",
+        "file": "sscd_disc_mixup.torchscript.pt",
+        "dim": 512,
+        "arch": "ResNet-50",
         "sha256": "9f26bd4c848cc19b73d2ae92eea6e04886f61a7b764ceb7a13aeee62e6a6db56",
     },
     "sscd_disc_large": {
-        "file": "sscd_disc_large.torchscript.pt", "dim": 1024, "arch": "ResNeXt-101",
+        "file": "sscd_disc_large.torchscript.pt",
+        "dim": 1024,
+        "arch": "ResNeXt-101",
         "sha256": None,
     },
     "sscd_imagenet_mixup": {
-        "file": "sscd_imagenet_mixup.torchscript.pt", "dim": 512, "arch": "ResNet-50",
+        "file": "sscd_imagenet_mixup.torchscript.pt",
+        "dim": 512,
+        "arch": "ResNet-50",
         "sha256": None,
     },
 }
@@ -64,12 +70,14 @@ def verify_file(path: Path, expected: str | None, verify: bool = True, what: str
     if not expected:
         raise DataError(
             f"{path}: no SHA256 is pinned for this {what} file (its digest is {actual}); "
-            f"set sha256=<expected hex digest> from a source you trust, or verify=false to load it unverified")
+            f"set sha256=<expected hex digest> from a source you trust, or verify=false to load it unverified"
+        )
     expected = str(expected).strip().lower()
     if actual != expected:
         raise DataError(
             f"{path}: SHA256 mismatch: expected {expected}, actual {actual}; re-download the file, "
-            f"fix the sha256 setting, or set verify=false to load it unverified")
+            f"fix the sha256 setting, or set verify=false to load it unverified"
+        )
     return actual
 
 
@@ -79,19 +87,29 @@ class SSCDExtractor(Extractor):
     family = "sscd"
     default_model: str | None = None  # set by the named subclasses
 
-    def __init__(self, path: str | None = None, model: str | None = None, cache_dir: str | None = None,
-                 sha256: str | None = None, verify: bool = True,
-                 preprocess: str | Mapping[str, Any] = "sscd_official", dim: int | None = None,
-                 device: str | torch.device = "auto", name: str | None = None):
+    def __init__(
+        self,
+        path: str | None = None,
+        model: str | None = None,
+        cache_dir: str | None = None,
+        sha256: str | None = None,
+        verify: bool = True,
+        preprocess: str | Mapping[str, Any] = "sscd_official",
+        dim: int | None = None,
+        device: str | torch.device = "auto",
+        name: str | None = None,
+    ):
         model = model if model is not None else self.default_model
         if model is not None and model not in KNOWN_MODELS:
-            raise ConfigError(f"unknown SSCD model '{model}'.{did_you_mean(model, KNOWN_MODELS)} "
-                              f"Known: {', '.join(KNOWN_MODELS)}")
+            raise ConfigError(
+                f"unknown SSCD model '{model}'.{did_you_mean(model, KNOWN_MODELS)} Known: {', '.join(KNOWN_MODELS)}"
+            )
         if path is None:
             if model is None:
                 raise ConfigError(
                     "sscd needs `path` (a TorchScript file) or `model` (one of "
-                    f"{', '.join(KNOWN_MODELS)}) to look up under `cache_dir`")
+                    f"{', '.join(KNOWN_MODELS)}) to look up under `cache_dir`"
+                )
             cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir() / "sscd"
             path = cache / KNOWN_MODELS[model]["file"]
         path = Path(path).expanduser()
@@ -112,7 +130,8 @@ class SSCDExtractor(Extractor):
             raise DataError(
                 f"{what} not found at {path}; download it yourself from the links in the README of "
                 f"{SSCD_SOURCE} ({SSCD_LICENCE}-licensed; diffmem downloads nothing at run time) "
-                "and set path=<file> (or put it under cache_dir)")
+                "and set path=<file> (or put it under cache_dir)"
+            )
         self.sha256 = verify_file(path, self.expected_sha256, self.verify, what="TorchScript")
         import torch
 

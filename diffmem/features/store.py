@@ -24,8 +24,19 @@ import numpy as np
 import pandas as pd
 
 from diffmem.errors import DataError
-from diffmem.runs import (INFO, RUN_FILE, atomic_path, digest, file_stamp, is_done, parquet_rows, read_json, read_parquet,
-                          reopen, write_parquet)
+from diffmem.runs import (
+    INFO,
+    RUN_FILE,
+    atomic_path,
+    digest,
+    file_stamp,
+    is_done,
+    parquet_rows,
+    read_json,
+    read_parquet,
+    reopen,
+    write_parquet,
+)
 
 PARTS = "features"
 IDS = "ids.parquet"
@@ -105,8 +116,11 @@ class FeatureStore:
         """The ids (``item_id``, ``file``), the items' other columns and the skipped list, once
         every part exists: ``items`` minus the skipped ones. Returns how many were skipped."""
         lists = [read_parquet(path) for path in sorted((self.run_dir / PARTS).glob("skipped-*.parquet"))]
-        skipped = pd.concat(lists, ignore_index=True) if lists else pd.DataFrame(
-            {"item_id": [], "file": [], "error": []}, dtype=str)
+        skipped = (
+            pd.concat(lists, ignore_index=True)
+            if lists
+            else pd.DataFrame({"item_id": [], "file": [], "error": []}, dtype=str)
+        )
         write_parquet(self.skipped_path, skipped)
         kept = items[~items["item_id"].isin(skipped["item_id"])].reset_index(drop=True)
         write_parquet(self.run_dir / ITEMS, kept)
@@ -123,8 +137,10 @@ class FeatureStore:
             raise DataError(f"{self.run_dir}: no feature parts ({PARTS}/part-*.npy)")
         for p, path in enumerate(parts):
             if path != self.part_path(p):
-                raise DataError(f"{self.part_path(p)}: missing (only {len(parts)} parts, numbered up to "
-                                f"{parts[-1].name}); re-run the embed stage")
+                raise DataError(
+                    f"{self.part_path(p)}: missing (only {len(parts)} parts, numbered up to "
+                    f"{parts[-1].name}); re-run the embed stage"
+                )
         return parts
 
     def content_digest(self) -> str:
@@ -136,8 +152,13 @@ class FeatureStore:
         run_json = self.run_dir / RUN_FILE
         with open(self.ids_path, "rb") as fh:
             ids = hashlib.file_digest(fh, "sha256").hexdigest()
-        return digest({"config": read_json(run_json) if run_json.is_file() else None, "ids": ids,
-                       "parts": [file_stamp(p, 1 << 16) for p in self.part_paths()]})
+        return digest(
+            {
+                "config": read_json(run_json) if run_json.is_file() else None,
+                "ids": ids,
+                "parts": [file_stamp(p, 1 << 16) for p in self.part_paths()],
+            }
+        )
 
     def info(self) -> dict:
         """The run's ``info.json``, checked to be an embed run's (it names its ``feature``)."""

@@ -41,8 +41,12 @@ RESIZE_MODES = ("short", "square", "long", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area")
 #: PIL's filter for each interpolation, for the uint8 resize (:meth:`Preprocess.resize_size`);
 #: PIL antialiases as ``interpolate(antialias=True)`` does
-PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-               "nearest": Image.Resampling.NEAREST, "area": Image.Resampling.BOX}
+PIL_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "area": Image.Resampling.BOX,
+}
 
 
 def _pair(size) -> tuple[int, int]:
@@ -85,8 +89,7 @@ def long_side_size(h: int, w: int, size: int) -> tuple[int, int]:
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def resize_long(x: torch.Tensor, size: int, interpolation: str = "bilinear",
-                fill: float = 0.0) -> torch.Tensor:
+def resize_long(x: torch.Tensor, size: int, interpolation: str = "bilinear", fill: float = 0.0) -> torch.Tensor:
     """Resize so the long side is ``size`` (aspect kept), then pad to ``size`` x ``size``."""
     x = resize_to(x, long_side_size(x.shape[-2], x.shape[-1], size), interpolation)
     return center_crop(x, size, fill=fill)
@@ -107,7 +110,7 @@ def center_crop(x: torch.Tensor, size, fill: float = 0.0) -> torch.Tensor:
         h, w = x.shape[-2:]
     top = int(round((h - th) / 2.0))
     left = int(round((w - tw) / 2.0))
-    return x[..., top:top + th, left:left + tw]
+    return x[..., top : top + th, left : left + tw]
 
 
 def center_crop_array(x: np.ndarray, size, fill: int = 0) -> np.ndarray:
@@ -119,7 +122,7 @@ def center_crop_array(x: np.ndarray, size, fill: int = 0) -> np.ndarray:
         x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), constant_values=fill)
         h, w = x.shape[:2]
     top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
-    return x[top:top + th, left:left + tw]
+    return x[top : top + th, left : left + tw]
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -163,7 +166,8 @@ class Preprocess:
             raise ConfigError(f"preprocess resize '{self.resize}' is not one of {', '.join(RESIZE_MODES)}")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(
-                f"preprocess interpolation '{self.interpolation}' is not one of {', '.join(INTERPOLATIONS)}")
+                f"preprocess interpolation '{self.interpolation}' is not one of {', '.join(INTERPOLATIONS)}"
+            )
         self.size = int(self.size)
         self.crop = None if self.crop is None else int(self.crop)
         self.mean = _triple(self.mean)
@@ -240,7 +244,8 @@ def get_preprocess(spec: str | Mapping[str, Any] | Preprocess) -> Preprocess:
         if spec not in PRESETS:
             raise ConfigError(
                 f"unknown preprocessing '{spec}'.{did_you_mean(spec, PRESETS)} Known: {', '.join(PRESETS)} "
-                "(or a dict with resize/size/crop/mean/std)")
+                "(or a dict with resize/size/crop/mean/std)"
+            )
         return Preprocess(name=spec, **PRESETS[spec])
     if isinstance(spec, Mapping):
         fields = dict(spec)

@@ -11,7 +11,21 @@ from diffmem.index.search import search, streaming_search
 from diffmem.index.sharded import add_shard, merge_shards, train_empty_index
 
 __all__ = [
-    "INDEX_FILE", "INFO_FILE", "add_shard", "build_index", "check_features", "load_index",
-    "measure_recall", "merge_shards", "recall_at_k", "save_index", "search", "set_search_params",
-    "set_threads", "streaming_search", "train_empty_index", "training_rows", "write_index",
+    "INDEX_FILE",
+    "INFO_FILE",
+    "add_shard",
+    "build_index",
+    "check_features",
+    "load_index",
+    "measure_recall",
+    "merge_shards",
+    "recall_at_k",
+    "save_index",
+    "search",
+    "set_search_params",
+    "set_threads",
+    "streaming_search",
+    "train_empty_index",
+    "training_rows",
+    "write_index",
 ]

@@ -22,8 +22,8 @@ from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 
 NORM_TOL = 1e-3
-ADD_CHUNK = 65536          # rows per add() call
-CHECK_CHUNK = 16384        # rows per validation step (bounds temporaries)
+ADD_CHUNK = 65536  # rows per add() call
+CHECK_CHUNK = 16384  # rows per validation step (bounds temporaries)
 MIN_POINTS_PER_CENTROID = 39  # FAISS warns below this many training points per centroid
 
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
@@ -43,8 +43,7 @@ def _metric(metric: str | int) -> int:
     if key in ("inner_product", "cosine", "dot"):
         key = "ip"
     if key not in _METRICS:
-        raise ConfigError(f"unknown index metric {metric!r}; use 'ip' (cosine on normalised "
-                          f"features) or 'l2'")
+        raise ConfigError(f"unknown index metric {metric!r}; use 'ip' (cosine on normalised features) or 'l2'")
     return _METRICS[key]
 
 
@@ -52,8 +51,7 @@ def _metric_name(metric: str | int) -> str:
     return _METRIC_NAMES[_metric(metric)]
 
 
-def check_features(x: Any, name: str = "features", dim: int | None = None,
-                   normalized: bool = True) -> np.ndarray:
+def check_features(x: Any, name: str = "features", dim: int | None = None, normalized: bool = True) -> np.ndarray:
     """Return ``x`` as a float32 C-contiguous ``[N, D]`` array, or raise DataError.
 
     Checks: 2-D, non-empty, ``D == dim`` when given, all values finite and, when
@@ -78,7 +76,7 @@ def check_features(x: Any, name: str = "features", dim: int | None = None,
     bad_norm = 0
     lo, hi = np.inf, -np.inf
     for s in range(0, n, CHECK_CHUNK):
-        c = x[s:s + CHECK_CHUNK]
+        c = x[s : s + CHECK_CHUNK]
         fin = np.isfinite(c).all(axis=1)
         bad_finite += int((~fin).sum())
         if normalized and fin.any():
@@ -93,7 +91,8 @@ def check_features(x: Any, name: str = "features", dim: int | None = None,
     if bad_norm:
         raise DataError(
             f"{name}: {bad_norm} of {n} rows are not L2-normalised (norms {lo:.4g}..{hi:.4g}, "
-            f"tolerance {NORM_TOL:g}); normalise them (x / ||x||) or use metric l2")
+            f"tolerance {NORM_TOL:g}); normalise them (x / ||x||) or use metric l2"
+        )
     return x
 
 
@@ -128,9 +127,11 @@ def _make_index(dim: int, factory: str, metric: str | int) -> faiss.Index:
     try:
         return faiss.index_factory(int(dim), factory.strip(), _metric(metric))
     except RuntimeError as e:
-        raise ConfigError(f"invalid FAISS factory string {factory!r} for D={dim} "
-                          f"(e.g. 'Flat', 'IVF1024,Flat', 'IVF1024,PQ16', 'HNSW32'): "
-                          f"{_faiss_msg(e)}") from None
+        raise ConfigError(
+            f"invalid FAISS factory string {factory!r} for D={dim} "
+            f"(e.g. 'Flat', 'IVF1024,Flat', 'IVF1024,PQ16', 'HNSW32'): "
+            f"{_faiss_msg(e)}"
+        ) from None
 
 
 def _check_train_size(index: faiss.Index, n_train: int, factory: str) -> None:
@@ -138,12 +139,17 @@ def _check_train_size(index: faiss.Index, n_train: int, factory: str) -> None:
     if ivf is not None:
         nlist = int(ivf.nlist)
         if n_train < nlist:
-            raise ConfigError(f"index {factory!r} has nlist={nlist} lists but only {n_train} "
-                              f"training vectors; use a smaller nlist or more training data")
+            raise ConfigError(
+                f"index {factory!r} has nlist={nlist} lists but only {n_train} "
+                f"training vectors; use a smaller nlist or more training data"
+            )
         if n_train < MIN_POINTS_PER_CENTROID * nlist:
-            warnings.warn(f"index {factory!r}: {n_train} training vectors for nlist={nlist} "
-                          f"(FAISS wants >= {MIN_POINTS_PER_CENTROID * nlist}); the "
-                          f"clustering may be poor", stacklevel=3)
+            warnings.warn(
+                f"index {factory!r}: {n_train} training vectors for nlist={nlist} "
+                f"(FAISS wants >= {MIN_POINTS_PER_CENTROID * nlist}); the "
+                f"clustering may be poor",
+                stacklevel=3,
+            )
 
 
 def _train(index: faiss.Index, sample: np.ndarray, factory: str, seed: int) -> None:
@@ -161,8 +167,7 @@ def _train(index: faiss.Index, sample: np.ndarray, factory: str, seed: int) -> N
     try:
         index.train(sample)
     except RuntimeError as e:
-        raise ConfigError(f"training index {factory!r} on {sample.shape[0]} vectors failed: "
-                          f"{_faiss_msg(e)}") from None
+        raise ConfigError(f"training index {factory!r} on {sample.shape[0]} vectors failed: {_faiss_msg(e)}") from None
 
 
 def _supports_ids(index: faiss.Index) -> bool:
@@ -182,15 +187,14 @@ def _with_ids(index: faiss.Index) -> faiss.Index:
 
 def _add(index: faiss.Index, x: np.ndarray, ids: np.ndarray | None = None) -> None:
     for s in range(0, x.shape[0], ADD_CHUNK):
-        c = np.ascontiguousarray(x[s:s + ADD_CHUNK])
+        c = np.ascontiguousarray(x[s : s + ADD_CHUNK])
         if ids is None:
             index.add(c)
         else:
-            index.add_with_ids(c, ids[s:s + ADD_CHUNK])
+            index.add_with_ids(c, ids[s : s + ADD_CHUNK])
 
 
-def set_search_params(index: faiss.Index, nprobe: int | None = None,
-                      hnsw_ef_search: int | None = None) -> faiss.Index:
+def set_search_params(index: faiss.Index, nprobe: int | None = None, hnsw_ef_search: int | None = None) -> faiss.Index:
     """Set IVF ``nprobe`` / HNSW ``efSearch`` (also through IDMap / PreTransform wrappers)."""
     ps = faiss.ParameterSpace()
     for key, val in (("nprobe", nprobe), ("efSearch", hnsw_ef_search)):
@@ -201,12 +205,12 @@ def set_search_params(index: faiss.Index, nprobe: int | None = None,
             ps.set_index_parameter(index, key, int(val))
         except RuntimeError:
             kind = "IVF" if key == "nprobe" else "HNSW"
-            raise ConfigError(f"{key}={val} given but the index ({type(index).__name__}) is "
-                              f"not an {kind} index; leave it unset") from None
+            raise ConfigError(
+                f"{key}={val} given but the index ({type(index).__name__}) is not an {kind} index; leave it unset"
+            ) from None
     ivf = _ivf(index)
     if ivf is not None and nprobe is not None and int(nprobe) > ivf.nlist:
-        warnings.warn(f"nprobe={nprobe} exceeds nlist={ivf.nlist}; every list is scanned",
-                      stacklevel=2)
+        warnings.warn(f"nprobe={nprobe} exceeds nlist={ivf.nlist}; every list is scanned", stacklevel=2)
     return index
 
 
@@ -219,10 +223,17 @@ def training_rows(n: int, train_sample: int | None, seed: int) -> np.ndarray | N
     return np.sort(np.random.default_rng(seed).choice(n, size=int(train_sample), replace=False))
 
 
-def build_index(x: Any, factory: str = "Flat", metric: str = "ip",
-                train_sample: int | None = None, seed: int = 0, nprobe: int | None = None,
-                hnsw_ef_search: int | None = None, ids: Any = None,
-                name: str = "features") -> faiss.Index:
+def build_index(
+    x: Any,
+    factory: str = "Flat",
+    metric: str = "ip",
+    train_sample: int | None = None,
+    seed: int = 0,
+    nprobe: int | None = None,
+    hnsw_ef_search: int | None = None,
+    ids: Any = None,
+    name: str = "features",
+) -> faiss.Index:
     """Build a FAISS index from ``x`` [N, D] with ``faiss.index_factory(D, factory, metric)``.
 
     Untrained indexes (IVF, PQ) are trained on ``train_sample`` rows drawn with ``seed``

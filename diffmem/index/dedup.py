@@ -80,7 +80,7 @@ def merge_components(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.nda
     la, lb = la[keep], lb[keep]
     nodes, inv = np.unique(np.concatenate([la, lb]), return_inverse=True)
     m = len(nodes)
-    graph = coo_matrix((np.ones(len(la), np.int8), (inv[:len(la)], inv[len(la):])), shape=(m, m))
+    graph = coo_matrix((np.ones(len(la), np.int8), (inv[: len(la)], inv[len(la) :])), shape=(m, m))
     _, comp = connected_components(graph, directed=False)
     low = np.full(comp.max() + 1, len(labels), dtype=labels.dtype)
     np.minimum.at(low, comp, nodes)
@@ -89,33 +89,41 @@ def merge_components(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.nda
     return remap[labels]
 
 
-def range_pairs(index, x: np.ndarray, threshold: float, batch_size: int = QUERY_BATCH
-                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def range_pairs(
+    index, x: np.ndarray, threshold: float, batch_size: int = QUERY_BATCH
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per query batch, the pairs ``(i, j)``, ``i != j``, of rows of ``x`` (the vectors in
     ``index``, in order) whose inner product is at least ``threshold``."""
     for s in range(0, len(x), batch_size):
-        lims, _, ids = index.range_search(np.ascontiguousarray(x[s:s + batch_size]), threshold)
+        lims, _, ids = index.range_search(np.ascontiguousarray(x[s : s + batch_size]), threshold)
         rows = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))
         keep = rows != ids
         yield rows[keep], ids[keep]
 
 
-def components(x: np.ndarray, threshold: float, factory: str = "Flat", nprobe: int | None = None,
-               train_sample: int | None = None, seed: int = 0, batch_size: int = QUERY_BATCH) -> np.ndarray:
+def components(
+    x: np.ndarray,
+    threshold: float,
+    factory: str = "Flat",
+    nprobe: int | None = None,
+    train_sample: int | None = None,
+    seed: int = 0,
+    batch_size: int = QUERY_BATCH,
+) -> np.ndarray:
     """The connected components of the graph joining rows of ``x`` (L2-normalised) whose cosine
     is at least ``threshold``; each row labelled by the lowest row of its component. With an
     approximate ``factory`` (IVF) a pair is found when either end finds the other."""
     check_threshold(threshold)
-    index = build_index(x, factory, "ip", train_sample=train_sample, seed=seed, nprobe=nprobe,
-                        name="dedup vectors")
+    index = build_index(x, factory, "ip", train_sample=train_sample, seed=seed, nprobe=nprobe, name="dedup vectors")
     labels = np.arange(len(x), dtype=np.int64)
     for a, b in range_pairs(index, x, threshold, batch_size):
         labels = merge_components(labels, a, b)
     return labels
 
 
-def representatives(x: np.ndarray, labels: np.ndarray, how: str = "central",
-                    batch_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def representatives(
+    x: np.ndarray, labels: np.ndarray, how: str = "central", batch_size: int = 65536
+) -> tuple[np.ndarray, np.ndarray]:
     """``(representative row, cosine to it)`` per row of ``x`` for components ``labels`` (each
     the component's lowest row). ``first``: that lowest row; ``central``: the member with the
     highest summed cosine to the group (``x_i . sum_g``, linear in the group's size; ties: the
@@ -130,20 +138,28 @@ def representatives(x: np.ndarray, labels: np.ndarray, how: str = "central",
             g = np.unique(inv[multi], return_inverse=True)[1]
             sums = np.zeros((g.max() + 1, x.shape[1]), np.float32)
             for s in range(0, len(multi), batch_size):
-                np.add.at(sums, g[s:s + batch_size], x[multi[s:s + batch_size]])
+                np.add.at(sums, g[s : s + batch_size], x[multi[s : s + batch_size]])
             central = np.einsum("ij,ij->i", x[multi], sums[g])
             order = np.lexsort((multi, -central, g))  # per group: most central first, then lowest row
             first = order[np.r_[True, g[order][1:] != g[order][:-1]]]
             rep[multi] = multi[first][g]
     score = np.empty(len(x), np.float32)
     for s in range(0, len(x), batch_size):
-        score[s:s + batch_size] = np.einsum("ij,ij->i", x[s:s + batch_size], x[rep[s:s + batch_size]])
+        score[s : s + batch_size] = np.einsum("ij,ij->i", x[s : s + batch_size], x[rep[s : s + batch_size]])
     return rep, score
 
 
-def group_vectors(x: np.ndarray, threshold: float, hashes: list[str] | None = None, *,
-                  representative: str = "central", factory: str = "Flat", nprobe: int | None = None,
-                  train_sample: int | None = None, seed: int = 0) -> pd.DataFrame:
+def group_vectors(
+    x: np.ndarray,
+    threshold: float,
+    hashes: list[str] | None = None,
+    *,
+    representative: str = "central",
+    factory: str = "Flat",
+    nprobe: int | None = None,
+    train_sample: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Near-duplicate groups of the rows of ``x``: ``group`` (numbered by size, largest first,
     then by first row), ``size``, ``representative`` (its row) and ``score`` (cosine to it), one row per row of
     ``x``. With ``hashes`` (one per row, :func:`pixel_hashes`) rows with the same hash join
@@ -182,5 +198,6 @@ def groups_by_row(rows: pd.DataFrame, items: pd.DataFrame, grouped: pd.DataFrame
     out["group_id"] = out["group_id"].map(pd.Series(np.arange(len(order)), index=order["group_id"].to_numpy()))
     cols = ["group_id", "group_size", "item_id", "file", "score", "is_representative"]
     out = out[cols + (["exact"] if "exact" in out else []) + ["rep_file"]]
-    return out.sort_values(["group_id", "is_representative", "score"], ascending=[True, False, False],
-                           kind="stable").reset_index(drop=True)
+    return out.sort_values(
+        ["group_id", "is_representative", "score"], ascending=[True, False, False], kind="stable"
+    ).reset_index(drop=True)

@@ -20,8 +20,9 @@ INDEX_FILE = "index.faiss"
 INFO_FILE = "index_info.json"
 
 
-def _read_index(path: str | os.PathLike, what: str = "index", mmap: bool = False,
-                ondisk_same_dir: bool = False) -> faiss.Index:
+def _read_index(
+    path: str | os.PathLike, what: str = "index", mmap: bool = False, ondisk_same_dir: bool = False
+) -> faiss.Index:
     """Read a FAISS index file; ``ondisk_same_dir``: its on-disk inverted lists are the file
     of the recorded name beside it (not at the absolute path FAISS stored)."""
     path = Path(path)
@@ -33,8 +34,7 @@ def _read_index(path: str | os.PathLike, what: str = "index", mmap: bool = False
     try:
         return faiss.read_index(str(path), flags)
     except RuntimeError as e:
-        raise DataError(f"{what} file {path} is not a readable FAISS index: "
-                        f"{_faiss_msg(e)}") from None
+        raise DataError(f"{what} file {path} is not a readable FAISS index: {_faiss_msg(e)}") from None
 
 
 def write_index(index: faiss.Index, path: str | os.PathLike) -> Path:
@@ -96,8 +96,10 @@ def _check_ivfdata(folder: Path, index_file: Path, recorded: dict) -> Path:
         raise DataError(f"{path}: not found (the on-disk inverted lists of {index_file})")
     now = file_stamp(path)
     if now != {k: recorded.get(k) for k in now}:
-        raise DataError(f"{path} is not the inverted-lists file {index_file} was built with "
-                        f"({now['size']} bytes, recorded {recorded.get('size')}); rebuild the index")
+        raise DataError(
+            f"{path} is not the inverted-lists file {index_file} was built with "
+            f"({now['size']} bytes, recorded {recorded.get('size')}); rebuild the index"
+        )
     return path
 
 
@@ -150,13 +152,15 @@ def load_index(path: str | os.PathLike, mmap: bool = False) -> tuple[faiss.Index
     ivfdata = (info or {}).get("ivfdata")
     if ivfdata:
         _check_ivfdata(folder, index_file, ivfdata)
-    index = _read_index(index_file, "index", mmap=mmap,
-                        ondisk_same_dir=bool(ivfdata) and not Path(ivfdata["path"]).is_absolute())
+    index = _read_index(
+        index_file, "index", mmap=mmap, ondisk_same_dir=bool(ivfdata) and not Path(ivfdata["path"]).is_absolute()
+    )
     if info is not None:
-        if int(info.get("ntotal", index.ntotal)) != index.ntotal or \
-                int(info.get("dim", index.d)) != index.d:
-            raise DataError(f"{info_file} (ntotal={info.get('ntotal')}, dim={info.get('dim')}) does "
-                            f"not describe {index_file} (ntotal={index.ntotal}, dim={index.d})")
+        if int(info.get("ntotal", index.ntotal)) != index.ntotal or int(info.get("dim", index.d)) != index.d:
+            raise DataError(
+                f"{info_file} (ntotal={info.get('ntotal')}, dim={info.get('dim')}) does "
+                f"not describe {index_file} (ntotal={index.ntotal}, dim={index.d})"
+            )
     else:
         warnings.warn(f"{info_file} missing; index metadata derived from the index", stacklevel=2)
         info = _describe(index)

@@ -26,9 +26,15 @@ from diffmem.runs import file_stamp, read_json, write_parquet
 MATCHES = "matches.parquet"
 
 
-def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
-                 background_dir: str | Path | None = None, beta: float = 1.0,
-                 background_k: int = 10, stream_dir: str | Path | None = None) -> pd.DataFrame:
+def find_matches(
+    index_dir: str | Path | None,
+    queries_dir: str | Path,
+    k: int,
+    background_dir: str | Path | None = None,
+    beta: float = 1.0,
+    background_k: int = 10,
+    stream_dir: str | Path | None = None,
+) -> pd.DataFrame:
     """The matches of ``queries_dir``'s vectors against the index in ``index_dir`` (or, with
     ``stream_dir``, against that embed run's memory-mapped parts, streamed)."""
     check_positive(k, "k")
@@ -41,9 +47,11 @@ def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
     else:
         index, info = load_index(index_dir)
     if info.get("feature") not in (None, qinfo["feature"]):
-        raise DataError(f"{queries_dir} holds '{qinfo['feature']}' features but the reference "
-                        f"{ref_dir} was built from '{info['feature']}' features; embed both "
-                        "with the same descriptor")
+        raise DataError(
+            f"{queries_dir} holds '{qinfo['feature']}' features but the reference "
+            f"{ref_dir} was built from '{info['feature']}' features; embed both "
+            "with the same descriptor"
+        )
     refs = None
     if "features_dir" in info:
         store = FeatureStore(info["features_dir"])
@@ -56,25 +64,34 @@ def find_matches(index_dir: str | Path | None, queries_dir: str | Path, k: int,
         scores, ids = streaming_search(parts, q, k)
     else:
         if q.shape[1] != index.d:
-            raise DataError(f"dimension mismatch: {queries_dir} holds D={q.shape[1]} vectors but "
-                            f"the index {index_dir} was built with D={index.d}")
+            raise DataError(
+                f"dimension mismatch: {queries_dir} holds D={q.shape[1]} vectors but "
+                f"the index {index_dir} was built with D={index.d}"
+            )
         scores, ids = search(index, q, k, info=info, feature=qinfo["feature"], name=f"queries {queries_dir}")
     raw = scores.copy()
     if background_dir:
         bx, _, binfo = FeatureStore(background_dir).load()
-        bg_scores, _ = search(build_index(bx, name=f"background {background_dir}"), q, background_k,
-                              info={"feature": binfo["feature"]}, feature=qinfo["feature"],
-                              name=f"queries {queries_dir}")
+        bg_scores, _ = search(
+            build_index(bx, name=f"background {background_dir}"),
+            q,
+            background_k,
+            info={"feature": binfo["feature"]},
+            feature=qinfo["feature"],
+            name=f"queries {queries_dir}",
+        )
         scores = sscd_score_normalisation(scores, bg_scores, beta=beta, k=background_k).astype(np.float32)
     nq = len(qids)
-    out = pd.DataFrame({
-        "query_id": np.repeat(qids["item_id"].to_numpy(), k),
-        "rank": np.tile(np.arange(k), nq),
-        "ref_index": ids.reshape(-1),
-        "score": scores.reshape(-1),
-        "raw_score": raw.reshape(-1),
-        "feature": qinfo["feature"],
-    })
+    out = pd.DataFrame(
+        {
+            "query_id": np.repeat(qids["item_id"].to_numpy(), k),
+            "rank": np.tile(np.arange(k), nq),
+            "ref_index": ids.reshape(-1),
+            "score": scores.reshape(-1),
+            "raw_score": raw.reshape(-1),
+            "feature": qinfo["feature"],
+        }
+    )
     out = out[out["ref_index"] >= 0]
     if refs is not None:
         ref = refs.iloc[out["ref_index"].to_numpy()]
@@ -106,12 +123,16 @@ def _check_pairing(index_dir, index, info: dict, store: FeatureStore, n_ids: int
     re-embedded, or changed, after the index was built): its rows would name the wrong images."""
     recorded = info.get("features_digest")  # indexes built before it was recorded: no digest
     if recorded is not None and recorded != (now := store.content_digest()):
-        raise DataError(f"the index {index_dir} was built from other contents of {store.run_dir} "
-                        f"(digest {recorded} then, {now} now); rebuild the index")
+        raise DataError(
+            f"the index {index_dir} was built from other contents of {store.run_dir} "
+            f"(digest {recorded} then, {now} now); rebuild the index"
+        )
     dim = store.info().get("dim")
     if index.ntotal != n_ids or (dim is not None and int(dim) != index.d):
-        raise DataError(f"the index {index_dir} (ntotal={index.ntotal}, D={index.d}) does not hold "
-                        f"its reference embed run {store.run_dir} ({n_ids} ids, D={dim}); rebuild the index")
+        raise DataError(
+            f"the index {index_dir} (ntotal={index.ntotal}, D={index.d}) does not hold "
+            f"its reference embed run {store.run_dir} ({n_ids} ids, D={dim}); rebuild the index"
+        )
 
 
 def write_matches(run_dir: str | Path, matches: pd.DataFrame) -> Path:

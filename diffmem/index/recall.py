@@ -19,18 +19,15 @@ def recall_at_k(approx_ids: Any, exact_ids: Any, k: int = 1) -> float:
     a = np.asarray(approx_ids)
     e = np.asarray(exact_ids)
     if a.ndim != 2 or e.ndim != 2 or a.shape[0] != e.shape[0]:
-        raise DataError(f"recall: id arrays must be [Q, k] with the same Q, got "
-                        f"{a.shape} and {e.shape}")
+        raise DataError(f"recall: id arrays must be [Q, k] with the same Q, got {a.shape} and {e.shape}")
     if a.shape[1] < k:
-        raise ConfigError(f"recall@{k} needs at least {k} approximate results per query, "
-                          f"got {a.shape[1]}")
+        raise ConfigError(f"recall@{k} needs at least {k} approximate results per query, got {a.shape[1]}")
     if a.shape[0] == 0:
         raise DataError("recall: no queries")
     return float((a[:, :k] == e[:, :1]).any(axis=1).mean())
 
 
-def measure_recall(index: faiss.Index, xb: Any, queries: Any, k: int = 1,
-                   ids: Any = None) -> dict[str, Any]:
+def measure_recall(index: faiss.Index, xb: Any, queries: Any, k: int = 1, ids: Any = None) -> dict[str, Any]:
     """Recall of ``index`` against an exact Flat index on ``xb`` (same metric).
 
     ``ids`` are the ids ``index`` stores for the rows of ``xb`` (default: row numbers).

@@ -20,8 +20,8 @@ from diffmem.index.build import _metric, check_features
 
 LOG = logging.getLogger(__name__)
 
-SEARCH_BATCH = 16384       # queries per search() call
-STREAM_CHUNK = 262144      # database rows per streaming step
+SEARCH_BATCH = 16384  # queries per search() call
+STREAM_CHUNK = 262144  # database rows per streaming step
 # Database rows per BLAS block in exact (Flat / knn) search. FAISS's default (1024) makes
 # many small sgemm calls + OpenMP barriers; 8192 was 1.3-2x faster on 2 cores (see
 # benchmarks/bench_search.py) at the cost of a query_bs x 8192 float32 buffer (128 MB).
@@ -42,9 +42,15 @@ def _flat_blocks(database_bs: int | None = FLAT_BLAS_DATABASE_BS):
         faiss.cvar.distance_compute_blas_database_bs = old
 
 
-def search(index: faiss.Index, queries: Any, k: int, info: dict | None = None,
-           batch_size: int = SEARCH_BATCH, feature: str | None = None, name: str = "queries"
-           ) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index,
+    queries: Any,
+    k: int,
+    info: dict | None = None,
+    batch_size: int = SEARCH_BATCH,
+    feature: str | None = None,
+    name: str = "queries",
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` neighbours of ``queries``: ``(scores [Q, k] float32, ids [Q, k] int64)``.
 
     Scores are inner products (cosine) for metric ip, squared L2 distances for l2; rows
@@ -55,27 +61,31 @@ def search(index: faiss.Index, queries: Any, k: int, info: dict | None = None,
     k = check_positive(k, "k")
     check_positive(batch_size, "batch_size")
     if info and feature is not None and info.get("feature") not in (None, feature):
-        raise DataError(f"queries are '{feature}' features but the index was built from "
-                        f"'{info['feature']}' features; embed both with the same descriptor")
+        raise DataError(
+            f"queries are '{feature}' features but the index was built from "
+            f"'{info['feature']}' features; embed both with the same descriptor"
+        )
     shape = getattr(queries, "shape", None)
     if shape is not None and len(shape) == 2 and shape[1] != index.d:
-        raise DataError(f"dimension mismatch: index built with D={index.d}, "
-                        f"{name} have D={shape[1]}")
-    q = check_features(queries, name=name, dim=index.d,
-                       normalized=index.metric_type == faiss.METRIC_INNER_PRODUCT)
+        raise DataError(f"dimension mismatch: index built with D={index.d}, {name} have D={shape[1]}")
+    q = check_features(queries, name=name, dim=index.d, normalized=index.metric_type == faiss.METRIC_INNER_PRODUCT)
     if index.ntotal == 0:
         raise DataError("the index is empty (ntotal=0)")
     if k > index.ntotal:
-        LOG.warning("k=%d but the index holds %d vectors: the last %d neighbours of each query are "
-                    "missing (id -1)", k, index.ntotal, k - index.ntotal)
+        LOG.warning(
+            "k=%d but the index holds %d vectors: the last %d neighbours of each query are missing (id -1)",
+            k,
+            index.ntotal,
+            k - index.ntotal,
+        )
     nq = q.shape[0]
     scores = np.empty((nq, k), dtype=np.float32)
     ids = np.empty((nq, k), dtype=np.int64)
     with _flat_blocks():
         for s in range(0, nq, int(batch_size)):
-            d_, i_ = index.search(q[s:s + int(batch_size)], k)
-            scores[s:s + len(d_)] = d_
-            ids[s:s + len(i_)] = i_
+            d_, i_ = index.search(q[s : s + int(batch_size)], k)
+            scores[s : s + len(d_)] = d_
+            ids[s : s + len(i_)] = i_
     return scores, ids
 
 
@@ -96,8 +106,9 @@ def _iter_shards(shards: Any) -> Iterable[tuple[str, np.ndarray]]:
             yield getattr(s, "filename", None) or f"shard {i}", s
 
 
-def streaming_search(shards: Any, queries: Any, k: int, metric: str = "ip",
-                     chunk: int = STREAM_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+def streaming_search(
+    shards: Any, queries: Any, k: int, metric: str = "ip", chunk: int = STREAM_CHUNK
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` over a database stored as ``.npy`` shards (or arrays), memory-bounded.
 
     Each shard is memory-mapped and scanned ``chunk`` rows at a time with FAISS's
@@ -114,13 +125,11 @@ def streaming_search(shards: Any, queries: Any, k: int, metric: str = "ip",
     offset = 0
     for name, arr in _iter_shards(shards):
         if getattr(arr, "ndim", 0) != 2:
-            raise DataError(f"{name}: expected a 2-D array [N, D], got shape "
-                            f"{tuple(getattr(arr, 'shape', ()))}")
+            raise DataError(f"{name}: expected a 2-D array [N, D], got shape {tuple(getattr(arr, 'shape', ()))}")
         if arr.shape[1] != q.shape[1]:
-            raise DataError(f"dimension mismatch: {name} has D={arr.shape[1]}, "
-                            f"queries have D={q.shape[1]}")
+            raise DataError(f"dimension mismatch: {name} has D={arr.shape[1]}, queries have D={q.shape[1]}")
         for s in range(0, arr.shape[0], int(chunk)):
-            c = check_features(arr[s:s + int(chunk)], name=f"{name} rows {s}..", normalized=normalized)
+            c = check_features(arr[s : s + int(chunk)], name=f"{name} rows {s}..", normalized=normalized)
             kk = min(k, c.shape[0])
             with _flat_blocks():
                 d_, i_ = faiss.knn(q, c, kk, metric=mt)

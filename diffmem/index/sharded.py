@@ -12,26 +12,42 @@ from typing import Any, Sequence
 import faiss
 
 from diffmem.errors import ConfigError, DataError
-from diffmem.index.build import (_METRIC_NAMES, _add, _faiss_msg, _ids_array, _ivf, _make_index, _metric, _train,
-                                 _with_ids, check_features)
+from diffmem.index.build import (
+    _METRIC_NAMES,
+    _add,
+    _faiss_msg,
+    _ids_array,
+    _ivf,
+    _make_index,
+    _metric,
+    _train,
+    _with_ids,
+    check_features,
+)
 from diffmem.index.files import _read_index, write_index
 
 
-def train_empty_index(sample: Any, factory: str = "Flat", metric: str = "ip",
-                      seed: int = 0, out_path: str | os.PathLike | None = None,
-                      name: str = "training sample") -> faiss.Index:
+def train_empty_index(
+    sample: Any,
+    factory: str = "Flat",
+    metric: str = "ip",
+    seed: int = 0,
+    out_path: str | os.PathLike | None = None,
+    name: str = "training sample",
+) -> faiss.Index:
     """Train an index on ``sample`` and return it empty, ready for ``add_shard``.
 
     Index types that cannot store ids themselves (Flat, PQ, HNSW) are wrapped in
     ``IndexIDMap2`` so that every shard adds its vectors under global ids. When
     ``out_path`` is given the empty index is also written there atomically.
     """
-    sample = check_features(sample, name=name,
-                            normalized=_metric(metric) == faiss.METRIC_INNER_PRODUCT)
+    sample = check_features(sample, name=name, normalized=_metric(metric) == faiss.METRIC_INNER_PRODUCT)
     index = _make_index(sample.shape[1], factory, metric)
     if "HNSW" in type(index).__name__ or ("HNSW" in factory.upper() and _ivf(index) is None):
-        raise ConfigError(f"sharded builds need mergeable indexes (Flat, PQ, SQ, IVF*); "
-                          f"{factory!r} (HNSW) cannot be merged; build it in one go")
+        raise ConfigError(
+            f"sharded builds need mergeable indexes (Flat, PQ, SQ, IVF*); "
+            f"{factory!r} (HNSW) cannot be merged; build it in one go"
+        )
     _train(index, sample, factory, seed)
     index = _with_ids(index)
     if out_path is not None:
@@ -39,8 +55,9 @@ def train_empty_index(sample: Any, factory: str = "Flat", metric: str = "ip",
     return index
 
 
-def add_shard(empty_index_path: str | os.PathLike | faiss.Index, x: Any, ids: Any,
-              out_path: str | os.PathLike | None = None) -> faiss.Index:
+def add_shard(
+    empty_index_path: str | os.PathLike | faiss.Index, x: Any, ids: Any, out_path: str | os.PathLike | None = None
+) -> faiss.Index:
     """Load the trained empty index, add ``x`` under int64 global ``ids``, return it.
 
     When ``out_path`` is given the shard index is written there atomically (one file per
@@ -51,10 +68,10 @@ def add_shard(empty_index_path: str | os.PathLike | faiss.Index, x: Any, ids: An
     else:
         index = _read_index(empty_index_path, "empty trained index")
     if index.ntotal:
-        raise DataError(f"{empty_index_path}: expected an empty trained index, it holds "
-                        f"{index.ntotal} vectors")
-    x = check_features(x, name="shard features", dim=index.d,
-                       normalized=index.metric_type == faiss.METRIC_INNER_PRODUCT)
+        raise DataError(f"{empty_index_path}: expected an empty trained index, it holds {index.ntotal} vectors")
+    x = check_features(
+        x, name="shard features", dim=index.d, normalized=index.metric_type == faiss.METRIC_INNER_PRODUCT
+    )
     index = _with_ids(index)
     _add(index, x, _ids_array(ids, x.shape[0]))
     if out_path is not None:
@@ -62,9 +79,11 @@ def add_shard(empty_index_path: str | os.PathLike | faiss.Index, x: Any, ids: An
     return index
 
 
-def merge_shards(paths: Sequence[str | os.PathLike | faiss.Index],
-                 empty_index_path: str | os.PathLike | None = None,
-                 ivfdata_path: str | os.PathLike | None = None) -> faiss.Index:
+def merge_shards(
+    paths: Sequence[str | os.PathLike | faiss.Index],
+    empty_index_path: str | os.PathLike | None = None,
+    ivfdata_path: str | os.PathLike | None = None,
+) -> faiss.Index:
     """Combine shard indexes (from ``add_shard``) into one index holding all their ids.
 
     In memory (default): ``merge_from`` of every shard into the first one, which works for
@@ -104,7 +123,8 @@ def merge_shards(paths: Sequence[str | os.PathLike | faiss.Index],
                 f"shard {p} does not match the first shard ({type(other).__name__}, "
                 f"D={other.d}, metric {_METRIC_NAMES.get(other.metric_type, other.metric_type)} vs "
                 f"{type(index).__name__}, D={index.d}, "
-                f"metric {_METRIC_NAMES.get(index.metric_type, index.metric_type)})")
+                f"metric {_METRIC_NAMES.get(index.metric_type, index.metric_type)})"
+            )
         try:
             index.merge_from(other, 0)  # add_id=0: keep the shard's own (global) ids
         except RuntimeError as e:

@@ -23,8 +23,18 @@ from diffmem.checks import check_shard
 from diffmem.config import hydra_app
 from diffmem.errors import ConfigError, DataError
 from diffmem.features.store import FeatureStore
-from diffmem.index import (add_shard, build_index, measure_recall, merge_shards, save_index, set_search_params,
-                           set_threads, train_empty_index, training_rows, write_index)
+from diffmem.index import (
+    add_shard,
+    build_index,
+    measure_recall,
+    merge_shards,
+    save_index,
+    set_search_params,
+    set_threads,
+    train_empty_index,
+    training_rows,
+    write_index,
+)
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import provenance, require
 
@@ -52,15 +62,20 @@ def _sample(features_dir: str, train_sample: int | None, seed: int) -> np.ndarra
     rows = training_rows(int(offsets[-1]), train_sample, seed)
     if rows is None:
         return np.concatenate([np.asarray(m) for m in maps])
-    return np.concatenate([np.asarray(m[rows[(rows >= lo) & (rows < hi)] - lo])
-                           for m, lo, hi in zip(maps, offsets[:-1], offsets[1:])])
+    return np.concatenate(
+        [np.asarray(m[rows[(rows >= lo) & (rows < hi)] - lo]) for m, lo, hi in zip(maps, offsets[:-1], offsets[1:])]
+    )
 
 
 def _info(cfg: DictConfig, finfo: dict, features_digest: str) -> dict:
     warning = FeatureStore(cfg.features_dir).warning()  # a random CLIP: the index says so too
-    return {"factory": cfg.index.factory, "feature": finfo["feature"],
-            "features_dir": str(Path(cfg.features_dir).resolve()), "features_digest": features_digest,
-            **({"warning": warning} if warning else {})}
+    return {
+        "factory": cfg.index.factory,
+        "feature": finfo["feature"],
+        "features_dir": str(Path(cfg.features_dir).resolve()),
+        "features_digest": features_digest,
+        **({"warning": warning} if warning else {}),
+    }
 
 
 def prepare(cfg: DictConfig) -> str:
@@ -81,8 +96,10 @@ def body(job: Job) -> Outcome:
     if cfg.mode == "add":
         maps, offsets = _part_maps(cfg.features_dir)
         if cfg.shard >= len(maps):
-            raise ConfigError(f"shard {cfg.shard}: the features have {len(maps)} parts, fewer than "
-                              f"num_shards={cfg.num_shards} (use num_shards <= {len(maps)})")
+            raise ConfigError(
+                f"shard {cfg.shard}: the features have {len(maps)} parts, fewer than "
+                f"num_shards={cfg.num_shards} (use num_shards <= {len(maps)})"
+            )
         empty = build_dir / "empty.faiss"
         if not empty.is_file():
             raise DataError(f"{empty}: not found; run mode=train with the same name=... first")
@@ -98,9 +115,12 @@ def body(job: Job) -> Outcome:
         shards = sorted((build_dir / "shards").glob(f"shard-*-of-{cfg.num_shards:04d}.faiss"))
         if len(shards) != cfg.num_shards:
             built = sorted({int(p.stem.rsplit("-", 1)[-1]) for p in (build_dir / "shards").glob("shard-*-of-*.faiss")})
-            hint = (f"; the shards there were built with num_shards={', '.join(map(str, built))}: pass the "
-                    "same num_shards as mode=add" if built and built != [cfg.num_shards] else
-                    "; run mode=add for every shard first (same name and num_shards)")
+            hint = (
+                f"; the shards there were built with num_shards={', '.join(map(str, built))}: pass the "
+                "same num_shards as mode=add"
+                if built and built != [cfg.num_shards]
+                else "; run mode=add for every shard first (same name and num_shards)"
+            )
             raise ConfigError(f"{build_dir}/shards: {len(shards)} of {cfg.num_shards} shards present{hint}")
         ondisk = build_dir / "index.ivfdata" if cfg.ondisk else None
         index = merge_shards(shards, build_dir / "empty.faiss" if ondisk else None, ondisk)
@@ -108,13 +128,22 @@ def body(job: Job) -> Outcome:
         save_index(index, build_dir, {**_info(cfg, finfo, job.ctx), **provenance(cfg)})
         return Outcome({"ntotal": index.ntotal})
     if cfg.mode == "train":  # reads only the sampled rows (memory-mapped parts)
-        empty = train_empty_index(_sample(cfg.features_dir, ix.train_sample, cfg.seed),
-                                  ix.factory, ix.metric, seed=cfg.seed, name=name)
+        empty = train_empty_index(
+            _sample(cfg.features_dir, ix.train_sample, cfg.seed), ix.factory, ix.metric, seed=cfg.seed, name=name
+        )
         write_index(empty, build_dir / "empty.faiss")
         return Outcome(complete=False)
     x, _, finfo = FeatureStore(cfg.features_dir).load()
-    index = build_index(x, ix.factory, ix.metric, train_sample=ix.train_sample, seed=cfg.seed,
-                        nprobe=ix.nprobe, hnsw_ef_search=ix.ef_search, name=name)
+    index = build_index(
+        x,
+        ix.factory,
+        ix.metric,
+        train_sample=ix.train_sample,
+        seed=cfg.seed,
+        nprobe=ix.nprobe,
+        hnsw_ef_search=ix.ef_search,
+        name=name,
+    )
     info = _info(cfg, finfo, job.ctx)
     if ix.factory.strip().lower() != "flat" and cfg.recall.queries:
         q = held_out_queries(x, cfg.recall.queries, cfg.recall.noise, cfg.seed)
@@ -125,9 +154,14 @@ def body(job: Job) -> Outcome:
 
 #: the sharded modes share one folder whatever Hydra job runs them (a multirun of adds); the
 #: embed run counts by content too: one re-embedded under the same path needs a new index
-SPEC = StageSpec("index", body, prepare, volatile=("mode", "num_shards", "build_dir", "ondisk"),
-                 extra=lambda cfg, digest: {"features_digest": digest},
-                 run_dir=lambda cfg: cfg.run_dir if cfg.mode == "single" else cfg.build_dir)
+SPEC = StageSpec(
+    "index",
+    body,
+    prepare,
+    volatile=("mode", "num_shards", "build_dir", "ondisk"),
+    extra=lambda cfg, digest: {"features_digest": digest},
+    run_dir=lambda cfg: cfg.run_dir if cfg.mode == "single" else cfg.build_dir,
+)
 run = SPEC.run
 main = hydra_app("index", run)
 

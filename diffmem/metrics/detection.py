@@ -67,8 +67,9 @@ def tpr_at_fpr(scores, labels, fpr: float = 0.01) -> float:
     return float(tprs[fprs <= fpr + 1e-12].max())  # fpr = 0 (threshold +inf) is always there
 
 
-def detection_metrics(scores, labels, fpr: float = 0.01, thresholds: Sequence[float] = (),
-                      ci_level: float | None = None) -> dict:
+def detection_metrics(
+    scores, labels, fpr: float = 0.01, thresholds: Sequence[float] = (), ci_level: float | None = None
+) -> dict:
     """``roc_auc``, ``tpr_at_fpr`` (at ``fpr``), ``fpr``, ``n_pos`` and ``n_neg``.
 
     With ``ci_level`` (e.g. 0.95) also ``roc_auc_ci`` and ``tpr_at_fpr_ci``, ``[lo, hi]``
@@ -79,8 +80,13 @@ def detection_metrics(scores, labels, fpr: float = 0.01, thresholds: Sequence[fl
     None when nothing is flagged).
     """
     s, y = _scores_labels(scores, labels)
-    out: dict = {"roc_auc": roc_auc(s, y), "tpr_at_fpr": tpr_at_fpr(s, y, fpr), "fpr": float(fpr),
-                 "n_pos": int(y.sum()), "n_neg": int((y == 0).sum())}
+    out: dict = {
+        "roc_auc": roc_auc(s, y),
+        "tpr_at_fpr": tpr_at_fpr(s, y, fpr),
+        "fpr": float(fpr),
+        "n_pos": int(y.sum()),
+        "n_neg": int((y == 0).sum()),
+    }
     if ci_level is not None:
         ci = bootstrap_ci(s, y, fpr, level=ci_level)
         out.update(roc_auc_ci=ci["roc_auc"], tpr_at_fpr_ci=ci["tpr_at_fpr"], ci_level=float(ci_level))
@@ -93,8 +99,7 @@ def detection_metrics(scores, labels, fpr: float = 0.01, thresholds: Sequence[fl
     return out
 
 
-def bootstrap_replicates(scores, labels, fpr: float = 0.01, n_boot: int = 2000,
-                         seed: int = 0) -> dict[str, np.ndarray]:
+def bootstrap_replicates(scores, labels, fpr: float = 0.01, n_boot: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
     """``roc_auc`` and ``tpr_at_fpr`` of ``n_boot`` stratified bootstrap resamples: ``{metric: [n_boot]}``.
 
     Positives and negatives are resampled with replacement separately (each replicate keeps
@@ -122,8 +127,9 @@ def bootstrap_replicates(scores, labels, fpr: float = 0.01, n_boot: int = 2000,
     return {"roc_auc": auc, "tpr_at_fpr": tpr}
 
 
-def bootstrap_ci(scores, labels, fpr: float = 0.01, level: float = 0.95, n_boot: int = 2000,
-                 seed: int = 0) -> dict[str, list[float]]:
+def bootstrap_ci(
+    scores, labels, fpr: float = 0.01, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> dict[str, list[float]]:
     """Percentile bootstrap intervals ``{"roc_auc": [lo, hi], "tpr_at_fpr": [lo, hi]}``.
 
     See :func:`bootstrap_replicates`. With perfectly separated classes every replicate is
@@ -133,8 +139,10 @@ def bootstrap_ci(scores, labels, fpr: float = 0.01, level: float = 0.95, n_boot:
     if not 0 < level < 1:
         raise ConfigError(f"level: must be in (0, 1), got {level}")
     tail = 100 * (1 - level) / 2
-    return {k: [float(v) for v in np.percentile(r, [tail, 100 - tail])]
-            for k, r in bootstrap_replicates(scores, labels, fpr, n_boot, seed).items()}
+    return {
+        k: [float(v) for v in np.percentile(r, [tail, 100 - tail])]
+        for k, r in bootstrap_replicates(scores, labels, fpr, n_boot, seed).items()
+    }
 
 
 def with_ci(metrics: Mapping, key: str) -> str:
@@ -158,8 +166,7 @@ def rates_at_threshold(scores, labels, threshold: float) -> dict[str, float]:
     """TPR and FPR when every score strictly above ``threshold`` is flagged as memorised."""
     s, y = _scores_labels(scores, labels)
     flagged = s > threshold
-    return {"threshold": float(threshold), "tpr": float(flagged[y == 1].mean()),
-            "fpr": float(flagged[y == 0].mean())}
+    return {"threshold": float(threshold), "tpr": float(flagged[y == 1].mean()), "fpr": float(flagged[y == 0].mean())}
 
 
 class DetectionMetrics(Metric):
@@ -189,46 +196,56 @@ def evaluate(table: pd.DataFrame, fpr: float = 0.01, ci_level: float | None = 0.
     out: dict = {"n_pos": n_pos, "n_neg": n_neg, "n_excluded": int(len(table) - len(known))}
     if n_pos and "hard_negative" in table:  # memorised vs trained-on-but-not-memorised
         hard = table[(table["label"] == 1) | table["hard_negative"].fillna(False).astype(bool)]
-        out["hard_negatives"] = detection_metrics(hard["score"].to_numpy(float),
-                                                  hard["label"].eq(1).to_numpy(int), fpr=fpr, ci_level=ci_level)
+        out["hard_negatives"] = detection_metrics(
+            hard["score"].to_numpy(float), hard["label"].eq(1).to_numpy(int), fpr=fpr, ci_level=ci_level
+        )
     if n_pos == 0 or n_neg == 0:
-        out["note"] = (f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts "
-                       "(ROC needs both; see positives=... and the prompts' ground truth)")
+        out["note"] = (
+            f"no ROC metrics: {n_pos} positives and {n_neg} negatives among the prompts "
+            "(ROC needs both; see positives=... and the prompts' ground truth)"
+        )
         return out
     out.update(detection_metrics(s, y, fpr=fpr, ci_level=ci_level))
     if n_neg >= 2:
         thr = calibrate_threshold(s[y == 0])
-        out["calibrated_threshold"] = {"rule": "mean + 1 std of negatives",
-                                       **rates_at_threshold(s, y, thr)}
+        out["calibrated_threshold"] = {"rule": "mean + 1 std of negatives", **rates_at_threshold(s, y, thr)}
     return out
 
 
 def summary_lines(results: dict) -> list[str]:
     """What the console says about the ground truth: the AUCs, or why there are none."""
     if not results:
-        return ["no ROC metrics: the prompts carry no ground truth (a type/overfit_type/memorisation_type "
-                "column, a file label, or testbed kind/dup_count)"]
-    lines = [f"{results['n_pos']} memorised vs {results['n_neg']} not memorised prompts "
-             f"({results['n_excluded']} left out)"]
+        return [
+            "no ROC metrics: the prompts carry no ground truth (a type/overfit_type/memorisation_type "
+            "column, a file label, or testbed kind/dup_count)"
+        ]
+    lines = [
+        f"{results['n_pos']} memorised vs {results['n_neg']} not memorised prompts ({results['n_excluded']} left out)"
+    ]
     if "roc_auc" in results:
-        lines.append(f"ROC-AUC {with_ci(results, 'roc_auc')}, TPR@{results['fpr']:g}FPR "
-                     f"{with_ci(results, 'tpr_at_fpr')}")
+        lines.append(
+            f"ROC-AUC {with_ci(results, 'roc_auc')}, TPR@{results['fpr']:g}FPR {with_ci(results, 'tpr_at_fpr')}"
+        )
     else:
         lines.append(results["note"])
     if "hard_negatives" in results:
         h = results["hard_negatives"]
-        lines.append(f"memorised vs hard negatives ({h['n_neg']} prompts trained on but not memorised): "
-                     f"ROC-AUC {with_ci(h, 'roc_auc')}, TPR@{h['fpr']:g}FPR {with_ci(h, 'tpr_at_fpr')}")
+        lines.append(
+            f"memorised vs hard negatives ({h['n_neg']} prompts trained on but not memorised): "
+            f"ROC-AUC {with_ci(h, 'roc_auc')}, TPR@{h['fpr']:g}FPR {with_ci(h, 'tpr_at_fpr')}"
+        )
     return lines
 
 
 def group_summary(table: pd.DataFrame) -> list[dict]:
     """Mean / std / n of the score per ground-truth group (testbed kind x dup_count, or type)."""
-    keys = ([c for c in ("kind", "dup_count") if c in table] or [c for c in ("type",) if c in table]
-            or [c for c in ("memorisation_type",) if c in table])
+    keys = (
+        [c for c in ("kind", "dup_count") if c in table]
+        or [c for c in ("type",) if c in table]
+        or [c for c in ("memorisation_type",) if c in table]
+    )
     if not keys:
         return []
     g = table.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
     g = g.astype(object).where(g.notna(), None)  # std of a single prompt: null, not NaN
-    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            for row in g.to_dict(orient="records")]
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in g.to_dict(orient="records")]

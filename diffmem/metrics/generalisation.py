@@ -45,8 +45,7 @@ def transition_n(n, cross, nn) -> float | None:
 
 def quartile_stats(name: str, values) -> dict:
     values = np.asarray(values, float)
-    return {name: values.mean(), f"{name}_q25": np.percentile(values, 25),
-            f"{name}_q75": np.percentile(values, 75)}
+    return {name: values.mean(), f"{name}_q25": np.percentile(values, 25), f"{name}_q75": np.percentile(values, 75)}
 
 
 class HeldoutBaseline:
@@ -70,23 +69,39 @@ class HeldoutBaseline:
         if self.held is None:
             return float("nan")
         subsets = read_parquet(n_path / "subsets.parquet")
-        return float(np.mean([top1_similarity((self.held @ self._embed(g["file"]).T).cpu().numpy()).mean()
-                              for _, g in subsets.groupby("model")]))
+        return float(
+            np.mean(
+                [
+                    top1_similarity((self.held @ self._embed(g["file"]).T).cpu().numpy()).mean()
+                    for _, g in subsets.groupby("model")
+                ]
+            )
+        )
 
 
-def measure(cfg: DictConfig, out: Path, configs: list[DictConfig], parts: list,
-            train: Callable[[DictConfig], Path]) -> float:
+def measure(
+    cfg: DictConfig, out: Path, configs: list[DictConfig], parts: list, train: Callable[[DictConfig], Path]
+) -> float:
     """Train both models (``train(config)`` returns a run dir with ``model/``), sample the same
     noises with both, write ``pairs``/``subsets`` tables; returns the VAE's reconstruction ceiling."""
     ext = build_extractor(cfg.features.extractor)
     device = resolve_device(cfg.device)
-    plan = plan_samples(pd.DataFrame({"prompt_id": [0], "caption": [""]}), int(cfg.samples),
-                        int(cfg.seed))  # one seed per noise, the same for both models
+    plan = plan_samples(
+        pd.DataFrame({"prompt_id": [0], "caption": [""]}), int(cfg.samples), int(cfg.seed)
+    )  # one seed per noise, the same for both models
     feats, nearest, subsets, ceiling = {}, {}, [], []
     for model, tcfg, (root, rows) in zip(("a", "b"), configs, parts):
         pipe = load_model(train(tcfg) / "model", device)
-        generate_images(pipe, plan, out / model, resolution=cfg.resolution, steps=cfg.sample_steps,
-                        guidance=1.0, batch_size=cfg.batch_size, desc=f"generate n={cfg.n} {model}")
+        generate_images(
+            pipe,
+            plan,
+            out / model,
+            resolution=cfg.resolution,
+            steps=cfg.sample_steps,
+            guidance=1.0,
+            batch_size=cfg.batch_size,
+            desc=f"generate n={cfg.n} {model}",
+        )
         feats[model] = ext(nchw(load_images(out / model, plan["file"])))
         real = load_images(root, rows["file"], cfg.resolution)
         real_feats = ext(nchw(real))
@@ -99,11 +114,16 @@ def measure(cfg: DictConfig, out: Path, configs: list[DictConfig], parts: list,
         ceiling.append((ext(recon) * real_feats).sum(1).cpu())
     fa, fb = feats["a"], feats["b"]
     pairs = plan[["sample_id", "seed"]].assign(
-        n=int(cfg.n), cross_sim=(fa * fb).sum(1).cpu().numpy(),
+        n=int(cfg.n),
+        cross_sim=(fa * fb).sum(1).cpu().numpy(),
         shuffled_sim=(fa * fb.roll(1, 0)).sum(1).cpu().numpy(),  # control: different noises
-        nn_sim_a=nearest["a"][0], nn_id_a=nearest["a"][1],
-        nn_sim_b=nearest["b"][0], nn_id_b=nearest["b"][1],
-        file_a="a/" + plan["file"], file_b="b/" + plan["file"])
+        nn_sim_a=nearest["a"][0],
+        nn_id_a=nearest["a"][1],
+        nn_sim_b=nearest["b"][0],
+        nn_id_b=nearest["b"][1],
+        file_a="a/" + plan["file"],
+        file_b="b/" + plan["file"],
+    )
     write_parquet(out / "subsets.parquet", pd.concat(subsets, ignore_index=True))
     write_parquet(out / "pairs.parquet", pairs)
     return float(torch.cat(ceiling).mean())

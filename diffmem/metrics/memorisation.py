@@ -21,10 +21,21 @@ def pairwise_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (sq.clamp_min(0) / a.shape[1]).sqrt().float()
 
 
-def memorisation_figures(pipe, root, manifest, n_seeds: int = 8, steps: int = 25,
-                         guidance: float = 5.0, copy_rmse: float = 0.3, batch_size: int = 64,
-                         seed: int = 0, n_ordinary: int = 16, n_heldout: int = 16,
-                         descriptor: str | None = None, descriptor_threshold: float = 0.7) -> dict:
+def memorisation_figures(
+    pipe,
+    root,
+    manifest,
+    n_seeds: int = 8,
+    steps: int = 25,
+    guidance: float = 5.0,
+    copy_rmse: float = 0.3,
+    batch_size: int = 64,
+    seed: int = 0,
+    n_ordinary: int = 16,
+    n_heldout: int = 16,
+    descriptor: str | None = None,
+    descriptor_threshold: float = 0.7,
+) -> dict:
     """How strongly the model reproduces its training images, by canary duplication count.
 
     Generates ``n_seeds`` images per testbed prompt and measures pixel RMSE (images on
@@ -43,8 +54,8 @@ def memorisation_figures(pipe, root, manifest, n_seeds: int = 8, steps: int = 25
     uncond = encode_prompts(pipe, [""])
     gens = []
     for i in range(0, len(rows), batch_size):
-        cond = encode_prompts(pipe, rows["caption"].iloc[i:i + batch_size].tolist())
-        gens.append(sample(pipe, cond, seeds[i:i + batch_size], res, steps, guidance, uncond=uncond))
+        cond = encode_prompts(pipe, rows["caption"].iloc[i : i + batch_size].tolist())
+        gens.append(sample(pipe, cond, seeds[i : i + batch_size], res, steps, guidance, uncond=uncond))
     gens = torch.cat(gens).cpu() * 2 - 1
     train = manifest[manifest["split"] == "train"].drop_duplicates("file").reset_index(drop=True)
     real = to_tensor(load_images(root, train["file"], res))
@@ -69,37 +80,55 @@ def memorisation_figures(pipe, root, manifest, n_seeds: int = 8, steps: int = 25
         groups = train["group"].to_numpy()
         rows["nn_sim"] = sim.max(1).values.numpy()
         rows["nn_sim_group"] = groups[sim.argmax(1).numpy()]
-        rows["own_sim"] = [float(s[torch.from_numpy(groups == r.group)].max()) if r.group else float("nan")
-                           for r, s in zip(rows.itertuples(), sim)]
+        rows["own_sim"] = [
+            float(s[torch.from_numpy(groups == r.group)].max()) if r.group else float("nan")
+            for r, s in zip(rows.itertuples(), sim)
+        ]
         rows["sim_copy"] = (rows["nn_sim_group"] == rows["group"]) & (rows["nn_sim"] > descriptor_threshold)
         held_sim = (ext((held_real + 1) / 2) @ ref.T).max(1).values
     summary = []
     for (kind, dup), g in rows.groupby(["kind", "dup_count"], sort=True):
-        summary.append({
-            "kind": kind, "dup_count": int(dup), "prompts": int(g["prompt_id"].nunique()),
-            "generations": len(g),
-            "copy_share": float(g["copy"].mean()) if kind in ("canary", "template") else None,
-            "median_own_rmse": float(g["own_rmse"].median()) if kind in ("canary", "template") else None,
-            "near_copy_share": float(g["near_copy"].mean()),
-            "median_nn_rmse": float(g["nn_rmse"].median()),
-        })
+        summary.append(
+            {
+                "kind": kind,
+                "dup_count": int(dup),
+                "prompts": int(g["prompt_id"].nunique()),
+                "generations": len(g),
+                "copy_share": float(g["copy"].mean()) if kind in ("canary", "template") else None,
+                "median_own_rmse": float(g["own_rmse"].median()) if kind in ("canary", "template") else None,
+                "near_copy_share": float(g["near_copy"].mean()),
+                "median_nn_rmse": float(g["nn_rmse"].median()),
+            }
+        )
         if descriptor is not None:
             special = kind in ("canary", "template")
-            summary[-1].update({
-                "sim_copy_share": float(g["sim_copy"].mean()) if special else None,
-                "median_own_sim": float(g["own_sim"].median()) if special else None,
-                "median_nn_sim": float(g["nn_sim"].median()), "max_nn_sim": float(g["nn_sim"].max()),
-            })
+            summary[-1].update(
+                {
+                    "sim_copy_share": float(g["sim_copy"].mean()) if special else None,
+                    "median_own_sim": float(g["own_sim"].median()) if special else None,
+                    "median_nn_sim": float(g["nn_sim"].median()),
+                    "max_nn_sim": float(g["nn_sim"].max()),
+                }
+            )
     out = {
-        "copy_rmse": copy_rmse, "n_seeds": n_seeds, "steps": steps, "guidance": guidance,
+        "copy_rmse": copy_rmse,
+        "n_seeds": n_seeds,
+        "steps": steps,
+        "guidance": guidance,
         "summary": summary,
-        "heldout_real_nn_rmse": {"median": float(held_d.median()), "p05": float(held_d.quantile(0.05)),
-                                 "share_below_copy_rmse": float((held_d < copy_rmse).float().mean())},
+        "heldout_real_nn_rmse": {
+            "median": float(held_d.median()),
+            "p05": float(held_d.quantile(0.05)),
+            "share_below_copy_rmse": float((held_d < copy_rmse).float().mean()),
+        },
     }
     if descriptor is not None:
         out["descriptor"] = {"name": descriptor, "threshold": descriptor_threshold}
-        out["heldout_real_nn_sim"] = {"median": float(held_sim.median()), "p95": float(held_sim.quantile(0.95)),
-                                      "max": float(held_sim.max()),
-                                      "share_above_threshold": float((held_sim > descriptor_threshold).float().mean())}
+        out["heldout_real_nn_sim"] = {
+            "median": float(held_sim.median()),
+            "p95": float(held_sim.quantile(0.95)),
+            "max": float(held_sim.max()),
+            "share_above_threshold": float((held_sim > descriptor_threshold).float().mean()),
+        }
     out["per_generation"] = pd.DataFrame(rows).drop(columns=["target_file"]).to_dict("records")
     return out

@@ -16,8 +16,7 @@ from diffmem.metrics.replication import as_array
 def _images(x, name: str, ndim: int | tuple[int, ...] = (3, 4)) -> np.ndarray:
     arr = as_array(x, name, ndim=ndim, dtype=None)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise DataError(
-            f"{name}: expected float images in [0, 1], got dtype {arr.dtype} (uint8? divide by 255)")
+        raise DataError(f"{name}: expected float images in [0, 1], got dtype {arr.dtype} (uint8? divide by 255)")
     lo, hi = arr.min(), arr.max()
     if lo < 0 or hi > 1:
         raise DataError(f"{name}: values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
@@ -68,9 +67,10 @@ def tile_l2_distance(a, b, grid: int = 4):
     a, b = _images(a, "a"), _images(b, "b")
     _check_shapes(a, b, "a", "b")
     shape = a.shape[-3:]
-    per_tile = [np.sqrt(np.mean((ta - tb) ** 2, axis=1))
-                for ta, tb in zip(_tiles(a.reshape((-1,) + shape), grid, "a"),
-                                  _tiles(b.reshape((-1,) + shape), grid, "b"))]
+    per_tile = [
+        np.sqrt(np.mean((ta - tb) ** 2, axis=1))
+        for ta, tb in zip(_tiles(a.reshape((-1,) + shape), grid, "a"), _tiles(b.reshape((-1,) + shape), grid, "b"))
+    ]
     dist = np.max(per_tile, axis=0)
     return dist.item() if a.ndim == b.ndim == 3 else dist
 
@@ -85,7 +85,7 @@ def tile_l2_matrix(a, b=None, grid: int = 4) -> np.ndarray:
     _check_shapes(a[0], b[0], "a", "b")
     out = np.zeros((len(a), len(b)))
     for ta, tb in zip(_tiles(a, grid, "a"), _tiles(b, grid, "b")):
-        sq = (ta ** 2).sum(1)[:, None] + (tb ** 2).sum(1)[None, :] - 2 * ta @ tb.T
+        sq = (ta**2).sum(1)[:, None] + (tb**2).sum(1)[None, :] - 2 * ta @ tb.T
         np.maximum(out, np.sqrt(np.clip(sq, 0, None) / ta.shape[1]), out=out)
     if b is a:
         np.fill_diagonal(out, 0.0)
@@ -115,12 +115,22 @@ def extraction_from_distances(
         members, min_size = max(nx.find_cliques(graph), key=len), min_clique
     else:
         members, min_size = max(nx.connected_components(graph), key=len), min_component
-    return {"extracted": len(members) >= min_size, "size": len(members), "members": sorted(members),
-            "min_size": min_size, "method": method, "threshold": threshold}
+    return {
+        "extracted": len(members) >= min_size,
+        "size": len(members),
+        "members": sorted(members),
+        "min_size": min_size,
+        "method": method,
+        "threshold": threshold,
+    }
 
 
 def carlini_extraction(
-    gen_images, threshold: float, method: str = "clique", min_clique: int = 10, min_component: int = 3,
+    gen_images,
+    threshold: float,
+    method: str = "clique",
+    min_clique: int = 10,
+    min_component: int = 3,
     grid: int = 4,
 ) -> dict:
     """Is a prompt extracted? :func:`extraction_from_distances` on its generations' :func:`tile_l2_matrix`.
@@ -128,8 +138,9 @@ def carlini_extraction(
     Carlini et al. use 500 generations per prompt at 512 px with a 4x4 grid and ``min_clique=10``.
     """
     gen = _images(gen_images, "gen_images", ndim=4)
-    return extraction_from_distances(tile_l2_matrix(gen, grid=grid), threshold, method=method,
-                                     min_clique=min_clique, min_component=min_component)
+    return extraction_from_distances(
+        tile_l2_matrix(gen, grid=grid), threshold, method=method, min_clique=min_clique, min_component=min_component
+    )
 
 
 def _sse(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -158,8 +169,9 @@ def webster_sse(gen, real, mask=None):
     return sse.item() if sse.ndim == 0 else sse
 
 
-def fixed_pixel_mask(generations, tol: float = 0.03, erosion_iterations: int = 1,
-                     dilation_iterations: int = 1) -> np.ndarray:
+def fixed_pixel_mask(
+    generations, tol: float = 0.03, erosion_iterations: int = 1, dilation_iterations: int = 1
+) -> np.ndarray:
     """Webster's template mask ``[H, W]``: pixels whose value varies by < ``tol`` (max - min, every channel)
     across the ``[N, H, W, C]`` generations of one prompt, then eroded and dilated.
 
@@ -167,8 +179,7 @@ def fixed_pixel_mask(generations, tol: float = 0.03, erosion_iterations: int = 1
     at least 3 pixels wide. Zero iterations skips a step.
     """
     gens = _images(generations, "generations", ndim=4)
-    for name, iterations in (("erosion_iterations", erosion_iterations),
-                             ("dilation_iterations", dilation_iterations)):
+    for name, iterations in (("erosion_iterations", erosion_iterations), ("dilation_iterations", dilation_iterations)):
         check_int(iterations, name, 0)
     from scipy import ndimage  # here: scipy costs ~0.4 s to import, and every stage imports this module
 
@@ -205,8 +216,15 @@ def webster_scores(gens, real, retrieved=None, mask=None) -> dict[str, float]:
     }
 
 
-def webster_label(gens, real, retrieved=None, mask=None, mv_threshold: float = 2.5e3,
-                  tv_threshold: float = 2.5e3, rv_threshold: float = 3e3) -> str:
+def webster_label(
+    gens,
+    real,
+    retrieved=None,
+    mask=None,
+    mv_threshold: float = 2.5e3,
+    tv_threshold: float = 2.5e3,
+    rv_threshold: float = 3e3,
+) -> str:
     """Webster's label for one prompt: ``"MV"`` (matching verbatim), ``"TV"`` (template verbatim),
     ``"RV"`` (retrieved verbatim) or ``"N"``; the first test passed wins, in that order.
 
@@ -214,9 +232,11 @@ def webster_label(gens, real, retrieved=None, mask=None, mv_threshold: float = 2
     (see :func:`webster_scores`; pass ``mask`` to change the template mask's settings).
     """
     s = webster_scores(gens, real, retrieved, mask)
-    for label, key, threshold in (("MV", "mv_sse", mv_threshold), ("TV", "tv_sse", tv_threshold),
-                                  ("RV", "rv_sse", rv_threshold)):
+    for label, key, threshold in (
+        ("MV", "mv_sse", mv_threshold),
+        ("TV", "tv_sse", tv_threshold),
+        ("RV", "rv_sse", rv_threshold),
+    ):
         if s[key] < threshold:
             return label
     return "N"
-

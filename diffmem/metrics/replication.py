@@ -173,8 +173,7 @@ def sscd_score_normalisation(scores, background_scores, beta: float = 1.0, k: in
     background = as_array(background_scores, "background_scores", ndim=2)
     check_positive(k, "k")
     if background.shape[0] != scores.shape[0]:
-        raise DataError(
-            f"background_scores: {background.shape[0]} queries, scores has {scores.shape[0]}")
+        raise DataError(f"background_scores: {background.shape[0]} queries, scores has {scores.shape[0]}")
     if background.shape[1] < k:
         raise DataError(f"background_scores: {background.shape[1]} neighbours per query, need k={k}")
     knn_mean = -np.partition(-background, k - 1, axis=1)[:, :k].mean(axis=1)

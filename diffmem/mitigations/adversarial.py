@@ -19,8 +19,16 @@ import torch
 
 from diffmem.probes import wanda as wanda_lib
 from diffmem.probes.replication import sample_images, similarity_to_targets
-from diffmem.probes.trigger import (TRIGGER_DIR, image_latents, initial_embedding, load_triggers, save_triggers,
-                                    search_trigger, trigger_file, trigger_seed)
+from diffmem.probes.trigger import (
+    TRIGGER_DIR,
+    image_latents,
+    initial_embedding,
+    load_triggers,
+    save_triggers,
+    search_trigger,
+    trigger_file,
+    trigger_seed,
+)
 from diffmem.runs import resumed
 from diffmem.sampling import encode_prompts, sample_seed
 from diffmem.training import diffusion_loss, fit, fit_settings, mixed_precision, prepare_trainables
@@ -28,16 +36,38 @@ from diffmem.training import diffusion_loss, fit, fit_settings, mixed_precision,
 log = logging.getLogger(__name__)
 
 
-def surrogates(pipe, extractor, cond: torch.Tensor, images: torch.Tensor, prompt_ids, s, *, seed: int,
-               resolution: int, steps: int, guidance: float, threshold: float) -> tuple[torch.Tensor, pd.DataFrame]:
+def surrogates(
+    pipe,
+    extractor,
+    cond: torch.Tensor,
+    images: torch.Tensor,
+    prompt_ids,
+    s,
+    *,
+    seed: int,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    threshold: float,
+) -> tuple[torch.Tensor, pd.DataFrame]:
     """Per memorised prompt, the least similar of ``s.n_candidates`` generations of the
     Wanda-pruned model (masks from these prompts, ``s.fraction`` per row over ``s.n_steps``).
 
     Returns the surrogate images ``[T, 3, H, W]`` and a table of their similarity to the
     training image (``replicates`` flags a surrogate still above the threshold).
     """
-    masks = wanda_lib.prompt_masks(pipe, cond, prompt_ids, seed=seed, n_seeds=1, resolution=resolution,
-                                   steps=steps, guidance=guidance, n_steps=int(s.n_steps), fraction=float(s.fraction))
+    masks = wanda_lib.prompt_masks(
+        pipe,
+        cond,
+        prompt_ids,
+        seed=seed,
+        n_seeds=1,
+        resolution=resolution,
+        steps=steps,
+        guidance=guidance,
+        n_steps=int(s.n_steps),
+        fraction=float(s.fraction),
+    )
     k = int(s.n_candidates)
     rep = torch.as_tensor(np.repeat(np.arange(len(cond)), k))
     seeds = [sample_seed(seed, int(p), 1000 + j) for p in prompt_ids for j in range(k)]
@@ -46,25 +76,36 @@ def surrogates(pipe, extractor, cond: torch.Tensor, images: torch.Tensor, prompt
     sims = similarity_to_targets(extractor, cands, images[rep]).reshape(len(cond), k)
     best = sims.argmin(1)
     chosen = cands[torch.as_tensor(np.arange(len(cond)) * k + best)]
-    table = pd.DataFrame({"prompt_id": list(prompt_ids), "candidate": best, "similarity": sims.min(1),
-                          "best_candidate_max": sims.max(1)})
+    table = pd.DataFrame(
+        {"prompt_id": list(prompt_ids), "candidate": best, "similarity": sims.min(1), "best_candidate_max": sims.max(1)}
+    )
     table["replicates"] = table["similarity"] > threshold
     if table["replicates"].any():
-        log.warning("adversarial_ft: %d surrogate(s) still replicate their training image",
-                    int(table["replicates"].sum()))
+        log.warning(
+            "adversarial_ft: %d surrogate(s) still replicate their training image", int(table["replicates"].sum())
+        )
     return chosen, table
 
 
-def _trigger_set(pipe, x0: torch.Tensor, cond: torch.Tensor, other: torch.Tensor, ts, refresh: int,
-                 seed: int, path: Path) -> torch.Tensor:
+def _trigger_set(
+    pipe, x0: torch.Tensor, cond: torch.Tensor, other: torch.Tensor, ts, refresh: int, seed: int, path: Path
+) -> torch.Tensor:
     """The triggers of one refresh (one per memorised image), stored at ``path``."""
+
     def make():
         inits, out = list(ts.inits), []
         for i in range(len(cond)):
             g = torch.Generator().manual_seed(trigger_seed(seed, i, refresh))
             start = initial_embedding(inits[(refresh + i) % len(inits)], cond[i], other[(refresh + i) % len(other)], g)
-            emb, _ = search_trigger(pipe, x0[i:i + 1], start, steps=int(ts.steps), lr=float(ts.lr),
-                                    batch_size=int(ts.batch_size), seed=trigger_seed(seed, i, refresh) + 1)
+            emb, _ = search_trigger(
+                pipe,
+                x0[i : i + 1],
+                start,
+                steps=int(ts.steps),
+                lr=float(ts.lr),
+                batch_size=int(ts.batch_size),
+                seed=trigger_seed(seed, i, refresh) + 1,
+            )
             out.append(emb)
         save_triggers(path, torch.stack(out))
 
@@ -76,9 +117,20 @@ def refreshes(run_dir: Path) -> int:
     return len(list((Path(run_dir) / TRIGGER_DIR).glob("refresh-*.safetensors")))
 
 
-def adversarial_finetune(pipe, util_latents: torch.Tensor, util_cond: torch.Tensor, target_images: torch.Tensor,
-                         target_cond: torch.Tensor, surrogate_images: torch.Tensor, other_cond: torch.Tensor, s, *,
-                         seed: int, ckpt_dir: Path, run_dir: Path) -> list[dict]:
+def adversarial_finetune(
+    pipe,
+    util_latents: torch.Tensor,
+    util_cond: torch.Tensor,
+    target_images: torch.Tensor,
+    target_cond: torch.Tensor,
+    surrogate_images: torch.Tensor,
+    other_cond: torch.Tensor,
+    s,
+    *,
+    seed: int,
+    ckpt_dir: Path,
+    run_dir: Path,
+) -> list[dict]:
     """Fine-tune ``pipe.unet`` per ``s`` (see the module docstring; trigger sets stored under
     ``run_dir``); returns the loss log."""
     from diffusers import DDPMScheduler
@@ -94,8 +146,9 @@ def adversarial_finetune(pipe, util_latents: torch.Tensor, util_cond: torch.Tens
         r = step // int(s.refresh_every)
         if r not in cache:
             cache.clear()
-            cache[r] = _trigger_set(pipe, x0, target_cond, other_cond, s.trigger, r, seed,
-                                    trigger_file(run_dir, f"refresh-{r:05d}"))
+            cache[r] = _trigger_set(
+                pipe, x0, target_cond, other_cond, s.trigger, r, seed, trigger_file(run_dir, f"refresh-{r:05d}")
+            )
         idx = torch.randint(n, (int(s.batch_size),), generator=g)
         c = util_cond[idx].to(unet.device)
         drop = torch.rand(len(idx), generator=g) < float(s.caption_dropout)

@@ -44,8 +44,8 @@ class MitigationTask:
     pipe: object
     root: Path
     manifest: pd.DataFrame
-    memorised: pd.DataFrame     # memorised prompts (prompt_id, caption, target_file, ...)
-    negatives: pd.DataFrame     # non-memorised prompts
+    memorised: pd.DataFrame  # memorised prompts (prompt_id, caption, target_file, ...)
+    negatives: pd.DataFrame  # non-memorised prompts
     run_dir: Path
 
     @property
@@ -89,8 +89,13 @@ def build_defence(task: MitigationTask) -> dict:
     if name == "wen" and settings.get("target") is None:
         if task.negatives.empty:
             raise DataError("mitigation wen: target null needs non-memorised prompts to calibrate on")
-        settings["target"] = memorisation(task.pipe, task.cond(task.negatives["caption"]), task.negatives["prompt_id"],
-                                          seed=int(task.cfg.seed), **task.sampling())
+        settings["target"] = memorisation(
+            task.pipe,
+            task.cond(task.negatives["caption"]),
+            task.negatives["prompt_id"],
+            seed=int(task.cfg.seed),
+            **task.sampling(),
+        )
     defence = make(name, {**settings, "seed": int(settings.get("seed", task.cfg.seed))})
     save_defence(task.run_dir / "model", defence, task.cfg.model.path)
     return {"defence": name, "settings": defence.settings()}
@@ -112,15 +117,25 @@ def build_finetune(task: MitigationTask) -> dict:
         tau = f.get("tau")
         if tau is None:
             tau_file = task.run_dir / "tau.json"
-            tau = resumed(tau_file, lambda p: float(read_json(p)["tau"]), lambda: write_json(tau_file, {
-                "tau": calibrate_tau(task.pipe, latents, captions, float(f.quantile), int(f.n_calibration),
-                                     int(task.cfg.seed))}))
+            tau = resumed(
+                tau_file,
+                lambda p: float(read_json(p)["tau"]),
+                lambda: write_json(
+                    tau_file,
+                    {
+                        "tau": calibrate_tau(
+                            task.pipe, latents, captions, float(f.quantile), int(f.n_calibration), int(task.cfg.seed)
+                        )
+                    },
+                ),
+            )
     total = sum(p.numel() for p in unet.parameters())
     blocks = selected_blocks(unet, s.get("mask"))
     trainable = prepare(unet, s.method, blocks, int(s.get("rank", 4)))
     if trainable:
-        losses = finetune(task.pipe, latents, captions, s, seed=int(task.cfg.seed),
-                          ckpt_dir=task.run_dir / CHECKPOINTS, tau=tau)
+        losses = finetune(
+            task.pipe, latents, captions, s, seed=int(task.cfg.seed), ckpt_dir=task.run_dir / CHECKPOINTS, tau=tau
+        )
     else:
         log.warning("mitigation.mask selects no transformer block: the model is published unchanged")
         losses = []
@@ -133,9 +148,16 @@ def build_finetune(task: MitigationTask) -> dict:
     else:
         merge(unet, s.method)
         save_pipeline(task.pipe, task.run_dir / "model")
-    return {"method": s.method, "published": published, "blocks": blocks, "trainable_params": int(trainable),
-            "trainable_share": trainable / total, "tau": tau, "final_loss": losses[-1]["loss"] if losses else None,
-            "data_parallel": distributed.summary(lambda r, w: fit_items(s, r, w) if trainable else 0)}
+    return {
+        "method": s.method,
+        "published": published,
+        "blocks": blocks,
+        "trainable_params": int(trainable),
+        "trainable_share": trainable / total,
+        "tau": tau,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "data_parallel": distributed.summary(lambda r, w: fit_items(s, r, w) if trainable else 0),
+    }
 
 
 def build_adversarial_ft(task: MitigationTask) -> dict:
@@ -156,9 +178,17 @@ def build_adversarial_ft(task: MitigationTask) -> dict:
 
     def make_surrogates():
         extractor = build_extractor(cfg.features.extractor, device=str(task.pipe.unet.device))
-        images, table = surrogates(task.pipe, extractor, target_cond, target_images, mem["prompt_id"], s.surrogate,
-                                   seed=int(cfg.seed), threshold=float(cfg.features.replication_threshold),
-                                   **task.sampling())
+        images, table = surrogates(
+            task.pipe,
+            extractor,
+            target_cond,
+            target_images,
+            mem["prompt_id"],
+            s.surrogate,
+            seed=int(cfg.seed),
+            threshold=float(cfg.features.replication_threshold),
+            **task.sampling(),
+        )
         write_parquet(task.run_dir / "surrogates.parquet", table.assign(caption=mem["caption"].to_numpy()))
         with atomic_path(sur_file) as tmp:
             save_file({"images": images.contiguous()}, str(tmp))
@@ -171,14 +201,28 @@ def build_adversarial_ft(task: MitigationTask) -> dict:
     rows = rows.reset_index(drop=True)
     unique = sorted(set(rows["caption"]))
     util_cond = task.cond(unique)[_positions(rows["caption"], unique)]
-    losses = adversarial_finetune(task.pipe, task.latents(rows), util_cond, target_images, target_cond, sur,
-                                  task.cond(task.negatives["caption"]), s, seed=int(cfg.seed),
-                                  ckpt_dir=task.run_dir / CHECKPOINTS, run_dir=task.run_dir)
+    losses = adversarial_finetune(
+        task.pipe,
+        task.latents(rows),
+        util_cond,
+        target_images,
+        target_cond,
+        sur,
+        task.cond(task.negatives["caption"]),
+        s,
+        seed=int(cfg.seed),
+        ckpt_dir=task.run_dir / CHECKPOINTS,
+        run_dir=task.run_dir,
+    )
     if not distributed.is_main():  # rank 0 publishes
         return {}
     write_parquet(task.run_dir / TRAIN_LOG, pd.DataFrame(losses))
     save_pipeline(task.pipe, task.run_dir / "model")
-    return {"n_targets": len(mem), "n_utility_rows": len(rows), "trigger_refreshes": refreshes(task.run_dir),
-            "surrogates_replicating": int(pd.read_parquet(task.run_dir / "surrogates.parquet")["replicates"].sum()),
-            "final_loss": losses[-1]["loss"] if losses else None,
-            "data_parallel": distributed.summary(lambda r, w: fit_items(s, r, w))}
+    return {
+        "n_targets": len(mem),
+        "n_utility_rows": len(rows),
+        "trigger_refreshes": refreshes(task.run_dir),
+        "surrogates_replicating": int(pd.read_parquet(task.run_dir / "surrogates.parquet")["replicates"].sum()),
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "data_parallel": distributed.summary(lambda r, w: fit_items(s, r, w)),
+    }

@@ -71,8 +71,13 @@ def testbed_alternatives(caption: str) -> list[str]:
     return out
 
 
-def augmenter(kind: str, p: float, pool: Sequence[str], n_words: int = 2,
-              alternatives: Callable[[str], list[str]] = testbed_alternatives) -> Callable:
+def augmenter(
+    kind: str,
+    p: float,
+    pool: Sequence[str],
+    n_words: int = 2,
+    alternatives: Callable[[str], list[str]] = testbed_alternatives,
+) -> Callable:
     """``fn(captions, rng) -> captions``: each caption is changed by ``kind`` with probability ``p``."""
     if kind not in AUGMENTATIONS:
         raise ConfigError(f"mitigation.augment.kind '{kind}' is not one of {', '.join(AUGMENTATIONS)}")

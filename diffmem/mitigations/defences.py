@@ -53,8 +53,9 @@ class Defence(SamplerHooks):
     def text(self, captions: Sequence[str], pipe=None) -> list[str]:
         return list(captions)
 
-    def embedding(self, pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
-                  guidance: float) -> torch.Tensor:
+    def embedding(
+        self, pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int, guidance: float
+    ) -> torch.Tensor:
         return cond
 
 
@@ -78,8 +79,12 @@ class GaussianNoise(Defence):
         return {"lam": self.lam, "seed": self.seed}
 
     def embedding(self, pipe, cond, seeds, **_):
-        noise = torch.stack([torch.randn(cond.shape[1:], generator=torch.Generator().manual_seed(int(s) + self.seed + 7))
-                             for s in seeds])
+        noise = torch.stack(
+            [
+                torch.randn(cond.shape[1:], generator=torch.Generator().manual_seed(int(s) + self.seed + 7))
+                for s in seeds
+            ]
+        )
         return cond + self.lam * noise.to(cond.device, cond.dtype)
 
 
@@ -103,8 +108,9 @@ class RandomTokens(Defence):
 
         if self._pool is None:
             self._pool = word_pool(pipe.tokenizer)
-        return [insert_random_words(c, self._pool, self.n_words, _caption_rng(self.seed, c)) if c else c
-                for c in captions]
+        return [
+            insert_random_words(c, self._pool, self.n_words, _caption_rng(self.seed, c)) if c else c for c in captions
+        ]
 
 
 @DEFENCES.register("wen")
@@ -123,8 +129,7 @@ class WenMinimisation(Defence):
         self.target, self.lr, self.max_iters, self.pull = float(target), float(lr), int(max_iters), float(pull)
 
     def settings(self) -> dict:
-        return {"target": self.target, "lr": self.lr, "max_iters": self.max_iters, "pull": self.pull,
-                "seed": self.seed}
+        return {"target": self.target, "lr": self.lr, "max_iters": self.max_iters, "pull": self.pull, "seed": self.seed}
 
     def embedding(self, pipe, cond, seeds, *, resolution, steps, guidance):
         from diffmem.detectors.noise_norm import noise_norm_trajectory
@@ -167,8 +172,9 @@ def save_defence(out_dir: str | Path, defence: Defence, base: str | Path) -> Pat
     existing local path, so the wrapper reloads from any working directory.
     """
     out = Path(out_dir)
-    write_json(out / DEFENCE_FILE, {"defence": defence.name, "settings": defence.settings(),
-                                     "base": model_reference(base)})
+    write_json(
+        out / DEFENCE_FILE, {"defence": defence.name, "settings": defence.settings(), "base": model_reference(base)}
+    )
     return out
 
 
@@ -192,6 +198,8 @@ def read_defence(folder: str | Path) -> tuple[str, Defence]:
         raise DataError(f"{path}: expected a JSON object with defence, settings and base")
     for field, kind in (("defence", str), ("settings", dict), ("base", str)):
         if not isinstance(spec.get(field), kind):
-            raise DataError(f"{path}: field '{field}' " + ("missing" if field not in spec else
-                                                           f"must be a {'string' if kind is str else 'mapping'}"))
+            raise DataError(
+                f"{path}: field '{field}' "
+                + ("missing" if field not in spec else f"must be a {'string' if kind is str else 'mapping'}")
+            )
     return spec["base"], build_defence(spec["defence"], dict(spec["settings"]))

@@ -8,25 +8,44 @@ import pandas as pd
 import torch
 
 
-def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor, u, util_extractor,
-                   clip=None) -> dict:
+def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor, u, util_extractor, clip=None) -> dict:
     """The three axes for the model in ``ctx`` (parts cached under ``ctx.run_dir``)."""
     from diffmem.mitigations.objectives import utility
     from diffmem.probes.context import attack, attack_summary, baseline_summary
     from diffmem.sampling import encode_prompts
 
     base = ctx.baseline("model")
-    attacked = pd.concat([attack(ctx, "target", i, ts, f"attack-target-{i}") for i in range(len(ctx.targets))],
-                         ignore_index=True)
-    util = ctx.json_part("utility", lambda: utility(
-        ctx.pipe, util_extractor, encode_prompts(ctx.pipe, utility_rows["caption"].tolist()),
-        np.arange(len(utility_rows)), real, n_per_prompt=int(u.n_per_prompt), seed=ctx.seed,
-        resolution=ctx.resolution, steps=ctx.steps, guidance=ctx.guidance, batch_size=ctx.batch_size,
-        clip=clip, captions=utility_rows["caption"].tolist()))
+    attacked = pd.concat(
+        [attack(ctx, "target", i, ts, f"attack-target-{i}") for i in range(len(ctx.targets))], ignore_index=True
+    )
+    util = ctx.json_part(
+        "utility",
+        lambda: utility(
+            ctx.pipe,
+            util_extractor,
+            encode_prompts(ctx.pipe, utility_rows["caption"].tolist()),
+            np.arange(len(utility_rows)),
+            real,
+            n_per_prompt=int(u.n_per_prompt),
+            seed=ctx.seed,
+            resolution=ctx.resolution,
+            steps=ctx.steps,
+            guidance=ctx.guidance,
+            batch_size=ctx.batch_size,
+            clip=clip,
+            captions=utility_rows["caption"].tolist(),
+        ),
+    )
     b, a = baseline_summary(ctx, base), attack_summary(ctx, attacked)
-    return {"mr": b["mr"], "similarity": b["similarity"], "mr_attacked": a["mr"], "similarity_attacked": a["similarity"],
-            "fd": util["fd"], "diversity": util.get("diversity", float("nan")),
-            **({"clip_score": util["clip_score"]} if "clip_score" in util else {})}
+    return {
+        "mr": b["mr"],
+        "similarity": b["similarity"],
+        "mr_attacked": a["mr"],
+        "similarity_attacked": a["similarity"],
+        "fd": util["fd"],
+        "diversity": util.get("diversity", float("nan")),
+        **({"clip_score": util["clip_score"]} if "clip_score" in util else {}),
+    }
 
 
 def pareto_points(study, runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -65,8 +65,9 @@ def selected_blocks(unet, mask) -> list[str]:
     for key, value in flat.items():
         if key not in blocks:
             hint = did_you_mean(key, blocks, n=2, cutoff=0.6)
-            raise ConfigError(f"mitigation.mask: '{key}' is not a transformer block of this UNet.{hint} "
-                              f"Blocks: {', '.join(blocks)}")
+            raise ConfigError(
+                f"mitigation.mask: '{key}' is not a transformer block of this UNet.{hint} Blocks: {', '.join(blocks)}"
+            )
         if value not in (0, 1):
             raise ConfigError(f"mitigation.mask.{key} must be 0 or 1 (got {value})")
     return [b for b in blocks if flat.get(b, 0) == 1]
@@ -75,8 +76,11 @@ def selected_blocks(unet, mask) -> list[str]:
 def lora_targets(unet, blocks) -> list[str]:
     """Full module names of the attention projections (self and cross) inside ``blocks``."""
     names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
-    return [n for n in names if any(n.startswith(b + ".") for b in blocks)
-            and ".attn" in n and n.endswith(ATTENTION_PROJECTIONS)]
+    return [
+        n
+        for n in names
+        if any(n.startswith(b + ".") for b in blocks) and ".attn" in n and n.endswith(ATTENTION_PROJECTIONS)
+    ]
 
 
 def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | None = None) -> int:
@@ -97,8 +101,14 @@ def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | 
         from peft import LoraConfig
 
         check_positive(rank, "mitigation.rank")
-        unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=float(alpha or rank), init_lora_weights=True,
-                                    target_modules=lora_targets(unet, blocks)))
+        unet.add_adapter(
+            LoraConfig(
+                r=int(rank),
+                lora_alpha=float(alpha or rank),
+                init_lora_weights=True,
+                target_modules=lora_targets(unet, blocks),
+            )
+        )
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
@@ -113,12 +123,15 @@ def noise_norms(unet, xt, t, cond, uncond) -> torch.Tensor:
     """Per-sample ``||eps(x_t, t, c) - eps(x_t, t, c0)||`` (no gradient)."""
     with torch.no_grad():
         u = uncond.expand(xt.shape[0], -1, -1)
-        e_u, e_c = unet(torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat([u, cond])).sample.chunk(2)
+        e_u, e_c = unet(
+            torch.cat([xt, xt]), torch.cat([t, t]), encoder_hidden_states=torch.cat([u, cond])
+        ).sample.chunk(2)
     return (e_c - e_u).float().flatten(1).norm(dim=1)
 
 
-def finetune(pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, ckpt_dir: Path,
-             tau: float | None = None) -> list[dict]:
+def finetune(
+    pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, ckpt_dir: Path, tau: float | None = None
+) -> list[dict]:
     """Fine-tune ``pipe.unet`` (already :func:`prepare`-d) on (latent, caption) rows per ``s``.
 
     Each step draws ``s.batch_size`` rows, applies the caption augmentation, encodes the
@@ -164,8 +177,7 @@ def finetune(pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, 
 
     mixed = mixed_precision(pipe.text_encoder.dtype)  # the pipeline's precision (the text encoder stays frozen)
     prepare_trainables(unet, bool(s.get("gradient_checkpointing", False)))
-    losses = fit(unet, loss_fn, seed=seed, phase="finetune", ckpt_dir=ckpt_dir, grad_clip=1.0,
-                 **fit_settings(s, mixed))
+    losses = fit(unet, loss_fn, seed=seed, phase="finetune", ckpt_dir=ckpt_dir, grad_clip=1.0, **fit_settings(s, mixed))
     unet.to(pipe.text_encoder.dtype)  # back to the pipeline's precision for inference
     if kept:
         log.info("noise filter kept %.1f %% of samples in this session's steps", 100 * np.mean(kept))

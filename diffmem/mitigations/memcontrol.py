@@ -30,7 +30,7 @@ def completed_trials(storage: str, study_name: str) -> int:
     """Trials of the stored study that finished (0 when it does not exist yet)."""
     import optuna
 
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).exists():
         return 0
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
@@ -62,7 +62,8 @@ def study_table(storage: str, study_name: str) -> pd.DataFrame:
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise DataError(f"study '{study_name}' in {storage} has no finished trial")
-    table = pd.DataFrame([{"trial": t.number, "memorisation": t.values[0], "fd": t.values[1], **t.params}
-                          for t in done])
+    table = pd.DataFrame(
+        [{"trial": t.number, "memorisation": t.values[0], "fd": t.values[1], **t.params} for t in done]
+    )
     table["pareto"] = pareto_mask(table[["memorisation", "fd"]].to_numpy())
     return table

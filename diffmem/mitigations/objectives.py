@@ -39,8 +39,9 @@ def measured_objectives(run_dir: Path, measure) -> dict:
     return read_objectives(run_dir)
 
 
-def measure_objectives(cfg, model_dir: Path, root: Path, manifest: pd.DataFrame, memorised: pd.DataFrame,
-                       sampling: dict) -> dict:
+def measure_objectives(
+    cfg, model_dir: Path, root: Path, manifest: pd.DataFrame, memorised: pd.DataFrame, sampling: dict
+) -> dict:
     """MemControl's objectives on a published model: memorisation (mean first-step noise norm on the
     memorised prompts) and quality (Fréchet distance of generations for held-out captions to those
     held-out images, in the ``objectives.features`` space)."""
@@ -52,21 +53,40 @@ def measure_objectives(cfg, model_dir: Path, root: Path, manifest: pd.DataFrame,
     from diffmem.models import resolve_device
 
     o = cfg.objectives
-    pipe = load_model({**OmegaConf.to_container(cfg.model, resolve=True), "path": str(model_dir)},
-                      resolve_device(cfg.device), scheduler=cfg.scheduler)
+    pipe = load_model(
+        {**OmegaConf.to_container(cfg.model, resolve=True), "path": str(model_dir)},
+        resolve_device(cfg.device),
+        scheduler=cfg.scheduler,
+    )
     mem_cond = encode_prompts(pipe, memorised["caption"].tolist())
     score = memorisation(pipe, mem_cond, memorised["prompt_id"], seed=int(cfg.seed), **sampling)
     rows = real_rows(manifest, o.split, int(o.n_prompts), int(cfg.seed), o.get("kinds"))
     extractor = build_extractor(o.features, device=str(pipe.unet.device))
     real = load_unit_images(root, rows["file"], int(cfg.resolution))
-    util = utility(pipe, extractor, encode_prompts(pipe, rows["caption"].tolist()), np.arange(len(rows)), real,
-                   n_per_prompt=int(o.n_per_prompt), seed=int(cfg.seed), batch_size=int(cfg.batch_size), **sampling)
-    return {"memorisation": score, "fd": util["fd"], "n_memorised": len(memorised), "n_utility_prompts": len(rows),
-            "utility_split": str(o.split), "features": extractor.info()}
+    util = utility(
+        pipe,
+        extractor,
+        encode_prompts(pipe, rows["caption"].tolist()),
+        np.arange(len(rows)),
+        real,
+        n_per_prompt=int(o.n_per_prompt),
+        seed=int(cfg.seed),
+        batch_size=int(cfg.batch_size),
+        **sampling,
+    )
+    return {
+        "memorisation": score,
+        "fd": util["fd"],
+        "n_memorised": len(memorised),
+        "n_utility_prompts": len(rows),
+        "utility_split": str(o.split),
+        "features": extractor.info(),
+    }
 
 
-def memorisation(pipe, cond: torch.Tensor, prompt_ids, *, seed: int, resolution: int, steps: int,
-                 guidance: float) -> float:
+def memorisation(
+    pipe, cond: torch.Tensor, prompt_ids, *, seed: int, resolution: int, steps: int, guidance: float
+) -> float:
     """Mean first-step noise norm over ``cond``'s prompts."""
     from diffmem.detectors.noise_norm import NoiseNorm
 
@@ -74,17 +94,31 @@ def memorisation(pipe, cond: torch.Tensor, prompt_ids, *, seed: int, resolution:
     return float(np.mean(det.score_conditioning(pipe, cond, list(prompt_ids), seed=seed, resolution=resolution)))
 
 
-def utility(pipe, extractor, cond: torch.Tensor, prompt_ids, real_images: torch.Tensor, *, n_per_prompt: int,
-            seed: int, resolution: int, steps: int, guidance: float, batch_size: int = 32,
-            clip=None, captions=None) -> dict:
+def utility(
+    pipe,
+    extractor,
+    cond: torch.Tensor,
+    prompt_ids,
+    real_images: torch.Tensor,
+    *,
+    n_per_prompt: int,
+    seed: int,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    batch_size: int = 32,
+    clip=None,
+    captions=None,
+) -> dict:
     """Fréchet distance of ``n_per_prompt`` generations per prompt to ``real_images`` in the
     descriptor's space, the generations' diversity (mean pairwise cosine within a prompt) and,
     with a CLIP extractor ``clip`` and the prompts' ``captions``, their CLIPScore (alignment)."""
     ids = np.repeat(np.asarray(prompt_ids), n_per_prompt)
     rep = torch.as_tensor(np.repeat(np.arange(len(prompt_ids)), n_per_prompt))
     seeds = [sample_seed(seed, int(p), k) for p, k in zip(ids, np.tile(np.arange(n_per_prompt), len(prompt_ids)))]
-    images = sample_images(pipe, cond[rep], seeds, resolution=resolution, steps=steps, guidance=guidance,
-                           batch_size=batch_size)
+    images = sample_images(
+        pipe, cond[rep], seeds, resolution=resolution, steps=steps, guidance=guidance, batch_size=batch_size
+    )
     with torch.no_grad():
         fake = extractor(images.float()).double().cpu().numpy()
         real = extractor(real_images.float()).double().cpu().numpy()
@@ -109,6 +143,9 @@ def real_rows(manifest: pd.DataFrame, split: str, n: int, seed: int, kinds=None)
         rows = rows[rows["kind"].isin(list(kinds))]
     rows = rows.drop_duplicates("file")
     if len(rows) < 2:
-        raise DataError(f"utility: the dataset has {len(rows)} images with split '{split}'"
-                        + (f" and kind in {list(kinds)}" if kinds is not None else "") + "; need >= 2")
+        raise DataError(
+            f"utility: the dataset has {len(rows)} images with split '{split}'"
+            + (f" and kind in {list(kinds)}" if kinds is not None else "")
+            + "; need >= 2"
+        )
     return rows.sample(min(int(n), len(rows)), random_state=int(seed)).reset_index(drop=True)

@@ -48,8 +48,11 @@ def save_adapter(out_dir: str | Path, unet, base: str | Path) -> Path:
         lora = None
         if getattr(unet, "_hf_peft_config_loaded", False):
             config = unet.peft_config["default"]
-            lora = {"r": int(config.r), "lora_alpha": float(config.lora_alpha),
-                    "target_modules": sorted(config.target_modules)}
+            lora = {
+                "r": int(config.r),
+                "lora_alpha": float(config.lora_alpha),
+                "target_modules": sorted(config.target_modules),
+            }
             state = get_peft_model_state_dict(unet, adapter_name="default")
             save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
         write_json(tmp / ADAPTER_FILE, {"base": model_reference(base), "lora": lora})
@@ -95,13 +98,16 @@ def apply_adapter(pipe, folder: str | Path):
     except Exception as err:  # safetensors raises several types for a missing or damaged file
         raise DataError(f"{weights}: unreadable adapter weights ({type(err).__name__})") from err
     unet = pipe.unet
-    unet.add_adapter(LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["lora_alpha"]),
-                                target_modules=list(lora["target_modules"])))
+    unet.add_adapter(
+        LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["lora_alpha"]), target_modules=list(lora["target_modules"]))
+    )
     expected = set(get_peft_model_state_dict(unet, adapter_name="default"))
     if set(state) != expected:
         odd = sorted(set(state) ^ expected)[0]
-        raise DataError(f"{weights}: not an adapter for this base UNet (e.g. '{odd}' "
-                        f"{'is missing' if odd in expected else 'is not in the UNet'})")
+        raise DataError(
+            f"{weights}: not an adapter for this base UNet (e.g. '{odd}' "
+            f"{'is missing' if odd in expected else 'is not in the UNet'})"
+        )
     set_peft_model_state_dict(unet, state, adapter_name="default")
     with torch.no_grad():
         fuse_lora(unet)

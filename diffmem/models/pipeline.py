@@ -34,8 +34,10 @@ def check_precision(precision: str) -> str:
     """``fp32``/``bf16``/``fp16`` (``float32``/``bfloat16``/``float16`` map to them); else a ConfigError."""
     name = _ALIASES.get(precision, precision)
     if name not in PRECISIONS:
-        raise ConfigError(f"model.precision '{precision}' is not one of {', '.join(PRECISIONS)}."
-                          f"{did_you_mean(str(precision), PRECISIONS, n=1)}")
+        raise ConfigError(
+            f"model.precision '{precision}' is not one of {', '.join(PRECISIONS)}."
+            f"{did_you_mean(str(precision), PRECISIONS, n=1)}"
+        )
     return name
 
 
@@ -51,8 +53,9 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 def check_scheduler(name: str | None) -> None:
     """A ConfigError with close matches unless ``name`` is None or a key of :data:`SCHEDULERS`."""
     if name is not None and name not in SCHEDULERS:
-        raise ConfigError(f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}."
-                          f"{did_you_mean(name, SCHEDULERS, n=2)}")
+        raise ConfigError(
+            f"scheduler '{name}' is not one of {', '.join(SCHEDULERS)}.{did_you_mean(name, SCHEDULERS, n=2)}"
+        )
 
 
 def set_scheduler(pipe, name: str | None):
@@ -66,9 +69,15 @@ def set_scheduler(pipe, name: str | None):
     return pipe
 
 
-def load_pipeline(path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
-                  local_files_only: bool = True, scheduler: str | None = None, vae_slicing: bool = False,
-                  vae_tiling: bool = False):
+def load_pipeline(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    local_files_only: bool = True,
+    scheduler: str | None = None,
+    vae_slicing: bool = False,
+    vae_tiling: bool = False,
+):
     """A ``StableDiffusionPipeline`` from a local folder or an HF-cache repo id.
 
     Safetensors only, no safety checker, never remote code; offline unless

@@ -22,16 +22,26 @@ def build_testbed_pipeline(arch, seed: int = 0):
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=arch.vae.latent_channels,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=arch.vae.latent_channels,
         down_block_types=["DownEncoderBlock2D"] * len(arch.vae.channels),
         up_block_types=["UpDecoderBlock2D"] * len(arch.vae.channels),
-        block_out_channels=list(arch.vae.channels), layers_per_block=arch.vae.layers_per_block,
-        norm_num_groups=arch.vae.norm_groups, sample_size=arch.resolution,
+        block_out_channels=list(arch.vae.channels),
+        layers_per_block=arch.vae.layers_per_block,
+        norm_num_groups=arch.vae.norm_groups,
+        sample_size=arch.resolution,
     )
     text_cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=arch.text.hidden, intermediate_size=arch.text.hidden * 4,
-        num_hidden_layers=arch.text.layers, num_attention_heads=arch.text.heads,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=49408,
+        hidden_size=arch.text.hidden,
+        intermediate_size=arch.text.hidden * 4,
+        num_hidden_layers=arch.text.layers,
+        num_attention_heads=arch.text.heads,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
         projection_dim=arch.text.hidden,
     )
     text_encoder = CLIPTextModel(text_cfg)
@@ -39,13 +49,24 @@ def build_testbed_pipeline(arch, seed: int = 0):
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(tmp)
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1, prediction_type="epsilon",
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -56,10 +77,14 @@ def build_unet(arch):
 
     return UNet2DConditionModel(
         sample_size=arch.resolution // 2 ** (len(arch.vae.channels) - 1),
-        in_channels=arch.vae.latent_channels, out_channels=arch.vae.latent_channels,
-        down_block_types=list(arch.unet.down_blocks), up_block_types=list(arch.unet.up_blocks),
-        block_out_channels=list(arch.unet.channels), layers_per_block=arch.unet.layers_per_block,
-        cross_attention_dim=arch.text.hidden, attention_head_dim=arch.unet.head_dim,
+        in_channels=arch.vae.latent_channels,
+        out_channels=arch.vae.latent_channels,
+        down_block_types=list(arch.unet.down_blocks),
+        up_block_types=list(arch.unet.up_blocks),
+        block_out_channels=list(arch.unet.channels),
+        layers_per_block=arch.unet.layers_per_block,
+        cross_attention_dim=arch.text.hidden,
+        attention_head_dim=arch.unet.head_dim,
         norm_num_groups=arch.unet.norm_groups,
     )
 

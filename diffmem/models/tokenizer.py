@@ -11,8 +11,7 @@ from diffmem.runs import atomic_path
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -30,7 +29,7 @@ def write_clip_vocab(out_dir: str | Path, bpe_path: str | Path | None = None) ->
 
         bpe_path = default_bpe()
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
+    merges = lines[1 : 49152 - 256 - 2 + 1]
     units = list(_bytes_to_unicode().values())
     vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -31,12 +31,12 @@ class ProbeContext:
 
     pipe: object
     extractor: object
-    targets: pd.DataFrame          # memorised prompts (prompt_id, caption, target_id, ...)
-    target_images: torch.Tensor    # [T, 3, H, W] in [0, 1], their training images
-    target_cond: torch.Tensor      # [T, tokens, D]
-    negatives: pd.DataFrame        # non-memorised prompts
+    targets: pd.DataFrame  # memorised prompts (prompt_id, caption, target_id, ...)
+    target_images: torch.Tensor  # [T, 3, H, W] in [0, 1], their training images
+    target_cond: torch.Tensor  # [T, tokens, D]
+    negatives: pd.DataFrame  # non-memorised prompts
     negative_cond: torch.Tensor
-    controls: pd.DataFrame         # non-memorised training images (the control targets)
+    controls: pd.DataFrame  # non-memorised training images (the control targets)
     control_images: torch.Tensor
     control_cond: torch.Tensor
     run_dir: Path
@@ -57,17 +57,31 @@ class ProbeContext:
         """:meth:`part` for a JSON-ready dict (``parts/<key>.json``)."""
         return _cached(self.run_dir / "parts" / f"{key}.json", compute, read_json, write_json)
 
-    def replication(self, cond: torch.Tensor, images: torch.Tensor, keys: pd.DataFrame,
-                    image_dir: Path | None = None) -> pd.DataFrame:
+    def replication(
+        self, cond: torch.Tensor, images: torch.Tensor, keys: pd.DataFrame, image_dir: Path | None = None
+    ) -> pd.DataFrame:
         """Generations of each conditioning row scored against its row of ``images``."""
-        return replication_table(self.pipe, self.extractor, cond, images, keys, n_per_prompt=self.n_per_prompt,
-                                 seed=self.seed, resolution=self.resolution, steps=self.steps,
-                                 guidance=self.guidance, batch_size=self.batch_size, image_dir=image_dir)
+        return replication_table(
+            self.pipe,
+            self.extractor,
+            cond,
+            images,
+            keys,
+            n_per_prompt=self.n_per_prompt,
+            seed=self.seed,
+            resolution=self.resolution,
+            steps=self.steps,
+            guidance=self.guidance,
+            batch_size=self.batch_size,
+            image_dir=image_dir,
+        )
 
     def baseline(self, model: str) -> pd.DataFrame:
         """The memorised prompts' own generations on the model as it is now (part ``baseline-<model>``)."""
-        return self.part(f"baseline-{model}", lambda: self.replication(self.target_cond, self.target_images,
-                                                                       prompt_keys(self.targets)))
+        return self.part(
+            f"baseline-{model}",
+            lambda: self.replication(self.target_cond, self.target_images, prompt_keys(self.targets)),
+        )
 
     def mr(self, table: pd.DataFrame, by: str = "prompt_id") -> float:
         return mr(table, self.threshold, by=by, reduction=self.mr_reduction)
@@ -91,8 +105,7 @@ def _cached(path: Path, compute, read, write):
 def trigger_settings(s) -> dict:
     """The trigger-search budget of a ``trigger`` config node, as :func:`attack` takes it."""
     inits = list(s.get("inits") or ["prompt"])
-    return dict(steps=int(s.steps), lr=float(s.lr), batch_size=int(s.batch_size), restarts=int(s.restarts),
-                inits=inits)
+    return dict(steps=int(s.steps), lr=float(s.lr), batch_size=int(s.batch_size), restarts=int(s.restarts), inits=inits)
 
 
 def prompt_keys(rows: pd.DataFrame) -> pd.DataFrame:
@@ -100,8 +113,14 @@ def prompt_keys(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[["prompt_id", "caption"]].reset_index(drop=True)
 
 
-def attack(ctx: ProbeContext, role: str, i: int, ts: dict, key: str,
-           blocked: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> pd.DataFrame:
+def attack(
+    ctx: ProbeContext,
+    role: str,
+    i: int,
+    ts: dict,
+    key: str,
+    blocked: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> pd.DataFrame:
     """Trigger search for target ``i`` of ``role`` (``target`` or ``control``), then generations
     from every trigger scored against that target; one row per (restart, generation).
 
@@ -109,22 +128,33 @@ def attack(ctx: ProbeContext, role: str, i: int, ts: dict, key: str,
     and their generations as PNGs under ``triggers/<key>/`` (``image`` column). ``blocked()`` is active during
     the search and the generations (NeMo's blocking for the mitigated model).
     """
-    rows, images, cond = ((ctx.targets, ctx.target_images, ctx.target_cond) if role == "target"
-                          else (ctx.controls, ctx.control_images, ctx.control_cond))
+    rows, images, cond = (
+        (ctx.targets, ctx.target_images, ctx.target_cond)
+        if role == "target"
+        else (ctx.controls, ctx.control_images, ctx.control_cond)
+    )
     row = rows.iloc[i]
 
     def compute() -> pd.DataFrame:
-        x0 = image_latents(ctx.pipe, images[i:i + 1])
+        x0 = image_latents(ctx.pipe, images[i : i + 1])
         with blocked():
-            found = search_triggers(ctx.pipe, x0, cond[i], prompt_id=int(row.prompt_id), seed=ctx.seed,
-                                    other_conds=ctx.negative_cond, **ts)
+            found = search_triggers(
+                ctx.pipe, x0, cond[i], prompt_id=int(row.prompt_id), seed=ctx.seed, other_conds=ctx.negative_cond, **ts
+            )
             embs = torch.stack([t.embedding for t in found])
-            keys = pd.DataFrame({"prompt_id": int(row.prompt_id), "caption": str(row.caption),
-                                 "restart": range(len(found)), "init": [t.init for t in found],
-                                 "distance": [t.distance for t in found],
-                                 "final_loss": [t.losses[-1] for t in found]})
-            table = ctx.replication(embs, images[i:i + 1].expand(len(found), -1, -1, -1), keys,
-                                    image_dir=ctx.run_dir / TRIGGER_DIR / key)
+            keys = pd.DataFrame(
+                {
+                    "prompt_id": int(row.prompt_id),
+                    "caption": str(row.caption),
+                    "restart": range(len(found)),
+                    "init": [t.init for t in found],
+                    "distance": [t.distance for t in found],
+                    "final_loss": [t.losses[-1] for t in found],
+                }
+            )
+            table = ctx.replication(
+                embs, images[i : i + 1].expand(len(found), -1, -1, -1), keys, image_dir=ctx.run_dir / TRIGGER_DIR / key
+            )
             table["image"] = f"{TRIGGER_DIR}/{key}/" + table["image"]
         save_triggers(trigger_file(ctx.run_dir, key), embs)
         return table.assign(role=role)
@@ -135,22 +165,31 @@ def attack(ctx: ProbeContext, role: str, i: int, ts: dict, key: str,
 def attack_summary(ctx: ProbeContext, table: pd.DataFrame) -> dict:
     """MR under attack (a target counts through its best restart) and that restart's similarity."""
     per = table.groupby(["prompt_id", "restart"])
-    rates = per["similarity"].apply(lambda s: memorisation_rate({0: s.to_numpy()}, ctx.threshold,
-                                                                reduction=ctx.mr_reduction))
+    rates = per["similarity"].apply(
+        lambda s: memorisation_rate({0: s.to_numpy()}, ctx.threshold, reduction=ctx.mr_reduction)
+    )
     sims = per["similarity"].mean()
     best = pd.DataFrame({"rate": rates, "sim": sims}).sort_values(["rate", "sim"]).groupby(level=0).tail(1)
-    return {"mr": float(best["rate"].mean()), "similarity": float(best["sim"].mean()),
-            "n_targets": int(best.shape[0]), "median_distance": float(table["distance"].median())}
+    return {
+        "mr": float(best["rate"].mean()),
+        "similarity": float(best["sim"].mean()),
+        "n_targets": int(best.shape[0]),
+        "median_distance": float(table["distance"].median()),
+    }
 
 
 def baseline_summary(ctx: ProbeContext, table: pd.DataFrame) -> dict:
     """MR and mean similarity of the prompts' own generations (a :meth:`ProbeContext.baseline` table)."""
-    return {"mr": ctx.mr(table), "similarity": float(table.groupby("prompt_id")["similarity"].mean().mean()),
-            "n_targets": int(table["prompt_id"].nunique())}
+    return {
+        "mr": ctx.mr(table),
+        "similarity": float(table.groupby("prompt_id")["similarity"].mean().mean()),
+        "n_targets": int(table["prompt_id"].nunique()),
+    }
 
 
 def check_settings(name: str, s, prefix: str = "probe") -> None:
     """Config errors before anything runs (bad values name the field)."""
+
     def positive(node, at):
         for f in ("steps", "batch_size", "restarts"):
             if f in node:

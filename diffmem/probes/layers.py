@@ -33,8 +33,11 @@ def _check_blocks(blocks: Sequence[str]) -> tuple[str, ...]:
 
 def _linears(unet, suffix: str, blocks: Sequence[str]) -> dict[str, torch.nn.Linear]:
     prefixes = _check_blocks(blocks)
-    found = {name: m for name, m in unet.named_modules()
-             if name.endswith(suffix) and name.startswith(prefixes) and isinstance(m, torch.nn.Linear)}
+    found = {
+        name: m
+        for name, m in unet.named_modules()
+        if name.endswith(suffix) and name.startswith(prefixes) and isinstance(m, torch.nn.Linear)
+    }
     if not found:
         raise ConfigError(f"the UNet has no '*{suffix}' layers in blocks {list(blocks)}")
     return found
@@ -58,8 +61,9 @@ def get_layers(unet, names: Sequence[str]) -> dict[str, torch.nn.Linear]:
         module = modules.get(name)
         if not isinstance(module, torch.nn.Linear):
             linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
-            raise ConfigError(f"the UNet has no linear layer '{name}'"
-                              f"{did_you_mean(name, linears, cutoff=0.6, paren=True)}")
+            raise ConfigError(
+                f"the UNet has no linear layer '{name}'{did_you_mean(name, linears, cutoff=0.6, paren=True)}"
+            )
         out[name] = module
     return out
 
@@ -89,8 +93,9 @@ def block_neurons(unet, neurons: Mapping[str, Sequence[int]]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def record(unet, names: Sequence[str], what: str = "output",
-           reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[dict[str, list[torch.Tensor]]]:
+def record(
+    unet, names: Sequence[str], what: str = "output", reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Collect each named layer's ``output`` (or first ``input``) per forward pass, detached.
 
     Yields ``{name: [tensor per call]}``; tensors are ``[B, tokens, features]``, or what
@@ -102,6 +107,7 @@ def record(unet, names: Sequence[str], what: str = "output",
     handles = []
     try:
         for name, layer in get_layers(unet, names).items():
+
             def hook(_module, inputs, output, name=name):
                 x = (output if what == "output" else inputs[0]).detach()
                 store[name].append(reduce(x) if reduce is not None else x)

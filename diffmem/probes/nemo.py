@@ -49,10 +49,12 @@ def value_activations(pipe, cond: torch.Tensor, layers, batch_size: int = 64) ->
     for name in modules:
         attn = owners.get(name.rsplit(".", 1)[0])
         if getattr(unet, "encoder_hid_proj", None) is not None or getattr(attn, "norm_cross", None) is not None:
-            raise ConfigError(f"{name}: the UNet transforms the text conditioning before its value "
-                              "projections; NeMo's activations assume SD's attn2")
+            raise ConfigError(
+                f"{name}: the UNet transforms the text conditioning before its value "
+                "projections; NeMo's activations assume SD's attn2"
+            )
     for i in range(0, cond.shape[0], batch_size):
-        c = cond[i:i + batch_size].to(unet.device, unet.dtype)
+        c = cond[i : i + batch_size].to(unet.device, unet.dtype)
         for name, module in modules.items():
             out[name].append(module(c).abs().mean(dim=1).float().cpu().numpy())
     return {name: np.concatenate(v) for name, v in out.items()}
@@ -70,12 +72,12 @@ class ActivationStats:
         n = next(iter(activations.values())).shape[0]
         if n < 2:
             raise DataError(f"NeMo needs >= 2 non-memorised prompts for activation statistics (got {n})")
-        return cls({k: v.mean(0) for k, v in activations.items()},
-                   {k: v.std(0, ddof=1) for k, v in activations.items()})
+        return cls(
+            {k: v.mean(0) for k, v in activations.items()}, {k: v.std(0, ddof=1) for k, v in activations.items()}
+        )
 
     def zscores(self, activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: (v - self.mean[k]) / np.where(self.std[k] > 0, self.std[k], 1.0)
-                for k, v in activations.items()}
+        return {k: (v - self.mean[k]) / np.where(self.std[k] > 0, self.std[k], 1.0) for k, v in activations.items()}
 
 
 @dataclass
@@ -105,9 +107,17 @@ def _select(z: dict[str, np.ndarray], theta: float, k: int) -> Neurons:
     return out
 
 
-def localise(z: dict[str, np.ndarray], score: Callable[[Neurons], float], threshold: float, *,
-             theta_start: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0,
-             refine: bool = True, max_checks: int | None = None) -> Localisation:
+def localise(
+    z: dict[str, np.ndarray],
+    score: Callable[[Neurons], float],
+    threshold: float,
+    *,
+    theta_start: float = 5.0,
+    theta_step: float = 0.25,
+    theta_min: float = 1.0,
+    refine: bool = True,
+    max_checks: int | None = None,
+) -> Localisation:
     """NeMo's search for one prompt with z-scores ``z`` (``{layer: [channels]}``, one row).
 
     ``score(neurons)`` is the memorisation score with ``neurons`` blocked (higher = memorised);
@@ -134,8 +144,9 @@ def localise(z: dict[str, np.ndarray], score: Callable[[Neurons], float], thresh
     while True:
         neurons = _select(z, theta, k)
         ok, s = suppressed(neurons)
-        history.append({"phase": "initial", "theta": theta, "k": k,
-                        "n_neurons": sum(map(len, neurons.values())), "score": s})
+        history.append(
+            {"phase": "initial", "theta": theta, "k": k, "n_neurons": sum(map(len, neurons.values())), "score": s}
+        )
         if ok or sum(map(len, neurons.values())) >= total or spent():
             break
         theta, k = max(theta - theta_step, theta_min), k + 1
@@ -156,18 +167,23 @@ def localise(z: dict[str, np.ndarray], score: Callable[[Neurons], float], thresh
             ok_t, s_t = suppressed(trial)
             if ok_t:
                 neurons, s = trial, s_t
-        history.append({"phase": "refined", "n_neurons": sum(map(len, neurons.values())), "score": s,
-                        "capped": spent()})
+        history.append(
+            {"phase": "refined", "n_neurons": sum(map(len, neurons.values())), "score": s, "capped": spent()}
+        )
     return Localisation(neurons, before, s, bool(ok), checks + 1, history)
 
 
-def blocked_score(pipe, detector, cond: torch.Tensor, prompt_id: int, *, seed: int,
-                  resolution: int) -> Callable[[Neurons], float]:
+def blocked_score(
+    pipe, detector, cond: torch.Tensor, prompt_id: int, *, seed: int, resolution: int
+) -> Callable[[Neurons], float]:
     """``score(neurons)``: the detector's score of one conditioning with ``neurons`` blocked."""
+
     def score(neurons: Neurons) -> float:
         with block_neurons(pipe.unet, neurons):
-            return float(detector.score_conditioning(pipe, cond[None], [prompt_id], seed=seed,
-                                                     resolution=resolution)[0])
+            return float(
+                detector.score_conditioning(pipe, cond[None], [prompt_id], seed=seed, resolution=resolution)[0]
+            )
+
     return score
 
 

@@ -21,28 +21,50 @@ from diffmem.runs import atomic_path
 from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
 
 
-def sample_images(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
-                  guidance: float, batch_size: int = 32) -> torch.Tensor:
+def sample_images(
+    pipe,
+    cond: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """One image per (conditioning row, seed), in batches: ``[N, 3, H, W]`` in [0, 1], CPU."""
     uncond = encode_prompts(pipe, [""])
     out = []
     for i in range(0, len(seeds), batch_size):
-        c = cond[i:i + batch_size].to(pipe.unet.device, pipe.unet.dtype)
-        out.append(sample(pipe, c, seeds[i:i + batch_size], resolution, steps, guidance, uncond=uncond).cpu())
+        c = cond[i : i + batch_size].to(pipe.unet.device, pipe.unet.dtype)
+        out.append(sample(pipe, c, seeds[i : i + batch_size], resolution, steps, guidance, uncond=uncond).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def similarity_to_targets(extractor, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     """Cosine similarity of each image to its own target (row-aligned): ``[N]``, ``batch_size`` rows at a time."""
-    out = [(extractor(a.float()) * extractor(b.float())).sum(1).double().cpu()
-           for a, b in zip(images.split(batch_size), targets.split(batch_size))]
+    out = [
+        (extractor(a.float()) * extractor(b.float())).sum(1).double().cpu()
+        for a, b in zip(images.split(batch_size), targets.split(batch_size))
+    ]
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tensor, keys: pd.DataFrame, *,
-                      n_per_prompt: int, seed: int, resolution: int, steps: int, guidance: float,
-                      batch_size: int = 32, image_dir: Path | None = None) -> pd.DataFrame:
+def replication_table(
+    pipe,
+    extractor,
+    conds: torch.Tensor,
+    targets: torch.Tensor,
+    keys: pd.DataFrame,
+    *,
+    n_per_prompt: int,
+    seed: int,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    batch_size: int = 32,
+    image_dir: Path | None = None,
+) -> pd.DataFrame:
     """Generate ``n_per_prompt`` images per conditioning row and score each against its target.
 
     ``keys`` (one row per conditioning, with a ``prompt_id``) is repeated per generation;
@@ -54,8 +76,15 @@ def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tenso
     table = keys.iloc[rep].reset_index(drop=True)
     table["k"] = np.tile(np.arange(n_per_prompt), len(keys))
     seeds = [sample_seed(seed, p, k) for p, k in zip(table["prompt_id"], table["k"])]
-    images = sample_images(pipe, conds[torch.as_tensor(rep)], seeds, resolution=resolution, steps=steps,
-                           guidance=guidance, batch_size=batch_size)
+    images = sample_images(
+        pipe,
+        conds[torch.as_tensor(rep)],
+        seeds,
+        resolution=resolution,
+        steps=steps,
+        guidance=guidance,
+        batch_size=batch_size,
+    )
     table["similarity"] = similarity_to_targets(extractor, images, targets[torch.as_tensor(rep)], batch_size)
     if image_dir is not None:
         table["image"] = [f"{i:04d}.png" for i in range(len(table))]
@@ -67,5 +96,4 @@ def replication_table(pipe, extractor, conds: torch.Tensor, targets: torch.Tenso
 
 def mr(table: pd.DataFrame, threshold: float, by: str = "prompt_id", reduction: str = "any") -> float:
     """Memorisation rate of a replication table over its ``by`` groups."""
-    return memorisation_rate(table, threshold=threshold, reduction=reduction, prompt_col=by,
-                             score_col="similarity")
+    return memorisation_rate(table, threshold=threshold, reduction=reduction, prompt_col=by, score_col="similarity")

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 
 from diffmem.probes import nemo as nemo_lib
 from diffmem.probes import wanda as wanda_lib
-from diffmem.probes.context import (ProbeContext, attack, attack_summary, baseline_summary, prompt_keys,
-                                    trigger_settings)
+from diffmem.probes.context import ProbeContext, attack, attack_summary, baseline_summary, prompt_keys, trigger_settings
 from diffmem.probes.layers import block_neurons
 from diffmem.probes.trigger import load_triggers, trigger_file
 from diffmem.probes.wanda import pruned
@@ -34,8 +33,10 @@ def trigger_search(ctx: ProbeContext, s) -> tuple[dict, dict]:
     parts = [attack(ctx, "target", i, ts, f"attack-original-target-{i}") for i in _bar(len(ctx.targets), "targets")]
     parts += [attack(ctx, "control", i, ts, f"attack-original-control-{i}") for i in range(len(ctx.controls))]
     triggers = pd.concat(parts, ignore_index=True)
-    metrics = {"baseline": baseline_summary(ctx, base),
-               "attack": attack_summary(ctx, triggers[triggers["role"] == "target"])}
+    metrics = {
+        "baseline": baseline_summary(ctx, base),
+        "attack": attack_summary(ctx, triggers[triggers["role"] == "target"]),
+    }
     if len(ctx.controls):
         metrics["control"] = attack_summary(ctx, triggers[triggers["role"] == "control"])
     return {"triggers": triggers, "baseline": base}, metrics
@@ -55,8 +56,9 @@ def nemo_setup(ctx: ProbeContext, s):
     if s.get("threshold") is not None:
         threshold = float(s.threshold)
     else:
-        neg = detector.score_conditioning(ctx.pipe, ctx.negative_cond, ctx.negatives["prompt_id"].tolist(),
-                                          seed=ctx.seed, resolution=ctx.resolution)
+        neg = detector.score_conditioning(
+            ctx.pipe, ctx.negative_cond, ctx.negatives["prompt_id"].tolist(), seed=ctx.seed, resolution=ctx.resolution
+        )
         threshold = float(neg.mean() + neg.std(ddof=1))
     return layers, stats, detector, threshold
 
@@ -66,27 +68,47 @@ def localise_one(ctx: ProbeContext, setup, cond: torch.Tensor, prompt_id: int, s
     layers, stats, detector, threshold = setup
     z = {k: v[0] for k, v in stats.zscores(nemo_lib.value_activations(ctx.pipe, cond[None], layers)).items()}
     score = nemo_lib.blocked_score(ctx.pipe, detector, cond, prompt_id, seed=ctx.seed, resolution=ctx.resolution)
-    found = nemo_lib.localise(z, score, threshold, theta_start=float(s.theta_start),
-                              theta_step=float(s.theta_step), theta_min=float(s.theta_min), refine=bool(s.refine),
-                              max_checks=s.get("max_checks"))
-    return {"neurons": found.neurons, "n_neurons": found.n_neurons, "score_before": found.score_before,
-            "score_after": found.score_after, "suppressed": found.suppressed, "checks": found.checks,
-            "threshold": threshold}
+    found = nemo_lib.localise(
+        z,
+        score,
+        threshold,
+        theta_start=float(s.theta_start),
+        theta_step=float(s.theta_step),
+        theta_min=float(s.theta_min),
+        refine=bool(s.refine),
+        max_checks=s.get("max_checks"),
+    )
+    return {
+        "neurons": found.neurons,
+        "n_neurons": found.n_neurons,
+        "score_before": found.score_before,
+        "score_after": found.score_after,
+        "suppressed": found.suppressed,
+        "checks": found.checks,
+        "threshold": threshold,
+    }
 
 
 def _nemo_all(ctx: ProbeContext, s) -> list[dict]:
     setup = nemo_setup(ctx, s)
-    return [ctx.json_part(f"nemo-{int(r.prompt_id)}",
-                          lambda i=i, r=r: localise_one(ctx, setup, ctx.target_cond[i], int(r.prompt_id), s))
-            for i, r in zip(_bar(len(ctx.targets), "nemo"), ctx.targets.itertuples())]
+    return [
+        ctx.json_part(
+            f"nemo-{int(r.prompt_id)}",
+            lambda i=i, r=r: localise_one(ctx, setup, ctx.target_cond[i], int(r.prompt_id), s),
+        )
+        for i, r in zip(_bar(len(ctx.targets), "nemo"), ctx.targets.itertuples())
+    ]
 
 
 def _blocked_replication(ctx: ProbeContext, found: list[dict]) -> pd.DataFrame:
     parts = []
     for i, f in enumerate(found):
         with block_neurons(ctx.pipe.unet, f["neurons"]):
-            parts.append(ctx.replication(ctx.target_cond[i:i + 1], ctx.target_images[i:i + 1],
-                                         prompt_keys(ctx.targets.iloc[i:i + 1])))
+            parts.append(
+                ctx.replication(
+                    ctx.target_cond[i : i + 1], ctx.target_images[i : i + 1], prompt_keys(ctx.targets.iloc[i : i + 1])
+                )
+            )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -96,20 +118,32 @@ def nemo(ctx: ProbeContext, s) -> tuple[dict, dict]:
     nemo_lib.save_neurons(ctx.run_dir, dict(zip(ctx.targets["prompt_id"], found)))
     base = ctx.baseline("original")
     blocked = ctx.part("baseline-nemo", lambda: _blocked_replication(ctx, found))
-    table = prompt_keys(ctx.targets).assign(**{k: [f[k] for f in found] for k in
-                                         ("n_neurons", "score_before", "score_after", "suppressed", "checks")})
+    table = prompt_keys(ctx.targets).assign(
+        **{k: [f[k] for f in found] for k in ("n_neurons", "score_before", "score_after", "suppressed", "checks")}
+    )
     return {"nemo": table, "baseline": base, "blocked": blocked}, {
-        "original": baseline_summary(ctx, base), "nemo": baseline_summary(ctx, blocked),
+        "original": baseline_summary(ctx, base),
+        "nemo": baseline_summary(ctx, blocked),
         "threshold": found[0]["threshold"] if found else None,
         "median_neurons": float(table["n_neurons"].median()) if len(table) else None,
-        "suppressed_share": float(table["suppressed"].mean()) if len(table) else None}
+        "suppressed_share": float(table["suppressed"].mean()) if len(table) else None,
+    }
 
 
 def wanda_masks_for(ctx: ProbeContext, conds: torch.Tensor, s, prompt_ids) -> wanda_lib.Masks:
     """Union of the Wanda masks of several conditionings (seeds per prompt as in generation)."""
-    return wanda_lib.prompt_masks(ctx.pipe, conds, prompt_ids, seed=ctx.seed, n_seeds=int(s.n_seeds),
-                                  resolution=ctx.resolution, steps=ctx.steps, guidance=ctx.guidance,
-                                  n_steps=int(s.n_steps), fraction=float(s.fraction))
+    return wanda_lib.prompt_masks(
+        ctx.pipe,
+        conds,
+        prompt_ids,
+        seed=ctx.seed,
+        n_seeds=int(s.n_seeds),
+        resolution=ctx.resolution,
+        steps=ctx.steps,
+        guidance=ctx.guidance,
+        n_steps=int(s.n_steps),
+        fraction=float(s.fraction),
+    )
 
 
 def _wanda_model(ctx: ProbeContext, s) -> wanda_lib.Masks:
@@ -139,9 +173,11 @@ def wanda(ctx: ProbeContext, s) -> tuple[dict, dict]:
         _save_pruned(ctx, s)
     counts = pd.DataFrame([{"layer": k, "pruned": int(v.sum()), "weights": int(v.numel())} for k, v in masks.items()])
     return {"wanda": counts, "baseline": base, "pruned": after}, {
-        "original": baseline_summary(ctx, base), "wanda": baseline_summary(ctx, after),
+        "original": baseline_summary(ctx, base),
+        "wanda": baseline_summary(ctx, after),
         "pruned_weights": int(counts["pruned"].sum()),
-        "pruned_share": float(counts["pruned"].sum() / counts["weights"].sum())}
+        "pruned_share": float(counts["pruned"].sum() / counts["weights"].sum()),
+    }
 
 
 def finding_dori(ctx: ProbeContext, s) -> tuple[dict, dict]:
@@ -150,38 +186,73 @@ def finding_dori(ctx: ProbeContext, s) -> tuple[dict, dict]:
     ts = trigger_settings(s.trigger)
     rows, tables = [], {}
     base = ctx.baseline("original")
-    orig_attack = pd.concat([attack(ctx, "target", i, ts, f"attack-original-target-{i}")
-                             for i in _bar(len(ctx.targets), "attack original")], ignore_index=True)
-    rows += [{"model": "original", "attack": "none", **baseline_summary(ctx, base)},
-             {"model": "original", "attack": "trigger_search", **attack_summary(ctx, orig_attack)}]
+    orig_attack = pd.concat(
+        [
+            attack(ctx, "target", i, ts, f"attack-original-target-{i}")
+            for i in _bar(len(ctx.targets), "attack original")
+        ],
+        ignore_index=True,
+    )
+    rows += [
+        {"model": "original", "attack": "none", **baseline_summary(ctx, base)},
+        {"model": "original", "attack": "trigger_search", **attack_summary(ctx, orig_attack)},
+    ]
 
     found = _nemo_all(ctx, s.nemo)
     blocked = ctx.part("baseline-nemo", lambda: _blocked_replication(ctx, found))
-    nemo_attack = pd.concat([attack(ctx, "target", i, ts, f"attack-nemo-target-{i}",
-                                    lambda f=f: block_neurons(ctx.pipe.unet, f["neurons"]))
-                             for i, f in zip(_bar(len(ctx.targets), "attack nemo"), found)], ignore_index=True)
-    rows += [{"model": "nemo", "attack": "none", **baseline_summary(ctx, blocked),
-              "median_neurons": float(np.median([f["n_neurons"] for f in found]))},
-             {"model": "nemo", "attack": "trigger_search", **attack_summary(ctx, nemo_attack)}]
+    nemo_attack = pd.concat(
+        [
+            attack(
+                ctx, "target", i, ts, f"attack-nemo-target-{i}", lambda f=f: block_neurons(ctx.pipe.unet, f["neurons"])
+            )
+            for i, f in zip(_bar(len(ctx.targets), "attack nemo"), found)
+        ],
+        ignore_index=True,
+    )
+    rows += [
+        {
+            "model": "nemo",
+            "attack": "none",
+            **baseline_summary(ctx, blocked),
+            "median_neurons": float(np.median([f["n_neurons"] for f in found])),
+        },
+        {"model": "nemo", "attack": "trigger_search", **attack_summary(ctx, nemo_attack)},
+    ]
 
     masks = _wanda_model(ctx, s.wanda)
     with pruned(ctx.pipe.unet, masks):
         after = ctx.baseline("wanda")
         _save_pruned(ctx, s.wanda)
-        wanda_attack = pd.concat([attack(ctx, "target", i, ts, f"attack-wanda-target-{i}")
-                                  for i in _bar(len(ctx.targets), "attack wanda")], ignore_index=True)
-        control = pd.concat([attack(ctx, "control", i, ts, f"attack-wanda-control-{i}")
-                             for i in range(len(ctx.controls))] or [pd.DataFrame()], ignore_index=True)
-    rows += [{"model": "wanda", "attack": "none", **baseline_summary(ctx, after)},
-             {"model": "wanda", "attack": "trigger_search", **attack_summary(ctx, wanda_attack)}]
+        wanda_attack = pd.concat(
+            [attack(ctx, "target", i, ts, f"attack-wanda-target-{i}") for i in _bar(len(ctx.targets), "attack wanda")],
+            ignore_index=True,
+        )
+        control = pd.concat(
+            [attack(ctx, "control", i, ts, f"attack-wanda-control-{i}") for i in range(len(ctx.controls))]
+            or [pd.DataFrame()],
+            ignore_index=True,
+        )
+    rows += [
+        {"model": "wanda", "attack": "none", **baseline_summary(ctx, after)},
+        {"model": "wanda", "attack": "trigger_search", **attack_summary(ctx, wanda_attack)},
+    ]
     if len(control):
-        rows.append({"model": "wanda", "attack": "trigger_search (control: non-memorised images)",
-                     **attack_summary(ctx, control)})
+        rows.append(
+            {
+                "model": "wanda",
+                "attack": "trigger_search (control: non-memorised images)",
+                **attack_summary(ctx, control),
+            }
+        )
     table = pd.DataFrame(rows)
-    tables.update(finding_dori=table, triggers=pd.concat(
-        [orig_attack.assign(model="original"), nemo_attack.assign(model="nemo"),
-         wanda_attack.assign(model="wanda")] + ([control.assign(model="wanda")] if len(control) else []),
-        ignore_index=True))
+    tables.update(
+        finding_dori=table,
+        triggers=pd.concat(
+            [orig_attack.assign(model="original"), nemo_attack.assign(model="nemo"), wanda_attack.assign(model="wanda")]
+            + ([control.assign(model="wanda")] if len(control) else []),
+            ignore_index=True,
+        ),
+    )
     by = {f"{r['model']}/{r['attack']}": {"mr": r["mr"], "similarity": r["similarity"]} for r in rows}
     return tables, {"table": by, "trigger_budget": ts}
 
@@ -206,22 +277,32 @@ def locality(ctx: ProbeContext, s) -> tuple[dict, dict]:
         ok = table.groupby("restart")["similarity"].max().gt(ctx.threshold).to_numpy()
         use = embs[torch.as_tensor(ok)] if ok.sum() >= 2 else embs
         acts = _flat(nemo_lib.value_activations(ctx.pipe, use, layers))
-        nemo_masks = [ctx.json_part(f"locality-nemo-{i}-{j}",
-                                    lambda e=e, j=j: localise_one(ctx, setup, e, pid, s.nemo))["neurons"]
-                      for j, e in enumerate(use)]
+        nemo_masks = [
+            ctx.json_part(f"locality-nemo-{i}-{j}", lambda e=e, j=j: localise_one(ctx, setup, e, pid, s.nemo))[
+                "neurons"
+            ]
+            for j, e in enumerate(use)
+        ]
         wanda_masks = [wanda_masks_for(ctx, e[None], s.wanda, [pid]) for e in use]
-        rows.append({"prompt_id": pid, "caption": ctx.targets.iloc[i].caption,
-                     "triggers": len(embs), "replicating_triggers": int(ok.sum()),
-                     "used_triggers": len(use),
-                     "trigger_distance": _mean_pairwise(use.flatten(1).numpy(), _l2),
-                     "distance_from_prompt": float((use - ctx.target_cond[i]).flatten(1).norm(dim=1).mean()),
-                     "activation_cosine_triggers": _mean_pairwise(acts, _cosine),
-                     "nemo_iou": _mean_pairwise(nemo_masks, _neuron_iou),
-                     "wanda_iou": _mean_pairwise(wanda_masks, wanda_lib.mask_iou)})
+        rows.append(
+            {
+                "prompt_id": pid,
+                "caption": ctx.targets.iloc[i].caption,
+                "triggers": len(embs),
+                "replicating_triggers": int(ok.sum()),
+                "used_triggers": len(use),
+                "trigger_distance": _mean_pairwise(use.flatten(1).numpy(), _l2),
+                "distance_from_prompt": float((use - ctx.target_cond[i]).flatten(1).norm(dim=1).mean()),
+                "activation_cosine_triggers": _mean_pairwise(acts, _cosine),
+                "nemo_iou": _mean_pairwise(nemo_masks, _neuron_iou),
+                "wanda_iou": _mean_pairwise(wanda_masks, wanda_lib.mask_iou),
+            }
+        )
     table = pd.DataFrame(rows)
     return {"locality": table}, {
         "between_prompts": {"embedding_distance": between_dist, "activation_cosine": between_acts},
-        "median": {c: float(table[c].median()) for c in table.columns if c not in ("prompt_id", "caption")}}
+        "median": {c: float(table[c].median()) for c in table.columns if c not in ("prompt_id", "caption")},
+    }
 
 
 def _flat(acts: dict[str, np.ndarray]) -> np.ndarray:

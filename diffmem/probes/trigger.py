@@ -71,8 +71,9 @@ def image_latents(pipe, images: torch.Tensor, batch_size: int = 8) -> torch.Tens
     return encode_latents(pipe.vae, (b * 2 - 1 for b in images.split(batch_size)))
 
 
-def initial_embedding(init: str, prompt_cond: torch.Tensor, other_cond: torch.Tensor | None,
-                      g: torch.Generator) -> torch.Tensor:
+def initial_embedding(
+    init: str, prompt_cond: torch.Tensor, other_cond: torch.Tensor | None, g: torch.Generator
+) -> torch.Tensor:
     """The starting point of a search (``[tokens, D]``)."""
     if init == "prompt":
         return prompt_cond.clone()
@@ -86,8 +87,9 @@ def initial_embedding(init: str, prompt_cond: torch.Tensor, other_cond: torch.Te
     raise ConfigError(f"unknown trigger init '{init}' (known: {', '.join(INITS)})")
 
 
-def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 50, lr: float = 0.1,
-                   batch_size: int = 8, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
+def search_trigger(
+    pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 50, lr: float = 0.1, batch_size: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, list[float]]:
     """Adam on ``c_adv`` (from ``init``, ``[tokens, D]``) so ``pipe.unet`` denoises towards latent ``x0``.
 
     Each step draws ``batch_size`` (noise, timestep) pairs for the one target from a generator
@@ -131,9 +133,20 @@ def search_trigger(pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 5
     return c_adv.detach().cpu(), losses
 
 
-def search_triggers(pipe, x0: torch.Tensor, prompt_cond: torch.Tensor, *, prompt_id: int,
-                    restarts: int, inits, other_conds: torch.Tensor | None = None, steps: int = 50,
-                    lr: float = 0.1, batch_size: int = 8, seed: int = 0) -> list[Trigger]:
+def search_triggers(
+    pipe,
+    x0: torch.Tensor,
+    prompt_cond: torch.Tensor,
+    *,
+    prompt_id: int,
+    restarts: int,
+    inits,
+    other_conds: torch.Tensor | None = None,
+    steps: int = 50,
+    lr: float = 0.1,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[Trigger]:
     """``restarts`` triggers for one target, cycling through ``inits``.
 
     Restart ``r`` uses init ``inits[r % len(inits)]``, the seed :func:`trigger_seed` and, for
@@ -145,7 +158,8 @@ def search_triggers(pipe, x0: torch.Tensor, prompt_cond: torch.Tensor, *, prompt
         g = torch.Generator().manual_seed(trigger_seed(seed, prompt_id, r))
         other = other_conds[r % len(other_conds)] if other_conds is not None and len(other_conds) else None
         start = initial_embedding(init, prompt_cond, other, g)
-        emb, losses = search_trigger(pipe, x0, start, steps=steps, lr=lr, batch_size=batch_size,
-                                     seed=trigger_seed(seed, prompt_id, r) + 1)
+        emb, losses = search_trigger(
+            pipe, x0, start, steps=steps, lr=lr, batch_size=batch_size, seed=trigger_seed(seed, prompt_id, r) + 1
+        )
         out.append(Trigger(emb, init, losses, float((emb - start.cpu().float()).norm())))
     return out

@@ -42,9 +42,18 @@ def row_topk_mask(score: torch.Tensor, baseline: torch.Tensor, fraction: float) 
 
 
 @torch.no_grad()
-def wanda_masks(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int,
-                guidance: float, n_steps: int = 10, fraction: float = 0.01,
-                layers: Sequence[str] | None = None) -> Masks:
+def wanda_masks(
+    pipe,
+    cond: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    n_steps: int = 10,
+    fraction: float = 0.01,
+    layers: Sequence[str] | None = None,
+) -> Masks:
     """Weights to prune for one conditioning (``[tokens, D]``), sampled from ``seeds``.
 
     Runs the guided sampler for the first ``n_steps`` steps while recording the inputs of
@@ -53,8 +62,7 @@ def wanda_masks(pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: i
     if not 0 < fraction <= 1:
         raise ConfigError(f"wanda fraction must be in (0, 1] (got {fraction})")
     if guidance == 1.0:
-        raise ConfigError("wanda compares with the empty prompt's half of the guided batch: "
-                          "needs guidance_scale != 1")
+        raise ConfigError("wanda compares with the empty prompt's half of the guided batch: needs guidance_scale != 1")
     if check_positive(n_steps, "wanda n_steps") > steps:
         raise ConfigError(f"wanda n_steps must be in [1, {steps}] (got {n_steps})")
     names = list(layers) if layers else list(ffn_layers(pipe.unet))
@@ -81,16 +89,38 @@ def _half_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([half.float().reshape(-1, x.shape[-1]).norm(dim=0) for half in x.chunk(2)])
 
 
-def prompt_masks(pipe, conds: torch.Tensor, prompt_ids, *, seed: int, n_seeds: int, resolution: int, steps: int,
-                 guidance: float, n_steps: int, fraction: float) -> Masks:
+def prompt_masks(
+    pipe,
+    conds: torch.Tensor,
+    prompt_ids,
+    *,
+    seed: int,
+    n_seeds: int,
+    resolution: int,
+    steps: int,
+    guidance: float,
+    n_steps: int,
+    fraction: float,
+) -> Masks:
     """The union of :func:`wanda_masks` over several conditionings, each with the first
     ``n_seeds`` generation seeds of its prompt (``sample_seed(seed, prompt_id, k)``)."""
     from diffmem.sampling import sample_seed
 
-    return union([wanda_masks(pipe, c, [sample_seed(seed, int(p), k) for k in range(int(n_seeds))],
-                              resolution=resolution, steps=steps, guidance=guidance, n_steps=int(n_steps),
-                              fraction=float(fraction))
-                  for c, p in zip(conds, prompt_ids)])
+    return union(
+        [
+            wanda_masks(
+                pipe,
+                c,
+                [sample_seed(seed, int(p), k) for k in range(int(n_seeds))],
+                resolution=resolution,
+                steps=steps,
+                guidance=guidance,
+                n_steps=int(n_steps),
+                fraction=float(fraction),
+            )
+            for c, p in zip(conds, prompt_ids)
+        ]
+    )
 
 
 def union(masks: Sequence[Masks]) -> Masks:

@@ -41,8 +41,9 @@ def save_figure(fig, path) -> Path:
     return path
 
 
-def similarity_histogram(scores, baseline_scores, threshold: float, path,
-                         xlabel: str = "top-1 similarity to the training set") -> Path:
+def similarity_histogram(
+    scores, baseline_scores, threshold: float, path, xlabel: str = "top-1 similarity to the training set"
+) -> Path:
     """Density histograms of generations' top-1 scores and (if given) held-out real images' scores.
 
     Both share the same bins, so the generated mass beyond the baseline (Somepalli's test) is
@@ -58,11 +59,25 @@ def similarity_histogram(scores, baseline_scores, threshold: float, path,
 
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
-    ax.hist(scores, bins=bins, density=True, histtype="stepfilled", alpha=0.55,
-            color=_GEN_COLOR, label=f"generated (n={scores.size})")
+    ax.hist(
+        scores,
+        bins=bins,
+        density=True,
+        histtype="stepfilled",
+        alpha=0.55,
+        color=_GEN_COLOR,
+        label=f"generated (n={scores.size})",
+    )
     if base is not None:
-        ax.hist(base, bins=bins, density=True, histtype="step", linewidth=1.8,
-                color=_BASE_COLOR, label=f"held-out real, baseline (n={base.size})")
+        ax.hist(
+            base,
+            bins=bins,
+            density=True,
+            histtype="step",
+            linewidth=1.8,
+            color=_BASE_COLOR,
+            label=f"held-out real, baseline (n={base.size})",
+        )
     ax.axvline(threshold, color=_FLAG_COLOR, linestyle="--", label=f"threshold {threshold:g}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
@@ -87,24 +102,28 @@ def dup_count_table(prompts: pd.DataFrame) -> pd.DataFrame:
     dups = pd.to_numeric(prompts["dup_count"], errors="coerce")
     df = prompts.assign(
         category=[_category(k, d) for k, d in zip(kinds, dups)],
-        kind=kinds, dup_count=dups,
-        _order=[_OWN_CATEGORIES.index(k) if k in _OWN_CATEGORIES else len(_OWN_CATEGORIES)
-                for k in kinds])
-    aggs = {"prompts": ("prompt_id", "size"), "flagged_share": ("memorised", "mean"),
-            "mean_max_score": ("max_score", "mean")}
+        kind=kinds,
+        dup_count=dups,
+        _order=[_OWN_CATEGORIES.index(k) if k in _OWN_CATEGORIES else len(_OWN_CATEGORIES) for k in kinds],
+    )
+    aggs = {
+        "prompts": ("prompt_id", "size"),
+        "flagged_share": ("memorised", "mean"),
+        "mean_max_score": ("max_score", "mean"),
+    }
     share = "correct_match_share_of_replicated"
     if share in df and "n_replicated" in df:  # pooled over the replicated generations, as in metrics.json
         weight = df["n_replicated"].where(df[share].notna(), 0)
         df = df.assign(_correct=df[share].fillna(0) * weight, _replicated=weight)
         aggs.update(_correct=("_correct", "sum"), _replicated=("_replicated", "sum"))
-    out = (df.astype({"memorised": float})
-           .groupby("category", sort=False, dropna=False)
-           .agg(_order=("_order", "first"), kind=("kind", "first"), dup_count=("dup_count", "first"),
-                **aggs))
+    out = (
+        df.astype({"memorised": float})
+        .groupby("category", sort=False, dropna=False)
+        .agg(_order=("_order", "first"), kind=("kind", "first"), dup_count=("dup_count", "first"), **aggs)
+    )
     if "_correct" in out:
         out[share] = (out.pop("_correct") / out.pop("_replicated").replace(0, np.nan)).astype(float)
-    return (out.sort_values(["_order", "kind", "dup_count"], na_position="first")
-            .drop(columns="_order").reset_index())
+    return out.sort_values(["_order", "kind", "dup_count"], na_position="first").drop(columns="_order").reset_index()
 
 
 def detection_by_dup_count(prompts_df: pd.DataFrame, path, threshold: float | None = None) -> Path:
@@ -165,8 +184,7 @@ def image_grid(pairs: Iterable, path, size: int = 96, cols: int = 4) -> Path:
         draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + size + 2 * border - 1], fill=frame)
         for j, file in enumerate((pair.generated, pair.reference)):
             canvas.paste(_tile(file, size), (x0 + border + j * (size + border + 2), y0 + border))
-        draw.multiline_text((x0 + 2, y0 + size + 2 * border + 2), pair.label, fill="black",
-                            font=font, spacing=2)
+        draw.multiline_text((x0 + 2, y0 + size + 2 * border + 2), pair.label, fill="black", font=font, spacing=2)
     path = Path(path)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")
@@ -179,8 +197,10 @@ def probe_figure(tables: dict, metrics: dict, path: Path, threshold: float) -> P
 
     if "finding_dori" in tables:
         t = tables["finding_dori"]
-        labels = [f"{m}\n{'attacked' if a.startswith('trigger') else 'as is'}"
-                  + ("\n(control)" if "control" in a else "") for m, a in zip(t["model"], t["attack"])]
+        labels = [
+            f"{m}\n{'attacked' if a.startswith('trigger') else 'as is'}" + ("\n(control)" if "control" in a else "")
+            for m, a in zip(t["model"], t["attack"])
+        ]
         mrs, sims = t["mr"].to_numpy(), t["similarity"].to_numpy()
     else:
         rows = {k: v for k, v in metrics.items() if isinstance(v, dict) and "mr" in v}
@@ -208,9 +228,11 @@ def mitigation_figure(table: pd.DataFrame, path: Path, reference: str) -> Path:
     fig = Figure(figsize=(max(6.0, 0.9 * len(table) + 2), 3.4), layout="constrained")
     axes = fig.subplots(1, 3)
     x = np.arange(len(table))
-    for ax, col, title, color in ((axes[0], "mr", "MR (original prompts)", "#c44e52"),
-                                  (axes[1], "mr_attacked", "MR under trigger search", "#8c2d04"),
-                                  (axes[2], "fd_ratio", f"FD / FD of {reference}", "#4c72b0")):
+    for ax, col, title, color in (
+        (axes[0], "mr", "MR (original prompts)", "#c44e52"),
+        (axes[1], "mr_attacked", "MR under trigger search", "#8c2d04"),
+        (axes[2], "fd_ratio", f"FD / FD of {reference}", "#4c72b0"),
+    ):
         ax.bar(x, table[col].to_numpy(), color=color)
         ax.set_title(title, fontsize=9)
         ax.set_xticks(x)
@@ -234,8 +256,10 @@ def pareto_figure(trials: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
     for _, r in runs.iterrows():
         ax.scatter([r["memorisation"]], [r["fd"]], marker="s", s=36, zorder=3)
         ax.annotate(r["run"], (r["memorisation"], r["fd"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set(xlabel="memorisation: noise norm on memorised prompts (lower = less)",
-           ylabel="FD on held-out captions (lower = better)")
+    ax.set(
+        xlabel="memorisation: noise norm on memorised prompts (lower = less)",
+        ylabel="FD on held-out captions (lower = better)",
+    )
     ax.legend(frameon=False, fontsize=7)
     return save_figure(fig, path)
 
@@ -253,8 +277,7 @@ def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
     ax = fig.add_subplot()
     ax.plot(fprs, tprs, color="#1f77b4", linewidth=2, label=f"AUC = {auc(fprs, tprs):.3f}")
     ax.plot([0, 1], [0, 1], color="#7f7f7f", linestyle="--", linewidth=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
-           title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", frameon=False)
     return save_figure(fig, path)
 
@@ -265,8 +288,10 @@ def generalisation_figure(table: pd.DataFrame, n_star: float | None, path: Path,
 
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
-    for col, label, color in (("cross_sim", "model A vs model B, same noise", "#1f77b4"),
-                              ("nn_sim", "sample vs nearest own training image", "#d62728")):
+    for col, label, color in (
+        ("cross_sim", "model A vs model B, same noise", "#1f77b4"),
+        ("nn_sim", "sample vs nearest own training image", "#d62728"),
+    ):
         ax.plot(table.n, table[col], "o-", color=color, label=label)
         ax.fill_between(table.n, table[f"{col}_q25"], table[f"{col}_q75"], color=color, alpha=0.15)
     ax.plot(table.n, table.shuffled_sim, ":", color="#7f7f7f", label="A vs B, different noises")

@@ -34,17 +34,53 @@ STAGE_LAYER = ("", "cli", "config")
 FORBIDDEN = {"models": ("mitigations", "probes")}
 #: distinctive run-dir file names: each may be spelled in one module only (its format's owner).
 #: Names several formats share (info.json, prompts.parquet) are left out.
-RUN_FILES = ("samples.parquet", "ids.parquet", "manifest.parquet", "index.faiss", "index_info.json",
-             "empty.faiss", "index.ivfdata", "matches.parquet", "neurons.json", "masks.safetensors",
-             "defence.json", "adapter.json", "lora.safetensors", "run.json", "inputs.json", "_SUCCESS",
-             "items.parquet", "skipped.parquet", "metrics.json", "objectives.json", "train_log.parquet",
-             "model_index.json", "roc.png", "checkpoints", "scores.parquet", "attribution.parquet")
+RUN_FILES = (
+    "samples.parquet",
+    "ids.parquet",
+    "manifest.parquet",
+    "index.faiss",
+    "index_info.json",
+    "empty.faiss",
+    "index.ivfdata",
+    "matches.parquet",
+    "neurons.json",
+    "masks.safetensors",
+    "defence.json",
+    "adapter.json",
+    "lora.safetensors",
+    "run.json",
+    "inputs.json",
+    "_SUCCESS",
+    "items.parquet",
+    "skipped.parquet",
+    "metrics.json",
+    "objectives.json",
+    "train_log.parquet",
+    "model_index.json",
+    "roc.png",
+    "checkpoints",
+    "scores.parquet",
+    "attribution.parquet",
+)
 
 #: docs/architecture.md section 2, bottom up: layer -> its top-level packages and modules. A
 #: library may reference its own layer and those below; the stage layer (above) anything.
 LAYERS = (
-    ("foundation", ("errors", "checks", "schema", "registry", "runs", "runner", "device", "distributed",
-                    "results", "_torchvision_shim")),
+    (
+        "foundation",
+        (
+            "errors",
+            "checks",
+            "schema",
+            "registry",
+            "runs",
+            "runner",
+            "device",
+            "distributed",
+            "results",
+            "_torchvision_shim",
+        ),
+    ),
     ("data and models", ("data", "models", "sampling", "training", "loading")),
     ("measurement", ("features", "index", "metrics", "detectors")),
     ("methods", ("probes", "mitigations")),
@@ -87,7 +123,8 @@ def _resolve(name: str, known: dict[str, Path]) -> str | None:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def references(module: str, path: Path, known: dict[str, Path]) -> Iterator[Ref]:
@@ -110,11 +147,12 @@ def references(module: str, path: Path, known: dict[str, Path]) -> Iterator[Ref]
         elif isinstance(node, ast.ImportFrom):
             pkg = node.module or ""
             if node.level:
-                anchor = base[:len(base) - node.level + 1]
+                anchor = base[: len(base) - node.level + 1]
                 pkg = ".".join(anchor + ([node.module] if node.module else []))
             for alias in node.names:
-                target = _resolve(f"{pkg}.{alias.name}", known) if f"{pkg}.{alias.name}" in known \
-                    else _resolve(pkg, known)
+                target = (
+                    _resolve(f"{pkg}.{alias.name}", known) if f"{pkg}.{alias.name}" in known else _resolve(pkg, known)
+                )
                 if target:
                     yield Ref(module, target, node.lineno, eager)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -191,31 +229,40 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
-def check(root: str | Path, package: str, stages: Iterable[str],
-          run_files: Iterable[str] = RUN_FILES, layers=LAYERS) -> list[str]:
+def check(
+    root: str | Path, package: str, stages: Iterable[str], run_files: Iterable[str] = RUN_FILES, layers=LAYERS
+) -> list[str]:
     """The violations of the import rule in the package folder ``root`` (named ``package``);
     ``stages``: the stage modules, relative to the package (``"train"``, ``"index.stage"``);
     ``layers``: the library layers, bottom up (as :data:`LAYERS`)."""
     root = Path(root)
     known = modules(root, package)
     stage_mods = {f"{package}.{s}" for s in stages}
-    refs = sorted({r for m, p in known.items() for r in references(m, p, known) if r.target != m},
-                  key=lambda r: (r.source, r.line, r.target))
+    refs = sorted(
+        {r for m, p in known.items() for r in references(m, p, known) if r.target != m},
+        key=lambda r: (r.source, r.line, r.target),
+    )
     out = []
 
     def where(r: Ref) -> str:
         return f"{known[r.source].relative_to(root.parent)}:{r.line}"
 
     def in_stage_layer(m: str) -> bool:
-        return m in stage_mods or m.split(".")[-1] == "__main__" or _within(m, package, "tools") or any(
-            m == (f"{package}.{s}" if s else package) for s in STAGE_LAYER)
+        return (
+            m in stage_mods
+            or m.split(".")[-1] == "__main__"
+            or _within(m, package, "tools")
+            or any(m == (f"{package}.{s}" if s else package) for s in STAGE_LAYER)
+        )
 
     level = {name: i for i, (_, names) in enumerate(layers) for name in names}
     top = {m: m.removeprefix(package + ".").split(".")[0] for m in known if m != package}
     for m in sorted(known):
         if not in_stage_layer(m) and top[m] not in level and m == f"{package}.{top[m]}":
-            out.append(f"{known[m].relative_to(root.parent)}: {m} is in no layer (add it to "
-                       "diffmem.tools.layers.LAYERS and docs/architecture.md section 2)")
+            out.append(
+                f"{known[m].relative_to(root.parent)}: {m} is in no layer (add it to "
+                "diffmem.tools.layers.LAYERS and docs/architecture.md section 2)"
+            )
     packages: dict[str, set[str]] = {}
     for r in refs:
         layer = in_stage_layer(r.source)
@@ -223,8 +270,7 @@ def check(root: str | Path, package: str, stages: Iterable[str],
             out.append(f"{where(r)}: library {r.source} references stage module {r.target}")
         for lib, banned in FORBIDDEN.items():
             if _within(r.source, package, lib) and any(_within(r.target, package, b) for b in banned):
-                out.append(f"{where(r)}: {r.source} references {r.target} ({lib} must not use "
-                           f"{', '.join(banned)})")
+                out.append(f"{where(r)}: {r.source} references {r.target} ({lib} must not use {', '.join(banned)})")
         if not layer and in_stage_layer(r.target) and r.target not in stage_mods and r.target != package:
             out.append(f"{where(r)}: library {r.source} references {r.target} (the stage layer)")
         src, dst = top.get(r.source), top.get(r.target)
@@ -232,8 +278,10 @@ def check(root: str | Path, package: str, stages: Iterable[str],
             continue
         packages.setdefault(src, set()).add(dst)
         if level[dst] > level[src]:
-            out.append(f"{where(r)}: {r.source} ({layers[level[src]][0]}) references {r.target} "
-                       f"({layers[level[dst]][0]}, a higher layer)")
+            out.append(
+                f"{where(r)}: {r.source} ({layers[level[src]][0]}) references {r.target} "
+                f"({layers[level[dst]][0]}, a higher layer)"
+            )
     for cycle in _cycles({p: packages.get(p, set()) for p in level}):
         out.append(f"package cycle: {' -> '.join(cycle)}")
     edges: dict[str, set[str]] = {m: set() for m in known}
@@ -245,16 +293,14 @@ def check(root: str | Path, package: str, stages: Iterable[str],
     for name in run_files:
         owners = sorted(m for m, p in known.items() if not _within(m, package, "tools") and _literal_in(name, p))
         if len(owners) > 1:
-            out.append(f"run-dir file '{name}' is spelled in {len(owners)} modules (one owner): "
-                       f"{', '.join(owners)}")
+            out.append(f"run-dir file '{name}' is spelled in {len(owners)} modules (one owner): {', '.join(owners)}")
     return out
 
 
 def _literal_in(name: str, path: Path) -> bool:
     """Whether ``name`` is a string constant in ``path`` (docstrings and comments aside, as a whole)."""
     tree = ast.parse(path.read_text(), str(path))
-    return any(isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value == name
-               for n in ast.walk(tree))
+    return any(isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value == name for n in ast.walk(tree))
 
 
 def stage_modules(package: str = "diffmem") -> list[str]:
@@ -272,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     violations = check(args.root, args.package, stage_modules())
     for line in violations:
         print(line)
-    print(f"{len(violations)} violation(s) of the import rule" if violations else "import rule: ok",
-          file=sys.stderr)
+    print(f"{len(violations)} violation(s) of the import rule" if violations else "import rule: ok", file=sys.stderr)
     return 1 if violations else 0
 
 

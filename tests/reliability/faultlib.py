@@ -58,10 +58,16 @@ def _writers() -> list[tuple[object, str, int, str]]:
     import torch
     from PIL import Image
 
-    return [(Image.Image, "save", 1, "fp"), (pandas.DataFrame, "to_parquet", 1, "path"),
-            (numpy, "save", 0, "file"), (Path, "write_text", 0, "self"), (Path, "write_bytes", 0, "self"),
-            (safetensors.torch, "save_file", 1, "filename"), (torch, "save", 1, "f"),
-            (faiss, "write_index", 1, "fname")]
+    return [
+        (Image.Image, "save", 1, "fp"),
+        (pandas.DataFrame, "to_parquet", 1, "path"),
+        (numpy, "save", 0, "file"),
+        (Path, "write_text", 0, "self"),
+        (Path, "write_bytes", 0, "self"),
+        (safetensors.torch, "save_file", 1, "filename"),
+        (torch, "save", 1, "f"),
+        (faiss, "write_index", 1, "fname"),
+    ]
 
 
 @contextlib.contextmanager
@@ -153,8 +159,7 @@ def _child(stage: str, overrides: list[str], log: Path, write: int | None) -> No
         os._exit(code)
 
 
-def run_stage(stage: str, overrides: list[str], run_dir: Path, log: Path,
-              kill: KillPoint | None = None) -> bool:
+def run_stage(stage: str, overrides: list[str], run_dir: Path, log: Path, kill: KillPoint | None = None) -> bool:
     """Run ``diffmem <stage> overrides``; with ``kill``, SIGKILL it at that point.
 
     Returns whether the process was killed (False: it finished first, successfully).
@@ -240,8 +245,10 @@ def assert_all_readable(run_dir: Path, context: str) -> None:
             try:
                 _read(path)
             except Exception as err:
-                raise AssertionError(f"{context}: half-written file visible under its final name: "
-                                     f"{path.relative_to(run_dir)} ({type(err).__name__}: {err})") from err
+                raise AssertionError(
+                    f"{context}: half-written file visible under its final name: "
+                    f"{path.relative_to(run_dir)} ({type(err).__name__}: {err})"
+                ) from err
 
 
 _PROVENANCE = ("date", "git", "versions", "provenance", "seconds")  # differ between two runs of one config
@@ -257,8 +264,7 @@ def snapshot(run_dir: Path, skip: tuple[str, ...] = ()) -> dict[str, object]:
             continue
         if path.suffix == ".json" or path.name == "_SUCCESS":
             obj = json.loads(path.read_text())
-            out[str(rel)] = {k: v for k, v in obj.items() if k not in _PROVENANCE} \
-                if isinstance(obj, dict) else obj
+            out[str(rel)] = {k: v for k, v in obj.items() if k not in _PROVENANCE} if isinstance(obj, dict) else obj
             if path.name == "_SUCCESS" and "outputs" in obj:  # digests of files with provenance: the list
                 out[str(rel)]["outputs"] = sorted(obj["outputs"])
         else:
@@ -271,5 +277,4 @@ def assert_same_outputs(got: dict, want: dict, context: str) -> None:
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     assert not missing and not extra, f"{context}: missing {missing[:5]}, unexpected {extra[:5]}"
     differ = [k for k in want if got[k] != want[k]]
-    assert not differ, (f"{context}: {len(differ)} outputs differ from the uninterrupted run, "
-                        f"e.g. {differ[:5]}")
+    assert not differ, f"{context}: {len(differ)} outputs differ from the uninterrupted run, e.g. {differ[:5]}"

@@ -81,13 +81,29 @@ def _folder(tmp: Path, bad: tuple[str, bytes] | None = None, n: int = 3) -> Path
 
 
 def _embed_args(root: Path, run: Path, manifest: str = "m.csv", *extra: str) -> list[str]:
-    return ["data=folder", f"data.root={root}", f"data.manifest={manifest}", "features.extractor.size=4",
-            "part_size=2", "batch_size=2", f"run_dir={run}", *extra]
+    return [
+        "data=folder",
+        f"data.root={root}",
+        f"data.manifest={manifest}",
+        "features.extractor.size=4",
+        "part_size=2",
+        "batch_size=2",
+        f"run_dir={run}",
+        *extra,
+    ]
 
 
 def _gen_args(pipe: Path, prompts: Path | None, run: Path, *extra: str) -> list[str]:
-    return ["model=local", f"model.path={pipe}", "prompts=file", "steps=1", "n_per_prompt=1",
-            f"run_dir={run}", *([f"prompts.path={prompts}"] if prompts is not None else []), *extra]
+    return [
+        "model=local",
+        f"model.path={pipe}",
+        "prompts=file",
+        "steps=1",
+        "n_per_prompt=1",
+        f"run_dir={run}",
+        *([f"prompts.path={prompts}"] if prompts is not None else []),
+        *extra,
+    ]
 
 
 def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -95,15 +111,17 @@ def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _embed_dir(path: Path, parts: list[np.ndarray], feature: str = "pixel", dim: int | None = None,
-               n_ids: int | None = None) -> Path:
+def _embed_dir(
+    path: Path, parts: list[np.ndarray], feature: str = "pixel", dim: int | None = None, n_ids: int | None = None
+) -> Path:
     """A hand-made embed run: features/part-XXXXX.npy, ids.parquet, info.json, _SUCCESS."""
     (path / "features").mkdir(parents=True)
     for i, part in enumerate(parts):
         np.save(path / "features" / f"part-{i:05d}.npy", part)
     n = sum(len(p) for p in parts) if n_ids is None else n_ids
-    pd.DataFrame({"item_id": [f"i{i}" for i in range(n)],
-                  "file": [f"{i}.png" for i in range(n)]}).to_parquet(path / "ids.parquet")
+    pd.DataFrame({"item_id": [f"i{i}" for i in range(n)], "file": [f"{i}.png" for i in range(n)]}).to_parquet(
+        path / "ids.parquet"
+    )
     write_json(path / "info.json", {"feature": feature, "dim": dim or parts[0].shape[-1], "n": n})
     write_json(path / "_SUCCESS", {"n": n})
     return path
@@ -138,8 +156,11 @@ def assert_nothing_published(run_dir: Path, claimed: bool = False) -> None:
         return
     files = _files(run_dir)
     assert "run.json" in files
-    stray = [f for f in files
-             if f not in ("run.json", "inputs.json") and not (f.startswith("features/part-") and f.endswith(".npy"))]
+    stray = [
+        f
+        for f in files
+        if f not in ("run.json", "inputs.json") and not (f.startswith("features/part-") and f.endswith(".npy"))
+    ]
     assert not stray, f"partial outputs published: {stray}"
     for f in files:
         if f.endswith(".npy"):
@@ -147,6 +168,7 @@ def assert_nothing_published(run_dir: Path, claimed: bool = False) -> None:
 
 
 # ------------------------------------------------------------------------------------ cases
+
 
 @dataclass
 class Case:
@@ -163,6 +185,7 @@ def case(id: str, error: type, claimed: bool = False):
     def deco(fn):
         CASES.append(Case(id, error, fn, claimed))
         return fn
+
     return deco
 
 
@@ -189,8 +212,12 @@ def _bad_image_case(kind: str):
     def _(tmp, pipe):
         root = _folder(tmp, (name, make()))
         run = tmp / "run"
-        return dict(call=_run("embed", _embed_args(root, run)), run_dir=run, names=[root / name],
-                    after=lambda: (run / "features" / "part-00000.npy").is_file())
+        return dict(
+            call=_run("embed", _embed_args(root, run)),
+            run_dir=run,
+            names=[root / name],
+            after=lambda: (run / "features" / "part-00000.npy").is_file(),
+        )
 
 
 for _kind in BAD_IMAGES:
@@ -199,31 +226,47 @@ for _kind in BAD_IMAGES:
 
 # -- dataset manifests (embed stage, data=folder) --------------------------------------------
 
-def _manifest_case(id: str, filename: str, content: bytes | str, names: list[str],
-                   manifest: str | None = None):
+
+def _manifest_case(id: str, filename: str, content: bytes | str, names: list[str], manifest: str | None = None):
     @case(f"manifest-{id}", DataError)
     def _(tmp, pipe):
         root = _folder(tmp)
         data = content.encode() if isinstance(content, str) else content
         (root / filename).write_bytes(data)
         run = tmp / "run"
-        return dict(call=_run("embed", _embed_args(root, run, manifest or filename)), run_dir=run,
-                    names=[root / (manifest or filename), *names])
+        return dict(
+            call=_run("embed", _embed_args(root, run, manifest or filename)),
+            run_dir=run,
+            names=[root / (manifest or filename), *names],
+        )
 
 
-_manifest_case("references-missing-file", "m2.csv", "file,caption\n0.png,a\nnope.png,b\n1.png,c\n",
-               ["row 2", "'nope.png'", "not found"])
-_manifest_case("duplicate-image-ids", "m2.csv", "image_id,file,caption\nx,0.png,a\ny,1.png,b\nx,2.png,c\n",
-               ["duplicate image_id 'x'", "row 3"])
+_manifest_case(
+    "references-missing-file",
+    "m2.csv",
+    "file,caption\n0.png,a\nnope.png,b\n1.png,c\n",
+    ["row 2", "'nope.png'", "not found"],
+)
+_manifest_case(
+    "duplicate-image-ids",
+    "m2.csv",
+    "image_id,file,caption\nx,0.png,a\ny,1.png,b\nx,2.png,c\n",
+    ["duplicate image_id 'x'", "row 3"],
+)
 _manifest_case("empty-header-only", "m2.csv", "file,caption\n", ["no rows"])
 _manifest_case("zero-byte", "m2.csv", b"", ["empty"])
 _manifest_case("empty-jsonl", "m2.jsonl", "\n\n", ["no rows"])
 _manifest_case("no-caption-column", "m2.csv", "file,label\n0.png,a\n", ["no caption column", "label"])
 _manifest_case("bad-utf8", "m2.csv", "file,caption\n0.png,caf\xe9\n".encode("latin-1"), ["not UTF-8"])
-_manifest_case("malformed-jsonl-line", "m2.jsonl",
-               '{"file": "0.png", "caption": "a"}\n{"file": "1.png", cap\n', ["m2.jsonl:2", "invalid JSON"])
-_manifest_case("more-fields-than-header", "m2.csv", "file,caption\n0.png,a,x\n1.png,b,y\n",
-               ["line 2", "3 fields", "header has 2"])
+_manifest_case(
+    "malformed-jsonl-line",
+    "m2.jsonl",
+    '{"file": "0.png", "caption": "a"}\n{"file": "1.png", cap\n',
+    ["m2.jsonl:2", "invalid JSON"],
+)
+_manifest_case(
+    "more-fields-than-header", "m2.csv", "file,caption\n0.png,a,x\n1.png,b,y\n", ["line 2", "3 fields", "header has 2"]
+)
 _manifest_case("corrupt-parquet", "m2.parquet", b"PAR1 this is not parquet", ["not a readable Parquet"])
 _manifest_case("unknown-format", "m2.xlsx", b"PK\x03\x04", ["unknown manifest format"])
 _manifest_case("not-found", "other.csv", "file,caption\n", ["not found"], manifest="nope.csv")
@@ -231,37 +274,51 @@ _manifest_case("not-found", "other.csv", "file,caption\n", ["not found"], manife
 
 # -- prompt lists (generate stage, prompts=file) ---------------------------------------------
 
-def _prompt_case(id: str, filename: str, content: bytes | str, names: list[str], *extra: str,
-                 error: type = DataError, write: bool = True):
+
+def _prompt_case(
+    id: str,
+    filename: str,
+    content: bytes | str,
+    names: list[str],
+    *extra: str,
+    error: type = DataError,
+    write: bool = True,
+):
     @case(f"prompts-{id}", error)
     def _(tmp, pipe):
         path = tmp / filename
         if write:
             path.write_bytes(content.encode() if isinstance(content, str) else content)
         run = tmp / "run"
-        return dict(call=_run("generate", _gen_args(pipe(), path, run, *extra)), run_dir=run,
-                    names=names)
+        return dict(call=_run("generate", _gen_args(pipe(), path, run, *extra)), run_dir=run, names=names)
 
 
 _prompt_case("empty-txt", "p.txt", "\n  \n", ["p.txt", "the prompt list is empty"])
 _prompt_case("zero-byte-jsonl", "p.jsonl", b"", ["p.jsonl", "the prompt list is empty"])
-_prompt_case("semicolon-csv-wrong-header", "p.csv", ";Text2;URL;type\n0;a cat;u;VM\n",
-             ["p.csv", "no 'caption' column", "Text2"])
-_prompt_case("jsonl-row-missing-caption", "p.jsonl", '{"caption": "a cat"}\n{"url": "u"}\n',
-             ["p.jsonl", "line 2", "empty caption"])
+_prompt_case(
+    "semicolon-csv-wrong-header", "p.csv", ";Text2;URL;type\n0;a cat;u;VM\n", ["p.csv", "no 'caption' column", "Text2"]
+)
+_prompt_case(
+    "jsonl-row-missing-caption",
+    "p.jsonl",
+    '{"caption": "a cat"}\n{"url": "u"}\n',
+    ["p.jsonl", "line 2", "empty caption"],
+)
 _prompt_case("csv-row-missing-field", "p.csv", "type;Caption\nVM;a cat\nTM\n", ["p.csv", "line 3"])
-_prompt_case("one-blank-among-good", "p.csv", "Caption;type\na cat;VM\n;TM\na dog;N\n",
-             ["p.csv", "line 3", "empty caption"])
-_prompt_case("csv-more-fields-than-header", "p.csv", "Caption;type\na cat;VM;x;y\n",
-             ["p.csv", "line 2", "4 fields"])
+_prompt_case(
+    "one-blank-among-good", "p.csv", "Caption;type\na cat;VM\n;TM\na dog;N\n", ["p.csv", "line 3", "empty caption"]
+)
+_prompt_case("csv-more-fields-than-header", "p.csv", "Caption;type\na cat;VM;x;y\n", ["p.csv", "line 2", "4 fields"])
 _prompt_case("bad-utf8-txt", "p.txt", "a caf\xe9\n".encode("latin-1"), ["p.txt", "not UTF-8"])
 _prompt_case("bad-utf8-csv", "p.csv", "Caption;type\ncaf\xe9;VM\n".encode("cp1252"), ["p.csv", "not UTF-8"])
-_prompt_case("malformed-jsonl-line", "p.jsonl", '{"caption": "ok"}\n{"caption": broken\n',
-             ["p.jsonl:2", "invalid JSON"])
+_prompt_case(
+    "malformed-jsonl-line", "p.jsonl", '{"caption": "ok"}\n{"caption": broken\n', ["p.jsonl:2", "invalid JSON"]
+)
 _prompt_case("jsonl-line-not-object", "p.jsonl", '["a", "list"]\n', ["p.jsonl:1", "JSON object"])
 _prompt_case("not-found", "nope.txt", "", ["nope.txt", "not found"], write=False)
-_prompt_case("unknown-format", "p.txt", "a cat\n", ["prompts.format", "'yaml'"], "prompts.format=yaml",
-             error=ConfigError)
+_prompt_case(
+    "unknown-format", "p.txt", "a cat\n", ["prompts.format", "'yaml'"], "prompts.format=yaml", error=ConfigError
+)
 _prompt_case("negative-limit", "p.txt", "a cat\n", ["prompts.limit"], "prompts.limit=-1", error=ConfigError)
 
 
@@ -273,13 +330,13 @@ def _(tmp, pipe):
 
 # -- feature runs (index stage on a hand-made embed run) -------------------------------------
 
+
 def _features_case(id: str, build: Callable[[Path], Path], names: Callable[[Path], list]):
     @case(f"features-{id}", DataError)
     def _(tmp, pipe):
         fdir = build(tmp / "emb")
         run = tmp / "run"
-        return dict(call=_run("index", [f"features_dir={fdir}", f"run_dir={run}"]), run_dir=run,
-                    names=names(fdir))
+        return dict(call=_run("index", [f"features_dir={fdir}", f"run_dir={run}"]), run_dir=run, names=names(fdir))
 
 
 def _nan_rows(p: Path) -> Path:
@@ -306,29 +363,34 @@ def _without(name: str):
         d = _embed_dir(p, [_unit(10, 8)])
         (d / name).unlink()
         return d
+
     return build
 
 
 PART0 = "features/part-00000.npy"
 _features_case("nan-row", _nan_rows, lambda d: [d / PART0, "row 3", "NaN"])
-_features_case("wrong-dimension", lambda p: _embed_dir(p, [_unit(10, 8)], dim=16),
-               lambda d: [d / PART0, "D=8", "D=16"])
-_features_case("parts-of-different-dimension", lambda p: _embed_dir(p, [_unit(5, 8), _unit(5, 16)]),
-               lambda d: [d / "features/part-00001.npy", "D=16"])
-_features_case("one-dimensional-part", lambda p: _embed_dir(p, [_unit(5, 8)[:, 0]]),
-               lambda d: [d / PART0, "shape (5,)"])
-_features_case("not-normalised", lambda p: _embed_dir(p, [_unit(10, 8) * 3]),
-               lambda d: [d, "not L2-normalised"])
+_features_case("wrong-dimension", lambda p: _embed_dir(p, [_unit(10, 8)], dim=16), lambda d: [d / PART0, "D=8", "D=16"])
+_features_case(
+    "parts-of-different-dimension",
+    lambda p: _embed_dir(p, [_unit(5, 8), _unit(5, 16)]),
+    lambda d: [d / "features/part-00001.npy", "D=16"],
+)
+_features_case(
+    "one-dimensional-part", lambda p: _embed_dir(p, [_unit(5, 8)[:, 0]]), lambda d: [d / PART0, "shape (5,)"]
+)
+_features_case("not-normalised", lambda p: _embed_dir(p, [_unit(10, 8) * 3]), lambda d: [d, "not L2-normalised"])
 _features_case("pickled-part", _pickled_part, lambda d: [d / PART0, "not a readable .npy"])
 _features_case("truncated-part", _truncated_part, lambda d: [d / PART0, "not a readable .npy"])
 _features_case("no-info-json", _without("info.json"), lambda d: [d, "info.json"])
 _features_case("no-ids-parquet", _without("ids.parquet"), lambda d: [d, "ids.parquet"])
 _features_case("unfinished-run", _without("_SUCCESS"), lambda d: [d, "_SUCCESS"])
-_features_case("ids-vectors-mismatch", lambda p: _embed_dir(p, [_unit(10, 8)], n_ids=7),
-               lambda d: [d, "7 ids but 10 vectors"])
+_features_case(
+    "ids-vectors-mismatch", lambda p: _embed_dir(p, [_unit(10, 8)], n_ids=7), lambda d: [d, "7 ids but 10 vectors"]
+)
 
 
 # -- index stage config ------------------------------------------------------------------------
+
 
 def _index_case(id: str, error: type, extra: list[str], names: list[str]):
     @case(f"index-{id}", error)
@@ -336,8 +398,7 @@ def _index_case(id: str, error: type, extra: list[str], names: list[str]):
         fdir = _embed_dir(tmp / "emb", [_unit(10, 8)])
         run = tmp / "run"
         args = [f"features_dir={fdir}", f"run_dir={run}", f"build_dir={run}", *extra]
-        return dict(call=_run("index", args), run_dir=run,
-                    names=[n.format(run=run) for n in names])
+        return dict(call=_run("index", args), run_dir=run, names=[n.format(run=run) for n in names])
 
 
 _index_case("invalid-factory", ConfigError, ["index.factory=IVFxx"], ["'IVFxx'"])
@@ -354,8 +415,10 @@ def _(tmp, pipe):
 
 # -- search stage ------------------------------------------------------------------------------
 
-def _search_case(id: str, error: type, queries: Callable[[Path], Path | None], names, *extra: str,
-                 empty_index: bool = False):
+
+def _search_case(
+    id: str, error: type, queries: Callable[[Path], Path | None], names, *extra: str, empty_index: bool = False
+):
     @case(f"search-{id}", error)
     def _(tmp, pipe):
         ref = _embed_dir(tmp / "ref", [_unit(12, 8)])
@@ -366,18 +429,21 @@ def _search_case(id: str, error: type, queries: Callable[[Path], Path | None], n
             idx = diffmem.run("index", [f"features_dir={ref}", f"run_dir={tmp / 'idx'}"])
         q = queries(tmp / "q") or ref
         run = tmp / "run"
-        return dict(call=_run("search", [f"index_dir={idx}", f"queries_dir={q}", f"run_dir={run}", *extra]),
-                    run_dir=run, names=[n.format(q=q, idx=idx) for n in names])
+        return dict(
+            call=_run("search", [f"index_dir={idx}", f"queries_dir={q}", f"run_dir={run}", *extra]),
+            run_dir=run,
+            names=[n.format(q=q, idx=idx) for n in names],
+        )
 
 
-_search_case("other-descriptor", DataError, lambda p: _embed_dir(p, [_unit(4, 8)], feature="sscd"),
-             ["{q}", "'sscd'", "'pixel'"])
-_search_case("dimension-mismatch", DataError, lambda p: _embed_dir(p, [_unit(4, 16)]),
-             ["{q}", "D=16", "{idx}", "D=8"])
-_search_case("queries-not-normalised", DataError, lambda p: _embed_dir(p, [_unit(4, 8) * 2]),
-             ["{q}", "not L2-normalised"])
-_search_case("index-dir-without-index", DataError, lambda p: None, ["{idx}/index.faiss", "not found"],
-             empty_index=True)
+_search_case(
+    "other-descriptor", DataError, lambda p: _embed_dir(p, [_unit(4, 8)], feature="sscd"), ["{q}", "'sscd'", "'pixel'"]
+)
+_search_case("dimension-mismatch", DataError, lambda p: _embed_dir(p, [_unit(4, 16)]), ["{q}", "D=16", "{idx}", "D=8"])
+_search_case(
+    "queries-not-normalised", DataError, lambda p: _embed_dir(p, [_unit(4, 8) * 2]), ["{q}", "not L2-normalised"]
+)
+_search_case("index-dir-without-index", DataError, lambda p: None, ["{idx}/index.faiss", "not found"], empty_index=True)
 _search_case("k-zero", ConfigError, lambda p: None, ["k must be >= 1"], "k=0")
 
 
@@ -388,6 +454,7 @@ def _(tmp, pipe):
 
 
 # -- weights: TorchScript descriptors, diffusers pipelines -------------------------------------
+
 
 @case("torchscript-wrong-sha256", DataError)
 def _(tmp, pipe):
@@ -402,9 +469,16 @@ def _(tmp, pipe):
 def _(tmp, pipe):
     ts = _torchscript(tmp / "desc.torchscript.pt")
     root, run = _folder(tmp), tmp / "run"
-    args = _embed_args(root, run, "m.csv", "features=sscd_disc_mixup", "features.extractor.name=sscd",
-                       f"features.extractor.path={ts}", f"features.extractor.sha256={'0' * 64}",
-                       "features.extractor.device=cpu")
+    args = _embed_args(
+        root,
+        run,
+        "m.csv",
+        "features=sscd_disc_mixup",
+        "features.extractor.name=sscd",
+        f"features.extractor.path={ts}",
+        f"features.extractor.sha256={'0' * 64}",
+        "features.extractor.device=cpu",
+    )
     args.remove("features.extractor.size=4")
     return dict(call=_run("embed", args), run_dir=run, names=[ts, "SHA256 mismatch"])
 
@@ -435,8 +509,7 @@ def _pipeline_case(id: str, spoil: Callable[[Path], None], names: Callable[[Path
         spoil(folder)
         (tmp / "p.txt").write_text("a red circle\n")
         run = tmp / "run"
-        return dict(call=_run("generate", _gen_args(folder, tmp / "p.txt", run)), run_dir=run,
-                    names=names(folder))
+        return dict(call=_run("generate", _gen_args(folder, tmp / "p.txt", run)), run_dir=run, names=names(folder))
 
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -452,15 +525,19 @@ def _bin_only(folder: Path) -> None:
 
 
 _pipeline_case("pickle-as-safetensors", _pickle_as_safetensors, lambda f: [f / UNET])
-_pipeline_case("pickle-bin-instead-of-safetensors", _bin_only,
-               lambda f: [f / "unet", "diffusion_pytorch_model.safetensors"])
-_pipeline_case("missing-model-index", lambda f: (f / "model_index.json").unlink(),
-               lambda f: [f, "model_index.json"])
-_pipeline_case("model-index-not-json", lambda f: (f / "model_index.json").write_text("{not json"),
-               lambda f: [f / "model_index.json"])
+_pipeline_case(
+    "pickle-bin-instead-of-safetensors", _bin_only, lambda f: [f / "unet", "diffusion_pytorch_model.safetensors"]
+)
+_pipeline_case("missing-model-index", lambda f: (f / "model_index.json").unlink(), lambda f: [f, "model_index.json"])
+_pipeline_case(
+    "model-index-not-json",
+    lambda f: (f / "model_index.json").write_text("{not json"),
+    lambda f: [f / "model_index.json"],
+)
 
 
 # -- nonsense config values ----------------------------------------------------------------------
+
 
 def _gen_config_case(id: str, error: type, extra: list[str], names: list[str], no_model: bool = False):
     @case(f"generate-{id}", error)
@@ -478,8 +555,7 @@ _gen_config_case("n-per-prompt-zero", ConfigError, ["n_per_prompt=0"], ["n_per_p
 _gen_config_case("shard-not-below-num-shards", ConfigError, ["shard=2", "num_shards=2"], ["shard", "2 of 2"])
 _gen_config_case("negative-guidance", ConfigError, ["guidance_scale=-1"], ["guidance_scale"])
 _gen_config_case("zero-resolution", ConfigError, ["resolution=0"], ["resolution must be >= 1"])
-_gen_config_case("unknown-scheduler", ConfigError, ["scheduler=ddmi"],
-                 ["scheduler 'ddmi'", "Did you mean", "'ddim'"])
+_gen_config_case("unknown-scheduler", ConfigError, ["scheduler=ddmi"], ["scheduler 'ddmi'", "Did you mean", "'ddim'"])
 _gen_config_case("unknown-precision", ConfigError, ["model.precision=float64"], ["model.precision", "'float64'"])
 _gen_config_case("model-path-unset", ConfigError, [], ["model.path"], no_model=True)
 
@@ -493,28 +569,31 @@ def _embed_config_case(id: str, error: type, extra: list[str], names: list[str])
 
 _embed_config_case("part-size-zero", ConfigError, ["part_size=0"], ["part_size must be >= 1"])
 _embed_config_case("batch-size-zero", ConfigError, ["batch_size=0"], ["batch_size must be >= 1"])
-_embed_config_case("shard-not-below-num-shards", ConfigError, ["shard=1", "num_shards=1"],
-                   ["shard", "1 of 1"])
+_embed_config_case("shard-not-below-num-shards", ConfigError, ["shard=1", "num_shards=1"], ["shard", "1 of 1"])
 _embed_config_case("zero-resolution", ConfigError, ["resolution=0"], ["resolution must be >= 1"])
-_embed_config_case("unknown-feature", ConfigError, ["features.extractor.name=pixle"],
-                   ["'pixle'", "Did you mean 'pixel'"])
+_embed_config_case(
+    "unknown-feature", ConfigError, ["features.extractor.name=pixle"], ["'pixle'", "Did you mean 'pixel'"]
+)
 _embed_config_case("unknown-source", ConfigError, ["source=images"], ["source 'images'"])
-_embed_config_case("split-without-split-column", ConfigError, ["split=train"],
-                   ["split=train", "'split' column"])
+_embed_config_case("split-without-split-column", ConfigError, ["split=train"], ["split=train", "'split' column"])
 
 
 @case("embed-data-root-unset", ConfigError)
 def _(tmp, pipe):
     run = tmp / "run"
-    return dict(call=_run("embed", ["data=folder", "data.manifest=m.csv", f"run_dir={run}"]), run_dir=run,
-                names=["data.root"])
+    return dict(
+        call=_run("embed", ["data=folder", "data.manifest=m.csv", f"run_dir={run}"]), run_dir=run, names=["data.root"]
+    )
 
 
 @case("detect-unknown-detector", ConfigError)
 def _(tmp, pipe):
     run = tmp / "run"
-    return dict(call=_run("detect", ["detect.name=noise_nrom", f"run_dir={run}"]), run_dir=run,
-                names=["'noise_nrom'", "Did you mean 'noise_norm'"])
+    return dict(
+        call=_run("detect", ["detect.name=noise_nrom", f"run_dir={run}"]),
+        run_dir=run,
+        names=["'noise_nrom'", "Did you mean 'noise_norm'"],
+    )
 
 
 @case("embed-generate-run-without-samples-table", DataError)
@@ -525,8 +604,11 @@ def _(tmp, pipe):
     Image.fromarray(_rgb(0)).save(gen / "samples" / "p00000-s000.png")
     write_json(gen / "run.json", {})
     run = tmp / "run"
-    return dict(call=_run("embed", ["source=samples", f"samples_dir={gen}", f"run_dir={run}"]),
-                run_dir=run, names=[gen / "samples.parquet", "not found"])
+    return dict(
+        call=_run("embed", ["source=samples", f"samples_dir={gen}", f"run_dir={run}"]),
+        run_dir=run,
+        names=[gen / "samples.parquet", "not found"],
+    )
 
 
 @case("embed-corrupt-samples-table", DataError)
@@ -535,8 +617,11 @@ def _(tmp, pipe):
     gen.mkdir()
     (gen / "samples.parquet").write_bytes(b"PAR1 truncated")
     run = tmp / "run"
-    return dict(call=_run("embed", ["source=samples", f"samples_dir={gen}", f"run_dir={run}"]),
-                run_dir=run, names=[gen / "samples.parquet", "Parquet"])
+    return dict(
+        call=_run("embed", ["source=samples", f"samples_dir={gen}", f"run_dir={run}"]),
+        run_dir=run,
+        names=[gen / "samples.parquet", "Parquet"],
+    )
 
 
 @case("changed-config-on-existing-run", ConfigError)
@@ -549,11 +634,16 @@ def _(tmp, pipe):
     def untouched():
         return {f: (run / f).read_bytes() for f in _files(run)} == before
 
-    return dict(call=_run("embed", _embed_args(root, run, "m.csv", "part_size=3")), run_dir=None,
-                names=[run, "part_size", "2 there", "3 now"], after=untouched)
+    return dict(
+        call=_run("embed", _embed_args(root, run, "m.csv", "part_size=3")),
+        run_dir=None,
+        names=[run, "part_size", "2 there", "3 now"],
+        after=untouched,
+    )
 
 
 # -- resources and containment: pixel budget, regular files, data.root, run names -------------
+
 
 def _png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares ``width`` x ``height`` (a decompression bomb's header)."""
@@ -564,40 +654,48 @@ def _png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @case("image-over-pixel-budget", DataError, claimed=True)
 def _(tmp, pipe):
     root = _folder(tmp, ("bad.png", _encoded("PNG")))  # 16 x 16 = 256 pixels, over a budget of 200
     run = tmp / "run"
-    return dict(call=_run("embed", _embed_args(root, run, "m.csv", "data.max_pixels=200")), run_dir=run,
-                names=[root / "bad.png", "16x16", "data.max_pixels=200"])
+    return dict(
+        call=_run("embed", _embed_args(root, run, "m.csv", "data.max_pixels=200")),
+        run_dir=run,
+        names=[root / "bad.png", "16x16", "data.max_pixels=200"],
+    )
 
 
 @case("image-decompression-bomb", DataError, claimed=True)
 def _(tmp, pipe):
     root = _folder(tmp, ("bad.png", _png_declaring(30000, 30000)))
     run = tmp / "run"
-    return dict(call=_run("embed", _embed_args(root, run)), run_dir=run,
-                names=[root / "bad.png", "decompression-bomb"])
+    return dict(call=_run("embed", _embed_args(root, run)), run_dir=run, names=[root / "bad.png", "decompression-bomb"])
 
 
 @case("image-large-declared-size-under-pil-limit", DataError, claimed=True)
 def _(tmp, pipe):
     root = _folder(tmp, ("bad.png", _png_declaring(12000, 12000)))  # 144 Mpx: refused before decoding
     run = tmp / "run"
-    return dict(call=_run("embed", _embed_args(root, run)), run_dir=run,
-                names=[root / "bad.png", "12000x12000", "data.max_pixels"])
+    return dict(
+        call=_run("embed", _embed_args(root, run)),
+        run_dir=run,
+        names=[root / "bad.png", "12000x12000", "data.max_pixels"],
+    )
 
 
 _embed_config_case("max-pixels-zero", ConfigError, ["data.max_pixels=0"], ["data.max_pixels must be"])
 
 
-def _special_file_case(id: str, make: Callable[[Path], None], names: Callable[[Path, Path], list],
-                       stage: str = "embed"):
+def _special_file_case(
+    id: str, make: Callable[[Path], None], names: Callable[[Path, Path], list], stage: str = "embed"
+):
     """An input that is a FIFO or device: refused before it is opened (reading it would hang)."""
+
     @case(id, DataError)
     def _(tmp, pipe):
         root, run = _folder(tmp), tmp / "run"
@@ -615,14 +713,23 @@ def _fifo_image(root: Path) -> None:
 
 
 _special_file_case("image-is-a-fifo", _fifo_image, lambda r, t: [r / "m2.csv", "row 2", "not a regular file"])
-_special_file_case("manifest-is-a-fifo", lambda r: os.mkfifo(r / "m2.csv"),
-                   lambda r, t: [r / "m2.csv", "not a regular file"])
-_special_file_case("manifest-symlink-to-dev-zero", lambda r: (r / "m2.csv").symlink_to("/dev/zero"),
-                   lambda r, t: [r / "m2.csv", "not a regular file"])
-_special_file_case("prompts-fifo", lambda r: os.mkfifo(r / "p.txt"), lambda r, t: [r / "p.txt", "not a regular file"],
-                   stage="generate")
-_special_file_case("prompts-symlink-to-dev-null", lambda r: (r / "p.txt").symlink_to("/dev/null"),
-                   lambda r, t: [r / "p.txt", "not a regular file"], stage="generate")
+_special_file_case(
+    "manifest-is-a-fifo", lambda r: os.mkfifo(r / "m2.csv"), lambda r, t: [r / "m2.csv", "not a regular file"]
+)
+_special_file_case(
+    "manifest-symlink-to-dev-zero",
+    lambda r: (r / "m2.csv").symlink_to("/dev/zero"),
+    lambda r, t: [r / "m2.csv", "not a regular file"],
+)
+_special_file_case(
+    "prompts-fifo", lambda r: os.mkfifo(r / "p.txt"), lambda r, t: [r / "p.txt", "not a regular file"], stage="generate"
+)
+_special_file_case(
+    "prompts-symlink-to-dev-null",
+    lambda r: (r / "p.txt").symlink_to("/dev/null"),
+    lambda r, t: [r / "p.txt", "not a regular file"],
+    stage="generate",
+)
 
 
 def _outside_case(id: str, row: Callable[[Path, Path], str], allowed: bool = False):
@@ -632,8 +739,11 @@ def _outside_case(id: str, row: Callable[[Path, Path], str], allowed: bool = Fal
         Image.fromarray(_rgb(5)).save(tmp / "outside.png")
         file = row(root, tmp)
         (root / "m2.csv").write_text(f"file,caption\n0.png,a\n{file},b\n")
-        return dict(call=_run("embed", _embed_args(root, run, "m2.csv")), run_dir=run,
-                    names=[root / "m2.csv", "row 2", f"'{file}'", "outside data.root", "data.allow_outside_root=true"])
+        return dict(
+            call=_run("embed", _embed_args(root, run, "m2.csv")),
+            run_dir=run,
+            names=[root / "m2.csv", "row 2", f"'{file}'", "outside data.root", "data.allow_outside_root=true"],
+        )
 
 
 def _link_out(root: Path, tmp: Path) -> str:
@@ -652,9 +762,12 @@ def _name_case(id: str, name: str, names: list[str] | None = None):
         fdir = _embed_dir(tmp / "emb", [_unit(10, 8)])
         out = tmp / "out" / "sub"
         args = [f"features_dir={fdir}", f"paths.output_dir={out}", f"name={name}"]
-        return dict(call=_run("index", args), run_dir=None,
-                    names=names or [f"name={name!r}", "one folder name"],
-                    after=lambda: not (tmp / "out").exists() and not (tmp / "x").exists())
+        return dict(
+            call=_run("index", args),
+            run_dir=None,
+            names=names or [f"name={name!r}", "one folder name"],
+            after=lambda: not (tmp / "out").exists() and not (tmp / "x").exists(),
+        )
 
 
 _name_case("dotdot", "../../x")
@@ -663,8 +776,7 @@ _name_case("empty", "")
 _name_case("dot", ".")
 _name_case("300-chars", "a" * 300, ["name='aaaa", "300 bytes long", "at most 255 bytes"])
 _name_case("256-bytes-of-utf8", "'" + "é" * 128 + "'", ["256 bytes long", "at most 255 bytes"])
-_name_case("unquoted-non-ascii", "café", ["'name=café'", "the character 'é' is not allowed unquoted",
-                                          "name='café'"])
+_name_case("unquoted-non-ascii", "café", ["'name=café'", "the character 'é' is not allowed unquoted", "name='café'"])
 _name_case("control-character", "'a\tb'", ["name='a\\tb'", "control character"])
 _name_case("undecodable-bytes", "'a\udcffb'", ["is not UTF-8 text"])
 
@@ -672,20 +784,28 @@ _name_case("undecodable-bytes", "'a\udcffb'", ["is not UTF-8 text"])
 # -- prompts: BOM, empty after normalisation, non-string JSON captions ---------------------------
 
 _prompt_case("nul-only-caption", "p.txt", "a cat\n\x00\x00\n", ["p.txt", "line 2", "empty caption"])
-_prompt_case("zero-width-only-caption", "p.txt", "a cat\n\n\u200b\u200d\u2060\n",
-             ["p.txt", "line 3", "empty caption"])
+_prompt_case("zero-width-only-caption", "p.txt", "a cat\n\n\u200b\u200d\u2060\n", ["p.txt", "line 3", "empty caption"])
 _prompt_case("bom-then-zero-width-only", "p.txt", "\ufeff\u200b\n", ["p.txt", "line 1", "empty caption"])
-_prompt_case("jsonl-zero-width-caption", "p.jsonl", '{"caption": "ok"}\n{"caption": "\\u200b\\u0000"}\n',
-             ["p.jsonl", "line 2", "empty caption"])
+_prompt_case(
+    "jsonl-zero-width-caption",
+    "p.jsonl",
+    '{"caption": "ok"}\n{"caption": "\\u200b\\u0000"}\n',
+    ["p.jsonl", "line 2", "empty caption"],
+)
 _prompt_case("csv-nul-caption", "p.csv", "Caption;type\na cat;VM\n\x00;TM\n", ["p.csv", "line 3", "empty caption"])
 _prompt_case("jsonl-number-caption", "p.jsonl", '{"caption": 5}\n', ["p.jsonl", "row 1", "int 5", "not a string"])
-_prompt_case("jsonl-list-caption", "p.jsonl", '{"caption": "ok"}\n{"caption": ["a", "b"]}\n',
-             ["p.jsonl", "row 2", "list", "not a string"])
+_prompt_case(
+    "jsonl-list-caption",
+    "p.jsonl",
+    '{"caption": "ok"}\n{"caption": ["a", "b"]}\n',
+    ["p.jsonl", "row 2", "list", "not a string"],
+)
 _prompt_case("jsonl-bool-caption", "p.jsonl", '{"caption": true}\n', ["p.jsonl", "row 1", "bool"])
 _prompt_case("jsonl-object-caption", "p.jsonl", '{"caption": {"text": "a"}}\n', ["p.jsonl", "row 1", "dict"])
 
 
 # -- captions and columns of data manifests (issue 27): strings, not blank, columns once -------------
+
 
 def _parquet(df: pd.DataFrame) -> bytes:
     buf = io.BytesIO()
@@ -697,51 +817,88 @@ def _captions(*captions) -> pd.DataFrame:
     return pd.DataFrame({"file": [f"{i}.png" for i in range(len(captions))], "caption": list(captions)})
 
 
-_manifest_case("parquet-list-captions", "m2.parquet", _parquet(_captions(["a", "b"], ["c"], ["d"])),
-               ["row 1", "the caption is list", "not a string"])
-_manifest_case("parquet-bytes-caption", "m2.parquet", _parquet(_captions(b"\xff\xfe", b"b", b"c")),
-               ["row 1", "the caption is bytes", "not a string"])
-_manifest_case("parquet-null-caption", "m2.parquet", _parquet(_captions("a", None, "c")),
-               ["row 2", "the caption is missing (null)"])
+_manifest_case(
+    "parquet-list-captions",
+    "m2.parquet",
+    _parquet(_captions(["a", "b"], ["c"], ["d"])),
+    ["row 1", "the caption is list", "not a string"],
+)
+_manifest_case(
+    "parquet-bytes-caption",
+    "m2.parquet",
+    _parquet(_captions(b"\xff\xfe", b"b", b"c")),
+    ["row 1", "the caption is bytes", "not a string"],
+)
+_manifest_case(
+    "parquet-null-caption",
+    "m2.parquet",
+    _parquet(_captions("a", None, "c")),
+    ["row 2", "the caption is missing (null)"],
+)
 _manifest_case("parquet-int-caption", "m2.parquet", _parquet(_captions(1, 2, 3)), ["row 1", "int", "not a string"])
 _manifest_case("csv-empty-caption", "m2.csv", "file,caption\n0.png,a\n1.png,\n", ["row 2", "empty caption"])
 _manifest_case("csv-whitespace-caption", "m2.csv", 'file,caption\n0.png,"   "\n1.png,b\n', ["row 1", "empty caption"])
-_manifest_case("jsonl-zero-width-caption", "m2.jsonl", '{"file": "0.png", "caption": "\\u200b"}\n',
-               ["row 1", "empty caption"])
-_manifest_case("jsonl-list-caption", "m2.jsonl", '{"file": "0.png", "caption": ["a", "b"]}\n',
-               ["row 1", "the caption is list"])
+_manifest_case(
+    "jsonl-zero-width-caption", "m2.jsonl", '{"file": "0.png", "caption": "\\u200b"}\n', ["row 1", "empty caption"]
+)
+_manifest_case(
+    "jsonl-list-caption", "m2.jsonl", '{"file": "0.png", "caption": ["a", "b"]}\n', ["row 1", "the caption is list"]
+)
 _manifest_case("jsonl-null-caption", "m2.jsonl", '{"file": "0.png", "caption": null}\n', ["row 1", "missing (null)"])
-_manifest_case("duplicated-column", "m2.csv", "file,caption,caption\n0.png,a,b\n",
-               ["the column 'caption' appears twice"])
-_manifest_case("duplicated-column-other-case", "m2.csv", "file,Caption,caption\n0.png,a,b\n",
-               ["the column 'caption' appears twice"])
-_manifest_case("jsonl-duplicated-key", "m2.jsonl", '{"file": "0.png", "caption": "a", "caption": "b"}\n',
-               ["m2.jsonl:1", "the key 'caption' appears twice"])
+_manifest_case(
+    "duplicated-column", "m2.csv", "file,caption,caption\n0.png,a,b\n", ["the column 'caption' appears twice"]
+)
+_manifest_case(
+    "duplicated-column-other-case",
+    "m2.csv",
+    "file,Caption,caption\n0.png,a,b\n",
+    ["the column 'caption' appears twice"],
+)
+_manifest_case(
+    "jsonl-duplicated-key",
+    "m2.jsonl",
+    '{"file": "0.png", "caption": "a", "caption": "b"}\n',
+    ["m2.jsonl:1", "the key 'caption' appears twice"],
+)
 
 
 def _i2d_args(root: Path, run: Path, *extra: str) -> list[str]:
-    return ["data=img2dataset", f"data.root={root}", "features.extractor.size=4", "part_size=2", "batch_size=2",
-            f"run_dir={run}", *extra]
+    return [
+        "data=img2dataset",
+        f"data.root={root}",
+        "features.extractor.size=4",
+        "part_size=2",
+        "batch_size=2",
+        f"run_dir={run}",
+        *extra,
+    ]
 
 
 def _i2d_case(id: str, keys: list, captions: list, names: list[str], images=("000", "001"), *extra: str):
     """img2dataset output (one shard table + its images) with one bad row: refused before any work."""
+
     @case(f"img2dataset-{id}", DataError)
     def _(tmp, pipe):
         root, run = tmp / "i2d", tmp / "run"
         (root / "00000").mkdir(parents=True)
         pd.DataFrame({"key": keys, "status": ["success"] * len(keys), "caption": captions}).to_parquet(
-            root / "00000.parquet")
+            root / "00000.parquet"
+        )
         for key in images:
             Image.fromarray(_rgb(int(key))).save(root / "00000" / f"{key}.jpg", format="JPEG")
         Image.fromarray(_rgb(5)).save(tmp / "x.jpg", format="JPEG")
-        return dict(call=_run("embed", _i2d_args(root, run, *extra)), run_dir=run,
-                    names=[root / "00000.parquet", *names])
+        return dict(
+            call=_run("embed", _i2d_args(root, run, *extra)), run_dir=run, names=[root / "00000.parquet", *names]
+        )
 
 
 _i2d_case("null-key", ["000", None], ["a", "b"], ["row 2", "the key is null"])
-_i2d_case("key-leads-out", ["000", "../../x"], ["a", "b"], ["row 2", "'00000/../../x.jpg'", "outside data.root",
-                                                          "data.allow_outside_root=true"])
+_i2d_case(
+    "key-leads-out",
+    ["000", "../../x"],
+    ["a", "b"],
+    ["row 2", "'00000/../../x.jpg'", "outside data.root", "data.allow_outside_root=true"],
+)
 _i2d_case("missing-jpg", ["000", "001", "002"], ["a", "b", "c"], ["row 3", "'00000/002.jpg' not found"])
 _i2d_case("list-caption", ["000", "001"], [["a"], ["b"]], ["row 1", "the caption is list"])
 _i2d_case("null-caption", ["000", "001"], ["a", None], ["row 2", "missing (null)"])
@@ -759,6 +916,7 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 def _wds_case(id: str, members: list[tuple[str, bytes]], names: list[str]):
     """One webdataset shard ``tmp/wds/s.tar`` with one bad sample: refused before any work."""
+
     @case(f"webdataset-{id}", DataError)
     def _(tmp, pipe):
         (tmp / "wds").mkdir()
@@ -769,13 +927,17 @@ def _wds_case(id: str, members: list[tuple[str, bytes]], names: list[str]):
 
 
 _PNG = _encoded("PNG")
-_wds_case("non-utf8-member-name", [("a.png", _PNG), ("a.txt", b"cap"), (b"b\xff.png".decode("utf-8", "surrogateescape"),
-                                                                         _PNG)],
-          ["s.tar", "a member name is not UTF-8", "b\\xff.png"])
-_wds_case("json-list-caption", [("a.png", _PNG), ("a.json", b'{"caption": ["x", "y"]}')],
-          ["s.tar/a.png", "the caption is list"])
-_wds_case("no-caption-member", [("a.png", _PNG), ("b.png", _PNG), ("b.txt", b"cap")],
-          ["s.tar/a.png", "missing (null)"])
+_wds_case(
+    "non-utf8-member-name",
+    [("a.png", _PNG), ("a.txt", b"cap"), (b"b\xff.png".decode("utf-8", "surrogateescape"), _PNG)],
+    ["s.tar", "a member name is not UTF-8", "b\\xff.png"],
+)
+_wds_case(
+    "json-list-caption",
+    [("a.png", _PNG), ("a.json", b'{"caption": ["x", "y"]}')],
+    ["s.tar/a.png", "the caption is list"],
+)
+_wds_case("no-caption-member", [("a.png", _PNG), ("b.png", _PNG), ("b.txt", b"cap")], ["s.tar/a.png", "missing (null)"])
 _wds_case("blank-txt-caption", [("a.png", _PNG), ("a.txt", b"  \n")], ["s.tar/a.png", "empty caption"])
 
 
@@ -785,8 +947,11 @@ def _(tmp, pipe):
     _tar(tmp / "wds" / "s.tar", [("a.png", _PNG), ("a.txt", b"c")])
     run = tmp / "run"
     args = ["data=webdataset", f"data.root={tmp / 'wds' / 'inner'}", "data.shards=../*.tar", f"run_dir={run}"]
-    return dict(call=_run("embed", args), run_dir=run,
-                names=["data.shards='../*.tar'", "'../s.tar' is outside data.root", "data.allow_outside_root=true"])
+    return dict(
+        call=_run("embed", args),
+        run_dir=run,
+        names=["data.shards='../*.tar'", "'../s.tar' is outside data.root", "data.allow_outside_root=true"],
+    )
 
 
 @case("webdataset-absolute-shards-glob", ConfigError)
@@ -803,31 +968,48 @@ def _(tmp, pipe):
     """``prompts=dataset`` takes the captions as prompts: a null one is refused, not tokenized."""
     root, run = _folder(tmp), tmp / "run"
     (root / "m2.parquet").write_bytes(_parquet(_captions("a", None, "c")))
-    args = ["model=local", f"model.path={pipe()}", "prompts=dataset", "data=folder", f"data.root={root}",
-            "data.manifest=m2.parquet", "steps=1", "n_per_prompt=1", f"run_dir={run}"]
+    args = [
+        "model=local",
+        f"model.path={pipe()}",
+        "prompts=dataset",
+        "data=folder",
+        f"data.root={root}",
+        "data.manifest=m2.parquet",
+        "steps=1",
+        "n_per_prompt=1",
+        f"run_dir={run}",
+    ]
     return dict(call=_run("generate", args), run_dir=run, names=[root / "m2.parquet", "row 2", "missing (null)"])
 
 
 # -- ground truth without contradictions: one label per prompt ----------------------------------------
+
 
 @case("prompts-labelled-both-ways-across-files", DataError)
 def _(tmp, pipe):
     (tmp / "mem.txt").write_text("a cat\na dog\n")
     (tmp / "unmem.txt").write_text("a cow\na dog\n")
     run = tmp / "run"
-    files = (f"prompts.files=[{{path: {tmp / 'mem.txt'}, label: positive}}, "
-             f"{{path: {tmp / 'unmem.txt'}, label: negative}}]")
+    files = (
+        f"prompts.files=[{{path: {tmp / 'mem.txt'}, label: positive}}, {{path: {tmp / 'unmem.txt'}, label: negative}}]"
+    )
     args = [a for a in _gen_args(pipe(), None, run) if not a.startswith("prompts.path")] + [files]
-    return dict(call=_run("generate", args), run_dir=run,
-                names=["prompt 'a dog'", f"memorised in {tmp / 'mem.txt'}", f"not memorised in {tmp / 'unmem.txt'}"])
+    return dict(
+        call=_run("generate", args),
+        run_dir=run,
+        names=["prompt 'a dog'", f"memorised in {tmp / 'mem.txt'}", f"not memorised in {tmp / 'unmem.txt'}"],
+    )
 
 
 @case("prompts-labelled-both-ways-in-one-file", DataError)
 def _(tmp, pipe):
     (tmp / "p.csv").write_text("Caption;type\na cat;VM\na cow;N\na cat;N\n")
     run = tmp / "run"
-    return dict(call=_run("generate", _gen_args(pipe(), tmp / "p.csv", run)), run_dir=run,
-                names=["prompt 'a cat'", "labelled memorised", "and not memorised", "p.csv"])
+    return dict(
+        call=_run("generate", _gen_args(pipe(), tmp / "p.csv", run)),
+        run_dir=run,
+        names=["prompt 'a cat'", "labelled memorised", "and not memorised", "p.csv"],
+    )
 
 
 @case("probe-target-file-leads-out", DataError)
@@ -837,11 +1019,27 @@ def _(tmp, pipe):
     Image.fromarray(_rgb(5)).save(tmp / "outside.png")
     (tmp / "p.jsonl").write_text('{"caption": "a cat", "target_file": "../outside.png"}\n{"caption": "a dog"}\n')
     run = tmp / "run"
-    args = ["model=local", f"model.path={pipe()}", "data=folder", f"data.root={root}", "data.manifest=m.csv",
-            "prompts=file", f"prompts.path={tmp / 'p.jsonl'}", "prompts.label=positive", f"run_dir={run}"]
-    return dict(call=_run("probe", args), run_dir=run,
-                names=[tmp / "p.jsonl", "prompt 1 ('a cat')", "target_file '../outside.png' is outside data.root",
-                       "data.allow_outside_root=true"])
+    args = [
+        "model=local",
+        f"model.path={pipe()}",
+        "data=folder",
+        f"data.root={root}",
+        "data.manifest=m.csv",
+        "prompts=file",
+        f"prompts.path={tmp / 'p.jsonl'}",
+        "prompts.label=positive",
+        f"run_dir={run}",
+    ]
+    return dict(
+        call=_run("probe", args),
+        run_dir=run,
+        names=[
+            tmp / "p.jsonl",
+            "prompt 1 ('a cat')",
+            "target_file '../outside.png' is outside data.root",
+            "data.allow_outside_root=true",
+        ],
+    )
 
 
 @case("probe-absolute-target-file", DataError)
@@ -850,12 +1048,22 @@ def _(tmp, pipe):
     Image.fromarray(_rgb(5)).save(tmp / "outside.png")
     (tmp / "p.jsonl").write_text(f'{{"caption": "a cat", "target_file": "{tmp / "outside.png"}"}}\n')
     run = tmp / "run"
-    args = ["model=local", f"model.path={pipe()}", "data=folder", f"data.root={root}", "data.manifest=m.csv",
-            "prompts=file", f"prompts.path={tmp / 'p.jsonl'}", "prompts.label=positive", f"run_dir={run}"]
+    args = [
+        "model=local",
+        f"model.path={pipe()}",
+        "data=folder",
+        f"data.root={root}",
+        "data.manifest=m.csv",
+        "prompts=file",
+        f"prompts.path={tmp / 'p.jsonl'}",
+        "prompts.label=positive",
+        f"run_dir={run}",
+    ]
     return dict(call=_run("probe", args), run_dir=run, names=[f"target_file '{tmp / 'outside.png'}' is outside"])
 
 
 # -- random weights only on request ----------------------------------------------------------------
+
 
 @case("embed-clip-without-weights", ConfigError)
 def _(tmp, pipe):
@@ -869,11 +1077,13 @@ def _(tmp, pipe):
 def _(tmp, pipe):
     """Refused before the audit generates anything (its first step), so nothing is claimed."""
     run = tmp / "run"
-    return dict(call=_run("audit", ["features=clip", f"run_dir={run}"]), run_dir=run,
-                names=["pretrained=random", "no weights"])
+    return dict(
+        call=_run("audit", ["features=clip", f"run_dir={run}"]), run_dir=run, names=["pretrained=random", "no weights"]
+    )
 
 
 # -- content fingerprints: a stale index, streamed parts, unfinished runs --------------------------
+
 
 def _ref_and_index(tmp: Path, n: int = 12) -> tuple[Path, Path]:
     ref = _embed_dir(tmp / "ref", [_unit(n, 8)])
@@ -886,8 +1096,11 @@ def _(tmp, pipe):
     shutil.rmtree(ref)  # as the "another config" error suggests, then other data at the same path
     _embed_dir(ref, [_unit(12, 8, seed=7)])
     run = tmp / "run"
-    return dict(call=_run("search", [f"index_dir={idx}", f"queries_dir={ref}", f"run_dir={run}"]), run_dir=run,
-                names=[idx, ref, "other contents", "rebuild the index"])
+    return dict(
+        call=_run("search", [f"index_dir={idx}", f"queries_dir={ref}", f"run_dir={run}"]),
+        run_dir=run,
+        names=[idx, ref, "other contents", "rebuild the index"],
+    )
 
 
 @case("search-old-index-with-fewer-ids", DataError)
@@ -898,8 +1111,11 @@ def _(tmp, pipe):
     shutil.rmtree(ref)
     _embed_dir(ref, [_unit(5, 8, seed=7)])
     run = tmp / "run"
-    return dict(call=_run("search", [f"index_dir={idx}", f"queries_dir={ref}", f"run_dir={run}"]), run_dir=run,
-                names=[idx, "ntotal=12", ref, "5 ids"])
+    return dict(
+        call=_run("search", [f"index_dir={idx}", f"queries_dir={ref}", f"run_dir={run}"]),
+        run_dir=run,
+        names=[idx, "ntotal=12", ref, "5 ids"],
+    )
 
 
 @case("index-rerun-on-a-re-embedded-folder", ConfigError)
@@ -907,8 +1123,9 @@ def _(tmp, pipe):
     ref, idx = _ref_and_index(tmp)
     shutil.rmtree(ref)
     _embed_dir(ref, [_unit(12, 8, seed=7)])
-    return dict(call=_run("index", [f"features_dir={ref}", f"run_dir={idx}"]), run_dir=None,
-                names=[idx, "features_digest"])
+    return dict(
+        call=_run("index", [f"features_dir={ref}", f"run_dir={idx}"]), run_dir=None, names=[idx, "features_digest"]
+    )
 
 
 def _stream_case(id: str, spoil: Callable[[Path], None], names: Callable[[Path], list]):
@@ -918,13 +1135,19 @@ def _stream_case(id: str, spoil: Callable[[Path], None], names: Callable[[Path],
         q = _embed_dir(tmp / "q", [_unit(3, 8, 3)])
         spoil(ref)
         run = tmp / "run"
-        return dict(call=_run("search", [f"stream_dir={ref}", f"queries_dir={q}", f"run_dir={run}"]),
-                    run_dir=run, names=names(ref))
+        return dict(
+            call=_run("search", [f"stream_dir={ref}", f"queries_dir={q}", f"run_dir={run}"]),
+            run_dir=run,
+            names=names(ref),
+        )
 
 
 _stream_case("first-part-missing", lambda r: (r / PART0).unlink(), lambda r: [r / PART0, "missing"])
-_stream_case("middle-part-missing", lambda r: (r / "features/part-00001.npy").unlink(),
-             lambda r: [r / "features/part-00001.npy", "missing"])
+_stream_case(
+    "middle-part-missing",
+    lambda r: (r / "features/part-00001.npy").unlink(),
+    lambda r: [r / "features/part-00001.npy", "missing"],
+)
 _stream_case("unfinished-run", lambda r: (r / "_SUCCESS").unlink(), lambda r: [r, "_SUCCESS"])
 _stream_case("info-json-missing", lambda r: (r / "info.json").unlink(), lambda r: [r, "info.json"])
 
@@ -935,8 +1158,11 @@ def _(tmp, pipe):
     q = _embed_dir(tmp / "q", [_unit(3, 8, 3)])
     (q / "_SUCCESS").unlink()
     run = tmp / "run"
-    return dict(call=_run("search", [f"index_dir={idx}", f"queries_dir={q}", f"run_dir={run}"]), run_dir=run,
-                names=[q, "_SUCCESS"])
+    return dict(
+        call=_run("search", [f"index_dir={idx}", f"queries_dir={q}", f"run_dir={run}"]),
+        run_dir=run,
+        names=[q, "_SUCCESS"],
+    )
 
 
 @case("generate-batch-size-changed-on-existing-run", ConfigError)
@@ -945,25 +1171,45 @@ def _(tmp, pipe):
     run = tmp / "run"
     diffmem.run("generate", _gen_args(pipe(), tmp / "p.txt", run, "batch_size=1"))
     before = {f: (run / f).read_bytes() for f in _files(run)}
-    return dict(call=_run("generate", _gen_args(pipe(), tmp / "p.txt", run, "batch_size=2")), run_dir=None,
-                names=[run, "batch_size", "1 there", "2 now"],
-                after=lambda: {f: (run / f).read_bytes() for f in _files(run)} == before)
+    return dict(
+        call=_run("generate", _gen_args(pipe(), tmp / "p.txt", run, "batch_size=2")),
+        run_dir=None,
+        names=[run, "batch_size", "1 there", "2 now"],
+        after=lambda: {f: (run / f).read_bytes() for f in _files(run)} == before,
+    )
 
 
 # -- damaged files a run reads: one line naming the file, nothing run, nothing made --------------
 
-_prompt_case("jsonl-lone-surrogate", "p.jsonl", '{"caption": "ok \\ud83d\\ude00"}\n{"caption": "a \\ud800 cat"}\n',
-             ["p.jsonl:2", "lone UTF-16 surrogate", "'\\ud800'"])
-_prompt_case("jsonl-lone-surrogate-in-metadata", "p.jsonl", '{"caption": "a cat", "url": "http://x/\\udc80"}\n',
-             ["p.jsonl:1", "lone UTF-16 surrogate"])
-_manifest_case("jsonl-lone-surrogate", "m2.jsonl", '{"file": "0.png", "caption": "a \\udfff"}\n',
-               ["m2.jsonl:1", "lone UTF-16 surrogate"])
-_special_file_case("prompts-symlink-to-dev-zero", lambda r: (r / "p.txt").symlink_to("/dev/zero"),
-                   lambda r, t: [r / "p.txt", "not a regular file"], stage="generate")
+_prompt_case(
+    "jsonl-lone-surrogate",
+    "p.jsonl",
+    '{"caption": "ok \\ud83d\\ude00"}\n{"caption": "a \\ud800 cat"}\n',
+    ["p.jsonl:2", "lone UTF-16 surrogate", "'\\ud800'"],
+)
+_prompt_case(
+    "jsonl-lone-surrogate-in-metadata",
+    "p.jsonl",
+    '{"caption": "a cat", "url": "http://x/\\udc80"}\n',
+    ["p.jsonl:1", "lone UTF-16 surrogate"],
+)
+_manifest_case(
+    "jsonl-lone-surrogate",
+    "m2.jsonl",
+    '{"file": "0.png", "caption": "a \\udfff"}\n',
+    ["m2.jsonl:1", "lone UTF-16 surrogate"],
+)
+_special_file_case(
+    "prompts-symlink-to-dev-zero",
+    lambda r: (r / "p.txt").symlink_to("/dev/zero"),
+    lambda r, t: [r / "p.txt", "not a regular file"],
+    stage="generate",
+)
 
 
 def _defence_case(id: str, spoil: Callable[[Path], None], names: list[str]):
     """A defence wrapper folder (``defence.json`` over the tiny pipeline) whose file is damaged."""
+
     @case(f"defence-json-{id}", DataError)
     def _(tmp, pipe):
         from diffmem.mitigations.defences import build_defence, save_defence
@@ -972,25 +1218,31 @@ def _defence_case(id: str, spoil: Callable[[Path], None], names: list[str]):
         spoil(wrapper / "defence.json")
         (tmp / "p.txt").write_text("a red circle\n")
         run = tmp / "run"
-        return dict(call=_run("generate", _gen_args(wrapper, tmp / "p.txt", run)), run_dir=run,
-                    names=[wrapper / "defence.json", *names])
+        return dict(
+            call=_run("generate", _gen_args(wrapper, tmp / "p.txt", run)),
+            run_dir=run,
+            names=[wrapper / "defence.json", *names],
+        )
 
 
 def _replace(text: str) -> Callable[[Path], None]:
     def spoil(path: Path) -> None:
         path.unlink()
         path.write_text(text)
+
     return spoil
 
 
 _defence_case("truncated", lambda p: p.write_text(p.read_text()[:25]), ["not valid JSON"])
 _defence_case("a-list", _replace('["gni", {}]'), ["expected a JSON object"])
-_defence_case("settings-not-a-mapping", _replace('{"defence": "gni", "settings": 3, "base": "x"}'),
-              ["'settings'", "mapping"])
+_defence_case(
+    "settings-not-a-mapping", _replace('{"defence": "gni", "settings": 3, "base": "x"}'), ["'settings'", "mapping"]
+)
 _defence_case("base-missing", _replace('{"defence": "gni", "settings": {}}'), ["'base'", "missing"])
 _defence_case("is-a-fifo", lambda p: (p.unlink(), os.mkfifo(p)), ["not a regular file"])
 _defence_case("empty", lambda p: p.write_bytes(b""), ["not valid JSON"])
 _defence_case("not-utf8", lambda p: p.write_bytes(b'{"defence": "\xff"}'), ["not valid JSON"])
+
 
 def _invalid_info(p: Path) -> Path:
     d = _embed_dir(p, [_unit(4, 8)])
@@ -999,13 +1251,17 @@ def _invalid_info(p: Path) -> Path:
 
 
 _features_case("info-json-invalid", _invalid_info, lambda d: [d / "info.json", "not valid JSON"])
-_stream_case("truncated-part", lambda r: (r / PART0).write_bytes((r / PART0).read_bytes()[:140]),
-             lambda r: [r / PART0, "not a readable .npy", "re-run the embed stage"])
+_stream_case(
+    "truncated-part",
+    lambda r: (r / PART0).write_bytes((r / PART0).read_bytes()[:140]),
+    lambda r: [r / PART0, "not a readable .npy", "re-run the embed stage"],
+)
 
 
 def _samples_case(id: str, spoil: Callable[[Path], None], why: str):
     """A finished generate run whose sample was damaged afterwards: embed refuses to read it,
     naming the file (re-running generate recomputes it, ``test_integrity.py``)."""
+
     @case(f"embed-samples-{id}", DataError)
     def _(tmp, pipe):
         (tmp / "p.txt").write_text("a red circle\na blue square\n")
@@ -1013,9 +1269,11 @@ def _samples_case(id: str, spoil: Callable[[Path], None], why: str):
         png = gen / "samples" / "p00001-s000.png"
         spoil(png)
         run = tmp / "run"
-        return dict(call=_run("embed", ["source=samples", f"samples_dir={gen}", "features.extractor.size=4",
-                                        f"run_dir={run}"]), run_dir=run,
-                    names=[png, why, "re-run the generate stage"])
+        return dict(
+            call=_run("embed", ["source=samples", f"samples_dir={gen}", "features.extractor.size=4", f"run_dir={run}"]),
+            run_dir=run,
+            names=[png, why, "re-run the generate stage"],
+        )
 
 
 _samples_case("truncated-png", lambda p: p.write_bytes(p.read_bytes()[:-30]), "cut short")
@@ -1034,11 +1292,18 @@ def _(tmp, pipe):
     (tmp / "evil.pt").write_bytes(pickle.dumps(_Planted()))
     root, run = _folder(tmp), tmp / "run"
     args = [a for a in _embed_args(root, run) if not a.startswith("features.extractor.size")]
-    args += ["features=clip", "features.extractor.arch=ViT-S-32", "features.extractor.device=cpu",
-             f"features.extractor.pretrained={tmp / 'evil.pt'}"]
-    return dict(call=_run("embed", args), run_dir=run,
-                names=[tmp / "evil.pt", "not a plain tensor file", "nothing run"],
-                after=lambda: not any((d / "planted-pickle-ran").exists() for d in (Path.cwd(), tmp)))
+    args += [
+        "features=clip",
+        "features.extractor.arch=ViT-S-32",
+        "features.extractor.device=cpu",
+        f"features.extractor.pretrained={tmp / 'evil.pt'}",
+    ]
+    return dict(
+        call=_run("embed", args),
+        run_dir=run,
+        names=[tmp / "evil.pt", "not a plain tensor file", "nothing run"],
+        after=lambda: not any((d / "planted-pickle-ran").exists() for d in (Path.cwd(), tmp)),
+    )
 
 
 # -- the config schema (diffmem/schema.py): checked before any run dir is claimed -----------------
@@ -1065,6 +1330,7 @@ for _id, _override, _names in [  # (case, override, what the one line names)
 
 def _stage_config_case(stage: str, id: str, extra: list[str], names: list[str]):
     """A stage refused on its settings alone (before its data or model are read)."""
+
     @case(f"{stage}-{id}", ConfigError)
     def _(tmp, pipe):
         run = tmp / "run"
@@ -1078,51 +1344,71 @@ _stage_config_case("audit", "sub-stage-steps-zero", ["generate.steps=0"], ["gene
 _stage_config_case("audit", "sub-stage-misspelt-key", ["embed.part_sise=3"], ["embed.part_sise", "'part_size'"])
 _stage_config_case("train", "negative-unet-steps", ["arch=tiny", "unet.steps=-5"], ["unet.steps must be >= 0", "-5"])
 _stage_config_case("train", "unet-lr-nan", ["arch=tiny", "unet.lr=nan"], ["unet.lr must be a finite number > 0"])
-_stage_config_case("train", "caption-dropout-above-one", ["arch=tiny", "unet.caption_dropout=1.5"],
-                   ["unet.caption_dropout", "<= 1.0"])
+_stage_config_case(
+    "train", "caption-dropout-above-one", ["arch=tiny", "unet.caption_dropout=1.5"], ["unet.caption_dropout", "<= 1.0"]
+)
 _stage_config_case("embed", "negative-num-workers", ["num_workers=-1"], ["num_workers must be >= 0"])
 _stage_config_case("index", "recall-noise-nan", ["features_dir=x", "recall.noise=nan"], ["recall.noise"])
-_stage_config_case("search", "normalisation-beta-inf", ["queries_dir=x", "stream_dir=y", "normalisation.beta=inf"],
-                   ["normalisation.beta"])
+_stage_config_case(
+    "search",
+    "normalisation-beta-inf",
+    ["queries_dir=x", "stream_dir=y", "normalisation.beta=inf"],
+    ["normalisation.beta"],
+)
 _stage_config_case("detect", "threads-zero", ["threads=0"], ["threads must be >= 1 or null (got 0)"])
 _stage_config_case("probe", "guidance-nan", ["guidance_scale=nan"], ["guidance_scale must be a finite number"])
 _stage_config_case("mitigate", "mitigation-lr-zero", ["mitigation.lr=0"], ["mitigation.lr must be a finite number > 0"])
 # cosine thresholds live in [-1, 1]: beyond, they flag nothing or everything
-_stage_config_case("audit", "threshold-above-one", ["threshold=1.5"],
-                   ["threshold must be a finite number >= -1.0 and <= 1.0 (got 1.5)"])
+_stage_config_case(
+    "audit",
+    "threshold-above-one",
+    ["threshold=1.5"],
+    ["threshold must be a finite number >= -1.0 and <= 1.0 (got 1.5)"],
+)
 _stage_config_case("audit", "threshold-below-minus-one", ["threshold=-1.5"], ["threshold", "(got -1.5)"])
 _stage_config_case("audit", "dcr-threshold-above-one", ["dcr_threshold=2"], ["dcr_threshold", "<= 1.0 (got 2)"])
 _stage_config_case("probe", "threshold-above-one", ["threshold=1.5"], ["threshold", "<= 1.0 (got 1.5)"])
 _stage_config_case("evaluate-mitigation", "threshold-below-minus-one", ["threshold=-2"], ["threshold", "(got -2)"])
 # a typo below a node that does not exist: one line, not a RecursionError after a minute
 _stage_config_case("generate", "typo-depth-2", ["nosuch.key=1"], ["nosuch.key: no such key", "'nosuch' does not exist"])
-_stage_config_case("embed", "typo-depth-3", ["data.foo.bar=1"],
-                   ["data.foo.bar: no such key", "'data.foo' does not exist"])
-_stage_config_case("probe", "typo-under-missing-group", ["trigger.steps=1"],
-                   ["trigger.steps", "'trigger' does not exist"])
+_stage_config_case(
+    "embed", "typo-depth-3", ["data.foo.bar=1"], ["data.foo.bar: no such key", "'data.foo' does not exist"]
+)
+_stage_config_case(
+    "probe", "typo-under-missing-group", ["trigger.steps=1"], ["trigger.steps", "'trigger' does not exist"]
+)
 
 
 # -- the output path: not a folder, or the file system refuses a write ----------------------------
+
 
 @case("run-dir-is-a-file", OutputError)
 def _(tmp, pipe):
     (tmp / "p.txt").write_text("a red circle\n")
     (tmp / "taken").write_text("not a folder\n")
-    return dict(call=_run("generate", _gen_args(pipe(), tmp / "p.txt", tmp / "taken")), run_dir=None,
-                names=[f"run_dir={tmp / 'taken'}", "is a file"], after=lambda: (tmp / "taken").is_file())
+    return dict(
+        call=_run("generate", _gen_args(pipe(), tmp / "p.txt", tmp / "taken")),
+        run_dir=None,
+        names=[f"run_dir={tmp / 'taken'}", "is a file"],
+        after=lambda: (tmp / "taken").is_file(),
+    )
 
 
 @case("run-dir-below-a-file", OutputError)
 def _(tmp, pipe):
     (tmp / "taken").write_text("not a folder\n")
     run = tmp / "taken" / "run"
-    return dict(call=_run("index", [f"features_dir={tmp}", f"run_dir={run}"]), run_dir=None,
-                names=[f"{tmp / 'taken'} is a file"])
+    return dict(
+        call=_run("index", [f"features_dir={tmp}", f"run_dir={run}"]),
+        run_dir=None,
+        names=[f"{tmp / 'taken'} is a file"],
+    )
 
 
 def _refused_write_case(code: int):
     """The file system refuses the first table written after the feature parts: one line
     naming the file and the reason, no temporary file left, nothing under a final name."""
+
     @case(f"embed-write-refused-{errno.errorcode[code].lower()}", OutputError, claimed=True)
     def _(tmp, pipe):
         root, run = _folder(tmp), tmp / "run"
@@ -1146,6 +1432,7 @@ for _code in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS", "EACCES"):
 
 
 # ------------------------------------------------------------------------------------- tests
+
 
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_bad_input(c: Case, tmp_path, request):
@@ -1225,8 +1512,10 @@ def test_outside_root_is_read_when_allowed(tmp_path):
     pd.DataFrame({"key": ["../../x"], "status": ["success"], "caption": ["a"]}).to_parquet(root / "00000.parquet")
     (tmp_path / "wds" / "inner").mkdir(parents=True)
     _tar(tmp_path / "wds" / "s.tar", [("a.png", _PNG), ("a.txt", b"a cat")])
-    for spec in ({"kind": "img2dataset", "root": str(root)},
-                 {"kind": "webdataset", "root": str(tmp_path / "wds" / "inner"), "shards": "../*.tar"}):
+    for spec in (
+        {"kind": "img2dataset", "root": str(root)},
+        {"kind": "webdataset", "root": str(tmp_path / "wds" / "inner"), "shards": "../*.tar"},
+    ):
         data = OmegaConf.create({"subset": None, "on_error": "fail", **spec})
         with pytest.raises(DataError, match="outside data.root"):
             load_dataset(data)
@@ -1250,6 +1539,7 @@ def test_tar_member_stored_twice_is_warned_and_the_last_copy_read(tmp_path, capl
 
 
 # -- odd but valid images: converted to RGB ------------------------------------------------------
+
 
 def _odd(mode: str, path: Path) -> tuple[Path, list[int]]:
     """An image of ``mode`` with one known colour, and the RGB value it must load as."""
@@ -1308,11 +1598,23 @@ def test_embed_accepts_odd_image_modes(tmp_path):
 
 # -- the CLI: exit status 2 and one line on stderr -------------------------------------------------
 
+
 def _cli(tmp_path, *args: str, preexec_fn=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DIFFMEM_OUTPUTS": str(tmp_path / "outputs"),
-           "DIFFMEM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "diffmem.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300, preexec_fn=preexec_fn)
+    env = {
+        **os.environ,
+        "DIFFMEM_OUTPUTS": str(tmp_path / "outputs"),
+        "DIFFMEM_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "diffmem.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        preexec_fn=preexec_fn,
+    )
 
 
 def _one_error_line(out: subprocess.CompletedProcess, stage: str, *names: str) -> str:
@@ -1365,13 +1667,17 @@ def test_cli_unsafe_run_name_is_one_line_before_any_folder(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, no ../../x
 
 
-@pytest.mark.parametrize("stage,typo,named", [
-    ("generate", "nosuch=1", "nosuch: no such key"),
-    ("generate", "nosuch.key=1", "nosuch.key: no such key in the generate config ('nosuch' does not exist)"),
-    ("embed", "data.foo.bar=1", "data.foo.bar: no such key in the embed config ('data.foo' does not exist)"),
-    ("probe", "trigger.steps=1", "trigger.steps: no such key in the probe config ('trigger' does not exist)"),
-    ("generate", "model.x.y.z=1", "model.x.y.z: no such key in the generate config ('model.x' does not exist)"),
-], ids=["depth-1", "depth-2", "depth-3-data", "probe-depth-2", "depth-4"])
+@pytest.mark.parametrize(
+    "stage,typo,named",
+    [
+        ("generate", "nosuch=1", "nosuch: no such key"),
+        ("generate", "nosuch.key=1", "nosuch.key: no such key in the generate config ('nosuch' does not exist)"),
+        ("embed", "data.foo.bar=1", "data.foo.bar: no such key in the embed config ('data.foo' does not exist)"),
+        ("probe", "trigger.steps=1", "trigger.steps: no such key in the probe config ('trigger' does not exist)"),
+        ("generate", "model.x.y.z=1", "model.x.y.z: no such key in the generate config ('model.x' does not exist)"),
+    ],
+    ids=["depth-1", "depth-2", "depth-3-data", "probe-depth-2", "depth-4"],
+)
 def test_cli_nested_typo_is_one_line(tmp_path, stage, typo, named):
     """A mistyped key below a missing node once re-composed the config recursively for a
     minute and ended in a RecursionError (2,973 lines): now one line."""
@@ -1379,9 +1685,16 @@ def test_cli_nested_typo_is_one_line(tmp_path, stage, typo, named):
     assert out.stderr.strip() == _one_error_line(out, stage, named)
 
 
-@pytest.mark.parametrize("stage,typo", [("generate", "nosuch=1"), ("generate", "nosuch.key=1"),
-                                        ("embed", "data.foo.bar=1"), ("generate", "model.x.y.z=1")],
-                         ids=["depth-1", "depth-2", "depth-3", "depth-4"])
+@pytest.mark.parametrize(
+    "stage,typo",
+    [
+        ("generate", "nosuch=1"),
+        ("generate", "nosuch.key=1"),
+        ("embed", "data.foo.bar=1"),
+        ("generate", "model.x.y.z=1"),
+    ],
+    ids=["depth-1", "depth-2", "depth-3", "depth-4"],
+)
 def test_nested_typo_answers_in_under_10_s(stage, typo):
     """Timed in-process, where the recursion was (57-80 s before; the CLI adds only its own
     start-up, which on a loaded machine alone can take 10 s)."""
@@ -1395,9 +1708,14 @@ def test_nested_typo_answers_in_under_10_s(stage, typo):
     assert took < 10, f"{typo}: {took:.1f} s"
 
 
-@pytest.mark.parametrize("name,named", [("a" * 300, "300 bytes long; a folder name takes at most 255 bytes"),
-                                        ("café", "the character 'é' is not allowed unquoted")],
-                         ids=["300-chars", "unquoted-non-ascii"])
+@pytest.mark.parametrize(
+    "name,named",
+    [
+        ("a" * 300, "300 bytes long; a folder name takes at most 255 bytes"),
+        ("café", "the character 'é' is not allowed unquoted"),
+    ],
+    ids=["300-chars", "unquoted-non-ascii"],
+)
 def test_cli_long_or_non_ascii_run_name_is_one_line(tmp_path, name, named):
     """Once ``OSError: File name too long`` with a traceback, and a bare caret."""
     out = _cli(tmp_path, "index", f"name={name}", "features_dir=nope")
@@ -1479,8 +1797,9 @@ def test_cli_read_only_outputs_folder(tmp_path):
     outputs.mkdir()
     outputs.chmod(0o555)
     try:
-        out = _cli(tmp_path, "index", f"features_dir={ref}",
-                   preexec_fn=_without_dac_override if os.geteuid() == 0 else None)
+        out = _cli(
+            tmp_path, "index", f"features_dir={ref}", preexec_fn=_without_dac_override if os.geteuid() == 0 else None
+        )
     finally:
         outputs.chmod(0o755)
     named = f"cannot write in {outputs} (read-only or no permission)"
@@ -1496,6 +1815,7 @@ def _file_size_limit(limit: int):
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -1516,13 +1836,16 @@ def test_metrics_json_is_always_valid_json(tmp_path):
     """A non-finite result (a mean over nothing) is written as null, never as a bare NaN."""
     import json
 
-    path = write_json(tmp_path / "metrics.json", {"rate": float("nan"), "top": [np.float32("inf"), 1.0],
-                                                  "arr": np.array([np.nan, 2.0])})
+    path = write_json(
+        tmp_path / "metrics.json",
+        {"rate": float("nan"), "top": [np.float32("inf"), 1.0], "arr": np.array([np.nan, 2.0])},
+    )
     strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     assert strict == {"rate": None, "top": [None, 1.0], "arr": [None, 2.0]}
 
 
 # -- the count ---------------------------------------------------------------------------------------
+
 
 def test_case_count(capsys):
     """At least 200 distinct malformed inputs (printed so the count shows in the test output)."""
@@ -1530,5 +1853,7 @@ def test_case_count(capsys):
     assert len(set(ids)) == len(ids)
     assert len(CASES) >= 200
     with capsys.disabled():
-        print(f"\n[reliability] {len(CASES)} malformed-input cases, {len(ODD_MODES)} odd-but-valid "
-              f"image modes, {18 + len(CLI_CONFIG_CASES)} CLI checks")
+        print(
+            f"\n[reliability] {len(CASES)} malformed-input cases, {len(ODD_MODES)} odd-but-valid "
+            f"image modes, {18 + len(CLI_CONFIG_CASES)} CLI checks"
+        )

@@ -34,8 +34,15 @@ import pytest
 
 import diffmem
 from tests.conftest import SMALL_DATA
-from tests.reliability.faultlib import (KILLS, KillPoint, assert_all_readable, assert_same_outputs,
-                                        count_writes, run_stage, snapshot)
+from tests.reliability.faultlib import (
+    KILLS,
+    KillPoint,
+    assert_all_readable,
+    assert_same_outputs,
+    count_writes,
+    run_stage,
+    snapshot,
+)
 
 Command = tuple[str, list[str]]
 
@@ -81,105 +88,170 @@ def _soon(rng) -> float:
     return float(rng.uniform(0, 0.02))
 
 
-GEN = ["model=local", "steps=2", "n_per_prompt=2", "batch_size=3", "prompts.n_ordinary=4",
-       "prompts.n_heldout=2", "name=g", *SMALL_DATA]
+GEN = [
+    "model=local",
+    "steps=2",
+    "n_per_prompt=2",
+    "batch_size=3",
+    "prompts.n_ordinary=4",
+    "prompts.n_heldout=2",
+    "name=g",
+    *SMALL_DATA,
+]
 EMBED = ["features.extractor.size=8", "part_size=3", "batch_size=2", "name=e", *SMALL_DATA]
 IVF = ["index.factory='IVF2,Flat'", "index.train_sample=null", "index.nprobe=2", "recall.queries=10"]
-MITIGATE = ["model=local", "steps=2", "positives.min_dup_count=4", "prompts.n_ordinary=4", "prompts.n_heldout=2",
-            "objectives.n_prompts=4", "features.extractor.size=8", *SMALL_DATA]
-MEMCONTROL = ["mitigation=memcontrol", "+mitigation.mask.mid_block.attentions.0=1", "mitigation.steps=6",
-              "mitigation.ckpt_every=2", "mitigation.noise_filter={quantile: 0.9, n_calibration: 16}", "name=m"]
-ADVERSARIAL = ["mitigation=adversarial_ft", "mitigation.steps=4", "mitigation.refresh_every=2",
-               "mitigation.ckpt_every=1", "mitigation.trigger.steps=2", "mitigation.surrogate.n_candidates=2", "mitigation.surrogate.n_steps=2",
-               "name=a"]
-TRAIN = ["arch=tiny", "unet.steps=6", "unet.batch_size=4", "unet.lr=1e-3", "unet.ckpt_every=2",
-         "vae.steps=3", "vae.batch_size=4", "vae.ckpt_every=1", "name=t", *SMALL_DATA]
+MITIGATE = [
+    "model=local",
+    "steps=2",
+    "positives.min_dup_count=4",
+    "prompts.n_ordinary=4",
+    "prompts.n_heldout=2",
+    "objectives.n_prompts=4",
+    "features.extractor.size=8",
+    *SMALL_DATA,
+]
+MEMCONTROL = [
+    "mitigation=memcontrol",
+    "+mitigation.mask.mid_block.attentions.0=1",
+    "mitigation.steps=6",
+    "mitigation.ckpt_every=2",
+    "mitigation.noise_filter={quantile: 0.9, n_calibration: 16}",
+    "name=m",
+]
+ADVERSARIAL = [
+    "mitigation=adversarial_ft",
+    "mitigation.steps=4",
+    "mitigation.refresh_every=2",
+    "mitigation.ckpt_every=1",
+    "mitigation.trigger.steps=2",
+    "mitigation.surrogate.n_candidates=2",
+    "mitigation.surrogate.n_steps=2",
+    "name=a",
+]
+TRAIN = [
+    "arch=tiny",
+    "unet.steps=6",
+    "unet.batch_size=4",
+    "unet.lr=1e-3",
+    "unet.ckpt_every=2",
+    "vae.steps=3",
+    "vae.batch_size=4",
+    "vae.ckpt_every=1",
+    "name=t",
+    *SMALL_DATA,
+]
 
 
 def _generate_point(rng, ref):
     n = _count(ref.outputs, "samples/", ".png")
-    return 0, _pick(rng, [
-        (4, lambda: KillPoint("samples/*.png", int(rng.integers(1, n)), _soon(rng))),
-        (1, lambda: KillPoint("samples/.*.tmp")),
-        (1, lambda: KillPoint("prompts.parquet", 1, _soon(rng))),
-        (1, lambda: _timed(rng, ref.seconds)),
-        (3, lambda: _mid_write(rng, ref, 0)),
-    ])
+    return 0, _pick(
+        rng,
+        [
+            (4, lambda: KillPoint("samples/*.png", int(rng.integers(1, n)), _soon(rng))),
+            (1, lambda: KillPoint("samples/.*.tmp")),
+            (1, lambda: KillPoint("prompts.parquet", 1, _soon(rng))),
+            (1, lambda: _timed(rng, ref.seconds)),
+            (3, lambda: _mid_write(rng, ref, 0)),
+        ],
+    )
 
 
 def _embed_point(rng, ref):
     n = _count(ref.outputs, "features/part-", ".npy")
-    return 0, _pick(rng, [
-        (4, lambda: KillPoint("features/part-*.npy", int(rng.integers(1, n)), _soon(rng))),
-        (1, lambda: KillPoint("features/.*.tmp")),
-        (1, lambda: KillPoint("inputs.json", 1, _soon(rng))),
-        (1, lambda: _timed(rng, ref.seconds)),
-        (3, lambda: _mid_write(rng, ref, 0)),
-    ])
+    return 0, _pick(
+        rng,
+        [
+            (4, lambda: KillPoint("features/part-*.npy", int(rng.integers(1, n)), _soon(rng))),
+            (1, lambda: KillPoint("features/.*.tmp")),
+            (1, lambda: KillPoint("inputs.json", 1, _soon(rng))),
+            (1, lambda: _timed(rng, ref.seconds)),
+            (3, lambda: _mid_write(rng, ref, 0)),
+        ],
+    )
 
 
 def _index_point(rng, ref):
-    return 0, _pick(rng, [
-        (1, lambda: KillPoint(".*.tmp")),
-        (1, lambda: KillPoint("index.faiss", 1, _soon(rng))),
-        (2, lambda: _timed(rng, ref.seconds)),
-        (2, lambda: _mid_write(rng, ref, 0)),
-    ])
+    return 0, _pick(
+        rng,
+        [
+            (1, lambda: KillPoint(".*.tmp")),
+            (1, lambda: KillPoint("index.faiss", 1, _soon(rng))),
+            (2, lambda: _timed(rng, ref.seconds)),
+            (2, lambda: _mid_write(rng, ref, 0)),
+        ],
+    )
 
 
 def _sharded_point(rng, ref):
     step = int(rng.integers(0, 4))  # train, add shard 0, add shard 1, merge
     target = ["empty.faiss", "shards/shard-0000-*", "shards/shard-0001-*", "index.faiss"][step]
-    return step, _pick(rng, [
-        (1, lambda: KillPoint(".*.tmp" if step in (0, 3) else "shards/.*.tmp")),
-        (1, lambda: KillPoint(target, 1, _soon(rng))),
-        (2, lambda: _timed(rng, ref.seconds / 4)),
-        (2, lambda: _mid_write(rng, ref, step)),
-    ])
+    return step, _pick(
+        rng,
+        [
+            (1, lambda: KillPoint(".*.tmp" if step in (0, 3) else "shards/.*.tmp")),
+            (1, lambda: KillPoint(target, 1, _soon(rng))),
+            (2, lambda: _timed(rng, ref.seconds / 4)),
+            (2, lambda: _mid_write(rng, ref, step)),
+        ],
+    )
 
 
 def _merge_point(rng, ref):
     """A kill during ``mode=merge`` (the train and add commands before it complete)."""
-    return 3, _pick(rng, [
-        (1, lambda: KillPoint(".*.tmp")),
-        (1, lambda: KillPoint("index.faiss", 1, _soon(rng))),
-        (4, lambda: _mid_write(rng, ref, 3)),
-    ])
+    return 3, _pick(
+        rng,
+        [
+            (1, lambda: KillPoint(".*.tmp")),
+            (1, lambda: KillPoint("index.faiss", 1, _soon(rng))),
+            (4, lambda: _mid_write(rng, ref, 3)),
+        ],
+    )
 
 
 def _search_point(rng, ref):
-    return 0, _pick(rng, [
-        (1, lambda: KillPoint(".*.tmp")),
-        (1, lambda: KillPoint("matches.parquet", 1, _soon(rng))),
-        (1, lambda: _timed(rng, ref.seconds)),
-        (4, lambda: _mid_write(rng, ref, 0)),
-    ])
+    return 0, _pick(
+        rng,
+        [
+            (1, lambda: KillPoint(".*.tmp")),
+            (1, lambda: KillPoint("matches.parquet", 1, _soon(rng))),
+            (1, lambda: _timed(rng, ref.seconds)),
+            (4, lambda: _mid_write(rng, ref, 0)),
+        ],
+    )
 
 
 def _train_point(rng, ref):
-    return 0, _pick(rng, [
-        (2, lambda: KillPoint("checkpoints/vae/step-*", int(rng.integers(1, 3)), _soon(rng))),
-        (3, lambda: KillPoint("checkpoints/unet/step-*", int(rng.integers(1, 3)), _soon(rng))),
-        (1, lambda: KillPoint("checkpoints/*/.*.tmp")),
-        (1, lambda: KillPoint("vae/config.json", 1, _soon(rng))),
-        (1, lambda: KillPoint("train_log.parquet", 1, _soon(rng))),
-        (1, lambda: KillPoint("model/unet/*", 1, _soon(rng))),
-        (2, lambda: _timed(rng, ref.seconds)),
-        (4, lambda: _mid_write(rng, ref, 0)),
-    ])
+    return 0, _pick(
+        rng,
+        [
+            (2, lambda: KillPoint("checkpoints/vae/step-*", int(rng.integers(1, 3)), _soon(rng))),
+            (3, lambda: KillPoint("checkpoints/unet/step-*", int(rng.integers(1, 3)), _soon(rng))),
+            (1, lambda: KillPoint("checkpoints/*/.*.tmp")),
+            (1, lambda: KillPoint("vae/config.json", 1, _soon(rng))),
+            (1, lambda: KillPoint("train_log.parquet", 1, _soon(rng))),
+            (1, lambda: KillPoint("model/unet/*", 1, _soon(rng))),
+            (2, lambda: _timed(rng, ref.seconds)),
+            (4, lambda: _mid_write(rng, ref, 0)),
+        ],
+    )
 
 
 def _mitigate_point(*patterns: str):
     """Kill points of a mitigate run: a checkpoint, a temporary file, the model, ``patterns``."""
+
     def draw(rng, ref):
-        return 0, _pick(rng, [
-            (3, lambda: KillPoint("checkpoints/step-*", int(rng.integers(1, 3)), _soon(rng))),
-            (1, lambda: KillPoint("checkpoints/.*.tmp")),
-            (1, lambda: KillPoint("model/*", 1, _soon(rng))),  # a pipeline or an adapter folder
-            *[(1, lambda p=p: KillPoint(p, 1, _soon(rng))) for p in patterns],
-            (2, lambda: _timed(rng, ref.seconds)),
-            (4, lambda: _mid_write(rng, ref, 0)),
-        ])
+        return 0, _pick(
+            rng,
+            [
+                (3, lambda: KillPoint("checkpoints/step-*", int(rng.integers(1, 3)), _soon(rng))),
+                (1, lambda: KillPoint("checkpoints/.*.tmp")),
+                (1, lambda: KillPoint("model/*", 1, _soon(rng))),  # a pipeline or an adapter folder
+                *[(1, lambda p=p: KillPoint(p, 1, _soon(rng))) for p in patterns],
+                (2, lambda: _timed(rng, ref.seconds)),
+                (4, lambda: _mid_write(rng, ref, 0)),
+            ],
+        )
+
     return draw
 
 
@@ -189,30 +261,56 @@ def _features_dir(outputs: Path) -> str:
 
 def _sharded(out: Path, name: str) -> list[Command]:
     """Train an IVF index, add its two shards, merge them."""
-    return [("index", [_features_dir(out), *IVF, f"name={name}", *extra])
-            for extra in (["mode=train"], ["mode=add", "num_shards=2", "shard=0"],
-                          ["mode=add", "num_shards=2", "shard=1"], ["mode=merge", "num_shards=2"])]
+    return [
+        ("index", [_features_dir(out), *IVF, f"name={name}", *extra])
+        for extra in (
+            ["mode=train"],
+            ["mode=add", "num_shards=2", "shard=0"],
+            ["mode=add", "num_shards=2", "shard=1"],
+            ["mode=merge", "num_shards=2"],
+        )
+    ]
 
 
-SCENARIOS = {s.name: s for s in [
-    Scenario("generate", lambda pipe, out: [("generate", [*GEN, f"model.path={pipe}"])], _generate_point),
-    Scenario("embed", lambda pipe, out: [("embed", EMBED)], _embed_point),
-    Scenario("index-single", lambda pipe, out: [("index", [_features_dir(out), *IVF, "name=i"])],
-             _index_point, needs=("embed",)),
-    Scenario("index-sharded", lambda pipe, out: _sharded(out, "s"), _sharded_point, needs=("embed",)),
-    Scenario("index-merge", lambda pipe, out: _sharded(out, "m"), _merge_point, needs=("embed",)),
-    Scenario("search", lambda pipe, out: [("search", [f"index_dir={out / 'index' / 'i'}",
-                                                      f"queries_dir={out / 'embed' / 'e'}", "k=3", "name=q"])],
-             _search_point, needs=("index-single",)),
-    # checkpoints/ is left out of the comparison (still checked readable): a kill between
-    # saving the last checkpoint and pruning the oldest one leaves one more behind
-    Scenario("train", lambda pipe, out: [("train", TRAIN)], _train_point, skip=("checkpoints",)),
-    # MemControl's inner loop (masked LoRA with the noise filter) and adversarial fine-tuning
-    Scenario("mitigate-finetune", lambda pipe, out: [("mitigate", [*MITIGATE, *MEMCONTROL, f"model.path={pipe}"])],
-             _mitigate_point("tau.json", "objectives.json"), skip=("checkpoints",)),
-    Scenario("mitigate-adversarial", lambda pipe, out: [("mitigate", [*MITIGATE, *ADVERSARIAL, f"model.path={pipe}"])],
-             _mitigate_point("triggers/refresh-*", "surrogates.safetensors"), skip=("checkpoints",)),
-]}
+SCENARIOS = {
+    s.name: s
+    for s in [
+        Scenario("generate", lambda pipe, out: [("generate", [*GEN, f"model.path={pipe}"])], _generate_point),
+        Scenario("embed", lambda pipe, out: [("embed", EMBED)], _embed_point),
+        Scenario(
+            "index-single",
+            lambda pipe, out: [("index", [_features_dir(out), *IVF, "name=i"])],
+            _index_point,
+            needs=("embed",),
+        ),
+        Scenario("index-sharded", lambda pipe, out: _sharded(out, "s"), _sharded_point, needs=("embed",)),
+        Scenario("index-merge", lambda pipe, out: _sharded(out, "m"), _merge_point, needs=("embed",)),
+        Scenario(
+            "search",
+            lambda pipe, out: [
+                ("search", [f"index_dir={out / 'index' / 'i'}", f"queries_dir={out / 'embed' / 'e'}", "k=3", "name=q"])
+            ],
+            _search_point,
+            needs=("index-single",),
+        ),
+        # checkpoints/ is left out of the comparison (still checked readable): a kill between
+        # saving the last checkpoint and pruning the oldest one leaves one more behind
+        Scenario("train", lambda pipe, out: [("train", TRAIN)], _train_point, skip=("checkpoints",)),
+        # MemControl's inner loop (masked LoRA with the noise filter) and adversarial fine-tuning
+        Scenario(
+            "mitigate-finetune",
+            lambda pipe, out: [("mitigate", [*MITIGATE, *MEMCONTROL, f"model.path={pipe}"])],
+            _mitigate_point("tau.json", "objectives.json"),
+            skip=("checkpoints",),
+        ),
+        Scenario(
+            "mitigate-adversarial",
+            lambda pipe, out: [("mitigate", [*MITIGATE, *ADVERSARIAL, f"model.path={pipe}"])],
+            _mitigate_point("triggers/refresh-*", "surrogates.safetensors"),
+            skip=("checkpoints",),
+        ),
+    ]
+}
 
 
 def _run_dir(outputs: Path, command: Command) -> Path:
@@ -251,8 +349,7 @@ def references(workdir, tiny_pipe_dir):
     return get
 
 
-def _kill_cases(name: str, kills: int, first_seed: int, references, tiny_pipe_dir, workdir,
-                monkeypatch) -> None:
+def _kill_cases(name: str, kills: int, first_seed: int, references, tiny_pipe_dir, workdir, monkeypatch) -> None:
     """Kill-and-resume cases of scenario ``name`` from ``first_seed`` on until ``kills`` kills.
 
     A case kills once or twice (the second time, the re-run of the first kill's command or
@@ -297,9 +394,20 @@ def test_kill_and_resume(name, references, tiny_pipe_dir, workdir, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kills", [("generate", 5), ("embed", 4), ("index-single", 3),
-                                        ("index-sharded", 5), ("index-merge", 3), ("search", 3), ("train", 5),
-                                        ("mitigate-finetune", 3), ("mitigate-adversarial", 3)])
+@pytest.mark.parametrize(
+    "name,kills",
+    [
+        ("generate", 5),
+        ("embed", 4),
+        ("index-single", 3),
+        ("index-sharded", 5),
+        ("index-merge", 3),
+        ("search", 3),
+        ("train", 5),
+        ("mitigate-finetune", 3),
+        ("mitigate-adversarial", 3),
+    ],
+)
 def test_many_kills_and_resumes(name, kills, references, tiny_pipe_dir, workdir, monkeypatch):
     """At least 34 random SIGKILLs across the stages (seeds 1000 on), resumed and compared."""
     _kill_cases(name, kills, 1000, references, tiny_pipe_dir, workdir, monkeypatch)
@@ -314,8 +422,15 @@ def test_killed_memcontrol_study_resumes(tiny_pipe_dir, workdir, monkeypatch):
 
     outputs = workdir / "study"
     monkeypatch.setenv("DIFFMEM_OUTPUTS", str(outputs))
-    args = ["experiment=memcontrol", *MITIGATE, f"model.path={tiny_pipe_dir}", "mitigation.steps=3",
-            "hydra.sweeper.n_jobs=1", "hydra.sweeper.sampler.population_size=2", "total_trials=4"]
+    args = [
+        "experiment=memcontrol",
+        *MITIGATE,
+        f"model.path={tiny_pipe_dir}",
+        "mitigation.steps=3",
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.sampler.population_size=2",
+        "total_trials=4",
+    ]
     sweep, logs = outputs / "mitigate" / "multirun" / "memcontrol", workdir / "logs" / "study"
     storage = f"sqlite:///{outputs / 'mitigate' / 'multirun' / 'memcontrol.db'}"
     assert run_stage("mitigate", args, sweep, logs / "killed.log", kill=KillPoint("trial-*/objectives.json", 2))
@@ -324,8 +439,7 @@ def test_killed_memcontrol_study_resumes(tiny_pipe_dir, workdir, monkeypatch):
     assert not run_stage("mitigate", args, sweep, logs / "resumed.log")
     table = study_table(storage, "memcontrol-local")
     assert len(table) == 4
-    published = {(o["memorisation"], o["fd"]) for o in
-                 (read_json(p) for p in sweep.glob("trial-*/objectives.json"))}
+    published = {(o["memorisation"], o["fd"]) for o in (read_json(p) for p in sweep.glob("trial-*/objectives.json"))}
     assert set(zip(table["memorisation"], table["fd"])) <= published
     KILLS["checked"] += 1
 
@@ -354,13 +468,31 @@ def test_concurrent_claims_with_two_configs(tmp_path):
     env = {**os.environ, "DIFFMEM_OUTPUTS": str(outputs), "OMP_NUM_THREADS": "1"}
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        procs = [subprocess.Popen([sys.executable, "-m", "diffmem.cli", "search", f"stream_dir={ref}",
-                                   f"queries_dir={q}", "name=x", f"k={k}"], env=env, cwd=tmp_path,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (2, 3)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "diffmem.cli",
+                    "search",
+                    f"stream_dir={ref}",
+                    f"queries_dir={q}",
+                    "name=x",
+                    f"k={k}",
+                ],
+                env=env,
+                cwd=tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for k in (2, 3)
+        ]
         deadline = time.monotonic() + 120
         while _blocked_on(lock) < 2:
-            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-                [p.communicate() for p in procs if p.poll() is not None]
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+                p.communicate() for p in procs if p.poll() is not None
+            ]
             time.sleep(0.05)
         assert not (outputs / "search" / "x" / "run.json").exists()  # both wait to claim it
     outs = [(p.wait(timeout=120), *p.communicate()) for p in procs]
@@ -396,7 +528,7 @@ def test_damaged_output_of_a_finished_run_is_recomputed(name, references, tiny_p
         if damage == "delete":
             victim.unlink()
         else:
-            victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
         for command in commands:
             diffmem.run(*command)
         context = f"{name}: {victim.relative_to(run_dir)} {damage}"

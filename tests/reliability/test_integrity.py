@@ -24,7 +24,7 @@ def _warnings(caplog) -> list[str]:
 
 def _cut(path, keep: float = 0.5) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
 
 
 def _embed_run(tmp_path):
@@ -88,8 +88,9 @@ def test_truncated_sample_of_a_finished_generate_run_is_recomputed(tmp_path, tin
 def test_unreadable_testbed_cache_is_rebuilt(tmp_path, caplog):
     from diffmem.data.testbed import MANIFEST, generate_testbed
 
-    small = dict(n_ordinary=4, canary_counts=(1, 2), canaries_per_count=1, n_templates=1, template_copies=2,
-                 n_heldout=2)
+    small = dict(
+        n_ordinary=4, canary_counts=(1, 2), canaries_per_count=1, n_templates=1, template_copies=2, n_heldout=2
+    )
     want = generate_testbed(tmp_path, **small)
     _cut(tmp_path / MANIFEST)
     caplog.set_level(logging.WARNING)

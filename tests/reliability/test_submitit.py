@@ -63,8 +63,7 @@ def _wait(predicate, what: str, proc: subprocess.Popen | None = None) -> None:
     end = time.monotonic() + TIMEOUT_S
     while not predicate():
         assert time.monotonic() < end, f"timed out waiting for {what}"
-        assert proc is None or proc.poll() is None, \
-            f"the multirun exited (code {proc.returncode}) before {what}"
+        assert proc is None or proc.poll() is None, f"the multirun exited (code {proc.returncode}) before {what}"
         time.sleep(0.01)
 
 
@@ -77,8 +76,17 @@ def test_killed_job_resumes_when_the_multirun_is_resubmitted(tiny_pipe_dir, tmp_
     args = [*ARGS, f"model.path={tiny_pipe_dir}"]
     refs = [_outputs(diffmem.run("generate", [*args, f"seed={s}", f"name=ref{s}"])) for s in (0, 1)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "diffmem.cli", "generate", "--multirun", "hydra/launcher=submitit_local",
-           "seed=0,1", *args, "name=sweep"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffmem.cli",
+        "generate",
+        "--multirun",
+        "hydra/launcher=submitit_local",
+        "seed=0,1",
+        *args,
+        "name=sweep",
+    ]
     sweep = Path(os.environ["DIFFMEM_OUTPUTS"]) / "generate" / "multirun" / "sweep"
     victim = sweep / str(VICTIM)
 
@@ -103,7 +111,6 @@ def test_killed_job_resumes_when_the_multirun_is_resubmitted(tiny_pipe_dir, tmp_
     assert_all_readable(victim, "after SIGKILL of a submitit job")
     finished = (sweep / "0" / "samples.parquet").stat().st_mtime_ns  # job 0 was not killed
 
-
     again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert (sweep / "0" / "samples.parquet").stat().st_mtime_ns == finished  # a no-op
@@ -127,10 +134,24 @@ def test_memcontrol_study_through_submitit_local(tiny_pipe_dir, tmp_path):
 
     out = tmp_path / "outputs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFMEM_OUTPUTS": str(out)}
-    base = [sys.executable, "-m", "diffmem.cli", "mitigate", "experiment=memcontrol", "model=local",
-            f"model.path={tiny_pipe_dir}", "steps=2", "positives.min_dup_count=4", "prompts.n_ordinary=4",
-            "prompts.n_heldout=2", "objectives.n_prompts=4", "features.extractor.size=8", "mitigation.steps=3",
-            "hydra.sweeper.sampler.population_size=2", *SMALL_DATA]
+    base = [
+        sys.executable,
+        "-m",
+        "diffmem.cli",
+        "mitigate",
+        "experiment=memcontrol",
+        "model=local",
+        f"model.path={tiny_pipe_dir}",
+        "steps=2",
+        "positives.min_dup_count=4",
+        "prompts.n_ordinary=4",
+        "prompts.n_heldout=2",
+        "objectives.n_prompts=4",
+        "features.extractor.size=8",
+        "mitigation.steps=3",
+        "hydra.sweeper.sampler.population_size=2",
+        *SMALL_DATA,
+    ]
     for extra in (["hydra/launcher=submitit_local", "total_trials=2"], ["total_trials=3"]):
         r = subprocess.run([*base, *extra], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
