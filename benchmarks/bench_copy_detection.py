@@ -54,9 +54,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import diffmem  # noqa: E402
+from diffmem.data.photos import OTHER_PHOTOS, PHOTOS, natural_photos  # noqa: E402
 from diffmem.errors import DataError  # noqa: E402
 from diffmem.features import build_extractor  # noqa: E402
-from diffmem.data.photos import OTHER_PHOTOS, PHOTOS, natural_photos  # noqa: E402
 from diffmem.features.copyset import build_copy_set, embed_arrays  # noqa: E402
 from diffmem.metrics.detection import detection_metrics  # noqa: E402
 from diffmem.runs import write_json  # noqa: E402

@@ -34,17 +34,16 @@ from omegaconf import OmegaConf
 
 import diffmem
 from diffmem.data import load_dataset, load_images, load_prompts
+from diffmem.data.labels import ground_truth, ground_truth_labels
+from diffmem.data.samples import plan_samples
 from diffmem.detectors import build_detector, count_unet_evals
 from diffmem.features import build_extractor
-from diffmem.data.samples import plan_samples
-from diffmem.sampling import generate_images
 from diffmem.index import build_index, search
-from diffmem.data.labels import ground_truth, ground_truth_labels
 from diffmem.metrics.detection import detection_metrics, roc_auc, roc_points
 from diffmem.models import load_pipeline
 from diffmem.report.figures import save_figure
 from diffmem.runs import write_json, write_parquet
-
+from diffmem.sampling import generate_images
 
 #: (label, detect overrides): the detectors at their defaults, then the settings issue 26 asks about
 SUITE = [  # cheapest first

@@ -19,9 +19,9 @@ import torch
 
 from diffmem.config import ASSETS_DIR
 from diffmem.data.samples import plan_samples
-from diffmem.sampling import generate_images
 from diffmem.models import load_pipeline
 from diffmem.runs import write_json
+from diffmem.sampling import generate_images
 
 
 def main() -> None:

@@ -201,7 +201,7 @@ def main(args) -> int:
     )
     agree_top1 = float((i_exact[:, 0] == i_torch[:, 0]).mean())
     max_score_diff = float(np.abs(s_exact - s_torch).max())
-    del flat, xb_t
+    flat = xb_t = None  # free them (not del: the timing lambdas above name them)
 
     # ---- (b) IVF
     factory = f"IVF{args.nlist},Flat"

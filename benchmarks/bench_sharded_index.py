@@ -41,12 +41,11 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from bench_search import add_clustered_args, make_clustered  # bench_search's synthetic data (beside this file)
 
 from diffmem.features.store import FeatureStore
 from diffmem.index import load_index, search, set_search_params, streaming_search
 from diffmem.runs import mark_done, write_json
-
-from bench_search import add_clustered_args, make_clustered  # bench_search's synthetic data (beside this file)
 
 REPO = Path(__file__).resolve().parents[1]
 

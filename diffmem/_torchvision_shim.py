@@ -17,6 +17,7 @@ calls it too. ``install()`` imports nothing heavy; torch is only imported when t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import os
@@ -58,13 +59,11 @@ def apply() -> bool:
         return False
     except (ImportError, OSError):
         pass
-    lib = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TOR901
+    lib = torch.library.Library("torchvision", "FRAGMENT")
     for name, schema in _MISSING_SCHEMAS.items():
         if not torch._C._dispatch_has_kernel(f"torchvision::{name}"):
-            try:
+            with contextlib.suppress(RuntimeError):  # already defined by someone else
                 lib.define(schema)
-            except RuntimeError:  # already defined by someone else
-                pass
     _state["lib"] = lib  # the Library must stay alive or its definitions go away
     _state["shimmed"] = True
     return True

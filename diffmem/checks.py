@@ -7,7 +7,7 @@ line naming the field, e.g. ``steps must be >= 1 (got -3)``.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

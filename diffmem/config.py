@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -87,7 +87,8 @@ def compose(
     """The config of ``stage`` with Hydra-style ``overrides``, as the CLI would build it; an
     override Hydra cannot apply (unknown key or option, malformed) is a one-line ConfigError
     (with a "did you mean" hint unless ``hints`` is false)."""
-    from hydra import compose as _compose, initialize_config_dir
+    from hydra import compose as _compose
+    from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
     stage_module(stage)

@@ -31,14 +31,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
-from diffmem.device import configure_torch
+from diffmem.data.labels import check_positives, describe_positives
 from diffmem.data.prompts import stage_prompts
 from diffmem.detectors import Detector, build_detector, count_unet_evals
 from diffmem.detectors.scoring import attribution_table, score_table
+from diffmem.device import configure_torch
 from diffmem.errors import ConfigError
-from diffmem.data.labels import check_positives, describe_positives
-from diffmem.metrics.detection import evaluate, group_summary, summary_lines
 from diffmem.loading import load_model
+from diffmem.metrics.detection import evaluate, group_summary, summary_lines
 from diffmem.report import write_detect_report
 from diffmem.report.figures import ROC_FIGURE, roc_figure
 from diffmem.runner import Job, Outcome, StageSpec

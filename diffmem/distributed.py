@@ -263,7 +263,7 @@ def average_gradients(params) -> None:
         bucket.append(g)
         if i + 1 == len(grads) or sum(x.numel() for x in bucket) >= _BUCKET:
             flat = torch.cat([x.reshape(-1) for x in bucket])
-            _collective("gradient all-reduce", lambda: dist.all_reduce(flat))
+            _collective("gradient all-reduce", lambda flat=flat: dist.all_reduce(flat))
             flat /= world
             offset = 0
             for x in bucket:

@@ -3,7 +3,8 @@
 One job handles one training-set size ``n`` (``--multirun`` sweeps it): it trains, with the
 train stage, two unconditional models on two
 disjoint ``n``-image subsets of one dataset (``data.subset`` parts 0 and 1; seeds ``seed``
-and ``seed + 1``; same architecture, one shared frozen VAE), both sample from the same initial noises, and per noise we measure
+and ``seed + 1``; same architecture, one shared frozen VAE), both sample from the same initial
+noises, and per noise we measure
 (a) ``cross_sim``, the similarity of the two models' samples, and (b) ``nn_sim``, each
 sample's similarity to the nearest training image of its own model's subset, both with the
 ``features`` descriptor. Small n: each model reproduces its own images (high nn_sim, low

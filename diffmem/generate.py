@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from diffmem import distributed
 from diffmem.checks import check_shard
 from diffmem.config import hydra_app
-from diffmem.device import configure_torch
 from diffmem.data.prompts import stage_prompts, warn_long_prompts
 from diffmem.data.samples import PROMPTS, SAMPLES, drop_damaged, plan_samples
+from diffmem.device import configure_torch
 from diffmem.loading import load_model
 from diffmem.models.pipeline import check_scheduler
 from diffmem.runner import Job, Outcome, StageSpec

@@ -26,16 +26,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffmem import distributed
 from diffmem.config import hydra_app
-from diffmem.device import configure_torch
 from diffmem.data import load_dataset
 from diffmem.data.prompts import stage_prompts
 from diffmem.data.selection import check_targets, split_prompts
+from diffmem.device import configure_torch
 from diffmem.errors import ConfigError
+from diffmem.loading import load_model
 from diffmem.mitigations import MITIGATIONS
 from diffmem.mitigations.builders import MitigationTask, sampler_settings
 from diffmem.mitigations.objectives import measure_objectives, measured_objectives, read_objectives
 from diffmem.runner import Job, Outcome, StageSpec
-from diffmem.loading import load_model
 from diffmem.sampling import get_hooks
 from diffmem.training import CHECKPOINTS, drop_checkpoints
 

@@ -6,7 +6,8 @@ prompts (``positives``, as in ``detect``) are the targets; each needs its traini
 ``data.root``). Non-memorised prompts give NeMo's activation statistics, the ``other``
 trigger initialisation and, when they have a training image, the control targets. Writes to
 the run dir one Parquet file per table the probe returns (``finding_dori.parquet``,
-``triggers.parquet``, ...), ``metrics.json`` (with provenance), triggers and their generations (PNG) under ``triggers/``,
+``triggers.parquet``, ...), ``metrics.json`` (with provenance), triggers and their generations
+(PNG) under ``triggers/``,
 probe artefacts (``neurons.json``, ``masks.safetensors``, the pruned ``model/``), a figure,
 and ``info.json`` + ``_SUCCESS`` last. A killed run re-run with the same config continues
 from its finished parts (``parts/``).
@@ -20,10 +21,10 @@ import time
 from omegaconf import DictConfig, OmegaConf
 
 from diffmem.config import hydra_app
-from diffmem.device import configure_torch
 from diffmem.data import load_dataset
 from diffmem.data.prompts import stage_prompts
 from diffmem.data.selection import load_targets, select_prompts
+from diffmem.device import configure_torch
 from diffmem.errors import DataError
 from diffmem.probes import PROBES
 from diffmem.probes.context import ProbeContext, check_settings, rows_conditioning

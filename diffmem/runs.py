@@ -20,9 +20,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from diffmem.errors import ConfigError, OutputError
 
@@ -193,7 +194,7 @@ def provenance(cfg: Any = None) -> dict[str, Any]:
         "config": conf,
         "versions": versions(),
         "git": git_hash(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -297,7 +298,7 @@ def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
     run_dir = Path(run_dir)
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir.parent / f".{run_dir.name}.lock", "a")
+        lock = open(run_dir.parent / f".{run_dir.name}.lock", "a")  # noqa: SIM115 (closed by the with block below)
     except OSError as err:
         raise ConfigError(f"{run_dir}: cannot create the run dir there ({err.strerror})") from err
     with lock:

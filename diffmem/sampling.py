@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -160,7 +161,7 @@ def sample(
 
     ``uncond`` defaults to the empty prompt's conditioning.
     """
-    for x in denoise(pipe, cond, seeds, resolution, steps, guidance, uncond):
+    for x in denoise(pipe, cond, seeds, resolution, steps, guidance, uncond):  # noqa: B007 (x: the last step's latents)
         pass
     return decode(pipe, x)
 

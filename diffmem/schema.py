@@ -10,10 +10,9 @@ or on files (shards, registries, data) stays with the stage or library that owns
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable
-
 import logging
+from collections.abc import Callable
+from functools import partial
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException

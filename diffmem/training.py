@@ -15,8 +15,8 @@ import json
 import logging
 import shutil
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from diffmem import distributed as dist
 from diffmem.checks import check_positive
-from diffmem.device import configure_torch
 from diffmem.data import load_dataset, load_images, to_tensor
+from diffmem.device import configure_torch
 from diffmem.errors import ConfigError
 from diffmem.loading import load_model, model_precision
 from diffmem.models import save_pipeline

@@ -75,8 +75,9 @@ def test_edited_copies_group_with_their_originals(photo_folder):
     assert groups.loc[groups["file"] == "astronaut.png", "group_size"].iloc[0] == 5  # 2 rows + 3 copies
 
     # the deduplicated manifest: one row per group, read back by data=folder
-    from diffmem.data import load_dataset
     from omegaconf import OmegaConf
+
+    from diffmem.data import load_dataset
 
     data = OmegaConf.create(
         {

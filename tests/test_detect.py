@@ -13,10 +13,10 @@ import torch
 from omegaconf import OmegaConf
 
 import diffmem
+from diffmem.data.labels import ground_truth_labels
 from diffmem.detectors import DETECTORS, build_detector, count_unet_evals
 from diffmem.detectors.noise_norm import NoiseNorm
 from diffmem.detectors.noise_ssim import mean_pairwise_ssim, minmax_per_channel
-from diffmem.data.labels import ground_truth_labels
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import (
     DetectionMetrics,

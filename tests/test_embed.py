@@ -187,8 +187,8 @@ def test_fast_path_keeps_the_copy_detection_auc(tmp_path, distilled):
 
     from diffmem.data.photos import PHOTOS, natural_photos
     from diffmem.features.copyset import build_copy_set, score_copy_set
-    from diffmem.metrics.detection import detection_metrics
     from diffmem.features.loader import embed_images
+    from diffmem.metrics.detection import detection_metrics
 
     cs = build_copy_set(
         natural_photos(PHOTOS[:10], max_side=256), families=("crop", "resize_jpeg", "blur", "rotate"), seed=0

@@ -9,8 +9,8 @@ import torch
 
 import diffmem
 from diffmem.data import load_image
-from diffmem.errors import ConfigError
 from diffmem.data.samples import plan_samples
+from diffmem.errors import ConfigError
 from diffmem.sampling import encode_prompts, sample, to_uint8
 from tests.conftest import SMALL_DATA
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import diffmem
-from diffmem.features.store import FeatureStore
 from diffmem.errors import ConfigError, DataError
+from diffmem.features.store import FeatureStore
 from diffmem.index import (
     add_shard,
     build_index,

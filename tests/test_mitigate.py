@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 import diffmem
 from diffmem.config import compose
 from diffmem.errors import ConfigError, DataError
+from diffmem.loading import load_model
 from diffmem.mitigate import task
 from diffmem.mitigations import captions as cap
 from diffmem.mitigations.defences import GaussianNoise, RandomTokens, WenMinimisation, read_defence
 from diffmem.mitigations.finetune import lora_targets, merge, prepare, selected_blocks, transformer_blocks
 from diffmem.mitigations.memcontrol import pareto_mask, remaining_trials, study_table
-from diffmem.loading import load_model
 from diffmem.models import load_pipeline
 from diffmem.models.adapters import is_adapter, read_adapter
 from diffmem.sampling import encode_prompts

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import diffmem
+from diffmem.data.selection import check_target
 from diffmem.errors import ConfigError, DataError
 from diffmem.probes import PROBES
 from diffmem.probes.layers import block_neurons, ffn_layers, get_layers, record, value_layers
 from diffmem.probes.nemo import localise, value_activations
-from diffmem.data.selection import check_target
 from diffmem.probes.trigger import image_latents, search_trigger, search_triggers
 from diffmem.probes.wanda import mask_iou, prune, row_topk_mask, union, wanda_masks
 from diffmem.sampling import encode_prompts
@@ -90,9 +90,8 @@ def test_layer_names_on_the_testbed_and_unknown_names(tiny_pipe):
         get_layers(tiny_pipe.unet, ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_w"])
     with pytest.raises(ConfigError, match="unknown block kind"):
         value_layers(tiny_pipe.unet, ("middle",))
-    with pytest.raises(ConfigError, match="no linear layer"):
-        with block_neurons(tiny_pipe.unet, {"not.a.layer": [0]}):
-            pass
+    with pytest.raises(ConfigError, match="no linear layer"), block_neurons(tiny_pipe.unet, {"not.a.layer": [0]}):
+        pass
 
 
 def test_blocking_zeroes_channels_and_leaves_the_model_unchanged(tiny_pipe):
@@ -105,14 +104,12 @@ def test_blocking_zeroes_channels_and_leaves_the_model_unchanged(tiny_pipe):
     assert torch.all(v[..., [0, 3]] == 0) and v[..., 1].abs().sum() > 0
     assert not torch.allclose(blocked, before)
     torch.testing.assert_close(_unet_out(tiny_pipe, cond), before, rtol=0, atol=0)  # hooks are gone
-    with pytest.raises(RuntimeError, match="boom"):
-        with block_neurons(tiny_pipe.unet, {name: [1]}):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), block_neurons(tiny_pipe.unet, {name: [1]}):
+        raise RuntimeError("boom")
     torch.testing.assert_close(_unet_out(tiny_pipe, cond), before, rtol=0, atol=0)
     assert not any(m._forward_hooks for m in tiny_pipe.unet.modules())
-    with pytest.raises(ConfigError, match="out of range"):
-        with block_neurons(tiny_pipe.unet, {name: [10_000]}):
-            pass
+    with pytest.raises(ConfigError, match="out of range"), block_neurons(tiny_pipe.unet, {name: [10_000]}):
+        pass
 
 
 # --- trigger search -------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import pytest
 
 import diffmem
 from diffmem.data import read_prompt_file
+from diffmem.data.labels import ground_truth_labels
 from diffmem.data.prompts import read_prompt_files
 from diffmem.errors import ConfigError, DataError
-from diffmem.data.labels import ground_truth_labels
 from tests.conftest import SMALL_DATA
 
 POSITIVES = {"memorised": ["verbatim", "template"], "not_memorised": ["none"], "exclude": [], "min_dup_count": 16}
@@ -287,7 +287,7 @@ def photo_folder(tmp_path):
     root = tmp_path / "photos"
     root.mkdir()
     rows = []
-    for i, name in enumerate(names):
+    for name in names:
         img = Image.fromarray(getattr(data, name)()).convert("RGB").resize((48, 48))
         img.save(root / f"{name}.jpg", quality=90)
         rows.append((f"{name}.jpg", "a photo of a cat" if name in ("chelsea", "cat") else f"a photo of {name}"))

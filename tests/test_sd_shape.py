@@ -7,7 +7,8 @@ in bf16, so half-precision dtype bugs fail CI: generation, trigger search, a fin
 Slow tier (``-m slow``): SD v1.4's exact shapes (``conf/arch/sd14_shape.yaml``: UNet 860M, VAE
 84M, CLIP text 123M), built once with random weights and kept under the diffmem cache
 (``sd14_shape-seed0``, ~4 GB of fp32 safetensors; never in the repo), and every stage run at
-64 px (``DIFFMEM_SD_SHAPE_RES=128``: 128 px) in fp32 and bf16, asserting dtypes, finite outputs and a peak-memory bound. Each stage's
+64 px (``DIFFMEM_SD_SHAPE_RES=128``: 128 px) in fp32 and bf16, asserting dtypes, finite outputs and a
+peak-memory bound. Each stage's
 seconds and peak RSS are printed (``-s``).
 """
 

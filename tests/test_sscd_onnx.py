@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import diffmem
+from diffmem.data.photos import PHOTOS, natural_photos
 from diffmem.errors import ConfigError, DataError
 from diffmem.features import FEATURES, build_extractor
 from diffmem.features import onnx as onnx_features
-from diffmem.data.photos import PHOTOS, natural_photos
 from diffmem.features.copyset import build_copy_set, score_copy_set
 from diffmem.metrics.detection import detection_metrics
 from tests.conftest import SMALL_DATA

@@ -8,8 +8,8 @@ import pytest
 
 from diffmem.config import ASSETS_DIR
 from diffmem.data import load_dataset
-from diffmem.models import load_pipeline
 from diffmem.metrics.memorisation import memorisation_figures
+from diffmem.models import load_pipeline
 
 MODEL = ASSETS_DIR / "testbed"
 

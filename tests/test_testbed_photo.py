@@ -57,7 +57,7 @@ def test_ground_truth_columns(small):
     assert counts == {"ordinary": 24, "canary": 6, "template": 4, "heldout": 8}
     assert set(df.loc[df["kind"] == "heldout", "split"]) == {"heldout"}
     assert set(df.loc[df["kind"] != "heldout", "split"]) == {"train"}
-    for group, rows in df[df["kind"] == "canary"].groupby("group"):
+    for _, rows in df[df["kind"] == "canary"].groupby("group"):
         # a canary duplicated n times: n rows, one file (exact copies), one caption
         assert len(rows) == rows["dup_count"].iloc[0] and rows["file"].nunique() == 1
         assert rows["caption"].nunique() == 1

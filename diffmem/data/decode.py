@@ -21,7 +21,8 @@ memory) and then resized in uint8 to exactly the target the full-size picture gi
 from __future__ import annotations
 
 import warnings
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps

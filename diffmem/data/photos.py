@@ -5,7 +5,7 @@ scikit-image's ``skimage.data`` and matplotlib's sample data. The photo testbed
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

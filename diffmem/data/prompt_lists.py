@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from diffmem.errors import ConfigError, DataError
 from diffmem.data.labels import TYPES
+from diffmem.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 LABELS = ("positive", "negative")

@@ -208,7 +208,7 @@ def generate_testbed(
                 )
             )
 
-    for i in range(n_ordinary):
+    for _ in range(n_ordinary):
         img, cap = ordinary_scene_(rng, resolution)
         add(img, cap, "ordinary", "", 1, "train")
     for count in canary_counts:
@@ -226,7 +226,7 @@ def generate_testbed(
         detail, cap = template_layout_(rng, resolution), f"a {_word(rng, used)} poster"
         for _ in range(template_copies):
             add(detail(rng), cap, "template", f"template-{t}", template_copies, "train")
-    for i in range(n_heldout):
+    for _ in range(n_heldout):
         img, cap = ordinary_scene_(rng, resolution)
         add(img, cap, "heldout", "", 0, "heldout")
     df = pd.DataFrame(rows)

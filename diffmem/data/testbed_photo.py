@@ -25,7 +25,7 @@ the training images and copies are the UNet's doing.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ SUBJECTS = (
 TEXTURES = ("grass", "gravel", "brick", "moon", "cell", "page", "text", "microaneurysms")
 
 
-@lru_cache(maxsize=None)
+@cache
 def photo(name: str) -> np.ndarray:
     """A photo a dependency ships in its wheel (scikit-image, matplotlib) as uint8 RGB
     [H, W, 3], full size."""

@@ -13,7 +13,7 @@ pass of step 0 runs: 1 UNet evaluation per prompt.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

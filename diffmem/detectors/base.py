@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ class Detector:
     needs_token_counts: bool = False
 
     @classmethod
-    def from_config(cls, settings: dict) -> "Detector":
+    def from_config(cls, settings: dict) -> Detector:
         """``cls(**settings)`` with unknown settings reported as a ``ConfigError``."""
         try:
             inspect.signature(cls).bind(**settings)

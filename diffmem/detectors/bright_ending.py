@@ -16,7 +16,7 @@ mask needs its last step): about ``2 * num_inference_steps`` UNet evaluations pe
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

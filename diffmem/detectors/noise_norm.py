@@ -13,7 +13,7 @@ token's input embedding (the text encoder's token-embedding output), L2 norm per
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

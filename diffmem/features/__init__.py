@@ -18,7 +18,8 @@ interface), ``sscd_disc_mixup``, ``sscd_disc_large``, ``sscd_imagenet_mixup``, `
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError

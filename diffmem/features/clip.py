@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from diffmem.checks import did_you_mean
-from diffmem.errors import ConfigError, DataError
 from diffmem.device import resolve_device
+from diffmem.errors import ConfigError, DataError
 from diffmem.features.base import Extractor, sha256_file
 from diffmem.features.transforms import Preprocess
 

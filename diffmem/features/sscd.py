@@ -19,12 +19,13 @@ Config fields: ``path``, ``model`` (a key of :data:`KNOWN_MODELS`), ``cache_dir`
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from diffmem.checks import did_you_mean
-from diffmem.errors import ConfigError, DataError
 from diffmem.device import resolve_device
+from diffmem.errors import ConfigError, DataError
 from diffmem.features.base import Extractor, default_cache_dir, sha256_file
 from diffmem.features.transforms import get_preprocess
 

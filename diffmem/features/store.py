@@ -105,9 +105,8 @@ class FeatureStore:
         list of its ``skipped`` items (``item_id``, ``file``, ``error``) when there are any."""
         if skipped is not None and len(skipped):
             write_parquet(self._skipped_path(p), skipped)
-        with atomic_path(self.part_path(p)) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, np.asarray(vectors, dtype=np.float32))
+        with atomic_path(self.part_path(p)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(vectors, dtype=np.float32))
 
     def _skipped_path(self, p: int) -> Path:
         return self.run_dir / PARTS / f"skipped-{p:05d}.parquet"

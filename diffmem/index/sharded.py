@@ -6,8 +6,9 @@ memory or on disk (IVF inverted lists merged into one ``.ivfdata`` file that may
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 

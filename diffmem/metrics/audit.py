@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from diffmem.metrics.replication import dcr_summary, memorisation_rate, replication_rate
 from diffmem.metrics.aggregate import median_mad
+from diffmem.metrics.replication import dcr_summary, memorisation_rate, replication_rate
 
 MEMORISED_KINDS = ("canary", "template")
 

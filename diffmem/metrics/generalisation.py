@@ -3,8 +3,8 @@ disjoint subsets start generating the same image for the same noise."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd

@@ -7,8 +7,8 @@ Also holds what every metric module shares: :func:`as_array` (input checks) and
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd

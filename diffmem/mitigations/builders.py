@@ -80,7 +80,8 @@ class MitigationTask:
 def build_defence(task: MitigationTask) -> dict:
     """An inference-time wrapper over the model; Wen's ``target`` defaults to the mean noise
     norm of the non-memorised prompts on this model."""
-    from diffmem.mitigations.defences import build_defence as make, save_defence
+    from diffmem.mitigations.defences import build_defence as make
+    from diffmem.mitigations.defences import save_defence
     from diffmem.mitigations.objectives import memorisation
 
     s = OmegaConf.to_container(task.settings, resolve=True)

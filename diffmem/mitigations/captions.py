@@ -9,7 +9,7 @@ model's own tokenizer vocabulary (whole-word BPE entries), so no word list is do
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -21,8 +21,8 @@ Conditionings that bypass the text (trigger search) meet only the embedding part
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

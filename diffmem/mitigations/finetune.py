@@ -15,14 +15,13 @@ One loop (:func:`finetune`, on :func:`diffmem.training.fit`, so it resumes exact
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
 
-from diffmem.checks import check_positive
-from diffmem.checks import did_you_mean
+from diffmem.checks import check_positive, did_you_mean
 from diffmem.errors import ConfigError
 from diffmem.models.adapters import fuse_lora
 

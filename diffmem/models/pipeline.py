@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -106,7 +106,7 @@ def load_pipeline(
             safety_checker=None,
             requires_safety_checker=False,
         )
-    except (OSError, EnvironmentError, ValueError) as err:
+    except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"cannot load pipeline '{path}': {first}") from err
     pipe.set_progress_bar_config(disable=True)

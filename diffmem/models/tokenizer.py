@@ -28,7 +28,8 @@ def write_clip_vocab(out_dir: str | Path, bpe_path: str | Path | None = None) ->
         from open_clip.tokenizer import default_bpe
 
         bpe_path = default_bpe()
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     units = list(_bytes_to_unicode().values())
     vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]

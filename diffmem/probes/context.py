@@ -10,9 +10,9 @@ triggers' generations (:func:`attack_summary`, :func:`baseline_summary` sum them
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch

@@ -19,9 +19,9 @@ The neurons found per prompt are stored as ``neurons.json`` (:func:`save_neurons
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ class ActivationStats:
     std: dict[str, np.ndarray]
 
     @classmethod
-    def fit(cls, activations: dict[str, np.ndarray]) -> "ActivationStats":
+    def fit(cls, activations: dict[str, np.ndarray]) -> ActivationStats:
         n = next(iter(activations.values())).shape[0]
         if n < 2:
             raise DataError(f"NeMo needs >= 2 non-memorised prompts for activation statistics (got {n})")

@@ -8,8 +8,8 @@ over prompts at the descriptor's replication threshold.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

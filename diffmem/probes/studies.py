@@ -278,7 +278,7 @@ def locality(ctx: ProbeContext, s) -> tuple[dict, dict]:
         use = embs[torch.as_tensor(ok)] if ok.sum() >= 2 else embs
         acts = _flat(nemo_lib.value_activations(ctx.pipe, use, layers))
         nemo_masks = [
-            ctx.json_part(f"locality-nemo-{i}-{j}", lambda e=e, j=j: localise_one(ctx, setup, e, pid, s.nemo))[
+            ctx.json_part(f"locality-nemo-{i}-{j}", lambda e=e, pid=pid: localise_one(ctx, setup, e, pid, s.nemo))[
                 "neurons"
             ]
             for j, e in enumerate(use)

@@ -24,9 +24,9 @@ import argparse
 import ast
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 #: modules (relative to the package) that may reference stage modules besides the stages
 STAGE_LAYER = ("", "cli", "config")

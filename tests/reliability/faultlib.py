@@ -179,9 +179,13 @@ def run_stage(stage: str, overrides: list[str], run_dir: Path, log: Path, kill: 
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise AssertionError(f"{stage} {overrides}: no exit within {TIMEOUT_S} s\n{_tail(log)}")
-        if kill is not None and kill.write is None and fired is None:
-            if kill.pattern is None or len(list(run_dir.glob(kill.pattern))) >= kill.count:
-                fired = now
+        if (
+            kill is not None
+            and kill.write is None
+            and fired is None
+            and (kill.pattern is None or len(list(run_dir.glob(kill.pattern))) >= kill.count)
+        ):
+            fired = now
         if fired is not None and now - fired >= kill.delay:
             os.kill(pid, signal.SIGKILL)
             _, status = os.waitpid(pid, 0)
