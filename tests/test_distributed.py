@@ -115,7 +115,7 @@ def test_accelerate_cpu_with_several_processes_but_no_mpi_says_it_runs_one(monke
     ]
 
 
-@pytest.mark.parametrize("stage", ["detect", "probe", "evaluate-mitigation"])
+@pytest.mark.parametrize("stage", ["dedup", "index", "search", "audit", "generalise"])
 def test_stages_that_do_not_split_refuse_several_ranks(monkeypatch, stage):
     import diffmem
     from diffmem.errors import ConfigError
@@ -368,3 +368,33 @@ def test_a_run_refused_by_rank_0_stops_every_rank_with_one_line():
         assert rc == 2 and len(lines) == 1, err
         assert "holds a run with another config (steps: 2 there, 3 now)" in lines[0]
         assert lines[0].startswith("diffmem generate: error: " + ("" if rank == 0 else "generate: rank 0 stopped: "))
+
+
+def _same_metrics(one: Path, two: Path, timed=("seconds", "seconds_per_prompt", "provenance")) -> dict:
+    """The metrics of two runs, equal but for their timings and provenance (returned: one's)."""
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for key in timed:
+        a.pop(key, None), b.pop(key, None)
+    assert a == b
+    return a
+
+
+@pytest.mark.slow
+def test_detect_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
+    import diffmem
+    from tests.test_detect import _args
+
+    # 2 generations per prompt in batches of 3 rows: blocks of 3 prompts (whole batches) per rank
+    args = _args(tiny_pipe_dir, "detect.n_generations=2", "batch_size=3", "attribution=true", "threads=1")
+    one = diffmem.run("detect", args + ["name=one"])
+    two = _launch(TORCHRUN, "detect", args + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    two_dir = one.parent / "two"
+    a, b = _outputs(one), _outputs(two_dir)
+    tables = ("scores.parquet", "attribution.parquet", "roc.png")
+    assert all(a[f] == b[f] for f in tables) and a.keys() == b.keys()
+    metrics = _same_metrics(one, two_dir)
+    n = metrics["n_prompts"]
+    assert n >= 6 and metrics["unet_calls"] == 2 * 2 * n  # every rank's UNet calls counted
+    items = _data_parallel(two_dir)["rank_items"]
+    assert sum(items) == 2 * n and min(items) > 0  # each prompt scored and attributed by one rank
