@@ -384,14 +384,14 @@ def _in_order(parts: list, order: np.ndarray) -> Any:
     first = parts[0]
     if isinstance(first, tuple):
         return tuple(_in_order([p[i] for p in parts], order) for i in range(len(first)))
+    if isinstance(first, list):
+        flat = [x for p in parts for x in p]
+        return [flat[i] for i in order]
     if isinstance(first, np.ndarray):
         return np.concatenate(parts)[order]
-    if type(first).__module__.startswith("torch"):
-        import torch
+    import torch
 
-        return torch.cat(parts)[torch.as_tensor(order)]
-    flat = [x for p in parts for x in p]
-    return [flat[i] for i in order]
+    return torch.cat(parts)[torch.as_tensor(order)]
 
 
 def dealt_summary() -> dict:

@@ -398,3 +398,45 @@ def test_detect_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
     assert n >= 6 and metrics["unet_calls"] == 2 * 2 * n  # every rank's UNet calls counted
     items = _data_parallel(two_dir)["rank_items"]
     assert sum(items) == 2 * n and min(items) > 0  # each prompt scored and attributed by one rank
+
+
+@pytest.mark.slow
+def test_probe_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
+    import diffmem
+    from tests.test_probe import FAST, _args
+
+    # Finding Dori's table: trigger restarts, generations in batches of 1, NeMo's and Wanda's targets dealt
+    args = _args(tiny_pipe_dir, "experiment=finding_dori", *FAST, "batch_size=1", "threads=1")
+    one = diffmem.run("probe", args + ["name=one"])
+    two = _launch(TORCHRUN, "probe", args + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    two_dir = one.parent / "two"
+    a, b = _outputs(one), _outputs(two_dir)
+    assert {"triggers.parquet", "masks.safetensors", "model/model_index.json"} <= a.keys()
+    assert sum(f.endswith(".png") for f in a) > 16 and a.keys() == b.keys()
+    assert [f for f in a if f != "metrics.json" and a[f] != b[f]] == []
+    _same_metrics(one, two_dir)
+    items = _data_parallel(two_dir)["rank_items"]
+    assert len(items) == 2 and min(items) > 0
+
+
+@pytest.mark.slow
+def test_evaluate_mitigation_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
+    from threadpoolctl import threadpool_limits
+
+    import diffmem
+    from tests.test_evaluate_mitigation import COMMON, _mitigate
+
+    gni = _mitigate(tiny_pipe_dir, "gni") / "model"  # a defence wrapper beside the plain model
+    args = [f"models.original={tiny_pipe_dir}", f"+models.gni={gni}", *COMMON, "batch_size=2", "threads=1"]
+    with threadpool_limits(1):  # one BLAS thread, as in the ranks (OMP_NUM_THREADS=1): the same Fréchet distance bits
+        one = diffmem.run("evaluate-mitigation", args + ["name=one"])
+    two = _launch(TORCHRUN, "evaluate_mitigation", args + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    two_dir = one.parent / "two"
+    a, b = _outputs(one), _outputs(two_dir)
+    assert "mitigations.parquet" in a and sum(f.endswith(".png") for f in a) > 8 and a.keys() == b.keys()
+    assert [f for f in a if f != "metrics.json" and a[f] != b[f]] == []
+    _same_metrics(one, two_dir)
+    items = _data_parallel(two_dir)["rank_items"]
+    assert len(items) == 2 and min(items) > 0
