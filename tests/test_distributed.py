@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from diffmem import distributed as dist
@@ -124,6 +126,84 @@ def test_stages_that_do_not_split_refuse_several_ranks(monkeypatch, stage):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=f"{stage} runs as one process \\(started as rank 1 of 2\\)"):
         diffmem.run(stage, [])
+
+
+def _as_two_ranks(monkeypatch, fn):
+    """``fn()`` (one :func:`dist.deal`) inside :func:`dist.split` as rank 1 of a job of 2, in this
+    process, up to the deal's gather (what rank 1 sends), then as rank 0, whose gathers get rank
+    1's share and row count. Returns rank 0's result and its :func:`dist.dealt_summary`."""
+
+    class Sent(Exception):
+        pass
+
+    sent = []
+
+    def rank_1(obj):
+        sent.append(obj)
+        raise Sent
+
+    def rank_0(obj):
+        return [obj, sent[0] if isinstance(obj, tuple) else len(sent[0][0])]
+
+    for rank, gather in ((1, rank_1), (0, rank_0)):
+        monkeypatch.setattr(dist, "ranks", lambda rank=rank: dist.Ranks(rank, 2, rank))
+        monkeypatch.setattr(dist, "all_gather", gather)
+        with dist.split():
+            if rank == 1:
+                with pytest.raises(Sent):
+                    fn()
+            else:
+                out = fn(), dist.dealt_summary()
+    assert not dist.splitting()
+    return out
+
+
+def test_split_scores_and_generations_are_the_bits_of_one_process(tiny_pipe, monkeypatch, tmp_path):
+    """Dealt in whole batches, each rank forms the batches one process forms: scores, generations,
+    their PNGs and the searched triggers are the same bits, in the same order."""
+    from diffmem.detectors.noise_norm import NoiseNorm
+    from diffmem.features import build_extractor
+    from diffmem.probes.replication import replication_table
+    from diffmem.probes.trigger import image_latents, search_triggers
+    from diffmem.sampling import encode_prompts
+
+    captions = ["a red circle", "the zorblax emblem", "two green triangles", "a vintage poster", "grey", "blue", "x"]
+    ids = [5, 3, 8, 1, 9, 2, 7]
+    detector = NoiseNorm(steps=[0, 1], n_generations=2, num_inference_steps=4, guidance_scale=3.0)
+    assert detector.prompt_block(3) == 3  # 6 rows: 2 batches of 3 rows, 3 whole prompts
+
+    def score():
+        return detector.score(tiny_pipe, captions, ids, resolution=32, batch_size=3)
+
+    one = score()
+    two, summary = _as_two_ranks(monkeypatch, score)
+    assert two.tobytes() == one.tobytes()
+    assert summary == {"world_size": 2, "rank_items": [4, 3]}  # blocks of prompts [0-2] [6] to rank 0, [3-5] to 1
+
+    cond = encode_prompts(tiny_pipe, captions[:3])
+    targets = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    keys = pd.DataFrame({"prompt_id": ids[:3], "caption": captions[:3]})
+    settings = dict(n_per_prompt=2, seed=0, resolution=32, steps=3, guidance=3.0, batch_size=4)
+
+    def replicate(where):
+        return lambda: replication_table(
+            tiny_pipe, build_extractor("pixel", size=8), cond, targets, keys, **settings, image_dir=tmp_path / where
+        )
+
+    one = replicate("one")()
+    two, summary = _as_two_ranks(monkeypatch, replicate("two"))
+    pd.testing.assert_frame_equal(one, two, check_exact=True)
+    assert summary == {"world_size": 2, "rank_items": [4, 2]}  # batches [0-3] [4-5]: 4 + 2 rows
+    assert [(tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in one["image"]] == [
+        True
+    ] * 6
+
+    x0 = image_latents(tiny_pipe, targets[:1])
+    search = dict(prompt_id=5, restarts=3, inits=["prompt", "random"], steps=2, batch_size=2)
+    one = search_triggers(tiny_pipe, x0, cond[0], **search)
+    two, summary = _as_two_ranks(monkeypatch, lambda: search_triggers(tiny_pipe, x0, cond[0], **search))
+    assert [t.init for t in two] == ["prompt", "random", "prompt"] and summary["rank_items"] == [2, 1]
+    assert all(torch.equal(a.embedding, b.embedding) and a.losses == b.losses for a, b in zip(one, two))
 
 
 def _env(**extra) -> dict:
@@ -400,21 +480,37 @@ def test_detect_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
     assert sum(items) == 2 * n and min(items) > 0  # each prompt scored and attributed by one rank
 
 
-@pytest.mark.slow
-def test_probe_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
-    import diffmem
-    from tests.test_probe import FAST, _args
+LOCALITY = [
+    "probe=locality",
+    "probe.trigger.steps=2",
+    "probe.trigger.restarts=3",
+    "probe.max_targets=1",
+    "probe.nemo.detector.n_seeds=2",
+    "probe.nemo.detector.num_inference_steps=3",
+    "probe.nemo.refine=false",
+    "probe.wanda.n_steps=2",
+    "probe.wanda.n_seeds=1",
+]
 
-    # Finding Dori's table: trigger restarts, generations in batches of 1, NeMo's and Wanda's targets dealt
-    args = _args(tiny_pipe_dir, "experiment=finding_dori", *FAST, "batch_size=1", "threads=1")
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe", ["finding_dori", "locality"])
+def test_probe_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir, probe):
+    import diffmem
+    from tests.test_probe import COMMON, FAST, _args
+
+    # finding_dori: trigger restarts, generations in batches of 1, NeMo's and Wanda's targets dealt;
+    # locality: NeMo's and Wanda's masks per trigger dealt
+    study = ["experiment=finding_dori", *FAST] if probe == "finding_dori" else [*LOCALITY, *COMMON]
+    args = _args(tiny_pipe_dir, *study, "batch_size=1", "threads=1")
     one = diffmem.run("probe", args + ["name=one"])
     two = _launch(TORCHRUN, "probe", args + ["name=two"])
     assert two.returncode == 0, two.stderr[-2000:]
     two_dir = one.parent / "two"
     a, b = _outputs(one), _outputs(two_dir)
-    assert {"triggers.parquet", "masks.safetensors", "model/model_index.json"} <= a.keys()
-    assert sum(f.endswith(".png") for f in a) > 16 and a.keys() == b.keys()
-    assert [f for f in a if f != "metrics.json" and a[f] != b[f]] == []
+    tables = {"triggers.parquet", "masks.safetensors", "model/model_index.json"} if probe == "finding_dori" else set()
+    assert tables | {f"{probe}.parquet"} <= a.keys() and sum(f.endswith(".png") for f in a) >= 6
+    assert a.keys() == b.keys() and [f for f in a if f != "metrics.json" and a[f] != b[f]] == []
     _same_metrics(one, two_dir)
     items = _data_parallel(two_dir)["rank_items"]
     assert len(items) == 2 and min(items) > 0
