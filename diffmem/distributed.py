@@ -362,10 +362,10 @@ def deal(n: int, compute: Callable[[np.ndarray], Any], block: int = 1) -> Any:
     rows (:func:`shard_rows`: blocks of ``block`` dealt round-robin, so a computation batched by
     ``block`` keeps one process's batches) and every rank gets all ``n`` results in row order.
 
-    ``compute`` returns one result per row: a list, an array, a tensor (first dimension) or a
-    tuple of those. It runs alone on its rank: a ``deal`` inside it runs all its rows here, and
-    :func:`writes` is true there. Outside ``split()`` (or one process): ``compute(arange(n))``."""
-    if not splitting() or n == 0:
+    ``compute`` returns one result per row: a list, an array or a tensor (first dimension). It
+    runs alone on its rank: a ``deal`` inside it runs all its rows here, and :func:`writes` is
+    true there. Outside ``split()`` (or one process): ``compute(arange(n))``."""
+    if _split["rows"] is None or _split["alone"] or n == 0:
         return compute(np.arange(n))
     rows = shard_rows(n, block)
     _split["rows"] += len(rows)
@@ -374,6 +374,8 @@ def deal(n: int, compute: Callable[[np.ndarray], Any], block: int = 1) -> Any:
         mine = compute(rows) if len(rows) else None
     finally:
         _split["alone"] = False
+    if world_size() == 1:
+        return mine
     parts = [(r, m) for r, m in all_gather((rows, mine)) if len(r)]
     order = np.argsort(np.concatenate([r for r, _ in parts]), kind="stable")
     return _in_order([m for _, m in parts], order)
@@ -382,8 +384,6 @@ def deal(n: int, compute: Callable[[np.ndarray], Any], block: int = 1) -> Any:
 def _in_order(parts: list, order: np.ndarray) -> Any:
     """The ranks' results ``parts`` (in rank order) concatenated, then taken in ``order``."""
     first = parts[0]
-    if isinstance(first, tuple):
-        return tuple(_in_order([p[i] for p in parts], order) for i in range(len(first)))
     if isinstance(first, list):
         flat = [x for p in parts for x in p]
         return [flat[i] for i in order]

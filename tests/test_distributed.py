@@ -175,7 +175,10 @@ def test_split_scores_and_generations_are_the_bits_of_one_process(tiny_pipe, mon
     def score():
         return detector.score(tiny_pipe, captions, ids, resolution=32, batch_size=3)
 
-    one = score()
+    with dist.split():  # one process: every prompt here, scored as outside split()
+        one = score()
+        assert dist.dealt_summary() == {"world_size": 1, "rank_items": [7]}
+    assert one.tobytes() == score().tobytes()
     two, summary = _as_two_ranks(monkeypatch, score)
     assert two.tobytes() == one.tobytes()
     assert summary == {"world_size": 2, "rank_items": [4, 3]}  # blocks of prompts [0-2] [6] to rank 0, [3-5] to 1
