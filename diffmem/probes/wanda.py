@@ -111,9 +111,10 @@ def prompt_masks(
 
     prompt_ids = list(prompt_ids)
 
-    def masks(idx: np.ndarray) -> list[Masks]:
-        return [
-            wanda_masks(
+    def masks(idx: np.ndarray) -> list[Masks]:  # on the CPU (as load_masks gives them): ranks exchange them
+        out = []
+        for i in idx:
+            m = wanda_masks(
                 pipe,
                 conds[i],
                 [sample_seed(seed, int(prompt_ids[i]), k) for k in range(int(n_seeds))],
@@ -123,8 +124,8 @@ def prompt_masks(
                 n_steps=int(n_steps),
                 fraction=float(fraction),
             )
-            for i in idx
-        ]
+            out.append({name: v.cpu() for name, v in m.items()})
+        return out
 
     return union(distributed.deal(len(prompt_ids), masks))
 
