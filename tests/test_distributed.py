@@ -517,6 +517,15 @@ def test_probe_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir, probe)
     _same_metrics(one, two_dir)
     items = _data_parallel(two_dir)["rank_items"]
     assert len(items) == 2 and min(items) > 0
+    if probe == "finding_dori":  # a damaged run resumes on 2 ranks from the parts that are left
+        for path in (two_dir / "finding_dori.parquet", two_dir / "parts" / "attack-nemo-target-0.parquet"):
+            path.unlink()
+        next(two_dir.glob("parts/nemo-*.json")).unlink()
+        again = _launch(TORCHRUN, "probe", args + ["name=two"])
+        assert again.returncode == 0 and "recomputing it" in again.stdout + again.stderr, again.stderr[-2000:]
+        b = _outputs(two_dir)
+        assert a.keys() == b.keys() and [f for f in a if f != "metrics.json" and a[f] != b[f]] == []
+        assert sum(_data_parallel(two_dir)["rank_items"]) < sum(items)  # the other parts were reused
 
 
 @pytest.mark.slow
