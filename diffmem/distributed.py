@@ -7,8 +7,11 @@ or of the plan (sampling, embedding) so that the result is what one process comp
 draw still comes from ``(seed, phase, step)`` or the row's own seed, and each rank keeps its
 share. Rank 0 alone claims the run dir, checkpoints and publishes; the others wait for it at
 barriers that time out (``DIFFMEM_DIST_TIMEOUT_S``, default 1800 s), so a rank that dies or
-hangs ends the job with one line (:class:`RankError`) instead of a silent wait. One process
-(no launcher) is world size 1: every function here is then a no-op or the identity.
+hangs ends the job with one line (:class:`RankError`) instead of a silent wait. A stage whose
+libraries sample (detectors, replication tables, trigger searches) runs its body inside
+:func:`split`, where each :func:`deal` gives every rank its share of the rows and all ranks
+the results. One process (no launcher) is world size 1: every function here is then a no-op
+or the identity.
 """
 
 from __future__ import annotations
