@@ -30,10 +30,11 @@ import time
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem import distributed
 from diffmem.config import hydra_app
 from diffmem.data.labels import check_positives, describe_positives
 from diffmem.data.prompts import stage_prompts
-from diffmem.detectors import Detector, build_detector, count_unet_evals
+from diffmem.detectors import Detector, UnetCounter, build_detector, count_unet_evals
 from diffmem.detectors.scoring import attribution_table, score_table
 from diffmem.device import configure_torch
 from diffmem.errors import ConfigError
@@ -72,17 +73,26 @@ def body(job: Job) -> Outcome:
     positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     start = time.perf_counter()
-    with count_unet_evals(pipe.unet) as used:
-        table = score_table(
-            detector,
-            pipe,
-            prompts,
-            seed=cfg.seed,
-            resolution=cfg.resolution,
-            batch_size=cfg.batch_size,
-            positives=positives,
-        )
-    seconds = time.perf_counter() - start
+    with distributed.split():  # each rank scores (and attributes) its share of the prompts
+        with count_unet_evals(pipe.unet) as used:
+            table = score_table(
+                detector,
+                pipe,
+                prompts,
+                seed=cfg.seed,
+                resolution=cfg.resolution,
+                batch_size=cfg.batch_size,
+                positives=positives,
+            )
+        seconds = time.perf_counter() - start
+        attr = used_attr = None
+        if cfg.attribution:
+            with count_unet_evals(pipe.unet) as used_attr:
+                attr = attribution_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution)
+        calls, calls_attr = _over_ranks(used), used_attr and _over_ranks(used_attr)
+        data_parallel = distributed.dealt_summary()
+    if not distributed.is_main():  # rank 0 publishes
+        return Outcome(complete=False)
     write_parquet(run_dir / SCORES, table)
     metrics: dict = {
         "detector": detector.name,
@@ -90,19 +100,16 @@ def body(job: Job) -> Outcome:
         "model": cfg.model.name,
         "n_prompts": len(table),
         "score_convention": "higher = more likely memorised",
-        "unet_calls": used.evals,
-        "unet_calls_per_prompt": used.evals / len(table),
-        "unet_forward_passes": used.calls,
+        "unet_calls": calls.evals,
+        "unet_calls_per_prompt": calls.evals / len(table),
+        "unet_forward_passes": calls.calls,
         "seconds": seconds,
         "seconds_per_prompt": seconds / len(table),
         "by_group": group_summary(table),
     }
-    attr = None
-    if cfg.attribution:
-        with count_unet_evals(pipe.unet) as used_attr:
-            attr = attribution_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution)
+    if attr is not None:
         write_parquet(run_dir / ATTRIBUTION, attr)
-        metrics["unet_calls_attribution"] = used_attr.evals
+        metrics["unet_calls_attribution"] = calls_attr.evals
     results = evaluate(table, cfg.fpr, cfg.ci_level)
     if results:
         metrics["ground_truth"] = {"positives": describe_positives(prompts, positives), **results}
@@ -122,19 +129,32 @@ def body(job: Job) -> Outcome:
         "detect: %s scored %d prompts with %d UNet evaluations%s",
         detector.name,
         len(table),
-        used.evals,
+        calls.evals,
         f"; ROC-AUC {results['roc_auc']:.3f}" if "roc_auc" in results else "",
     )
     for line in summary_lines(results):
         log.info("detect: %s", line)
     return Outcome(
         {"n_prompts": len(table), "roc_auc": results.get("roc_auc")},
-        {"detector": detector.name, "unet_calls": used.evals},
+        {"detector": detector.name, "unet_calls": calls.evals, "data_parallel": data_parallel},
         metrics,
     )
 
 
-SPEC = StageSpec("detect", body, prepare, volatile=("batch_size",), inputs=lambda cfg, ctx: {"prompt list": ctx[1]})
+def _over_ranks(used: UnetCounter) -> UnetCounter:
+    """The UNet usage of every rank together."""
+    counts = distributed.all_gather((used.calls, used.evals))
+    return UnetCounter(sum(c for c, _ in counts), sum(e for _, e in counts))
+
+
+SPEC = StageSpec(
+    "detect",
+    body,
+    prepare,
+    volatile=("batch_size",),
+    inputs=lambda cfg, ctx: {"prompt list": ctx[1]},
+    data_parallel=True,
+)
 run = SPEC.run
 main = hydra_app("detect", run)
 

@@ -7,19 +7,25 @@ or of the plan (sampling, embedding) so that the result is what one process comp
 draw still comes from ``(seed, phase, step)`` or the row's own seed, and each rank keeps its
 share. Rank 0 alone claims the run dir, checkpoints and publishes; the others wait for it at
 barriers that time out (``DIFFMEM_DIST_TIMEOUT_S``, default 1800 s), so a rank that dies or
-hangs ends the job with one line (:class:`RankError`) instead of a silent wait. One process
-(no launcher) is world size 1: every function here is then a no-op or the identity.
+hangs ends the job with one line (:class:`RankError`) instead of a silent wait. A stage whose
+libraries sample (detectors, replication tables, trigger searches) runs its body inside
+:func:`split`, where each :func:`deal` gives every rank its share of the rows and all ranks
+the results. One process (no launcher) is world size 1: every function here is then a no-op
+or the identity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -361,3 +367,87 @@ def summary(items) -> dict:
     item count (``items(rank, world)``)."""
     world = world_size()
     return {"world_size": world, "rank_items": [int(items(r, world)) for r in range(world)]}
+
+
+#: while a data-parallel stage's body splits its work (:func:`split`): rows dealt to this rank so
+#: far (None: not splitting), and whether this rank is inside a dealt unit (which it runs alone)
+_split: dict = {"rows": None, "alone": False}
+
+
+@contextlib.contextmanager
+def split() -> Iterator[None]:
+    """Inside, :func:`deal` splits rows across the ranks: for the body of a data-parallel stage
+    in which every rank runs the same code (detect, probe, evaluate-mitigation). Outside it every
+    ``deal`` runs all its rows here, so code that one rank runs alone (a fine-tune's objectives)
+    never waits for the others."""
+    _split.update(rows=0, alone=False)
+    try:
+        yield
+    finally:
+        _split.update(rows=None, alone=False)
+
+
+def splitting() -> bool:
+    """Whether a :func:`deal` here splits its rows across the ranks."""
+    return _split["rows"] is not None and not _split["alone"] and world_size() > 1
+
+
+def writes() -> bool:
+    """Whether this process writes the outputs of the work in hand: rank 0 while the ranks split
+    it (they all hold the same results), the rank that runs a dealt unit, every process otherwise."""
+    return not splitting() or is_main()
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` on every rank, in rank order; ``[obj]`` for one process."""
+    if not init():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size()
+    _collective("all-gather", lambda: dist.all_gather_object(out, obj, group=_gloo_group()))
+    return out
+
+
+def deal(n: int, compute: Callable[[np.ndarray], Any], block: int = 1) -> Any:
+    """``compute(rows)`` for the rows ``0..n-1``: inside :func:`split`, each rank computes its
+    rows (:func:`shard_rows`: blocks of ``block`` dealt round-robin, so a computation batched by
+    ``block`` keeps one process's batches) and every rank gets all ``n`` results in row order.
+
+    ``compute`` returns one result per row: a list, an array or a tensor (first dimension). It
+    runs alone on its rank: a ``deal`` inside it runs all its rows here, and :func:`writes` is
+    true there. Outside ``split()`` (or one process): ``compute(arange(n))``."""
+    if _split["rows"] is None or _split["alone"] or n == 0:
+        return compute(np.arange(n))
+    rows = shard_rows(n, block)
+    _split["rows"] += len(rows)
+    _split["alone"] = True
+    try:
+        mine = compute(rows) if len(rows) else None
+    finally:
+        _split["alone"] = False
+    if world_size() == 1:
+        return mine
+    parts = [(r, m) for r, m in all_gather((rows, mine)) if len(r)]
+    order = np.argsort(np.concatenate([r for r, _ in parts]), kind="stable")
+    return _in_order([m for _, m in parts], order)
+
+
+def _in_order(parts: list, order: np.ndarray) -> Any:
+    """The ranks' results ``parts`` (in rank order) concatenated, then taken in ``order``."""
+    first = parts[0]
+    if isinstance(first, list):
+        flat = [x for p in parts for x in p]
+        return [flat[i] for i in order]
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)[order]
+    import torch
+
+    return torch.cat(parts)[torch.as_tensor(order)]
+
+
+def dealt_summary() -> dict:
+    """What ``info.json`` records of a :func:`split` body: the world size and the rows
+    :func:`deal` gave each rank (every rank calls it: a collective)."""
+    counts = all_gather(int(_split["rows"] or 0))
+    return {"world_size": len(counts), "rank_items": counts}

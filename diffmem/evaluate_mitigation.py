@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem import distributed
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset, load_unit_images
 from diffmem.data.prompts import stage_prompts
@@ -104,42 +105,48 @@ def body(job: Job) -> Outcome:
         settings.pop(key, None)
     parts = Path(cfg.parts_dir) if cfg.get("parts_dir") else run_dir / "models"
     rows, start = [], time.perf_counter()
-    for name, path in models.items():
-        log.info("evaluate-mitigation: %s (%s)", name, path)
-        pipe = load_model(
-            {"path": path, "precision": cfg.precision, "vae_slicing": cfg.vae_slicing}, device, scheduler=cfg.scheduler
-        )
+    with distributed.split():  # each rank takes a share of every model's generations and trigger restarts
+        for name, path in models.items():
+            log.info("evaluate-mitigation: %s (%s)", name, path)
+            pipe = load_model(
+                {"path": path, "precision": cfg.precision, "vae_slicing": cfg.vae_slicing},
+                device,
+                scheduler=cfg.scheduler,
+            )
 
-        ctx = ProbeContext(
-            pipe=pipe,
-            extractor=extractor,
-            targets=targets,
-            target_images=target_images,
-            target_cond=rows_conditioning(pipe, targets),
-            negatives=negatives,
-            negative_cond=rows_conditioning(pipe, negatives),
-            controls=targets.iloc[:0],
-            control_images=target_images[:0],
-            control_cond=torch.zeros(0),
-            run_dir=parts / f"{name}-{digest([str(Path(path).resolve()), settings])}",
-            seed=int(cfg.seed),
-            resolution=int(cfg.resolution),
-            steps=int(cfg.steps),
-            guidance=float(cfg.guidance_scale),
-            n_per_prompt=int(cfg.n_per_prompt),
-            threshold=float(cfg.threshold),
-            mr_reduction=str(cfg.mr_reduction),
-            batch_size=int(cfg.batch_size),
-        )
-        defence = get_hooks(pipe)
-        rows.append(
-            {
-                "model": name,
-                "path": str(path),
-                "defence": defence.name if defence else None,
-                **evaluate_model(ctx, ts, urows, real, u, util_extractor, clip),
-            }
-        )
+            ctx = ProbeContext(
+                pipe=pipe,
+                extractor=extractor,
+                targets=targets,
+                target_images=target_images,
+                target_cond=rows_conditioning(pipe, targets),
+                negatives=negatives,
+                negative_cond=rows_conditioning(pipe, negatives),
+                controls=targets.iloc[:0],
+                control_images=target_images[:0],
+                control_cond=torch.zeros(0),
+                run_dir=parts / f"{name}-{digest([str(Path(path).resolve()), settings])}",
+                seed=int(cfg.seed),
+                resolution=int(cfg.resolution),
+                steps=int(cfg.steps),
+                guidance=float(cfg.guidance_scale),
+                n_per_prompt=int(cfg.n_per_prompt),
+                threshold=float(cfg.threshold),
+                mr_reduction=str(cfg.mr_reduction),
+                batch_size=int(cfg.batch_size),
+            )
+            defence = get_hooks(pipe)
+            rows.append(
+                {
+                    "model": name,
+                    "path": str(path),
+                    "defence": defence.name if defence else None,
+                    **evaluate_model(ctx, ts, urows, real, u, util_extractor, clip),
+                }
+            )
+        data_parallel = distributed.dealt_summary()
+    if not distributed.is_main():  # rank 0 publishes
+        return Outcome(complete=False)
     table = pd.DataFrame(rows)
     ref = float(table.loc[table["model"] == cfg.reference, "fd"].iloc[0])
     table["fd_ratio"] = table["fd"] / ref
@@ -151,7 +158,7 @@ def body(job: Job) -> Outcome:
     log.info("evaluate-mitigation: %d models in %.0f s", len(table), seconds)
     return Outcome(
         {"models": list(models), "reference": cfg.reference},
-        {},
+        {"data_parallel": data_parallel},
         {
             "reference": cfg.reference,
             "n_targets": len(targets),
@@ -174,6 +181,7 @@ SPEC = StageSpec(
     prepare,
     volatile=("batch_size", "vae_slicing", "parts_dir"),
     inputs=lambda cfg, ctx: {"prompt list": ctx[1]},
+    data_parallel=True,
 )
 run = SPEC.run
 main = hydra_app("evaluate-mitigation", run)

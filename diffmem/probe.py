@@ -20,6 +20,7 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffmem import distributed
 from diffmem.config import hydra_app
 from diffmem.data import load_dataset
 from diffmem.data.prompts import stage_prompts
@@ -87,15 +88,19 @@ def body(job: Job) -> Outcome:
         batch_size=int(cfg.batch_size),
     )
     start = time.perf_counter()
-    tables, metrics = fn(ctx, cfg.probe)
+    with distributed.split():  # each rank takes a share of the generations, restarts and targets
+        tables, metrics = fn(ctx, cfg.probe)
+        data_parallel = distributed.dealt_summary()
     seconds = time.perf_counter() - start
+    if not distributed.is_main():  # rank 0 publishes
+        return Outcome(complete=False)
     for name, table in tables.items():
         write_parquet(run_dir / f"{name}.parquet", table)
     probe_figure(tables, metrics, run_dir / "probe.png", float(cfg.threshold))
     log.info("probe: %s on %d memorised prompts in %.0f s", cfg.probe.name, len(targets), seconds)
     return Outcome(
         {"probe": cfg.probe.name, "n_targets": len(targets)},
-        {},
+        {"data_parallel": data_parallel},
         {
             "probe": cfg.probe.name,
             "model": cfg.model.name,
@@ -111,7 +116,14 @@ def body(job: Job) -> Outcome:
 
 
 #: generations per batch do not change results (tests/test_probe.py)
-SPEC = StageSpec("probe", body, prepare, volatile=("batch_size",), inputs=lambda cfg, ctx: {"prompt list": ctx[1]})
+SPEC = StageSpec(
+    "probe",
+    body,
+    prepare,
+    volatile=("batch_size",),
+    inputs=lambda cfg, ctx: {"prompt list": ctx[1]},
+    data_parallel=True,
+)
 run = SPEC.run
 main = hydra_app("probe", run)
 

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from diffmem import distributed as dist
@@ -142,7 +144,7 @@ def test_accelerate_cpu_reads_num_processes_from_its_config_file(tmp_path):
     assert dist._accelerate_num_processes(argv) == (3, 1, 0)
 
 
-@pytest.mark.parametrize("stage", ["detect", "probe", "evaluate-mitigation"])
+@pytest.mark.parametrize("stage", ["dedup", "index", "search", "audit", "generalise"])
 def test_stages_that_do_not_split_refuse_several_ranks(monkeypatch, stage):
     import diffmem
     from diffmem.errors import ConfigError
@@ -151,6 +153,87 @@ def test_stages_that_do_not_split_refuse_several_ranks(monkeypatch, stage):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=f"{stage} runs as one process \\(started as rank 1 of 2\\)"):
         diffmem.run(stage, [])
+
+
+def _as_two_ranks(monkeypatch, fn):
+    """``fn()`` (one :func:`dist.deal`) inside :func:`dist.split` as rank 1 of a job of 2, in this
+    process, up to the deal's gather (what rank 1 sends), then as rank 0, whose gathers get rank
+    1's share and row count. Returns rank 0's result and its :func:`dist.dealt_summary`."""
+
+    class Sent(Exception):
+        pass
+
+    sent = []
+
+    def rank_1(obj):
+        sent.append(obj)
+        raise Sent
+
+    def rank_0(obj):
+        return [obj, sent[0] if isinstance(obj, tuple) else len(sent[0][0])]
+
+    for rank, gather in ((1, rank_1), (0, rank_0)):
+        monkeypatch.setattr(dist, "ranks", lambda rank=rank: dist.Ranks(rank, 2, rank))
+        monkeypatch.setattr(dist, "all_gather", gather)
+        with dist.split():
+            if rank == 1:
+                with pytest.raises(Sent):
+                    fn()
+            else:
+                out = fn(), dist.dealt_summary()
+    assert not dist.splitting()
+    return out
+
+
+def test_split_scores_and_generations_are_the_bits_of_one_process(tiny_pipe, monkeypatch, tmp_path):
+    """Dealt in whole batches, each rank forms the batches one process forms: scores, generations,
+    their PNGs and the searched triggers are the same bits, in the same order."""
+    from diffmem.detectors.noise_norm import NoiseNorm
+    from diffmem.features import build_extractor
+    from diffmem.probes.replication import replication_table
+    from diffmem.probes.trigger import image_latents, search_triggers
+    from diffmem.sampling import encode_prompts
+
+    captions = ["a red circle", "the zorblax emblem", "two green triangles", "a vintage poster", "grey", "blue", "x"]
+    ids = [5, 3, 8, 1, 9, 2, 7]
+    detector = NoiseNorm(steps=[0, 1], n_generations=2, num_inference_steps=4, guidance_scale=3.0)
+    assert detector.prompt_block(3) == 3  # 6 rows: 2 batches of 3 rows, 3 whole prompts
+
+    def score():
+        return detector.score(tiny_pipe, captions, ids, resolution=32, batch_size=3)
+
+    with dist.split():  # one process: every prompt here, scored as outside split()
+        one = score()
+        assert dist.dealt_summary() == {"world_size": 1, "rank_items": [7]}
+    assert one.tobytes() == score().tobytes()
+    two, summary = _as_two_ranks(monkeypatch, score)
+    assert two.tobytes() == one.tobytes()
+    assert summary == {"world_size": 2, "rank_items": [4, 3]}  # blocks of prompts [0-2] [6] to rank 0, [3-5] to 1
+
+    cond = encode_prompts(tiny_pipe, captions[:3])
+    targets = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    keys = pd.DataFrame({"prompt_id": ids[:3], "caption": captions[:3]})
+    settings = dict(n_per_prompt=2, seed=0, resolution=32, steps=3, guidance=3.0, batch_size=4)
+
+    def replicate(where):
+        return lambda: replication_table(
+            tiny_pipe, build_extractor("pixel", size=8), cond, targets, keys, **settings, image_dir=tmp_path / where
+        )
+
+    one = replicate("one")()
+    two, summary = _as_two_ranks(monkeypatch, replicate("two"))
+    pd.testing.assert_frame_equal(one, two, check_exact=True)
+    assert summary == {"world_size": 2, "rank_items": [4, 2]}  # batches [0-3] [4-5]: 4 + 2 rows
+    assert [(tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in one["image"]] == [
+        True
+    ] * 6
+
+    x0 = image_latents(tiny_pipe, targets[:1])
+    search = dict(prompt_id=5, restarts=3, inits=["prompt", "random"], steps=2, batch_size=2)
+    one = search_triggers(tiny_pipe, x0, cond[0], **search)
+    two, summary = _as_two_ranks(monkeypatch, lambda: search_triggers(tiny_pipe, x0, cond[0], **search))
+    assert [t.init for t in two] == ["prompt", "random", "prompt"] and summary["rank_items"] == [2, 1]
+    assert all(torch.equal(a.embedding, b.embedding) and a.losses == b.losses for a, b in zip(one, two))
 
 
 def _env(**extra) -> dict:
@@ -403,3 +486,100 @@ def test_a_run_refused_by_rank_0_stops_every_rank_with_one_line():
         assert rc == 2 and len(lines) == 1, err
         assert "holds a run with another config (steps: 2 there, 3 now)" in lines[0]
         assert lines[0].startswith("diffmem generate: error: " + ("" if rank == 0 else "generate: rank 0 stopped: "))
+
+
+def _same_metrics(one: Path, two: Path, timed=("seconds", "seconds_per_prompt", "provenance")) -> dict:
+    """The metrics of two runs, equal but for their timings and provenance (returned: one's)."""
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for key in timed:
+        a.pop(key, None), b.pop(key, None)
+    assert a == b
+    return a
+
+
+@pytest.mark.slow
+def test_detect_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
+    import diffmem
+    from tests.test_detect import _args
+
+    # 2 generations per prompt in batches of 3 rows: blocks of 3 prompts (whole batches) per rank
+    args = _args(tiny_pipe_dir, "detect.n_generations=2", "batch_size=3", "attribution=true", "threads=1")
+    one = diffmem.run("detect", args + ["name=one"])
+    two = _launch(TORCHRUN, "detect", args + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    two_dir = one.parent / "two"
+    a, b = _outputs(one), _outputs(two_dir)
+    tables = ("scores.parquet", "attribution.parquet", "roc.png")
+    assert all(a[f] == b[f] for f in tables) and a.keys() == b.keys()
+    metrics = _same_metrics(one, two_dir)
+    n = metrics["n_prompts"]
+    assert n >= 6 and metrics["unet_calls"] == 2 * 2 * n  # every rank's UNet calls counted
+    items = _data_parallel(two_dir)["rank_items"]
+    assert sum(items) == 2 * n and min(items) > 0  # each prompt scored and attributed by one rank
+
+
+LOCALITY = [
+    "probe=locality",
+    "probe.trigger.steps=2",
+    "probe.trigger.restarts=3",
+    "probe.max_targets=1",
+    "probe.nemo.detector.n_seeds=2",
+    "probe.nemo.detector.num_inference_steps=3",
+    "probe.nemo.refine=false",
+    "probe.wanda.n_steps=2",
+    "probe.wanda.n_seeds=1",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe", ["finding_dori", "locality"])
+def test_probe_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir, probe):
+    import diffmem
+    from tests.test_probe import COMMON, FAST, _args
+
+    # finding_dori: trigger restarts, generations in batches of 1, NeMo's and Wanda's targets dealt;
+    # locality: NeMo's and Wanda's masks per trigger dealt
+    study = ["experiment=finding_dori", *FAST] if probe == "finding_dori" else [*LOCALITY, *COMMON]
+    args = _args(tiny_pipe_dir, *study, "batch_size=1", "threads=1")
+    one = diffmem.run("probe", args + ["name=one"])
+    two = _launch(TORCHRUN, "probe", args + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    two_dir = one.parent / "two"
+    a, b = _outputs(one), _outputs(two_dir)
+    tables = {"triggers.parquet", "masks.safetensors", "model/model_index.json"} if probe == "finding_dori" else set()
+    assert tables | {f"{probe}.parquet"} <= a.keys() and sum(f.endswith(".png") for f in a) >= 6
+    assert a.keys() == b.keys() and [f for f in a if f != "metrics.json" and a[f] != b[f]] == []
+    _same_metrics(one, two_dir)
+    items = _data_parallel(two_dir)["rank_items"]
+    assert len(items) == 2 and min(items) > 0
+    if probe == "finding_dori":  # a damaged run resumes on 2 ranks from the parts that are left
+        for path in (two_dir / "finding_dori.parquet", two_dir / "parts" / "attack-nemo-target-0.parquet"):
+            path.unlink()
+        next(two_dir.glob("parts/nemo-*.json")).unlink()
+        again = _launch(TORCHRUN, "probe", args + ["name=two"])
+        assert again.returncode == 0 and "recomputing it" in again.stdout + again.stderr, again.stderr[-2000:]
+        b = _outputs(two_dir)
+        assert a.keys() == b.keys() and [f for f in a if f != "metrics.json" and a[f] != b[f]] == []
+        assert sum(_data_parallel(two_dir)["rank_items"]) < sum(items)  # the other parts were reused
+
+
+@pytest.mark.slow
+def test_evaluate_mitigation_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
+    from threadpoolctl import threadpool_limits
+
+    import diffmem
+    from tests.test_evaluate_mitigation import COMMON, _mitigate
+
+    gni = _mitigate(tiny_pipe_dir, "gni") / "model"  # a defence wrapper beside the plain model
+    args = [f"models.original={tiny_pipe_dir}", f"+models.gni={gni}", *COMMON, "batch_size=2", "threads=1"]
+    with threadpool_limits(1):  # one BLAS thread, as in the ranks (OMP_NUM_THREADS=1): the same Fréchet distance bits
+        one = diffmem.run("evaluate-mitigation", args + ["name=one"])
+    two = _launch(TORCHRUN, "evaluate_mitigation", args + ["name=two"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    two_dir = one.parent / "two"
+    a, b = _outputs(one), _outputs(two_dir)
+    assert "mitigations.parquet" in a and sum(f.endswith(".png") for f in a) > 8 and a.keys() == b.keys()
+    assert [f for f in a if f != "metrics.json" and a[f] != b[f]] == []
+    _same_metrics(one, two_dir)
+    items = _data_parallel(two_dir)["rank_items"]
+    assert len(items) == 2 and min(items) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from diffmem import distributed
 from diffmem.checks import check_int, check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.sampling import encode_prompts, fresh_scheduler, initial_latents, sample_seed, token_counts, vae_factor
@@ -100,16 +102,48 @@ class Detector:
         check_positive(batch_size, "batch_size")
         resolution = int(resolution or pipe.unet.config.sample_size * vae_factor(pipe))
         cond = cond.to(pipe.unet.device, pipe.unet.dtype)
-        rows = [(i, sample_seed(seed, pid, k)) for i, pid in enumerate(prompt_ids) for k in range(self.per_prompt)]
+        b = int(batch_size)
+        out = distributed.deal(  # each rank of a split stage scores its blocks of prompts
+            len(prompt_ids),
+            lambda idx: self._score_prompts(pipe, cond, idx, prompt_ids, seed, resolution, b, n_tokens),
+            self.prompt_block(b),
+        )
+        if not np.isfinite(out).all():
+            bad = [names[i] for i in np.flatnonzero(~np.isfinite(out))[:3]]
+            raise DataError(f"{self.name}: non-finite scores (e.g. for {bad!r}); check the model weights")
+        return out
+
+    def prompt_block(self, batch_size: int) -> int:
+        """Prompts per block when ranks split the scoring: whole batches of whole prompts, so
+        each rank's batches are those one process forms (and the scores the same bits)."""
+        return math.lcm(self.per_prompt, int(batch_size)) // self.per_prompt
+
+    def _score_prompts(
+        self,
+        pipe,
+        cond: torch.Tensor,
+        idx: Sequence[int],
+        prompt_ids: list[int],
+        seed: int,
+        resolution: int,
+        batch_size: int,
+        n_tokens: Sequence[int] | None,
+    ) -> np.ndarray:
+        """Scores of the prompts ``idx`` (rows of ``cond``, ``prompt_ids`` and ``n_tokens``): their
+        (prompt, generation) rows in batches of ``batch_size``, each prompt reduced once whole."""
+        rows = [(int(i), sample_seed(seed, prompt_ids[i], k)) for i in idx for k in range(self.per_prompt)]
         g, scores, pending = self.per_prompt, [], []
-        bar = tqdm(total=len(prompt_ids), desc=self.name, mininterval=2, disable=len(rows) <= batch_size)
+        bar = tqdm(total=len(idx), desc=self.name, mininterval=2, disable=len(rows) <= batch_size)
         with torch.no_grad():
-            for start in range(0, len(rows), int(batch_size)):
-                batch = rows[start : start + int(batch_size)]
-                idx = torch.tensor([i for i, _ in batch], device=cond.device)
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                rows_idx = torch.tensor([i for i, _ in batch], device=cond.device)
                 extra = {"n_tokens": [int(n_tokens[i]) for i, _ in batch]} if self.needs_token_counts else {}
                 pending.append(
-                    self.score_rows(pipe, cond[idx], [s for _, s in batch], resolution, **extra).detach().double().cpu()
+                    self.score_rows(pipe, cond[rows_idx], [s for _, s in batch], resolution, **extra)
+                    .detach()
+                    .double()
+                    .cpu()
                 )
                 buf = torch.cat(pending)
                 done = buf.shape[0] // g  # reduce finished prompts now: raw values stay small
@@ -118,11 +152,7 @@ class Detector:
                 pending = [buf[done * g :]]
                 bar.update(done)
         bar.close()
-        out = np.concatenate(scores).astype(np.float64)
-        if not np.isfinite(out).all():
-            bad = [names[i] for i in np.flatnonzero(~np.isfinite(out))[:3]]
-            raise DataError(f"{self.name}: non-finite scores (e.g. for {bad!r}); check the model weights")
-        return out
+        return np.concatenate(scores).astype(np.float64)
 
     def score_rows(self, pipe, cond: torch.Tensor, seeds: list[int], resolution: int) -> torch.Tensor:
         """Raw values ``[B, ...]`` for conditioning rows ``cond`` and their seeds (one row each)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from diffmem import distributed
 from diffmem.data.labels import check_positives, ground_truth, ground_truth_labels
 from diffmem.detectors.base import Detector
 
@@ -55,9 +56,16 @@ def score_table(
 
 
 def attribution_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int) -> pd.DataFrame:
-    """``prompt_id, token_index, token, attribution`` for every prompt."""
-    parts = [
-        detector.attribute(pipe, p.caption, p.prompt_id, seed=seed, resolution=resolution).assign(prompt_id=p.prompt_id)
-        for p in prompts.itertuples(index=False)
-    ]
+    """``prompt_id, token_index, token, attribution`` for every prompt (the ranks of a split
+    stage take a share of the prompts each)."""
+
+    def attribute(idx) -> list[pd.DataFrame]:
+        return [
+            detector.attribute(pipe, p.caption, p.prompt_id, seed=seed, resolution=resolution).assign(
+                prompt_id=p.prompt_id
+            )
+            for p in prompts.iloc[idx].itertuples(index=False)
+        ]
+
+    parts = distributed.deal(len(prompts), attribute)
     return pd.concat(parts, ignore_index=True)[["prompt_id", "token_index", "token", "attribution"]]

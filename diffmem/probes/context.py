@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from diffmem import distributed
 from diffmem.checks import check_positive
 from diffmem.errors import ConfigError
 from diffmem.metrics import memorisation_rate
@@ -95,10 +96,15 @@ def rows_conditioning(pipe, rows: pd.DataFrame) -> torch.Tensor:
 
 
 def _cached(path: Path, compute, read, write):
+    """Read ``path``, or compute and write it. The ranks of a split stage compute it together
+    (rank 0 writes) and go on once it and the files written with it are there."""
     if path.exists():
         return read(path)
     value = compute()
-    write(path, value)
+    if distributed.writes():
+        write(path, value)
+    if distributed.splitting():
+        distributed.barrier(f"part {path.name} written")
     return value
 
 
@@ -156,7 +162,8 @@ def attack(
                 embs, images[i : i + 1].expand(len(found), -1, -1, -1), keys, image_dir=ctx.run_dir / TRIGGER_DIR / key
             )
             table["image"] = f"{TRIGGER_DIR}/{key}/" + table["image"]
-        save_triggers(trigger_file(ctx.run_dir, key), embs)
+        if distributed.writes():
+            save_triggers(trigger_file(ctx.run_dir, key), embs)
         return table.assign(role=role)
 
     return ctx.part(key, compute)

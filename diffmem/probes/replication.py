@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from diffmem import distributed
 from diffmem.metrics import memorisation_rate
 from diffmem.runs import atomic_path
 from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
@@ -31,13 +32,19 @@ def sample_images(
     guidance: float,
     batch_size: int = 32,
 ) -> torch.Tensor:
-    """One image per (conditioning row, seed), in batches: ``[N, 3, H, W]`` in [0, 1], CPU."""
+    """One image per (conditioning row, seed), in batches: ``[N, 3, H, W]`` in [0, 1], CPU (the
+    ranks of a split stage generate a share of the batches each)."""
     uncond = encode_prompts(pipe, [""])
-    out = []
-    for i in range(0, len(seeds), batch_size):
-        c = cond[i : i + batch_size].to(pipe.unet.device, pipe.unet.dtype)
-        out.append(sample(pipe, c, seeds[i : i + batch_size], resolution, steps, guidance, uncond=uncond).cpu())
-    return torch.cat(out)
+
+    def generate(rows: np.ndarray) -> torch.Tensor:
+        out = []
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            c = cond[torch.as_tensor(batch)].to(pipe.unet.device, pipe.unet.dtype)
+            out.append(sample(pipe, c, [seeds[j] for j in batch], resolution, steps, guidance, uncond=uncond).cpu())
+        return torch.cat(out)
+
+    return distributed.deal(len(seeds), generate, batch_size)
 
 
 @torch.no_grad()
@@ -76,21 +83,28 @@ def replication_table(
     table = keys.iloc[rep].reset_index(drop=True)
     table["k"] = np.tile(np.arange(n_per_prompt), len(keys))
     seeds = [sample_seed(seed, p, k) for p, k in zip(table["prompt_id"], table["k"])]
-    images = sample_images(
-        pipe,
-        conds[torch.as_tensor(rep)],
-        seeds,
-        resolution=resolution,
-        steps=steps,
-        guidance=guidance,
-        batch_size=batch_size,
-    )
-    table["similarity"] = similarity_to_targets(extractor, images, targets[torch.as_tensor(rep)], batch_size)
-    if image_dir is not None:
-        table["image"] = [f"{i:04d}.png" for i in range(len(table))]
-        for name, img in zip(table["image"], to_uint8(images)):
-            with atomic_path(Path(image_dir) / name) as tmp:
+    names = [f"{i:04d}.png" for i in range(len(table))]
+
+    def generate(rows: np.ndarray) -> np.ndarray:  # the similarities of these rows (and their PNGs)
+        take = torch.as_tensor(rep[rows])
+        images = sample_images(
+            pipe,
+            conds[take],
+            [seeds[i] for i in rows],
+            resolution=resolution,
+            steps=steps,
+            guidance=guidance,
+            batch_size=batch_size,
+        )
+        for i, img in zip(rows, to_uint8(images) if image_dir is not None else ()):
+            with atomic_path(Path(image_dir) / names[i]) as tmp:
                 Image.fromarray(img).save(tmp, format="PNG")
+        return similarity_to_targets(extractor, images, targets[take], batch_size)
+
+    # the ranks of a split stage take whole batches each
+    table["similarity"] = distributed.deal(len(table), generate, batch_size)
+    if image_dir is not None:
+        table["image"] = names
     return table
 
 

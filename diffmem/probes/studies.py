@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from diffmem import distributed
 from diffmem.probes import nemo as nemo_lib
 from diffmem.probes import wanda as wanda_lib
 from diffmem.probes.context import ProbeContext, attack, attack_summary, baseline_summary, prompt_keys, trigger_settings
@@ -90,32 +91,45 @@ def localise_one(ctx: ProbeContext, setup, cond: torch.Tensor, prompt_id: int, s
 
 
 def _nemo_all(ctx: ProbeContext, s) -> list[dict]:
+    """NeMo's search per target (a sequential search each: the ranks of a split stage take a share of the targets)."""
     setup = nemo_setup(ctx, s)
-    return [
-        ctx.json_part(
-            f"nemo-{int(r.prompt_id)}",
-            lambda i=i, r=r: localise_one(ctx, setup, ctx.target_cond[i], int(r.prompt_id), s),
-        )
-        for i, r in zip(_bar(len(ctx.targets), "nemo"), ctx.targets.itertuples())
-    ]
+
+    def localise(idx: np.ndarray) -> list[dict]:
+        return [
+            ctx.json_part(
+                f"nemo-{int(r.prompt_id)}",
+                lambda i=i, r=r: localise_one(ctx, setup, ctx.target_cond[i], int(r.prompt_id), s),
+            )
+            for _, i, r in zip(_bar(len(idx), "nemo"), idx, ctx.targets.iloc[idx].itertuples())
+        ]
+
+    return distributed.deal(len(ctx.targets), localise)
 
 
 def _blocked_replication(ctx: ProbeContext, found: list[dict]) -> pd.DataFrame:
-    parts = []
-    for i, f in enumerate(found):
-        with block_neurons(ctx.pipe.unet, f["neurons"]):
-            parts.append(
-                ctx.replication(
-                    ctx.target_cond[i : i + 1], ctx.target_images[i : i + 1], prompt_keys(ctx.targets.iloc[i : i + 1])
+    """Each target's generations with its neurons blocked (the ranks of a split stage take a share of the targets)."""
+
+    def replicate(idx: np.ndarray) -> list[pd.DataFrame]:
+        parts = []
+        for i in idx:
+            with block_neurons(ctx.pipe.unet, found[i]["neurons"]):
+                parts.append(
+                    ctx.replication(
+                        ctx.target_cond[i : i + 1],
+                        ctx.target_images[i : i + 1],
+                        prompt_keys(ctx.targets.iloc[i : i + 1]),
+                    )
                 )
-            )
-    return pd.concat(parts, ignore_index=True)
+        return parts
+
+    return pd.concat(distributed.deal(len(found), replicate), ignore_index=True)
 
 
 def nemo(ctx: ProbeContext, s) -> tuple[dict, dict]:
     """NeMo's neurons per memorised prompt, and MR with them blocked (``neurons.json``)."""
     found = _nemo_all(ctx, s)
-    nemo_lib.save_neurons(ctx.run_dir, dict(zip(ctx.targets["prompt_id"], found)))
+    if distributed.writes():
+        nemo_lib.save_neurons(ctx.run_dir, dict(zip(ctx.targets["prompt_id"], found)))
     base = ctx.baseline("original")
     blocked = ctx.part("baseline-nemo", lambda: _blocked_replication(ctx, found))
     table = prompt_keys(ctx.targets).assign(
@@ -151,7 +165,8 @@ def _wanda_model(ctx: ProbeContext, s) -> wanda_lib.Masks:
     if path.exists():
         return wanda_lib.load_masks(path)
     masks = wanda_masks_for(ctx, ctx.target_cond, s, ctx.targets["prompt_id"])
-    wanda_lib.save_masks(path, masks)
+    if distributed.writes():
+        wanda_lib.save_masks(path, masks)
     return masks
 
 
@@ -159,7 +174,7 @@ def _save_pruned(ctx: ProbeContext, s) -> None:
     """The pruned pipeline as ``model/`` (diffusers format: any stage takes it as ``model=local``)."""
     from diffmem.models.pipeline import is_pipeline_dir, save_pipeline
 
-    if s.get("save_model", True) and not is_pipeline_dir(ctx.run_dir / "model"):
+    if s.get("save_model", True) and distributed.writes() and not is_pipeline_dir(ctx.run_dir / "model"):
         save_pipeline(ctx.pipe, ctx.run_dir / "model")
 
 
@@ -277,13 +292,19 @@ def locality(ctx: ProbeContext, s) -> tuple[dict, dict]:
         ok = table.groupby("restart")["similarity"].max().gt(ctx.threshold).to_numpy()
         use = embs[torch.as_tensor(ok)] if ok.sum() >= 2 else embs
         acts = _flat(nemo_lib.value_activations(ctx.pipe, use, layers))
-        nemo_masks = [
-            ctx.json_part(f"locality-nemo-{i}-{j}", lambda e=e, pid=pid: localise_one(ctx, setup, e, pid, s.nemo))[
-                "neurons"
+
+        def masks(js: np.ndarray, i=i, use=use, pid=pid) -> list[tuple]:  # per trigger: the ranks take a share
+            return [
+                (
+                    ctx.json_part(
+                        f"locality-nemo-{i}-{j}", lambda e=use[j], pid=pid: localise_one(ctx, setup, e, pid, s.nemo)
+                    )["neurons"],
+                    wanda_masks_for(ctx, use[j][None], s.wanda, [pid]),
+                )
+                for j in js
             ]
-            for j, e in enumerate(use)
-        ]
-        wanda_masks = [wanda_masks_for(ctx, e[None], s.wanda, [pid]) for e in use]
+
+        nemo_masks, wanda_masks = zip(*distributed.deal(len(use), masks))
         rows.append(
             {
                 "prompt_id": pid,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem import distributed
 from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import atomic_path
@@ -150,16 +151,21 @@ def search_triggers(
     """``restarts`` triggers for one target, cycling through ``inits``.
 
     Restart ``r`` uses init ``inits[r % len(inits)]``, the seed :func:`trigger_seed` and, for
-    ``other``, the non-memorised embedding ``other_conds[r % len(other_conds)]``.
+    ``other``, the non-memorised embedding ``other_conds[r % len(other_conds)]``. The restarts
+    are independent: the ranks of a split stage search a share of them each.
     """
-    out = []
-    for r in range(int(restarts)):
-        init = inits[r % len(inits)]
-        g = torch.Generator().manual_seed(trigger_seed(seed, prompt_id, r))
-        other = other_conds[r % len(other_conds)] if other_conds is not None and len(other_conds) else None
-        start = initial_embedding(init, prompt_cond, other, g)
-        emb, losses = search_trigger(
-            pipe, x0, start, steps=steps, lr=lr, batch_size=batch_size, seed=trigger_seed(seed, prompt_id, r) + 1
-        )
-        out.append(Trigger(emb, init, losses, float((emb - start.cpu().float()).norm())))
-    return out
+
+    def search(rows: np.ndarray) -> list[Trigger]:
+        out = []
+        for r in map(int, rows):
+            init = inits[r % len(inits)]
+            g = torch.Generator().manual_seed(trigger_seed(seed, prompt_id, r))
+            other = other_conds[r % len(other_conds)] if other_conds is not None and len(other_conds) else None
+            start = initial_embedding(init, prompt_cond, other, g)
+            emb, losses = search_trigger(
+                pipe, x0, start, steps=steps, lr=lr, batch_size=batch_size, seed=trigger_seed(seed, prompt_id, r) + 1
+            )
+            out.append(Trigger(emb, init, losses, float((emb - start.cpu().float()).norm())))
+        return out
+
+    return distributed.deal(int(restarts), search)

@@ -18,8 +18,10 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from diffmem import distributed
 from diffmem.checks import check_positive
 from diffmem.errors import ConfigError
 from diffmem.probes.layers import ffn_layers, get_layers, record
@@ -103,24 +105,29 @@ def prompt_masks(
     fraction: float,
 ) -> Masks:
     """The union of :func:`wanda_masks` over several conditionings, each with the first
-    ``n_seeds`` generation seeds of its prompt (``sample_seed(seed, prompt_id, k)``)."""
+    ``n_seeds`` generation seeds of its prompt (``sample_seed(seed, prompt_id, k)``); the ranks
+    of a split stage take a share of the conditionings each (a union in any order is the same)."""
     from diffmem.sampling import sample_seed
 
-    return union(
-        [
-            wanda_masks(
+    prompt_ids = list(prompt_ids)
+
+    def masks(idx: np.ndarray) -> list[Masks]:  # on the CPU (as load_masks gives them): ranks exchange them
+        out = []
+        for i in idx:
+            m = wanda_masks(
                 pipe,
-                c,
-                [sample_seed(seed, int(p), k) for k in range(int(n_seeds))],
+                conds[i],
+                [sample_seed(seed, int(prompt_ids[i]), k) for k in range(int(n_seeds))],
                 resolution=resolution,
                 steps=steps,
                 guidance=guidance,
                 n_steps=int(n_steps),
                 fraction=float(fraction),
             )
-            for c, p in zip(conds, prompt_ids)
-        ]
-    )
+            out.append({name: v.cpu() for name, v in m.items()})
+        return out
+
+    return union(distributed.deal(len(prompt_ids), masks))
 
 
 def union(masks: Sequence[Masks]) -> Masks:
