@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -42,7 +43,7 @@ def check_config(cfg: DictConfig) -> dict:
     """``{name: model path}`` after checking the settings (nothing is written before this)."""
     from diffmem.probes.context import check_settings
 
-    models = OmegaConf.to_container(cfg.models, resolve=True) or {}
+    models = cast("dict[str, Any]", OmegaConf.to_container(cfg.models, resolve=True) or {})
     if not models:
         raise ConfigError("models: name at least one model folder (name: path)")
     for name, path in models.items():
@@ -56,7 +57,8 @@ def check_config(cfg: DictConfig) -> dict:
 
 def pareto(cfg: DictConfig, run_dir: Path) -> dict:
     """``pareto.parquet`` (trials + runs) and ``pareto.png`` from the study and the runs' objectives."""
-    trials, runs = pareto_points(cfg.study, OmegaConf.to_container(cfg.pareto_runs, resolve=True) or {})
+    runs_cfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.pareto_runs, resolve=True) or {})
+    trials, runs = pareto_points(cfg.study, runs_cfg)
     write_parquet(run_dir / "pareto.parquet", pd.concat([trials.assign(run="memcontrol"), runs], ignore_index=True))
     pareto_figure(trials, runs, run_dir / "pareto.png")
     front = trials[trials["pareto"]]
@@ -67,7 +69,9 @@ def pareto(cfg: DictConfig, run_dir: Path) -> dict:
     }
 
 
-def prepare(cfg: DictConfig):
+def prepare(
+    cfg: DictConfig,
+) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, torch.Tensor, pd.DataFrame, torch.Tensor]:
     """The models, prompts, target and utility images, checked before anything is written."""
     from diffmem.data.selection import load_targets, select_prompts
     from diffmem.mitigations.objectives import real_rows
@@ -75,7 +79,9 @@ def prepare(cfg: DictConfig):
     models = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
     prompts = stage_prompts(cfg, manifest)
-    positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    positives = cast(
+        "dict[str, Any] | None", OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    )
     targets, negatives, _ = select_prompts(prompts, positives, cfg.get("max_targets"), 0, stage="evaluate-mitigation")
     target_images = load_targets(root, targets, int(cfg.resolution), False)
     u = cfg.utility

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,7 +183,7 @@ class StageSpec:
     extra: Callable[[DictConfig, Any], dict[str, Any]] | None = None
     inputs: Callable[[DictConfig, Any], dict[str, Any]] | None = None
     guard: Callable[[DictConfig, dict[str, Any]], str | None] | None = None
-    run_dir: Callable[[DictConfig], str] = lambda cfg: cfg.run_dir
+    run_dir: Callable[[DictConfig], str | os.PathLike[str]] = lambda cfg: cfg.run_dir
     scratch: tuple[str, ...] = ()
     after: Callable[[Job], None] | None = None
     data_parallel: bool = False
