@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, cast
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -58,7 +59,12 @@ def check_config(cfg: DictConfig) -> Detector:
         raise ConfigError(
             f"attribution=true needs a detector with per-token attribution (noise_norm), not '{detector.name}'"
         )
-    check_positives(OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None)
+    check_positives(
+        cast(
+            "dict[str, Any] | None",
+            OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None,
+        )
+    )
     return detector
 
 
@@ -69,7 +75,9 @@ def prepare(cfg: DictConfig) -> tuple[Detector, pd.DataFrame]:
 def body(job: Job) -> Outcome:
     cfg, run_dir, (detector, prompts) = job.cfg, job.dir, job.ctx
     device = configure_torch(cfg)
-    positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    positives = cast(
+        "dict[str, Any] | None", OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    )
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     start = time.perf_counter()
     with count_unet_evals(pipe.unet) as used:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
@@ -35,6 +35,9 @@ from diffmem.mitigations.evaluation import evaluate_model, pareto_points
 from diffmem.report.figures import mitigation_figure, pareto_figure
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import digest, write_parquet
+
+if TYPE_CHECKING:
+    from diffmem.features.clip import ClipExtractor
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +105,7 @@ def body(job: Job) -> Outcome:
     device = configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     util_extractor = build_extractor(u.features, device=str(device))
-    clip = build_extractor(u.clip, device=str(device)) if u.get("clip") else None
+    clip = cast("ClipExtractor", build_extractor(u.clip, device=str(device))) if u.get("clip") else None
     ts = trigger_settings(cfg.trigger)
     # a model's parts depend only on it and these settings: tables with other models share them
     settings = SPEC.fingerprint(cfg)
