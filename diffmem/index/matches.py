@@ -49,7 +49,7 @@ def find_matches(
         parts, sinfo = FeatureStore(stream_dir).part_maps()
         info = {"feature": sinfo["feature"], "features_dir": str(stream_dir)}
     else:
-        assert index_dir is not None  # search.py requires one of the two
+        assert index_dir is not None  # callers give an index or a stream (search.py checks it)
         index, info = load_index(index_dir)
     if info.get("feature") not in (None, qinfo["feature"]):
         raise DataError(
