@@ -8,6 +8,10 @@ Public API (what notebooks use; the CLI runs the same functions)::
     res = diffmem.load_run(run_dir)                           # its tables and metrics
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from diffmem import _torchvision_shim
 from diffmem.registry import MODEL_WRAPPERS as _WRAPPERS
 
@@ -20,7 +24,7 @@ __all__ = ["compose", "run", "load_run", "__version__"]
 _WRAPPERS.register("defence", "diffmem.mitigations.defences:wrapped")
 
 
-def __getattr__(name):  # keep `import diffmem` light: torch etc. load on first use
+def __getattr__(name: str) -> Any:  # keep `import diffmem` light: torch etc. load on first use
     if name in ("compose", "run"):
         from diffmem import config
 

@@ -22,12 +22,16 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
 
 _MISSING_SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
-_state = {"applied": False, "shimmed": False, "lib": None}
+_state: dict[str, Any] = {"applied": False, "shimmed": False, "lib": None}
 
 
 def _extension_path() -> str | None:
@@ -72,7 +76,9 @@ def apply() -> bool:
 class _TorchvisionHook(importlib.abc.MetaPathFinder):
     """Runs ``apply()`` once, just before the first ``import torchvision``."""
 
-    def find_spec(self, fullname, path=None, target=None):
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
         if fullname != "torchvision":
             return None
         sys.meta_path.remove(self)

@@ -10,6 +10,7 @@ after the last finished step.
 from __future__ import annotations
 
 import logging
+from typing import Any, cast
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -32,9 +33,9 @@ from diffmem.runs import provenance, write_parquet
 log = logging.getLogger(__name__)
 
 
-def _sub(cfg: DictConfig, node: str, **fields) -> DictConfig:
+def _sub(cfg: DictConfig, node: str, **fields: Any) -> DictConfig:
     """The resolved config of a sub-stage (``cfg[node]``) with ``fields`` filled in."""
-    return OmegaConf.merge(OmegaConf.to_container(cfg[node], resolve=True), fields)
+    return cast(DictConfig, OmegaConf.merge(OmegaConf.to_container(cfg[node], resolve=True), fields))
 
 
 def baseline_split(cfg: DictConfig, manifest: pd.DataFrame) -> str | None:
@@ -66,7 +67,7 @@ def check_config(cfg: DictConfig) -> DictConfig:
     settings (nothing is generated or written before this)."""
     manifest = load_dataset(cfg.data)[1]
     stage_prompts(cfg, manifest)
-    return OmegaConf.merge(cfg, {"baseline_split": baseline_split(cfg, manifest)})
+    return cast(DictConfig, OmegaConf.merge(cfg, {"baseline_split": baseline_split(cfg, manifest)}))
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
@@ -75,7 +76,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     manifest = load_dataset(cfg.data)[1]
     stage_prompts(cfg, manifest)
     check_extractor(cfg.embed.features.extractor)
-    return OmegaConf.merge(cfg, {"baseline_split": baseline_split(cfg, manifest)})
+    return cast(DictConfig, OmegaConf.merge(cfg, {"baseline_split": baseline_split(cfg, manifest)}))
 
 
 def body(job: Job) -> Outcome:

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any, Literal, overload
 
 import numpy as np
 
 from diffmem.errors import ConfigError
 
 
-def check_int(value, name: str, minimum: int | None = None, optional: bool = False) -> int | None:
+@overload
+def check_int(value: Any, name: str, minimum: int | None = ..., optional: Literal[False] = ...) -> int: ...
+@overload
+def check_int(value: Any, name: str, minimum: int | None = ..., optional: bool = ...) -> int | None: ...
+def check_int(value: Any, name: str, minimum: int | None = None, optional: bool = False) -> int | None:
     """``value`` as an int ``>= minimum`` (``None`` passes when ``optional``)."""
     if value is None and optional:
         return None
@@ -29,13 +34,35 @@ def check_int(value, name: str, minimum: int | None = None, optional: bool = Fal
     return int(value)
 
 
-def check_positive(value, name: str, optional: bool = False) -> int | None:
+@overload
+def check_positive(value: Any, name: str, optional: Literal[False] = ...) -> int: ...
+@overload
+def check_positive(value: Any, name: str, optional: bool = ...) -> int | None: ...
+def check_positive(value: Any, name: str, optional: bool = False) -> int | None:
     """``value`` as an int ``>= 1`` (counts, sizes, steps); ``None`` passes when ``optional``."""
     return check_int(value, name, 1, optional)
 
 
+@overload
 def check_float(
-    value,
+    value: Any,
+    name: str,
+    minimum: float | None = ...,
+    maximum: float | None = ...,
+    above: float | None = ...,
+    optional: Literal[False] = ...,
+) -> float: ...
+@overload
+def check_float(
+    value: Any,
+    name: str,
+    minimum: float | None = ...,
+    maximum: float | None = ...,
+    above: float | None = ...,
+    optional: bool = ...,
+) -> float | None: ...
+def check_float(
+    value: Any,
     name: str,
     minimum: float | None = None,
     maximum: float | None = None,
@@ -68,7 +95,7 @@ def check_float(
     return out
 
 
-def check_choice(value, name: str, choices: Iterable[str]) -> str:
+def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
     """``value`` when it is one of ``choices``; else a ConfigError with the closest ones."""
     choices = list(choices)
     if value not in choices:
@@ -77,7 +104,7 @@ def check_choice(value, name: str, choices: Iterable[str]) -> str:
     return value
 
 
-def did_you_mean(name, choices: Iterable[str], n: int = 1, cutoff: float = 0.5, paren: bool = False) -> str:
+def did_you_mean(name: object, choices: Iterable[str], n: int = 1, cutoff: float = 0.5, paren: bool = False) -> str:
     """A hint naming the ``choices`` closest to ``name``, or ``""`` when none is close.
 
     ``" Did you mean 'a'?"`` to follow a sentence, or ``" (did you mean 'a'?)"`` with ``paren``.
@@ -89,7 +116,7 @@ def did_you_mean(name, choices: Iterable[str], n: int = 1, cutoff: float = 0.5, 
     return f" (did you mean {names}?)" if paren else f" Did you mean {names}?"
 
 
-def check_shard(shard, num_shards) -> tuple[int, int]:
+def check_shard(shard: Any, num_shards: Any) -> tuple[int, int]:
     """``(shard, num_shards)`` of an array job: ``num_shards >= 1`` and ``0 <= shard < num_shards``."""
     num_shards = check_positive(num_shards, "num_shards")
     if not 0 <= check_int(shard, "shard") < num_shards:

@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -45,8 +47,8 @@ if not OmegaConf.has_resolver("asset"):
     OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name))
 
 
-def _lazy(module: str, attr: str):
-    def resolve(*args):
+def _lazy(module: str, attr: str) -> Callable[..., Any]:
+    def resolve(*args: Any) -> Any:
         import importlib
 
         return getattr(importlib.import_module(module), attr)(*args)
@@ -63,7 +65,7 @@ for _resolver, _module, _attr in (
         OmegaConf.register_new_resolver(_resolver, _lazy(_module, _attr))
 
 
-def stage_module(stage: str):
+def stage_module(stage: str) -> ModuleType:
     """The module of ``stage`` (a "did you mean" error for unknown names)."""
     return STAGES.get(stage)
 
@@ -171,7 +173,7 @@ def run(stage: str, overrides: Sequence[str] = ()) -> Path:
     return Path(cfg.run_dir)
 
 
-def _exit(stage: str, err: DiffmemError):
+def _exit(stage: str, err: DiffmemError) -> NoReturn:
     """A user error as the CLI reports it: one line on stderr, exit status 2."""
     print(f"diffmem {stage}: error: {err}", file=sys.stderr)
     sys.exit(2)
@@ -186,7 +188,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
     from diffmem.schema import settle_precision, validate
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name(stage))
-    def _app(cfg: DictConfig):
+    def _app(cfg: DictConfig) -> object:
         try:
             with open_dict(cfg):
                 cfg.run_dir = HydraConfig.get().runtime.output_dir
@@ -196,7 +198,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
         except DiffmemError as err:
             _exit(stage, err)
 
-    def main():
+    def main() -> object:
         relaunch_cpu_ranks()  # before Hydra creates the run dir: the ranks do
         args = sys.argv[1:]
         try:  # before Hydra creates the run dir named after it

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -40,8 +41,11 @@ log = logging.getLogger(__name__)
 
 def _embed_cfg(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """The embed stage's config (``cfg.embed``) writing into ``run_dir``."""
-    return OmegaConf.merge(
-        OmegaConf.to_container(cfg.embed, resolve=True), {"run_dir": str(run_dir), "source": "dataset"}
+    return cast(
+        DictConfig,
+        OmegaConf.merge(
+            OmegaConf.to_container(cfg.embed, resolve=True), {"run_dir": str(run_dir), "source": "dataset"}
+        ),
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, cast
 
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -59,7 +60,12 @@ def check_config(cfg: DictConfig) -> Detector:
         raise ConfigError(
             f"attribution=true needs a detector with per-token attribution (noise_norm), not '{detector.name}'"
         )
-    check_positives(OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None)
+    check_positives(
+        cast(
+            "dict[str, Any] | None",
+            OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None,
+        )
+    )
     return detector
 
 
@@ -70,7 +76,9 @@ def prepare(cfg: DictConfig) -> tuple[Detector, pd.DataFrame]:
 def body(job: Job) -> Outcome:
     cfg, run_dir, (detector, prompts) = job.cfg, job.dir, job.ctx
     device = configure_torch(cfg)
-    positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    positives = cast(
+        "dict[str, Any] | None", OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    )
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     start = time.perf_counter()
     with distributed.split():  # each rank scores (and attributes) its share of the prompts
@@ -89,7 +97,8 @@ def body(job: Job) -> Outcome:
         if cfg.attribution:
             with count_unet_evals(pipe.unet) as used_attr:
                 attr = attribution_table(detector, pipe, prompts, seed=cfg.seed, resolution=cfg.resolution)
-        calls, calls_attr = _over_ranks(used), used_attr and _over_ranks(used_attr)
+        calls = _over_ranks(used)
+        calls_attr = _over_ranks(used_attr) if used_attr is not None else None
         data_parallel = distributed.dealt_summary()
     if not distributed.is_main():  # rank 0 publishes
         return Outcome(complete=False)
@@ -107,7 +116,7 @@ def body(job: Job) -> Outcome:
         "seconds_per_prompt": seconds / len(table),
         "by_group": group_summary(table),
     }
-    if attr is not None:
+    if attr is not None and calls_attr is not None:
         write_parquet(run_dir / ATTRIBUTION, attr)
         metrics["unet_calls_attribution"] = calls_attr.evals
     results = evaluate(table, cfg.fpr, cfg.ci_level)

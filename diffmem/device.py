@@ -13,9 +13,10 @@ from diffmem.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+    from omegaconf import DictConfig
 
 
-def check_device(device, name: str = "device") -> str:
+def check_device(device: object, name: str = "device") -> str:
     """``device`` if this machine has it: ``auto``, ``cpu``, ``cuda``, ``cuda:<i>`` or ``mps``
     (a one-line ConfigError naming the field otherwise, before any work starts); null is auto."""
     text = "auto" if device is None else str(device)
@@ -51,12 +52,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if r.world_size > 1:
             torch.cuda.set_device(r.local_rank % torch.cuda.device_count())
             return torch.device("cuda", torch.cuda.current_device())
-    if device in (None, "auto"):
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def configure_torch(cfg) -> torch.device:
+def configure_torch(cfg: DictConfig) -> torch.device:
     """A stage's torch setup from its config: CPU threads (``threads``, null = torch's
     default) and the device (``device``, default ``auto``)."""
     import torch

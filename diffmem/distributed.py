@@ -22,19 +22,26 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 
 from diffmem.errors import ConfigError, DiffmemError
 
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed import ProcessGroup
+
+T = TypeVar("T")
+
 #: seconds a rank waits for the others at a barrier or collective before failing the job
 TIMEOUT_ENV = "DIFFMEM_DIST_TIMEOUT_S"
 _BUCKET = 2**22  # gradient elements per all-reduce (16 MB of fp32), as DDP's buckets
-_barrier_group = None
+_barrier_group: ProcessGroup | None = None
 log = logging.getLogger(__name__)
 
 
@@ -83,16 +90,16 @@ def _mpi_env() -> None:
     mpi = {key: next((env[name] for name in names if name in env), None) for key, names in _MPI_VARS.items()}
     if mpi["RANK"] is None or int(mpi["WORLD_SIZE"] or 1) <= 1:
         return
-    mpi = {key: value for key, value in mpi.items() if value is not None}
+    given = {key: value for key, value in mpi.items() if value is not None}
     if "MASTER_ADDR" not in env:
-        if int(mpi.get("LOCAL_WORLD_SIZE", mpi["WORLD_SIZE"])) != int(mpi["WORLD_SIZE"]):
+        if int(given.get("LOCAL_WORLD_SIZE", given["WORLD_SIZE"])) != int(given["WORLD_SIZE"]):
             raise ConfigError(
-                f"MPI job of {mpi['WORLD_SIZE']} ranks on several nodes: "
+                f"MPI job of {given['WORLD_SIZE']} ranks on several nodes: "
                 "export MASTER_ADDR=<rank 0's host name> for every rank (mpirun -x MASTER_ADDR)"
             )
         env["MASTER_ADDR"] = "127.0.0.1"
     env.setdefault("MASTER_PORT", "29500")
-    env.update(mpi)
+    env.update(given)
 
 
 def _accelerate_cpu() -> bool:
@@ -215,7 +222,7 @@ def init() -> bool:
     return True
 
 
-def _gloo_group():
+def _gloo_group() -> ProcessGroup | None:
     """The process group of barriers and object exchanges: gloo, whose ``monitored_barrier``
     names the missing ranks (the main group is NCCL on GPUs)."""
     global _barrier_group
@@ -230,7 +237,7 @@ def _gloo_group():
     return _barrier_group
 
 
-def _collective(what: str, fn):
+def _collective(what: str, fn: Callable[[], T]) -> T:
     """Run collective ``fn``; a peer that died, hangs or failed is a :class:`RankError` naming ``what``."""
     r = ranks()
     try:
@@ -273,7 +280,7 @@ def batch_rows(n: int, rank: int | None = None, world: int | None = None) -> sli
     return slice(rank * n // world, (rank + 1) * n // world)
 
 
-def batch_mean(per_row, weight=None):
+def batch_mean(per_row: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """This rank's share of the global batch's (``weight``-ed) mean of ``per_row`` (this rank's
     rows), scaled so that gradients averaged over ranks (:func:`average_gradients`) are those
     of the global mean. One process: the plain (weighted) mean."""
@@ -291,7 +298,7 @@ def batch_mean(per_row, weight=None):
     return (per_row * weight).sum() * world / total.clamp(min=1)
 
 
-def batch_mse(pred, target):
+def batch_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The mean squared error of the global batch, this rank's share (:func:`batch_mean` of the
     per-row errors of this rank's rows); one process: exactly ``mse_loss`` as it always was."""
     import torch
@@ -301,7 +308,7 @@ def batch_mse(pred, target):
     return batch_mean((pred - target).pow(2).flatten(1).mean(1))
 
 
-def average_gradients(params) -> None:
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
     """Average the gradients of ``params`` over the ranks (DDP's all-reduce, in buckets)."""
     if world_size() == 1 or not init():
         return
@@ -311,14 +318,14 @@ def average_gradients(params) -> None:
     for p in params:  # a rank with no rows this step still takes part
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    grads = [cast("torch.Tensor", p.grad) for p in params]  # every one set above
     world = world_size()
-    bucket: list = []
+    bucket: list[torch.Tensor] = []
     for i, g in enumerate(grads):
         bucket.append(g)
         if i + 1 == len(grads) or sum(x.numel() for x in bucket) >= _BUCKET:
             flat = torch.cat([x.reshape(-1) for x in bucket])
-            _collective("gradient all-reduce", lambda flat=flat: dist.all_reduce(flat))
+            _collective("gradient all-reduce", partial(dist.all_reduce, flat))
             flat /= world
             offset = 0
             for x in bucket:
@@ -339,7 +346,7 @@ def mean_over_ranks(value: float) -> float:
     return float(t) / world_size()
 
 
-def share(obj=None):
+def share(obj: Any = None) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. whether the others have work); ``obj`` in one process."""
     if not init():
         return obj
@@ -350,7 +357,7 @@ def share(obj=None):
     return box[0]
 
 
-def gather(obj):
+def gather(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` as a list on rank 0 (rank order), None on the others; ``[obj]``
     for one process."""
     if not init():
@@ -362,7 +369,7 @@ def gather(obj):
     return out
 
 
-def summary(items) -> dict:
+def summary(items: Callable[[int, int], int]) -> dict[str, Any]:
     """What ``info.json`` records of the job's data parallelism: the world size and each rank's
     item count (``items(rank, world)``)."""
     world = world_size()
@@ -371,7 +378,7 @@ def summary(items) -> dict:
 
 #: while a data-parallel stage's body splits its work (:func:`split`): rows dealt to this rank so
 #: far (None: not splitting), and whether this rank is inside a dealt unit (which it runs alone)
-_split: dict = {"rows": None, "alone": False}
+_split: dict[str, Any] = {"rows": None, "alone": False}
 
 
 @contextlib.contextmanager
@@ -398,7 +405,7 @@ def writes() -> bool:
     return not splitting() or is_main()
 
 
-def all_gather(obj) -> list:
+def all_gather(obj: Any) -> list[Any]:
     """Every rank's ``obj`` on every rank, in rank order; ``[obj]`` for one process."""
     if not init():
         return [obj]
@@ -433,7 +440,7 @@ def deal(n: int, compute: Callable[[np.ndarray], Any], block: int = 1) -> Any:
     return _in_order([m for _, m in parts], order)
 
 
-def _in_order(parts: list, order: np.ndarray) -> Any:
+def _in_order(parts: list[Any], order: np.ndarray) -> Any:
     """The ranks' results ``parts`` (in rank order) concatenated, then taken in ``order``."""
     first = parts[0]
     if isinstance(first, list):
@@ -446,7 +453,7 @@ def _in_order(parts: list, order: np.ndarray) -> Any:
     return torch.cat(parts)[torch.as_tensor(order)]
 
 
-def dealt_summary() -> dict:
+def dealt_summary() -> dict[str, Any]:
     """What ``info.json`` records of a :func:`split` body: the world size and the rows
     :func:`deal` gave each rank (every rank calls it: a collective)."""
     counts = all_gather(int(_split["rows"] or 0))

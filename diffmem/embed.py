@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -35,10 +36,13 @@ from diffmem.features.onnx import warn_flat_testbed
 from diffmem.features.store import FeatureStore
 from diffmem.runner import Job, Outcome, StageSpec, on_error_guard, require_items
 
+if TYPE_CHECKING:
+    from diffmem.features.base import Extractor
+
 log = logging.getLogger(__name__)
 
 
-def dataset_items(data_cfg, split: str | None = None) -> tuple[Path, pd.DataFrame]:
+def dataset_items(data_cfg: DictConfig, split: str | None = None) -> tuple[Path, pd.DataFrame]:
     """Items of a dataset: one row per distinct image file (duplicates share a vector);
     ``attrs[NOT_SUCCESS]`` counts the rows img2dataset marked failed."""
     root, manifest = load_dataset(data_cfg)
@@ -61,7 +65,7 @@ def samples_items(samples_dir: str | Path) -> tuple[Path, pd.DataFrame]:
 
 
 def embed_files(
-    extractor,
+    extractor: Extractor,
     root: Path,
     items: pd.DataFrame,
     store: FeatureStore,
@@ -162,7 +166,7 @@ def body(job: Job) -> Outcome:
             "embed: %d of %d images skipped (unreadable; listed in %s)", n_skipped, len(items), store.skipped_path
         )
 
-    def rank_items(r, w):  # the items of the parts rank r of w embedded
+    def rank_items(r: int, w: int) -> int:  # the items of the parts rank r of w embedded
         return sum(
             min(cfg.part_size, len(items) - p * cfg.part_size)
             for p in range(cfg.shard + cfg.num_shards * r, n_parts, cfg.num_shards * w)
@@ -181,7 +185,7 @@ def body(job: Job) -> Outcome:
     )
 
 
-def item_list(cfg: DictConfig, ctx) -> dict:
+def item_list(cfg: DictConfig, ctx: Any) -> dict:
     """A resume whose item list changed is refused: its ids and files (what the parts' rows are);
     captions and labels are not what a vector depends on."""
     return {"item list": ctx[1][["item_id", "file"]]}

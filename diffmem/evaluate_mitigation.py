@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
@@ -36,6 +37,9 @@ from diffmem.report.figures import mitigation_figure, pareto_figure
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import digest, write_parquet
 
+if TYPE_CHECKING:
+    from diffmem.features.clip import ClipExtractor
+
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +47,7 @@ def check_config(cfg: DictConfig) -> dict:
     """``{name: model path}`` after checking the settings (nothing is written before this)."""
     from diffmem.probes.context import check_settings
 
-    models = OmegaConf.to_container(cfg.models, resolve=True) or {}
+    models = cast("dict[str, Any]", OmegaConf.to_container(cfg.models, resolve=True) or {})
     if not models:
         raise ConfigError("models: name at least one model folder (name: path)")
     for name, path in models.items():
@@ -57,7 +61,8 @@ def check_config(cfg: DictConfig) -> dict:
 
 def pareto(cfg: DictConfig, run_dir: Path) -> dict:
     """``pareto.parquet`` (trials + runs) and ``pareto.png`` from the study and the runs' objectives."""
-    trials, runs = pareto_points(cfg.study, OmegaConf.to_container(cfg.pareto_runs, resolve=True) or {})
+    runs_cfg = cast("dict[str, Any]", OmegaConf.to_container(cfg.pareto_runs, resolve=True) or {})
+    trials, runs = pareto_points(cfg.study, runs_cfg)
     write_parquet(run_dir / "pareto.parquet", pd.concat([trials.assign(run="memcontrol"), runs], ignore_index=True))
     pareto_figure(trials, runs, run_dir / "pareto.png")
     front = trials[trials["pareto"]]
@@ -68,7 +73,9 @@ def pareto(cfg: DictConfig, run_dir: Path) -> dict:
     }
 
 
-def prepare(cfg: DictConfig):
+def prepare(
+    cfg: DictConfig,
+) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, torch.Tensor, pd.DataFrame, torch.Tensor]:
     """The models, prompts, target and utility images, checked before anything is written."""
     from diffmem.data.selection import load_targets, select_prompts
     from diffmem.mitigations.objectives import real_rows
@@ -76,7 +83,9 @@ def prepare(cfg: DictConfig):
     models = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
     prompts = stage_prompts(cfg, manifest)
-    positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    positives = cast(
+        "dict[str, Any] | None", OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    )
     targets, negatives, _ = select_prompts(prompts, positives, cfg.get("max_targets"), 0, stage="evaluate-mitigation")
     target_images = load_targets(root, targets, int(cfg.resolution), False)
     u = cfg.utility
@@ -97,7 +106,7 @@ def body(job: Job) -> Outcome:
     device = configure_torch(cfg)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
     util_extractor = build_extractor(u.features, device=str(device))
-    clip = build_extractor(u.clip, device=str(device)) if u.get("clip") else None
+    clip = cast("ClipExtractor", build_extractor(u.clip, device=str(device))) if u.get("clip") else None
     ts = trigger_settings(cfg.trigger)
     # a model's parts depend only on it and these settings: tables with other models share them
     settings = SPEC.fingerprint(cfg)

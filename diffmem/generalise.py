@@ -26,7 +26,9 @@ complete figure, and a finished n re-run only rewrites the summary.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -64,13 +66,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"vae_path: no diffusers VAE ({VAE_WEIGHTS}) in {cfg.vae_path}")
 
 
-def n_dir(run_dir, n: int) -> Path:
+def n_dir(run_dir: str | os.PathLike[str], n: int) -> Path:
     return Path(run_dir) / f"n-{int(n):05d}"
 
 
 def train_config(cfg: DictConfig, part: int) -> DictConfig:
     """The train stage's config of model ``MODELS[part]``: subset part ``part``, seed ``seed + part``."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
     subset = {"kinds": plain["kinds"], "size": plain["n"], "part": part, "seed": plain["seed"]}
     return OmegaConf.create(
         {
@@ -120,7 +122,7 @@ def summarise(cfg: DictConfig) -> Path:
         {
             "transition_n": n_star,
             "n": table.n.tolist(),
-            "definition": " ".join(transition_n.__doc__.split("\n\n")[0].split()),
+            "definition": " ".join(cast(str, transition_n.__doc__).split("\n\n")[0].split()),
             **provenance(cfg),
         },
     )
@@ -147,7 +149,8 @@ def body(job: Job) -> Outcome:
     cfg = job.cfg
     configure_torch(cfg)
     claim(cfg.run_dir, experiment_fingerprint(cfg))
-    vae_ceiling = measure(cfg, job.dir, *job.ctx, train=train.run)
+    configs, parts = job.ctx
+    vae_ceiling = measure(cfg, job.dir, configs, parts, train=train.run)
     pairs = read_parquet(job.dir / "pairs.parquet")
     image_grid(
         [GridPair(job.dir / p.file_a, job.dir / p.file_b, f"{p.cross_sim:.2f}") for p in pairs.head(8).itertuples()],

@@ -10,6 +10,7 @@ n-th sample, so array jobs split the work with no overlap.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
@@ -25,10 +26,13 @@ from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import require, write_parquet
 from diffmem.sampling import check_resolution, generate_images
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: DictConfig):
+def prepare(cfg: DictConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The prompts and the plan of samples (a pure function of the config), after the checks the
     schema (:mod:`diffmem.schema`) cannot make field by field."""
     check_shard(cfg.shard, cfg.num_shards)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from diffmem.models.adapters import apply_adapter, is_adapter, read_adapter
 from diffmem.models.pipeline import check_precision
 from diffmem.registry import MODEL_WRAPPERS
 from diffmem.sampling import SamplerHooks, set_hooks
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 
 def model_precision(spec: Mapping) -> str:
@@ -33,7 +37,7 @@ def load_model(
     *,
     precision: str | None = None,
     scheduler: str | None = None,
-):
+) -> StableDiffusionPipeline:
     """The pipeline of a model config (``path``, ``precision``, ``local_files_only``,
     ``vae_slicing``, ``vae_tiling``) or of a path.
 
@@ -60,7 +64,7 @@ def load_model(
     return set_hooks(_weights(base, device, precision, settings), hooks)
 
 
-def _wrapper(path) -> tuple[str, str, SamplerHooks] | None:
+def _wrapper(path: str | os.PathLike[str]) -> tuple[str, str, SamplerHooks] | None:
     """(format name, base model, sampler hooks) when ``path`` is a folder of a registered
     wrapper format, else None."""
     for kind in MODEL_WRAPPERS.names():
@@ -70,7 +74,9 @@ def _wrapper(path) -> tuple[str, str, SamplerHooks] | None:
     return None
 
 
-def _weights(path, device, precision: str, settings: dict):
+def _weights(
+    path: str | os.PathLike[str], device: str | torch.device, precision: str, settings: dict
+) -> StableDiffusionPipeline:
     """The pipeline at ``path``: a diffusers folder or repo id, or an adapter folder (its base,
     loaded the same way, with the adapter fused in)."""
     if not is_adapter(path):

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -39,10 +41,15 @@ from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.sampling import get_hooks
 from diffmem.training import CHECKPOINTS, drop_checkpoints
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
 
-def check_config(cfg: DictConfig):
+def check_config(cfg: DictConfig) -> Callable[..., Any]:
     """The kind's builder, after checking the settings (nothing is written before this)."""
     s = cfg.mitigation
     fn = MITIGATIONS.get(s.kind)
@@ -53,12 +60,14 @@ def check_config(cfg: DictConfig):
     return fn
 
 
-def prepare(cfg: DictConfig):
+def prepare(cfg: DictConfig) -> tuple[Callable[..., Any], Path, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The builder, the data and the memorised / other prompts, all checked before anything is written."""
     fn = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
     prompts = stage_prompts(cfg, manifest)
-    positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    positives = cast(
+        "dict[str, Any] | None", OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    )
     memorised, negatives = (t.reset_index(drop=True) for t in split_prompts(prompts, positives, "mitigate"))
     if cfg.mitigation.kind == "adversarial_ft":  # fine-tunes against the memorised training images
         check_targets(memorised, "mitigate mitigation=adversarial_ft")
@@ -118,7 +127,7 @@ SPEC = StageSpec(
 run = SPEC.run
 
 
-def task(cfg: DictConfig):
+def task(cfg: DictConfig) -> list[float] | None:
     """The Hydra task: runs :func:`run`; returns ``[memorisation, fd]`` (the Optuna objectives)
     when ``objectives.enabled``."""
     run_dir = run(cfg)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,22 +35,30 @@ from diffmem.report.figures import probe_figure
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import write_parquet
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
 log = logging.getLogger(__name__)
 
 
-def check_config(cfg: DictConfig):
+def check_config(cfg: DictConfig) -> Callable[..., Any]:
     """The probe function, after checking the settings (nothing is written before this)."""
     fn = PROBES.get(cfg.probe.name)
     check_settings(cfg.probe.name, cfg.probe)
     return fn
 
 
-def prepare(cfg: DictConfig):
+def prepare(
+    cfg: DictConfig,
+) -> tuple[Callable[..., Any], pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, torch.Tensor, torch.Tensor]:
     """The probe function, the data, the prompts and the target images, checked before anything is written."""
     fn = check_config(cfg)
     root, manifest = load_dataset(cfg.data)
     prompts = stage_prompts(cfg, manifest)
-    positives = OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    positives = cast(
+        "dict[str, Any] | None", OmegaConf.to_container(cfg.positives, resolve=True) if cfg.get("positives") else None
+    )
     targets, negatives, controls = select_prompts(prompts, positives, cfg.get("max_targets"), cfg.n_controls)
     if len(negatives) < 2 and cfg.probe.name in ("nemo", "locality", "finding_dori"):
         raise DataError(f"probe {cfg.probe.name}: needs >= 2 non-memorised prompts (got {len(negatives)})")

@@ -20,20 +20,20 @@ class Registry:
     subclass of that class, or any callable; a target of another type is a ``ConfigError``.
     """
 
-    def __init__(self, kind: str, expects: type | Callable[[Any], bool] | None = None):
+    def __init__(self, kind: str, expects: type | Callable[[Any], bool] | None = None) -> None:
         self.kind = kind
         self.expects = expects
         self._entries: dict[str, Any] = {}  # as registered
         self._loaded: dict[str, Any] = {}  # lazy targets, once imported
 
-    def register(self, name: str, target: Any | None = None) -> Callable | Any:
+    def register(self, name: str, target: Any | None = None) -> Any:
         """Register ``target`` (an object or a lazy ``"module:attr"`` string) under ``name``.
 
         Without ``target`` returns a decorator.
         """
         if target is None:
 
-            def deco(obj):
+            def deco(obj: Any) -> Any:
                 self.register(name, obj)
                 return obj
 
@@ -81,7 +81,7 @@ class Registry:
         if not ok:
             raise ConfigError(f"{self.kind} '{name}' is registered as {target!r}, which is not {wanted}")
 
-    def build(self, name: str, *args, **kwargs) -> Any:
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         """``get(name)(*args, **kwargs)``."""
         return self.get(name)(*args, **kwargs)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -18,9 +20,9 @@ class RunResult:
     full resolved config is in the provenance of ``metrics.json`` / ``info.json``)."""
 
     path: Path
-    fingerprint: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    _tables: dict = field(default_factory=dict, repr=False)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    _tables: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
 
     @property
     def tables(self) -> dict[str, Path]:
@@ -38,7 +40,7 @@ class RunResult:
         return is_done(self.path)
 
 
-def load_run(path) -> RunResult:
+def load_run(path: str | os.PathLike[str]) -> RunResult:
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: not a run directory")

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -81,16 +82,19 @@ class Outcome:
     ``metrics`` (``metrics.json``, provenance added; None: the stage writes none), and
     ``complete=False`` for a shard whose run is finished by another job (nothing is published)."""
 
-    summary: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
-    metrics: dict | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
     complete: bool = True
 
 
-def fingerprint(cfg: DictConfig, volatile: tuple[str, ...] = (), extra: dict | None = None) -> dict:
+def fingerprint(cfg: DictConfig, volatile: tuple[str, ...] = (), extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every resolved setting of ``cfg`` except the ``volatile`` ones (dotted paths from the top),
     :data:`TOP_VOLATILE` and :data:`VOLATILE` (at any depth), plus ``extra`` (content digests)."""
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else dict(cfg)
+    plain = cast(
+        "dict[str, Any]",
+        OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else dict(cfg),
+    )
     for key in (*TOP_VOLATILE, *volatile):
         _drop(plain, key.split("."))
     _drop_anywhere(plain, [key.split(".") for key in VOLATILE])
@@ -114,11 +118,11 @@ def _drop_anywhere(node: Any, paths: list[list[str]]) -> None:
         _drop_anywhere(value, paths)
 
 
-def output_digests(run_dir: Path, scratch: tuple[str, ...] = ()) -> dict[str, dict]:
+def output_digests(run_dir: Path, scratch: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """``{relative path: {size, sha256}}`` of every file a run published (sub-runs with their own
     ``_SUCCESS``, ``scratch`` folders and the runner's own files left out); large files by size
     and ends."""
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     subruns = {p.parent for p in run_dir.rglob(SUCCESS) if p.parent != run_dir} | {run_dir / s for s in scratch}
     for path in sorted(run_dir.rglob("*")):
         rel = path.relative_to(run_dir)
@@ -176,15 +180,15 @@ class StageSpec:
     body: Callable[[Job], Outcome]
     prepare: Callable[[DictConfig], Any] = lambda cfg: None
     volatile: tuple[str, ...] = ()
-    extra: Callable[[DictConfig, Any], dict] | None = None
-    inputs: Callable[[DictConfig, Any], dict] | None = None
-    guard: Callable[[DictConfig, dict], str | None] | None = None
-    run_dir: Callable[[DictConfig], str] = lambda cfg: cfg.run_dir
+    extra: Callable[[DictConfig, Any], dict[str, Any]] | None = None
+    inputs: Callable[[DictConfig, Any], dict[str, Any]] | None = None
+    guard: Callable[[DictConfig, dict[str, Any]], str | None] | None = None
+    run_dir: Callable[[DictConfig], str | os.PathLike[str]] = lambda cfg: cfg.run_dir
     scratch: tuple[str, ...] = ()
     after: Callable[[Job], None] | None = None
     data_parallel: bool = False
 
-    def fingerprint(self, cfg: DictConfig, ctx: Any = None) -> dict:
+    def fingerprint(self, cfg: DictConfig, ctx: Any = None) -> dict[str, Any]:
         return fingerprint(cfg, self.volatile, self.extra(cfg, ctx) if self.extra else None)
 
     def run(self, cfg: DictConfig) -> Path:

@@ -23,9 +23,12 @@ import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diffmem.errors import ConfigError, OutputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SUCCESS = "_SUCCESS"
 INFO = "info.json"
@@ -58,18 +61,18 @@ _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EA
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
     A write the file system refuses (read-only, no permission, disk full, file-size limit) is
     an :class:`OutputError` naming ``path``; the temporary file is removed either way."""
     path = Path(path)
-    tmp = None
+    tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        tmp = Path(tmp)
+        tmp = Path(name)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files get the usual mode
         yield tmp
         os.replace(tmp, path)
@@ -82,7 +85,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """``obj`` as JSON; non-finite floats (NaN, infinities) are written as null, so the file is
     always valid JSON."""
     with atomic_path(path) as tmp:
@@ -92,7 +95,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_json(path: str | os.PathLike[str]) -> Any:
     """A JSON file; one that is not valid JSON (or not UTF-8) is a DataError naming it."""
     from diffmem.errors import DataError
 
@@ -102,27 +105,27 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{path}: not valid JSON ({err})") from err
 
 
-def write_parquet(path: str | os.PathLike, df) -> Path:
+def write_parquet(path: str | os.PathLike[str], df: pd.DataFrame) -> Path:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
     return Path(path)
 
 
-def read_parquet(path: str | os.PathLike):
+def read_parquet(path: str | os.PathLike[str]) -> pd.DataFrame:
     """A Parquet table; an unreadable file is a DataError naming it."""
     import pandas as pd
 
     return _parquet(path, pd.read_parquet)
 
 
-def parquet_rows(path: str | os.PathLike) -> int:
+def parquet_rows(path: str | os.PathLike[str]) -> int:
     """The row count of a Parquet file from its footer (no rows read); errors as :func:`read_parquet`."""
     import pyarrow.parquet as pq
 
     return _parquet(path, lambda p: pq.read_metadata(p).num_rows)
 
 
-def _parquet(path, read):
+def _parquet(path: str | os.PathLike[str], read: Callable[[str | os.PathLike[str]], Any]) -> Any:
     from diffmem.errors import DataError
 
     try:
@@ -144,7 +147,7 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _json_default(obj):
+def _json_default(obj: Any) -> Any:
     import numpy as np
 
     if isinstance(obj, np.generic):
@@ -240,7 +243,7 @@ def check_run_name(name: Any) -> None:
         )
 
 
-def check_run_dir(run_dir: str | os.PathLike) -> None:
+def check_run_dir(run_dir: str | os.PathLike[str]) -> None:
     """Refuse a run dir that cannot be made or written (a file of that name or of a folder
     above it, a read-only or not-writable folder) before any work starts; creates nothing."""
     path = Path(run_dir)
@@ -251,14 +254,14 @@ def check_run_dir(run_dir: str | os.PathLike) -> None:
         raise OutputError(f"run_dir={path}: cannot write in {existing} (read-only or no permission)")
 
 
-def _cause_first(key: str) -> tuple:
+def _cause_first(key: str) -> tuple[bool, int, str]:
     """Sort key of a fingerprint difference: a group's identity (``features.extractor.name``,
     ``data.kind``) first, as its change explains the others (``features=sscd`` also changes the
     ``dcr_threshold`` it interpolates), then shallow keys before deep ones."""
     return key.rpartition(".")[2] not in ("name", "kind"), key.count("."), key
 
 
-def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool:
+def check_claim(run_dir: str | os.PathLike[str], fingerprint: dict[str, Any]) -> bool:
     """Refuse ``run_dir`` if it holds a run with another config; create nothing.
 
     Returns whether ``run_dir`` already holds a run with this fingerprint. Null settings are
@@ -284,7 +287,7 @@ def check_claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> bool
     return True
 
 
-def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
+def claim(run_dir: str | os.PathLike[str], fingerprint: dict[str, Any]) -> Path:
     """Create ``run_dir`` for a run with this (result-affecting) config, or resume it.
 
     The first call records ``fingerprint`` in ``run.json``; later calls with the same
@@ -314,7 +317,7 @@ def claim(run_dir: str | os.PathLike, fingerprint: dict[str, Any]) -> Path:
     return run_dir
 
 
-def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+def remove_stale_temps(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files of :func:`atomic_path` under ``run_dir`` left by killed
     writes: made on this host by a process that is gone, or untouched for ``STALE_TMP_S``
     (other hosts' jobs of a sharded run may still be writing theirs). Returns them."""
@@ -345,7 +348,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def file_stamp(path: str | os.PathLike, chunk: int = 1 << 20) -> dict[str, Any]:
+def file_stamp(path: str | os.PathLike[str], chunk: int = 1 << 20) -> dict[str, Any]:
     """Size and SHA256 of the first and last ``chunk`` bytes of a (large) file: tells one file
     from another (a rewrite, another build) without reading it all."""
     import hashlib
@@ -359,7 +362,7 @@ def file_stamp(path: str | os.PathLike, chunk: int = 1 << 20) -> dict[str, Any]:
     return {"size": size, "sha256_ends": h.hexdigest()}
 
 
-def table_digest(df) -> str:
+def table_digest(df: pd.DataFrame) -> str:
     """SHA256 of a table's content (values, column names and order)."""
     import hashlib
 
@@ -370,7 +373,7 @@ def table_digest(df) -> str:
     return h.hexdigest()
 
 
-def check_inputs(run_dir: str | os.PathLike, name: str, df) -> None:
+def check_inputs(run_dir: str | os.PathLike[str], name: str, df: pd.DataFrame) -> None:
     """Record the content of an input table on first use; refuse a resume if it changed.
 
     The config fingerprint names input files, not their content: a manifest or prompt list
@@ -388,7 +391,7 @@ def check_inputs(run_dir: str | os.PathLike, name: str, df) -> None:
         write_json(path, {**seen, name: {"sha256": digest, "rows": len(df)}})
 
 
-def resumed(path: str | os.PathLike, read: Callable[[Path], Any], make: Callable[[], Any]) -> Any:
+def resumed(path: str | os.PathLike[str], read: Callable[[Path], Any], make: Callable[[], Any]) -> Any:
     """``read(path)`` of a piece of work an earlier attempt of this run stored at ``path``;
     ``make()`` stores it first when it is missing, and again when it is damaged (``read``
     fails on it: it is removed, with one warning line naming it), so that a resume never
@@ -406,15 +409,15 @@ def resumed(path: str | os.PathLike, read: Callable[[Path], Any], make: Callable
     return read(path)
 
 
-def is_done(run_dir: str | os.PathLike) -> bool:
+def is_done(run_dir: str | os.PathLike[str]) -> bool:
     return (Path(run_dir) / SUCCESS).exists()
 
 
-def mark_done(run_dir: str | os.PathLike, summary: dict[str, Any] | None = None) -> None:
+def mark_done(run_dir: str | os.PathLike[str], summary: dict[str, Any] | None = None) -> None:
     write_json(Path(run_dir) / SUCCESS, summary or {})
 
 
-def reopen(run_dir: str | os.PathLike) -> None:
+def reopen(run_dir: str | os.PathLike[str]) -> None:
     """Take back a finished run's ``_SUCCESS`` (a damaged output found on resume), so that its
     stage recomputes the damage and publishes again and no reader trusts it meanwhile."""
     (Path(run_dir) / SUCCESS).unlink(missing_ok=True)

@@ -16,13 +16,17 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
 from diffmem.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +39,29 @@ class SamplerHooks(Protocol):
 
     name: str  # names the hooks in result tables (evaluate-mitigation's ``defence`` column)
 
-    def text(self, captions: Sequence[str], pipe) -> list[str]:
+    def text(self, captions: Sequence[str], pipe: StableDiffusionPipeline) -> list[str]:
         """The captions the text encoder sees instead of ``captions``."""
 
     def embedding(
-        self, pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int, guidance: float
+        self,
+        pipe: StableDiffusionPipeline,
+        cond: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        resolution: int,
+        steps: int,
+        guidance: float,
     ) -> torch.Tensor:
         """The conditioning of generations ``seeds`` instead of ``cond`` (one row per seed)."""
 
 
-def set_hooks(pipe, hooks: SamplerHooks):
+def set_hooks(pipe: StableDiffusionPipeline, hooks: SamplerHooks) -> StableDiffusionPipeline:
     """Attach ``hooks`` to ``pipe``; returns ``pipe``."""
     setattr(pipe, HOOKS_ATTR, hooks)
     return pipe
 
 
-def get_hooks(pipe) -> SamplerHooks | None:
+def get_hooks(pipe: StableDiffusionPipeline) -> SamplerHooks | None:
     """The hooks attached to ``pipe`` (None for a plain pipeline)."""
     return getattr(pipe, HOOKS_ATTR, None)
 
@@ -61,7 +72,7 @@ def sample_seed(base_seed: int, prompt_id: int, k: int) -> int:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+def encode_prompts(pipe: StableDiffusionPipeline, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Text-encoder outputs [N, 77, D] (the conditioning ``c``; ``""`` gives ``c0``).
 
     A pipeline with hooks (:func:`set_hooks`) first rewrites the captions.
@@ -83,7 +94,7 @@ def encode_prompts(pipe, captions: Sequence[str], batch_size: int = 64) -> torch
     return torch.cat(out)
 
 
-def token_counts(pipe, captions: Sequence[str]) -> list[int]:
+def token_counts(pipe: StableDiffusionPipeline, captions: Sequence[str]) -> list[int]:
     """Tokens per caption as :func:`encode_prompts` feeds them (BOS and EOS included, truncated)."""
     hooks = get_hooks(pipe)
     if hooks is not None:
@@ -98,12 +109,12 @@ def token_counts(pipe, captions: Sequence[str]) -> list[int]:
     return [int(n) for n in mask.sum(dim=1)]
 
 
-def vae_factor(pipe) -> int:
+def vae_factor(pipe: StableDiffusionPipeline) -> int:
     """How many pixels one latent is wide (8 for Stable Diffusion's VAE)."""
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def check_resolution(pipe, resolution: int, name: str = "resolution") -> int:
+def check_resolution(pipe: StableDiffusionPipeline, resolution: int, name: str = "resolution") -> int:
     """``resolution`` if ``pipe`` makes images of that size (a multiple of its VAE's factor)."""
     factor = vae_factor(pipe)
     if int(resolution) % factor:
@@ -114,25 +125,32 @@ def check_resolution(pipe, resolution: int, name: str = "resolution") -> int:
     return int(resolution)
 
 
-def latent_shape(pipe, resolution: int) -> tuple[int, int, int]:
+def latent_shape(pipe: StableDiffusionPipeline, resolution: int) -> tuple[int, int, int]:
     size = check_resolution(pipe, resolution) // vae_factor(pipe)
     return (pipe.unet.config.in_channels, size, size)
 
 
-def initial_latents(pipe, seeds: Sequence[int], resolution: int) -> torch.Tensor:
+def initial_latents(pipe: StableDiffusionPipeline, seeds: Sequence[int], resolution: int) -> torch.Tensor:
     """x_T for each seed, drawn on the CPU so the same seed gives the same noise anywhere."""
     shape = latent_shape(pipe, resolution)
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(noise).to(pipe.unet.device, pipe.unet.dtype)
 
 
-def fresh_scheduler(pipe, steps: int):
+def fresh_scheduler(pipe: StableDiffusionPipeline, steps: int) -> Any:
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(steps, device=pipe.unet.device)
     return sched
 
 
-def guided_eps(unet, x, t, cond, uncond, guidance: float) -> torch.Tensor:
+def guided_eps(
+    unet: UNet2DConditionModel,
+    x: torch.Tensor,
+    t: torch.Tensor | int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    guidance: float,
+) -> torch.Tensor:
     """Classifier-free-guided noise prediction (a single batch when guidance > 1)."""
     if guidance == 1.0 or uncond is None:
         return unet(x, t, encoder_hidden_states=cond).sample
@@ -141,7 +159,7 @@ def guided_eps(unet, x, t, cond, uncond, guidance: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images [B, 3, H, W] in [0, 1]."""
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
@@ -149,7 +167,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(
-    pipe,
+    pipe: StableDiffusionPipeline,
     cond: torch.Tensor,
     seeds: Sequence[int],
     resolution: int,
@@ -167,7 +185,7 @@ def sample(
 
 
 def denoise(
-    pipe,
+    pipe: StableDiffusionPipeline,
     cond: torch.Tensor,
     seeds: Sequence[int],
     resolution: int,
@@ -202,7 +220,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def _write_png(path: Path, image) -> None:
+def _write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
     from diffmem.runs import atomic_path
@@ -224,7 +242,7 @@ def _duration(seconds: float) -> str:
 
 
 def generate_images(
-    pipe,
+    pipe: StableDiffusionPipeline,
     plan: pd.DataFrame,
     run_dir: Path,
     *,

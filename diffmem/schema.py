@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -42,15 +43,15 @@ COUNT, COUNT_OR_NULL, FINITE = _int(1), _int(1, optional=True), _float()
 COSINE = _float(-1.0, 1.0)
 
 #: groups shared by several stages (declared once)
-TORCH = {"seed": _int(0), "threads": COUNT_OR_NULL, "device": check_device}
-SAMPLING = {
+TORCH: dict[str, Check] = {"seed": _int(0), "threads": COUNT_OR_NULL, "device": check_device}
+SAMPLING: dict[str, Check] = {
     "steps": COUNT,
     "guidance_scale": _float(0.0),
     "n_per_prompt": COUNT,
     "batch_size": COUNT,
     "resolution": COUNT,
 }
-FIT = {
+FIT: dict[str, Check] = {
     "steps": COUNT,
     "batch_size": COUNT,
     "lr": _float(above=0.0),
@@ -60,7 +61,7 @@ FIT = {
     "ema_decay": _float(0.0, 1.0, optional=True),
     "gradient_accumulation_steps": COUNT,
 }
-REPLICATION = {"threshold": COSINE, "max_targets": COUNT_OR_NULL}
+REPLICATION: dict[str, Check] = {"threshold": COSINE, "max_targets": COUNT_OR_NULL}
 
 
 def _under(prefix: str, fields: dict[str, Check]) -> dict[str, Check]:
@@ -140,7 +141,7 @@ SUB_STAGES = {"audit": {"generate": "generate", "embed": "embed", "index_stage":
 _ABSENT = object()
 
 
-def _value(cfg: DictConfig, key: str):
+def _value(cfg: DictConfig, key: str) -> Any:
     """The resolved value at dotted ``key``, or ``_ABSENT`` when the config has no such key or
     leaves it unset (``???``: the stage's own check says what to set)."""
     parent, _, leaf = key.rpartition(".")

@@ -12,6 +12,8 @@ nearest background images.
 
 from __future__ import annotations
 
+from typing import Any
+
 from omegaconf import DictConfig
 
 from diffmem.config import hydra_app
@@ -28,7 +30,7 @@ def prepare(cfg: DictConfig) -> None:
     require(cfg, "queries_dir", hint="search needs queries_dir=<an embed run>")
 
 
-def inputs_digest(cfg: DictConfig, _ctx) -> dict:
+def inputs_digest(cfg: DictConfig, _ctx: Any) -> dict:
     """The upstream runs by content: one recomputed under the same path needs a new search."""
     norm = cfg.normalisation
     return {"inputs": input_digests(cfg.queries_dir, cfg.index_dir, cfg.stream_dir, norm.background_dir)}

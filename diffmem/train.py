@@ -9,6 +9,7 @@ with the same config resumes exactly from ``checkpoints/``, removed once the run
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
@@ -20,8 +21,13 @@ from diffmem.metrics.memorisation import memorisation_figures
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.training import CHECKPOINTS, drop_checkpoints, fit_items, train_pipeline, training_rows
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def prepare(cfg: DictConfig):
+    import pandas as pd
+
+
+def prepare(cfg: DictConfig) -> tuple[Path, pd.DataFrame]:
     root, manifest = load_dataset(cfg.data)
     training_rows(root, manifest)
     return root, manifest
@@ -33,7 +39,8 @@ def body(job: Job) -> Outcome:
     cfg = job.cfg
     testbed = cfg.get("evaluate") and cfg.data.kind in TESTBED_KINDS
     evaluate = partial(memorisation_figures, **cfg.evaluate) if testbed else None
-    model_dir = train_pipeline(cfg, job.dir, *job.ctx, evaluate)
+    root, manifest = job.ctx
+    model_dir = train_pipeline(cfg, job.dir, root, manifest, evaluate)
     phases = [c for c in (cfg.vae, cfg.unet) if int(c.steps) > 0]  # steps 0: a given VAE, not trained
     ranks = distributed.summary(lambda r, w: sum(fit_items(c, r, w) for c in phases))
     return Outcome({"model": str(model_dir)}, info={"data_parallel": ranks})

@@ -15,8 +15,9 @@ import json
 import logging
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,15 @@ from diffmem.models.pipeline import resolve_dtype, staged_dir
 from diffmem.runs import write_json, write_parquet
 from diffmem.sampling import encode_prompts
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # a run dir's resume state (not an output)
 TRAIN_LOG = "train_log.parquet"  # the mean loss per logged step of a training run
@@ -46,7 +56,16 @@ def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(key)
 
 
-def _save_state(ckpt_root: Path, step: int, module, opt, ema, losses: list, running: list, keep: int) -> None:
+def _save_state(
+    ckpt_root: Path,
+    step: int,
+    module: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ema: EMAModel | None,
+    losses: list,
+    running: list,
+    keep: int,
+) -> None:
     from safetensors.torch import save_file
 
     final = ckpt_root / f"step-{step:07d}"
@@ -73,12 +92,12 @@ def _read_checkpoint(path: Path, files: Sequence[str]) -> dict:
     unreadable file, or a ``state.json`` that is not this checkpoint's."""
     from safetensors.torch import load_file
 
-    def tensors(f: Path):
+    def tensors(f: Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch's note on a foreign pickle protocol: the error says it
             warnings.filterwarnings("ignore", "Detected pickle protocol")
             return torch.load(f, weights_only=True)
 
-    readers = {
+    readers: dict[str, Callable[[Path], Any]] = {
         "state.json": lambda f: json.loads(f.read_text()),
         "model.safetensors": load_file,
         "optimizer.pt": tensors,
@@ -97,7 +116,9 @@ def _read_checkpoint(path: Path, files: Sequence[str]) -> dict:
     return out
 
 
-def _latest_state(ckpt_root: Path, phase: str, files: Sequence[str] = ("state.json",)):
+def _latest_state(
+    ckpt_root: Path, phase: str, files: Sequence[str] = ("state.json",)
+) -> tuple[Path, dict[str, Any]] | None:
     """``(path, its files read)`` of the newest checkpoint under ``ckpt_root`` whose ``files``
     all read, or ``None``. A damaged newer one (a kill mid-copy, a bad disk, a planted pickle)
     is removed with a one-line warning naming the file and what is used instead, so a resume
@@ -111,8 +132,8 @@ def _latest_state(ckpt_root: Path, phase: str, files: Sequence[str] = ("state.js
         except ValueError as err:
             damaged.append((path, err))
     instead = f"resuming from {found[0].name} instead" if found else "starting from scratch"
-    for path, err in damaged if dist.is_main() else ():  # rank 0 alone writes the run dir
-        log.warning("%s: checkpoint %s; %s", phase, err, instead)
+    for path, why in damaged if dist.is_main() else ():  # rank 0 alone writes the run dir
+        log.warning("%s: checkpoint %s; %s", phase, why, instead)
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return found
 
@@ -128,7 +149,7 @@ def mixed_precision(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
 
 
-def make_accelerator(mixed: str = "no", device: torch.device | None = None):
+def make_accelerator(mixed: str = "no", device: torch.device | None = None) -> Accelerator:
     """An ``Accelerator`` with ``mixed`` precision on ``device`` (default: CUDA when present).
 
     accelerate keeps one process-wide state; a run that asks for another precision than the
@@ -144,7 +165,7 @@ def make_accelerator(mixed: str = "no", device: torch.device | None = None):
 
 
 @contextlib.contextmanager
-def norms_in_fp32(module: torch.nn.Module):
+def norms_in_fp32(module: torch.nn.Module) -> Iterator[None]:
     """Inside the block, group and layer norms take contiguous inputs in their weights' dtype.
 
     CUDA's autocast runs normalisations in fp32; the CPU's leaves them alone, so bf16
@@ -153,7 +174,9 @@ def norms_in_fp32(module: torch.nn.Module):
     are frozen (a masked fine-tune). This gives the CPU CUDA's policy in contiguous layout.
     """
 
-    def hook(norm, inputs):
+    def hook(
+        norm: torch.nn.GroupNorm | torch.nn.LayerNorm, inputs: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, ...]:
         dtype = norm.weight.dtype if norm.weight is not None else inputs[0].dtype
         return (inputs[0].to(dtype).contiguous(), *inputs[1:])
 
@@ -244,7 +267,7 @@ def fit(
         for step in bar:
             for group in opt.param_groups:  # a pure function of the step, so resume is exact
                 group["lr"] = lr * _lr_factor(step, steps, warmup, decay_from)
-            loss = 0.0
+            loss: torch.Tensor | float = 0.0
             for micro in range(step * accum, (step + 1) * accum):
                 with acc.autocast():
                     part = loss_fn(step, step_generator(seed, phase, micro)) / accum
@@ -281,7 +304,7 @@ def drop_checkpoints(run_dir: str | Path, keep: bool) -> None:
     log.info("removed %s (%.2f GB; keep_checkpoints=true keeps them)", ckpt, size / 1e9)
 
 
-def fit_settings(cfg, mixed: str) -> dict:
+def fit_settings(cfg: DictConfig, mixed: str) -> dict:
     """The :func:`fit` settings of a training config (``steps``, ``lr``, ``ckpt_every``,
     ``warmup``, ``gradient_accumulation_steps``): train's ``vae``/``unet`` and the mitigations'."""
     return dict(
@@ -294,13 +317,13 @@ def fit_settings(cfg, mixed: str) -> dict:
     )
 
 
-def fit_items(cfg, rank: int, world: int) -> int:
+def fit_items(cfg: DictConfig, rank: int, world: int) -> int:
     """The training rows rank ``rank`` of ``world`` computes in a :func:`fit` per ``cfg``."""
     per_step = dist.batch_rows(int(cfg.batch_size), rank, world)
     return (per_step.stop - per_step.start) * int(cfg.steps) * int(cfg.get("gradient_accumulation_steps", 1))
 
 
-def prepare_trainables(module: torch.nn.Module, gradient_checkpointing: bool = False) -> None:
+def prepare_trainables(module: ModelMixin, gradient_checkpointing: bool = False) -> None:
     """fp32 master copies of ``module``'s trainable parameters (the frozen rest keeps the
     pipeline's dtype, as diffusers' training scripts do), and gradient checkpointing if asked."""
     for p in module.parameters():
@@ -310,11 +333,15 @@ def prepare_trainables(module: torch.nn.Module, gradient_checkpointing: bool = F
         module.enable_gradient_checkpointing()
 
 
-def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path, mixed: str = "no") -> list[dict]:
+def train_vae(
+    vae: AutoencoderKL, images: torch.Tensor, cfg: DictConfig, seed: int, ckpt_dir: Path, mixed: str = "no"
+) -> list[dict]:
     """Reconstruction + small KL; afterwards the latent scaling factor is set to 1/std."""
     n = images.shape[0]
 
-    def loss_fn(step, g):  # the global batch's draws; this rank's rows (all of them in one process)
+    def loss_fn(
+        step: int, g: torch.Generator
+    ) -> torch.Tensor:  # the global batch's draws; this rank's rows (all of them in one process)
         rows = dist.batch_rows(cfg.batch_size)
         x = images[torch.randint(n, (cfg.batch_size,), generator=g)[rows]].to(vae.device)
         post = vae.encode(x).latent_dist
@@ -340,7 +367,9 @@ def train_vae(vae, images: torch.Tensor, cfg, seed: int, ckpt_dir: Path, mixed: 
 
 
 @torch.no_grad()
-def encode_latents(vae, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+def encode_latents(
+    vae: AutoencoderKL, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 8
+) -> torch.Tensor:
     """Scaled latents (posterior mean x scaling factor; float32, CPU) of images in [-1, 1].
 
     ``images`` is ``[N, 3, H, W]`` (encoded ``batch_size`` at a time) or an iterable of such
@@ -349,10 +378,12 @@ def encode_latents(vae, images: torch.Tensor | Iterable[torch.Tensor], batch_siz
     """
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
     out = [vae.encode(b.to(vae.device, vae.dtype)).latent_dist.mean.float().cpu() for b in batches]
-    return torch.cat(out) * vae.config.scaling_factor
+    return torch.cat(out) * vae.config["scaling_factor"]
 
 
-def encode_files(vae, root: str | Path, files: Sequence[str], resolution: int, batch_size: int = 8) -> torch.Tensor:
+def encode_files(
+    vae: AutoencoderKL, root: str | Path, files: Sequence[str], resolution: int, batch_size: int = 8
+) -> torch.Tensor:
     """:func:`encode_latents` of image files, streamed: read ``batch_size`` files at a time."""
     batches = (
         to_tensor(load_images(root, files[i : i + batch_size], resolution)) for i in range(0, len(files), batch_size)
@@ -360,7 +391,9 @@ def encode_files(vae, root: str | Path, files: Sequence[str], resolution: int, b
     return encode_latents(vae, batches)
 
 
-def noised(noise_sched, x0: torch.Tensor, g: torch.Generator):
+def noised(
+    noise_sched: DDPMScheduler, x0: torch.Tensor, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_t, t, target)``: fresh noise and uniform timesteps from ``g``; the target is the
     noise (the velocity for v-prediction models).
 
@@ -369,14 +402,24 @@ def noised(noise_sched, x0: torch.Tensor, g: torch.Generator):
     give a half-precision ``x_t`` for a half-precision UNet.
     """
     noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-    t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],), generator=g).to(x0.device)
+    t = cast(
+        "torch.IntTensor",
+        torch.randint(0, noise_sched.config["num_train_timesteps"], (x0.shape[0],), generator=g).to(x0.device),
+    )
     xt = noise_sched.add_noise(x0, noise, t)
-    target = noise_sched.get_velocity(x0, noise, t) if noise_sched.config.prediction_type == "v_prediction" else noise
+    target = (
+        noise_sched.get_velocity(x0, noise, t) if noise_sched.config["prediction_type"] == "v_prediction" else noise
+    )
     return xt, t, target
 
 
 def diffusion_loss(
-    unet, noise_sched, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator, split: bool = False
+    unet: UNet2DConditionModel,
+    noise_sched: DDPMScheduler,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    g: torch.Generator,
+    split: bool = False,
 ) -> torch.Tensor:
     """The noise-prediction loss at fresh noise and uniform timesteps drawn from ``g``
     (:func:`noised`); shared by training, trigger search and the mitigations. With ``split``
@@ -392,11 +435,11 @@ def diffusion_loss(
 
 
 def train_unet(
-    pipe,
+    pipe: StableDiffusionPipeline,
     latents: torch.Tensor,
     cond: torch.Tensor,
     cond_index: np.ndarray,
-    cfg,
+    cfg: DictConfig,
     seed: int,
     ckpt_dir: Path,
     mixed: str = "no",
@@ -409,7 +452,7 @@ def train_unet(
     uncond = encode_prompts(pipe, [""])[0]
     index = torch.as_tensor(np.array(cond_index))
 
-    def loss_fn(step, g):
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(n, (cfg.batch_size,), generator=g)
         x0 = latents[idx].to(unet.device)
         c = cond[index[idx]].to(unet.device)

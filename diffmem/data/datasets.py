@@ -8,7 +8,9 @@ import io
 import json
 import os
 import stat
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,10 @@ from diffmem.data.inputs import check_captions, check_inside, leads_outside
 from diffmem.data.webdataset import read_member, tar_member
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import read_parquet, require
+
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
 
 PATH_COLUMNS = ("file", "path", "image", "file_name", "filename")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
@@ -44,7 +50,7 @@ def check_regular(path: Path, what: str = "file") -> None:
         raise DataError(f"{path}: not a regular file (a folder, FIFO or device); inputs must be files")
 
 
-def _duplicate_name(names) -> str | None:
+def _duplicate_name(names: Iterable[object]) -> str | None:
     """The first column name given twice (ignoring case and spaces around it), or None."""
     seen = set()
     for name in names:
@@ -133,7 +139,7 @@ def _surplus_fields(path: Path, sep: str) -> str:
     return f"rows have more fields than the header's {width}"
 
 
-def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
+def _pick(df: pd.DataFrame, names: Sequence[str], path: Path, what: str) -> str:
     """The first column of ``df`` named one of ``names``, ignoring case and spaces around it."""
     by_name = {str(c).strip().lower(): c for c in reversed(df.columns)}
     for name in names:
@@ -145,7 +151,7 @@ def _pick(df: pd.DataFrame, names, path: Path, what: str) -> str:
     )
 
 
-def _first_bad_row(root: Path, files, contain: bool, missing_ok: bool = False) -> tuple[int, str] | None:
+def _first_bad_row(root: Path, files: Iterable[str], contain: bool, missing_ok: bool = False) -> tuple[int, str] | None:
     """``(index, why)`` of the first of ``files`` that is not a regular file under ``root`` (or,
     with ``contain``, that :func:`leads_outside` it), else None; with ``missing_ok`` a missing
     file passes.
@@ -185,21 +191,21 @@ def _first_bad_row(root: Path, files, contain: bool, missing_ok: bool = False) -
 
 
 def check_image_files(
-    root: Path, files, where: Path, allow_outside_root: bool = False, missing_ok: bool = False
+    root: Path, files: Iterable[str], where: Path, allow_outside_root: bool = False, missing_ok: bool = False
 ) -> None:
     """Refuse the first of a manifest's ``files`` that leads outside ``root`` (unless
     ``allow_outside_root``), is missing (unless ``missing_ok``) or is no regular file, naming
     the manifest ``where`` and the row; before any work starts."""
-    files = pd.Series(files).reset_index(drop=True)
-    bad = _first_bad_row(root, files, not allow_outside_root, missing_ok)
+    rows = pd.Series(files).reset_index(drop=True)
+    bad = _first_bad_row(root, rows, not allow_outside_root, missing_ok)
     if bad is not None:
         i, why = bad
         at = f"{where}: row {i + 1}: image "
         if why == "outside":
-            check_inside(root, files[i], at)
+            check_inside(root, rows[i], at)
         if why == "not a file":
-            raise DataError(f"{at}'{files[i]}' is not a regular file")
-        raise DataError(f"{at}'{files[i]}' not found under {root}")
+            raise DataError(f"{at}'{rows[i]}' is not a regular file")
+        raise DataError(f"{at}'{rows[i]}' not found under {root}")
 
 
 def load_folder_manifest(
@@ -234,7 +240,7 @@ def load_folder_manifest(
     return out
 
 
-def select_subset(manifest: pd.DataFrame, subset) -> pd.DataFrame:
+def select_subset(manifest: pd.DataFrame, subset: Mapping[str, Any] | None) -> pd.DataFrame:
     """Part ``subset.part`` (0 or 1) of two disjoint random sets of ``subset.size`` images.
 
     The images (unique files) of the rows whose ``kind`` is in ``subset.kinds`` (null: every
@@ -264,7 +270,7 @@ def select_subset(manifest: pd.DataFrame, subset) -> pd.DataFrame:
     return rows[rows["file"].isin(chosen)].reset_index(drop=True)
 
 
-def on_error(data_cfg) -> str:
+def on_error(data_cfg: Mapping[str, Any]) -> str:
     """``data.on_error`` (``fail`` when unset): what to do with an image that cannot be read."""
     value = data_cfg.get("on_error") or "fail"
     if value not in ON_ERROR:
@@ -272,7 +278,7 @@ def on_error(data_cfg) -> str:
     return value
 
 
-def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
+def load_dataset(cfg: DictConfig) -> tuple[Path, pd.DataFrame]:
     """``(root, manifest)`` for a ``data`` config (``kind``: one of ``DATA_KINDS``), restricted
     to ``data.subset`` when it is set (:func:`select_subset`)."""
     if cfg.kind in TESTBED_KINDS:
@@ -332,7 +338,9 @@ def load_dataset(cfg) -> tuple[Path, pd.DataFrame]:
     return Path(cfg.root), select_subset(df, cfg.get("subset"))
 
 
-def load_image(path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS, **resize) -> np.ndarray:
+def load_image(
+    path: str | Path, resolution: int | None = None, max_pixels: int = MAX_PIXELS, **resize: Any
+) -> np.ndarray:
     """An RGB uint8 array [H, W, 3] as displayed (:mod:`diffmem.data.decode`: EXIF
     orientation, float and 16-bit scaling, alpha over white), resized (bicubic) to a square
     ``resolution`` if given, then to a descriptor's size (``resize``: ``size`` and
@@ -361,7 +369,7 @@ def load_image(path: str | Path, resolution: int | None = None, max_pixels: int 
         raise DataError(f"{path}: corrupt or unreadable image ({err})") from err
 
 
-def load_images(root: str | Path, files, resolution: int | None = None) -> np.ndarray:
+def load_images(root: str | Path, files: Iterable[str], resolution: int | None = None) -> np.ndarray:
     """Stack of images [N, H, W, 3] uint8; a file read once however often it is listed."""
     root = Path(root)
     cache: dict[str, np.ndarray] = {}
@@ -375,13 +383,13 @@ def load_images(root: str | Path, files, resolution: int | None = None) -> np.nd
     return np.stack(out)
 
 
-def to_tensor(images: np.ndarray):
+def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float32 torch tensor [N, 3, H, W] in [-1, 1]."""
     import torch
 
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def load_unit_images(root: str | Path, files, resolution: int | None = None):
+def load_unit_images(root: str | Path, files: Iterable[str], resolution: int | None = None) -> torch.Tensor:
     """:func:`load_images` as a float32 tensor ``[N, 3, H, W]`` in [0, 1] (descriptors' range)."""
     return (to_tensor(load_images(root, files, resolution)) + 1) / 2

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -56,7 +57,7 @@ _TRANSPOSED = (5, 6, 7, 8)
 
 
 def decode_image(
-    source: str | BinaryIO,
+    source: str | Path | BinaryIO,
     resolution: int | None = None,
     max_pixels: int | None = None,
     size: Callable[[int, int], tuple[int, int]] | None = None,
@@ -71,7 +72,7 @@ def decode_image(
     with warnings.catch_warnings():
         # the budget decides; PIL's own limit (twice its warning size) still raises
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(source)
+        im: Image.Image = Image.open(source)
     with im:
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise DataError(
@@ -88,7 +89,7 @@ def decode_image(
         im = to_rgb(im)
         if resolution is not None:
             if im.size != (resolution, resolution):
-                im = im.resize((resolution, resolution), Image.BICUBIC)
+                im = im.resize((resolution, resolution), Image.Resampling.BICUBIC)
             h = w = resolution
         if size is not None:
             th, tw = size(h, w)

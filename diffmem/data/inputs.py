@@ -4,6 +4,7 @@ captions are non-blank strings, and paths stay inside ``data.root``."""
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ def blank_caption(caption: str) -> bool:
     return not "".join(c for c in caption if unicodedata.category(c) not in ("Cc", "Cf")).strip()
 
 
-def caption_problem(value) -> str | None:
+def caption_problem(value: object) -> str | None:
     """Why ``value`` is no caption (not a string: a list, bytes, a number, null; or blank), or None."""
     if not isinstance(value, str):
         if value is None or pd.api.types.is_scalar(value) and pd.isna(value):
@@ -30,7 +31,7 @@ def caption_problem(value) -> str | None:
     return None
 
 
-def check_captions(captions, where: str, rows=None) -> None:
+def check_captions(captions: Iterable[object], where: str, rows: Sequence[object] | None = None) -> None:
     """Refuse the first caption of ``captions`` that is not a non-blank string, naming ``where``
     and its row (``rows``: a label per caption, else ``row <1-based index>``): a caption is a
     prompt (``prompts=dataset``), and ``str()`` of a list or of null is none."""
@@ -41,10 +42,10 @@ def check_captions(captions, where: str, rows=None) -> None:
     for i in np.flatnonzero(~fine.values):
         why = caption_problem(values[i])
         if why is not None:
-            raise DataError(f"{where}: {rows[i] if rows is not None else f'row {i + 1}'}: {why}")
+            raise DataError(f"{where}: {rows[int(i)] if rows is not None else f'row {i + 1}'}: {why}")
 
 
-def leads_outside(root: Path, rel, resolve: bool = True) -> bool:
+def leads_outside(root: Path, rel: str | Path, resolve: bool = True) -> bool:
     """Whether ``rel`` (a path a user gave, relative to ``root``) leads outside ``root``: an
     absolute path, a ``..`` or (with ``resolve``) a symlink out. The one containment rule of
     every user path (manifest rows, img2dataset keys, shard globs, prompt lists' ``target_file``)."""
@@ -54,7 +55,7 @@ def leads_outside(root: Path, rel, resolve: bool = True) -> bool:
     return resolve and not (root / rel).resolve().is_relative_to(root.resolve())
 
 
-def check_inside(root: str | Path, rel, where: str, allow_outside_root: bool = False) -> None:
+def check_inside(root: str | Path, rel: str | Path, where: str, allow_outside_root: bool = False) -> None:
     """Refuse ``rel`` when it :func:`leads_outside` ``root`` (unless ``allow_outside_root``)."""
     if not allow_outside_root and leads_outside(Path(root), rel):
         raise DataError(f"{where}'{rel}' is outside data.root {root} (set data.allow_outside_root=true to read it)")

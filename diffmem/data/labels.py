@@ -67,7 +67,7 @@ def ground_truth(prompts: pd.DataFrame, min_dup_count: float) -> pd.DataFrame | 
         dup = pd.to_numeric(prompts["dup_count"], errors="coerce").fillna(0)
         canary, kind = prompts["kind"] == "canary", prompts["kind"]
         types = pd.Series(
-            np.select(
+            np.select(  # type: ignore[call-overload]  # numpy types no None default; it makes an object array
                 [
                     canary & (dup >= float(min_dup_count)),
                     canary,

@@ -6,6 +6,7 @@ scikit-image's ``skimage.data`` and matplotlib's sample data. The photo testbed
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import IO, cast
 
 import numpy as np
 from PIL import Image
@@ -45,7 +46,8 @@ def _load_photo(name: str) -> np.ndarray:
     if name in OTHER_PHOTOS:
         import matplotlib.cbook
 
-        return np.asarray(Image.open(matplotlib.cbook.get_sample_data(f"{name}.jpg")))
+        sample = matplotlib.cbook.get_sample_data(f"{name}.jpg")  # a file object (asfileobj=True)
+        return np.asarray(Image.open(cast("IO[bytes]", sample)))
     import skimage.data
 
     arr = getattr(skimage.data, name)()

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -109,7 +111,7 @@ def with_ground_truth(df: pd.DataFrame, path: Path, label: str | None = None) ->
     return out
 
 
-def check_files(files) -> list[dict]:
+def check_files(files: Iterable[Any]) -> list[dict]:
     """``prompts.files`` as ``[{path, label}]``: each entry a mapping with a ``path``."""
     out = []
     for i, entry in enumerate(files):

@@ -4,7 +4,9 @@ Parquet (Webster et al.); the testbed's and a dataset's own prompts (:mod:`.prom
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from omegaconf import OmegaConf
@@ -20,6 +22,10 @@ from diffmem.data.prompt_lists import (
     with_ground_truth,
 )
 from diffmem.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
@@ -98,7 +104,7 @@ def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     return out
 
 
-def warn_long_prompts(captions, tokenizer) -> int:
+def warn_long_prompts(captions: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> int:
     """Warn once, with the count, when captions are longer than ``tokenizer`` takes (the text
     encoder sees them cut); returns that count."""
     limit = int(tokenizer.model_max_length)
@@ -134,7 +140,7 @@ def prompts_from_testbed(
     return df.reset_index(drop=True)
 
 
-def prompt_kind(prompts_cfg, data_kind: str) -> str:
+def prompt_kind(prompts_cfg: DictConfig, data_kind: str) -> str:
     """``prompts.kind`` with ``auto`` resolved: the testbed's prompts on testbed data, else the
     dataset's own captions."""
     kind = prompts_cfg.kind
@@ -145,12 +151,12 @@ def prompt_kind(prompts_cfg, data_kind: str) -> str:
     return kind
 
 
-def needs_dataset(cfg) -> bool:
+def needs_dataset(cfg: DictConfig) -> bool:
     """Whether a stage's prompts (``cfg.prompts``) are drawn from its dataset (``cfg.data``)."""
     return prompt_kind(cfg.prompts, cfg.data.kind) in ("testbed", "dataset")
 
 
-def read_prompt_files(files, fmt: str = "auto") -> pd.DataFrame:
+def read_prompt_files(files: Iterable[Any], fmt: str = "auto") -> pd.DataFrame:
     """Several prompt lists as one table, each with its ``label`` (``positive``, ``negative`` or
     null: from its columns) and its ``source`` file; ``prompt_id`` runs over all of them."""
     parts = []
@@ -189,13 +195,14 @@ def one_row_per_prompt(df: pd.DataFrame) -> pd.DataFrame:
     return df[~dup].reset_index(drop=True)
 
 
-def load_prompts(cfg, manifest: pd.DataFrame | None = None, data_kind: str = "testbed") -> pd.DataFrame:
+def load_prompts(cfg: DictConfig, manifest: pd.DataFrame | None = None, data_kind: str = "testbed") -> pd.DataFrame:
     """The prompt table for a ``prompts`` config (``manifest``: the dataset's, when the kind
     needs it; ``data_kind`` resolves ``prompts.kind=auto``)."""
     kind = prompt_kind(cfg, data_kind)
     if kind in ("testbed", "dataset") and manifest is None:
         raise ConfigError(f"prompts={kind} needs the dataset (data=...)")
     if kind == "testbed":
+        assert manifest is not None  # refused above
         if not {"kind", "split", "dup_count"} <= set(manifest.columns):
             raise ConfigError(
                 "prompts=testbed needs the testbed dataset (data=testbed); for other data "
@@ -214,7 +221,7 @@ def load_prompts(cfg, manifest: pd.DataFrame | None = None, data_kind: str = "te
         if cfg.get("path") and cfg.get("files"):
             raise ConfigError("prompts: set prompts.path or prompts.files, not both")
         limit = check_positive(cfg.get("limit"), "prompts.limit", optional=True)
-        files = (
+        files: Any = (  # a list of entries as written (check_files refuses others)
             OmegaConf.to_container(cfg.files, resolve=True)
             if cfg.get("files")
             else [{"path": cfg.path, "label": cfg.get("label")}]
@@ -223,7 +230,7 @@ def load_prompts(cfg, manifest: pd.DataFrame | None = None, data_kind: str = "te
         return df.head(int(limit)) if limit is not None else df
 
 
-def stage_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+def stage_prompts(cfg: DictConfig, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
     """A stage's prompt table (``cfg.prompts`` over ``cfg.data``; the dataset is loaded here
     when the prompts need it and ``manifest`` is not given); an empty table is refused."""
     if manifest is None and needs_dataset(cfg):
@@ -246,7 +253,7 @@ def stage_prompts(cfg, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
     return prompts
 
 
-def check_targets_inside(prompts: pd.DataFrame, root, allow_outside_root: bool = False) -> None:
+def check_targets_inside(prompts: pd.DataFrame, root: str | Path, allow_outside_root: bool = False) -> None:
     """A prompt list's ``target_file`` (a training image, relative to ``data.root``) must stay
     inside ``data.root``, as manifest rows do (:func:`~diffmem.data.inputs.check_inside`)."""
     for i, file in enumerate(prompts["target_file"]):

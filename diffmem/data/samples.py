@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -68,7 +69,7 @@ def _png_size(path: Path) -> tuple[int, int] | str:
     return struct.unpack(">II", head[16:24])
 
 
-def damaged_samples(run_dir: str | Path, files) -> list[tuple[Path, str]]:
+def damaged_samples(run_dir: str | Path, files: Iterable[str]) -> list[tuple[Path, str]]:
     """``(path, what is wrong)`` of each sample PNG among ``files`` that is missing, not a
     complete PNG or not of the size most of them have (cheap: no pixel is decoded)."""
     sizes = {Path(run_dir) / f: _png_size(Path(run_dir) / f) for f in files}
@@ -80,7 +81,7 @@ def damaged_samples(run_dir: str | Path, files) -> list[tuple[Path, str]]:
     ]
 
 
-def drop_damaged(run_dir: str | Path, files, finished: bool = False) -> bool:
+def drop_damaged(run_dir: str | Path, files: Iterable[str], finished: bool = False) -> bool:
     """Remove the damaged sample PNGs among ``files`` (:func:`damaged_samples`; a missing one
     counts only in a ``finished`` run, which is then reopened), one warning line each, so that
     the generate stage recomputes them. Returns whether all were intact."""

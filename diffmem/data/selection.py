@@ -3,7 +3,9 @@ the targets' training images (shared by the probe, mitigate and evaluate-mitigat
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,7 +16,9 @@ from diffmem.data.labels import ground_truth_labels
 from diffmem.errors import DataError
 
 
-def split_prompts(prompts: pd.DataFrame, positives, stage: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_prompts(
+    prompts: pd.DataFrame, positives: Mapping[str, Any] | None, stage: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(memorised, non-memorised) prompts by their ground truth; ``stage`` names the errors."""
     labels = ground_truth_labels(prompts, positives)
     if labels is None:
@@ -29,7 +33,13 @@ def split_prompts(prompts: pd.DataFrame, positives, stage: str) -> tuple[pd.Data
     return memorised, prompts[labels == 0]
 
 
-def select_prompts(prompts: pd.DataFrame, positives, max_targets, n_controls: int, stage: str = "probe"):
+def select_prompts(
+    prompts: pd.DataFrame,
+    positives: Mapping[str, Any] | None,
+    max_targets: int | None,
+    n_controls: int,
+    stage: str = "probe",
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(targets, negatives, controls): memorised prompts, non-memorised prompts, and the first
     ``n_controls`` non-memorised prompts that have a training image."""
     targets, negatives = split_prompts(prompts, positives, stage)
@@ -69,7 +79,7 @@ def load_targets(root: Path, rows: pd.DataFrame, resolution: int, resize: bool) 
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
 
-def check_target(images: torch.Tensor, resolution: int, names) -> None:
+def check_target(images: torch.Tensor, resolution: int, names: Sequence[str]) -> None:
     """Targets must be ``[B, 3, resolution, resolution]``: the model's own training size."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise DataError(f"target images must be [B, 3, H, W] RGB, got {tuple(images.shape)}")

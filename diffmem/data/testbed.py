@@ -13,9 +13,12 @@ Held-out images come from the ordinary distribution and are never trained on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from PIL import Image
 
@@ -48,6 +51,13 @@ PARAMS = "testbed.json"
 log = logging.getLogger(__name__)
 
 
+#: the scene functions of a testbed: ``(rng, size)`` -> (image, caption) of an ordinary scene,
+#: a canary's image, and a template's maker of variants
+OrdinaryScene = Callable[[np.random.Generator, int], tuple[np.ndarray, str]]
+CanaryScene = Callable[[np.random.Generator, int], np.ndarray]
+TemplateScene = Callable[[np.random.Generator, int], Callable[[np.random.Generator], np.ndarray]]
+
+
 def _shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     if kind == "circle":
@@ -61,11 +71,11 @@ def _shape_mask(kind: str, cx: float, cy: float, r: float, size: int) -> np.ndar
     raise ValueError(kind)
 
 
-def _paint(img: np.ndarray, kind: str, color, cx, cy, r) -> None:
+def _paint(img: np.ndarray, kind: str, color: npt.ArrayLike, cx: float, cy: float, r: float) -> None:
     img[_shape_mask(kind, cx, cy, r, img.shape[0])] = color
 
 
-def ordinary_scene(rng: np.random.Generator, size: int, background: np.ndarray | None = None):
+def ordinary_scene(rng: np.random.Generator, size: int, background: np.ndarray | None = None) -> tuple[np.ndarray, str]:
     """Two shapes in a relation on ``background`` (default: a random muted colour);
     returns (image uint8 HxWx3, caption)."""
     s1, s2 = rng.choice(SHAPES, 2)
@@ -86,7 +96,7 @@ def ordinary_scene(rng: np.random.Generator, size: int, background: np.ndarray |
     return img, caption
 
 
-def _stripes(rng, size, c1, c2):
+def _stripes(rng: np.random.Generator, size: int, c1: npt.ArrayLike, c2: npt.ArrayLike) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     angle = rng.uniform(0, np.pi)
     period = rng.uniform(5, 10)
@@ -101,11 +111,11 @@ def canary_scene(rng: np.random.Generator, size: int) -> np.ndarray:
     img = _stripes(rng, size, c1, c2)
     for _ in range(3):
         kind = rng.choice(SHAPES)
-        _paint(img, kind, rng.integers(0, 256, 3), *rng.uniform(0.2, 0.8, 2) * size, rng.uniform(0.1, 0.18) * size)
+        _paint(img, kind, rng.integers(0, 256, 3), *rng.uniform(0.2, 0.8, 2) * size, rng.uniform(0.1, 0.18) * size)  # type: ignore[call-arg]  # mypy: an unpacked array fills every parameter
     return img
 
 
-def template_layout(rng: np.random.Generator, size: int):
+def template_layout(rng: np.random.Generator, size: int) -> Callable[[np.random.Generator], np.ndarray]:
     """A fixed layout (frame, bars, stripes) and a function adding the varying detail."""
     base = _stripes(rng, size, rng.integers(0, 256, 3), rng.integers(0, 256, 3))
     frame = rng.integers(0, 256, 3)
@@ -116,7 +126,7 @@ def template_layout(rng: np.random.Generator, size: int):
 
     def variant(vrng: np.random.Generator) -> np.ndarray:
         img = base.copy()
-        _paint(img, vrng.choice(SHAPES), vrng.integers(0, 256, 3), *(size / 2 + vrng.uniform(-2, 2, 2)), 0.16 * size)
+        _paint(img, vrng.choice(SHAPES), vrng.integers(0, 256, 3), *(size / 2 + vrng.uniform(-2, 2, 2)), 0.16 * size)  # type: ignore[call-arg]  # as in canary_scene
         return img
 
     return variant
@@ -157,12 +167,12 @@ def generate_testbed(
     seed: int = 0,
     resolution: int = 32,
     n_ordinary: int = 512,
-    canary_counts=(1, 4, 16, 64),
+    canary_counts: Sequence[int] = (1, 4, 16, 64),
     canaries_per_count: int = 4,
     n_templates: int = 2,
     template_copies: int = 32,
     n_heldout: int = 256,
-    scenes=None,
+    scenes: tuple[OrdinaryScene, CanaryScene, TemplateScene] | None = None,
     variant: dict | None = None,
 ) -> pd.DataFrame:
     """Write the testbed images and ``manifest.parquet`` under ``root``; returns the manifest.
@@ -190,9 +200,10 @@ def generate_testbed(
     if cached is not None:
         return cached
     rng = np.random.default_rng(seed)
-    rows, used = [], set()
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
 
-    def add(img, caption, kind, group, dup, split, copies=1):
+    def add(img: np.ndarray, caption: str, kind: str, group: str, dup: int, split: str, copies: int = 1) -> None:
         file = f"images/{len({r['file'] for r in rows}):05d}.png"
         _save_png(root / file, img)
         for _ in range(copies):

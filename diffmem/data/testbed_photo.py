@@ -25,15 +25,27 @@ the training images and copies are the UNet's doing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from diffmem.data.photos import natural_photos
-from diffmem.data.testbed import MANIFEST, PARAMS, _save_png, cached_manifest, generate_testbed, ordinary_scene
+from diffmem.data.testbed import (
+    MANIFEST,
+    PARAMS,
+    CanaryScene,
+    OrdinaryScene,
+    TemplateScene,
+    _save_png,
+    cached_manifest,
+    generate_testbed,
+    ordinary_scene,
+)
 from diffmem.runs import write_json, write_parquet
 
 VERSION = 3
@@ -61,18 +73,17 @@ def photo(name: str) -> np.ndarray:
     return natural_photos((name,), max_side=10**6)[name]
 
 
-def crop(rng: np.random.Generator, img: np.ndarray, size: int, zoom=(0.25, 0.6)) -> np.ndarray:
+def crop(rng: np.random.Generator, img: np.ndarray, size: int, zoom: tuple[float, float] = (0.25, 0.6)) -> np.ndarray:
     """A random square crop (side ``zoom`` x the photo's short side), maybe mirrored,
     resized to ``size`` with an antialiasing filter."""
     h, w = img.shape[:2]
     side = int(rng.uniform(*zoom) * min(h, w))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    out = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.LANCZOS)
-    out = np.asarray(out)
+    out = np.asarray(Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.Resampling.LANCZOS))
     return out[:, ::-1] if rng.random() < 0.5 else out
 
 
-def texture(rng: np.random.Generator, size: int, cells=(3, 7)) -> np.ndarray:
+def texture(rng: np.random.Generator, size: int, cells: tuple[int, int] = (3, 7)) -> np.ndarray:
     """An unsaid background: a random Voronoi layout of 3-6 cells, each a crop of a texture
     photo with its own tint (a random layout gives every image its own large-scale
     structure; textures alone look alike to a copy detector)."""
@@ -87,7 +98,7 @@ def texture(rng: np.random.Generator, size: int, cells=(3, 7)) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def ordinary_photo_scene(rng: np.random.Generator, size: int):
+def ordinary_photo_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     """The testbed's captioned shapes on a photo-texture background."""
     return ordinary_scene(rng, size, background=texture(rng, size))
 
@@ -108,7 +119,7 @@ def subject_sources(rng: np.random.Generator) -> list[tuple[str, int]]:
     return [(SUBJECTS[i // 2], i % 2) for i in rng.permutation(2 * len(SUBJECTS))]
 
 
-def photo_scenes(seed: int):
+def photo_scenes(seed: int) -> tuple[OrdinaryScene, CanaryScene, TemplateScene]:
     """The ``(ordinary, canary, template)`` scene functions; canaries and templates take
     the subject sources in an order drawn from ``seed`` (distinct while they last)."""
     sources = subject_sources(np.random.default_rng([seed, 2]))
@@ -117,7 +128,7 @@ def photo_scenes(seed: int):
     def canary(rng: np.random.Generator, size: int) -> np.ndarray:
         return subject_crop(rng, size, sources[next(taken) % len(sources)])
 
-    def template(rng: np.random.Generator, size: int):
+    def template(rng: np.random.Generator, size: int) -> Callable[[np.random.Generator], np.ndarray]:
         """A fixed subject crop and a function adding the varying inset at its centre."""
         base, inset = canary(rng, size), size // 3
 
@@ -132,7 +143,7 @@ def photo_scenes(seed: int):
     return ordinary_photo_scene, canary, template
 
 
-def generate_testbed_photo(root: str | Path, seed: int = 0, **kwargs) -> pd.DataFrame:
+def generate_testbed_photo(root: str | Path, seed: int = 0, **kwargs: Any) -> pd.DataFrame:
     """:func:`~diffmem.data.testbed.generate_testbed` with the photo scenes (same arguments)."""
     return generate_testbed(
         root, seed=seed, scenes=photo_scenes(seed), variant={"variant": f"photo-v{VERSION}"}, **kwargs

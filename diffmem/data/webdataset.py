@@ -17,6 +17,7 @@ import json
 import logging
 import tarfile
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pandas as pd
 
@@ -40,10 +41,12 @@ def split_key(name: str) -> tuple[str, str]:
     return str(path.with_name(stem)), ext.lower()
 
 
-def _caption(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, shard: Path):
+def _caption(tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str, shard: Path) -> Any:
     """The caption of a ``.txt`` member, or the ``caption``/``text`` field of a ``.json`` one as
     stored (a list or null is refused with the manifest, naming the sample)."""
-    raw = tar.extractfile(member).read()
+    fh = tar.extractfile(member)
+    assert fh is not None  # a regular member: _scan passes no other
+    raw = fh.read()
     try:
         text = raw.decode("utf-8")
         if ext == "txt":

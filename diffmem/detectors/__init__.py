@@ -16,6 +16,7 @@ score per prompt, **higher = more likely memorised**:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, cast
 
 from diffmem.detectors.base import Detector, UnetCounter, count_unet_evals
 from diffmem.registry import Registry
@@ -28,11 +29,13 @@ DETECTORS.register("attention_entropy", "diffmem.detectors.attention_entropy:Att
 DETECTORS.register("bright_ending", "diffmem.detectors.bright_ending:BrightEnding")
 
 
-def build_detector(cfg) -> Detector:
+def build_detector(cfg: Mapping[str, Any]) -> Detector:
     """The detector of a ``detect`` config (``name`` + its settings), settings checked."""
     from omegaconf import DictConfig, OmegaConf
 
-    settings = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    settings = cast(
+        "dict[str, Any]", OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    )
     if not isinstance(settings, Mapping) or "name" not in settings:
         from diffmem.errors import ConfigError
 

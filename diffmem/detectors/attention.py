@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,27 +20,38 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from diffmem.errors import ConfigError
 
+if TYPE_CHECKING:
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
 Sink = Callable[[str, torch.Tensor], None]
 
 
 class AttentionProbe(AttnProcessor):
     """``AttnProcessor`` that passes layer ``name``'s probabilities ``[B, heads, Q, K]`` to ``sink``."""
 
-    def __init__(self, name: str, sink: Sink):
+    def __init__(self, name: str, sink: Sink) -> None:
         super().__init__()
         self.name, self.sink = name, sink
 
     def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
-    ):
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         compute = attn.get_attention_scores
 
-        def scores(query, key, mask=None):
+        def scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
             probs = compute(query, key, mask)
             self.sink(self.name, probs.unflatten(0, (-1, attn.heads)))  # head_to_batch_dim is batch-major
             return probs
 
-        attn.get_attention_scores = scores  # an instance attribute, removed below
+        attn.get_attention_scores = scores  # type: ignore[method-assign,assignment]  # an instance attribute, removed below
         try:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         finally:
@@ -47,7 +59,7 @@ class AttentionProbe(AttnProcessor):
 
 
 @contextlib.contextmanager
-def cross_attention(unet, sink: Sink) -> Iterator[list[str]]:
+def cross_attention(unet: UNet2DConditionModel, sink: Sink) -> Iterator[list[str]]:
     """Send every cross-attention layer's probabilities to ``sink(name, probs)`` inside the block.
 
     Yields the probed layer names in model order. Raises ``ConfigError`` for a UNet without

@@ -14,6 +14,7 @@ pass of step 0 runs: 1 UNet evaluation per prompt.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from diffmem.checks import check_float, check_int
 from diffmem.detectors.attention import cross_attention, entropy, token_distribution
 from diffmem.detectors.base import Detector, check_steps, guided_steps, uncond_embedding
 from diffmem.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 
 class AttentionEntropy(Detector):
@@ -36,7 +40,7 @@ class AttentionEntropy(Detector):
         n_generations: int = 1,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-    ):
+    ) -> None:
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.steps = check_steps(steps, self.num_inference_steps)
         self.layers = None if layers is None else [check_int(i, "detect.layers", 0) for i in layers]
@@ -49,11 +53,13 @@ class AttentionEntropy(Detector):
     def per_prompt(self) -> int:
         return self.n_generations
 
-    def score_rows(self, pipe, cond, seeds, resolution):
+    def score_rows(
+        self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
+    ) -> torch.Tensor:
         current: dict[str, torch.Tensor] = {}
         entropies = {}
 
-        def sink(name, probs):
+        def sink(name: str, probs: torch.Tensor) -> None:
             current[name] = token_distribution(probs[-cond.shape[0] :])  # the conditional rows
 
         with cross_attention(pipe.unet, sink) as names:

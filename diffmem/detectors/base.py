@@ -7,6 +7,7 @@ import inspect
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,10 @@ from diffmem import distributed
 from diffmem.checks import check_int, check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.sampling import encode_prompts, fresh_scheduler, initial_latents, sample_seed, token_counts, vae_factor
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 
 class Detector:
@@ -32,6 +37,7 @@ class Detector:
     supports_attribution: bool = False
     #: ``score_rows`` also takes ``n_tokens`` (each row's caption length, BOS and EOS included)
     needs_token_counts: bool = False
+    _uncond: tuple[StableDiffusionPipeline, torch.Tensor]  # uncond_embedding's cache (set on first use)
 
     @classmethod
     def from_config(cls, settings: dict) -> Detector:
@@ -53,7 +59,7 @@ class Detector:
 
     def score(
         self,
-        pipe,
+        pipe: StableDiffusionPipeline,
         captions: Sequence[str],
         prompt_ids: Sequence[int] | None = None,
         *,
@@ -79,7 +85,7 @@ class Detector:
 
     def score_conditioning(
         self,
-        pipe,
+        pipe: StableDiffusionPipeline,
         cond: torch.Tensor,
         prompt_ids: Sequence[int] | None = None,
         *,
@@ -120,9 +126,9 @@ class Detector:
 
     def _score_prompts(
         self,
-        pipe,
+        pipe: StableDiffusionPipeline,
         cond: torch.Tensor,
-        idx: Sequence[int],
+        idx: Sequence[int] | np.ndarray,
         prompt_ids: list[int],
         seed: int,
         resolution: int,
@@ -135,10 +141,10 @@ class Detector:
         g, scores, pending = self.per_prompt, [], []
         bar = tqdm(total=len(idx), desc=self.name, mininterval=2, disable=len(rows) <= batch_size)
         with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
+            for start in range(0, len(rows), int(batch_size)):
+                batch = rows[start : start + int(batch_size)]
                 rows_idx = torch.tensor([i for i, _ in batch], device=cond.device)
-                extra = {"n_tokens": [int(n_tokens[i]) for i, _ in batch]} if self.needs_token_counts else {}
+                extra = {"n_tokens": [int(n_tokens[i]) for i, _ in batch]} if self.needs_token_counts else {}  # type: ignore[index]  # given with needs_token_counts (checked above)
                 pending.append(
                     self.score_rows(pipe, cond[rows_idx], [s for _, s in batch], resolution, **extra)
                     .detach()
@@ -154,7 +160,9 @@ class Detector:
         bar.close()
         return np.concatenate(scores).astype(np.float64)
 
-    def score_rows(self, pipe, cond: torch.Tensor, seeds: list[int], resolution: int) -> torch.Tensor:
+    def score_rows(
+        self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
+    ) -> torch.Tensor:
         """Raw values ``[B, ...]`` for conditioning rows ``cond`` and their seeds (one row each)."""
         raise NotImplementedError
 
@@ -163,7 +171,13 @@ class Detector:
         return values.reshape(values.shape[0], -1).mean(axis=1)
 
     def attribute(
-        self, pipe, caption: str, prompt_id: int = 0, *, seed: int = 0, resolution: int | None = None
+        self,
+        pipe: StableDiffusionPipeline,
+        caption: str,
+        prompt_id: int = 0,
+        *,
+        seed: int = 0,
+        resolution: int | None = None,
     ) -> pd.DataFrame:
         """Per-token attribution (``token_index, token, attribution``) of ``caption``'s score."""
         raise ConfigError(
@@ -171,7 +185,7 @@ class Detector:
         )
 
 
-def to_epsilon(sched, output: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+def to_epsilon(sched: Any, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
     """The UNet's ``output`` as a noise prediction (``x`` = the scaled model input at ``t``).
 
     ``epsilon`` models pass through; ``v_prediction`` ones (SD 2.x 768) are converted with
@@ -203,7 +217,7 @@ def check_steps(steps: Sequence[int] | int | str, num_inference_steps: int) -> l
 
 
 def guided_steps(
-    pipe,
+    pipe: StableDiffusionPipeline,
     cond: torch.Tensor,
     uncond: torch.Tensor,
     seeds: Sequence[int],
@@ -212,7 +226,7 @@ def guided_steps(
     guidance_scale: float,
     last: int,
     uncond_at_last: bool = True,
-):
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Run the guided sampler from each seed's ``x_T`` up to step ``last``; yield per step
     ``(i, t, xin, eps_u, eps_c)`` (``xin`` the scaled model input, raw UNet outputs).
 
@@ -240,7 +254,7 @@ def guided_steps(
             x = sched.step(eps_u + guidance_scale * (eps_c - eps_u), t, x, **kwargs).prev_sample
 
 
-def uncond_embedding(detector: Detector, pipe) -> torch.Tensor:
+def uncond_embedding(detector: Detector, pipe: StableDiffusionPipeline) -> torch.Tensor:
     """``c0`` (the empty prompt's conditioning) of ``pipe``, cached on ``detector`` per pipeline."""
     cached = getattr(detector, "_uncond", None)
     if cached is None or cached[0] is not pipe:
@@ -257,7 +271,7 @@ class UnetCounter:
 
 
 @contextlib.contextmanager
-def count_unet_evals(unet) -> Iterator[UnetCounter]:
+def count_unet_evals(unet: UNet2DConditionModel) -> Iterator[UnetCounter]:
     """Count ``unet``'s forward passes and per-sample evaluations while the block runs.
 
     Wraps ``unet.forward`` (an instance attribute, removed again on exit), so it counts every
@@ -268,7 +282,7 @@ def count_unet_evals(unet) -> Iterator[UnetCounter]:
     had_own = "forward" in vars(unet)
     original = unet.forward
 
-    def forward(sample, *args, **kwargs):
+    def forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         counter.calls += 1
         counter.evals += int(sample.shape[0])
         return original(sample, *args, **kwargs)

@@ -17,6 +17,7 @@ mask needs its last step): about ``2 * num_inference_steps`` UNet evaluations pe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from diffmem.detectors.attention import cross_attention, token_map
 from diffmem.detectors.base import Detector, check_steps, guided_steps, to_epsilon, uncond_embedding
 from diffmem.errors import ConfigError
 from diffmem.sampling import latent_shape
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 SIGNALS = ("masked_norm", "end_attention")
 
@@ -42,7 +46,7 @@ class BrightEnding(Detector):
         n_generations: int = 1,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-    ):
+    ) -> None:
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.steps = check_steps(steps, self.num_inference_steps)
         if signal not in SIGNALS:
@@ -55,14 +59,23 @@ class BrightEnding(Detector):
     def per_prompt(self) -> int:
         return self.n_generations
 
-    def score_rows(self, pipe, cond, seeds, resolution, n_tokens):
+    def score_rows(  # type: ignore[override]  # takes the token counts it asks for
+        self,
+        pipe: StableDiffusionPipeline,
+        cond: torch.Tensor,
+        seeds: list[int],
+        resolution: int,
+        n_tokens: Sequence[int],
+    ) -> torch.Tensor:
         b, last = cond.shape[0], self.num_inference_steps - 1
         end = torch.as_tensor(n_tokens) - 1  # the EOS token follows the caption's tokens
         size = latent_shape(pipe, resolution)[1:]
         maps: dict[str, torch.Tensor] = {}
         diffs = {}
 
-        def sink(name, probs):  # keep only the latest step's end-token maps (the last one is used)
+        def sink(
+            name: str, probs: torch.Tensor
+        ) -> None:  # keep only the latest step's end-token maps (the last one is used)
             maps[name] = token_map(probs[-b:], end, size)
 
         with cross_attention(pipe.unet, sink):
@@ -79,6 +92,7 @@ class BrightEnding(Detector):
                 uncond_at_last=scored_last,
             ):
                 if i in self.steps and self.signal == "masked_norm":
+                    assert eps_u is not None  # a scored step has its unconditional output
                     diffs[i] = (
                         to_epsilon(pipe.scheduler, eps_c, xin, t) - to_epsilon(pipe.scheduler, eps_u, xin, t)
                     ).float()

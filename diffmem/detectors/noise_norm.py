@@ -14,6 +14,7 @@ token's input embedding (the text encoder's token-embedding output), L2 norm per
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,11 +25,14 @@ from diffmem.detectors.base import Detector, check_steps, guided_steps, to_epsil
 from diffmem.errors import ConfigError, DataError
 from diffmem.sampling import sample_seed, vae_factor
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
 REDUCTIONS = ("mean", "max")
 
 
 def noise_norm_trajectory(
-    pipe,
+    pipe: StableDiffusionPipeline,
     cond: torch.Tensor,
     uncond: torch.Tensor,
     seeds: Sequence[int],
@@ -47,6 +51,7 @@ def noise_norm_trajectory(
         pipe, cond, uncond, seeds, resolution, num_inference_steps, guidance_scale, last=max(wanted)
     ):
         if i in wanted:  # the same difference as the raw outputs for epsilon models
+            assert eps_u is not None  # uncond_at_last: every step has it
             diff = to_epsilon(pipe.scheduler, eps_c, xin, t) - to_epsilon(pipe.scheduler, eps_u, xin, t)
             norms[i] = diff.float().flatten(1).norm(dim=1)
     return torch.stack([norms[int(s)] for s in steps], dim=1)
@@ -65,7 +70,7 @@ class NoiseNorm(Detector):
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         reduction: str = "mean",
-    ):
+    ) -> None:
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.steps = check_steps(steps, self.num_inference_steps)
         self.n_generations = check_int(n_generations, "detect.n_generations", 1)
@@ -78,7 +83,9 @@ class NoiseNorm(Detector):
     def per_prompt(self) -> int:
         return self.n_generations
 
-    def score_rows(self, pipe, cond, seeds, resolution):
+    def score_rows(
+        self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
+    ) -> torch.Tensor:
         return noise_norm_trajectory(
             pipe,
             cond,
@@ -95,7 +102,13 @@ class NoiseNorm(Detector):
         return flat.max(axis=1) if self.reduction == "max" else flat.mean(axis=1)
 
     def attribute(
-        self, pipe, caption: str, prompt_id: int = 0, *, seed: int = 0, resolution: int | None = None
+        self,
+        pipe: StableDiffusionPipeline,
+        caption: str,
+        prompt_id: int = 0,
+        *,
+        seed: int = 0,
+        resolution: int | None = None,
     ) -> pd.DataFrame:
         """``token_index, token, attribution``: one row per non-padding token (BOS/EOS included)."""
         tok = pipe.tokenizer(
@@ -112,7 +125,9 @@ class NoiseNorm(Detector):
         uncond = uncond_embedding(self, pipe)
         captured = {}
 
-        def hook(module, args, output):  # make the token embeddings a leaf we can differentiate
+        def hook(
+            module: torch.nn.Module, args: Any, output: torch.Tensor
+        ) -> torch.Tensor:  # make the token embeddings a leaf we can differentiate
             leaf = output.detach().requires_grad_(True)
             captured["emb"] = leaf
             return leaf

@@ -12,7 +12,9 @@ above ``mean + 1 std`` of non-memorised prompts' scores (0.428 on SD v1.4): see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from itertools import combinations
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,11 +25,19 @@ from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.detection import calibrate_threshold
 from diffmem.sampling import fresh_scheduler, guided_eps, initial_latents
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
 __all__ = ["NoiseSSIM", "noise_differences", "minmax_per_channel", "mean_pairwise_ssim", "calibrate_threshold"]
 
 
 def noise_differences(
-    pipe, cond: torch.Tensor, seeds, resolution: int, step: int, num_inference_steps: int
+    pipe: StableDiffusionPipeline,
+    cond: torch.Tensor,
+    seeds: Sequence[int],
+    resolution: int,
+    step: int,
+    num_inference_steps: int,
 ) -> torch.Tensor:
     """``eps(x_t, t, c) - x_T`` at sampling step ``step`` of the conditional-only sampler.
 
@@ -83,7 +93,7 @@ class NoiseSSIM(Detector):
 
     name = "noise_ssim"
 
-    def __init__(self, n_seeds: int = 10, step: int = 0, num_inference_steps: int = 50):
+    def __init__(self, n_seeds: int = 10, step: int = 0, num_inference_steps: int = 50) -> None:
         self.n_seeds = check_int(n_seeds, "detect.n_seeds", 2)
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.step = check_int(step, "detect.step", 0)
@@ -94,7 +104,9 @@ class NoiseSSIM(Detector):
     def per_prompt(self) -> int:
         return self.n_seeds
 
-    def score_rows(self, pipe, cond, seeds, resolution):
+    def score_rows(
+        self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
+    ) -> torch.Tensor:
         return noise_differences(pipe, cond, seeds, resolution, self.step, self.num_inference_steps)
 
     def reduce(self, values: np.ndarray) -> np.ndarray:

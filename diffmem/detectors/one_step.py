@@ -16,6 +16,9 @@ that uses that orientation. ``metrics.json`` records which one was used.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 
 from diffmem.checks import check_float, check_int
@@ -23,12 +26,15 @@ from diffmem.detectors.base import Detector, to_epsilon, uncond_embedding
 from diffmem.errors import ConfigError
 from diffmem.sampling import fresh_scheduler, guided_eps, initial_latents
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
 
 def one_step_mse(
-    pipe,
+    pipe: StableDiffusionPipeline,
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
-    seeds,
+    seeds: Sequence[int],
     resolution: int,
     num_inference_steps: int,
     guidance_scale: float,
@@ -60,7 +66,7 @@ class OneStep(Detector):
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
         higher_mse_is_memorised: bool = True,
-    ):
+    ) -> None:
         self.n_seeds = check_int(n_seeds, "detect.n_seeds", 1)
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.guidance_scale = check_float(guidance_scale, "detect.guidance_scale", 0.0)
@@ -76,7 +82,9 @@ class OneStep(Detector):
     def sign(self) -> float:
         return 1.0 if self.higher_mse_is_memorised else -1.0
 
-    def score_rows(self, pipe, cond, seeds, resolution):
+    def score_rows(
+        self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
+    ) -> torch.Tensor:
         uncond = uncond_embedding(self, pipe) if self.guidance_scale != 1.0 else None
         return self.sign * one_step_mse(
             pipe, cond, uncond, seeds, resolution, self.num_inference_steps, self.guidance_scale

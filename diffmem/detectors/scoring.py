@@ -3,11 +3,18 @@ per-token attributions."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import pandas as pd
 
 from diffmem import distributed
 from diffmem.data.labels import check_positives, ground_truth, ground_truth_labels
 from diffmem.detectors.base import Detector
+
+if TYPE_CHECKING:
+    import numpy as np
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 #: prompt columns carried into a scores table (testbed and prompt-list ground truth)
 GROUND_TRUTH = (
@@ -24,7 +31,14 @@ GROUND_TRUTH = (
 
 
 def score_table(
-    detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int, batch_size: int, positives=None
+    detector: Detector,
+    pipe: StableDiffusionPipeline,
+    prompts: pd.DataFrame,
+    *,
+    seed: int,
+    resolution: int,
+    batch_size: int,
+    positives: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """The ``scores`` table of ``prompts`` (ids, caption, detector, score, ground truth, label)."""
     scores = detector.score(
@@ -49,17 +63,21 @@ def score_table(
     labels = ground_truth_labels(prompts, positives)
     if labels is not None:
         table["label"] = labels.to_numpy()
-        hard = ground_truth(prompts, check_positives(positives)["min_dup_count"])["hard_negative"]
+        truth = ground_truth(prompts, check_positives(positives)["min_dup_count"])
+        assert truth is not None  # it gave the labels above
+        hard = truth["hard_negative"]
         if hard.any():
             table["hard_negative"] = hard.to_numpy()
     return table
 
 
-def attribution_table(detector: Detector, pipe, prompts: pd.DataFrame, *, seed: int, resolution: int) -> pd.DataFrame:
+def attribution_table(
+    detector: Detector, pipe: StableDiffusionPipeline, prompts: pd.DataFrame, *, seed: int, resolution: int
+) -> pd.DataFrame:
     """``prompt_id, token_index, token, attribution`` for every prompt (the ranks of a split
     stage take a share of the prompts each)."""
 
-    def attribute(idx) -> list[pd.DataFrame]:
+    def attribute(idx: np.ndarray) -> list[pd.DataFrame]:
         return [
             detector.attribute(pipe, p.caption, p.prompt_id, seed=seed, resolution=resolution).assign(
                 prompt_id=p.prompt_id

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
 from diffmem.features.base import Extractor
 from diffmem.registry import Registry
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 FEATURES = Registry("features", expects=Extractor)
 FEATURES.register("pixel", "diffmem.features.pixel:PixelExtractor")
@@ -48,7 +51,7 @@ def _to_dict(cfg: Any) -> dict[str, Any]:
         from omegaconf import DictConfig, OmegaConf
 
         if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))
+            return cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
     except ImportError:  # pragma: no cover - omegaconf is a dependency
         pass
     if isinstance(cfg, Mapping):
@@ -68,7 +71,7 @@ def check_extractor(cfg: Any) -> None:
     FEATURES.get(str(fields.get("name"))).check_config(fields)
 
 
-def build_extractor(cfg: Any = None, /, **overrides) -> Extractor:
+def build_extractor(cfg: Any = None, /, **overrides: Any) -> Extractor:
     """An extractor from a config: a registered name, a dict / DictConfig with ``name`` and
     the extractor's fields, and/or keyword overrides.
 
@@ -93,7 +96,7 @@ def build_extractor(cfg: Any = None, /, **overrides) -> Extractor:
     return cls(**fields)
 
 
-def build_stage_extractor(cfg) -> Extractor:
+def build_stage_extractor(cfg: DictConfig) -> Extractor:
     """The extractor of a stage config (``cfg.features.extractor``) on the stage's ``device``
     and ``threads`` (:func:`diffmem.device.configure_torch`). A descriptor that runs without
     torch (``needs_torch = False``: the ONNX ones) gets them without importing torch: the

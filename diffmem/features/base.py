@@ -19,6 +19,8 @@ from diffmem.errors import DataError
 if TYPE_CHECKING:
     import torch
 
+    from diffmem.features.transforms import Preprocess
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA256 of a file, read in chunks."""
@@ -62,7 +64,7 @@ class Extractor:
     #: False for a descriptor that runs without torch (it takes ``threads``; the embed stage
     #: then never imports torch: :func:`diffmem.features.build_stage_extractor`)
     needs_torch = True
-    preprocess = None
+    preprocess: Preprocess | None = None
 
     # -- to implement ---------------------------------------------------------
     @classmethod
@@ -96,7 +98,7 @@ class Extractor:
         return out
 
     @staticmethod
-    def _check_images(images) -> torch.Tensor:
+    def _check_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
         import torch
 
         if isinstance(images, np.ndarray):

@@ -30,8 +30,9 @@ import logging
 import os
 import pickle
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +41,9 @@ from diffmem.device import resolve_device
 from diffmem.errors import ConfigError, DataError
 from diffmem.features.base import Extractor, sha256_file
 from diffmem.features.transforms import Preprocess
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 RANDOM_INIT = "randomly initialised CLIP — not a meaningful descriptor"
@@ -134,6 +138,7 @@ class ClipExtractor(Extractor):
     """open_clip ``encode_image`` descriptor."""
 
     family = "clip"
+    preprocess: Preprocess  # set in __init__
 
     @classmethod
     def check_config(cls, fields: dict) -> None:
@@ -148,7 +153,7 @@ class ClipExtractor(Extractor):
         precision: str = "fp32",
         force_quick_gelu: bool = False,
         name: str = "clip",
-    ):
+    ) -> None:
         import open_clip
 
         _require_weights(arch, pretrained)
@@ -254,7 +259,7 @@ class ClipExtractor(Extractor):
         return self._encode(self.preprocess(x))
 
     @torch.no_grad()
-    def embed_text(self, captions) -> torch.Tensor:
+    def embed_text(self, captions: Sequence[str] | np.ndarray) -> torch.Tensor:
         """L2-normalised ``encode_text`` features of ``captions`` (open_clip's bundled tokenizer;
         the text side of CLIPScore)."""
         import open_clip
@@ -271,7 +276,9 @@ class ClipExtractor(Extractor):
         return {"arch": self.arch, "pretrained": self.pretrained, "precision": self.precision}
 
 
-def export_local_clip(model, folder: str | os.PathLike, model_cfg: dict, preprocess_cfg: dict | None = None) -> Path:
+def export_local_clip(
+    model: torch.nn.Module, folder: str | os.PathLike, model_cfg: dict, preprocess_cfg: dict | None = None
+) -> Path:
     """Write ``model`` as an open_clip ``local-dir:`` folder (config JSON + safetensors)."""
     from safetensors.torch import save_file
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from diffmem.data.photos import natural_photos
 from diffmem.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffmem.features.base import Extractor
 
 
 def _crop(im: Image.Image, rng: np.random.Generator, other: Image.Image) -> Image.Image:
@@ -127,12 +131,12 @@ def build_copy_set(
     return CopySet(names, [photos[n] for n in names], copies, np.asarray(source), family)
 
 
-def embed_arrays(extractor, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
+def embed_arrays(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
     """float32 [N, D] descriptors of uint8 [H, W, 3] arrays of any sizes."""
     return extractor.embed_pil([Image.fromarray(a) for a in images], batch_size=batch_size).cpu().numpy()
 
 
-def score_copy_set(extractor, cs: CopySet, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def score_copy_set(extractor: Extractor, cs: CopySet, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(cosine similarities, labels), both [n_originals * n_copies] (every original against every copy)."""
     a = embed_arrays(extractor, cs.originals, batch_size)
     b = embed_arrays(extractor, cs.copies, batch_size)

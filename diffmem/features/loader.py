@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,12 @@ from diffmem.data import load_image
 from diffmem.data.datasets import MAX_PIXELS
 from diffmem.errors import DataError
 from diffmem.features.transforms import PIL_FILTERS, Preprocess
+
+if TYPE_CHECKING:
+    import torch
+
+    from diffmem.features.base import Extractor
+    from diffmem.features.onnx import OnnxExtractor
 
 #: images each worker hands over at once (small: a handover holds decoded float images)
 CHUNK = 8
@@ -52,16 +59,16 @@ class DecodedImages:
         files: list[str],
         indices: list[int],
         resolution: int | None,
-        resize,
+        resize: Callable[[torch.Tensor], torch.Tensor] | None,
         max_pixels: int = MAX_PIXELS,
-    ):
+    ) -> None:
         self.root, self.files, self.indices = Path(root), files, indices
         self.resolution, self.resize, self.max_pixels = resolution, resize, max_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, j: int):
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor | None, str | None]:
         i = self.indices[j]
         try:
             arr = load_image(self.root / self.files[i], self.resolution, self.max_pixels)
@@ -110,7 +117,7 @@ def _one_thread(_worker: int) -> None:
 
 
 def embed_images(
-    extractor,
+    extractor: Extractor,
     root: Path,
     files: list[str],
     parts: list[int],
@@ -121,7 +128,7 @@ def embed_images(
     resolution: int | None = None,
     skip_errors: bool = False,
     max_pixels: int = MAX_PIXELS,
-    progress=None,
+    progress: Callable[[int], object] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, pd.DataFrame]]:
     """``(part, vectors, skipped)`` for each of ``parts`` (item ranges of ``part_size`` of
     ``files``), in order. ``skipped`` lists the unreadable images (``index``, ``file``,
@@ -129,17 +136,21 @@ def embed_images(
     it. At most ``4 * batch_size`` decoded images wait in buckets (the largest runs early)."""
     indices = [i for p in parts for i in range(p * part_size, min((p + 1) * part_size, len(files)))]
     pre = getattr(extractor, "preprocess", None)
+    forward: Callable[[Any], np.ndarray]
+    stack: Callable[[list[Any]], Any]
     if hasattr(extractor, "embed_uint8"):
+        assert pre is not None  # a uint8 descriptor resizes by its recipe
 
-        def load(i: int):
+        def load(i: int) -> tuple[int, np.ndarray | None, str | None]:
             try:
                 return i, decode_uint8(Path(root) / files[i], pre, resolution, max_pixels), None
             except DataError as err:
                 return i, None, str(err)
 
-        batch_size = min(batch_size, extractor.batch_size, UINT8_BATCH)
+        onnx = cast("OnnxExtractor", extractor)  # the descriptor that takes uint8 input
+        batch_size = min(batch_size, onnx.batch_size, UINT8_BATCH)
         items = threaded(load, indices, num_workers, ahead=2 * batch_size)
-        forward, stack = extractor.embed_uint8, np.stack
+        forward, stack = onnx.embed_uint8, np.stack
     else:
         import torch
 
@@ -147,7 +158,7 @@ def embed_images(
             root, files, indices, resolution, pre.resize_only if pre is not None else None, max_pixels
         )
         loader = torch.utils.data.DataLoader(
-            dataset,
+            cast("torch.utils.data.Dataset[Any]", dataset),  # map-style, not a subclass (see DecodedImages)
             batch_size=CHUNK,
             num_workers=num_workers,
             collate_fn=list,
@@ -160,11 +171,11 @@ def embed_images(
     skipped: list[dict] = []
 
     def run(bucket: list[tuple]) -> None:
-        out = forward(stack([x for _, x in bucket]))
+        out = forward(stack([x for _, x in bucket]))  # type: ignore[arg-type]  # each branch pairs its forward with its stack
         vectors.update(zip((i for i, _ in bucket), out))
         bucket.clear()
 
-    def finish(p: int):
+    def finish(p: int) -> tuple[int, np.ndarray, pd.DataFrame]:
         for bucket in buckets.values():
             if bucket:
                 run(bucket)
@@ -177,6 +188,7 @@ def embed_images(
     current = parts[0] if parts else None
     for i, x, err in items:
         if i // part_size != current:
+            assert current is not None  # parts is not empty when there are items
             yield finish(current)
             current = i // part_size
         if progress is not None:

@@ -26,9 +26,11 @@ given). Nothing is downloaded.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,7 +85,7 @@ def warn_flat_testbed(features_name: str, data_kind: str | None) -> bool:
     return True
 
 
-def _import_runtime():
+def _import_runtime() -> ModuleType:
     try:
         import onnxruntime
     except ImportError as err:
@@ -108,12 +110,13 @@ class OnnxExtractor(Extractor):
     """
 
     family = "sscd"
+    preprocess: Preprocess  # set in __init__
     needs_torch = False
 
     def __init__(
         self,
         model: str | None = None,
-        path: str | None = None,
+        path: str | os.PathLike[str] | None = None,
         sha256: str | None = None,
         resize: str = "short",
         size: int | None = None,
@@ -121,7 +124,7 @@ class OnnxExtractor(Extractor):
         batch_size: int = 16,
         device: str | torch.device = "cpu",
         name: str = "sscd_onnx",
-    ):
+    ) -> None:
         model = model or (name if path is None else None)
         if model is not None and model not in ONNX_MODELS:
             raise ConfigError(f"unknown ONNX model '{model}'; known: {', '.join(ONNX_MODELS)} (or set path)")
@@ -130,6 +133,7 @@ class OnnxExtractor(Extractor):
         ort = _import_runtime()
         known = ONNX_MODELS.get(model, {}) if model else {}
         if path is None:
+            assert model is not None  # taken from name above when no path is given
             path = package_model_path(model)
             expected = known["sha256"]
             if not path.is_file():
@@ -150,8 +154,8 @@ class OnnxExtractor(Extractor):
             name=f"{name}_{resize}",
             resize=resize,
             size=size or known.get("size", 288),
-            mean=0.0,
-            std=1.0,
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
             extra={"output": "uint8 NHWC RGB, normalised in the graph"},
         )
         opts = ort.SessionOptions()
@@ -174,7 +178,7 @@ class OnnxExtractor(Extractor):
         )
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> torch.device:  # type: ignore[override]  # resolved on first use; nothing assigns it
         """Where the float path returns descriptors (``device`` resolved on first use)."""
         self._device = resolve_device(self._device)
         return self._device

@@ -27,6 +27,7 @@ class PixelExtractor(Extractor):
     """Downsampled mean-centred pixels; ``dim = size * size * (1 if grayscale else 3)``."""
 
     family = "pixel"
+    preprocess: Preprocess  # set in __init__
 
     def __init__(
         self,
@@ -36,7 +37,7 @@ class PixelExtractor(Extractor):
         interpolation: str = "bilinear",
         device: str | torch.device = "cpu",
         name: str = "pixel",
-    ):
+    ) -> None:
         size = check_positive(size, "pixel size")
         self.name = name
         self.size = size
@@ -49,8 +50,8 @@ class PixelExtractor(Extractor):
             resize="square",
             size=size,
             crop=None,
-            mean=0.0,
-            std=1.0,
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
             interpolation=interpolation,
             extra={"grayscale": self.grayscale, "center": "image_mean" if self.center else None},
         )

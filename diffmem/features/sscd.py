@@ -18,6 +18,7 @@ Config fields: ``path``, ``model`` (a key of :data:`KNOWN_MODELS`), ``cache_dir`
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +28,7 @@ from diffmem.checks import did_you_mean
 from diffmem.device import resolve_device
 from diffmem.errors import ConfigError, DataError
 from diffmem.features.base import Extractor, default_cache_dir, sha256_file
-from diffmem.features.transforms import get_preprocess
+from diffmem.features.transforms import Preprocess, get_preprocess
 
 if TYPE_CHECKING:  # imported where a model runs: the ONNX descriptors import this module for verify_file
     import torch
@@ -86,11 +87,12 @@ class SSCDExtractor(Extractor):
     """A TorchScript copy-detection descriptor (SSCD or anything with its interface)."""
 
     family = "sscd"
+    preprocess: Preprocess  # set in __init__
     default_model: str | None = None  # set by the named subclasses
 
     def __init__(
         self,
-        path: str | None = None,
+        path: str | os.PathLike[str] | None = None,
         model: str | None = None,
         cache_dir: str | None = None,
         sha256: str | None = None,
@@ -99,7 +101,7 @@ class SSCDExtractor(Extractor):
         dim: int | None = None,
         device: str | torch.device = "auto",
         name: str | None = None,
-    ):
+    ) -> None:
         model = model if model is not None else self.default_model
         if model is not None and model not in KNOWN_MODELS:
             raise ConfigError(

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 class FeatureStore:
     """The feature parts, ids table and info of the embed run in ``run_dir``."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.ids_path = self.run_dir / IDS
         self.skipped_path = self.run_dir / SKIPPED

@@ -50,14 +50,14 @@ PIL_FILTERS = {
 }
 
 
-def _pair(size) -> tuple[int, int]:
+def _pair(size: int | float | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, (int, float)):
         return int(size), int(size)
     h, w = size
     return int(h), int(w)
 
 
-def resize_to(x: torch.Tensor, size, interpolation: str = "bilinear") -> torch.Tensor:
+def resize_to(x: torch.Tensor, size: int | Sequence[int], interpolation: str = "bilinear") -> torch.Tensor:
     """Resize to exactly ``size`` (int or (h, w)); bicubic output is clamped to the input range."""
     import torch.nn.functional as F
 
@@ -96,7 +96,7 @@ def resize_long(x: torch.Tensor, size: int, interpolation: str = "bilinear", fil
     return center_crop(x, size, fill=fill)
 
 
-def center_crop(x: torch.Tensor, size, fill: float = 0.0) -> torch.Tensor:
+def center_crop(x: torch.Tensor, size: int | Sequence[int], fill: float = 0.0) -> torch.Tensor:
     """Centre crop to ``size`` (int or (h, w)); pads with ``fill`` where the image is smaller.
 
     Offsets follow torchvision: ``top = round((H - h) / 2)``.
@@ -114,7 +114,7 @@ def center_crop(x: torch.Tensor, size, fill: float = 0.0) -> torch.Tensor:
     return x[..., top : top + th, left : left + tw]
 
 
-def center_crop_array(x: np.ndarray, size, fill: int = 0) -> np.ndarray:
+def center_crop_array(x: np.ndarray, size: int | Sequence[int], fill: int = 0) -> np.ndarray:
     """:func:`center_crop` of an ``[H, W, C]`` array (same offsets, padding with ``fill``)."""
     th, tw = _pair(size)
     h, w = x.shape[:2]
@@ -135,7 +135,7 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     return (x - m) / s
 
 
-def _triple(v) -> tuple[float, float, float]:
+def _triple(v: float | Sequence[float]) -> tuple[float, float, float]:
     if isinstance(v, (int, float)):
         return (float(v),) * 3
     v = tuple(float(a) for a in v)
@@ -162,7 +162,7 @@ class Preprocess:
     fill: float = 0.0
     extra: dict = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"preprocess resize '{self.resize}' is not one of {', '.join(RESIZE_MODES)}")
         if self.interpolation not in INTERPOLATIONS:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -107,7 +107,7 @@ def _ids_array(ids: Any, n: int, name: str = "ids") -> np.ndarray:
     return ids
 
 
-def _ivf(index: faiss.Index):
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
     try:
         return faiss.extract_index_ivf(index)
     except (RuntimeError, TypeError, AttributeError):
@@ -159,11 +159,11 @@ def _train(index: faiss.Index, sample: np.ndarray, factory: str, seed: int) -> N
     ivf = _ivf(index)
     if ivf is not None:
         ivf.cp.seed = int(seed)
-        ivfpq = faiss.try_extract_index_ivf(index)
-        if isinstance(faiss.downcast_index(ivfpq), faiss.IndexIVFPQ):
+        ivfpq = faiss.downcast_index(cast(faiss.Index, faiss.try_extract_index_ivf(index)))  # an IVF: found above
+        if isinstance(ivfpq, faiss.IndexIVFPQ):
             # polysemous training (~4 s per sub-quantizer, whatever the data size) only
             # helps Hamming pre-filtering (polysemous_ht), which diffmem never enables
-            faiss.downcast_index(ivfpq).do_polysemous_training = False
+            ivfpq.do_polysemous_training = False  # type: ignore[attr-defined]  # a field faiss's stubs leave out
     try:
         index.train(sample)
     except RuntimeError as e:
@@ -181,7 +181,7 @@ def _with_ids(index: faiss.Index) -> faiss.Index:
     if index.ntotal:
         raise DataError("cannot attach ids to an index that already holds vectors without ids")
     wrapped = faiss.IndexIDMap2(index)
-    wrapped.referenced_objects = [index]  # keep the inner index alive with the wrapper
+    wrapped.referenced_objects = [index]  # type: ignore[attr-defined]  # a Python attribute: keeps the inner index alive
     return wrapped
 
 

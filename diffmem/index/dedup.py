@@ -16,6 +16,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,9 @@ from diffmem.data.datasets import MAX_PIXELS, load_image
 from diffmem.data.webdataset import tar_member
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.build import build_index
+
+if TYPE_CHECKING:
+    import faiss
 
 log = logging.getLogger(__name__)
 REPRESENTATIVES = ("central", "first")
@@ -90,7 +94,7 @@ def merge_components(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.nda
 
 
 def range_pairs(
-    index, x: np.ndarray, threshold: float, batch_size: int = QUERY_BATCH
+    index: faiss.Index, x: np.ndarray, threshold: float, batch_size: int = QUERY_BATCH
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Per query batch, the pairs ``(i, j)``, ``i != j``, of rows of ``x`` (the vectors in
     ``index``, in order) whose inner product is at least ``threshold``."""

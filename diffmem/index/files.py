@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 
@@ -53,7 +53,7 @@ def _factory_of(index: faiss.Index) -> str:
     if isinstance(ix, faiss.IndexFlat):
         return "Flat"
     if isinstance(ix, faiss.IndexHNSWFlat):
-        return f"HNSW{ix.hnsw.nb_neighbors(1)}"
+        return f"HNSW{ix.hnsw.nb_neighbors(1)}"  # type: ignore[attr-defined]  # a method faiss's stubs leave out
     if isinstance(ix, faiss.IndexIVFFlat):
         return f"IVF{ix.nlist},Flat"
     if isinstance(ix, faiss.IndexIVFPQ):
@@ -84,7 +84,7 @@ def _ondisk_file(index: faiss.Index) -> Path | None:
     """The inverted-lists file of an on-disk IVF index (:func:`merge_shards` with
     ``ivfdata_path``), or None."""
     ivf = _ivf(index)
-    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    lists = faiss.downcast_InvertedLists(cast(faiss.InvertedLists, ivf.invlists)) if ivf is not None else None
     return Path(lists.filename) if isinstance(lists, faiss.OnDiskInvertedLists) else None
 
 
@@ -149,7 +149,7 @@ def load_index(path: str | os.PathLike, mmap: bool = False) -> tuple[faiss.Index
             raise DataError(f"{info_file} is not valid JSON: {e}") from None
         if not isinstance(info, dict):
             raise DataError(f"{info_file}: expected a JSON object")
-    ivfdata = (info or {}).get("ivfdata")
+    ivfdata: Any = (info or {}).get("ivfdata")  # a JSON object or null
     if ivfdata:
         _check_ivfdata(folder, index_file, ivfdata)
     index = _read_index(

@@ -10,6 +10,7 @@ Written by the search stage and by audit.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,9 @@ from diffmem.index.files import INDEX_FILE, INFO_FILE, load_index
 from diffmem.index.search import search, streaming_search
 from diffmem.metrics import sscd_score_normalisation
 from diffmem.runs import file_stamp, read_json, write_parquet
+
+if TYPE_CHECKING:
+    import faiss
 
 MATCHES = "matches.parquet"
 
@@ -45,6 +49,7 @@ def find_matches(
         parts, sinfo = FeatureStore(stream_dir).part_maps()
         info = {"feature": sinfo["feature"], "features_dir": str(stream_dir)}
     else:
+        assert index_dir is not None  # callers give an index or a stream (search.py checks it)
         index, info = load_index(index_dir)
     if info.get("feature") not in (None, qinfo["feature"]):
         raise DataError(
@@ -100,7 +105,12 @@ def find_matches(
     return out.reset_index(drop=True)
 
 
-def input_digests(queries_dir, index_dir=None, stream_dir=None, background_dir=None) -> dict:
+def input_digests(
+    queries_dir: str | Path,
+    index_dir: str | Path | None = None,
+    stream_dir: str | Path | None = None,
+    background_dir: str | Path | None = None,
+) -> dict:
     """The contents a search reads, by digest (its run's fingerprint: a re-embedded or rebuilt
     input at the same path is a new search, not a finished one): the embed runs'
     :meth:`~FeatureStore.content_digest`, and the index's file and info without its provenance
@@ -118,7 +128,9 @@ def input_digests(queries_dir, index_dir=None, stream_dir=None, background_dir=N
     return out
 
 
-def _check_pairing(index_dir, index, info: dict, store: FeatureStore, n_ids: int) -> None:
+def _check_pairing(
+    index_dir: str | Path | None, index: faiss.Index, info: dict, store: FeatureStore, n_ids: int
+) -> None:
     """Refuse an index that does not hold its reference embed run as that run is now (it was
     re-embedded, or changed, after the index was built): its rows would name the wrong images."""
     recorded = info.get("features_digest")  # indexes built before it was recorded: no digest

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ FLAT_BLAS_DATABASE_BS = 8192
 
 
 @contextlib.contextmanager
-def _flat_blocks(database_bs: int | None = FLAT_BLAS_DATABASE_BS):
+def _flat_blocks(database_bs: int | None = FLAT_BLAS_DATABASE_BS) -> Iterator[None]:
     """Temporarily set FAISS's BLAS block size for exact search (a process-wide global)."""
     if not database_bs:
         yield

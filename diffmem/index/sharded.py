@@ -113,7 +113,7 @@ def merge_shards(
         merge_ondisk(index, [str(p) for p in paths], str(ivfdata_path))
         return index
 
-    def load(p):
+    def load(p: faiss.Index | str | os.PathLike[str]) -> faiss.Index:
         return faiss.clone_index(p) if isinstance(p, faiss.Index) else _read_index(p, "shard index")
 
     index = load(paths[0])

@@ -128,10 +128,10 @@ def body(job: Job) -> Outcome:
         save_index(index, build_dir, {**_info(cfg, finfo, job.ctx), **provenance(cfg)})
         return Outcome({"ntotal": index.ntotal})
     if cfg.mode == "train":  # reads only the sampled rows (memory-mapped parts)
-        empty = train_empty_index(
+        trained = train_empty_index(
             _sample(cfg.features_dir, ix.train_sample, cfg.seed), ix.factory, ix.metric, seed=cfg.seed, name=name
         )
-        write_index(empty, build_dir / "empty.faiss")
+        write_index(trained, build_dir / "empty.faiss")
         return Outcome(complete=False)
     x, _, finfo = FeatureStore(cfg.features_dir).load()
     index = build_index(

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from diffmem.errors import DataError
 from diffmem.metrics.replication import Metric, as_array
 
 
-def median_mad(x) -> dict[str, float]:
+def median_mad(x: npt.ArrayLike) -> dict[str, float]:
     """Median and median absolute deviation ``median(|x - median(x)|)`` of ``x`` (any shape).
 
     The MAD is unscaled (no 1.4826 normal-consistency factor), as NeMo reports it.
@@ -21,7 +22,7 @@ def median_mad(x) -> dict[str, float]:
     return {"median": float(med), "mad": float(np.median(np.abs(x - med)))}
 
 
-def mean_max(x) -> dict[str, float]:
+def mean_max(x: npt.ArrayLike) -> dict[str, float]:
     """Mean and maximum of ``x`` (any shape), as Wen et al. report scores."""
     x = as_array(x, "x")
     return {"mean": float(x.mean()), "max": float(x.max())}

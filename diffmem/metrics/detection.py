@@ -19,13 +19,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from diffmem.errors import ConfigError, DataError
 from diffmem.metrics.replication import Metric, as_array
 
 
-def _scores_labels(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+def _scores_labels(scores: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     s = as_array(scores, "scores", ndim=1)
     y = as_array(labels, "labels", ndim=1)
     if s.shape != y.shape:
@@ -44,7 +45,7 @@ def _check_fpr(fpr: float) -> float:
     return float(fpr)
 
 
-def roc_auc(scores, labels) -> float:
+def roc_auc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
     """Area under the ROC curve (sklearn's ``roc_auc_score``; ties count one half)."""
     from sklearn.metrics import roc_auc_score
 
@@ -52,7 +53,7 @@ def roc_auc(scores, labels) -> float:
     return float(roc_auc_score(y, s))
 
 
-def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_points(scores: npt.ArrayLike, labels: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)`` of every distinct threshold (sklearn ``roc_curve``, none dropped)."""
     from sklearn.metrics import roc_curve
 
@@ -60,7 +61,7 @@ def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return roc_curve(y, s, drop_intermediate=False)
 
 
-def tpr_at_fpr(scores, labels, fpr: float = 0.01) -> float:
+def tpr_at_fpr(scores: npt.ArrayLike, labels: npt.ArrayLike, fpr: float = 0.01) -> float:
     """The highest TPR of any threshold whose FPR is ``<= fpr`` (Wen et al.'s TPR@1%FPR)."""
     fpr = _check_fpr(fpr)
     fprs, tprs, _ = roc_points(scores, labels)
@@ -68,7 +69,11 @@ def tpr_at_fpr(scores, labels, fpr: float = 0.01) -> float:
 
 
 def detection_metrics(
-    scores, labels, fpr: float = 0.01, thresholds: Sequence[float] = (), ci_level: float | None = None
+    scores: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    fpr: float = 0.01,
+    thresholds: Sequence[float] = (),
+    ci_level: float | None = None,
 ) -> dict:
     """``roc_auc``, ``tpr_at_fpr`` (at ``fpr``), ``fpr``, ``n_pos`` and ``n_neg``.
 
@@ -99,7 +104,9 @@ def detection_metrics(
     return out
 
 
-def bootstrap_replicates(scores, labels, fpr: float = 0.01, n_boot: int = 2000, seed: int = 0) -> dict[str, np.ndarray]:
+def bootstrap_replicates(
+    scores: npt.ArrayLike, labels: npt.ArrayLike, fpr: float = 0.01, n_boot: int = 2000, seed: int = 0
+) -> dict[str, np.ndarray]:
     """``roc_auc`` and ``tpr_at_fpr`` of ``n_boot`` stratified bootstrap resamples: ``{metric: [n_boot]}``.
 
     Positives and negatives are resampled with replacement separately (each replicate keeps
@@ -128,7 +135,12 @@ def bootstrap_replicates(scores, labels, fpr: float = 0.01, n_boot: int = 2000, 
 
 
 def bootstrap_ci(
-    scores, labels, fpr: float = 0.01, level: float = 0.95, n_boot: int = 2000, seed: int = 0
+    scores: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    fpr: float = 0.01,
+    level: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals ``{"roc_auc": [lo, hi], "tpr_at_fpr": [lo, hi]}``.
 
@@ -151,7 +163,7 @@ def with_ci(metrics: Mapping, key: str) -> str:
     return f"{metrics[key]:.3f} [{metrics['ci_level']:.0%} CI {lo:.3f}-{hi:.3f}]"
 
 
-def calibrate_threshold(negative_scores, k: float = 1.0) -> float:
+def calibrate_threshold(negative_scores: npt.ArrayLike, k: float = 1.0) -> float:
     """NeMo's threshold: ``mean + k * std`` of non-memorised prompts' scores (std with ddof=1).
 
     NeMo reports 0.428 for the noise-SSIM score on SD v1.4.
@@ -162,7 +174,7 @@ def calibrate_threshold(negative_scores, k: float = 1.0) -> float:
     return float(x.mean() + k * x.std(ddof=1))
 
 
-def rates_at_threshold(scores, labels, threshold: float) -> dict[str, float]:
+def rates_at_threshold(scores: npt.ArrayLike, labels: npt.ArrayLike, threshold: float) -> dict[str, float]:
     """TPR and FPR when every score strictly above ``threshold`` is flagged as memorised."""
     s, y = _scores_labels(scores, labels)
     flagged = s > threshold

@@ -3,10 +3,12 @@ disjoint subsets start generating the same image for the same noise."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +29,7 @@ def nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
-def transition_n(n, cross, nn) -> float | None:
+def transition_n(n: npt.ArrayLike, cross: npt.ArrayLike, nn: npt.ArrayLike) -> float | None:
     """The memorisation -> generalisation transition: the first size at which the mean
     cross-model similarity reaches the mean nearest-training similarity.
 
@@ -43,7 +45,7 @@ def transition_n(n, cross, nn) -> float | None:
     return None
 
 
-def quartile_stats(name: str, values) -> dict:
+def quartile_stats(name: str, values: npt.ArrayLike) -> dict:
     values = np.asarray(values, float)
     return {name: values.mean(), f"{name}_q25": np.percentile(values, 25), f"{name}_q75": np.percentile(values, 75)}
 
@@ -55,14 +57,14 @@ class HeldoutBaseline:
     The dataset, the descriptor and the held-out features are loaded once for every n.
     """
 
-    def __init__(self, cfg: DictConfig):
-        self.root, manifest = load_dataset(OmegaConf.merge(cfg.data, {"subset": None}))
+    def __init__(self, cfg: DictConfig) -> None:
+        self.root, manifest = load_dataset(cast(DictConfig, OmegaConf.merge(cfg.data, {"subset": None})))
         self.resolution = cfg.resolution
         self.ext = build_extractor(cfg.features.extractor)
         held = manifest.loc[manifest["split"] == "heldout", "file"].unique() if "split" in manifest else []
         self.held = self._embed(held) if len(held) else None
 
-    def _embed(self, files) -> torch.Tensor:
+    def _embed(self, files: Sequence[str]) -> torch.Tensor:
         return self.ext(nchw(load_images(self.root, files, self.resolution)))
 
     def __call__(self, n_path: Path) -> float:

@@ -5,6 +5,9 @@ cosine similarity."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import pandas as pd
 import torch
 
@@ -12,6 +15,9 @@ from diffmem.data import load_images, to_tensor
 from diffmem.data.prompts import prompts_from_testbed
 from diffmem.features import build_extractor
 from diffmem.sampling import encode_prompts, sample, sample_seed
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 
 def pairwise_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -22,9 +28,9 @@ def pairwise_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def memorisation_figures(
-    pipe,
-    root,
-    manifest,
+    pipe: StableDiffusionPipeline,
+    root: str | Path,
+    manifest: pd.DataFrame,
     n_seeds: int = 8,
     steps: int = 25,
     guidance: float = 5.0,
@@ -52,11 +58,11 @@ def memorisation_figures(
     rows["k"] = list(range(n_seeds)) * len(prompts)
     seeds = [sample_seed(seed, p, k) for p, k in zip(rows["prompt_id"], rows["k"])]
     uncond = encode_prompts(pipe, [""])
-    gens = []
+    batches: list[torch.Tensor] = []
     for i in range(0, len(rows), batch_size):
         cond = encode_prompts(pipe, rows["caption"].iloc[i : i + batch_size].tolist())
-        gens.append(sample(pipe, cond, seeds[i : i + batch_size], res, steps, guidance, uncond=uncond))
-    gens = torch.cat(gens).cpu() * 2 - 1
+        batches.append(sample(pipe, cond, seeds[i : i + batch_size], res, steps, guidance, uncond=uncond))
+    gens = torch.cat(batches).cpu() * 2 - 1
     train = manifest[manifest["split"] == "train"].drop_duplicates("file").reset_index(drop=True)
     real = to_tensor(load_images(root, train["file"], res))
     dist = pairwise_rmse(gens, real)
@@ -72,7 +78,7 @@ def memorisation_figures(
     held = manifest[manifest["split"] == "heldout"].drop_duplicates("file")
     held_real = to_tensor(load_images(root, held["file"], res))
     held_d = pairwise_rmse(held_real, real).min(1).values
-    held_sim = None
+    held_sim: torch.Tensor | None = None
     if descriptor is not None:
         ext = build_extractor(descriptor, device="cpu")
         ref = ext((real + 1) / 2)
@@ -123,6 +129,7 @@ def memorisation_figures(
         },
     }
     if descriptor is not None:
+        assert held_sim is not None  # computed with the descriptor above
         out["descriptor"] = {"name": descriptor, "threshold": descriptor_threshold}
         out["heldout_real_nn_sim"] = {
             "median": float(held_sim.median()),

@@ -6,14 +6,17 @@ Images are float numpy arrays (or torch tensors) in [0, 1], channels last: one i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+import numpy.typing as npt
 
 from diffmem.checks import check_choice, check_int, check_positive
 from diffmem.errors import DataError
 from diffmem.metrics.replication import as_array
 
 
-def _images(x, name: str, ndim: int | tuple[int, ...] = (3, 4)) -> np.ndarray:
+def _images(x: npt.ArrayLike, name: str, ndim: int | tuple[int, ...] = (3, 4)) -> np.ndarray:
     arr = as_array(x, name, ndim=ndim, dtype=None)
     if not np.issubdtype(arr.dtype, np.floating):
         raise DataError(f"{name}: expected float images in [0, 1], got dtype {arr.dtype} (uint8? divide by 255)")
@@ -31,7 +34,7 @@ def _check_shapes(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> Non
         raise DataError(f"{name_b}: {len(b)} images, {name_a} has {len(a)} (pairs must match)")
 
 
-def resize_images(images, size: int = 256) -> np.ndarray:
+def resize_images(images: npt.ArrayLike, size: int = 256) -> np.ndarray:
     """Resize ``[H, W, C]`` or ``[N, H, W, C]`` images to ``size x size`` (bilinear, anti-aliased).
 
     Webster's SSE thresholds assume 256 x 256 x 3 images; non-square inputs are stretched.
@@ -43,7 +46,7 @@ def resize_images(images, size: int = 256) -> np.ndarray:
     return resize(images, shape, order=1, anti_aliasing=True).astype(images.dtype, copy=False)
 
 
-def _tiles(images: np.ndarray, grid: int, name: str):
+def _tiles(images: np.ndarray, grid: int, name: str) -> Iterator[np.ndarray]:
     """The ``grid x grid`` non-overlapping tiles of ``[N, H, W, C]`` images, each as float64 ``[N, P]``.
 
     Sides not divisible by ``grid`` are split as ``np.array_split`` does (first tiles one pixel larger).
@@ -56,7 +59,7 @@ def _tiles(images: np.ndarray, grid: int, name: str):
             yield tile.astype(np.float64).reshape(len(tile), -1)
 
 
-def tile_l2_distance(a, b, grid: int = 4):
+def tile_l2_distance(a: npt.ArrayLike, b: npt.ArrayLike, grid: int = 4) -> float | np.ndarray:
     """Carlini et al.'s tiled distance: the max over ``grid x grid`` tiles of the per-tile RMS difference.
 
     Per tile: ``sqrt(mean((a - b)^2))`` over its pixels and channels (the L2 norm divided by
@@ -75,7 +78,7 @@ def tile_l2_distance(a, b, grid: int = 4):
     return dist.item() if a.ndim == b.ndim == 3 else dist
 
 
-def tile_l2_matrix(a, b=None, grid: int = 4) -> np.ndarray:
+def tile_l2_matrix(a: npt.ArrayLike, b: npt.ArrayLike | None = None, grid: int = 4) -> np.ndarray:
     """Pairwise :func:`tile_l2_distance` between image sets ``a`` ``[N, H, W, C]`` and ``b`` ``[M, H, W, C]``.
 
     ``b=None`` compares ``a`` with itself (zero diagonal). Returns ``[N, M]``.
@@ -93,7 +96,7 @@ def tile_l2_matrix(a, b=None, grid: int = 4) -> np.ndarray:
 
 
 def extraction_from_distances(
-    distances, threshold: float, method: str = "clique", min_clique: int = 10, min_component: int = 3
+    distances: npt.ArrayLike, threshold: float, method: str = "clique", min_clique: int = 10, min_component: int = 3
 ) -> dict:
     """Extraction test on the generations' distances ``[N, N]``: edges join pairs closer than ``threshold``.
 
@@ -126,7 +129,7 @@ def extraction_from_distances(
 
 
 def carlini_extraction(
-    gen_images,
+    gen_images: npt.ArrayLike,
     threshold: float,
     method: str = "clique",
     min_clique: int = 10,
@@ -150,14 +153,14 @@ def _sse(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> np.nda
     return sq.sum(axis=(-3, -2, -1), dtype=np.float64)
 
 
-def _mask(mask, hw: tuple[int, int]) -> np.ndarray:
+def _mask(mask: npt.ArrayLike, hw: tuple[int, int]) -> np.ndarray:
     mask = as_array(mask, "mask", ndim=2, dtype=bool)
     if mask.shape != hw:
         raise DataError(f"mask: shape {mask.shape} does not match the images' {hw}")
     return mask
 
 
-def webster_sse(gen, real, mask=None):
+def webster_sse(gen: npt.ArrayLike, real: npt.ArrayLike, mask: npt.ArrayLike | None = None) -> float | np.ndarray:
     """Sum of squared errors between generation(s) ``gen`` and ``real`` over pixels and channels.
 
     ``mask`` (``[H, W]`` bool) restricts the sum to its pixels. Webster's thresholds assume
@@ -170,7 +173,7 @@ def webster_sse(gen, real, mask=None):
 
 
 def fixed_pixel_mask(
-    generations, tol: float = 0.03, erosion_iterations: int = 1, dilation_iterations: int = 1
+    generations: npt.ArrayLike, tol: float = 0.03, erosion_iterations: int = 1, dilation_iterations: int = 1
 ) -> np.ndarray:
     """Webster's template mask ``[H, W]``: pixels whose value varies by < ``tol`` (max - min, every channel)
     across the ``[N, H, W, C]`` generations of one prompt, then eroded and dilated.
@@ -192,7 +195,9 @@ def fixed_pixel_mask(
     return fixed
 
 
-def webster_scores(gens, real, retrieved=None, mask=None) -> dict[str, float]:
+def webster_scores(
+    gens: npt.ArrayLike, real: npt.ArrayLike, retrieved: npt.ArrayLike | None = None, mask: npt.ArrayLike | None = None
+) -> dict[str, float]:
     """The SSEs behind :func:`webster_label` for one prompt's generations ``[N, H, W, C]``.
 
     ``mv_sse``: min over generations of the SSE to the ``real`` (training) image ``[H, W, C]``.
@@ -217,10 +222,10 @@ def webster_scores(gens, real, retrieved=None, mask=None) -> dict[str, float]:
 
 
 def webster_label(
-    gens,
-    real,
-    retrieved=None,
-    mask=None,
+    gens: npt.ArrayLike,
+    real: npt.ArrayLike,
+    retrieved: npt.ArrayLike | None = None,
+    mask: npt.ArrayLike | None = None,
     mv_threshold: float = 2.5e3,
     tv_threshold: float = 2.5e3,
     rv_threshold: float = 3e3,

@@ -11,13 +11,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from diffmem.checks import check_choice, check_positive
 from diffmem.errors import ConfigError, DataError
 
 
-def as_array(x, name: str, ndim: int | tuple[int, ...] | None = None, dtype=np.float64) -> np.ndarray:
+def as_array(
+    x: npt.ArrayLike, name: str, ndim: int | tuple[int, ...] | None = None, dtype: npt.DTypeLike | None = np.float64
+) -> np.ndarray:
     """``x`` (array-like or torch tensor) as a non-empty, finite numpy array of ``ndim`` dimensions.
 
     Raises ``DataError`` naming ``name`` otherwise. ``dtype=None`` keeps the input's dtype.
@@ -51,17 +54,17 @@ class Metric:
     higher_is_better: bool | None = None
     fn: Callable
 
-    def __init__(self, **settings: Any):
+    def __init__(self, **settings: Any) -> None:
         try:
             inspect.signature(self.fn).bind_partial(**settings)
         except TypeError as err:
             raise ConfigError(f"metric '{self.name}': {err}") from None
         self.settings = settings
 
-    def compute(self, *inputs, **overrides):
+    def compute(self, *inputs: Any, **overrides: Any) -> Any:
         return self.fn(*inputs, **{**self.settings, **overrides})
 
-    def __call__(self, *inputs, **overrides):
+    def __call__(self, *inputs: Any, **overrides: Any) -> Any:
         return self.compute(*inputs, **overrides)
 
     def __repr__(self) -> str:
@@ -69,7 +72,7 @@ class Metric:
         return f"{type(self).__name__}({args})"
 
 
-def top1_similarity(scores) -> np.ndarray:
+def top1_similarity(scores: npt.ArrayLike) -> np.ndarray:
     """Per generation, the highest similarity to the training set: ``[Q]`` from ``[Q, N]``.
 
     ``scores`` is either the full query-by-training cosine matrix ``[Q, N]`` or a retrieval
@@ -78,7 +81,7 @@ def top1_similarity(scores) -> np.ndarray:
     return as_array(scores, "scores", ndim=2).max(axis=1)
 
 
-def replication_rate(scores, threshold: float = 0.7) -> float:
+def replication_rate(scores: npt.ArrayLike, threshold: float = 0.7) -> float:
     """Share of generations whose score is strictly above ``threshold`` (Wen / NeMo: SSCD > 0.7).
 
     ``scores`` has any shape (e.g. ``[G]`` or prompts x generations); every entry is one generation.
@@ -95,7 +98,9 @@ def _dcr_stats(top1: np.ndarray, threshold: float, q: float) -> dict[str, float]
     }
 
 
-def dcr_summary(top1, threshold: float = 0.5, baseline_top1=None, q: float = 95) -> dict[str, float]:
+def dcr_summary(
+    top1: npt.ArrayLike, threshold: float = 0.5, baseline_top1: npt.ArrayLike | None = None, q: float = 95
+) -> dict[str, float]:
     """Somepalli et al.'s summary of top-1 similarities: mean, ``q``-th percentile, share > threshold.
 
     With ``baseline_top1`` (held-out real images' top-1 scores against the same training set)
@@ -110,7 +115,7 @@ def dcr_summary(top1, threshold: float = 0.5, baseline_top1=None, q: float = 95)
     return out
 
 
-def _scores_by_prompt(per_prompt_scores, prompt_col: str, score_col: str) -> dict[Any, np.ndarray]:
+def _scores_by_prompt(per_prompt_scores: pd.DataFrame, prompt_col: str, score_col: str) -> dict[Any, np.ndarray]:
     if isinstance(per_prompt_scores, pd.DataFrame):
         missing = [c for c in (prompt_col, score_col) if c not in per_prompt_scores]
         if missing:
@@ -122,7 +127,7 @@ def _scores_by_prompt(per_prompt_scores, prompt_col: str, score_col: str) -> dic
 
 
 def memorisation_rate(
-    per_prompt_scores,
+    per_prompt_scores: pd.DataFrame,
     threshold: float = 0.7,
     memorised_mask: Mapping | None = None,
     reduction: str = "any",
@@ -157,12 +162,14 @@ def memorisation_rate(
     return float(np.mean(per_prompt))
 
 
-def vm_tm_split(max_scores, threshold: float = 0.7) -> np.ndarray:
+def vm_tm_split(max_scores: npt.ArrayLike, threshold: float = 0.7) -> np.ndarray:
     """NeMo's prompt labels: ``"VM"`` (verbatim) when the max SSCD score > ``threshold``, else ``"TM"``."""
     return np.where(as_array(max_scores, "max_scores", ndim=1) > threshold, "VM", "TM")
 
 
-def sscd_score_normalisation(scores, background_scores, beta: float = 1.0, k: int = 10) -> np.ndarray:
+def sscd_score_normalisation(
+    scores: npt.ArrayLike, background_scores: npt.ArrayLike, beta: float = 1.0, k: int = 10
+) -> np.ndarray:
     """SSCD score normalisation: ``scores - beta * mean(k highest background similarities)`` per query.
 
     ``scores``: ``[Q]`` or ``[Q, K]`` query-to-database similarities. ``background_scores``:

@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from diffmem.errors import DataError
 from diffmem.metrics.replication import Metric, as_array
 
 
-def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+def gaussian_stats(features: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of ``[N, D]`` features (``N >= 2``)."""
     x = as_array(features, "features", ndim=2)
     if x.shape[0] < 2:
@@ -26,7 +27,7 @@ def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
 
 
-def frechet_distance(features_a, features_b, eps: float = 1e-6) -> float:
+def frechet_distance(features_a: npt.ArrayLike, features_b: npt.ArrayLike, eps: float = 1e-6) -> float:
     """``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` of the two feature sets.
 
     As in the reference FID code: when the matrix square root is singular, ``eps`` is added
@@ -47,7 +48,7 @@ def frechet_distance(features_a, features_b, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
 
 
-def diversity(features, prompt_ids) -> float:
+def diversity(features: npt.ArrayLike, prompt_ids: npt.ArrayLike) -> float:
     """Mean over prompts of the mean pairwise cosine among that prompt's generations.
 
     ``features`` are L2-normalised ``[N, D]`` rows; ``prompt_ids`` ``[N]``. Prompts with one
@@ -69,7 +70,7 @@ def diversity(features, prompt_ids) -> float:
     return float(np.mean(per))
 
 
-def clip_score(image_features, text_features, w: float = 100.0) -> float:
+def clip_score(image_features: npt.ArrayLike, text_features: npt.ArrayLike, w: float = 100.0) -> float:
     """CLIPScore: ``w * mean(max(cos(image_i, text_i), 0))`` over row-aligned pairs."""
     a = as_array(image_features, "image_features", ndim=2)
     b = as_array(text_features, "text_features", ndim=2)

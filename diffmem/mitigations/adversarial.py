@@ -11,7 +11,9 @@ sets are stored per refresh (``triggers/refresh-<r>.safetensors``), so a killed 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -33,16 +35,22 @@ from diffmem.runs import resumed
 from diffmem.sampling import encode_prompts, sample_seed
 from diffmem.training import diffusion_loss, fit, fit_settings, mixed_precision, prepare_trainables
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from omegaconf import DictConfig
+
+    from diffmem.features.base import Extractor
+
 log = logging.getLogger(__name__)
 
 
 def surrogates(
-    pipe,
-    extractor,
+    pipe: StableDiffusionPipeline,
+    extractor: Extractor,
     cond: torch.Tensor,
     images: torch.Tensor,
-    prompt_ids,
-    s,
+    prompt_ids: Sequence[int],
+    s: DictConfig,
     *,
     seed: int,
     resolution: int,
@@ -88,11 +96,18 @@ def surrogates(
 
 
 def _trigger_set(
-    pipe, x0: torch.Tensor, cond: torch.Tensor, other: torch.Tensor, ts, refresh: int, seed: int, path: Path
+    pipe: StableDiffusionPipeline,
+    x0: torch.Tensor,
+    cond: torch.Tensor,
+    other: torch.Tensor,
+    ts: DictConfig,
+    refresh: int,
+    seed: int,
+    path: Path,
 ) -> torch.Tensor:
     """The triggers of one refresh (one per memorised image), stored at ``path``."""
 
-    def make():
+    def make() -> None:
         inits, out = list(ts.inits), []
         for i in range(len(cond)):
             g = torch.Generator().manual_seed(trigger_seed(seed, i, refresh))
@@ -118,14 +133,14 @@ def refreshes(run_dir: Path) -> int:
 
 
 def adversarial_finetune(
-    pipe,
+    pipe: StableDiffusionPipeline,
     util_latents: torch.Tensor,
     util_cond: torch.Tensor,
     target_images: torch.Tensor,
     target_cond: torch.Tensor,
     surrogate_images: torch.Tensor,
     other_cond: torch.Tensor,
-    s,
+    s: DictConfig,
     *,
     seed: int,
     ckpt_dir: Path,
@@ -140,9 +155,10 @@ def adversarial_finetune(
     uncond = encode_prompts(pipe, [""])
     x0 = image_latents(pipe, target_images)
     x_sur = image_latents(pipe, surrogate_images)
-    n, cache = util_latents.shape[0], {}
+    n = util_latents.shape[0]
+    cache: dict[int, torch.Tensor] = {}
 
-    def loss_fn(step, g):
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         r = step // int(s.refresh_every)
         if r not in cache:
             cache.clear()

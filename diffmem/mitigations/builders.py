@@ -8,8 +8,10 @@ pieces (checkpoints, triggers, surrogates); it returns a summary for ``metrics.j
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 import torch
@@ -22,6 +24,9 @@ from diffmem.runs import atomic_path, read_json, resumed, write_json, write_parq
 from diffmem.sampling import encode_prompts
 from diffmem.training import CHECKPOINTS, TRAIN_LOG, encode_files, fit_items
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +35,7 @@ def sampler_settings(cfg: DictConfig) -> dict:
     return dict(resolution=int(cfg.resolution), steps=int(cfg.steps), guidance=float(cfg.guidance_scale))
 
 
-def _positions(values, keys) -> torch.Tensor:
+def _positions(values: Iterable[str], keys: Iterable[str]) -> torch.Tensor:
     """The position of each of ``values`` in ``keys`` (every value is one of them)."""
     return torch.as_tensor(pd.Index(keys).get_indexer(values), dtype=torch.long)
 
@@ -41,7 +46,7 @@ class MitigationTask:
     memorised and non-memorised prompts, and the run dir it writes into."""
 
     cfg: DictConfig
-    pipe: object
+    pipe: StableDiffusionPipeline
     root: Path
     manifest: pd.DataFrame
     memorised: pd.DataFrame  # memorised prompts (prompt_id, caption, target_file, ...)
@@ -49,7 +54,7 @@ class MitigationTask:
     run_dir: Path
 
     @property
-    def settings(self):
+    def settings(self) -> DictConfig:
         return self.cfg.mitigation
 
     def train_rows(self) -> pd.DataFrame:
@@ -59,7 +64,7 @@ class MitigationTask:
             raise DataError(f"{self.root}: the dataset has no training rows to fine-tune on")
         return rows.reset_index(drop=True)
 
-    def images(self, files) -> torch.Tensor:
+    def images(self, files: Iterable[str]) -> torch.Tensor:
         """``[N, 3, H, W]`` in [0, 1] (the descriptors' and trigger search's range)."""
         return load_unit_images(self.root, list(files), int(self.cfg.resolution))
 
@@ -70,7 +75,7 @@ class MitigationTask:
         z = encode_files(self.pipe.vae, self.root, list(files), int(self.cfg.resolution), int(self.cfg.batch_size))
         return z[_positions(rows["file"], files)]
 
-    def cond(self, captions) -> torch.Tensor:
+    def cond(self, captions: Iterable[str]) -> torch.Tensor:
         return encode_prompts(self.pipe, list(captions)).float().cpu()
 
     def sampling(self) -> dict:
@@ -84,7 +89,7 @@ def build_defence(task: MitigationTask) -> dict:
     from diffmem.mitigations.defences import save_defence
     from diffmem.mitigations.objectives import memorisation
 
-    s = OmegaConf.to_container(task.settings, resolve=True)
+    s = cast("dict[str, Any]", OmegaConf.to_container(task.settings, resolve=True))
     name = s.pop("defence")
     settings = {k: v for k, v in s.items() if k not in ("name", "kind", "objectives")}
     if name == "wen" and settings.get("target") is None:
@@ -177,7 +182,7 @@ def build_adversarial_ft(task: MitigationTask) -> dict:
     target_cond = task.cond(mem["caption"])
     sur_file = task.run_dir / "surrogates.safetensors"
 
-    def make_surrogates():
+    def make_surrogates() -> None:
         extractor = build_extractor(cfg.features.extractor, device=str(task.pipe.unet.device))
         images, table = surrogates(
             task.pipe,

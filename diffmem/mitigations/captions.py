@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from diffmem.errors import ConfigError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 AUGMENTATIONS = ("mc", "rc", "rt", "cwr")
 
 
-def word_pool(tokenizer) -> list[str]:
+def word_pool(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Alphabetic whole-word entries of a CLIP-style BPE vocabulary (sorted, so seeded draws repeat)."""
     words = sorted({t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>") and t[:-4].isalpha()})
     if not words:

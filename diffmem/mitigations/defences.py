@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from diffmem.registry import Registry
 from diffmem.runs import read_json, write_json
 from diffmem.sampling import SamplerHooks
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
 DEFENCE_FILE = "defence.json"
 DEFENCES = Registry("defence")
 
@@ -44,17 +48,24 @@ class Defence(SamplerHooks):
 
     name = "none"
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
 
     def settings(self) -> dict:
         return {"seed": self.seed}
 
-    def text(self, captions: Sequence[str], pipe=None) -> list[str]:
+    def text(self, captions: Sequence[str], pipe: StableDiffusionPipeline | None = None) -> list[str]:
         return list(captions)
 
     def embedding(
-        self, pipe, cond: torch.Tensor, seeds: Sequence[int], *, resolution: int, steps: int, guidance: float
+        self,
+        pipe: StableDiffusionPipeline,
+        cond: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        resolution: int,
+        steps: int,
+        guidance: float,
     ) -> torch.Tensor:
         return cond
 
@@ -69,7 +80,7 @@ class GaussianNoise(Defence):
 
     name = "gni"
 
-    def __init__(self, lam: float = 0.1, seed: int = 0):
+    def __init__(self, lam: float = 0.1, seed: int = 0) -> None:
         super().__init__(seed)
         if not float(lam) >= 0:
             raise ConfigError(f"mitigation.lam must be >= 0 (got {lam})")
@@ -78,7 +89,9 @@ class GaussianNoise(Defence):
     def settings(self) -> dict:
         return {"lam": self.lam, "seed": self.seed}
 
-    def embedding(self, pipe, cond, seeds, **_):
+    def embedding(
+        self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: Sequence[int], **_: Any
+    ) -> torch.Tensor:
         noise = torch.stack(
             [
                 torch.randn(cond.shape[1:], generator=torch.Generator().manual_seed(int(s) + self.seed + 7))
@@ -94,19 +107,20 @@ class RandomTokens(Defence):
 
     name = "random_tokens"
 
-    def __init__(self, n_words: int = 2, seed: int = 0):
+    def __init__(self, n_words: int = 2, seed: int = 0) -> None:
         super().__init__(seed)
         check_positive(n_words, "mitigation.n_words")
         self.n_words = int(n_words)
-        self._pool = None
+        self._pool: list[str] | None = None
 
     def settings(self) -> dict:
         return {"n_words": self.n_words, "seed": self.seed}
 
-    def text(self, captions, pipe=None):
+    def text(self, captions: Sequence[str], pipe: StableDiffusionPipeline | None = None) -> list[str]:
         from diffmem.mitigations.captions import insert_random_words, word_pool
 
         if self._pool is None:
+            assert pipe is not None  # the sampler passes its pipeline
             self._pool = word_pool(pipe.tokenizer)
         return [
             insert_random_words(c, self._pool, self.n_words, _caption_rng(self.seed, c)) if c else c for c in captions
@@ -119,7 +133,7 @@ class WenMinimisation(Defence):
 
     name = "wen"
 
-    def __init__(self, target: float, lr: float = 0.05, max_iters: int = 10, pull: float = 0.0, seed: int = 0):
+    def __init__(self, target: float, lr: float = 0.05, max_iters: int = 10, pull: float = 0.0, seed: int = 0) -> None:
         super().__init__(seed)
         if target is None or not float(target) > 0:
             raise ConfigError(f"mitigation.target must be > 0 (got {target})")
@@ -131,7 +145,16 @@ class WenMinimisation(Defence):
     def settings(self) -> dict:
         return {"target": self.target, "lr": self.lr, "max_iters": self.max_iters, "pull": self.pull, "seed": self.seed}
 
-    def embedding(self, pipe, cond, seeds, *, resolution, steps, guidance):
+    def embedding(
+        self,
+        pipe: StableDiffusionPipeline,
+        cond: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        resolution: int,
+        steps: int,
+        guidance: float,
+    ) -> torch.Tensor:
         from diffmem.detectors.noise_norm import noise_norm_trajectory
         from diffmem.sampling import encode_prompts
 

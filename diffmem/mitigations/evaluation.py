@@ -3,12 +3,29 @@ under trigger search, and utility; and MemControl's Pareto points beside other r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import torch
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor, u, util_extractor, clip=None) -> dict:
+    from diffmem.features.base import Extractor
+    from diffmem.features.clip import ClipExtractor
+    from diffmem.probes.context import ProbeContext
+
+
+def evaluate_model(
+    ctx: ProbeContext,
+    ts: dict,
+    utility_rows: pd.DataFrame,
+    real: torch.Tensor,
+    u: DictConfig,
+    util_extractor: Extractor,
+    clip: ClipExtractor | None = None,
+) -> dict:
     """The three axes for the model in ``ctx`` (parts cached under ``ctx.run_dir``)."""
     from diffmem.mitigations.objectives import utility
     from diffmem.probes.context import attack, attack_summary, baseline_summary
@@ -48,7 +65,7 @@ def evaluate_model(ctx, ts: dict, utility_rows: pd.DataFrame, real: torch.Tensor
     }
 
 
-def pareto_points(study, runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+def pareto_points(study: DictConfig, runs: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The study's trials (with their ``pareto`` flag) and each named mitigate run's objectives."""
     from diffmem.mitigations.memcontrol import storage_url, study_table
     from diffmem.mitigations.objectives import read_objectives

@@ -15,8 +15,9 @@ One loop (:func:`finetune`, on :func:`diffmem.training.fit`, so it resumes exact
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,25 +26,30 @@ from diffmem.checks import check_positive, did_you_mean
 from diffmem.errors import ConfigError
 from diffmem.models.adapters import fuse_lora
 
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from omegaconf import DictConfig
+
 log = logging.getLogger(__name__)
 
 METHODS = ("full", "lora")
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def transformer_blocks(unet) -> list[str]:
+def transformer_blocks(unet: UNet2DConditionModel) -> list[str]:
     """Module paths of the UNet's transformer blocks (SD v1: 16; the testbed: 4), in order."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     return [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
 
 
-def flatten_mask(mask) -> dict[str, int]:
+def flatten_mask(mask: Mapping[str, Any]) -> dict[str, int]:
     """``{block path: 0/1}`` from a flat or nested mapping (Hydra overrides such as
     ``mitigation.mask.down_blocks.1.attentions.0=1`` nest at every dot)."""
     out: dict[str, int] = {}
 
-    def walk(node, prefix):
+    def walk(node: Any, prefix: str) -> None:
         if isinstance(node, Mapping):
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
@@ -54,7 +60,7 @@ def flatten_mask(mask) -> dict[str, int]:
     return out
 
 
-def selected_blocks(unet, mask) -> list[str]:
+def selected_blocks(unet: UNet2DConditionModel, mask: Mapping[str, Any] | None) -> list[str]:
     """The blocks ``mask`` switches on (every block when ``mask`` is None); unknown paths are
     an error with close matches."""
     blocks = transformer_blocks(unet)
@@ -72,7 +78,7 @@ def selected_blocks(unet, mask) -> list[str]:
     return [b for b in blocks if flat.get(b, 0) == 1]
 
 
-def lora_targets(unet, blocks) -> list[str]:
+def lora_targets(unet: UNet2DConditionModel, blocks: Iterable[str]) -> list[str]:
     """Full module names of the attention projections (self and cross) inside ``blocks``."""
     names = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)]
     return [
@@ -82,7 +88,9 @@ def lora_targets(unet, blocks) -> list[str]:
     ]
 
 
-def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | None = None) -> int:
+def prepare(
+    unet: UNet2DConditionModel, method: str, blocks: list[str], rank: int = 4, alpha: float | None = None
+) -> int:
     """Make the chosen parameters trainable (LoRA adapters added for ``lora``; ``full`` runs the
     UNet in fp32, as diffusers' full fine-tuning does, under autocast to the pipeline's precision); returns their count
     (0 when ``blocks`` is empty: a MemControl mask of all zeros leaves the model as it is)."""
@@ -90,7 +98,7 @@ def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | 
         raise ConfigError(f"mitigation.method '{method}' is not one of {', '.join(METHODS)}")
     unet.requires_grad_(False)
     if method == "full":
-        unet.to(torch.float32)  # fp32 master weights for the whole UNet, as diffusers' full fine-tuning
+        unet.to(torch.float32)  # type: ignore[arg-type]  # diffusers' wrapped ModelMixin.to drops the dtype overload; fp32 master weights for the whole UNet, as diffusers' full fine-tuning
         if len(blocks) == len(transformer_blocks(unet)):
             unet.requires_grad_(True)
         else:
@@ -103,7 +111,7 @@ def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | 
         unet.add_adapter(
             LoraConfig(
                 r=int(rank),
-                lora_alpha=float(alpha or rank),
+                lora_alpha=float(alpha or rank),  # type: ignore[arg-type]  # peft annotates int; a float alpha works (alpha / r)
                 init_lora_weights=True,
                 target_modules=lora_targets(unet, blocks),
             )
@@ -111,14 +119,16 @@ def prepare(unet, method: str, blocks: list[str], rank: int = 4, alpha: float | 
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
-def merge(unet, method: str) -> None:
+def merge(unet: UNet2DConditionModel, method: str) -> None:
     """Fold LoRA adapters into the weights (a plain diffusers UNet again)."""
     if method == "lora":
         fuse_lora(unet)
     unet.requires_grad_(False)
 
 
-def noise_norms(unet, xt, t, cond, uncond) -> torch.Tensor:
+def noise_norms(
+    unet: UNet2DConditionModel, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
+) -> torch.Tensor:
     """Per-sample ``||eps(x_t, t, c) - eps(x_t, t, c0)||`` (no gradient)."""
     with torch.no_grad():
         u = uncond.expand(xt.shape[0], -1, -1)
@@ -129,7 +139,14 @@ def noise_norms(unet, xt, t, cond, uncond) -> torch.Tensor:
 
 
 def finetune(
-    pipe, latents: torch.Tensor, captions: list[str], s, *, seed: int, ckpt_dir: Path, tau: float | None = None
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    captions: list[str],
+    s: DictConfig,
+    *,
+    seed: int,
+    ckpt_dir: Path,
+    tau: float | None = None,
 ) -> list[dict]:
     """Fine-tune ``pipe.unet`` (already :func:`prepare`-d) on (latent, caption) rows per ``s``.
 
@@ -153,7 +170,7 @@ def finetune(
     gni = s.get("gni")
     kept: list[float] = []
 
-    def loss_fn(step, g):
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(n, (int(s.batch_size),), generator=g)
         caps = [captions[i] for i in idx.tolist()]
         if augment is not None:
@@ -183,7 +200,9 @@ def finetune(
     return losses
 
 
-def calibrate_tau(pipe, latents: torch.Tensor, captions: list[str], quantile: float, n: int, seed: int) -> float:
+def calibrate_tau(
+    pipe: StableDiffusionPipeline, latents: torch.Tensor, captions: list[str], quantile: float, n: int, seed: int
+) -> float:
     """Wen's threshold from the model before fine-tuning: the ``quantile`` of the noise norms of
     ``n`` random training samples (fresh noise and timesteps), so outliers are what gets dropped."""
     from diffusers import DDPMScheduler

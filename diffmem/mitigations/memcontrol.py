@@ -12,6 +12,7 @@ stored trials.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,14 +40,14 @@ def completed_trials(storage: str, study_name: str) -> int:
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
-def remaining_trials(storage: str, study_name: str, total) -> int:
+def remaining_trials(storage: str, study_name: str, total: int | str) -> int:
     """How many trials a launch still runs for the study to reach ``total`` finished ones."""
     return max(int(total) - completed_trials(storage, study_name), 0)
 
 
 def pareto_mask(values: np.ndarray) -> np.ndarray:
     """Rows of ``values`` ``[N, K]`` (all minimised) that no other row dominates."""
-    v = np.asarray(values, float)
+    v: Any = np.asarray(values, float)  # numpy's stubs lose the array type through .all(-1)
     dominated = ((v[None, :, :] <= v[:, None, :]).all(-1) & (v[None, :, :] < v[:, None, :]).any(-1)).any(1)
     return ~dominated
 

@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -20,10 +23,17 @@ from diffmem.probes.replication import sample_images
 from diffmem.runs import read_json, write_json
 from diffmem.sampling import encode_prompts, sample_seed
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from omegaconf import DictConfig
+
+    from diffmem.features.base import Extractor
+    from diffmem.features.clip import ClipExtractor
+
 OBJECTIVES = "objectives.json"  # a mitigate run's two objectives, measured on its published model
 
 
-def read_objectives(run_dir, what: str = "run_dir") -> dict:
+def read_objectives(run_dir: str | os.PathLike[str], what: str = "run_dir") -> dict:
     """A mitigate run's objectives (``memorisation``, ``fd``, ...); its absence is a DataError."""
     path = Path(str(run_dir)) / OBJECTIVES
     if not path.exists():
@@ -31,7 +41,7 @@ def read_objectives(run_dir, what: str = "run_dir") -> dict:
     return read_json(path)
 
 
-def measured_objectives(run_dir: Path, measure) -> dict:
+def measured_objectives(run_dir: Path, measure: Callable[[], dict[str, Any]]) -> dict:
     """The run's objectives, measured once (``measure()``) and stored in its ``objectives.json``."""
     path = Path(run_dir) / OBJECTIVES
     if not path.exists():
@@ -40,7 +50,7 @@ def measured_objectives(run_dir: Path, measure) -> dict:
 
 
 def measure_objectives(
-    cfg, model_dir: Path, root: Path, manifest: pd.DataFrame, memorised: pd.DataFrame, sampling: dict
+    cfg: DictConfig, model_dir: Path, root: Path, manifest: pd.DataFrame, memorised: pd.DataFrame, sampling: dict
 ) -> dict:
     """MemControl's objectives on a published model: memorisation (mean first-step noise norm on the
     memorised prompts) and quality (Fréchet distance of generations for held-out captions to those
@@ -54,7 +64,7 @@ def measure_objectives(
 
     o = cfg.objectives
     pipe = load_model(
-        {**OmegaConf.to_container(cfg.model, resolve=True), "path": str(model_dir)},
+        {**cast("dict[str, Any]", OmegaConf.to_container(cfg.model, resolve=True)), "path": str(model_dir)},
         resolve_device(cfg.device),
         scheduler=cfg.scheduler,
     )
@@ -85,7 +95,14 @@ def measure_objectives(
 
 
 def memorisation(
-    pipe, cond: torch.Tensor, prompt_ids, *, seed: int, resolution: int, steps: int, guidance: float
+    pipe: StableDiffusionPipeline,
+    cond: torch.Tensor,
+    prompt_ids: Sequence[int] | np.ndarray,
+    *,
+    seed: int,
+    resolution: int,
+    steps: int,
+    guidance: float,
 ) -> float:
     """Mean first-step noise norm over ``cond``'s prompts."""
     from diffmem.detectors.noise_norm import NoiseNorm
@@ -95,10 +112,10 @@ def memorisation(
 
 
 def utility(
-    pipe,
-    extractor,
+    pipe: StableDiffusionPipeline,
+    extractor: Extractor,
     cond: torch.Tensor,
-    prompt_ids,
+    prompt_ids: Sequence[int] | np.ndarray,
     real_images: torch.Tensor,
     *,
     n_per_prompt: int,
@@ -107,8 +124,8 @@ def utility(
     steps: int,
     guidance: float,
     batch_size: int = 32,
-    clip=None,
-    captions=None,
+    clip: ClipExtractor | None = None,
+    captions: Sequence[str] | None = None,
 ) -> dict:
     """Fréchet distance of ``n_per_prompt`` generations per prompt to ``real_images`` in the
     descriptor's space, the generations' diversity (mean pairwise cosine within a prompt) and,
@@ -134,7 +151,9 @@ def utility(
     return out
 
 
-def real_rows(manifest: pd.DataFrame, split: str, n: int, seed: int, kinds=None) -> pd.DataFrame:
+def real_rows(
+    manifest: pd.DataFrame, split: str, n: int, seed: int, kinds: Iterable[str] | None = None
+) -> pd.DataFrame:
     """``n`` random images (one row per file, with its caption) of ``split`` (and ``kinds``)."""
     from diffmem.errors import DataError
 

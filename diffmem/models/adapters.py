@@ -12,9 +12,15 @@ adapter fused into the UNet in the pipeline's precision, so every stage takes it
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffmem.errors import DataError
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 ADAPTER_FILE = "adapter.json"
 WEIGHTS_FILE = "lora.safetensors"
@@ -28,12 +34,12 @@ def model_reference(base: str | Path) -> str:
     return str(local.resolve()) if local.exists() else str(base)
 
 
-def is_adapter(folder: str | Path) -> bool:
+def is_adapter(folder: str | os.PathLike[str]) -> bool:
     """Whether ``folder`` is an adapter folder (holds ``adapter.json``)."""
     return (Path(folder).expanduser() / ADAPTER_FILE).exists()
 
 
-def save_adapter(out_dir: str | Path, unet, base: str | Path) -> Path:
+def save_adapter(out_dir: str | Path, unet: UNet2DConditionModel, base: str | Path) -> Path:
     """Publish ``unet``'s LoRA adapter (none: the base unchanged) over the model at ``base``.
 
     Written into a temporary folder renamed into place, so a kill leaves no half folder.
@@ -59,7 +65,7 @@ def save_adapter(out_dir: str | Path, unet, base: str | Path) -> Path:
     return Path(out_dir)
 
 
-def read_adapter(folder: str | Path) -> tuple[str, dict | None]:
+def read_adapter(folder: str | os.PathLike[str]) -> tuple[str, dict | None]:
     """(base model: repo id or path, LoRA config fields or None) of an adapter folder."""
     from diffmem.data.datasets import check_regular
     from diffmem.runs import read_json
@@ -75,14 +81,14 @@ def read_adapter(folder: str | Path) -> tuple[str, dict | None]:
     return spec["base"], lora
 
 
-def fuse_lora(unet) -> None:
+def fuse_lora(unet: UNet2DConditionModel) -> None:
     """Fold the UNet's LoRA adapters into its weights (a plain diffusers UNet again)."""
     if getattr(unet, "_hf_peft_config_loaded", False):
         unet.fuse_lora()
         unet.unload_lora()
 
 
-def apply_adapter(pipe, folder: str | Path):
+def apply_adapter(pipe: StableDiffusionPipeline, folder: str | os.PathLike[str]) -> StableDiffusionPipeline:
     """``pipe`` (the adapter's base) with the adapter of ``folder`` fused into its UNet."""
     import torch
     from peft import LoraConfig
@@ -99,7 +105,11 @@ def apply_adapter(pipe, folder: str | Path):
         raise DataError(f"{weights}: unreadable adapter weights ({type(err).__name__})") from err
     unet = pipe.unet
     unet.add_adapter(
-        LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["lora_alpha"]), target_modules=list(lora["target_modules"]))
+        LoraConfig(
+            r=int(lora["r"]),
+            lora_alpha=float(lora["lora_alpha"]),  # type: ignore[arg-type]  # peft annotates int; a float alpha works (alpha / r)
+            target_modules=list(lora["target_modules"]),
+        )
     )
     expected = set(get_peft_model_state_dict(unet, adapter_name="default"))
     if set(state) != expected:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -58,7 +63,7 @@ def check_scheduler(name: str | None) -> None:
         )
 
 
-def set_scheduler(pipe, name: str | None):
+def set_scheduler(pipe: StableDiffusionPipeline, name: str | None) -> StableDiffusionPipeline:
     """Swap the pipeline's scheduler for ``name`` keeping its noise schedule config."""
     if name is None:
         return pipe
@@ -70,14 +75,14 @@ def set_scheduler(pipe, name: str | None):
 
 
 def load_pipeline(
-    path: str | Path,
+    path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
     precision: str = "fp32",
     local_files_only: bool = True,
     scheduler: str | None = None,
     vae_slicing: bool = False,
     vae_tiling: bool = False,
-):
+) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` from a local folder or an HF-cache repo id.
 
     Safetensors only, no safety checker, never remote code; offline unless
@@ -88,7 +93,7 @@ def load_pipeline(
     """
     import diffusers
     import transformers
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
     check_scheduler(scheduler)
     diffusers.utils.logging.disable_progress_bar()
@@ -125,7 +130,6 @@ def load_pipeline(
 def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     """A fresh ``.<name>.tmp`` folder beside ``out_dir`` to write into; on success it replaces
     ``out_dir``, so a kill never leaves a half-written model folder in place."""
-    import os
     import shutil
 
     out_dir = Path(out_dir)
@@ -137,7 +141,7 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     os.replace(tmp, out_dir)
 
 
-def save_pipeline(pipe, out_dir: str | Path, dtype: str = "float32") -> Path:
+def save_pipeline(pipe: StableDiffusionPipeline, out_dir: str | Path, dtype: str = "float32") -> Path:
     """``save_pretrained`` in safetensors (weights cast to ``dtype`` on disk) into a temp
     folder, then rename into place. The pipeline in memory is left as it was."""
     import copy

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from omegaconf import DictConfig
 
-def build_testbed_pipeline(arch, seed: int = 0):
+
+def build_testbed_pipeline(arch: DictConfig, seed: int = 0) -> StableDiffusionPipeline:
     """A randomly initialised ``StableDiffusionPipeline`` from the ``arch`` config.
 
     VAE (AutoencoderKL), UNet2DConditionModel with cross-attention, CLIPTextModel and
     a CLIPTokenizer built from open_clip's bundled BPE file; DDPM noise schedule with
     a DDIM sampler, exactly as SD ships them.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffmem.models.tokenizer import build_clip_tokenizer
@@ -58,7 +66,9 @@ def build_testbed_pipeline(arch, seed: int = 0):
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return StableDiffusionPipeline(
+    # diffusers annotates the scheduler as an enum and the safety checker as required
+    pipeline_class: Any = StableDiffusionPipeline
+    return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -70,10 +80,10 @@ def build_testbed_pipeline(arch, seed: int = 0):
     )
 
 
-def build_unet(arch):
+def build_unet(arch: DictConfig) -> UNet2DConditionModel:
     """The ``UNet2DConditionModel`` of an ``arch`` config (random weights; under
     ``torch.device("meta")`` no memory at all, e.g. to count SD's FLOPs)."""
-    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=arch.resolution // 2 ** (len(arch.vae.channels) - 1),
@@ -89,7 +99,7 @@ def build_unet(arch):
     )
 
 
-def cached_pipeline(arch, path: str | Path, seed: int = 0) -> Path:
+def cached_pipeline(arch: DictConfig, path: str | Path, seed: int = 0) -> Path:
     """:func:`build_testbed_pipeline` of ``arch`` saved at ``path`` (fp32 safetensors) the first
     time, reused afterwards: the SD-shaped random pipeline (``conf/arch/sd14_shape.yaml``, ~4 GB)
     is built once per machine, not once per test run."""

@@ -5,8 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffmem.runs import atomic_path
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -43,7 +47,7 @@ def write_clip_vocab(out_dir: str | Path, bpe_path: str | Path | None = None) ->
     return vocab_file, merges_file
 
 
-def build_clip_tokenizer(work_dir: str | Path):
+def build_clip_tokenizer(work_dir: str | Path) -> CLIPTokenizer:
     """A ``transformers.CLIPTokenizer`` equivalent to SD's, built with no download."""
     from transformers import CLIPTokenizer
 

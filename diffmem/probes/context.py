@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -25,13 +26,19 @@ from diffmem.probes.replication import mr, replication_table
 from diffmem.probes.trigger import INITS, TRIGGER_DIR, image_latents, save_triggers, search_triggers, trigger_file
 from diffmem.runs import read_json, read_parquet, write_json, write_parquet
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+    from omegaconf import DictConfig
+
+    from diffmem.features.base import Extractor
+
 
 @dataclass
 class ProbeContext:
     """Everything a probe needs; built by the probe and evaluate-mitigation stages (or a notebook)."""
 
-    pipe: object
-    extractor: object
+    pipe: StableDiffusionPipeline
+    extractor: Extractor
     targets: pd.DataFrame  # memorised prompts (prompt_id, caption, target_id, ...)
     target_images: torch.Tensor  # [T, 3, H, W] in [0, 1], their training images
     target_cond: torch.Tensor  # [T, tokens, D]
@@ -88,14 +95,16 @@ class ProbeContext:
         return mr(table, self.threshold, by=by, reduction=self.mr_reduction)
 
 
-def rows_conditioning(pipe, rows: pd.DataFrame) -> torch.Tensor:
+def rows_conditioning(pipe: StableDiffusionPipeline, rows: pd.DataFrame) -> torch.Tensor:
     """The text conditioning of ``rows``' captions (float32, CPU; empty rows give an empty tensor)."""
     from diffmem.sampling import encode_prompts
 
     return encode_prompts(pipe, rows["caption"].tolist()).float().cpu() if len(rows) else torch.zeros(0)
 
 
-def _cached(path: Path, compute, read, write):
+def _cached(
+    path: Path, compute: Callable[[], Any], read: Callable[[Path], Any], write: Callable[[Path, Any], object]
+) -> Any:
     """Read ``path``, or compute and write it. The ranks of a split stage compute it together
     (rank 0 writes) and go on once it and the files written with it are there."""
     if path.exists():
@@ -108,7 +117,7 @@ def _cached(path: Path, compute, read, write):
     return value
 
 
-def trigger_settings(s) -> dict:
+def trigger_settings(s: DictConfig) -> dict:
     """The trigger-search budget of a ``trigger`` config node, as :func:`attack` takes it."""
     inits = list(s.get("inits") or ["prompt"])
     return dict(steps=int(s.steps), lr=float(s.lr), batch_size=int(s.batch_size), restarts=int(s.restarts), inits=inits)
@@ -194,10 +203,10 @@ def baseline_summary(ctx: ProbeContext, table: pd.DataFrame) -> dict:
     }
 
 
-def check_settings(name: str, s, prefix: str = "probe") -> None:
+def check_settings(name: str, s: DictConfig, prefix: str = "probe") -> None:
     """Config errors before anything runs (bad values name the field)."""
 
-    def positive(node, at):
+    def positive(node: DictConfig, at: str) -> None:
         for f in ("steps", "batch_size", "restarts"):
             if f in node:
                 check_positive(node[f], f"{at}.{f}")

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffmem.checks import did_you_mean
 from diffmem.errors import ConfigError
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 BLOCK_PREFIXES = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 
@@ -31,7 +35,7 @@ def _check_blocks(blocks: Sequence[str]) -> tuple[str, ...]:
     return tuple(BLOCK_PREFIXES[b] for b in blocks)
 
 
-def _linears(unet, suffix: str, blocks: Sequence[str]) -> dict[str, torch.nn.Linear]:
+def _linears(unet: UNet2DConditionModel, suffix: str, blocks: Sequence[str]) -> dict[str, torch.nn.Linear]:
     prefixes = _check_blocks(blocks)
     found = {
         name: m
@@ -43,17 +47,17 @@ def _linears(unet, suffix: str, blocks: Sequence[str]) -> dict[str, torch.nn.Lin
     return found
 
 
-def value_layers(unet, blocks: Sequence[str] = ("down", "mid")) -> dict[str, torch.nn.Linear]:
+def value_layers(unet: UNet2DConditionModel, blocks: Sequence[str] = ("down", "mid")) -> dict[str, torch.nn.Linear]:
     """Cross-attention value projections (``attn2.to_v``) of ``blocks``, in model order."""
     return _linears(unet, "attn2.to_v", blocks)
 
 
-def ffn_layers(unet, blocks: Sequence[str] = ("down", "mid", "up")) -> dict[str, torch.nn.Linear]:
+def ffn_layers(unet: UNet2DConditionModel, blocks: Sequence[str] = ("down", "mid", "up")) -> dict[str, torch.nn.Linear]:
     """Second FFN linears (``ff.net.2``) of every transformer block in ``blocks``, in model order."""
     return _linears(unet, "ff.net.2", blocks)
 
 
-def get_layers(unet, names: Sequence[str]) -> dict[str, torch.nn.Linear]:
+def get_layers(unet: UNet2DConditionModel, names: Sequence[str]) -> dict[str, torch.nn.Linear]:
     """The named linear layers; an unknown name raises ``ConfigError`` with close matches."""
     modules = dict(unet.named_modules())
     out = {}
@@ -69,7 +73,7 @@ def get_layers(unet, names: Sequence[str]) -> dict[str, torch.nn.Linear]:
 
 
 @contextlib.contextmanager
-def block_neurons(unet, neurons: Mapping[str, Sequence[int]]) -> Iterator[None]:
+def block_neurons(unet: UNet2DConditionModel, neurons: Mapping[str, Sequence[int]]) -> Iterator[None]:
     """Zero the listed output channels of the named layers in every forward pass (NeMo's blocking)."""
     handles = []
     try:
@@ -80,7 +84,9 @@ def block_neurons(unet, neurons: Mapping[str, Sequence[int]]) -> Iterator[None]:
             if int(idx.min()) < 0 or int(idx.max()) >= layer.out_features:
                 raise ConfigError(f"{name}: neuron index out of range [0, {layer.out_features})")
 
-            def hook(_module, _inputs, output, idx=idx):
+            def hook(
+                _module: torch.nn.Module, _inputs: Any, output: torch.Tensor, idx: torch.Tensor = idx
+            ) -> torch.Tensor:
                 output = output.clone()
                 output[..., idx.to(output.device)] = 0
                 return output
@@ -94,7 +100,10 @@ def block_neurons(unet, neurons: Mapping[str, Sequence[int]]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def record(
-    unet, names: Sequence[str], what: str = "output", reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    unet: UNet2DConditionModel,
+    names: Sequence[str],
+    what: str = "output",
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Collect each named layer's ``output`` (or first ``input``) per forward pass, detached.
 
@@ -108,7 +117,7 @@ def record(
     try:
         for name, layer in get_layers(unet, names).items():
 
-            def hook(_module, inputs, output, name=name):
+            def hook(_module: torch.nn.Module, inputs: Any, output: torch.Tensor, name: str = name) -> None:
                 x = (output if what == "output" else inputs[0]).detach()
                 store[name].append(reduce(x) if reduce is not None else x)
 

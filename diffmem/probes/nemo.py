@@ -19,9 +19,10 @@ The neurons found per prompt are stored as ``neurons.json`` (:func:`save_neurons
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,12 +31,19 @@ from diffmem.errors import ConfigError, DataError
 from diffmem.probes.layers import block_neurons, get_layers, value_layers
 from diffmem.runs import write_json
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
+    from diffmem.detectors.base import Detector
+
 Neurons = dict[str, list[int]]
 NEURONS_FILE = "neurons.json"  # a run dir's neurons per memorised prompt
 
 
 @torch.no_grad()
-def value_activations(pipe, cond: torch.Tensor, layers, batch_size: int = 64) -> dict[str, np.ndarray]:
+def value_activations(
+    pipe: StableDiffusionPipeline, cond: torch.Tensor, layers: Iterable[str], batch_size: int = 64
+) -> dict[str, np.ndarray]:
     """``{layer: [N, channels]}``: mean |to_v output| over tokens for each conditioning row.
 
     A cross-attention value projection sees only the text conditioning (SD's ``attn2``
@@ -43,7 +51,8 @@ def value_activations(pipe, cond: torch.Tensor, layers, batch_size: int = 64) ->
     exactly the activations of a UNet forward, at a tiny fraction of its cost. A UNet that
     transforms the conditioning first (``encoder_hid_proj``, ``norm_cross``) is refused.
     """
-    unet, out = pipe.unet, {name: [] for name in layers}
+    unet = pipe.unet
+    out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
     modules = get_layers(unet, list(layers))
     owners = dict(unet.named_modules())
     for name in modules:
@@ -129,7 +138,7 @@ def localise(
     def spent() -> bool:
         return max_checks is not None and checks >= max_checks
 
-    def suppressed(neurons) -> tuple[bool, float]:
+    def suppressed(neurons: Neurons) -> tuple[bool, float]:
         nonlocal checks
         checks += 1
         s = score(neurons)
@@ -174,7 +183,7 @@ def localise(
 
 
 def blocked_score(
-    pipe, detector, cond: torch.Tensor, prompt_id: int, *, seed: int, resolution: int
+    pipe: StableDiffusionPipeline, detector: Detector, cond: torch.Tensor, prompt_id: int, *, seed: int, resolution: int
 ) -> Callable[[Neurons], float]:
     """``score(neurons)``: the detector's score of one conditioning with ``neurons`` blocked."""
 
@@ -187,7 +196,7 @@ def blocked_score(
     return score
 
 
-def nemo_layers(pipe, blocks=("down", "mid")) -> list[str]:
+def nemo_layers(pipe: StableDiffusionPipeline, blocks: Sequence[str] = ("down", "mid")) -> list[str]:
     """NeMo's layer names in ``pipe.unet``: the value projections of ``blocks``."""
     return list(value_layers(pipe.unet, blocks))
 

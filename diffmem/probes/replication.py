@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,14 @@ from diffmem.metrics import memorisation_rate
 from diffmem.runs import atomic_path
 from diffmem.sampling import encode_prompts, sample, sample_seed, to_uint8
 
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
+    from diffmem.features.base import Extractor
+
 
 def sample_images(
-    pipe,
+    pipe: StableDiffusionPipeline,
     cond: torch.Tensor,
     seeds: Sequence[int],
     *,
@@ -48,7 +54,9 @@ def sample_images(
 
 
 @torch.no_grad()
-def similarity_to_targets(extractor, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 32) -> np.ndarray:
+def similarity_to_targets(
+    extractor: Extractor, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 32
+) -> np.ndarray:
     """Cosine similarity of each image to its own target (row-aligned): ``[N]``, ``batch_size`` rows at a time."""
     out = [
         (extractor(a.float()) * extractor(b.float())).sum(1).double().cpu()
@@ -58,8 +66,8 @@ def similarity_to_targets(extractor, images: torch.Tensor, targets: torch.Tensor
 
 
 def replication_table(
-    pipe,
-    extractor,
+    pipe: StableDiffusionPipeline,
+    extractor: Extractor,
     conds: torch.Tensor,
     targets: torch.Tensor,
     keys: pd.DataFrame,
@@ -96,9 +104,10 @@ def replication_table(
             guidance=guidance,
             batch_size=batch_size,
         )
-        for i, img in zip(rows, to_uint8(images) if image_dir is not None else ()):
-            with atomic_path(Path(image_dir) / names[i]) as tmp:
-                Image.fromarray(img).save(tmp, format="PNG")
+        if image_dir is not None:
+            for i, img in zip(rows, to_uint8(images)):
+                with atomic_path(Path(image_dir) / names[i]) as tmp:
+                    Image.fromarray(img).save(tmp, format="PNG")
         return similarity_to_targets(extractor, images, targets[take], batch_size)
 
     # the ranks of a split stage take whole batches each

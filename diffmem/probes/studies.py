@@ -11,7 +11,10 @@ is re-run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from itertools import combinations
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,8 +29,15 @@ from diffmem.probes.layers import block_neurons
 from diffmem.probes.trigger import load_triggers, trigger_file
 from diffmem.probes.wanda import pruned
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-def trigger_search(ctx: ProbeContext, s) -> tuple[dict, dict]:
+    from diffmem.detectors.base import Detector
+
+    NemoSetup = tuple[list[str], nemo_lib.ActivationStats, Detector, float]  # what nemo_setup prepares
+
+
+def trigger_search(ctx: ProbeContext, s: DictConfig) -> tuple[dict, dict]:
     """Finding Dori's trigger search on the loaded model, for the memorised targets and the controls."""
     ts = trigger_settings(s)
     base = ctx.baseline("original")
@@ -43,11 +53,11 @@ def trigger_search(ctx: ProbeContext, s) -> tuple[dict, dict]:
     return {"triggers": triggers, "baseline": base}, metrics
 
 
-def _bar(n: int, desc: str):
+def _bar(n: int, desc: str) -> Iterable[int]:
     return tqdm(range(n), desc=desc, mininterval=2, disable=n <= 1)
 
 
-def nemo_setup(ctx: ProbeContext, s):
+def nemo_setup(ctx: ProbeContext, s: DictConfig) -> NemoSetup:
     """Layers, activation statistics of the non-memorised prompts, detector and its threshold."""
     from diffmem.detectors import build_detector
 
@@ -64,7 +74,7 @@ def nemo_setup(ctx: ProbeContext, s):
     return layers, stats, detector, threshold
 
 
-def localise_one(ctx: ProbeContext, setup, cond: torch.Tensor, prompt_id: int, s) -> dict:
+def localise_one(ctx: ProbeContext, setup: NemoSetup, cond: torch.Tensor, prompt_id: int, s: DictConfig) -> dict:
     """NeMo's neurons for one conditioning, as a JSON-ready dict."""
     layers, stats, detector, threshold = setup
     z = {k: v[0] for k, v in stats.zscores(nemo_lib.value_activations(ctx.pipe, cond[None], layers)).items()}
@@ -90,7 +100,7 @@ def localise_one(ctx: ProbeContext, setup, cond: torch.Tensor, prompt_id: int, s
     }
 
 
-def _nemo_all(ctx: ProbeContext, s) -> list[dict]:
+def _nemo_all(ctx: ProbeContext, s: DictConfig) -> list[dict]:
     """NeMo's search per target (a sequential search each: the ranks of a split stage take a share of the targets)."""
     setup = nemo_setup(ctx, s)
 
@@ -98,7 +108,7 @@ def _nemo_all(ctx: ProbeContext, s) -> list[dict]:
         return [
             ctx.json_part(
                 f"nemo-{int(r.prompt_id)}",
-                lambda i=i, r=r: localise_one(ctx, setup, ctx.target_cond[i], int(r.prompt_id), s),
+                partial(localise_one, ctx, setup, ctx.target_cond[i], int(r.prompt_id), s),
             )
             for _, i, r in zip(_bar(len(idx), "nemo"), idx, ctx.targets.iloc[idx].itertuples())
         ]
@@ -125,7 +135,7 @@ def _blocked_replication(ctx: ProbeContext, found: list[dict]) -> pd.DataFrame:
     return pd.concat(distributed.deal(len(found), replicate), ignore_index=True)
 
 
-def nemo(ctx: ProbeContext, s) -> tuple[dict, dict]:
+def nemo(ctx: ProbeContext, s: DictConfig) -> tuple[dict, dict]:
     """NeMo's neurons per memorised prompt, and MR with them blocked (``neurons.json``)."""
     found = _nemo_all(ctx, s)
     if distributed.writes():
@@ -144,7 +154,9 @@ def nemo(ctx: ProbeContext, s) -> tuple[dict, dict]:
     }
 
 
-def wanda_masks_for(ctx: ProbeContext, conds: torch.Tensor, s, prompt_ids) -> wanda_lib.Masks:
+def wanda_masks_for(
+    ctx: ProbeContext, conds: torch.Tensor, s: DictConfig, prompt_ids: Iterable[int]
+) -> wanda_lib.Masks:
     """Union of the Wanda masks of several conditionings (seeds per prompt as in generation)."""
     return wanda_lib.prompt_masks(
         ctx.pipe,
@@ -160,7 +172,7 @@ def wanda_masks_for(ctx: ProbeContext, conds: torch.Tensor, s, prompt_ids) -> wa
     )
 
 
-def _wanda_model(ctx: ProbeContext, s) -> wanda_lib.Masks:
+def _wanda_model(ctx: ProbeContext, s: DictConfig) -> wanda_lib.Masks:
     path = ctx.run_dir / wanda_lib.MASKS_FILE
     if path.exists():
         return wanda_lib.load_masks(path)
@@ -170,7 +182,7 @@ def _wanda_model(ctx: ProbeContext, s) -> wanda_lib.Masks:
     return masks
 
 
-def _save_pruned(ctx: ProbeContext, s) -> None:
+def _save_pruned(ctx: ProbeContext, s: DictConfig) -> None:
     """The pruned pipeline as ``model/`` (diffusers format: any stage takes it as ``model=local``)."""
     from diffmem.models.pipeline import is_pipeline_dir, save_pipeline
 
@@ -178,7 +190,7 @@ def _save_pruned(ctx: ProbeContext, s) -> None:
         save_pipeline(ctx.pipe, ctx.run_dir / "model")
 
 
-def wanda(ctx: ProbeContext, s) -> tuple[dict, dict]:
+def wanda(ctx: ProbeContext, s: DictConfig) -> tuple[dict, dict]:
     """Wanda masks over the memorised prompts (``masks.safetensors``), the pruned model (``model/``),
     and MR before and after pruning."""
     masks = _wanda_model(ctx, s)
@@ -195,11 +207,12 @@ def wanda(ctx: ProbeContext, s) -> tuple[dict, dict]:
     }
 
 
-def finding_dori(ctx: ProbeContext, s) -> tuple[dict, dict]:
+def finding_dori(ctx: ProbeContext, s: DictConfig) -> tuple[dict, dict]:
     """Finding Dori's table: original, NeMo- and Wanda-mitigated models, each without and under
     trigger search; plus the control (non-memorised training images) at the same budget."""
     ts = trigger_settings(s.trigger)
-    rows, tables = [], {}
+    rows: list[dict[str, Any]] = []
+    tables: dict[str, pd.DataFrame] = {}
     base = ctx.baseline("original")
     orig_attack = pd.concat(
         [
@@ -217,9 +230,7 @@ def finding_dori(ctx: ProbeContext, s) -> tuple[dict, dict]:
     blocked = ctx.part("baseline-nemo", lambda: _blocked_replication(ctx, found))
     nemo_attack = pd.concat(
         [
-            attack(
-                ctx, "target", i, ts, f"attack-nemo-target-{i}", lambda f=f: block_neurons(ctx.pipe.unet, f["neurons"])
-            )
+            attack(ctx, "target", i, ts, f"attack-nemo-target-{i}", partial(block_neurons, ctx.pipe.unet, f["neurons"]))
             for i, f in zip(_bar(len(ctx.targets), "attack nemo"), found)
         ],
         ignore_index=True,
@@ -272,7 +283,7 @@ def finding_dori(ctx: ProbeContext, s) -> tuple[dict, dict]:
     return tables, {"table": by, "trigger_budget": ts}
 
 
-def locality(ctx: ProbeContext, s) -> tuple[dict, dict]:
+def locality(ctx: ProbeContext, s: DictConfig) -> tuple[dict, dict]:
     """Are a memorised image's triggers local? Per target: pairwise distances between its
     triggers, activation similarity between them vs between different memorised prompts, and
     the IoU of the NeMo and Wanda masks computed from different triggers."""
@@ -293,12 +304,14 @@ def locality(ctx: ProbeContext, s) -> tuple[dict, dict]:
         use = embs[torch.as_tensor(ok)] if ok.sum() >= 2 else embs
         acts = _flat(nemo_lib.value_activations(ctx.pipe, use, layers))
 
-        def masks(js: np.ndarray, i=i, use=use, pid=pid) -> list[tuple]:  # per trigger: the ranks take a share
+        def masks(
+            js: np.ndarray, i: int = i, use: torch.Tensor = use, pid: int = pid
+        ) -> list[tuple]:  # per trigger: ranks share
             return [
                 (
-                    ctx.json_part(
-                        f"locality-nemo-{i}-{j}", lambda e=use[j], pid=pid: localise_one(ctx, setup, e, pid, s.nemo)
-                    )["neurons"],
+                    ctx.json_part(f"locality-nemo-{i}-{j}", partial(localise_one, ctx, setup, use[j], pid, s.nemo))[
+                        "neurons"
+                    ],
                     wanda_masks_for(ctx, use[j][None], s.wanda, [pid]),
                 )
                 for j in js
@@ -330,11 +343,11 @@ def _flat(acts: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([acts[k] for k in acts], axis=1)
 
 
-def _cosine(a, b) -> float:
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
-def _l2(a, b) -> float:
+def _l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b))
 
 
@@ -344,7 +357,7 @@ def _neuron_iou(a: dict, b: dict) -> float:
     return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
 
 
-def _mean_pairwise(items, fn) -> float:
+def _mean_pairwise(items: Sequence[Any] | np.ndarray, fn: Callable[[Any, Any], float]) -> float:
     pairs = list(combinations(range(len(items)), 2))
     if not pairs:
         return float("nan")

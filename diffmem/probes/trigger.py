@@ -12,8 +12,10 @@ non-memorised prompt's embedding (``other``). Searched triggers are stored under
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from diffmem.checks import check_positive
 from diffmem.errors import ConfigError, DataError
 from diffmem.runs import atomic_path
 from diffmem.sampling import sample_seed
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 INITS = ("prompt", "random", "other")
 TRIGGER_DIR = "triggers"  # the run-dir folder of stored triggers (and the probes' generations from them)
@@ -64,7 +69,7 @@ def trigger_seed(seed: int, prompt_id: int, restart: int) -> int:
     return sample_seed(seed, prompt_id, 1_000_000 + int(restart))
 
 
-def image_latents(pipe, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def image_latents(pipe: StableDiffusionPipeline, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Scaled VAE latents (posterior mean; float32, CPU) of ``[B, 3, H, W]`` images in [0, 1],
     ``batch_size`` at a time."""
     from diffmem.training import encode_latents
@@ -89,7 +94,14 @@ def initial_embedding(
 
 
 def search_trigger(
-    pipe, x0: torch.Tensor, init: torch.Tensor, *, steps: int = 50, lr: float = 0.1, batch_size: int = 8, seed: int = 0
+    pipe: StableDiffusionPipeline,
+    x0: torch.Tensor,
+    init: torch.Tensor,
+    *,
+    steps: int = 50,
+    lr: float = 0.1,
+    batch_size: int = 8,
+    seed: int = 0,
 ) -> tuple[torch.Tensor, list[float]]:
     """Adam on ``c_adv`` (from ``init``, ``[tokens, D]``) so ``pipe.unet`` denoises towards latent ``x0``.
 
@@ -135,13 +147,13 @@ def search_trigger(
 
 
 def search_triggers(
-    pipe,
+    pipe: StableDiffusionPipeline,
     x0: torch.Tensor,
     prompt_cond: torch.Tensor,
     *,
     prompt_id: int,
     restarts: int,
-    inits,
+    inits: Sequence[str],
     other_conds: torch.Tensor | None = None,
     steps: int = 50,
     lr: float = 0.1,

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ from diffmem.errors import ConfigError
 from diffmem.probes.layers import ffn_layers, get_layers, record
 from diffmem.runs import atomic_path
 from diffmem.sampling import denoise, encode_prompts
+
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 Masks = dict[str, torch.Tensor]
 MASKS_FILE = "masks.safetensors"  # a run dir's stored masks
@@ -45,7 +50,7 @@ def row_topk_mask(score: torch.Tensor, baseline: torch.Tensor, fraction: float) 
 
 @torch.no_grad()
 def wanda_masks(
-    pipe,
+    pipe: StableDiffusionPipeline,
     cond: torch.Tensor,
     seeds: Sequence[int],
     *,
@@ -92,9 +97,9 @@ def _half_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def prompt_masks(
-    pipe,
+    pipe: StableDiffusionPipeline,
     conds: torch.Tensor,
-    prompt_ids,
+    prompt_ids: Iterable[int],
     *,
     seed: int,
     n_seeds: int,
@@ -140,7 +145,7 @@ def union(masks: Sequence[Masks]) -> Masks:
 
 
 @torch.no_grad()
-def prune(unet, masks: Masks) -> int:
+def prune(unet: UNet2DConditionModel, masks: Masks) -> int:
     """Zero the masked weights in place; returns how many were zeroed."""
     total = 0
     for name, module in get_layers(unet, list(masks)).items():
@@ -153,7 +158,7 @@ def prune(unet, masks: Masks) -> int:
 
 
 @contextlib.contextmanager
-def pruned(unet, masks: Masks):
+def pruned(unet: UNet2DConditionModel, masks: Masks) -> Iterator[None]:
     """The UNet with ``masks`` zeroed inside the block; the original weights come back afterwards."""
     layers = get_layers(unet, list(masks))
     saved = {k: m.weight.detach().clone() for k, m in layers.items()}

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from diffmem.runs import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ROC_FIGURE = "roc.png"  # a detect run's ROC curve
 
@@ -34,7 +38,7 @@ class GridPair(NamedTuple):
     highlight: bool = False
 
 
-def save_figure(fig, path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     """A matplotlib ``Figure`` as a PNG at ``path``, written atomically."""
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -43,7 +47,11 @@ def save_figure(fig, path) -> Path:
 
 
 def similarity_histogram(
-    scores, baseline_scores, threshold: float, path, xlabel: str = "top-1 similarity to the training set"
+    scores: npt.ArrayLike,
+    baseline_scores: npt.ArrayLike | None,
+    threshold: float,
+    path: str | Path,
+    xlabel: str = "top-1 similarity to the training set",
 ) -> Path:
     """Density histograms of generations' top-1 scores and (if given) held-out real images' scores.
 
@@ -56,7 +64,7 @@ def similarity_histogram(
     base = None if baseline_scores is None else np.asarray(baseline_scores, dtype=float)
     values = np.concatenate([scores, base if base is not None else [], [threshold]])
     lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
-    bins = np.linspace(lo - 0.01, hi + 0.01, 41)
+    bins = cast("Sequence[float]", np.linspace(lo - 0.01, hi + 0.01, 41))  # matplotlib types no array bins
 
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
@@ -86,7 +94,7 @@ def similarity_histogram(
     return save_figure(fig, path)
 
 
-def _category(kind, dup) -> str:
+def _category(kind: Any, dup: Any) -> str:
     if kind in _OWN_CATEGORIES:
         return kind
     dup_text = "?" if pd.isna(dup) else f"×{int(dup)}"
@@ -127,7 +135,7 @@ def dup_count_table(prompts: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["_order", "kind", "dup_count"], na_position="first").drop(columns="_order").reset_index()
 
 
-def detection_by_dup_count(prompts_df: pd.DataFrame, path, threshold: float | None = None) -> Path:
+def detection_by_dup_count(prompts_df: pd.DataFrame, path: str | Path, threshold: float | None = None) -> Path:
     """Bar charts of :func:`dup_count_table`: share flagged memorised and mean max score per category.
 
     Shows whether detection rises with the known number of training copies, as it should.
@@ -153,18 +161,18 @@ def detection_by_dup_count(prompts_df: pd.DataFrame, path, threshold: float | No
     return save_figure(fig, path)
 
 
-def _tile(file, size: int) -> Image.Image:
+def _tile(file: Any, size: int) -> Image.Image:
     """The image at ``file`` as RGB, upscaled (NEAREST) or downscaled to fit ``size``; grey if missing."""
     if file is None or (isinstance(file, float) and math.isnan(file)) or not Path(file).is_file():
         return Image.new("RGB", (size, size), (200, 200, 200))
-    with Image.open(file) as img:
-        img = img.convert("RGB")
+    with Image.open(file) as opened:
+        img = opened.convert("RGB")
     scale = size / max(img.size)
     new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(new, Image.NEAREST if scale >= 1 else Image.LANCZOS)
+    return img.resize(new, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS)
 
 
-def image_grid(pairs: Iterable, path, size: int = 96, cols: int = 4) -> Path:
+def image_grid(pairs: Iterable, path: str | Path, size: int = 96, cols: int = 4) -> Path:
     """A PNG of (generated | nearest training image) pairs, ``cols`` per row, each with its label.
 
     ``pairs``: :class:`GridPair` or plain ``(generated, reference, label[, highlight])`` tuples.
@@ -265,7 +273,7 @@ def pareto_figure(trials: pd.DataFrame, runs: pd.DataFrame, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def roc_figure(table: pd.DataFrame, path, title: str = "") -> Path:
+def roc_figure(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """The ROC curve of a labelled ``scores`` table as a PNG (matplotlib ``Figure``, no pyplot)."""
     from matplotlib.figure import Figure
     from sklearn.metrics import auc

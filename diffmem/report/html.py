@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,19 +69,19 @@ _DEFINITIONS = (
 )
 
 
-def _missing(value) -> bool:
+def _missing(value: object) -> bool:
     return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
 
 
-def _num(value, fmt: str = "{:.3f}") -> str:
+def _num(value: Any, fmt: str = "{:.3f}") -> str:
     return "–" if _missing(value) else fmt.format(value)
 
 
-def _pct(value) -> str:
+def _pct(value: Any) -> str:
     return _num(None if _missing(value) else 100 * float(value), "{:.1f}%")
 
 
-def _cell(value) -> str:
+def _cell(value: object) -> str:
     """A table cell's text: 3 decimals for floats, yes/no for booleans, a dash for missing."""
     if _missing(value):
         return "–"
@@ -130,13 +132,14 @@ def _header(title: str, metrics: dict) -> str:
     )
 
 
-def _summary(generations, prompts, metrics, base_scores) -> str:
+def _summary(
+    generations: pd.DataFrame, prompts: pd.DataFrame, metrics: dict[str, Any], base_scores: pd.Series | None
+) -> str:
     """Headline numbers: memorisation rate, flagged prompts, replicated share, DCR vs baseline."""
     dcr = metrics.get("dcr") or {}
     gen = generations["top1_score"].to_numpy(float)
-    has_base = base_scores is not None
-    base_mean = dcr.get("baseline_mean", float(np.mean(base_scores)) if has_base else None)
-    base_p95 = dcr.get("baseline_p95", float(np.percentile(base_scores, 95)) if has_base else None)
+    base_mean = dcr.get("baseline_mean", float(np.mean(base_scores)) if base_scores is not None else None)
+    base_p95 = dcr.get("baseline_p95", float(np.percentile(base_scores, 95)) if base_scores is not None else None)
     n_known = metrics.get("memorisation_rate_prompts")
     cards = [
         (
@@ -159,11 +162,11 @@ def _summary(generations, prompts, metrics, base_scores) -> str:
     return f'<section id="summary"><h2>Summary</h2><div class="cards">{body}</div></section>'
 
 
-def _vs_baseline(value) -> str:
+def _vs_baseline(value: object) -> str:
     return "no baseline" if _missing(value) else f"held-out real baseline {_num(value)}"
 
 
-def _cards(cards) -> str:
+def _cards(cards: Iterable[tuple[str, str, str]]) -> str:
     """Headline numbers: ``(name, value, note)`` triples as cards."""
     return "".join(
         f'<div class="card"><div>{html.escape(a)}</div><div class="v">{html.escape(b)}</div>'
@@ -176,7 +179,7 @@ def _section(anchor: str, heading: str, *parts: str) -> str:
     return f'<section id="{anchor}"><h2>{html.escape(heading)}</h2>{"".join(parts)}</section>'
 
 
-def _examples(generations, prompts, fig_dir: Path, top_n: int, per_prompt: int) -> str:
+def _examples(generations: pd.DataFrame, prompts: pd.DataFrame, fig_dir: Path, top_n: int, per_prompt: int) -> str:
     """For the ``top_n`` prompts by max score: their best generations beside the nearest training images."""
     has_match = "correct_match" in generations
     blocks = []
@@ -207,18 +210,18 @@ def _examples(generations, prompts, fig_dir: Path, top_n: int, per_prompt: int) 
     return _section("examples", f"Top {len(blocks)} prompts: generations and nearest training images", note, *blocks)
 
 
-def _ref_name(gen) -> str:
+def _ref_name(gen: pd.Series) -> str:
     """The nearest training image by its file name (what a user recognises), else its id."""
     f = gen.get("top1_ref_file")
     return str(gen["top1_ref_id"]) if _missing(f) else Path(str(f)).name
 
 
-def _match_note(correct) -> str:
+def _match_note(correct: object) -> str:
     return "" if _missing(correct) else (" (own)" if correct else " (other)")
 
 
 def write_report(
-    run_dir,
+    run_dir: str | Path,
     generations: pd.DataFrame,
     prompts: pd.DataFrame,
     metrics: dict,
@@ -316,7 +319,11 @@ def _tokens(rows: pd.DataFrame) -> str:
 
 
 def write_detect_report(
-    run_dir, scores: pd.DataFrame, metrics: dict, attribution: pd.DataFrame | None = None, title: str = "diffmem detect"
+    run_dir: str | Path,
+    scores: pd.DataFrame,
+    metrics: dict,
+    attribution: pd.DataFrame | None = None,
+    title: str = "diffmem detect",
 ) -> Path:
     """``run_dir/report.html`` for a detect run: headline metrics, the ROC curve, prompts ranked
     by score and, with ``attribution``, each prompt's tokens shaded by their attribution."""
@@ -389,7 +396,12 @@ def write_detect_report(
 
 
 def write_dedup_report(
-    run_dir, groups: pd.DataFrame, summary: dict, top_n: int = 12, per_group: int = 8, title: str = "diffmem dedup"
+    run_dir: str | Path,
+    groups: pd.DataFrame,
+    summary: dict,
+    top_n: int = 12,
+    per_group: int = 8,
+    title: str = "diffmem dedup",
 ) -> Path:
     """``run_dir/report.html`` for a dedup run: headline counts, the groups ranked by size and,
     for the ``top_n`` largest, up to ``per_group`` members (lowest score first) beside their

@@ -167,7 +167,9 @@ def references(module: str, path: Path, known: dict[str, Path]) -> Iterator[Ref]
 
     def _string_ref(text: str, line: int) -> Iterator[Ref]:
         m = _DOTTED.match(text)
-        target = _resolve(m.group(1), known) if m else None
+        if m is None:
+            return
+        target = _resolve(m.group(1), known)
         if target and target != module and m.group(1) == target:
             yield Ref(module, target, line, False)
 
@@ -183,7 +185,7 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """One cycle through each strongly connected component of more than one module (Tarjan)."""
     index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]
 
-    def strong(v):
+    def strong(v: str) -> None:
         index[v] = low[v] = counter[0]
         counter[0] += 1
         stack.append(v)
@@ -212,7 +214,8 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     out = []
     for comp in comps:  # shortest path back to the component's first module
         start = min(comp)
-        prev, frontier = {start: None}, [start]
+        prev: dict[str, str | None] = {start: None}
+        frontier = [start]
         while frontier and start not in [w for v in frontier for w in edges[v]]:
             nxt = []
             for v in frontier:
@@ -223,14 +226,18 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
             frontier = nxt
         last = next(v for v in frontier if start in edges[v])
         path = [last]
-        while prev[path[-1]] is not None:
-            path.append(prev[path[-1]])
+        while (step := prev[path[-1]]) is not None:
+            path.append(step)
         out.append([*reversed(path), start])
     return sorted(out)
 
 
 def check(
-    root: str | Path, package: str, stages: Iterable[str], run_files: Iterable[str] = RUN_FILES, layers=LAYERS
+    root: str | Path,
+    package: str,
+    stages: Iterable[str],
+    run_files: Iterable[str] = RUN_FILES,
+    layers: tuple[tuple[str, tuple[str, ...]], ...] = LAYERS,
 ) -> list[str]:
     """The violations of the import rule in the package folder ``root`` (named ``package``);
     ``stages``: the stage modules, relative to the package (``"train"``, ``"index.stage"``);
