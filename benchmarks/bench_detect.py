@@ -60,8 +60,8 @@ SUITE = [  # cheapest first
     ("noise_ssim", ["detect=noise_ssim"]),
     ("noise_norm steps=[0,1] n_gen=4", ["detect=noise_norm", "detect.steps=[0,1]", "detect.n_generations=4"]),
     ("bright_ending", ["detect=bright_ending"]),
-    ("flipd", ["detect=flipd"]),
     ("noise_norm steps=all", ["detect=noise_norm", "detect.steps=all"]),
+    ("flipd", ["detect=flipd"]),
 ]
 TESTBEDS = ("testbed", "testbed_photo")
 
