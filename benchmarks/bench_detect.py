@@ -7,13 +7,17 @@ and ``--n-heldout`` held-out captions). Reports ROC-AUC and TPR@1%FPR (canaries 
 ordinary + held-out), the hard-negative AUC (>= 16x vs the 1x / 4x canaries: trained on, not
 copied) each with a stratified 95 % bootstrap interval over prompts, and UNet evaluations per
 prompt (fixed by the settings: no interval). Scores are kept per (testbed, detector) under
-``--out``'s folder, so a rerun only scores what is missing. Writes a JSON, a markdown table and
+``--out``'s folder (or ``--scores``), so a rerun only scores what is missing. Writes a JSON, a markdown table and
 one figure of ROC curves (a panel per testbed, a curve per detector).
 
 ``--extra testbed:<model dir>:<data seed>`` (repeatable) adds a model trained by a testbed's
 recipe on another data seed: it is scored on its own seed's prompts and ground truth, and a
 second table pools it with the shipped model (:func:`pooled_metrics`); the shipped models'
-table stays as it is.
+table stays as it is. A subset pooled apart from the full table::
+
+    python benchmarks/bench_detect.py --only noise_ssim flipd --extra testbed:<dir>:1 \\
+        --out benchmarks/results/bench_detect_pooled.json --scores benchmarks/results/bench_detect_suite \\
+        --figure /tmp/pooled_roc.png
 
 ``--vs-retrieval``: the cost of detecting memorised prompts without the training set vs by
 generation + retrieval. In one run, on the same model and prompts (the testbed's canaries, ordinary and held-out
@@ -271,7 +275,7 @@ def roc_figure(tables: dict, path: Path) -> Path:
 def benchmark(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    folder = out.with_suffix("")
+    folder = Path(args.scores) if args.scores else out.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
     labels = [lab for lab, _ in SUITE if not args.only or lab in args.only]
     tables = {tb: score_suite(tb, labels, args.n_ordinary, args.n_heldout, folder) for tb in TESTBEDS}
@@ -321,6 +325,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--figure", default="docs/figures/detect_benchmark_roc.png")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--scores", default=None, help="folder of cached per-prompt scores (default: --out without .json)")
     args = ap.parse_args()
     if not args.vs_retrieval:
         args.out = args.out or "benchmarks/results/bench_detect_suite.json"
