@@ -85,7 +85,8 @@ class FLIPD(Detector):
     def per_prompt(self) -> int:
         return self.n_generations
 
-    def score_rows(self, pipe, cond, seeds, resolution):
+    def score_rows(self, pipe, cond: torch.Tensor, seeds: list[int], resolution: int) -> torch.Tensor:
+        """Minus FLIPD of each row's sample ``[B]``: the guided sampler, then the probes at ``t0``."""
         uncond = uncond_embedding(self, pipe) if self.guidance_scale != 1.0 else None
         for x in denoise(pipe, cond, seeds, resolution, self.num_inference_steps, self.guidance_scale, uncond):  # noqa: B007 (x: the sample)
             pass
