@@ -40,6 +40,7 @@ FAST = {
     "one_step": dict(n_seeds=2, num_inference_steps=4, guidance_scale=3.0),
     "attention_entropy": dict(steps=[0, 2], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
     "bright_ending": dict(steps=[0, 3], n_generations=2, num_inference_steps=4, guidance_scale=3.0),
+    "flipd": dict(n_generations=2, num_inference_steps=3, guidance_scale=3.0),
 }
 
 

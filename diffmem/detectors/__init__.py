@@ -11,6 +11,8 @@ score per prompt, **higher = more likely memorised**:
 - ``attention_entropy``: Ren et al. (ECCV 2024), entropy of the cross-attention over tokens.
 - ``bright_ending``: Chen et al. (ICLR 2025), Wen's magnitude under the last step's end-token
   attention map.
+- ``flipd``: Kamkari et al. (NeurIPS 2024), minus the local intrinsic dimension (FLIPD) of a
+  generated sample.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ DETECTORS.register("noise_ssim", "diffmem.detectors.noise_ssim:NoiseSSIM")
 DETECTORS.register("one_step", "diffmem.detectors.one_step:OneStep")
 DETECTORS.register("attention_entropy", "diffmem.detectors.attention_entropy:AttentionEntropy")
 DETECTORS.register("bright_ending", "diffmem.detectors.bright_ending:BrightEnding")
+DETECTORS.register("flipd", "diffmem.detectors.flipd:FLIPD")
 
 
 def build_detector(cfg: Mapping[str, Any]) -> Detector:
