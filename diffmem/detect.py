@@ -1,6 +1,6 @@
 """``diffmem detect``: score prompts for memorisation without the training set (docs/methods.md section 2).
 
-``detect=noise_ssim`` (the default) ``|noise_norm|one_step|attention_entropy|bright_ending``
+``detect=noise_ssim`` (the default) ``|noise_norm|one_step|attention_entropy|bright_ending|flipd``
 picks the detector (``diffmem.detectors``; docs/detection.md says which to use). Writes to the
 run dir:
 

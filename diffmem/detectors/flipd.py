@@ -21,6 +21,7 @@ evaluations with their backward passes, all in latent space.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from diffmem.checks import check_float, check_int
 from diffmem.detectors.base import Detector, to_epsilon, uncond_embedding
 from diffmem.errors import ConfigError
 from diffmem.sampling import denoise, fresh_scheduler
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 __all__ = ["FLIPD", "flipd"]
 
@@ -85,7 +89,9 @@ class FLIPD(Detector):
     def per_prompt(self) -> int:
         return self.n_generations
 
-    def score_rows(self, pipe, cond: torch.Tensor, seeds: list[int], resolution: int) -> torch.Tensor:
+    def score_rows(
+        self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
+    ) -> torch.Tensor:
         """Minus FLIPD of each row's sample ``[B]``: the guided sampler, then the probes at ``t0``."""
         uncond = uncond_embedding(self, pipe) if self.guidance_scale != 1.0 else None
         for x in denoise(pipe, cond, seeds, resolution, self.num_inference_steps, self.guidance_scale, uncond):  # noqa: B007 (x: the sample)
