@@ -16,6 +16,7 @@ scaling of the stage from the first to the last worker count. Every process uses
 
     python benchmarks/bench_embed.py                                  # 5000 JPEGs, sscd_distilled
     python benchmarks/bench_embed.py --features pixel sscd_distilled --n 1000 --out /tmp/b.json
+    python benchmarks/bench_embed.py --features clip --device cuda --workers 4 8 --out /tmp/gpu.json   # the GPU goal
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="num_workers values of the stage")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the torch descriptors run (cuda: the GPU goal, batch 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_embed.json"))
     return p.parse_args(argv)
@@ -87,14 +89,14 @@ def extractor_cfg(name: str, threads: int) -> dict:
     return {"name": name, "threads": threads} if name.startswith("sscd") else {"name": name}
 
 
-def bare(name: str, root: Path, files: list[str], batch_size: int, threads: int) -> float:
+def bare(name: str, root: Path, files: list[str], batch_size: int, threads: int, device: str) -> float:
     """Images/s of the descriptor alone on the decoded images, batched by resized shape."""
     import torch
 
     from diffmem.data import load_image
     from diffmem.features import build_extractor
 
-    ext = build_extractor(extractor_cfg(name, threads), device="cpu")
+    ext = build_extractor(extractor_cfg(name, threads), device=device)
     decoded = [torch.from_numpy(load_image(root / f)).permute(2, 0, 1) for f in files]
     start = time.perf_counter()
     groups: dict[tuple, list] = {}
@@ -104,10 +106,12 @@ def bare(name: str, root: Path, files: list[str], batch_size: int, threads: int)
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             ext(torch.stack(group[i : i + batch_size]))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
     return len(files) / (time.perf_counter() - start)
 
 
-def stage(name: str, root: Path, n: int, out: Path, workers: int, batch_size: int, threads: int) -> float:
+def stage(name: str, root: Path, n: int, out: Path, workers: int, batch_size: int, threads: int, device: str) -> float:
     """Images/s of ``diffmem embed`` on the folder (a fresh run dir)."""
     import diffmem
 
@@ -124,7 +128,7 @@ def stage(name: str, root: Path, n: int, out: Path, workers: int, batch_size: in
             f"num_workers={workers}",
             f"batch_size={batch_size}",
             f"threads={threads}",
-            "device=cpu",
+            f"device={device}",
         ]
         + ([f"features.extractor.threads={threads}"] if name.startswith("sscd") else []),
     )
@@ -137,17 +141,23 @@ def main(argv=None) -> int:
     from PIL import Image
 
     torch.set_num_threads(args.threads)
-    result = {"n_images": args.n, "threads": args.threads, "batch_size": args.batch_size, "features": {}}
+    result = {
+        "n_images": args.n,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "features": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "photos"
         root.mkdir()
         files = make_folder(root, args.n, args.seed)
         result["megapixels_mean"] = float(np.mean([np.prod(Image.open(root / f).size) for f in files]) / 1e6)
         for name in args.features:
-            row = {"bare_img_s": bare(name, root, files, args.batch_size, args.threads)}
+            row = {"bare_img_s": bare(name, root, files, args.batch_size, args.threads, args.device)}
             for w in args.workers:
                 row[f"stage_img_s_workers{w}"] = stage(
-                    name, root, len(files), Path(tmp) / "out", w, args.batch_size, args.threads
+                    name, root, len(files), Path(tmp) / "out", w, args.batch_size, args.threads, args.device
                 )
                 row[f"ratio_workers{w}"] = row[f"stage_img_s_workers{w}"] / row["bare_img_s"]
             first, last = args.workers[0], args.workers[-1]
