@@ -98,7 +98,7 @@ def body(job: Job) -> Outcome:
     """Every model on the three axes (its parts cached per model and settings), then the table."""
     from diffmem.features import build_extractor
     from diffmem.loading import load_model
-    from diffmem.probes.context import ProbeContext, rows_conditioning, trigger_settings
+    from diffmem.probes.context import ProbeContext, trigger_settings
     from diffmem.sampling import get_hooks
 
     cfg, run_dir, u = job.cfg, job.dir, job.cfg.utility
@@ -123,26 +123,12 @@ def body(job: Job) -> Outcome:
                 scheduler=cfg.scheduler,
             )
 
-            ctx = ProbeContext(
-                pipe=pipe,
-                extractor=extractor,
-                targets=targets,
-                target_images=target_images,
-                target_cond=rows_conditioning(pipe, targets),
-                negatives=negatives,
-                negative_cond=rows_conditioning(pipe, negatives),
-                controls=targets.iloc[:0],
-                control_images=target_images[:0],
-                control_cond=torch.zeros(0),
-                run_dir=parts / f"{name}-{digest([str(Path(path).resolve()), settings])}",
-                seed=int(cfg.seed),
-                resolution=int(cfg.resolution),
-                steps=int(cfg.steps),
-                guidance=float(cfg.guidance_scale),
-                n_per_prompt=int(cfg.n_per_prompt),
-                threshold=float(cfg.threshold),
-                mr_reduction=str(cfg.mr_reduction),
-                batch_size=int(cfg.batch_size),
+            ctx = ProbeContext.build(
+                pipe,
+                extractor,
+                (targets, target_images, negatives, targets.iloc[:0], target_images[:0]),  # no controls
+                parts / f"{name}-{digest([str(Path(path).resolve()), settings])}",
+                cfg,
             )
             defence = get_hooks(pipe)
             rows.append(

@@ -30,7 +30,7 @@ from diffmem.data.selection import load_targets, select_prompts
 from diffmem.device import configure_torch
 from diffmem.errors import DataError
 from diffmem.probes import PROBES
-from diffmem.probes.context import ProbeContext, check_settings, rows_conditioning
+from diffmem.probes.context import ProbeContext, check_settings
 from diffmem.report.figures import probe_figure
 from diffmem.runner import Job, Outcome, StageSpec
 from diffmem.runs import write_parquet
@@ -76,26 +76,8 @@ def body(job: Job) -> Outcome:
     device = configure_torch(cfg)
     pipe = load_model(cfg.model, device, scheduler=cfg.scheduler)
     extractor = build_extractor(cfg.features.extractor, device=str(device))
-    ctx = ProbeContext(
-        pipe=pipe,
-        extractor=extractor,
-        targets=targets,
-        target_images=target_images,
-        target_cond=rows_conditioning(pipe, targets),
-        negatives=negatives,
-        negative_cond=rows_conditioning(pipe, negatives),
-        controls=controls,
-        control_images=control_images,
-        control_cond=rows_conditioning(pipe, controls),
-        run_dir=run_dir,
-        seed=int(cfg.seed),
-        resolution=int(cfg.resolution),
-        steps=int(cfg.steps),
-        guidance=float(cfg.guidance_scale),
-        n_per_prompt=int(cfg.n_per_prompt),
-        threshold=float(cfg.threshold),
-        mr_reduction=str(cfg.mr_reduction),
-        batch_size=int(cfg.batch_size),
+    ctx = ProbeContext.build(
+        pipe, extractor, (targets, target_images, negatives, controls, control_images), run_dir, cfg
     )
     start = time.perf_counter()
     with distributed.split():  # each rank takes a share of the generations, restarts and targets

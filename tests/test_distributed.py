@@ -518,24 +518,11 @@ def test_detect_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir):
     assert sum(items) == 2 * n and min(items) > 0  # each prompt scored and attributed by one rank
 
 
-LOCALITY = [
-    "probe=locality",
-    "probe.trigger.steps=2",
-    "probe.trigger.restarts=3",
-    "probe.max_targets=1",
-    "probe.nemo.detector.n_seeds=2",
-    "probe.nemo.detector.num_inference_steps=3",
-    "probe.nemo.refine=false",
-    "probe.wanda.n_steps=2",
-    "probe.wanda.n_seeds=1",
-]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("probe", ["finding_dori", "locality"])
 def test_probe_on_two_ranks_writes_what_one_process_writes(tiny_pipe_dir, probe):
     import diffmem
-    from tests.test_probe import COMMON, FAST, _args
+    from tests.test_probe import COMMON, FAST, LOCALITY, _args
 
     # finding_dori: trigger restarts, generations in batches of 1, NeMo's and Wanda's targets dealt;
     # locality: NeMo's and Wanda's masks per trigger dealt

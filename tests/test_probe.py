@@ -305,18 +305,24 @@ def test_probe_empty_prompt_list(tiny_pipe_dir, tmp_path):
         diffmem.run("probe", _args(tiny_pipe_dir, "prompts=file", f"prompts.path={empty}"))
 
 
+#: a locality probe small enough for the default suite (tests/test_distributed.py runs it on 2 ranks)
+LOCALITY = [
+    "probe=locality",
+    "probe.trigger.steps=2",
+    "probe.trigger.restarts=3",
+    "probe.max_targets=1",
+    "probe.nemo.detector.n_seeds=2",
+    "probe.nemo.detector.num_inference_steps=3",
+    "probe.nemo.refine=false",
+    "probe.wanda.n_steps=2",
+    "probe.wanda.n_seeds=1",
+]
+
+
 def test_locality_probe(tiny_pipe_dir):
     args = _args(
         tiny_pipe_dir,
-        "probe=locality",
-        "probe.trigger.steps=2",
-        "probe.trigger.restarts=3",
-        "probe.max_targets=1",
-        "probe.nemo.detector.n_seeds=2",
-        "probe.nemo.detector.num_inference_steps=3",
-        "probe.nemo.refine=false",
-        "probe.wanda.n_steps=2",
-        "probe.wanda.n_seeds=1",
+        *LOCALITY,
         *COMMON,
     )
     run_dir = diffmem.run("probe", args)

@@ -49,10 +49,6 @@ class AttentionEntropy(Detector):
         self.n_generations = check_int(n_generations, "detect.n_generations", 1)
         self.guidance_scale = check_float(guidance_scale, "detect.guidance_scale", 0.0)
 
-    @property
-    def per_prompt(self) -> int:
-        return self.n_generations
-
     def score_rows(
         self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
     ) -> torch.Tensor:

@@ -49,10 +49,13 @@ class Detector:
             raise ConfigError(f"detect.{cls.name}: {err} (settings: {', '.join(known)})") from None
         return cls(**settings)
 
+    #: generations (seeds) per prompt, for the detectors that call them so
+    n_generations: int = 1
+
     @property
     def per_prompt(self) -> int:
-        """Generations (seeds) per prompt."""
-        raise NotImplementedError
+        """Generations (seeds) per prompt: ``n_generations``, or what a detector calls them."""
+        return self.n_generations
 
     def settings(self) -> dict:
         return {k: getattr(self, k) for k in inspect.signature(type(self)).parameters}

@@ -55,10 +55,6 @@ class BrightEnding(Detector):
         self.n_generations = check_int(n_generations, "detect.n_generations", 1)
         self.guidance_scale = check_float(guidance_scale, "detect.guidance_scale", 0.0)
 
-    @property
-    def per_prompt(self) -> int:
-        return self.n_generations
-
     def score_rows(  # type: ignore[override]  # takes the token counts it asks for
         self,
         pipe: StableDiffusionPipeline,

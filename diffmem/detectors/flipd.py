@@ -85,10 +85,6 @@ class FLIPD(Detector):
         self.num_inference_steps = check_int(num_inference_steps, "detect.num_inference_steps", 1)
         self.guidance_scale = check_float(guidance_scale, "detect.guidance_scale", 0.0)
 
-    @property
-    def per_prompt(self) -> int:
-        return self.n_generations
-
     def score_rows(
         self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
     ) -> torch.Tensor:

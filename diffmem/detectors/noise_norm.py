@@ -79,10 +79,6 @@ class NoiseNorm(Detector):
             raise ConfigError(f"detect.reduction '{reduction}' is not one of {', '.join(REDUCTIONS)}")
         self.reduction = reduction
 
-    @property
-    def per_prompt(self) -> int:
-        return self.n_generations
-
     def score_rows(
         self, pipe: StableDiffusionPipeline, cond: torch.Tensor, seeds: list[int], resolution: int
     ) -> torch.Tensor:

@@ -57,6 +57,42 @@ class ProbeContext:
     mr_reduction: str = "any"
     batch_size: int = 32
 
+    @classmethod
+    def build(
+        cls,
+        pipe: StableDiffusionPipeline,
+        extractor: Extractor,
+        prompts: tuple[pd.DataFrame, torch.Tensor, pd.DataFrame, pd.DataFrame, torch.Tensor],
+        run_dir: Path,
+        cfg: Any,
+    ) -> ProbeContext:
+        """The context of ``prompts`` = (targets, their images, negatives, controls, their images)
+        on ``pipe``, their conditionings encoded, with the sampling settings of a stage config
+        ``cfg`` (``seed``, ``resolution``, ``steps``, ``guidance_scale``, ``n_per_prompt``,
+        ``threshold``, ``mr_reduction``, ``batch_size``)."""
+        targets, target_images, negatives, controls, control_images = prompts
+        return cls(
+            pipe=pipe,
+            extractor=extractor,
+            targets=targets,
+            target_images=target_images,
+            target_cond=rows_conditioning(pipe, targets),
+            negatives=negatives,
+            negative_cond=rows_conditioning(pipe, negatives),
+            controls=controls,
+            control_images=control_images,
+            control_cond=rows_conditioning(pipe, controls),
+            run_dir=Path(run_dir),
+            seed=int(cfg.seed),
+            resolution=int(cfg.resolution),
+            steps=int(cfg.steps),
+            guidance=float(cfg.guidance_scale),
+            n_per_prompt=int(cfg.n_per_prompt),
+            threshold=float(cfg.threshold),
+            mr_reduction=str(cfg.mr_reduction),
+            batch_size=int(cfg.batch_size),
+        )
+
     def part(self, key: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
         """``compute()`` once: stored as ``parts/<key>.parquet`` and read back on a re-run."""
         return _cached(self.run_dir / "parts" / f"{key}.parquet", compute, read_parquet, write_parquet)
