@@ -11,7 +11,8 @@ from PIL import Image
 
 import diffmem
 from diffmem.errors import ConfigError, DataError
-from diffmem.index.dedup import group_vectors, merge_components
+from diffmem.index import dedup as dedup_lib
+from diffmem.index.dedup import group_vectors, merge_components, pixel_hashes
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "coins", "camera")
 EDITS = ("crop", "resize", "jpeg")
@@ -128,6 +129,27 @@ def test_exact_hash_joins_pixel_identical_files(tmp_path):
     groups = pd.read_parquet(diffmem.run("dedup", args) / "groups.parquet").set_index("file")
     assert groups.loc["a.png", "group_id"] == groups.loc["a_copy.bmp", "group_id"] != groups.loc["b.png", "group_id"]
     assert groups.loc["a_copy.bmp", "exact"] and groups["group_size"].tolist().count(2) == 2
+
+
+def test_pixel_hashes_decode_only_images_of_shared_sizes(tmp_path, monkeypatch):
+    """Only images whose size (either orientation) another image has are decoded and hashed;
+    an image of a size of its own gets None, a class of its own in the groups."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(2))
+    c, e = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pictures = {"a.png": a, "a.bmp": a, "b.png": b, "c.png": c, "c_t.png": c.transpose(1, 0, 2), "e.png": e}
+    for file, arr in pictures.items():
+        Image.fromarray(arr).save(tmp_path / file)
+    decoded = []
+    real = dedup_lib.load_image
+    monkeypatch.setattr(dedup_lib, "load_image", lambda path, **kw: decoded.append(Path(path).name) or real(path, **kw))
+    h = dict(zip(pictures, pixel_hashes(tmp_path, list(pictures))))
+    assert decoded == ["a.png", "a.bmp", "b.png", "c.png", "c_t.png"]
+    assert h["a.png"] == h["a.bmp"] != h["b.png"] and None not in (h["c.png"], h["c_t.png"])
+    assert h["c.png"] != h["c_t.png"] and h["e.png"] is None
+    # rows without a hash are classes of their own; rows with one hash join whatever their vectors
+    df = group_vectors(np.eye(4, dtype=np.float32), 0.9, ["h", None, "h", None])
+    assert df["group"].tolist() == [0, 1, 0, 2] and df["exact"].all()
 
 
 def test_components_and_representatives():

@@ -1,7 +1,8 @@
 """Near-duplicate groups within one image set (the library behind ``diffmem dedup``).
 
 An optional exact pass first joins images whose decoded pixels are identical (a digest of
-the RGB array, so a PNG and its lossless re-encoding join, a re-saved JPEG does not). One
+the RGB array, so a PNG and its lossless re-encoding join, a re-saved JPEG does not; only
+images whose size another image shares are decoded for it). One
 vector per such class then goes through a FAISS range search (inner product on
 L2-normalised descriptors: cosine), exact by default or IVF at scale, in query batches: the
 pairs above the threshold of each batch are merged into a running component labelling
@@ -13,7 +14,9 @@ central one) and each member its cosine to that representative.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from diffmem.data.datasets import MAX_PIXELS, load_image
-from diffmem.data.webdataset import tar_member
+from diffmem.data.webdataset import read_member, tar_member
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.build import build_index
 
@@ -56,13 +59,35 @@ def check_images(root: Path, files: Iterable[str]) -> None:
             raise DataError(f"{path}: corrupt or unreadable image (not a format PIL can identify)") from err
 
 
-def pixel_hashes(root: Path, files: Iterable[str], max_pixels: int = MAX_PIXELS) -> list[str]:
+def _size_key(path: Path) -> tuple[int, int] | None:
+    """The image's size from its header alone, in either orientation (EXIF may swap it), or
+    None when the header cannot be read (the decode then names the problem)."""
+    from PIL import Image
+
+    member = tar_member(path)
+    try:
+        with Image.open(io.BytesIO(read_member(*member)) if member else path) as im:
+            return min(im.size), max(im.size)
+    except (OSError, SyntaxError, ValueError, DataError):
+        return None
+
+
+def pixel_hashes(root: Path, files: Iterable[str], max_pixels: int = MAX_PIXELS) -> list[str | None]:
     """A digest of each image's decoded RGB pixels and shape (identical pictures, whatever their
-    file or lossless encoding, share it)."""
-    out = []
-    for file in files:
-        img = load_image(Path(root) / file, max_pixels=max_pixels)
-        out.append(hashlib.blake2b(np.asarray(img.shape).tobytes() + img.tobytes(), digest_size=16).hexdigest())
+    file or lossless encoding, share it), or None for an image whose size no other image has
+    (so no other can be pixel-identical to it): only images of shared sizes, read from the
+    headers, are decoded."""
+    files = [Path(root) / f for f in files]
+    keys = [_size_key(f) for f in files]
+    shared = Counter(keys)
+    decode = [i for i, k in enumerate(keys) if k is None or shared[k] > 1]  # None: an unread header
+    out: list[str | None] = [None] * len(files)
+    for i in decode:
+        img = load_image(files[i], max_pixels=max_pixels)
+        digest = hashlib.sha256(np.asarray(img.shape, np.int64).tobytes())
+        digest.update(img)
+        out[i] = digest.hexdigest()[:32]
+    log.info("exact pass: %d of %d images share a size with another; their pixels hashed", len(decode), len(files))
     return out
 
 
@@ -152,7 +177,7 @@ def representatives(
 def group_vectors(
     x: np.ndarray,
     threshold: float,
-    hashes: list[str] | None = None,
+    hashes: list[str | None] | None = None,
     *,
     representative: str = "central",
     factory: str = "Flat",
@@ -162,13 +187,15 @@ def group_vectors(
 ) -> pd.DataFrame:
     """Near-duplicate groups of the rows of ``x``: ``group`` (numbered by size, largest first,
     then by first row), ``size``, ``representative`` (its row) and ``score`` (cosine to it), one row per row of
-    ``x``. With ``hashes`` (one per row, :func:`pixel_hashes`) rows with the same hash join
+    ``x``. With ``hashes`` (one per row, :func:`pixel_hashes`; None: no other row's) rows with the same hash join
     first, only one vector of each goes through the range search, and ``exact`` says whether
     a row is pixel-identical to its representative."""
     if hashes is not None:
         if len(hashes) != len(x):
             raise DataError(f"{len(hashes)} pixel hashes for {len(x)} vectors")
-        codes, _ = pd.factorize(pd.Series(hashes))
+        codes, _ = pd.factorize(pd.Series(hashes))  # no hash (None): a class of its own
+        alone = codes < 0
+        codes[alone] = codes.max(initial=-1) + 1 + np.arange(alone.sum())
         first = np.unique(codes, return_index=True)[1]  # by class: its first row
         labels = first[components(x[first], threshold, factory, nprobe, train_sample, seed)[codes]]
     else:
