@@ -147,9 +147,19 @@ def test_pixel_hashes_decode_only_images_of_shared_sizes(tmp_path, monkeypatch):
     assert decoded == ["a.png", "a.bmp", "b.png", "c.png", "c_t.png"]
     assert h["a.png"] == h["a.bmp"] != h["b.png"] and None not in (h["c.png"], h["c_t.png"])
     assert h["c.png"] != h["c_t.png"] and h["e.png"] is None
-    # rows without a hash are classes of their own; rows with one hash join whatever their vectors
-    df = group_vectors(np.eye(4, dtype=np.float32), 0.9, ["h", None, "h", None])
-    assert df["group"].tolist() == [0, 1, 0, 2] and df["exact"].all()
+    # digests are asked for the rows with a neighbour at cosine >= 0.99 only; a shared digest
+    # joins rows whatever the threshold, a missing one (None) joins nothing
+    x = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 2, 3]]
+    x[1, 3] = x[3, 3] = x[5, 3] = 0.1  # rows 1, 3, 5 at cosine 0.995 to rows 0, 2, 4
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    asked = []
+    digests = {0: "h", 1: "h", 2: "g", 3: None, 4: "f", 5: "f2"}
+    df = group_vectors(x, 0.999, lambda rows: asked.extend(rows) or [digests[r] for r in rows])
+    assert sorted(asked) == [0, 1, 2, 3, 4, 5]
+    assert df["group"].tolist() == [0, 0, 1, 2, 3, 4, 5] and df["exact"].all()
+    df = group_vectors(x, 0.9, lambda rows: [digests[r] for r in rows])  # near pairs, one of them exact
+    assert df["group"].tolist() == [0, 0, 1, 1, 2, 2, 3]
+    assert df["exact"][:2].all() and df["exact"][2:6].sum() == 2 and df["exact"][6]
 
 
 def test_components_and_representatives():

@@ -1,14 +1,15 @@
 """Near-duplicate groups within one image set (the library behind ``diffmem dedup``).
 
-An optional exact pass first joins images whose decoded pixels are identical (a digest of
-the RGB array, so a PNG and its lossless re-encoding join, a re-saved JPEG does not; only
-images whose size another image shares are decoded for it). One
-vector per such class then goes through a FAISS range search (inner product on
-L2-normalised descriptors: cosine), exact by default or IVF at scale, in query batches: the
-pairs above the threshold of each batch are merged into a running component labelling
-at once, so memory stays bounded by the index, the labels and one batch's pairs, however
-many pairs there are. Each group gets a representative (its first member, or its most
-central one) and each member its cosine to that representative.
+Every vector goes through a FAISS range search (inner product on L2-normalised descriptors:
+cosine), exact by default or IVF at scale, in query batches: the pairs above the threshold
+of each batch are merged into a running component labelling at once, so memory stays
+bounded by the index, the labels and one batch's pairs, however many pairs there are. An
+optional exact pass then joins images whose decoded pixels are identical (a digest of the
+RGB array, so a PNG and its lossless re-encoding join, a re-saved JPEG does not), even above
+the threshold; only images that could be pixel-identical to another are decoded for it: a
+neighbour at cosine >= :data:`EXACT_COSINE` of the same size. Each group gets a
+representative (its first member, or its most central one) and each member its cosine to
+that representative.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hashlib
 import io
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,10 @@ from diffmem.index.build import build_index
 log = logging.getLogger(__name__)
 REPRESENTATIVES = ("central", "first")
 QUERY_BATCH = 4096  # queries per range_search call (bounds one batch's pairs)
+#: pixel-identical images are this close or closer: 1 up to rounding when the embed decodes them
+#: alike (the float path; the ONNX path below its JPEG draft size), >= 0.998 when it decodes
+#: only one JPEG at reduced size (``DRAFT_MARGIN`` in :mod:`diffmem.data.decode`)
+EXACT_COSINE = 0.99
 
 
 def check_threshold(threshold: float) -> float:
@@ -68,7 +73,7 @@ def _size_key(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(read_member(*member)) if member else path) as im:
             return min(im.size), max(im.size)
-    except (OSError, SyntaxError, ValueError, DataError):
+    except (OSError, SyntaxError, ValueError, DataError, Image.DecompressionBombError):
         return None
 
 
@@ -87,7 +92,7 @@ def pixel_hashes(root: Path, files: Iterable[str], max_pixels: int = MAX_PIXELS)
         digest = hashlib.sha256(np.asarray(img.shape, np.int64).tobytes())
         digest.update(img)
         out[i] = digest.hexdigest()[:32]
-    log.info("exact pass: %d of %d images share a size with another; their pixels hashed", len(decode), len(files))
+    log.info("pixel hashes: %d of %d images share a size with another and were decoded", len(decode), len(files))
     return out
 
 
@@ -116,14 +121,14 @@ def merge_components(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.nda
 
 def range_pairs(
     index, x: np.ndarray, threshold: float, batch_size: int = QUERY_BATCH
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per query batch, the pairs ``(i, j)``, ``i != j``, of rows of ``x`` (the vectors in
-    ``index``, in order) whose inner product is at least ``threshold``."""
-    for s in range(0, len(x), batch_size):
-        lims, _, ids = index.range_search(np.ascontiguousarray(x[s : s + batch_size]), threshold)
-        rows = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))
+    ``index``, in order) whose inner product ``s`` is at least ``threshold``: ``(i, j, s)``."""
+    for start in range(0, len(x), batch_size):
+        lims, sims, ids = index.range_search(np.ascontiguousarray(x[start : start + batch_size]), threshold)
+        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64))
         keep = rows != ids
-        yield rows[keep], ids[keep]
+        yield rows[keep], ids[keep], sims[keep]
 
 
 def components(
@@ -134,16 +139,24 @@ def components(
     train_sample: int | None = None,
     seed: int = 0,
     batch_size: int = QUERY_BATCH,
-) -> np.ndarray:
+    close_at: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The connected components of the graph joining rows of ``x`` (L2-normalised) whose cosine
-    is at least ``threshold``; each row labelled by the lowest row of its component. With an
-    approximate ``factory`` (IVF) a pair is found when either end finds the other."""
+    is at least ``threshold``, each row labelled by the lowest row of its component; and which
+    rows have another at cosine ``close_at`` or more (none when None; one search serves both).
+    With an approximate ``factory`` (IVF) a pair is found when either end finds the other."""
     check_threshold(threshold)
     index = build_index(x, factory, "ip", train_sample=train_sample, seed=seed, nprobe=nprobe, name="dedup vectors")
     labels = np.arange(len(x), dtype=np.int64)
-    for a, b in range_pairs(index, x, threshold, batch_size):
-        labels = merge_components(labels, a, b)
-    return labels
+    close = np.zeros(len(x), bool)
+    search_at = threshold if close_at is None else min(threshold, close_at)
+    for a, b, sim in range_pairs(index, x, search_at, batch_size):
+        if close_at is not None:
+            near = sim >= close_at
+            close[a[near]] = close[b[near]] = True
+        keep = sim >= threshold
+        labels = merge_components(labels, a[keep], b[keep])
+    return labels, close
 
 
 def representatives(
@@ -177,7 +190,7 @@ def representatives(
 def group_vectors(
     x: np.ndarray,
     threshold: float,
-    hashes: list[str | None] | None = None,
+    pixel_digests: Callable[[np.ndarray], Sequence[str | None]] | None = None,
     *,
     representative: str = "central",
     factory: str = "Flat",
@@ -186,21 +199,26 @@ def group_vectors(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Near-duplicate groups of the rows of ``x``: ``group`` (numbered by size, largest first,
-    then by first row), ``size``, ``representative`` (its row) and ``score`` (cosine to it), one row per row of
-    ``x``. With ``hashes`` (one per row, :func:`pixel_hashes`; None: no other row's) rows with the same hash join
-    first, only one vector of each goes through the range search, and ``exact`` says whether
-    a row is pixel-identical to its representative."""
-    if hashes is not None:
-        if len(hashes) != len(x):
-            raise DataError(f"{len(hashes)} pixel hashes for {len(x)} vectors")
-        codes, _ = pd.factorize(pd.Series(hashes))  # no hash (None): a class of its own
-        alone = codes < 0
-        codes[alone] = codes.max(initial=-1) + 1 + np.arange(alone.sum())
-        first = np.unique(codes, return_index=True)[1]  # by class: its first row
-        labels = first[components(x[first], threshold, factory, nprobe, train_sample, seed)[codes]]
-    else:
-        codes = None
-        labels = components(x, threshold, factory, nprobe, train_sample, seed)
+    then by first row), ``size``, ``representative`` (its row) and ``score`` (cosine to it), one
+    row per row of ``x``. With ``pixel_digests`` (rows -> one digest each, None for a row no
+    other can equal: :func:`pixel_hashes` of their files), asked only for the rows with a
+    neighbour at cosine >= :data:`EXACT_COSINE`, rows with the same digest join whatever the
+    threshold, and ``exact`` says whether a row is pixel-identical to its representative."""
+    labels, close = components(
+        x, threshold, factory, nprobe, train_sample, seed, close_at=None if pixel_digests is None else EXACT_COSINE
+    )
+    codes = None
+    if pixel_digests is not None:
+        rows = np.flatnonzero(close)
+        digests = list(pixel_digests(rows))
+        if len(digests) != len(rows):
+            raise DataError(f"{len(digests)} pixel digests for {len(rows)} rows")
+        cls, _ = pd.factorize(pd.Series(digests, dtype=object))  # no digest (None): -1
+        rows, cls = rows[cls >= 0], cls[cls >= 0]
+        first = rows[np.unique(cls, return_index=True)[1]]  # by class: its first row (rows ascend)
+        labels = merge_components(labels, rows, first[cls])
+        codes = np.arange(len(x))  # a row is its own class unless it shares a digest
+        codes[rows] = first[cls]
     rep, score = representatives(x, labels, representative)
     df = pd.DataFrame({"label": labels, "representative": rep, "score": score})
     df["size"] = df.groupby("label")["label"].transform("size")
