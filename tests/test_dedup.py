@@ -166,6 +166,18 @@ def test_components_and_representatives():
     """Chains join transitively; the central member represents its group."""
     labels = merge_components(np.arange(6), np.array([0, 3]), np.array([2, 2]))
     assert labels.tolist() == [0, 1, 0, 0, 4, 5]
+    # random pairs merged batch by batch: scipy's components, each labelled by its lowest row
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(0)
+    n, a, b = 2000, rng.integers(0, 2000, 1500), rng.integers(0, 2000, 1500)
+    labels = np.arange(n)
+    for s in range(0, len(a), 100):
+        labels = merge_components(labels, a[s : s + 100], b[s : s + 100])
+    comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
+    lowest = pd.Series(np.arange(n)).groupby(comp).transform("min").to_numpy()
+    assert np.array_equal(labels, lowest) and len(np.unique(labels)) < n - 1000
     x = np.eye(4, dtype=np.float32)[[0, 0, 0, 1]] + np.array(
         [[0, 0.3, 0, 0], [0, 0, 0.3, 0], [0, 0, 0, 0], [0, 0, 0, 0]], np.float32
     )

@@ -98,24 +98,26 @@ def pixel_hashes(root: Path, files: Iterable[str], max_pixels: int = MAX_PIXELS)
 
 def merge_components(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``labels`` (each row's component, labelled by its lowest row) after joining rows ``a[i]``
-    and ``b[i]``: the components the new pairs touch are merged (scipy's connected components
-    on their labels) and every row relabelled in one pass."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    and ``b[i]``: the components the new pairs touch are merged (minimum-label propagation
+    with pointer jumping on their labels, in numpy) and every row relabelled in one pass."""
     la, lb = labels[a], labels[b]
     keep = la != lb
     if not keep.any():
         return labels
-    la, lb = la[keep], lb[keep]
-    nodes, inv = np.unique(np.concatenate([la, lb]), return_inverse=True)
-    m = len(nodes)
-    graph = coo_matrix((np.ones(len(la), np.int8), (inv[: len(la)], inv[len(la) :])), shape=(m, m))
-    _, comp = connected_components(graph, directed=False)
-    low = np.full(comp.max() + 1, len(labels), dtype=labels.dtype)
-    np.minimum.at(low, comp, nodes)
+    nodes, inv = np.unique(np.concatenate([la[keep], lb[keep]]), return_inverse=True)
+    u, v = inv[: keep.sum()], inv[keep.sum() :]
+    comp = np.arange(len(nodes))  # per node: a node of its component, lowest at the fixed point
+    while True:
+        low = np.minimum(comp[u], comp[v])
+        new = comp.copy()
+        for end in (u, v, comp[u], comp[v]):  # each end and its current label take the pair's lowest
+            np.minimum.at(new, end, low)
+        new = new[new]
+        if np.array_equal(new, comp):
+            break
+        comp = new
     remap = np.arange(len(labels), dtype=labels.dtype)
-    remap[nodes] = low[comp]
+    remap[nodes] = nodes[comp]
     return remap[labels]
 
 
