@@ -8,13 +8,17 @@ everything). Each configuration runs :func:`diffmem.index.dedup.group_vectors` i
 process, so its peak RSS (``ru_maxrss``) is its own; the vectors are generated in that
 process in chunks (``n x dim x 4`` bytes of them count in the peak).
 
-- exact (``Flat``) and IVF on ``--n-exact`` vectors: time, peak RSS, the share of planted
-  clusters recovered exactly (one group, no intruder) and the recall / precision of the
-  planted pairs;
-- IVF on ``--n`` vectors (default 1M): the same figures.
+- exact (``Flat``) and each ``--ivf`` configuration (``FACTORY:NPROBE``) on ``--n-exact``
+  vectors: time, peak RSS, the share of planted clusters recovered exactly (one group, no
+  intruder) and the recall / precision of the planted pairs (recall at a given nlist and
+  nprobe is the chance that a pair's ends fall in cells one of them probes; while the planted
+  clusters are about as many as the cells, k-means gives each its own and IVF looks perfect:
+  measure recall at scale, or with ``--sweep``);
+- ``--scale-ivf`` on ``--n`` vectors (default 1M; 0 skips it): the same figures; or, with
+  ``--sweep``, that index searched at several nprobe by the planted vectors alone (:func:`sweep`).
 
-    python benchmarks/bench_dedup_groups.py                       # 1M vectors, ~5-10 min on 1 core
-    python benchmarks/bench_dedup_groups.py --n 100000 --n-exact 20000 --out /tmp/b.json
+    python benchmarks/bench_dedup_groups.py                       # 1M vectors at nprobe 8: ~20 CPU-min
+    python benchmarks/bench_dedup_groups.py --n-exact 0 --sweep 4 8 16 32  # recall per nprobe at 1M: ~12 CPU-min
 """
 
 from __future__ import annotations
@@ -33,12 +37,25 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--n", type=int, default=1_000_000, help="vectors of the IVF run at scale")
-    p.add_argument("--n-exact", type=int, default=50_000, help="vectors of the exact vs IVF comparison")
+    p.add_argument("--n-exact", type=int, default=50_000, help="vectors of the exact vs IVF comparison (0: none)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--cluster-share", type=float, default=0.1, help="share of the vectors in planted clusters")
     p.add_argument("--threshold", type=float, default=0.75)
-    p.add_argument("--ivf", default="IVF2048,Flat", help="FAISS factory of the approximate runs")
-    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument(
+        "--ivf",
+        nargs="+",
+        default=["IVF1024,Flat:4", "IVF1024,Flat:8"],
+        help="FACTORY:NPROBE of the approximate runs beside the exact one",
+    )
+    p.add_argument("--scale-ivf", default="IVF1024,Flat:8", help="FACTORY:NPROBE of the run on --n vectors")
+    p.add_argument(
+        "--sweep",
+        type=int,
+        nargs="*",
+        default=[],
+        help="instead of the full run on --n vectors: these nprobe values on --scale-ivf's index, queried by the "
+        "planted members alone (their recall is the full run's; its CPU extrapolated)",
+    )
     p.add_argument("--train-sample", type=int, default=100_000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -72,12 +89,40 @@ def planted(n: int, dim: int, cluster_share: float, seed: int):
     return x, label
 
 
+def score(group, truth) -> dict:
+    """Planted clusters against a grouping (any label per row): the share of clusters recovered
+    exactly (their members share one group and that group has no one else), and the recall and
+    precision of the within-cluster pairs."""
+    import numpy as np
+
+    group = np.unique(group, return_inverse=True)[1]
+    planted_rows = truth >= 0
+    by_cluster = {}
+    for g, t in zip(group[planted_rows], truth[planted_rows]):
+        by_cluster.setdefault(t, set()).add(g)
+    sizes = np.bincount(group)
+    csize = np.bincount(truth[planted_rows])
+    recovered = sum(len(gs) == 1 and sizes[next(iter(gs))] == csize[t] for t, gs in by_cluster.items())
+    # pairs: within-group pairs vs within-cluster pairs (from the sizes of groups and their overlaps)
+    pairs_pred = int((sizes * (sizes - 1) // 2).sum())
+    pairs_true = int((csize * (csize - 1) // 2).sum())
+    both = {}
+    for g, t in zip(group[planted_rows], truth[planted_rows]):
+        both[(g, t)] = both.get((g, t), 0) + 1
+    pairs_hit = sum(v * (v - 1) // 2 for v in both.values())
+    return {
+        "groups": int(len(sizes)),
+        "planted_clusters": int(len(csize)),
+        "clusters_recovered": round(recovered / len(csize), 4),
+        "pair_recall": round(pairs_hit / pairs_true, 4),
+        "pair_precision": round(pairs_hit / max(pairs_pred, 1), 4),
+    }
+
+
 def one(cfg: dict) -> dict:
     """Generate, group and score one configuration (in its own process)."""
     import resource
     import time
-
-    import numpy as np
 
     from diffmem.index import set_threads
     from diffmem.index.dedup import group_vectors
@@ -95,22 +140,6 @@ def one(cfg: dict) -> dict:
         seed=cfg["seed"],
     )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    group = df["group"].to_numpy()
-    planted_rows = truth >= 0
-    # a planted cluster is recovered when its members share one group and that group has no one else
-    by_cluster = {}
-    for g, t in zip(group[planted_rows], truth[planted_rows]):
-        by_cluster.setdefault(t, set()).add(g)
-    sizes = np.bincount(group)
-    csize = np.bincount(truth[planted_rows])
-    recovered = sum(len(gs) == 1 and sizes[next(iter(gs))] == csize[t] for t, gs in by_cluster.items())
-    # pairs: within-group pairs vs within-cluster pairs (from the sizes of groups and their overlaps)
-    pairs_pred = int((sizes * (sizes - 1) // 2).sum())
-    pairs_true = int((csize * (csize - 1) // 2).sum())
-    both = {}
-    for g, t in zip(group[planted_rows], truth[planted_rows]):
-        both[(g, t)] = both.get((g, t), 0) + 1
-    pairs_hit = sum(v * (v - 1) // 2 for v in both.values())
     return {
         **cfg,
         "seconds": round(wall, 1),
@@ -118,11 +147,56 @@ def one(cfg: dict) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "rss_after_vectors_mb": round(rss_data),
         "vectors_mb": round(x.nbytes / 2**20),
-        "groups": int(len(sizes)),
-        "planted_clusters": int(len(csize)),
-        "clusters_recovered": round(recovered / len(csize), 4),
-        "pair_recall": round(pairs_hit / pairs_true, 4),
-        "pair_precision": round(pairs_hit / max(pairs_pred, 1), 4),
+        **score(df["group"].to_numpy(), truth),
+    }
+
+
+def sweep(cfg: dict) -> dict:
+    """One IVF index on ``n`` vectors, searched at each of ``nprobes`` by the planted clusters'
+    members alone: every planted pair has both ends among them, so the pair recall is the full
+    run's at a tenth of its queries (random vectors never reach the threshold with anything:
+    precision 1.0 in every full run). The full run's CPU is extrapolated: the index's build plus
+    ``n`` times the measured CPU per query."""
+    import resource
+    import time
+
+    import numpy as np
+
+    from diffmem.index import set_threads
+    from diffmem.index.build import build_index, set_search_params
+    from diffmem.index.dedup import QUERY_BATCH, merge_components
+
+    set_threads(cfg["threads"])
+    x, truth = planted(cfg["n"], cfg["dim"], cfg["cluster_share"], cfg["seed"])
+    c0 = time.process_time()
+    index = build_index(x, cfg["factory"], "ip", train_sample=cfg["train_sample"], seed=cfg["seed"])
+    build = time.process_time() - c0
+    queries = np.flatnonzero(truth >= 0)
+    out = []
+    for nprobe in cfg["nprobes"]:
+        set_search_params(index, nprobe, None)
+        labels = np.arange(len(x))
+        c0 = time.process_time()
+        for s in range(0, len(queries), QUERY_BATCH):
+            q = queries[s : s + QUERY_BATCH]
+            lims, _, ids = index.range_search(x[q], cfg["threshold"])
+            a = np.repeat(q, np.diff(lims).astype(np.int64))
+            labels = merge_components(labels, a[a != ids], ids[a != ids])
+        per_query = (time.process_time() - c0) / len(queries)
+        out.append(
+            {
+                "nprobe": nprobe,
+                "cpu_ms_per_query": round(per_query * 1000, 3),
+                "full_run_cpu_s_extrapolated": round(build + per_query * len(x)),
+                **score(labels, truth),
+            }
+        )
+    return {
+        **cfg,
+        "build_cpu_seconds": round(build, 1),
+        "queries": len(queries),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "sweep": out,
     }
 
 
@@ -143,6 +217,12 @@ def run_one(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def ivf(spec: str, train_sample: int) -> dict:
+    """``FACTORY:NPROBE`` -> the configuration's keys."""
+    factory, _, nprobe = spec.rpartition(":")
+    return {"factory": factory, "nprobe": int(nprobe), "train_sample": train_sample}
+
+
 def main(args) -> dict:
     base = {
         "dim": args.dim,
@@ -151,12 +231,15 @@ def main(args) -> dict:
         "threads": args.threads,
         "seed": args.seed,
     }
-    ivf = {"factory": args.ivf, "nprobe": args.nprobe, "train_sample": args.train_sample}
-    runs = [
-        {**base, "n": args.n_exact, "factory": "Flat"},
-        {**base, "n": args.n_exact, **ivf},
-        {**base, "n": args.n, **ivf},
-    ]
+    runs = []
+    if args.n_exact:
+        runs.append({**base, "n": args.n_exact, "factory": "Flat"})
+        runs += [{**base, "n": args.n_exact, **ivf(spec, args.train_sample)} for spec in args.ivf]
+    if args.n and args.sweep:
+        factory = ivf(args.scale_ivf, args.train_sample)["factory"]
+        runs.append({**base, "n": args.n, "factory": factory, "train_sample": args.train_sample, "nprobes": args.sweep})
+    elif args.n:
+        runs.append({**base, "n": args.n, **ivf(args.scale_ivf, args.train_sample)})
     results = []
     for cfg in runs:
         res = run_one(cfg)
@@ -171,6 +254,7 @@ def main(args) -> dict:
 if __name__ == "__main__":
     ARGS = parse_args()
     if ARGS.one:
-        print(json.dumps(one(json.loads(ARGS.one))))
+        CFG = json.loads(ARGS.one)
+        print(json.dumps(sweep(CFG) if "nprobes" in CFG else one(CFG)))
     else:
         main(ARGS)

@@ -2,8 +2,9 @@
 
 Embeds a dataset through the embed stage (in ``<run_dir>/embed``, resumable as every embed
 run), or reads an existing embed run (``embed_dir``: its recorded ``data`` is reloaded for
-the rows, files and captions), then groups its images (:mod:`diffmem.index.dedup`: optional
-exact pixel hashes, FAISS range search, connected components above ``threshold``). Writes
+the rows, files and captions), then groups its images (:mod:`diffmem.index.dedup`: FAISS range
+search, connected components above ``threshold``, optional exact pixel hashes of the images
+that could be pixel-identical to another, kept in ``hashes.parquet``). Writes
 ``groups.parquet`` (one row per dataset row: ``group_id``, ``group_size``, ``item_id``,
 ``file``, ``score`` = cosine to the group's representative, ``is_representative``, ``exact``),
 ``dedup_manifest.parquet`` (the representative row of every group, with the dataset's
@@ -17,9 +18,11 @@ and the images' headers are checked before anything is embedded or written.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -84,28 +87,43 @@ def prepare(cfg: DictConfig) -> tuple[Path, pd.DataFrame, DictConfig]:
     return root, rows, data
 
 
+def _pixel_digests(path: Path, root: Path, files: np.ndarray, max_pixels: int) -> Callable[[np.ndarray], list]:
+    """Rows -> :func:`pixel_hashes` of their ``files``, kept in ``path`` (``file``, ``hash``) so a
+    resumed run does not decode them again."""
+
+    def digests(rows: np.ndarray) -> list:
+        names = files[rows].tolist()
+
+        def read(p: Path) -> list:
+            stored = read_parquet(p).set_index("file")["hash"]
+            return [stored[f] for f in names]  # a table of other files: a KeyError, so recomputed
+
+        def make() -> None:
+            table = pd.DataFrame({"file": names, "hash": pixel_hashes(root, names, max_pixels)}, dtype=object)
+            write_parquet(path, table)
+
+        return resumed(path, read, make)
+
+    return digests
+
+
 def body(job: Job) -> Outcome:
     cfg, run_dir, (root, rows, data) = job.cfg, job.dir, job.ctx
     embed_dir = Path(cfg.embed_dir) if cfg.embed_dir else embed.run(_embed_cfg(cfg, run_dir / "embed"))
     store = FeatureStore(embed_dir)
     x, items, info = store.load()
-    hashes = None
-    if cfg.exact_hash:
-        max_pixels = data.get("max_pixels", MAX_PIXELS)
-        hashes = resumed(
-            run_dir / "hashes.parquet",
-            lambda p: read_parquet(p)["hash"].tolist(),
-            lambda: write_parquet(
-                run_dir / "hashes.parquet",
-                pd.DataFrame({"file": items["file"], "hash": pixel_hashes(root, items["file"], max_pixels)}),
-            ),
-        )
     set_threads(cfg.get("threads"))
     ix = cfg.index
     grouped = group_vectors(
         x,
         cfg.threshold,
-        hashes,
+        (
+            _pixel_digests(
+                run_dir / "hashes.parquet", root, items["file"].to_numpy(), data.get("max_pixels", MAX_PIXELS)
+            )
+            if cfg.exact_hash
+            else None
+        ),
         representative=cfg.representative,
         factory=ix.factory,
         nprobe=ix.nprobe,

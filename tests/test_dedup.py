@@ -11,7 +11,8 @@ from PIL import Image
 
 import diffmem
 from diffmem.errors import ConfigError, DataError
-from diffmem.index.dedup import group_vectors, merge_components
+from diffmem.index import dedup as dedup_lib
+from diffmem.index.dedup import group_vectors, merge_components, pixel_hashes
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "coins", "camera")
 EDITS = ("crop", "resize", "jpeg")
@@ -130,10 +131,53 @@ def test_exact_hash_joins_pixel_identical_files(tmp_path):
     assert groups.loc["a_copy.bmp", "exact"] and groups["group_size"].tolist().count(2) == 2
 
 
+def test_pixel_hashes_decode_only_images_of_shared_sizes(tmp_path, monkeypatch):
+    """Only images whose size (either orientation) another image has are decoded and hashed;
+    an image of a size of its own gets None, a class of its own in the groups."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(2))
+    c, e = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pictures = {"a.png": a, "a.bmp": a, "b.png": b, "c.png": c, "c_t.png": c.transpose(1, 0, 2), "e.png": e}
+    for file, arr in pictures.items():
+        Image.fromarray(arr).save(tmp_path / file)
+    decoded = []
+    real = dedup_lib.load_image
+    monkeypatch.setattr(dedup_lib, "load_image", lambda path, **kw: decoded.append(Path(path).name) or real(path, **kw))
+    h = dict(zip(pictures, pixel_hashes(tmp_path, list(pictures))))
+    assert decoded == ["a.png", "a.bmp", "b.png", "c.png", "c_t.png"]
+    assert h["a.png"] == h["a.bmp"] != h["b.png"] and None not in (h["c.png"], h["c_t.png"])
+    assert h["c.png"] != h["c_t.png"] and h["e.png"] is None
+    # digests are asked for the rows with a neighbour at cosine >= 0.99 only; a shared digest
+    # joins rows whatever the threshold, a missing one (None) joins nothing
+    x = np.eye(4, dtype=np.float32)[[0, 0, 1, 1, 2, 2, 3]]
+    x[1, 3] = x[3, 3] = x[5, 3] = 0.1  # rows 1, 3, 5 at cosine 0.995 to rows 0, 2, 4
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    asked = []
+    digests = {0: "h", 1: "h", 2: "g", 3: None, 4: "f", 5: "f2"}
+    df = group_vectors(x, 0.999, lambda rows: asked.extend(rows) or [digests[r] for r in rows])
+    assert sorted(asked) == [0, 1, 2, 3, 4, 5]
+    assert df["group"].tolist() == [0, 0, 1, 2, 3, 4, 5] and df["exact"].all()
+    df = group_vectors(x, 0.9, lambda rows: [digests[r] for r in rows])  # near pairs, one of them exact
+    assert df["group"].tolist() == [0, 0, 1, 1, 2, 2, 3]
+    assert df["exact"][:2].all() and df["exact"][2:6].sum() == 2 and df["exact"][6]
+
+
 def test_components_and_representatives():
     """Chains join transitively; the central member represents its group."""
     labels = merge_components(np.arange(6), np.array([0, 3]), np.array([2, 2]))
     assert labels.tolist() == [0, 1, 0, 0, 4, 5]
+    # random pairs merged batch by batch: scipy's components, each labelled by its lowest row
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rng = np.random.default_rng(0)
+    n, a, b = 2000, rng.integers(0, 2000, 1500), rng.integers(0, 2000, 1500)
+    labels = np.arange(n)
+    for s in range(0, len(a), 100):
+        labels = merge_components(labels, a[s : s + 100], b[s : s + 100])
+    comp = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)[1]
+    lowest = pd.Series(np.arange(n)).groupby(comp).transform("min").to_numpy()
+    assert np.array_equal(labels, lowest) and len(np.unique(labels)) < n - 1000
     x = np.eye(4, dtype=np.float32)[[0, 0, 0, 1]] + np.array(
         [[0, 0.3, 0, 0], [0, 0, 0.3, 0], [0, 0, 0, 0], [0, 0, 0, 0]], np.float32
     )

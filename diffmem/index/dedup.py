@@ -1,20 +1,24 @@
 """Near-duplicate groups within one image set (the library behind ``diffmem dedup``).
 
-An optional exact pass first joins images whose decoded pixels are identical (a digest of
-the RGB array, so a PNG and its lossless re-encoding join, a re-saved JPEG does not). One
-vector per such class then goes through a FAISS range search (inner product on
-L2-normalised descriptors: cosine), exact by default or IVF at scale, in query batches: the
-pairs above the threshold of each batch are merged into a running component labelling
-at once, so memory stays bounded by the index, the labels and one batch's pairs, however
-many pairs there are. Each group gets a representative (its first member, or its most
-central one) and each member its cosine to that representative.
+Every vector goes through a FAISS range search (inner product on L2-normalised descriptors:
+cosine), exact by default or IVF at scale, in query batches: the pairs above the threshold
+of each batch are merged into a running component labelling at once, so memory stays
+bounded by the index, the labels and one batch's pairs, however many pairs there are. An
+optional exact pass then joins images whose decoded pixels are identical (a digest of the
+RGB array, so a PNG and its lossless re-encoding join, a re-saved JPEG does not), even above
+the threshold; only images that could be pixel-identical to another are decoded for it: a
+neighbour at cosine >= :data:`EXACT_COSINE` of the same size. Each group gets a
+representative (its first member, or its most central one) and each member its cosine to
+that representative.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from diffmem.data.datasets import MAX_PIXELS, load_image
-from diffmem.data.webdataset import tar_member
+from diffmem.data.webdataset import read_member, tar_member
 from diffmem.errors import ConfigError, DataError
 from diffmem.index.build import build_index
 
@@ -32,6 +36,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 REPRESENTATIVES = ("central", "first")
 QUERY_BATCH = 4096  # queries per range_search call (bounds one batch's pairs)
+#: pixel-identical images are this close or closer: 1 up to rounding when the embed decodes them
+#: alike (the float path; the ONNX path below its JPEG draft size), >= 0.998 when it decodes
+#: only one JPEG at reduced size (``DRAFT_MARGIN`` in :mod:`diffmem.data.decode`)
+EXACT_COSINE = 0.99
 
 
 def check_threshold(threshold: float) -> float:
@@ -60,49 +68,73 @@ def check_images(root: Path, files: Iterable[str]) -> None:
             raise DataError(f"{path}: corrupt or unreadable image (not a format PIL can identify)") from err
 
 
-def pixel_hashes(root: Path, files: Iterable[str], max_pixels: int = MAX_PIXELS) -> list[str]:
+def _size_key(path: Path) -> tuple[int, int] | None:
+    """The image's size from its header alone, in either orientation (EXIF may swap it), or
+    None when the header cannot be read (the decode then names the problem)."""
+    from PIL import Image
+
+    member = tar_member(path)
+    try:
+        with Image.open(io.BytesIO(read_member(*member)) if member else path) as im:
+            return min(im.size), max(im.size)
+    except (OSError, SyntaxError, ValueError, DataError, Image.DecompressionBombError):
+        return None
+
+
+def pixel_hashes(root: Path, files: Iterable[str], max_pixels: int = MAX_PIXELS) -> list[str | None]:
     """A digest of each image's decoded RGB pixels and shape (identical pictures, whatever their
-    file or lossless encoding, share it)."""
-    out = []
-    for file in files:
-        img = load_image(Path(root) / file, max_pixels=max_pixels)
-        out.append(hashlib.blake2b(np.asarray(img.shape).tobytes() + img.tobytes(), digest_size=16).hexdigest())
+    file or lossless encoding, share it), or None for an image whose size no other image has
+    (so no other can be pixel-identical to it): only images of shared sizes, read from the
+    headers, are decoded."""
+    paths = [Path(root) / f for f in files]
+    keys = [_size_key(f) for f in paths]
+    shared = Counter(keys)
+    decode = [i for i, k in enumerate(keys) if k is None or shared[k] > 1]  # None: an unread header
+    out: list[str | None] = [None] * len(paths)
+    for i in decode:
+        img = load_image(paths[i], max_pixels=max_pixels)
+        digest = hashlib.sha256(np.asarray(img.shape, np.int64).tobytes())
+        digest.update(img.tobytes())  # C order: the bytes of the contiguous array
+        out[i] = digest.hexdigest()[:32]
+    log.info("pixel hashes: %d of %d images share a size with another and were decoded", len(decode), len(paths))
     return out
 
 
 def merge_components(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``labels`` (each row's component, labelled by its lowest row) after joining rows ``a[i]``
-    and ``b[i]``: the components the new pairs touch are merged (scipy's connected components
-    on their labels) and every row relabelled in one pass."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
+    and ``b[i]``: the components the new pairs touch are merged (minimum-label propagation
+    with pointer jumping on their labels, in numpy) and every row relabelled in one pass."""
     la, lb = labels[a], labels[b]
     keep = la != lb
     if not keep.any():
         return labels
-    la, lb = la[keep], lb[keep]
-    nodes, inv = np.unique(np.concatenate([la, lb]), return_inverse=True)
-    m = len(nodes)
-    graph = coo_matrix((np.ones(len(la), np.int8), (inv[: len(la)], inv[len(la) :])), shape=(m, m))
-    _, comp = connected_components(graph, directed=False)
-    low = np.full(comp.max() + 1, len(labels), dtype=labels.dtype)
-    np.minimum.at(low, comp, nodes)
+    nodes, inv = np.unique(np.concatenate([la[keep], lb[keep]]), return_inverse=True)
+    u, v = inv[: keep.sum()], inv[keep.sum() :]
+    comp = np.arange(len(nodes))  # per node: a node of its component, lowest at the fixed point
+    while True:
+        low = np.minimum(comp[u], comp[v])
+        new = comp.copy()
+        for end in (u, v, comp[u], comp[v]):  # each end and its current label take the pair's lowest
+            np.minimum.at(new, end, low)
+        new = new[new]
+        if np.array_equal(new, comp):
+            break
+        comp = new
     remap = np.arange(len(labels), dtype=labels.dtype)
-    remap[nodes] = low[comp]
+    remap[nodes] = nodes[comp]
     return remap[labels]
 
 
 def range_pairs(
     index: faiss.Index, x: np.ndarray, threshold: float, batch_size: int = QUERY_BATCH
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per query batch, the pairs ``(i, j)``, ``i != j``, of rows of ``x`` (the vectors in
-    ``index``, in order) whose inner product is at least ``threshold``."""
-    for s in range(0, len(x), batch_size):
-        lims, _, ids = index.range_search(np.ascontiguousarray(x[s : s + batch_size]), threshold)
-        rows = np.repeat(np.arange(s, s + len(lims) - 1), np.diff(lims).astype(np.int64))
+    ``index``, in order) whose inner product ``s`` is at least ``threshold``: ``(i, j, s)``."""
+    for start in range(0, len(x), batch_size):
+        lims, sims, ids = index.range_search(np.ascontiguousarray(x[start : start + batch_size]), threshold)
+        rows = np.repeat(np.arange(start, start + len(lims) - 1), np.diff(lims).astype(np.int64))
         keep = rows != ids
-        yield rows[keep], ids[keep]
+        yield rows[keep], ids[keep], sims[keep]
 
 
 def components(
@@ -113,16 +145,24 @@ def components(
     train_sample: int | None = None,
     seed: int = 0,
     batch_size: int = QUERY_BATCH,
-) -> np.ndarray:
+    close_at: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The connected components of the graph joining rows of ``x`` (L2-normalised) whose cosine
-    is at least ``threshold``; each row labelled by the lowest row of its component. With an
-    approximate ``factory`` (IVF) a pair is found when either end finds the other."""
+    is at least ``threshold``, each row labelled by the lowest row of its component; and which
+    rows have another at cosine ``close_at`` or more (none when None; one search serves both).
+    With an approximate ``factory`` (IVF) a pair is found when either end finds the other."""
     check_threshold(threshold)
     index = build_index(x, factory, "ip", train_sample=train_sample, seed=seed, nprobe=nprobe, name="dedup vectors")
     labels = np.arange(len(x), dtype=np.int64)
-    for a, b in range_pairs(index, x, threshold, batch_size):
-        labels = merge_components(labels, a, b)
-    return labels
+    close = np.zeros(len(x), bool)
+    search_at = threshold if close_at is None else min(threshold, close_at)
+    for a, b, sim in range_pairs(index, x, search_at, batch_size):
+        if close_at is not None:
+            near = sim >= close_at
+            close[a[near]] = close[b[near]] = True
+        keep = sim >= threshold
+        labels = merge_components(labels, a[keep], b[keep])
+    return labels, close
 
 
 def representatives(
@@ -156,7 +196,7 @@ def representatives(
 def group_vectors(
     x: np.ndarray,
     threshold: float,
-    hashes: list[str] | None = None,
+    pixel_digests: Callable[[np.ndarray], Sequence[str | None]] | None = None,
     *,
     representative: str = "central",
     factory: str = "Flat",
@@ -165,19 +205,26 @@ def group_vectors(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Near-duplicate groups of the rows of ``x``: ``group`` (numbered by size, largest first,
-    then by first row), ``size``, ``representative`` (its row) and ``score`` (cosine to it), one row per row of
-    ``x``. With ``hashes`` (one per row, :func:`pixel_hashes`) rows with the same hash join
-    first, only one vector of each goes through the range search, and ``exact`` says whether
-    a row is pixel-identical to its representative."""
-    if hashes is not None:
-        if len(hashes) != len(x):
-            raise DataError(f"{len(hashes)} pixel hashes for {len(x)} vectors")
-        codes, _ = pd.factorize(pd.Series(hashes))
-        first = np.unique(codes, return_index=True)[1]  # by class: its first row
-        labels = first[components(x[first], threshold, factory, nprobe, train_sample, seed)[codes]]
-    else:
-        codes = None
-        labels = components(x, threshold, factory, nprobe, train_sample, seed)
+    then by first row), ``size``, ``representative`` (its row) and ``score`` (cosine to it), one
+    row per row of ``x``. With ``pixel_digests`` (rows -> one digest each, None for a row no
+    other can equal: :func:`pixel_hashes` of their files), asked only for the rows with a
+    neighbour at cosine >= :data:`EXACT_COSINE`, rows with the same digest join whatever the
+    threshold, and ``exact`` says whether a row is pixel-identical to its representative."""
+    labels, close = components(
+        x, threshold, factory, nprobe, train_sample, seed, close_at=None if pixel_digests is None else EXACT_COSINE
+    )
+    codes = None
+    if pixel_digests is not None:
+        rows = np.flatnonzero(close)
+        digests = list(pixel_digests(rows))
+        if len(digests) != len(rows):
+            raise DataError(f"{len(digests)} pixel digests for {len(rows)} rows")
+        cls, _ = pd.factorize(pd.Series(digests, dtype=object))  # no digest (None): -1
+        rows, cls = rows[cls >= 0], cls[cls >= 0]
+        first = rows[np.unique(cls, return_index=True)[1]]  # by class: its first row (rows ascend)
+        labels = merge_components(labels, rows, first[cls])
+        codes = np.arange(len(x))  # a row is its own class unless it shares a digest
+        codes[rows] = first[cls]
     rep, score = representatives(x, labels, representative)
     df = pd.DataFrame({"label": labels, "representative": rep, "score": score})
     df["size"] = df.groupby("label")["label"].transform("size")
