@@ -166,6 +166,7 @@ def _tile(file: Any, size: int) -> Image.Image:
     if file is None or (isinstance(file, float) and math.isnan(file)) or not Path(file).is_file():
         return Image.new("RGB", (size, size), (200, 200, 200))
     with Image.open(file) as opened:
+        opened.draft("RGB", (size, size))  # a JPEG decodes at the smallest scale still >= size
         img = opened.convert("RGB")
     scale = size / max(img.size)
     new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
