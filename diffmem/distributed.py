@@ -16,6 +16,7 @@ or the identity.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as _dt
 import logging
@@ -219,7 +220,19 @@ def init() -> bool:
             raise RankError(
                 f"rank {r.rank} of {r.world_size}: cannot join the job's process group ({str(err).splitlines()[0]})"
             ) from err
+        atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    """Destroy the process groups before the interpreter tears down (their worker threads
+    otherwise end in ``std::terminate`` at exit, a rank's non-zero status after its work is done)."""
+    import torch.distributed as dist
+
+    global _barrier_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _barrier_group = None
 
 
 def _gloo_group() -> ProcessGroup | None:
