@@ -114,16 +114,14 @@ def body(job: Job) -> Outcome:
     x, items, info = store.load()
     set_threads(cfg.get("threads"))
     ix = cfg.index
+    digests = None
+    if cfg.exact_hash:
+        files = items["file"].to_numpy()
+        digests = _pixel_digests(run_dir / "hashes.parquet", root, files, data.get("max_pixels", MAX_PIXELS))
     grouped = group_vectors(
         x,
         cfg.threshold,
-        (
-            _pixel_digests(
-                run_dir / "hashes.parquet", root, items["file"].to_numpy(), data.get("max_pixels", MAX_PIXELS)
-            )
-            if cfg.exact_hash
-            else None
-        ),
+        digests,
         representative=cfg.representative,
         factory=ix.factory,
         nprobe=ix.nprobe,

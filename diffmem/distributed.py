@@ -370,18 +370,6 @@ def share(obj: Any = None) -> Any:
     return box[0]
 
 
-def gather(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` as a list on rank 0 (rank order), None on the others; ``[obj]``
-    for one process."""
-    if not init():
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * world_size() if is_main() else None
-    _collective("gather", lambda: dist.gather_object(obj, out, dst=0, group=_gloo_group()))
-    return out
-
-
 def summary(items: Callable[[int, int], int]) -> dict[str, Any]:
     """What ``info.json`` records of the job's data parallelism: the world size and each rank's
     item count (``items(rank, world)``)."""

@@ -47,7 +47,7 @@ def test_one_process_is_rank_0_of_1(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     assert dist.ranks() == dist.Ranks(0, 1, 0) and dist.is_main() and not dist.init()
     dist.barrier("nothing to wait for")
-    assert dist.gather({"a": 1}) == [{"a": 1}]
+    assert dist.all_gather({"a": 1}) == [{"a": 1}]
 
 
 def test_submitit_tasks_become_torch_ranks(monkeypatch):

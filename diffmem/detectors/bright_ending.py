@@ -69,9 +69,8 @@ class BrightEnding(Detector):
         maps: dict[str, torch.Tensor] = {}
         diffs = {}
 
-        def sink(
-            name: str, probs: torch.Tensor
-        ) -> None:  # keep only the latest step's end-token maps (the last one is used)
+        def sink(name: str, probs: torch.Tensor) -> None:
+            """Keep only the latest step's end-token maps (the last one is used)."""
             maps[name] = token_map(probs[-b:], end, size)
 
         with cross_attention(pipe.unet, sink):

@@ -1012,14 +1012,9 @@ def _(tmp, pipe):
     )
 
 
-@case("probe-target-file-leads-out", DataError)
-def _(tmp, pipe):
-    """A prompt list's ``target_file`` is a path under data.root: ``../`` is refused as manifest rows are."""
-    root = _folder(tmp)
-    Image.fromarray(_rgb(5)).save(tmp / "outside.png")
-    (tmp / "p.jsonl").write_text('{"caption": "a cat", "target_file": "../outside.png"}\n{"caption": "a dog"}\n')
-    run = tmp / "run"
-    args = [
+def _probe_prompt_file(tmp: Path, pipe, root: Path, run: Path) -> list[str]:
+    """A probe of ``tmp/p.jsonl`` (memorised prompts) on the folder ``root``, into ``run``."""
+    return [
         "model=local",
         f"model.path={pipe()}",
         "data=folder",
@@ -1030,6 +1025,16 @@ def _(tmp, pipe):
         "prompts.label=positive",
         f"run_dir={run}",
     ]
+
+
+@case("probe-target-file-leads-out", DataError)
+def _(tmp, pipe):
+    """A prompt list's ``target_file`` is a path under data.root: ``../`` is refused as manifest rows are."""
+    root = _folder(tmp)
+    Image.fromarray(_rgb(5)).save(tmp / "outside.png")
+    (tmp / "p.jsonl").write_text('{"caption": "a cat", "target_file": "../outside.png"}\n{"caption": "a dog"}\n')
+    run = tmp / "run"
+    args = _probe_prompt_file(tmp, pipe, root, run)
     return dict(
         call=_run("probe", args),
         run_dir=run,
@@ -1048,17 +1053,7 @@ def _(tmp, pipe):
     Image.fromarray(_rgb(5)).save(tmp / "outside.png")
     (tmp / "p.jsonl").write_text(f'{{"caption": "a cat", "target_file": "{tmp / "outside.png"}"}}\n')
     run = tmp / "run"
-    args = [
-        "model=local",
-        f"model.path={pipe()}",
-        "data=folder",
-        f"data.root={root}",
-        "data.manifest=m.csv",
-        "prompts=file",
-        f"prompts.path={tmp / 'p.jsonl'}",
-        "prompts.label=positive",
-        f"run_dir={run}",
-    ]
+    args = _probe_prompt_file(tmp, pipe, root, run)
     return dict(call=_run("probe", args), run_dir=run, names=[f"target_file '{tmp / 'outside.png'}' is outside"])
 
 
