@@ -179,6 +179,15 @@ def _exit(stage: str, err: DiffmemError) -> NoReturn:
     sys.exit(2)
 
 
+def _discard_unclaimed(run_dir: Path, log_name: str) -> None:
+    """Remove the run dir Hydra made for a command refused before the runner claimed it (it
+    holds only Hydra's ``.hydra/`` and job log): a refused command leaves nothing behind."""
+    import shutil
+
+    if run_dir.is_dir() and all(p.name in (".hydra", log_name) for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], object]:
     """A Hydra ``main`` for ``stage``: sets ``run_dir`` from Hydra, checks the config against the
     stage's schema, turns user errors into one line."""
@@ -196,6 +205,7 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
             settle_precision(cfg)
             return fn(cfg)
         except DiffmemError as err:
+            _discard_unclaimed(Path(cfg.run_dir), f"{HydraConfig.get().job.name}.log")
             _exit(stage, err)
 
     def main() -> object:

@@ -65,7 +65,7 @@ def _rows(cfg: DictConfig) -> tuple[Path, pd.DataFrame, DictConfig]:
                 "dataset's images (embed it with source=dataset)"
             )
         data, split = OmegaConf.create(info["config"]["data"]), info["config"].get("split")
-    root, rows = load_dataset(data)
+    root, rows = load_dataset(data, captions=False)
     if split is not None:
         if "split" not in rows:
             raise ConfigError(f"split={split}: the dataset has no 'split' column")
@@ -143,6 +143,10 @@ def body(job: Job) -> Outcome:
         "rows_in_groups": int((groups["group_size"] > 1).sum()),
     }
     use = f"data=folder data.root={root.resolve()} data.manifest={manifest_path.resolve()}"
+    if (
+        "caption" not in kept or kept["caption"].isna().all()
+    ):  # a folder read without a manifest: a file list to caption first
+        use += " once it has a caption column"
     write_dedup_report(
         run_dir,
         groups.assign(

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 def dataset_items(data_cfg: DictConfig, split: str | None = None) -> tuple[Path, pd.DataFrame]:
     """Items of a dataset: one row per distinct image file (duplicates share a vector);
     ``attrs[NOT_SUCCESS]`` counts the rows img2dataset marked failed."""
-    root, manifest = load_dataset(data_cfg)
+    root, manifest = load_dataset(data_cfg, captions=False)
     not_success = manifest.attrs.get(NOT_SUCCESS, 0)
     if split is not None:
         if "split" not in manifest:

@@ -91,6 +91,40 @@ def test_folder_manifest_missing_caption_column(tmp_path):
         load_folder_manifest(tmp_path, "m.csv")
 
 
+def test_folder_without_manifest_lists_its_images(tmp_path):
+    """data=folder without a manifest: every image under root (nested, sorted; hidden files,
+    hidden folders and other files left out), uncaptioned; only for stages that need no captions."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from diffmem.data import load_dataset
+    from diffmem.errors import ConfigError
+
+    _folder(tmp_path, 2)
+    (tmp_path / "sub" / ".cache").mkdir(parents=True)
+    for name in ("sub/b.JPG", "sub/.c.png", "sub/.cache/d.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name, format="PNG")
+    (tmp_path / "captions.txt").write_text("not an image list")
+    cfg = OmegaConf.create({"kind": "folder", "root": str(tmp_path), "manifest": None})
+    root, df = load_dataset(cfg, captions=False)
+    assert df["file"].tolist() == ["0.png", "1.png", "sub/b.JPG"] and df["caption"].isna().all()
+    assert df["image_id"].is_unique and root == tmp_path
+    with pytest.raises(ConfigError, match=r"data.manifest is required.*embed and dedup"):
+        load_dataset(cfg)  # a stage that needs captions
+    outside = tmp_path.parent / f"{tmp_path.name}-out.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside)
+    os.symlink(outside, tmp_path / "link.png")
+    with pytest.raises(DataError, match="link.png"):  # leads outside root
+        load_dataset(cfg, captions=False)
+    empty = tmp_path / "sub" / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        load_dataset(OmegaConf.merge(cfg, {"root": str(empty)}), captions=False)
+    with pytest.raises(DataError, match="no such folder"):
+        load_dataset(OmegaConf.merge(cfg, {"root": str(tmp_path / "nope")}), captions=False)
+
+
 def test_corrupt_and_odd_images(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.raises(DataError, match="bad.png: corrupt or unreadable image"):

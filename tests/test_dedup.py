@@ -107,6 +107,20 @@ def test_edited_copies_group_with_their_originals(photo_folder):
     assert pd.read_parquet(again / "groups.parquet").equals(groups)
 
 
+def test_folder_without_manifest(photo_folder):
+    """A bare folder of photos (no captions file): every image file is grouped; the
+    deduplicated manifest lists one file per group, to caption before training on it."""
+    import json
+
+    run_dir = diffmem.run("dedup", ["data=folder", f"data.root={photo_folder}", "features=pixel", "threads=1"])
+    groups = pd.read_parquet(run_dir / "groups.parquet")
+    files = sorted(p.name for p in photo_folder.iterdir() if p.suffix in (".png", ".jpg"))
+    assert sorted(groups["file"]) == files  # the folder's images, each once (no captions.csv rows)
+    kept = pd.read_parquet(run_dir / "dedup_manifest.parquet")
+    assert len(kept) == groups["group_id"].nunique() and kept["caption"].isna().all()
+    assert json.loads((run_dir / "info.json").read_text())["use"].endswith("once it has a caption column")
+
+
 def test_exact_hash_joins_pixel_identical_files(tmp_path):
     """A PNG and its lossless re-encoding (BMP) share a hash; a different picture does not."""
     rng = np.random.default_rng(0)
@@ -229,6 +243,7 @@ def test_cli_errors_are_one_line(tmp_path):
         )
         assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
         assert res.stderr.startswith("diffmem dedup: error:")
+        assert not (tmp_path / "out").exists()  # Hydra's run dir of the refused command is gone
 
 
 def test_planted_clusters_recovered_exact_and_ivf():

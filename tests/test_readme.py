@@ -33,6 +33,7 @@ SHORT = [
     "{path: unmemorized_prompts.csv, label: negative}]' name=nemo",
     "diffmem detect prompts=file prompts.path=webster.parquet 'positives.memorised=[verbatim,template]' name=webster",
     "diffmem embed split=train part_size=256 name=train",
+    "diffmem dedup data=folder data.root=photos",
     "diffmem index mode=train name=big features_dir=outputs/embed/train \"index.factory='IVF16,Flat'\"",
     "diffmem index --multirun mode=add shard=0,1 num_shards=2 name=big features_dir=outputs/embed/train "
     "\"index.factory='IVF16,Flat'\"",
@@ -167,5 +168,6 @@ def test_short_readme_commands_run_as_written(tmp_path):
     assert json.loads((detect / "metrics.json").read_text())["ground_truth"]["n_pos"] == 3  # MV, RV and TV
     assert (tmp_path / "outputs" / "index" / "big" / "_SUCCESS").exists()
     assert (tmp_path / "outputs" / "audit" / "photos" / "report.html").exists()
+    assert len(pd.read_parquet(tmp_path / "outputs" / "dedup" / "sscd_distilled" / "groups.parquet")) == 6
     nemo = json.loads((tmp_path / "outputs" / "detect" / "nemo" / "metrics.json").read_text())["ground_truth"]
     assert nemo["n_pos"] == 2 and nemo["n_neg"] == 3 and nemo["n_excluded"] == 1  # the TM prompt left out

@@ -240,6 +240,28 @@ def load_folder_manifest(
     return out
 
 
+def list_folder_images(root: str | Path, allow_outside_root: bool = False) -> pd.DataFrame:
+    """Every image file under ``root`` (any depth, sorted; hidden files and folders left out),
+    uncaptioned: ``image_id, file, caption`` (null). What ``data=folder`` without a manifest
+    gives the stages that need no captions (embed, dedup); symlinks out of ``root`` are refused
+    unless ``allow_outside_root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (data.root)")
+    exts = {e for e, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files = []
+    for here, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(here).relative_to(root)
+        files += [
+            (rel / n).as_posix() for n in sorted(names) if not n.startswith(".") and Path(n).suffix.lower() in exts
+        ]
+    if not files:
+        raise DataError(f"{root}: no image files under the folder (data.manifest=null lists them)")
+    check_image_files(root, files, root, allow_outside_root)
+    return pd.DataFrame({"image_id": [f"img{i:07d}" for i in range(len(files))], "file": files, "caption": None})
+
+
 def select_subset(manifest: pd.DataFrame, subset: Mapping[str, Any] | None) -> pd.DataFrame:
     """Part ``subset.part`` (0 or 1) of two disjoint random sets of ``subset.size`` images.
 
@@ -278,9 +300,10 @@ def on_error(data_cfg: Mapping[str, Any]) -> str:
     return value
 
 
-def load_dataset(cfg: DictConfig) -> tuple[Path, pd.DataFrame]:
+def load_dataset(cfg: DictConfig, captions: bool = True) -> tuple[Path, pd.DataFrame]:
     """``(root, manifest)`` for a ``data`` config (``kind``: one of ``DATA_KINDS``), restricted
-    to ``data.subset`` when it is set (:func:`select_subset`)."""
+    to ``data.subset`` when it is set (:func:`select_subset`). Without ``captions`` (a stage
+    that reads only the images), ``data=folder`` needs no manifest: :func:`list_folder_images`."""
     if cfg.kind in TESTBED_KINDS:
         from diffmem.data.testbed import generate_testbed
         from diffmem.data.testbed_photo import generate_testbed_photo
@@ -303,13 +326,17 @@ def load_dataset(cfg: DictConfig) -> tuple[Path, pd.DataFrame]:
         from diffmem.data.testbed_photo import photo_crops
 
         df = photo_crops(cfg.root, seed=cfg.seed, resolution=cfg.resolution, n=cfg.n)
+    elif cfg.kind == "folder" and not captions and cfg.get("manifest") in (None, ""):
+        require(cfg, "root", prefix="data.", hint="data=folder needs data.root=<image folder>")
+        df = list_folder_images(cfg.root, bool(cfg.get("allow_outside_root", False)))
     elif cfg.kind == "folder":
         require(
             cfg,
             "root",
             "manifest",
             prefix="data.",
-            hint="data=folder needs data.root=<image folder> and data.manifest=<captions file>",
+            hint="data=folder needs data.root=<image folder> and data.manifest=<captions file> "
+            "(embed and dedup also read a folder without one)",
         )
         df = load_folder_manifest(
             cfg.root, cfg.manifest, bool(cfg.get("allow_outside_root", False)), check_files=on_error(cfg) == "fail"
