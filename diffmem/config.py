@@ -6,6 +6,7 @@ global state, so notebooks and the CLI run the very same stage functions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -180,12 +181,17 @@ def _exit(stage: str, err: DiffmemError) -> NoReturn:
 
 
 def _discard_unclaimed(run_dir: Path, log_name: str) -> None:
-    """Remove the run dir Hydra made for a command refused before the runner claimed it (it
-    holds only Hydra's ``.hydra/`` and job log): a refused command leaves nothing behind."""
+    """Remove what Hydra wrote for a command refused before the runner claimed its run dir
+    (``.hydra/`` and the job log, when the dir holds nothing else), and the dir once empty
+    (not the working directory): a refused command leaves nothing behind."""
     import shutil
 
     if run_dir.is_dir() and all(p.name in (".hydra", log_name) for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        (run_dir / log_name).unlink(missing_ok=True)
+        if run_dir.resolve() != Path.cwd().resolve():
+            with contextlib.suppress(OSError):  # another process wrote there meanwhile: keep it
+                run_dir.rmdir()
 
 
 def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], object]:
