@@ -4,8 +4,9 @@ Default (``python benchmarks/bench_detect.py``): each detector of :data:`SUITE` 
 ones at their defaults, and the settings the issue asked about) scores the testbed prompts of
 ``model=testbed`` and ``model=testbed_photo`` (canaries, templates, ``--n-ordinary`` ordinary
 and ``--n-heldout`` held-out captions). Reports ROC-AUC and TPR@1%FPR (canaries >= 16x vs
-ordinary + held-out), the hard-negative AUC (>= 16x vs the 1x / 4x canaries: trained on, not
-copied) each with a stratified 95 % bootstrap interval over prompts, and UNet evaluations per
+ordinary + held-out), the hard-negative AUC (>= 16x vs the 1x / 4x canaries trained on and not
+copied: none of the model's 8 evaluation generations in its ``memorisation.json`` is a copy;
+copied ones are left out) each with a stratified 95 % bootstrap interval over prompts, and UNet evaluations per
 prompt (fixed by the settings: no interval). Scores are kept per (testbed, detector) under
 ``--out``'s folder (or ``--scores``), so a rerun only scores what is missing. Writes a JSON, a markdown table and
 one figure of ROC curves (a panel per testbed, a curve per detector).
@@ -50,6 +51,7 @@ from diffmem.detectors import build_detector, count_unet_evals
 from diffmem.features import build_extractor
 from diffmem.index import build_index, search
 from diffmem.metrics.detection import detection_metrics, roc_auc, roc_points
+from diffmem.metrics.memorisation import with_copy_shares
 from diffmem.models import load_pipeline
 from diffmem.report.figures import save_figure
 from diffmem.runs import write_json, write_parquet
@@ -85,14 +87,20 @@ def score_suite(
     picked = overrides if overrides is not None else [f"model={model}", f"data={model}"]
     base = [*picked, f"prompts.n_ordinary={n_ordinary}", f"prompts.n_heldout={n_heldout}"]
     cfg = diffmem.compose("detect", base)
-    prompts = stage_prompts(cfg)
+    prompts = with_copy_shares(stage_prompts(cfg), cfg.model.path)  # as detect: copied rare canaries left out
     positives = OmegaConf.to_container(cfg.positives, resolve=True)
     gt = ground_truth(prompts, positives["min_dup_count"])
+    truth = {
+        "label": ground_truth_labels(prompts, positives).to_numpy(),
+        "hard_negative": gt["hard_negative"].to_numpy(),
+    }
     out, pipe = {}, None
     for label in labels:
         path = folder / f"{model}--{label.replace(' ', '_').replace('=', '-')}.parquet"
-        if path.exists():
+        if path.exists():  # cached scores; the ground truth is today's
             table = pd.read_parquet(path)
+            assert table["prompt_id"].tolist() == prompts["prompt_id"].tolist(), path
+            table = table.assign(**truth)
         else:
             pipe = pipe or load_model(cfg.model, torch.device("cpu"), scheduler=cfg.scheduler)
             detector = build_detector(diffmem.compose("detect", base + dict(SUITE)[label]).detect)
@@ -105,8 +113,7 @@ def score_suite(
                 {
                     "prompt_id": prompts["prompt_id"],
                     "score": scores,
-                    "label": ground_truth_labels(prompts, positives).to_numpy(),
-                    "hard_negative": gt["hard_negative"].to_numpy(),
+                    **truth,
                     "evals_per_prompt": used.evals / len(prompts),
                     "seconds_per_prompt": (time.perf_counter() - t0) / len(prompts),
                 }

@@ -70,7 +70,11 @@ def check_config(cfg: DictConfig) -> Detector:
 
 
 def prepare(cfg: DictConfig) -> tuple[Detector, pd.DataFrame]:
-    return check_config(cfg), stage_prompts(cfg)
+    """The detector and the prompts; testbed prompts carry the model's measured copies (a rare
+    canary it copies anyway is no hard negative)."""
+    from diffmem.metrics.memorisation import with_copy_shares
+
+    return check_config(cfg), with_copy_shares(stage_prompts(cfg), cfg.model.get("path"))
 
 
 def body(job: Job) -> Outcome:

@@ -353,8 +353,10 @@ def test_noise_norm_separates_duplicated_canaries_on_the_shipped_testbed():
     assert metrics["unet_calls_per_prompt"] == 2
     assert metrics["ground_truth"]["n_pos"] == 8 and metrics["ground_truth"]["n_neg"] >= 29
     assert metrics["roc_auc"] >= 0.99, metrics["by_group"]
-    hard = metrics["ground_truth"]["hard_negatives"]  # the 1x/4x canaries: trained on, not copied
-    assert hard["n_neg"] == 8 and 0.6 <= hard["roc_auc"] < 0.9  # about 0.75
+    # the 1x/4x canaries trained on and never copied in the model's memorisation.json: 7 of 8
+    # (one 4x canary copied in 1 of its 8 evaluation generations is left out)
+    hard = metrics["ground_truth"]["hard_negatives"]
+    assert hard["n_neg"] == 7 and 0.6 <= hard["roc_auc"] < 0.9  # about 0.77
 
 
 def test_bootstrap_intervals_reference_cases():
@@ -404,6 +406,34 @@ def test_copy_detection_thresholds_in_the_shared_metrics():
     assert out["precision@0.95"] is None and out["recall@0.95"] == 0.0
 
 
+def test_copied_rare_canaries_are_no_hard_negatives(tmp_path):
+    """A canary below the memorised tier that the model copies anyway (its memorisation.json)
+    is neither a hard negative nor a negative; one never copied stays a hard negative."""
+    from diffmem.data.labels import ground_truth, ground_truth_labels
+    from diffmem.metrics.memorisation import with_copy_shares
+
+    prompts = pd.DataFrame(
+        {
+            "caption": ["big", "four copied", "four clean", "one clean", "scene"],
+            "kind": ["canary", "canary", "canary", "canary", "ordinary"],
+            "dup_count": [64, 4, 4, 1, 1],
+        }
+    )
+    gens = [
+        {"caption": c, "copy": k < n} for c, n in [("big", 8), ("four copied", 3), ("four clean", 0)] for k in range(8)
+    ]
+    (tmp_path / "memorisation.json").write_text(json.dumps({"per_generation": gens}))
+    measured = with_copy_shares(prompts, tmp_path)
+    assert measured["copy_share"].tolist()[:3] == [1.0, 3 / 8, 0.0] and measured["copy_share"][3:].isna().all()
+    positives = diffmem.compose("detect").positives
+    before = ground_truth(prompts, 16)["hard_negative"].tolist()
+    assert before == [False, True, True, True, False]  # by tier alone
+    assert ground_truth(measured, 16)["hard_negative"].tolist() == [False, False, True, True, False]
+    labels = ground_truth_labels(measured, positives)
+    assert labels[0] == 1 and np.isnan(labels[1]) and labels[4] == 0  # the copied 4x one: left out
+    assert with_copy_shares(prompts, tmp_path / "none").equals(prompts)  # a model without the file
+
+
 @pytest.mark.parametrize("model", ["testbed", pytest.param("testbed_photo", marks=pytest.mark.slow)])
 def test_default_detector_holds_on_the_shipped_testbeds(model):
     """Issue 26's bar for the default ``diffmem detect``: ROC-AUC >= 0.99 and TPR@1%FPR >= 0.8
@@ -414,7 +444,8 @@ def test_default_detector_holds_on_the_shipped_testbeds(model):
     assert m["unet_calls_per_prompt"] == 10  # 10 seeds, one unguided pass each
     assert m["ground_truth"]["n_pos"] == 8 and m["roc_auc"] >= 0.99 and m["tpr_at_fpr"] >= 0.8, m["by_group"]
     hard = m["ground_truth"]["hard_negatives"]
-    assert hard["n_neg"] == 8 and hard["roc_auc"] >= 0.9, hard
+    # the 1x/4x canaries never copied in memorisation.json (the photo model copies every 4x one)
+    assert hard["n_neg"] == {"testbed": 7, "testbed_photo": 4}[model] and hard["roc_auc"] >= 0.9, hard
     assert m["roc_auc_ci"][0] <= m["roc_auc"] <= m["roc_auc_ci"][1] and len(hard["roc_auc_ci"]) == 2
 
 

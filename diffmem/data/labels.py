@@ -21,6 +21,8 @@ from diffmem.errors import ConfigError
 POSITIVES_FIELDS = ("memorised", "not_memorised", "exclude", "min_dup_count")
 #: the ground-truth vocabulary of memorisation types (:mod:`diffmem.data.prompt_lists`)
 TYPES = ("verbatim", "template", "none")
+#: a testbed prompt's measured copy share (``memorisation.json``), refining its hard negatives
+COPY_SHARE = "copy_share"
 
 
 def check_positives(positives: Mapping | None) -> dict:
@@ -57,7 +59,9 @@ def ground_truth(prompts: pd.DataFrame, min_dup_count: float) -> pd.DataFrame | 
     Prompt lists carry the first two (:mod:`diffmem.data.prompt_lists` maps their schemas) and
     may carry ``hard_negative``. Testbed prompts (``kind`` + ``dup_count``): canaries copied at
     least ``min_dup_count`` times are verbatim, rarer canaries ``none`` and hard negatives,
-    templates template, ordinary and held-out prompts none.
+    templates template, ordinary and held-out prompts none. With a ``copy_share`` column (the
+    model's measured copies, ``metrics.memorisation.with_copy_shares``), a rarer canary with
+    any copy is neither a hard negative nor a negative: its type is unknown and it is left out.
     """
     if "memorisation_type" in prompts or "is_memorised" in prompts:
         types = prompts.get("memorisation_type", pd.Series(np.nan, index=prompts.index))
@@ -79,8 +83,11 @@ def ground_truth(prompts: pd.DataFrame, min_dup_count: float) -> pd.DataFrame | 
             ),
             index=prompts.index,
         )
-        memorised = (types != "none").where(types.notna())
         hard = canary & (dup < float(min_dup_count))
+        if COPY_SHARE in prompts:  # measured: a rare canary the model copies is no hard negative
+            copied = hard & pd.to_numeric(prompts[COPY_SHARE], errors="coerce").fillna(0).gt(0)
+            types, hard = types.mask(copied), hard & ~copied  # type unknown: left out of every AUC
+        memorised = (types != "none").where(types.notna())
     else:
         return None
     return pd.DataFrame(

@@ -27,6 +27,7 @@ GROUND_TRUTH = (
     "is_memorised",
     "source",
     "target_id",
+    "copy_share",
 )
 
 
