@@ -4,7 +4,7 @@
 For each ``--model`` (a diffusers folder, e.g. a train run's ``model/``) or ``--checkpoint``
 (a train run's UNet checkpoint folder ``checkpoints/unet/step-XXXXXXX``: the testbed
 architecture of ``--seed`` with ``--vae`` and that checkpoint's UNet, for runs stopped before
-their end), :func:`diffmem.models.testbed.memorisation_figures` on the full testbed (its
+their end), :func:`diffmem.metrics.memorisation.memorisation_figures` on the full testbed (its
 ground truth: every canary of every duplication count, whatever the model was trained on),
 with the recipe's evaluation settings (8 seeds, 25 DDIM steps, guidance 5: the same as the
 shipped model's ``memorisation.json``). Prints and writes the copy share and median RMSE to
@@ -67,7 +67,7 @@ def main(args) -> dict:
     from diffmem.config import CONF_DIR
     from diffmem.data import load_dataset
     from diffmem.loading import load_model
-    from diffmem.models.testbed import memorisation_figures
+    from diffmem.metrics.memorisation import memorisation_figures
 
     torch.set_num_threads(args.threads)
     data = OmegaConf.load(CONF_DIR / "data" / "testbed.yaml")

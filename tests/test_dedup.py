@@ -246,15 +246,41 @@ def test_cli_errors_are_one_line(tmp_path):
         assert not (tmp_path / "out").exists()  # Hydra's run dir of the refused command is gone
 
 
+def _bench(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_mitigation_benchmark_measures_a_model(tmp_path):
+    """``bench_dedup_mitigation.py`` (the retrained-on-dedup comparison) runs on the shipped
+    testbed: copy shares per canary tier, written where asked."""
+    bench = _bench("bench_dedup_mitigation")
+    model = Path(__file__).resolve().parents[1] / "diffmem" / "assets" / "testbed"
+    argv = [
+        "--model",
+        str(model),
+        "--n-seeds",
+        "1",
+        "--steps",
+        "2",
+        "--canaries-only",
+        "--out",
+        str(tmp_path / "m.json"),
+    ]
+    rows = bench.main(bench.parse_args(argv))[str(model)]
+    assert {(r["kind"], r["dup_count"]) for r in rows} == {("canary", d) for d in (1, 4, 16, 64)} | {("template", 32)}
+    assert all(0 <= r["copy_share"] <= 1 for r in rows) and (tmp_path / "m.json").exists()
+
+
 def test_planted_clusters_recovered_exact_and_ivf():
     """The scale benchmark's planted clusters (2-8 members at cosine 0.82-0.94 to their centre,
     among random vectors) come back exactly, by exact and by IVF range search."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dedup_groups.py"
-    spec = importlib.util.spec_from_file_location("bench_dedup_groups", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench("bench_dedup_groups")
     base = {"n": 3000, "dim": 64, "cluster_share": 0.2, "threshold": 0.75, "threads": 1, "seed": 0}
     n_planted = int((bench.planted(3000, 64, 0.2, 0)[1] >= 0).sum())
     exact = bench.one({**base, "factory": "Flat"})
