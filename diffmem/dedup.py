@@ -143,9 +143,8 @@ def body(job: Job) -> Outcome:
         "rows_in_groups": int((groups["group_size"] > 1).sum()),
     }
     use = f"data=folder data.root={root.resolve()} data.manifest={manifest_path.resolve()}"
-    if (
-        "caption" not in kept or kept["caption"].isna().all()
-    ):  # a folder read without a manifest: a file list to caption first
+    # a folder read without a manifest: a file list to caption first
+    if "caption" not in kept or kept["caption"].isna().all():
         use += " once it has a caption column"
     write_dedup_report(
         run_dir,

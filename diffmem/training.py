@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # a run dir's resume state (not an output)
 TRAIN_LOG = "train_log.parquet"  # the mean loss per logged step of a training run
+MEMORISATION_JSON = "memorisation.json"  # ``evaluate``'s figures, beside the published model
 
 
 def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
@@ -542,7 +543,7 @@ def train_pipeline(
     model_dir = save_pipeline(pipe, run_dir / "model", dtype=cfg.save_dtype)
     if evaluate is not None:
         saved = load_model(model_dir, device)  # measure what was published
-        write_json(model_dir / "memorisation.json", evaluate(saved, root, manifest))
+        write_json(model_dir / MEMORISATION_JSON, evaluate(saved, root, manifest))
     return model_dir
 
 

@@ -14,31 +14,27 @@ import torch
 from diffmem.data import load_images, to_tensor
 from diffmem.data.prompts import prompts_from_testbed
 from diffmem.features import build_extractor
+from diffmem.runs import read_json
 from diffmem.sampling import encode_prompts, sample, sample_seed
 
 if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 
 
-#: the figures' file beside a testbed model (written by the train stage)
-MEMORISATION_JSON = "memorisation.json"
-
-
 def with_copy_shares(prompts: pd.DataFrame, model_dir: str | Path | None) -> pd.DataFrame:
     """Testbed ``prompts`` (``kind``, ``dup_count``) with ``copy_share``: per caption, the share
     of the model's evaluation generations that copy the prompt's own training image
-    (``per_generation`` of ``model_dir``'s :data:`MEMORISATION_JSON`; NaN for a caption it did
+    (``per_generation`` of ``model_dir``'s ``memorisation.json``, written by training; NaN for a caption it did
     not evaluate), so the ground truth knows which rare canaries the model copies anyway
     (:func:`~diffmem.data.labels.ground_truth`). Other prompts, or a model without the file
     (a hub id, a model not trained here), are returned as they are."""
-    import json
-
     from diffmem.data.labels import COPY_SHARE
+    from diffmem.training import MEMORISATION_JSON
 
     path = Path(model_dir) / MEMORISATION_JSON if model_dir else None
     if path is None or not {"kind", "dup_count"} <= set(prompts) or not path.is_file():
         return prompts
-    gens = pd.DataFrame(json.loads(path.read_text(encoding="utf-8")).get("per_generation") or [])
+    gens = pd.DataFrame(read_json(path).get("per_generation") or [])
     if gens.empty or not {"caption", "copy"} <= set(gens):
         return prompts
     return prompts.assign(**{COPY_SHARE: prompts["caption"].map(gens.groupby("caption")["copy"].mean())})
