@@ -20,7 +20,7 @@ Sections (``--section``, default all):
   without it that part is skipped.
 - ``dedup``: ``diffmem dedup`` against Immaculate's ``--json`` groups at the same threshold (0.75
   for ``sscd_distilled``): CPU seconds, peak RSS, the share of copies grouped with their
-  original, and groups that mix distinct photos.
+  original, and groups that mix distinct photos; ``--compare-src`` as for ``embed``.
 
     python benchmarks/bench_dedup.py --n 500 --immaculate /work/imm312/bin/immaculate
     python benchmarks/bench_dedup.py --section embed --folder /tmp/photos --compare-src /path/to/main
@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--compare-src",
         default=None,
-        help="another diffmem checkout (e.g. main before a change) whose embed runs alternate with this one's",
+        help="another diffmem checkout (e.g. main before a change) whose runs alternate with this one's",
     )
     p.add_argument(
         "--immaculate",
@@ -228,6 +228,16 @@ def _env(src: Path, threads: int) -> dict:
     return {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
 
 
+def diffmem_tools(args, work: Path, name: str, cmd) -> dict:
+    """The runs of this checkout's ``cmd(out)`` (into ``work/<name><run>``) and, with
+    ``--compare-src``, of the other checkout's (``work/compare<run>``), for :func:`alternate`."""
+    tools = {"diffmem": lambda r: measure(cmd(work / f"{name}{r}"), _env(REPO, args.threads), cwd=REPO)}
+    if args.compare_src:
+        src = Path(args.compare_src)
+        tools["diffmem_compare"] = lambda r: measure(cmd(work / f"compare{r}"), _env(src, args.threads), cwd=src)
+    return tools
+
+
 def diffmem_embed_cmd(folder: Path, out: Path, features: str, threads: int) -> list[str]:
     return [
         sys.executable,
@@ -277,19 +287,7 @@ def section_embed(args, folder: Path, made: dict, work: Path) -> dict:
     if args.immaculate and exe is None:
         print(f"immaculate: {args.immaculate} not found; skipped", flush=True)
     n = len(made["files"])
-    tools = {
-        "diffmem": lambda r: measure(
-            diffmem_embed_cmd(folder, work / f"embed{r}", args.features, args.threads),
-            _env(REPO, args.threads),
-            cwd=REPO,
-        )
-    }
-    if args.compare_src:
-        tools["diffmem_compare"] = lambda r: measure(
-            diffmem_embed_cmd(folder, work / f"compare{r}", args.features, args.threads),
-            _env(Path(args.compare_src), args.threads),
-            cwd=args.compare_src,
-        )
+    tools = diffmem_tools(args, work, "embed", lambda out: diffmem_embed_cmd(folder, out, args.features, args.threads))
     if exe:
         tools["immaculate"] = lambda r: measure(immaculate_cmd(exe, folder))
     runs = alternate(tools, args.repeats, "embed")
@@ -359,13 +357,9 @@ def section_dedup(args, folder: Path, made: dict, work: Path) -> dict:
 
     exe = args.immaculate if args.immaculate and shutil.which(args.immaculate) else None
     n = len(made["files"])
-    tools = {
-        "diffmem": lambda r: measure(
-            diffmem_dedup_cmd(folder, work / f"dedup{r}", args.features, args.threads, args.threshold),
-            _env(REPO, args.threads),
-            cwd=REPO,
-        )
-    }
+    tools = diffmem_tools(
+        args, work, "dedup", lambda out: diffmem_dedup_cmd(folder, out, args.features, args.threads, args.threshold)
+    )
     if exe:
         tools["immaculate"] = lambda r: measure([exe, "--json", "--method", "sscd_distilled", str(folder / "images")])
     runs = alternate(tools, args.repeats, "dedup")
@@ -377,6 +371,8 @@ def section_dedup(args, folder: Path, made: dict, work: Path) -> dict:
         "threshold": args.threshold,
         "diffmem_dedup": {**medians(runs["diffmem"], n), **grouped_share(groups, made["pairs"], made["files"])},
     }
+    if args.compare_src:
+        result["diffmem_compare"] = {"src": args.compare_src, **medians(runs["diffmem_compare"], n)}
     if exe:
         found = json.loads(runs["immaculate"][-1]["output"][runs["immaculate"][-1]["output"].index("{") :])
         result["immaculate_dedup"] = {
@@ -384,6 +380,8 @@ def section_dedup(args, folder: Path, made: dict, work: Path) -> dict:
             **grouped_share(found["exact"] + found["near"], made["pairs"], made["files"]),
         }
         result["cpu_ratio"] = result["diffmem_dedup"]["cpu_s"] / result["immaculate_dedup"]["cpu_s"]
+        if args.compare_src:
+            result["compare_cpu_ratio"] = result["diffmem_compare"]["cpu_s"] / result["immaculate_dedup"]["cpu_s"]
     return result
 
 

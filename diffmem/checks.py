@@ -7,10 +7,10 @@ line naming the field, e.g. ``steps must be >= 1 (got -3)``.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from collections.abc import Iterable
 from typing import Any, Literal, overload
-
-import numpy as np
 
 from diffmem.errors import ConfigError
 
@@ -25,7 +25,7 @@ def check_int(value: Any, name: str, minimum: int | None = None, optional: bool 
         return None
     if (
         isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
+        or not isinstance(value, numbers.Integral)  # numpy's integers included
         and not (isinstance(value, float) and value.is_integer())
     ):
         raise ConfigError(f"{name} must be an integer (got {value!r})")
@@ -85,7 +85,7 @@ def check_float(
         f"> {above}" if above is not None else "",
     ]
     if (
-        not np.isfinite(out)
+        not math.isfinite(out)
         or (minimum is not None and out < minimum)
         or (maximum is not None and out > maximum)
         or (above is not None and out <= above)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -91,18 +91,32 @@ def compose(
     """The config of ``stage`` with Hydra-style ``overrides``, as the CLI would build it; an
     override Hydra cannot apply (unknown key or option, malformed) is a one-line ConfigError
     (with a "did you mean" hint unless ``hints`` is false)."""
-    from hydra import compose as _compose
+    with _initialized():
+        return _compose(stage, overrides, return_hydra_config, hints)
+
+
+@contextlib.contextmanager
+def _initialized() -> Iterator[None]:
+    """Hydra initialised on the package's configs (its job named ``config`` as under
+    ``hydra.main`` in this module: the job log is ``config.log``)."""
     from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="config"):
+        yield
+
+
+def _compose(stage: str, overrides: Sequence[str], return_hydra_config: bool, hints: bool = True) -> DictConfig:
+    """:func:`compose` once Hydra is initialised."""
+    from hydra import compose as _hydra_compose
     from hydra.errors import HydraException
 
     stage_module(stage)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return _compose(
-                config_name=config_name(stage),
-                overrides=[*local_overrides(), *overrides],
-                return_hydra_config=return_hydra_config,
-            )
+        return _hydra_compose(
+            config_name=config_name(stage),
+            overrides=[*local_overrides(), *overrides],
+            return_hydra_config=return_hydra_config,
+        )
     except HydraException as err:
         raise _composition_error(stage, overrides, err, hints) from None
 
@@ -155,10 +169,10 @@ def _keys(stage: str, parent: str, overrides: Sequence[str], unknown: str) -> li
     setting the ``unknown`` key or one below it (so ``data=folder`` counts), for "did you mean"
     hints. Composed without hints: a second bad override never recurses."""
     rest = [o for o in overrides if _override_key(o) != unknown and not _override_key(o).startswith(unknown + ".")]
-    try:
-        cfg = compose(stage, rest, hints=False)
+    try:  # Hydra is initialised: this runs from _compose
+        cfg = _compose(stage, rest, return_hydra_config=False, hints=False)
     except ConfigError:  # another bad override: the stage's defaults
-        cfg = compose(stage, hints=False)
+        cfg = _compose(stage, (), return_hydra_config=False, hints=False)
     node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
     return [str(k) for k in node] if isinstance(node, DictConfig) else []
 
@@ -196,14 +210,19 @@ def _discard_unclaimed(run_dir: Path, log_name: str) -> None:
 
 def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], object]:
     """A Hydra ``main`` for ``stage``: sets ``run_dir`` from Hydra, checks the config against the
-    stage's schema, turns user errors into one line."""
+    stage's schema, turns user errors into one line.
+
+    A single run (no ``-m``, ``--cfg`` or other flag, and no ``hydra.mode: MULTIRUN`` in the
+    config) is composed once, checked before Hydra makes its run dir, and run as Hydra runs a
+    job (:func:`_run_job`); ``hydra.main`` itself would compose twice more (once to pick the
+    mode), ~0.1 CPU-s each. Everything else goes through ``hydra.main``."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from diffmem.schema import settle_precision, validate
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name(stage))
-    def _app(cfg: DictConfig) -> object:
+    def task(cfg: DictConfig) -> object:
         try:
             with open_dict(cfg):
                 cfg.run_dir = HydraConfig.get().runtime.output_dir
@@ -214,6 +233,8 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
             _discard_unclaimed(Path(cfg.run_dir), f"{HydraConfig.get().job.name}.log")
             _exit(stage, err)
 
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name(stage))(task)
+
     def main() -> object:
         relaunch_cpu_ranks()  # before Hydra creates the run dir: the ranks do
         args = sys.argv[1:]
@@ -222,11 +243,38 @@ def hydra_app(stage: str, fn: Callable[[DictConfig], object]) -> Callable[[], ob
                 key, eq, value = arg.lstrip("+").partition("=")
                 if eq and key == "name":
                     check_run_name(value.strip("'\""))
-            if not any(arg.startswith("-") for arg in args):  # a single run: compose it as Hydra will
-                validate(stage, compose(stage, args))
+            if not any(arg.startswith("-") for arg in args):
+                with _initialized():
+                    cfg = _compose(stage, args, return_hydra_config=True)
+                    validate(stage, cfg)
+                    if cfg.hydra.mode != RunMode.MULTIRUN:
+                        return _run_job(stage, cfg, task)
         except DiffmemError as err:
             _exit(stage, err)
         sys.argv[1:1] = local_overrides()
-        return _app()
+        return app()
 
     return main
+
+
+def _run_job(stage: str, cfg: DictConfig, task: Callable[[DictConfig], object]) -> object:
+    """``task`` run on ``cfg`` (composed with its ``hydra`` node, Hydra initialised) as
+    ``hydra.main`` runs a single job: the run dir, ``.hydra/``, the job log, Hydra's callbacks;
+    the task's exception propagates."""
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.utils import run_job
+    from hydra.types import HydraContext, RunMode
+
+    cfg.hydra.mode = RunMode.RUN  # as hydra.main records it
+    callbacks = Callbacks(cfg)
+    callbacks.on_run_start(config=cfg, config_name=config_name(stage))
+    ret = run_job(
+        task_function=task,
+        config=cfg,
+        job_dir_key="hydra.run.dir",
+        job_subdir_key=None,
+        hydra_context=HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=callbacks),
+    )
+    callbacks.on_run_end(config=cfg, config_name=config_name(stage), job_return=ret)
+    return ret.return_value

@@ -160,6 +160,32 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == "diffmem generate: error: steps must be >= 1 (got -3)"
 
 
+def test_a_single_run_is_composed_once(tmp_path, monkeypatch):
+    """A stage's CLI composes a single run once and runs it as hydra.main would (run dir,
+    ``.hydra/``, mode RUN); ``-m`` still sweeps through hydra.main."""
+    from hydra._internal.hydra import Hydra
+
+    from diffmem.config import hydra_app
+
+    composed, seen = [], []
+    real = Hydra.compose_config
+    monkeypatch.setattr(Hydra, "compose_config", lambda self, *a, **k: composed.append(1) or real(self, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    main = hydra_app("embed", lambda cfg: seen.append(cfg) or len(seen))
+    monkeypatch.setattr(sys, "argv", ["embed", f"paths.output_dir={tmp_path}", "name=one", "batch_size=3"])
+    assert main() == 1 and len(composed) == 1
+    run_dir = tmp_path / "embed" / "one"
+    assert seen[0].run_dir == str(run_dir) and seen[0].batch_size == 3 and "hydra" not in seen[0]
+    hydra_cfg = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
+    assert hydra_cfg.mode == "RUN" and list(hydra_cfg.overrides.task)[-1] == "batch_size=3"
+    assert OmegaConf.load(run_dir / ".hydra" / "config.yaml").batch_size == 3
+
+    monkeypatch.setattr(sys, "argv", ["embed", "-m", f"paths.output_dir={tmp_path}", "name=sweep", "batch_size=1,2"])
+    main()
+    assert [cfg.batch_size for cfg in seen[1:]] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "embed" / "multirun" / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
+
+
 def test_local_configs_join_the_search_path(tmp_path, monkeypatch):
     """A git-ignored local/ folder holds machine settings: here a SLURM launcher with a partition."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
