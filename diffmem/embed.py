@@ -6,7 +6,7 @@ order), the items' captions and labels, the images skipped under ``data.on_error
 and ``info.json`` (the extractor's name, dim and preprocessing, the source, the counts of
 skipped images and of rows img2dataset marked failed, provenance). Images are decoded in
 ``num_workers`` DataLoader workers (ONNX descriptors: uint8 images, JPEGs at reduced size,
-in threads beside the model) and batched by resized shape
+in threads beside the model; on a GPU: threads, the resize on the GPU) and batched by resized shape
 (:mod:`diffmem.features.loader`). Parts are written atomically, so a killed run resumes at
 the first missing part; shard ``i`` of ``n`` embeds parts ``i, i+n, ...`` so array jobs
 split the work.
@@ -81,6 +81,11 @@ def embed_files(
 ) -> None:
     """Embed the images of ``items`` into the parts of ``store``, skipping parts that exist
     (images over ``max_pixels`` are refused before they are decoded; a damaged part is recomputed)."""
+    if num_workers == 0 and extractor.needs_torch and str(extractor.device).startswith("cuda"):
+        log.warning(
+            "embed: num_workers=0 decodes in the main thread, which cannot keep a GPU busy; "
+            "set num_workers to the free CPU cores"
+        )
     files = items["file"].tolist()
     n_parts = (len(files) + part_size - 1) // part_size
     todo = [

@@ -308,3 +308,159 @@ def test_stage_extractor_device_and_threads():
     assert ext.threads == 1 and ext.info()["threads"] == 1
     cfg.features.extractor.threads = 2  # the descriptor's own setting wins
     assert build_stage_extractor(cfg).threads == 2
+
+
+# -- a torch descriptor: resized in worker processes on a CPU, on the device on a GPU -----------
+
+
+@pytest.fixture(scope="module")
+def tiny_torchscript(tmp_path_factory):
+    """A small seeded TorchScript descriptor (conv, ReLU, mean: 16-d) with SSCD's interface and a
+    bicubic short-side recipe, so camera photos resize to several shapes."""
+    import torch
+
+    from diffmem.features.sscd import SSCDExtractor
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 5, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).relu().mean((2, 3))
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("torchscript") / "tiny.pt"
+    torch.jit.save(torch.jit.script(Tiny().eval()), str(path))
+    recipe = {"preset": "sscd_official", "size": 64, "interpolation": "bicubic"}
+    return lambda device="cpu": SSCDExtractor(path=path, verify=False, preprocess=recipe, device=device)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resizing_on_the_device_equals_resizing_in_workers(camera_jpegs, tiny_torchscript, workers):
+    """The GPU's loader (decoding threads, the resize on the descriptor's device) run on the CPU
+    gives the worker processes' vectors and batches, and each equals the image embedded alone."""
+    from diffmem.features.loader import embed_images
+
+    root, files = camera_jpegs
+    ext = tiny_torchscript()
+    calls: dict[bool, list[tuple]] = {False: [], True: []}
+    out = {}
+    forward = ext.embed_valid
+    for on_device in (False, True):
+        ext.embed_valid = lambda x, log=calls[on_device]: log.append(tuple(x.shape)) or forward(x)
+        ((_, out[on_device], _),) = embed_images(
+            ext, root, files, [0], 100, batch_size=4, num_workers=workers, resize_on_device=on_device
+        )
+    assert np.array_equal(out[True], out[False])
+    assert calls[True] == calls[False] and len({shape[2:] for shape in calls[True]}) > 1
+    assert sum(shape[0] for shape in calls[True]) == len(files) and max(s[0] for s in calls[True]) == 4
+    alone = np.stack([_float_path(ext, root / f) for f in files])
+    assert np.allclose(out[True], alone, atol=1e-6)
+
+
+def test_a_batch_is_read_back_after_the_next_is_queued(camera_jpegs, tiny_torchscript):
+    """The loop queues batch k + 1 before it reads batch k's vectors back (on a GPU, the host
+    waits for a result only once the device has the next batch), and reads every batch once."""
+    import torch
+
+    from diffmem.features.loader import embed_images
+
+    root, files = camera_jpegs
+    ext = tiny_torchscript()
+    events: list[str] = []
+
+    class Queued:
+        def __init__(self, out: torch.Tensor, k: int) -> None:
+            self.out, self.k = out, k
+
+        def cpu(self) -> torch.Tensor:
+            events.append(f"read {self.k}")
+            return self.out.cpu()
+
+    forward = ext.embed_valid
+
+    def submit(x: torch.Tensor) -> Queued:
+        k = sum(e.startswith("queue") for e in events)
+        events.append(f"queue {k}")
+        return Queued(forward(x), k)
+
+    ext.embed_valid = submit
+    ((_, x, _),) = embed_images(ext, root, files, [0], 100, batch_size=2, resize_on_device=True)
+    n = sum(e.startswith("queue") for e in events)
+    assert n >= 3 and x.shape == (len(files), 16)
+    assert sorted(events) == sorted(f"{v} {k}" for k in range(n) for v in ("queue", "read"))
+    for k in range(n - 1):
+        assert events.index(f"read {k}") > events.index(f"queue {k + 1}")
+
+
+def test_resizing_on_the_device_with_unreadable_images(tmp_path, tiny_torchscript):
+    """On the device path a corrupt file fails naming it, or is listed with skip_errors."""
+    from PIL import Image
+
+    from diffmem.features.loader import embed_images
+
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "a.jpg")
+    (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    ext, files = tiny_torchscript(), ["a.jpg", "b.jpg"]
+    for workers in (0, 2):
+        with pytest.raises(DataError, match="b.jpg: corrupt or unreadable image"):
+            list(embed_images(ext, tmp_path, files, [0], 10, batch_size=4, num_workers=workers, resize_on_device=True))
+    ((_, x, skipped),) = embed_images(
+        ext, tmp_path, files, [0], 10, batch_size=4, skip_errors=True, resize_on_device=True
+    )
+    assert x.shape == (1, 16) and skipped["file"].tolist() == ["b.jpg"]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_loop_waits_once_per_batch(camera_jpegs, tiny_torchscript):
+    """On a GPU the device path is chosen by itself, its vectors match the CPU's, and the only
+    host synchronisations in the loop are the read-backs, one per batch."""
+    import warnings
+
+    import torch
+
+    from diffmem.features.loader import embed_images
+
+    root, files = camera_jpegs
+    cpu, gpu = tiny_torchscript("cpu"), tiny_torchscript("cuda")
+    batches = []
+    forward = gpu.embed_valid
+    gpu.embed_valid = lambda x: batches.append(x.device) or forward(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ((_, x, _),) = embed_images(gpu, root, files, [0], 100, batch_size=4, num_workers=2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert batches and all(d.type == "cuda" for d in batches)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= len(batches), [str(w.message) for w in syncs[:3]]
+    ((_, y, _),) = embed_images(cpu, root, files, [0], 100, batch_size=4)
+    assert np.all(np.sum(x * y, axis=1) > 0.999)
+
+
+def test_a_gpu_without_decoding_workers_gets_a_hint(caplog, monkeypatch):
+    """A torch descriptor on a GPU with num_workers=0 decodes in the main thread: the run says
+    so, once; with workers, or on the CPU, it says nothing."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from diffmem import embed
+
+    monkeypatch.setattr(embed, "embed_images", lambda *a, **k: iter(()))
+    items = pd.DataFrame({"item_id": ["a"], "file": ["a.jpg"]})
+    store = SimpleNamespace(has_part=lambda *a: False)
+    for device, workers, hinted in (("cuda:0", 0, True), ("cuda:0", 4, False), ("cpu", 0, False)):
+        ext = SimpleNamespace(name="clip", dim=4, needs_torch=True, device=device)
+        caplog.clear()
+        embed.embed_files(ext, None, items, store, part_size=10, batch_size=4, num_workers=workers)
+        assert ["set num_workers to the free CPU cores" in r.message for r in caplog.records] == [True] * hinted

@@ -129,14 +129,19 @@ class Extractor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Descriptors of a batch: float [B, 3, H, W] in [0, 1] (uint8 accepted) ->
         float32 [B, D] on ``self.device``, rows L2-normalised."""
+        return self.embed_valid(self._check_images(images))
+
+    def embed_valid(self, x: torch.Tensor) -> torch.Tensor:
+        """Descriptors of a float batch ``[B, 3, H, W]`` already known to be in [0, 1] (a
+        loader's, on any device): no check reads it back to the host, so on a GPU the call
+        only queues work and a loader can prepare the next batch meanwhile."""
         import torch
         import torch.nn.functional as F
 
-        x = self._check_images(images)
         if x.shape[0] == 0:
             return torch.zeros(0, self.dim, device=self.device)
         with torch.no_grad():
-            out = self._embed(x.to(self.device))
+            out = self._embed(x.to(self.device, non_blocking=True))
             out = out.float().reshape(out.shape[0], -1)
             if out.shape != (x.shape[0], self.dim):
                 raise DataError(f"{self.name}: model returned {list(out.shape)}, expected [{x.shape[0]}, {self.dim}]")

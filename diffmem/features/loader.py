@@ -9,8 +9,13 @@ Its vectors differ from the float path's (full decode, float resize) by resampli
 only: cosine >= 0.995 to it on photos (``docs/embedding.md``).
 
 Otherwise each image is decoded (:func:`diffmem.data.load_image`) and resized by the
-extractor's own resize step (:meth:`~diffmem.features.transforms.Preprocess.resize_only`) in a worker,
-so the main process only runs the descriptor. Resized images of one shape form a bucket;
+extractor's own resize step (:meth:`~diffmem.features.transforms.Preprocess.resize_only`): on a
+CPU in a worker process, so the main process only runs the descriptor; on a GPU the workers
+(``num_workers`` threads) only decode, into pinned memory, and the image is copied to the
+GPU as uint8 and resized there, so the CPU's work per image is the decode alone. Nothing in
+the loop reads a result back before the next batch is queued (a batch's vectors are
+fetched after the next one is submitted), so decoding overlaps the GPU's forward pass.
+Resized images of one shape form a bucket;
 a full bucket (``batch_size`` images) runs as one batch. Mixed-size photos thus batch by
 their resized shape (one shape for square recipes, one per aspect ratio for short-side
 ones) instead of one forward call per image. The vectors equal those of the extractor run
@@ -110,6 +115,38 @@ def threaded(fn: Callable, items: Iterable, threads: int, ahead: int) -> Iterato
                 f.cancel()
 
 
+def on_device(
+    root: Path,
+    files: list[str],
+    indices: list[int],
+    device: torch.device,
+    resize: Callable[[torch.Tensor], torch.Tensor] | None,
+    *,
+    num_workers: int,
+    resolution: int | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Iterator[tuple[int, torch.Tensor | None, str | None]]:
+    """What :class:`DecodedImages` gives, in order, but decoded in ``num_workers`` threads (pinned
+    on a GPU) and converted and resized on ``device``: the same values, the device's work."""
+    import torch
+
+    pin = device.type == "cuda"
+
+    def load(i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            arr = torch.from_numpy(load_image(Path(root) / files[i], resolution, max_pixels))
+        except DataError as err:
+            return i, None, str(err)
+        return i, arr.pin_memory() if pin else arr, None
+
+    for i, arr, err in threaded(load, indices, num_workers, ahead=2 * num_workers + 2):
+        if arr is None:
+            yield i, None, err
+            continue
+        x = arr.to(device, non_blocking=True).permute(2, 0, 1)[None].float().div_(255.0)
+        yield i, (x if resize is None else resize(x))[0], None
+
+
 def _one_thread(_worker: int) -> None:
     import torch
 
@@ -129,15 +166,19 @@ def embed_images(
     skip_errors: bool = False,
     max_pixels: int = MAX_PIXELS,
     progress: Callable[[int], object] | None = None,
+    resize_on_device: bool | None = None,
 ) -> Iterator[tuple[int, np.ndarray, pd.DataFrame]]:
     """``(part, vectors, skipped)`` for each of ``parts`` (item ranges of ``part_size`` of
     ``files``), in order. ``skipped`` lists the unreadable images (``index``, ``file``,
     ``error``) when ``skip_errors``; otherwise the first raises a one-line DataError naming
-    it. At most ``4 * batch_size`` decoded images wait in buckets (the largest runs early)."""
+    it. At most ``4 * batch_size`` decoded images wait in buckets (the largest runs early).
+    ``resize_on_device``: resize a torch descriptor's images on its device (:func:`on_device`);
+    None: when that device is a GPU."""
     indices = [i for p in parts for i in range(p * part_size, min((p + 1) * part_size, len(files)))]
     pre = getattr(extractor, "preprocess", None)
-    forward: Callable[[Any], np.ndarray]
+    forward: Callable[[Any], Any]
     stack: Callable[[list[Any]], Any]
+    fetch: Callable[[Any], np.ndarray] = np.asarray
     if hasattr(extractor, "embed_uint8"):
         assert pre is not None  # a uint8 descriptor resizes by its recipe
 
@@ -154,31 +195,51 @@ def embed_images(
     else:
         import torch
 
-        dataset = DecodedImages(
-            root, files, indices, resolution, pre.resize_only if pre is not None else None, max_pixels
-        )
-        loader = torch.utils.data.DataLoader(
-            cast("torch.utils.data.Dataset[Any]", dataset),  # map-style, not a subclass (see DecodedImages)
-            batch_size=CHUNK,
-            num_workers=num_workers,
-            collate_fn=list,
-            worker_init_fn=_one_thread if num_workers else None,
-        )
-        items = (item for chunk in loader for item in chunk)
-        forward, stack = (lambda x: extractor(x).cpu().numpy()), torch.stack
+        device = torch.device(extractor.device)
+        resize = pre.resize_only if pre is not None else None
+        if device.type == "cuda" if resize_on_device is None else resize_on_device:
+            items = on_device(
+                root,
+                files,
+                indices,
+                device,
+                resize,
+                num_workers=num_workers,
+                resolution=resolution,
+                max_pixels=max_pixels,
+            )
+        else:
+            dataset = DecodedImages(root, files, indices, resolution, resize, max_pixels)
+            loader = torch.utils.data.DataLoader(
+                cast("torch.utils.data.Dataset[Any]", dataset),  # map-style, not a subclass (see DecodedImages)
+                batch_size=CHUNK,
+                num_workers=num_workers,
+                collate_fn=list,
+                worker_init_fn=_one_thread if num_workers else None,
+            )
+            items = (item for chunk in loader for item in chunk)
+        forward, stack, fetch = extractor.embed_valid, torch.stack, (lambda out: out.cpu().numpy())
     buckets: dict[tuple, list[tuple]] = {}  # shape -> [(index, image)]
     vectors: dict[int, np.ndarray] = {}
     skipped: list[dict] = []
+    queued: deque[tuple[list[int], Any]] = deque()  # submitted batches whose vectors are not fetched yet
+
+    def collect(keep: int) -> None:
+        while len(queued) > keep:
+            idx, out = queued.popleft()
+            vectors.update(zip(idx, fetch(out)))
 
     def run(bucket: list[tuple]) -> None:
-        out = forward(stack([x for _, x in bucket]))  # type: ignore[arg-type]  # each branch pairs its forward with its stack
-        vectors.update(zip((i for i, _ in bucket), out))
+        batch = stack([x for _, x in bucket])
+        queued.append(([i for i, _ in bucket], forward(batch)))  # type: ignore[arg-type]  # each branch pairs its forward with its stack
         bucket.clear()
+        collect(keep=1)  # the batch just queued runs while the next one is prepared
 
     def finish(p: int) -> tuple[int, np.ndarray, pd.DataFrame]:
         for bucket in buckets.values():
             if bucket:
                 run(bucket)
+        collect(keep=0)
         idx = sorted(vectors)
         out = np.stack([vectors.pop(i) for i in idx]) if idx else np.zeros((0, extractor.dim), np.float32)
         skip = pd.DataFrame(skipped, columns=["index", "file", "error"])

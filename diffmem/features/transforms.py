@@ -68,7 +68,7 @@ def resize_to(x: torch.Tensor, size: int | Sequence[int], interpolation: str = "
         return F.interpolate(x, size=(h, w), mode=interpolation)
     out = F.interpolate(x, size=(h, w), mode=interpolation, align_corners=False, antialias=True)
     if interpolation == "bicubic":  # bicubic overshoots; PIL clamps to the pixel range
-        out = out.clamp(float(x.min()), float(x.max()))
+        out = out.clamp(x.amin(), x.amax())  # tensor bounds: no read back from a GPU
     return out
 
 
@@ -127,11 +127,11 @@ def center_crop_array(x: np.ndarray, size: int | Sequence[int], fill: int = 0) -
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """``(x - mean) / std`` per channel."""
+    """``(x - mean) / std`` per channel (the constants are sent to a GPU without waiting on it)."""
     import torch
 
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m = torch.as_tensor(mean, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+    s = torch.as_tensor(std, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
     return (x - m) / s
 
 
