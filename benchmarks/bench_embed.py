@@ -113,7 +113,7 @@ def bare(name: str, root: Path, files: list[str], args: argparse.Namespace) -> f
 
     from diffmem.data import load_image
     from diffmem.features import build_extractor
-    from diffmem.features.loader import UINT8_BATCH, decode_uint8
+    from diffmem.features.loader import UINT8_BATCH, decode_uint8, unit_image
 
     ext = build_extractor(extractor_cfg(name, args.threads), device=args.device)
     if hasattr(ext, "embed_uint8"):
@@ -123,8 +123,7 @@ def bare(name: str, root: Path, files: list[str], args: argparse.Namespace) -> f
         size, forward, stack = args.batch_size, ext.embed_valid, torch.stack
 
         def prepare(f: str):
-            x = torch.from_numpy(load_image(root / f)).permute(2, 0, 1)[None].float().div(255.0)
-            return ext.preprocess.resize_only(x)[0].to(ext.device)
+            return unit_image(torch.from_numpy(load_image(root / f)), ext.preprocess.resize_only).to(ext.device)
 
     groups: dict[tuple, list] = {}
     batches: list = []

@@ -78,7 +78,7 @@ def host_cost(ext, root: Path, files: list[str], workers: int, batch_size: int, 
 
     spent = {"model": 0.0, "resize": 0.0}
     main, inside = threading.get_ident(), []  # the model's own (no-op) resize counts as the model's
-    embed, resize = type(ext)._embed.__get__(ext), type(ext.preprocess).resize_only.__get__(ext.preprocess)
+    embed, resize = ext._embed, ext.preprocess.resize_only
 
     def timed(key, fn):
         def call(x):

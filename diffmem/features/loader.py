@@ -74,17 +74,28 @@ class DecodedImages:
         return len(self.indices)
 
     def __getitem__(self, j: int) -> tuple[int, torch.Tensor | None, str | None]:
-        i = self.indices[j]
-        try:
-            arr = load_image(self.root / self.files[i], self.resolution, self.max_pixels)
-        except DataError as err:
-            return i, None, str(err)
         import torch
 
-        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
-        if self.resize is not None:
-            x = self.resize(x[None])[0]
-        return i, x, None
+        path = self.root / self.files[self.indices[j]]
+        return _attempt(
+            self.indices[j],
+            lambda: unit_image(torch.from_numpy(load_image(path, self.resolution, self.max_pixels)), self.resize),
+        )
+
+
+def _attempt(i: int, decode: Callable[[], Any]) -> tuple[int, Any, str | None]:
+    """``(i, decode(), None)``, or ``(i, None, error)`` for an image that cannot be read."""
+    try:
+        return i, decode(), None
+    except DataError as err:
+        return i, None, str(err)
+
+
+def unit_image(image: torch.Tensor, resize: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """A uint8 ``[h, w, 3]`` image (on any device) as float ``[3, h', w']`` in [0, 1], resized by
+    ``resize`` (a recipe's ``resize_only``) where given, on the image's device."""
+    x = image.permute(2, 0, 1)[None].float().div_(255.0)
+    return (x if resize is None else resize(x))[0]
 
 
 def decode_uint8(
@@ -132,19 +143,13 @@ def on_device(
 
     pin = device.type == "cuda"
 
-    def load(i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            arr = torch.from_numpy(load_image(Path(root) / files[i], resolution, max_pixels))
-        except DataError as err:
-            return i, None, str(err)
-        return i, arr.pin_memory() if pin else arr, None
+    def decode(i: int) -> torch.Tensor:
+        arr = torch.from_numpy(load_image(Path(root) / files[i], resolution, max_pixels))
+        return arr.pin_memory() if pin else arr
 
-    for i, arr, err in threaded(load, indices, num_workers, ahead=2 * num_workers + 2):
-        if arr is None:
-            yield i, None, err
-            continue
-        x = arr.to(device, non_blocking=True).permute(2, 0, 1)[None].float().div_(255.0)
-        yield i, (x if resize is None else resize(x))[0], None
+    loads = threaded(lambda i: _attempt(i, lambda: decode(i)), indices, num_workers, ahead=2 * num_workers + 2)
+    for i, arr, err in loads:
+        yield i, None if arr is None else unit_image(arr.to(device, non_blocking=True), resize), err
 
 
 def _one_thread(_worker: int) -> None:
@@ -183,10 +188,7 @@ def embed_images(
         assert pre is not None  # a uint8 descriptor resizes by its recipe
 
         def load(i: int) -> tuple[int, np.ndarray | None, str | None]:
-            try:
-                return i, decode_uint8(Path(root) / files[i], pre, resolution, max_pixels), None
-            except DataError as err:
-                return i, None, str(err)
+            return _attempt(i, lambda: decode_uint8(Path(root) / files[i], pre, resolution, max_pixels))
 
         onnx = cast("OnnxExtractor", extractor)  # the descriptor that takes uint8 input
         batch_size = min(batch_size, onnx.batch_size, UINT8_BATCH)
@@ -197,7 +199,9 @@ def embed_images(
 
         device = torch.device(extractor.device)
         resize = pre.resize_only if pre is not None else None
-        if device.type == "cuda" if resize_on_device is None else resize_on_device:
+        if resize_on_device is None:
+            resize_on_device = device.type == "cuda"
+        if resize_on_device:
             items = on_device(
                 root,
                 files,
